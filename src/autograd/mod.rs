@@ -1,0 +1,639 @@
+//! A small tape-based reverse-mode autograd.
+//!
+//! A [`Graph`] records every value produced in a step as a node. Ops that depend on a
+//! gradient-requiring input also record a backward closure, next to their forward call, that maps
+//! the upstream gradient to one gradient per input. [`Graph::backward`] walks the nodes in reverse
+//! order of creation (a valid topological order, since inputs always precede outputs), sums the
+//! gradients flowing into each node (shared subgraphs), and adds the gradients of leaves into
+//! persistent per-leaf buffers (accumulation across several `backward` calls). Inside
+//! [`Graph::no_grad`] nothing is recorded.
+
+use crate::backend::{Backend, ConvParams, PoolParams};
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// A handle to a value recorded in a [`Graph`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+impl Var {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Maps the upstream gradient to one optional gradient per parent; `needs[i]` says whether
+/// parent `i` wants one (so expensive unused gradients are skipped).
+type BackwardFn = Box<dyn Fn(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>>>;
+
+struct Node {
+    value: Tensor,
+    parents: Vec<Var>,
+    backward: Option<BackwardFn>,
+    requires_grad: bool,
+}
+
+/// The tape of one step.
+pub struct Graph {
+    nodes: Vec<Node>,
+    /// Accumulated gradients of leaves that require one.
+    leaf_grads: Vec<Option<Tensor>>,
+    grad_enabled: bool,
+}
+
+impl Default for Graph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Graph {
+    pub fn new() -> Graph {
+        Graph {
+            nodes: Vec::new(),
+            leaf_grads: Vec::new(),
+            grad_enabled: true,
+        }
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Records an input. Leaves with `requires_grad` receive gradients in [`Graph::grad`].
+    pub fn leaf(&mut self, value: Tensor, requires_grad: bool) -> Var {
+        self.nodes.push(Node {
+            value,
+            parents: Vec::new(),
+            backward: None,
+            requires_grad,
+        });
+        self.leaf_grads.push(None);
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Records a constant (never receives a gradient).
+    pub fn constant(&mut self, value: Tensor) -> Var {
+        self.leaf(value, false)
+    }
+
+    pub fn value(&self, v: Var) -> &Tensor {
+        &self.nodes[v.0].value
+    }
+
+    pub fn requires_grad(&self, v: Var) -> bool {
+        self.nodes[v.0].requires_grad
+    }
+
+    /// The accumulated gradient of a leaf, if any `backward` reached it.
+    pub fn grad(&self, v: Var) -> Option<&Tensor> {
+        self.leaf_grads[v.0].as_ref()
+    }
+
+    /// Takes the accumulated gradient of a leaf out of the graph.
+    pub fn take_grad(&mut self, v: Var) -> Option<Tensor> {
+        self.leaf_grads[v.0].take()
+    }
+
+    /// Whether ops are currently recorded for differentiation.
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled
+    }
+
+    /// Runs `f` with recording switched off (values are still computed and stored).
+    pub fn no_grad<R>(&mut self, f: impl FnOnce(&mut Graph) -> R) -> R {
+        let prev = self.grad_enabled;
+        self.grad_enabled = false;
+        let r = f(self);
+        self.grad_enabled = prev;
+        r
+    }
+
+    /// Records an op output. The backward closure is kept only when some parent requires a
+    /// gradient and recording is on.
+    pub fn push(&mut self, value: Tensor, parents: &[Var], backward: BackwardFn) -> Var {
+        let requires_grad =
+            self.grad_enabled && parents.iter().any(|p| self.nodes[p.0].requires_grad);
+        self.nodes.push(Node {
+            value,
+            parents: if requires_grad {
+                parents.to_vec()
+            } else {
+                Vec::new()
+            },
+            backward: if requires_grad { Some(backward) } else { None },
+            requires_grad,
+        });
+        self.leaf_grads.push(None);
+        Var(self.nodes.len() - 1)
+    }
+
+    /// Back-propagates from a scalar (`[1]`) root with upstream gradient 1.
+    pub fn backward(&mut self, root: Var) -> Result<()> {
+        let v = self.value(root);
+        if v.numel() != 1 {
+            bail!(
+                "backward() needs a scalar root, got shape {:?}; use backward_with",
+                v.shape()
+            );
+        }
+        let one = v.backend()?.full(v.shape(), 1.0)?;
+        self.backward_with(root, one)
+    }
+
+    /// Back-propagates from `root` with the given upstream gradient.
+    pub fn backward_with(&mut self, root: Var, grad: Tensor) -> Result<()> {
+        if grad.shape() != self.value(root).shape() {
+            bail!(
+                "backward_with: gradient shape {:?} differs from the root's {:?}",
+                grad.shape(),
+                self.value(root).shape()
+            );
+        }
+        if !self.nodes[root.0].requires_grad {
+            bail!("backward: the root does not depend on any tensor that requires a gradient");
+        }
+        let mut grads: Vec<Option<Tensor>> = vec![None; root.0 + 1];
+        grads[root.0] = Some(grad);
+        for i in (0..=root.0).rev() {
+            let Some(g) = grads[i].take() else { continue };
+            let node = &self.nodes[i];
+            match &node.backward {
+                None => {
+                    if node.requires_grad {
+                        accumulate(&mut self.leaf_grads[i], g)?;
+                    }
+                }
+                Some(f) => {
+                    let needs: Vec<bool> = node
+                        .parents
+                        .iter()
+                        .map(|p| self.nodes[p.0].requires_grad)
+                        .collect();
+                    let pg = f(&g, &needs)?;
+                    for ((p, need), gp) in node.parents.iter().zip(&needs).zip(pg) {
+                        if let (true, Some(gp)) = (need, gp) {
+                            if gp.shape() != self.nodes[p.0].value.shape() {
+                                bail!(
+                                    "internal: gradient {:?} for a value of shape {:?}",
+                                    gp.shape(),
+                                    self.nodes[p.0].value.shape()
+                                );
+                            }
+                            accumulate(&mut grads[p.0], gp)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn accumulate(slot: &mut Option<Tensor>, g: Tensor) -> Result<()> {
+    match slot {
+        None => *slot = Some(g),
+        Some(acc) => {
+            let be = acc.backend()?;
+            // Gradients handed out by backward closures may share storage with other values
+            // (e.g. a pass-through); copy on first accumulation so the add is in place safely.
+            if acc.storage_mut().is_err() {
+                *acc = be.scale(acc, 1.0)?;
+            }
+            be.add_assign(acc, &g)?;
+        }
+    }
+    Ok(())
+}
+
+fn be(t: &Tensor) -> Result<&'static dyn Backend> {
+    t.backend()
+}
+
+/// Differentiable ops. Each states its backward rule next to its forward call.
+impl Graph {
+    /// `a + b` (same shapes).
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let y = be(self.value(a))?.axpby(1.0, self.value(a), 1.0, self.value(b))?;
+        // d(a+b) = (g, g)
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(|g, _| Ok(vec![Some(g.clone()), Some(g.clone())])),
+        ))
+    }
+
+    /// `α·a + β·b` (same shapes).
+    pub fn axpby(&mut self, alpha: f32, a: Var, beta: f32, b: Var) -> Result<Var> {
+        let bk = be(self.value(a))?;
+        let y = bk.axpby(alpha, self.value(a), beta, self.value(b))?;
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, n| {
+                Ok(vec![
+                    if n[0] {
+                        Some(bk.scale(g, alpha)?)
+                    } else {
+                        None
+                    },
+                    if n[1] { Some(bk.scale(g, beta)?) } else { None },
+                ])
+            }),
+        ))
+    }
+
+    /// `s·x`.
+    pub fn scale(&mut self, x: Var, s: f32) -> Result<Var> {
+        let bk = be(self.value(x))?;
+        let y = bk.scale(self.value(x), s)?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.scale(g, s)?)])),
+        ))
+    }
+
+    /// Same data, new shape.
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let old = self.value(x).shape().to_vec();
+        let y = self.value(x).reshape(shape)?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(g.reshape(&old)?)])),
+        ))
+    }
+
+    /// ReLU; backward masks with the saved output.
+    pub fn relu(&mut self, x: Var) -> Result<Var> {
+        let bk = be(self.value(x))?;
+        let y = bk.relu_fwd(self.value(x))?;
+        let ys = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.relu_bwd(&ys, g)?)])),
+        ))
+    }
+
+    /// 2-D convolution with optional bias.
+    pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, p: ConvParams) -> Result<Var> {
+        let (xt, wt) = (self.value(x).clone(), self.value(w).clone());
+        let bk = be(&xt)?;
+        let y = bk.conv2d_fwd(&xt, &wt, b.map(|b| self.value(b)), p)?;
+        let mut parents = vec![x, w];
+        parents.extend(b);
+        let has_bias = b.is_some();
+        Ok(self.push(
+            y,
+            &parents,
+            Box::new(move |g, n| {
+                let gr = bk.conv2d_bwd(&xt, &wt, g, p, n[0], has_bias)?;
+                let mut v = vec![gr.x, Some(gr.weight)];
+                if has_bias {
+                    v.push(gr.bias);
+                }
+                Ok(v)
+            }),
+        ))
+    }
+
+    /// `y = x Wᵀ + b`.
+    pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+        let (xt, wt) = (self.value(x).clone(), self.value(w).clone());
+        let bk = be(&xt)?;
+        let y = bk.linear_fwd(&xt, &wt, b.map(|b| self.value(b)))?;
+        let mut parents = vec![x, w];
+        parents.extend(b);
+        let out = wt.shape()[0];
+        Ok(self.push(
+            y,
+            &parents,
+            Box::new(move |g, n| {
+                // gx = g W, gW = gᵀ x, gb = Σ_rows g
+                let gx = if n[0] {
+                    Some(bk.matmul(g, &wt, false, false)?)
+                } else {
+                    None
+                };
+                let gw = if n[1] {
+                    Some(bk.matmul(g, &xt, true, false)?)
+                } else {
+                    None
+                };
+                let mut v = vec![gx, gw];
+                if n.len() == 3 {
+                    v.push(Some(bk.sum_rows(g, out)?));
+                }
+                Ok(v)
+            }),
+        ))
+    }
+
+    /// (Batched) matrix product with optional transposes (see `Backend::matmul`).
+    pub fn matmul(&mut self, a: Var, b: Var, ta: bool, tb: bool) -> Result<Var> {
+        let (at, bt) = (self.value(a).clone(), self.value(b).clone());
+        let bk = be(&at)?;
+        let y = bk.matmul(&at, &bt, ta, tb)?;
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, n| {
+                // C = op(A) op(B): gop(A) = g op(B)ᵀ, gop(B) = op(A)ᵀ g, then undo the op.
+                let ga = if !n[0] {
+                    None
+                } else if ta {
+                    Some(bk.matmul(&bt, g, tb, true)?)
+                } else {
+                    Some(bk.matmul(g, &bt, false, !tb)?)
+                };
+                let gb = if !n[1] {
+                    None
+                } else if tb {
+                    Some(bk.matmul(g, &at, true, ta)?)
+                } else {
+                    Some(bk.matmul(&at, g, !ta, false)?)
+                };
+                Ok(vec![ga, gb])
+            }),
+        ))
+    }
+
+    /// Train-mode batch norm. Returns the output and the batch statistics
+    /// `(mean, unbiased var)` for the caller's running-stat update.
+    pub fn batch_norm_train(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f32,
+    ) -> Result<(Var, Tensor, Tensor)> {
+        let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
+        let bk = be(&xt)?;
+        let o = bk.batch_norm_train_fwd(&xt, &gt, self.value(beta), eps)?;
+        let (mean, invstd) = (o.mean.clone(), o.invstd.clone());
+        let y = self.push(
+            o.y,
+            &[x, gamma, beta],
+            Box::new(move |g, _| {
+                let (gx, gg, gb) = bk.batch_norm_train_bwd(&xt, &gt, &mean, &invstd, g)?;
+                Ok(vec![Some(gx), Some(gg), Some(gb)])
+            }),
+        );
+        Ok((y, o.mean, o.var_unbiased))
+    }
+
+    /// Eval-mode batch norm with running statistics (constants).
+    pub fn batch_norm_eval(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Var> {
+        let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
+        let (rm, rv) = (running_mean.clone(), running_var.clone());
+        let bk = be(&xt)?;
+        let y = bk.batch_norm_eval_fwd(&xt, &gt, self.value(beta), &rm, &rv, eps)?;
+        Ok(self.push(
+            y,
+            &[x, gamma, beta],
+            Box::new(move |g, _| {
+                let (gx, gg, gb) = bk.batch_norm_eval_bwd(&xt, &gt, &rm, &rv, eps, g)?;
+                Ok(vec![Some(gx), Some(gg), Some(gb)])
+            }),
+        ))
+    }
+
+    pub fn max_pool2d(&mut self, x: Var, p: PoolParams) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let bk = be(&xt)?;
+        let y = bk.max_pool2d_fwd(&xt, p)?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.max_pool2d_bwd(&xt, g, p)?)])),
+        ))
+    }
+
+    pub fn global_avg_pool(&mut self, x: Var) -> Result<Var> {
+        let shape = self.value(x).shape().to_vec();
+        let bk = be(self.value(x))?;
+        let y = bk.global_avg_pool_fwd(self.value(x))?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.global_avg_pool_bwd(g, &shape)?)])),
+        ))
+    }
+
+    /// Softmax over the last dimension; backward uses the saved output.
+    pub fn softmax(&mut self, x: Var) -> Result<Var> {
+        let bk = be(self.value(x))?;
+        let y = bk.softmax_fwd(self.value(x))?;
+        let ys = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.softmax_bwd(&ys, g)?)])),
+        ))
+    }
+
+    /// Log-softmax over the last dimension; backward uses the saved output.
+    pub fn log_softmax(&mut self, x: Var) -> Result<Var> {
+        let bk = be(self.value(x))?;
+        let y = bk.log_softmax_fwd(self.value(x))?;
+        let ys = y.clone();
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.log_softmax_bwd(&ys, g)?)])),
+        ))
+    }
+
+    /// Row-wise L2 normalisation over the last dimension.
+    pub fn l2_normalize(&mut self, x: Var) -> Result<Var> {
+        let xt = self.value(x).clone();
+        let bk = be(&xt)?;
+        let y = bk.l2_normalize_fwd(&xt)?;
+        Ok(self.push(
+            y,
+            &[x],
+            Box::new(move |g, _| Ok(vec![Some(bk.l2_normalize_bwd(&xt, g)?)])),
+        ))
+    }
+
+    /// Mean cross-entropy → `[1]`.
+    pub fn cross_entropy(&mut self, logits: Var, labels: &[usize]) -> Result<Var> {
+        let zt = self.value(logits).clone();
+        let bk = be(&zt)?;
+        let y = bk.cross_entropy_fwd(&zt, labels)?;
+        let labels = labels.to_vec();
+        Ok(self.push(
+            y,
+            &[logits],
+            Box::new(move |g, _| Ok(vec![Some(bk.cross_entropy_bwd(&zt, &labels, g)?)])),
+        ))
+    }
+
+    /// Weighted consistency (SPEC §1.5) → `[1]`; teacher logits and weights are constants.
+    pub fn weighted_consistency(
+        &mut self,
+        student_logits: Var,
+        teacher_logits: &Tensor,
+        weights: &Tensor,
+    ) -> Result<Var> {
+        let zs = self.value(student_logits).clone();
+        let (zt, w) = (teacher_logits.clone(), weights.clone());
+        let bk = be(&zs)?;
+        let y = bk.weighted_consistency_fwd(&zs, &zt, &w)?;
+        Ok(self.push(
+            y,
+            &[student_logits],
+            Box::new(move |g, _| Ok(vec![Some(bk.weighted_consistency_bwd(&zs, &zt, &w, g)?)])),
+        ))
+    }
+
+    /// PGC loss (SPEC §1.5) → `[1]`; keys, labels and weights are constants.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pgc_loss(
+        &mut self,
+        queries: Var,
+        q_labels: &[usize],
+        q_weights: &Tensor,
+        keys: &Tensor,
+        k_labels: &[usize],
+        k_weights: &Tensor,
+        tau: f32,
+    ) -> Result<Var> {
+        let q = self.value(queries).clone();
+        let bk = be(&q)?;
+        let y = bk.pgc_loss_fwd(&q, q_labels, q_weights, keys, k_labels, k_weights, tau)?;
+        let (ql, qw, k, kl, kw) = (
+            q_labels.to_vec(),
+            q_weights.clone(),
+            keys.clone(),
+            k_labels.to_vec(),
+            k_weights.clone(),
+        );
+        Ok(self.push(
+            y,
+            &[queries],
+            Box::new(move |g, _| {
+                Ok(vec![Some(
+                    bk.pgc_loss_bwd(&q, &ql, &qw, &k, &kl, &kw, tau, g)?,
+                )])
+            }),
+        ))
+    }
+
+    /// MedFuseNet similarity fusion of low-level `P̂` and high-level `Q̂` maps.
+    pub fn similarity_fusion(&mut self, low: Var, high: Var) -> Result<Var> {
+        let (lt, ht) = (self.value(low).clone(), self.value(high).clone());
+        let bk = be(&lt)?;
+        let y = bk.similarity_fusion_fwd(&lt, &ht)?;
+        Ok(self.push(
+            y,
+            &[low, high],
+            Box::new(move |g, _| {
+                let (gl, gh) = bk.similarity_fusion_bwd(&lt, &ht, g)?;
+                Ok(vec![Some(gl), Some(gh)])
+            }),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], s: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), s).unwrap()
+    }
+
+    #[test]
+    fn shared_subgraph_sums_gradients() {
+        // y = sum(relu(x) + relu(x)·3) → dy/dx = 4 where x > 0
+        let mut g = Graph::new();
+        let x = g.leaf(t(&[1.0, -2.0, 3.0], &[1, 3]), true);
+        let r = g.relu(x).unwrap();
+        let y = g.axpby(1.0, r, 3.0, r).unwrap();
+        let ones = t(&[1.0, 1.0, 1.0], &[1, 3]);
+        g.backward_with(y, ones).unwrap();
+        assert_eq!(g.grad(x).unwrap().to_vec().unwrap(), vec![4.0, 0.0, 4.0]);
+    }
+
+    #[test]
+    fn gradients_accumulate_across_backward_calls() {
+        let mut g = Graph::new();
+        let x = g.leaf(t(&[2.0], &[1]), true);
+        let y = g.scale(x, 5.0).unwrap();
+        g.backward(y).unwrap();
+        g.backward(y).unwrap();
+        assert_eq!(g.grad(x).unwrap().to_vec().unwrap(), vec![10.0]);
+    }
+
+    #[test]
+    fn no_grad_records_nothing_and_backward_refuses() {
+        let mut g = Graph::new();
+        let x = g.leaf(t(&[2.0], &[1]), true);
+        let y = g.no_grad(|g| g.scale(x, 5.0)).unwrap();
+        assert!(!g.requires_grad(y));
+        assert_eq!(g.value(y).to_vec().unwrap(), vec![10.0]);
+        assert!(g.backward(y).is_err());
+    }
+
+    #[test]
+    fn constants_get_no_gradient() {
+        let mut g = Graph::new();
+        let x = g.leaf(t(&[2.0], &[1]), true);
+        let c = g.constant(t(&[3.0], &[1]));
+        let y = g.add(x, c).unwrap();
+        g.backward(y).unwrap();
+        assert_eq!(g.grad(x).unwrap().to_vec().unwrap(), vec![1.0]);
+        assert!(g.grad(c).is_none());
+    }
+
+    #[test]
+    fn matmul_transposes_backward() {
+        // Compare every transpose combination's gradient with the untransposed product.
+        let a = t(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]);
+        let b = t(&[0.5, -1.0, 2.0, 0.0, 1.0, 3.0], &[3, 2]);
+        let at = t(&[1.0, 4.0, 2.0, 5.0, 3.0, 6.0], &[3, 2]);
+        let bt = t(&[0.5, 2.0, 1.0, -1.0, 0.0, 3.0], &[2, 3]);
+        let gy = t(&[1.0, -2.0, 0.5, 3.0], &[2, 2]);
+        let mut g0 = Graph::new();
+        let (va, vb) = (g0.leaf(a.clone(), true), g0.leaf(b.clone(), true));
+        let y0 = g0.matmul(va, vb, false, false).unwrap();
+        g0.backward_with(y0, gy.clone()).unwrap();
+        let (ga, gb) = (
+            g0.grad(va).unwrap().to_vec().unwrap(),
+            g0.grad(vb).unwrap().to_vec().unwrap(),
+        );
+        let transpose = |v: &[f32], r: usize, c: usize| -> Vec<f32> {
+            (0..c)
+                .flat_map(|j| (0..r).map(move |i| v[i * c + j]))
+                .collect()
+        };
+        for (ta, tb) in [(true, false), (false, true), (true, true)] {
+            let mut g = Graph::new();
+            let xa = g.leaf(if ta { at.clone() } else { a.clone() }, true);
+            let xb = g.leaf(if tb { bt.clone() } else { b.clone() }, true);
+            let y = g.matmul(xa, xb, ta, tb).unwrap();
+            assert_eq!(g.value(y).to_vec().unwrap(), g0.value(y0).to_vec().unwrap());
+            g.backward_with(y, gy.clone()).unwrap();
+            let gxa = g.grad(xa).unwrap().to_vec().unwrap();
+            let gxb = g.grad(xb).unwrap().to_vec().unwrap();
+            assert_eq!(if ta { transpose(&gxa, 3, 2) } else { gxa }, ga);
+            assert_eq!(if tb { transpose(&gxb, 2, 3) } else { gxb }, gb);
+        }
+    }
+}

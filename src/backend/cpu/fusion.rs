@@ -1,0 +1,88 @@
+//! MedFuseNet similarity fusion, per image:
+//! `P̂ [d,Np]`, `Q̂ [d,Nq]`, `A = P̂ᵀQ̂/√d [Np,Nq]`, `S = softmax over i (columns of A)`,
+//! `y = Q̂ + P̂·S [d,Nq]`.
+
+use rayon::prelude::*;
+
+use super::gemm::sgemm;
+
+/// Column softmax of `a [np, nq]` in place (each column `j` normalised over rows `i`).
+fn column_softmax(a: &mut [f32], np: usize, nq: usize) {
+    for j in 0..nq {
+        let m = (0..np)
+            .map(|i| a[i * nq + j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut s = 0.0f32;
+        for i in 0..np {
+            let e = (a[i * nq + j] - m).exp();
+            a[i * nq + j] = e;
+            s += e;
+        }
+        for i in 0..np {
+            a[i * nq + j] /= s;
+        }
+    }
+}
+
+/// `S` for one image.
+fn similarity(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize) -> Vec<f32> {
+    let mut s = vec![0.0f32; np * nq];
+    sgemm(np, nq, d, p, true, q, false, &mut s, false, false);
+    let r = 1.0 / (d as f32).sqrt();
+    s.iter_mut().for_each(|v| *v *= r);
+    column_softmax(&mut s, np, nq);
+    s
+}
+
+pub fn similarity_fusion_fwd(
+    low: &[f32],
+    high: &[f32],
+    d: usize,
+    np: usize,
+    nq: usize,
+) -> Vec<f32> {
+    let mut y = high.to_vec();
+    y.par_chunks_mut(d * nq).enumerate().for_each(|(n, yn)| {
+        let p = &low[n * d * np..(n + 1) * d * np];
+        let q = &high[n * d * nq..(n + 1) * d * nq];
+        let s = similarity(p, q, d, np, nq);
+        sgemm(d, nq, np, p, false, &s, false, yn, true, false);
+    });
+    y
+}
+
+/// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`, `gS = P̂ᵀ·gy`.
+pub fn similarity_fusion_bwd(
+    low: &[f32],
+    high: &[f32],
+    gy: &[f32],
+    d: usize,
+    np: usize,
+    nq: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut glow = vec![0.0f32; low.len()];
+    let mut ghigh = gy.to_vec();
+    let r = 1.0 / (d as f32).sqrt();
+    glow.par_chunks_mut(d * np)
+        .zip(ghigh.par_chunks_mut(d * nq))
+        .enumerate()
+        .for_each(|(n, (gp, gq))| {
+            let p = &low[n * d * np..(n + 1) * d * np];
+            let q = &high[n * d * nq..(n + 1) * d * nq];
+            let g = &gy[n * d * nq..(n + 1) * d * nq];
+            let s = similarity(p, q, d, np, nq);
+            let mut gs = vec![0.0f32; np * nq];
+            sgemm(np, nq, d, p, true, g, false, &mut gs, false, false);
+            for j in 0..nq {
+                let dot: f32 = (0..np).map(|i| gs[i * nq + j] * s[i * nq + j]).sum();
+                for i in 0..np {
+                    gs[i * nq + j] = s[i * nq + j] * (gs[i * nq + j] - dot) * r;
+                }
+            }
+            // gs now holds gA/√d.
+            sgemm(d, np, nq, g, false, &s, true, gp, false, false);
+            sgemm(d, np, nq, q, false, &gs, true, gp, true, false);
+            sgemm(d, nq, np, p, false, &gs, false, gq, true, false);
+        });
+    (glow, ghigh)
+}

@@ -1,0 +1,118 @@
+//! Row-major single-precision GEMM on top of the `gemm` crate.
+
+/// Whether a GEMM of this size is worth splitting across threads.
+fn worth_parallel(m: usize, n: usize, k: usize) -> bool {
+    m * n * k >= 1 << 18
+}
+
+/// `C[m,n] = (accumulate ? C : 0) + op(A)·op(B)`, all row-major and contiguous.
+/// `op(A)` is `A [m,k]`, or `Aᵀ` of a stored `[k,m]` when `trans_a`; likewise `B [k,n]` / `[n,k]`.
+/// `parallel` lets the GEMM use the rayon pool (callers already inside a parallel loop pass false).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let (a_rs, a_cs) = if trans_a {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (b_rs, b_cs) = if trans_b {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    let par = if parallel && worth_parallel(m, n, k) && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides can reach: A spans m·k elements,
+    // B spans k·n, C spans m·n, and C does not alias A or B (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn sgemm_matches_naive_all_transposes() {
+        let (m, n, k) = (37, 23, 91);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let want = naive(m, n, k, &a, ta, &b, tb);
+            let mut got = vec![1.0; m * n];
+            sgemm(m, n, k, &a, ta, &b, tb, &mut got, false, true);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "{ta} {tb}: {g} vs {w}");
+            }
+            sgemm(m, n, k, &a, ta, &b, tb, &mut got, true, false);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - 2.0 * w).abs() < 2e-4);
+            }
+        }
+    }
+}

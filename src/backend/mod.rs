@@ -1,0 +1,305 @@
+//! The primitive ops, forward and backward, behind one trait.
+//!
+//! `cpu` is the reference implementation: plain loops plus a fast GEMM, threaded with rayon.
+//! `cuda` (feature `cuda`) implements the same trait with hand-written kernels, cuBLAS and cuDNN,
+//! and is checked op by op against `cpu`. Each method states the formula it computes once; the
+//! autograd layer (`crate::autograd`) composes them and owns no arithmetic of its own.
+//!
+//! Conventions: all tensors are contiguous row-major f32; images are NCHW; "rows" are the leading
+//! dimensions of a tensor viewed as `[rows, last_dim]`. Integer labels are passed as host slices
+//! (`&[usize]`); a device backend uploads them itself. Scalar losses are `[1]` tensors and the
+//! upstream gradient of a scalar loss is a `[1]` tensor on the same device (no host sync).
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::error::Result;
+use crate::tensor::{Device, Tensor};
+
+/// Parameters of a 2-D convolution (square kernel implied by the weight shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Parameters of a 2-D max pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolParams {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// Output of a training-mode batch-norm forward pass.
+pub struct BnTrainOut {
+    /// Normalised, scaled and shifted output, same shape as the input.
+    pub y: Tensor,
+    /// Per-channel batch mean `[C]`.
+    pub mean: Tensor,
+    /// Per-channel `1 / sqrt(var_biased + eps)` `[C]` (kept for the backward pass).
+    pub invstd: Tensor,
+    /// Per-channel unbiased batch variance `[C]` (for the running-variance update).
+    pub var_unbiased: Tensor,
+}
+
+/// Gradients of a convolution.
+pub struct ConvGrads {
+    pub x: Option<Tensor>,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// Hyper-parameters of one Adam step (PyTorch semantics, L2 weight decay added to the gradient).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number (for bias correction).
+    pub step: u64,
+}
+
+/// Hyper-parameters of one SGD step (PyTorch semantics: `buf = μ·buf + (g + wd·p)`, first step
+/// `buf = g + wd·p`; `p -= lr·buf`).
+#[derive(Clone, Copy, Debug)]
+pub struct SgdParams {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    /// True on the first step (momentum buffer initialised to the gradient).
+    pub first_step: bool,
+}
+
+/// The primitive ops. Every method allocates its outputs on the backend's device.
+pub trait Backend: Send + Sync {
+    /// Short name (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+    /// The device this backend computes on.
+    fn device(&self) -> Device;
+
+    // ---- memory ----
+    /// Copies host data into a new tensor.
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
+    /// Copies a tensor to the host.
+    fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// A tensor filled with `value`.
+    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;
+    /// Waits until all queued work is done (for timing).
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- elementwise (elementwise.rs / elementwise.cu) ----
+    /// `a·x + b·y` (same shapes).
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor>;
+    /// `s·x`.
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor>;
+    /// `x ⊙ y` (same shapes).
+    fn mul(&self, x: &Tensor, y: &Tensor) -> Result<Tensor>;
+    /// `y = max(x, 0)`.
+    fn relu_fwd(&self, x: &Tensor) -> Result<Tensor>;
+    /// `gx = gy · [y > 0]` (uses the forward output).
+    fn relu_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor>;
+    /// In place `acc += x` (gradient accumulation; `acc` uniquely owned).
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()>;
+    /// `[1]` tensor holding the sum of all elements.
+    fn sum_all(&self, x: &Tensor) -> Result<Tensor>;
+
+    // ---- reductions (reduce.rs / reduce.cu) ----
+    /// Column sums of `x` viewed as `[rows, n]` → `[n]` (bias gradients).
+    fn sum_rows(&self, x: &Tensor, n: usize) -> Result<Tensor>;
+    /// `[N,C,H,W]` → `[N,C]` mean over H·W.
+    fn global_avg_pool_fwd(&self, x: &Tensor) -> Result<Tensor>;
+    /// Spreads `gy [N,C]` evenly over `[N,C,H,W]`.
+    fn global_avg_pool_bwd(&self, gy: &Tensor, x_shape: &[usize]) -> Result<Tensor>;
+
+    // ---- GEMM (gemm.rs: CPU GEMM crate / cuBLAS) ----
+    /// Batched matrix product. `a` is `[.., M, K]` (or `[.., K, M]` when `trans_a`), `b` is
+    /// `[.., K, N]` (or `[.., N, K]` when `trans_b`); leading dims (0 or 1 of them) must agree.
+    /// Returns `[.., M, N]`.
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor>;
+    /// `y = x Wᵀ + b` for `x [N, in]`, `W [out, in]`, `b [out]`.
+    fn linear_fwd(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
+
+    // ---- convolution (conv.rs: im2col + GEMM / cuDNN) ----
+    /// Cross-correlation of `x [N,Cin,H,W]` with `w [Cout,Cin,k,k]` plus optional bias `[Cout]`.
+    fn conv2d_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: ConvParams,
+    ) -> Result<Tensor>;
+    /// Gradients of `conv2d_fwd` for upstream `gy`; `gx` only when `need_x`, `gb` only when
+    /// `has_bias`.
+    fn conv2d_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gy: &Tensor,
+        p: ConvParams,
+        need_x: bool,
+        has_bias: bool,
+    ) -> Result<ConvGrads>;
+
+    // ---- normalisation (norm.rs / norm.cu) ----
+    /// Train-mode batch norm over N·H·W per channel: `y = γ (x − μ)/√(σ²_b + ε) + β`.
+    fn batch_norm_train_fwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<BnTrainOut>;
+    /// Gradients `(gx, gγ, gβ)` of the train-mode forward (batch statistics depend on x).
+    fn batch_norm_train_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Eval-mode batch norm with running statistics.
+    fn batch_norm_eval_fwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor>;
+    /// Gradients `(gx, gγ, gβ)` of the eval-mode forward (statistics are constants).
+    fn batch_norm_eval_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// `[rows, n]` L2-normalise each row: `y = x / max(‖x‖, 1e-12)` (PyTorch `F.normalize`).
+    fn l2_normalize_fwd(&self, x: &Tensor) -> Result<Tensor>;
+    /// Gradient of `l2_normalize_fwd`.
+    fn l2_normalize_bwd(&self, x: &Tensor, gy: &Tensor) -> Result<Tensor>;
+
+    // ---- pooling (pool.rs / pool.cu) ----
+    /// Max pool with implicit −∞ padding.
+    fn max_pool2d_fwd(&self, x: &Tensor, p: PoolParams) -> Result<Tensor>;
+    /// Routes `gy` to the first maximum of each window (recomputed from `x`).
+    fn max_pool2d_bwd(&self, x: &Tensor, gy: &Tensor, p: PoolParams) -> Result<Tensor>;
+
+    // ---- softmax and cross-entropy (softmax_xent.rs / softmax_xent.cu), over the last dim ----
+    fn softmax_fwd(&self, x: &Tensor) -> Result<Tensor>;
+    /// `gx = y ⊙ (gy − Σ gy⊙y)`.
+    fn softmax_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor>;
+    fn log_softmax_fwd(&self, x: &Tensor) -> Result<Tensor>;
+    /// `gx = gy − softmax(x) Σ gy` (uses the forward output `y`).
+    fn log_softmax_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor>;
+    /// Mean cross-entropy of `logits [B,C]` against `labels` → `[1]`.
+    fn cross_entropy_fwd(&self, logits: &Tensor, labels: &[usize]) -> Result<Tensor>;
+    /// `glogits = g · (softmax(logits) − onehot) / B`, `g` the `[1]` upstream gradient.
+    fn cross_entropy_bwd(&self, logits: &Tensor, labels: &[usize], g: &Tensor) -> Result<Tensor>;
+
+    // ---- SSL losses (ssl_losses.rs / ssl_losses.cu) ----
+    /// `c_i = 1 − H(softmax(z_i)) / ln C` → `[B]`.
+    fn entropy_weight(&self, logits: &Tensor) -> Result<Tensor>;
+    /// `(1/B) Σ_i w_i ‖softmax(zs_i) − softmax(zt_i)‖²` → `[1]`.
+    fn weighted_consistency_fwd(&self, zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<Tensor>;
+    /// Gradient with respect to the student logits `zs` (teacher and weights are constants).
+    fn weighted_consistency_bwd(
+        &self,
+        zs: &Tensor,
+        zt: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> Result<Tensor>;
+    /// Pseudo-label guided contrastive loss (SPEC §1.5) → `[1]`.
+    #[allow(clippy::too_many_arguments)]
+    fn pgc_loss_fwd(
+        &self,
+        q: &Tensor,
+        q_labels: &[usize],
+        q_w: &Tensor,
+        keys: &Tensor,
+        k_labels: &[usize],
+        k_w: &Tensor,
+        tau: f32,
+    ) -> Result<Tensor>;
+    /// Gradient of the PGC loss with respect to the queries `q` (keys are constants).
+    #[allow(clippy::too_many_arguments)]
+    fn pgc_loss_bwd(
+        &self,
+        q: &Tensor,
+        q_labels: &[usize],
+        q_w: &Tensor,
+        keys: &Tensor,
+        k_labels: &[usize],
+        k_w: &Tensor,
+        tau: f32,
+        g: &Tensor,
+    ) -> Result<Tensor>;
+    /// DSR alignment `a_i = (1/B_l) Σ_j ((p_j − e_{y_j})·(p_i − e_{ŷ_i})) (f_j·f_i + 1)` with
+    /// `p = softmax(fc(f))` → `[B_u]`.
+    #[allow(clippy::too_many_arguments)]
+    fn dsr_alignment(
+        &self,
+        feat_lab: &Tensor,
+        y_lab: &[usize],
+        feat_unl: &Tensor,
+        pseudo: &[usize],
+        fc_w: &Tensor,
+        fc_b: &Tensor,
+    ) -> Result<Tensor>;
+
+    // ---- fusion (fusion.rs / fusion.cu) ----
+    /// MedFuseNet similarity fusion: `low [B,d,Hp,Wp]`, `high [B,d,Hq,Wq]`;
+    /// `S = softmax_i(P̂ᵀQ̂/√d)` over low positions `i`; `y = Q̂ + P̂ S` shaped like `high`.
+    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor>;
+    /// Gradients `(glow, ghigh)` (recomputes `S`).
+    fn similarity_fusion_bwd(
+        &self,
+        low: &Tensor,
+        high: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
+
+    // ---- optimisers and EMA (optim.rs / optim.cu), in place ----
+    /// `teacher ← α·teacher + (1 − α)·student`.
+    fn ema_update(&self, teacher: &mut Tensor, student: &Tensor, alpha: f32) -> Result<()>;
+    /// One SGD step on `param` with momentum buffer `buf`.
+    fn sgd_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        buf: &mut Tensor,
+        p: SgdParams,
+    ) -> Result<()>;
+    /// One Adam step on `param` with moments `m`, `v`.
+    fn adam_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        p: AdamParams,
+    ) -> Result<()>;
+}
+
+/// The backend for `device`. CPU always exists; CUDA needs the `cuda` feature, a driver and a
+/// device, and otherwise returns an error that says which is missing.
+pub fn get(device: Device) -> Result<&'static dyn Backend> {
+    match device {
+        Device::Cpu => Ok(cpu::CpuBackend::get()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(i) => cuda::CudaBackend::get(i),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(crate::error::Error::msg(
+            "this build has no CUDA support: rebuild with `--features cuda`",
+        )),
+    }
+}
