@@ -124,7 +124,7 @@ impl SafeFile {
     }
 
     /// Every F32 tensor by name.
-    pub fn all_f32(&self) -> Result<HashMap<String, (Vec<f32>, Vec<usize>)>> {
+    pub fn all_f32(&self) -> Result<crate::tensor::TensorMap> {
         let mut m = HashMap::new();
         for n in self.names()? {
             m.insert(n.clone(), self.f32(&n)?);

@@ -12,6 +12,7 @@ pub mod optim;
 pub mod rng;
 pub mod ssl;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::{Device, Tensor};

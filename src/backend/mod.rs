@@ -83,6 +83,7 @@ pub trait Backend: Send + Sync {
 
     // ---- memory ----
     /// Copies host data into a new tensor.
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
     /// Copies a tensor to the host.
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;

@@ -1,1 +1,240 @@
-fn main() {}
+//! `medssl-bench`: throughput of the training step, calibrated against the machine's own GEMM.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use medssl::backend::cpu::gemm::sgemm;
+use medssl::nn::ModelConfig;
+use medssl::optim::OptimKind;
+use medssl::ssl::{Batch, DsrMode};
+use medssl::tensor::Device;
+use medssl::train::step::{train_step, Method, StepConfig, TrainState};
+use rand::Rng;
+
+#[derive(Parser)]
+#[command(name = "medssl-bench", version, about = "medssl throughput benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Time full training steps (forward, backward, optimiser, EMA, queue) on random data.
+    Step(StepArgs),
+    /// Loader throughput with full weak + strong augmentation.
+    Data(medssl::data::cli::BenchArgs),
+    /// Time a square SGEMM with the project's CPU GEMM (the machine's compute limit).
+    Gemm {
+        #[arg(long, default_value_t = 2048)]
+        n: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct StepArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// supervised, mean-teacher or dsrpgc.
+    #[arg(long, default_value = "dsrpgc")]
+    method: String,
+    /// Model base width (64 = ResNet-18).
+    #[arg(long, default_value_t = 16)]
+    width: usize,
+    #[arg(long, default_value_t = 28)]
+    image_size: usize,
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
+    #[arg(long, default_value_t = 7)]
+    classes: usize,
+    #[arg(long, default_value_t = 128)]
+    fusion_dim: usize,
+    #[arg(long, default_value_t = 128)]
+    emb: usize,
+    /// Labelled images per step.
+    #[arg(long, default_value_t = 12)]
+    batch_l: usize,
+    /// Unlabelled images per step.
+    #[arg(long, default_value_t = 36)]
+    batch_u: usize,
+    #[arg(long, default_value_t = 4096)]
+    queue: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    /// Size of the calibration SGEMM (0 skips it).
+    #[arg(long, default_value_t = 2048)]
+    calib: usize,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Median GFLOP/s of an `n³` SGEMM on all rayon threads.
+fn gemm_gflops(n: usize, repeats: usize) -> f64 {
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0.0f32; n * n];
+    sgemm(n, n, n, &a, false, &b, false, &mut c, false, true);
+    let mut t: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let s = Instant::now();
+            sgemm(n, n, n, &a, false, &b, false, &mut c, false, true);
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    2.0 * (n as f64).powi(3) / median(&mut t) / 1e9
+}
+
+fn step(a: &StepArgs) -> Result<()> {
+    let dev = Device::parse(&a.device)?;
+    let bk = medssl::backend::get(dev).with_context(|| format!("--device {}", a.device))?;
+    let method: Method = a.method.parse()?;
+    let cfg = ModelConfig {
+        in_ch: a.channels,
+        width: a.width,
+        d: a.fusion_dim,
+        emb: a.emb,
+        classes: a.classes,
+        small_stem: ModelConfig::small_stem_for(a.image_size),
+        fusion: true,
+    };
+    let n_unl = 1000;
+    let mut st = TrainState::new(cfg, 0, dev, OptimKind::adam(), 5e-4, a.queue, n_unl)?;
+    let scfg = StepConfig {
+        method,
+        dsr: DsrMode::Both,
+        ramp_steps: 100,
+        ..Default::default()
+    };
+    let mut rng = medssl::rng::stream(0, "bench");
+    let px = a.channels * a.image_size * a.image_size;
+    let mut rand_images = |n: usize| -> Result<medssl::Tensor> {
+        let v: Vec<f32> = (0..n * px).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Ok(bk.from_host(&v, &[n, a.channels, a.image_size, a.image_size])?)
+    };
+    let batch = Batch {
+        x_lab: rand_images(a.batch_l)?,
+        y_lab: (0..a.batch_l).map(|i| i % a.classes).collect(),
+        u_weak: rand_images(a.batch_u)?,
+        u_strong: rand_images(a.batch_u)?,
+    };
+    let unl_idx: Vec<usize> = (0..a.batch_u).collect();
+    for _ in 0..a.warmup {
+        train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+    }
+    bk.synchronize()?;
+    let mut times = Vec::new();
+    for _ in 0..a.repeats.max(1) {
+        let s = Instant::now();
+        train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+        bk.synchronize()?;
+        times.push(s.elapsed().as_secs_f64());
+    }
+    let (min, max) = (
+        times.iter().cloned().fold(f64::INFINITY, f64::min),
+        times.iter().cloned().fold(0.0, f64::max),
+    );
+    let med = median(&mut times);
+    let fwd = st.student.forward_flops(a.image_size, a.image_size);
+    // Forward + backward (≈ 2× forward) of every student image, forward of every teacher image.
+    let (student_imgs, teacher_imgs) = match method {
+        Method::Supervised => (a.batch_l, 0),
+        _ => (a.batch_l + a.batch_u, a.batch_u),
+    };
+    let step_flops = fwd * (3 * student_imgs + teacher_imgs) as f64;
+    let images = match method {
+        Method::Supervised => a.batch_l,
+        _ => a.batch_l + a.batch_u,
+    };
+    let gflops = step_flops / med / 1e9;
+    let calib = (a.calib > 0 && dev == Device::Cpu).then(|| gemm_gflops(a.calib, 3));
+    let threads = rayon::current_num_threads();
+    let rec = serde_json::json!({
+        "bench": "step",
+        "engine": "medssl",
+        "device": bk.name(),
+        "method": a.method,
+        "width": a.width,
+        "image_size": a.image_size,
+        "channels": a.channels,
+        "classes": a.classes,
+        "batch_l": a.batch_l,
+        "batch_u": a.batch_u,
+        "queue": a.queue,
+        "threads": threads,
+        "repeats": a.repeats,
+        "median_ms": med * 1e3,
+        "min_ms": min * 1e3,
+        "max_ms": max * 1e3,
+        "images_per_s": images as f64 / med,
+        "gflop_per_step": step_flops / 1e9,
+        "gflops": gflops,
+        "calib_gemm_n": a.calib,
+        "calib_gemm_gflops": calib,
+        "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
+    });
+    if a.json {
+        println!("{rec}");
+    } else {
+        println!(
+            "step {} w{} {}px {}+{} on {} ({} threads): median {:.1} ms (min {:.1}, max {:.1}), {:.1} images/s, {:.2} GFLOP/step, {:.1} GFLOP/s{}",
+            a.method,
+            a.width,
+            a.image_size,
+            a.batch_l,
+            a.batch_u,
+            bk.name(),
+            threads,
+            med * 1e3,
+            min * 1e3,
+            max * 1e3,
+            images as f64 / med,
+            step_flops / 1e9,
+            gflops,
+            calib
+                .map(|c| format!(" = {:.0}% of SGEMM {}³ ({c:.1} GFLOP/s)", 100.0 * gflops / c, a.calib))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Step(a) => step(&a),
+        Cmd::Data(a) => medssl::data::cli::run_bench(&a),
+        Cmd::Gemm { n, repeats, json } => {
+            let g = gemm_gflops(n, repeats);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "gemm", "n": n, "gflops": g, "threads": rayon::current_num_threads()})
+                );
+            } else {
+                println!(
+                    "sgemm {n}³: {g:.1} GFLOP/s on {} threads",
+                    rayon::current_num_threads()
+                );
+            }
+            Ok(())
+        }
+    }
+}

@@ -32,9 +32,279 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model (DSRPGC by default) and evaluate it every epoch; writes a run directory.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint's teacher on a split of a dataset.
+    Eval {
+        /// A checkpoint written by `medssl train` (best.safetensors or last.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Dataset path (default: the one the checkpoint was trained on).
+        #[arg(long)]
+        data: Option<String>,
+        /// train, val or test.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Evaluate the student instead of the teacher.
+        #[arg(long)]
+        student: bool,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Class probabilities for image files (PNG/JPEG), as JSON.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Image files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Dataset tools: info and preview.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
 }
 
-fn conformance(dir: &PathBuf, device: &str, json: bool) -> Result<bool> {
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Sizes, classes, split and labelled/unlabelled counts.
+    Info(medssl::data::cli::InfoArgs),
+    /// A PNG grid of originals with their weak and strong views.
+    Preview(medssl::data::cli::PreviewArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Dataset path: medssl raw folder, MedMNIST .npz, ISIC 2018 CSV layout or an image folder.
+    #[arg(long)]
+    data: Option<String>,
+    /// Run directory (config, logs, metrics, checkpoints).
+    #[arg(long, default_value = "runs/latest")]
+    out: PathBuf,
+    /// fast (default), paper or srcmt-isic2018.
+    #[arg(long, default_value = "fast")]
+    preset: String,
+    /// TOML file of settings (keys as in the run directory's config.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any setting: --set key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    labeled_ratio: Option<f64>,
+    /// srcmt: the HAM10000/ISIC2018 SSL benchmark protocol.
+    #[arg(long)]
+    labeled_protocol: Option<String>,
+    /// supervised, mean-teacher or dsrpgc.
+    #[arg(long)]
+    method: Option<String>,
+    /// off, entropy, meta or both.
+    #[arg(long)]
+    dsr: Option<String>,
+    /// Classifier on pooled layer4 features (no similarity fusion).
+    #[arg(long)]
+    no_fusion: bool,
+    /// Drop the PGC term.
+    #[arg(long)]
+    no_pgc: bool,
+    #[arg(long)]
+    image_size: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this many steps in total.
+    #[arg(long, default_value_t = 0)]
+    max_steps: u64,
+    /// Skip per-epoch validation.
+    #[arg(long)]
+    no_eval: bool,
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    use medssl::train::config::TrainConfig;
+    let mut sets = a.sets.clone();
+    let mut flag = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            sets.push(format!("{k}={v}"));
+        }
+    };
+    flag("data", a.data.clone());
+    flag("epochs", a.epochs.map(|v| v.to_string()));
+    flag("labeled_ratio", a.labeled_ratio.map(|v| v.to_string()));
+    flag("labeled_protocol", a.labeled_protocol.clone());
+    flag("method", a.method.clone());
+    flag("dsr", a.dsr.clone());
+    flag("image_size", a.image_size.map(|v| v.to_string()));
+    flag("width", a.width.map(|v| v.to_string()));
+    flag("device", a.device.clone());
+    flag("seed", a.seed.map(|v| v.to_string()));
+    flag("fusion", a.no_fusion.then(|| "false".to_string()));
+    flag("pgc", a.no_pgc.then(|| "false".to_string()));
+    let cfg = TrainConfig::resolve(&a.preset, a.config.as_deref(), &sets)?;
+    let opts = medssl::train::run::RunOptions {
+        out: a.out.clone(),
+        resume: a.resume,
+        max_steps: a.max_steps,
+        no_eval: a.no_eval,
+        quiet: false,
+    };
+    let (outcome, _) = medssl::train::run::train(cfg, &opts)?;
+    eprintln!("run directory: {} ({outcome:?})", a.out.display());
+    Ok(())
+}
+
+fn eval(
+    checkpoint: &std::path::Path,
+    data: Option<String>,
+    split: &str,
+    student: bool,
+    device: &str,
+    json: bool,
+) -> Result<()> {
+    use medssl::train::{checkpoint as ck, metrics, run};
+    let c = ck::load(checkpoint)?;
+    let mut cfg = c.config.clone();
+    if let Some(d) = data {
+        cfg.data = d;
+    }
+    let dev = Device::parse(device)?;
+    let (ds, part) = run::load_data(&cfg)?;
+    if ds.classes.len() != c.model.classes || ds.channels != c.model.in_ch {
+        bail!(
+            "{}: {} classes / {} channels, the checkpoint expects {} / {}",
+            cfg.data,
+            ds.classes.len(),
+            ds.channels,
+            c.model.classes,
+            c.model.in_ch
+        );
+    }
+    let idx = match split {
+        "train" => &part.train,
+        "val" => &part.val,
+        "test" => &part.test,
+        s => bail!("--split '{s}': expected train, val or test"),
+    };
+    let mut model = medssl::nn::MedFuseNet::new(c.model, 0);
+    let prefix = if student { "student." } else { "teacher." };
+    model
+        .store
+        .load_named(&checkpoint.display().to_string(), &c.tensors, prefix)?;
+    model.store.to_device(dev)?;
+    let norm = medssl::data::Normalize::new(c.norm_mean.clone(), c.norm_std.clone());
+    let m = run::evaluate(
+        &mut model,
+        &ds,
+        idx,
+        &norm,
+        cfg.eval_batch,
+        dev,
+        cfg.srcmt_threshold,
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"checkpoint": checkpoint, "data": cfg.data, "split": split, "model": prefix.trim_end_matches('.'), "metrics": m})
+        );
+    } else {
+        println!(
+            "{} on {} ({split}, {} images, {}):",
+            checkpoint.display(),
+            cfg.data,
+            idx.len(),
+            prefix.trim_end_matches('.')
+        );
+        println!("  {}", metrics::summary_line(&m));
+        println!(
+            "  per-class AUC: {}",
+            ds.classes
+                .iter()
+                .zip(&m.auc)
+                .map(|(c, a)| format!(
+                    "{c} {}",
+                    a.map(|a| format!("{a:.4}")).unwrap_or("n/a".into())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("  SRC-MT convention (threshold {}): acc {:.4} sens {:.4} spec {:.4} prec {:.4} F1 {:.4}", m.srcmt.threshold, m.srcmt.accuracy, m.srcmt.sensitivity, m.srcmt.specificity, m.srcmt.precision, m.srcmt.f1);
+        println!("{}", metrics::confusion_ascii(&m, &ds.classes));
+    }
+    Ok(())
+}
+
+fn predict(checkpoint: &std::path::Path, images: &[PathBuf], device: &str) -> Result<()> {
+    use medssl::autograd::Graph;
+    use medssl::nn::Binding;
+    let c = medssl::train::checkpoint::load(checkpoint)?;
+    let dev = Device::parse(device)?;
+    let bk = medssl::backend::get(dev)?;
+    let mut model = medssl::nn::MedFuseNet::new(c.model, 0);
+    model
+        .store
+        .load_named(&checkpoint.display().to_string(), &c.tensors, "teacher.")?;
+    model.store.to_device(dev)?;
+    let size = c.config.image_size;
+    let ch = c.model.in_ch;
+    let norm = medssl::data::Normalize::new(c.norm_mean.clone(), c.norm_std.clone());
+    let mut out = Vec::new();
+    for p in images {
+        let img =
+            image::open(p).with_context(|| format!("{}: cannot decode image", p.display()))?;
+        let img = img.resize_exact(
+            size as u32,
+            size as u32,
+            image::imageops::FilterType::CatmullRom,
+        );
+        let raw: Vec<u8> = if ch == 1 {
+            img.to_luma8().into_raw()
+        } else {
+            img.to_rgb8().into_raw()
+        };
+        let mut x = vec![0.0f32; ch * size * size];
+        norm.apply(&raw, &mut x);
+        let mut g = Graph::new();
+        let probs = g.no_grad(|g| -> medssl::Result<Vec<f32>> {
+            let mut bind = Binding::new(false);
+            let xv = g.constant(bk.from_host(&x, &[1, ch, size, size])?);
+            let o = model.forward(g, &mut bind, xv, false)?;
+            let pr = g.softmax(o.logits)?;
+            g.value(pr).to_vec()
+        })?;
+        let best = probs
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, v)| if *v > probs[b] { i } else { b });
+        let map: serde_json::Map<String, serde_json::Value> = c
+            .classes
+            .iter()
+            .zip(&probs)
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect();
+        out.push(
+            serde_json::json!({"image": p, "prediction": c.classes[best], "probabilities": map}),
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn conformance(dir: &std::path::Path, device: &str, json: bool) -> Result<bool> {
     let dev = Device::parse(device)?;
     medssl::backend::get(dev).with_context(|| format!("--device {device}"))?;
     let files = golden::case_files(dir)?;
@@ -98,6 +368,24 @@ fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Train(a) => train(a)?,
+        Cmd::Eval {
+            checkpoint,
+            data,
+            split,
+            student,
+            device,
+            json,
+        } => eval(&checkpoint, data, &split, student, &device, json)?,
+        Cmd::Predict {
+            checkpoint,
+            images,
+            device,
+        } => predict(&checkpoint, &images, &device)?,
+        Cmd::Data { cmd } => match cmd {
+            DataCmd::Info(a) => medssl::data::cli::run_info(&a)?,
+            DataCmd::Preview(a) => medssl::data::cli::run_preview(&a)?,
+        },
     }
     Ok(())
 }

@@ -120,7 +120,7 @@ impl ParamStore {
     }
 
     /// Host copies `(name, data, shape)` of every entry, names prefixed.
-    pub fn to_named(&self, prefix: &str) -> Result<Vec<(String, Vec<f32>, Vec<usize>)>> {
+    pub fn to_named(&self, prefix: &str) -> Result<crate::tensor::NamedTensors> {
         self.entries
             .iter()
             .map(|e| {
@@ -586,6 +586,15 @@ impl MedFuseNet {
             proj0,
             proj2,
         }
+    }
+
+    /// An independent copy (no storage shared with `self`), e.g. the initial teacher.
+    pub fn deep_clone(&self) -> Result<MedFuseNet> {
+        let mut m = self.clone();
+        for e in m.store.entries_mut() {
+            e.value = e.value.backend()?.scale(&e.value, 1.0)?;
+        }
+        Ok(m)
     }
 
     /// Store indices of the classifier `(weight, bias)`.

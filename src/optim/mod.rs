@@ -1,1 +1,211 @@
-//! optim
+//! Optimisers (Adam with L2 weight decay, SGD with momentum; PyTorch semantics) and learning-rate
+//! schedules. The arithmetic lives in the backends (`Backend::adam_step` / `sgd_step`); this
+//! module owns the per-parameter state and the step counter.
+
+use crate::backend::{AdamParams, SgdParams};
+use crate::bail;
+use crate::error::Result;
+use crate::nn::{Kind, ParamStore};
+use crate::tensor::Tensor;
+
+/// Which update rule.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimKind {
+    Adam { beta1: f32, beta2: f32, eps: f32 },
+    Sgd { momentum: f32 },
+}
+
+impl OptimKind {
+    pub fn adam() -> OptimKind {
+        OptimKind::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// Per-parameter optimiser state, indexed like the parameter store.
+pub struct Optimizer {
+    pub kind: OptimKind,
+    pub weight_decay: f32,
+    /// Number of steps taken.
+    pub step: u64,
+    /// First moment / momentum buffer.
+    m: Vec<Option<Tensor>>,
+    /// Second moment (Adam).
+    v: Vec<Option<Tensor>>,
+}
+
+impl Optimizer {
+    pub fn new(kind: OptimKind, weight_decay: f32, store: &ParamStore) -> Optimizer {
+        Optimizer {
+            kind,
+            weight_decay,
+            step: 0,
+            m: vec![None; store.len()],
+            v: vec![None; store.len()],
+        }
+    }
+
+    /// One update of every parameter that has a gradient, at learning rate `lr`.
+    pub fn step(
+        &mut self,
+        store: &mut ParamStore,
+        grads: &[(usize, Tensor)],
+        lr: f32,
+    ) -> Result<()> {
+        self.step += 1;
+        for (i, g) in grads {
+            let i = *i;
+            if store.entries()[i].kind != Kind::Param {
+                bail!(
+                    "optimizer: '{}' is a buffer, not a parameter",
+                    store.entries()[i].name
+                );
+            }
+            let e = &mut store.entries_mut()[i];
+            let bk = e.value.backend()?;
+            let first = self.m[i].is_none();
+            let m = self.m[i].get_or_insert_with(|| bk.full(e.value.shape(), 0.0).expect("alloc"));
+            match self.kind {
+                OptimKind::Adam { beta1, beta2, eps } => {
+                    let v = self.v[i]
+                        .get_or_insert_with(|| bk.full(e.value.shape(), 0.0).expect("alloc"));
+                    bk.adam_step(
+                        &mut e.value,
+                        g,
+                        m,
+                        v,
+                        AdamParams {
+                            lr,
+                            beta1,
+                            beta2,
+                            eps,
+                            weight_decay: self.weight_decay,
+                            step: self.step,
+                        },
+                    )?;
+                }
+                OptimKind::Sgd { momentum } => {
+                    bk.sgd_step(
+                        &mut e.value,
+                        g,
+                        m,
+                        SgdParams {
+                            lr,
+                            momentum,
+                            weight_decay: self.weight_decay,
+                            first_step: first,
+                        },
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// State as named host tensors (`m.<param>`, `v.<param>`) for checkpoints.
+    pub fn state_named(&self, store: &ParamStore) -> Result<crate::tensor::NamedTensors> {
+        let mut out = Vec::new();
+        for (i, e) in store.entries().iter().enumerate() {
+            for (pfx, slot) in [("m", &self.m[i]), ("v", &self.v[i])] {
+                if let Some(t) = slot {
+                    out.push((format!("{pfx}.{}", e.name), t.to_vec()?, t.shape().to_vec()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores state written by [`Optimizer::state_named`].
+    pub fn load_state_named(
+        &mut self,
+        store: &ParamStore,
+        tensors: &std::collections::HashMap<String, (Vec<f32>, Vec<usize>)>,
+        prefix: &str,
+        step: u64,
+    ) -> Result<()> {
+        self.step = step;
+        for (i, e) in store.entries().iter().enumerate() {
+            let dev = e.value.device();
+            for (pfx, slot) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                *slot = match tensors.get(&format!("{prefix}{pfx}.{}", e.name)) {
+                    Some((d, s)) => Some(Tensor::from_vec(d.clone(), s)?.to_device(dev)?),
+                    None => None,
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Learning-rate schedule over optimiser steps.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay from the base rate to 0 over `total` steps.
+    Cosine {
+        total: u64,
+    },
+    /// Multiply by `gamma` after every `every` steps (per-epoch decay).
+    Step {
+        every: u64,
+        gamma: f32,
+    },
+}
+
+impl Schedule {
+    /// Learning rate for 0-based step `t`.
+    pub fn lr(&self, base: f32, t: u64) -> f32 {
+        match *self {
+            Schedule::Constant => base,
+            Schedule::Cosine { total } => {
+                let p = (t as f64 / total.max(1) as f64).min(1.0);
+                (base as f64 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())) as f32
+            }
+            Schedule::Step { every, gamma } => base * gamma.powi((t / every.max(1)) as i32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        let c = Schedule::Cosine { total: 100 };
+        assert_eq!(c.lr(1.0, 0), 1.0);
+        assert!((c.lr(1.0, 50) - 0.5).abs() < 1e-6);
+        assert!(c.lr(1.0, 100).abs() < 1e-7);
+        let s = Schedule::Step {
+            every: 10,
+            gamma: 0.9,
+        };
+        assert_eq!(s.lr(1.0, 9), 1.0);
+        assert!((s.lr(1.0, 25) - 0.81).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adam_moves_parameters_against_the_gradient() {
+        let mut store = ParamStore::default();
+        store.add(
+            "p",
+            Tensor::from_vec(vec![1.0, -1.0], &[2]).unwrap(),
+            Kind::Param,
+        );
+        let mut opt = Optimizer::new(OptimKind::adam(), 0.0, &store);
+        let g = Tensor::from_vec(vec![0.5, -0.5], &[2]).unwrap();
+        opt.step(&mut store, &[(0, g)], 0.1).unwrap();
+        // First Adam step moves each coordinate by lr·sign(g) (up to eps).
+        let p = store.value(0).to_vec().unwrap();
+        assert!(
+            (p[0] - 0.9).abs() < 1e-5 && (p[1] + 0.9).abs() < 1e-5,
+            "{p:?}"
+        );
+        assert_eq!(opt.state_named(&store).unwrap().len(), 2);
+    }
+}

@@ -228,3 +228,10 @@ pub fn expect_shape(t: &Tensor, shape: &[usize], what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// A host copy of a tensor: `(data, shape)`.
+pub type HostTensor = (Vec<f32>, Vec<usize>);
+/// Host tensors by name (files, checkpoints).
+pub type TensorMap = std::collections::HashMap<String, HostTensor>;
+/// Named host tensors in a fixed order: `(name, data, shape)`.
+pub type NamedTensors = Vec<(String, Vec<f32>, Vec<usize>)>;

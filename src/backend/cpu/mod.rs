@@ -161,7 +161,7 @@ impl Backend for CpuBackend {
     }
 
     fn sum_rows(&self, x: &Tensor, n: usize) -> Result<Tensor> {
-        if n == 0 || x.numel() % n != 0 {
+        if n == 0 || !x.numel().is_multiple_of(n) {
             bail!("sum_rows: {:?} is not a multiple of rows of {n}", x.shape());
         }
         Ok(out(reduce::sum_rows(data(x)?, n), &[n]))

@@ -124,7 +124,7 @@ pub fn pgc_loss_fwd(
     (terms.iter().sum::<f64>() / b as f64) as f32
 }
 
-/// `gq_i = g·(w_i/B)·Σ_a (softmax_a − π_a)·K_a / τ`.
+/// `gq_i = g·(w_i/B)·Σ_a (softmax_a·Σπ − π_a)·K_a / τ`.
 #[allow(clippy::too_many_arguments)]
 pub fn pgc_loss_bwd(
     q: &[f32],
@@ -145,8 +145,10 @@ pub fn pgc_loss_bwd(
             let mut sm = vec![0.0f32; logits.len()];
             softmax_row(&logits, &mut sm);
             let scale = g * q_w[i] / b as f32 / tau;
+            // dℓ_i/dlogit_a = softmax_a·Σπ − π_a (Σπ is 1, or 0 when every positive weight is 0).
+            let pisum: f32 = pi.iter().sum();
             for (a, k) in keys.chunks(e).enumerate() {
-                let c = (sm[a] - pi[a]) * scale;
+                let c = (sm[a] * pisum - pi[a]) * scale;
                 if c != 0.0 {
                     gi.iter_mut().zip(k).for_each(|(o, kv)| *o += c * kv);
                 }

@@ -1,0 +1,60 @@
+// Shared device helpers for the medssl kernels (included by every kernels/*.cu).
+//
+// Conventions used throughout: tensors are contiguous row-major f32; sizes are `int` (the Rust
+// side checks that every tensor has fewer than 2^31 elements); "warp per row" kernels are launched
+// with blockDim.x = 256 (8 warps) and grid.x = ceil(rows / 8), warp w of block b owning row
+// b*8 + w and striding over that row's columns by 32 lanes.
+#pragma once
+#include <math.h>
+
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. Safe to call repeatedly in one kernel (guards its shared scratch with barriers).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.f;
+    if (warp == 0) {
+        r = warp_sum(r);
+        if (lane == 0) scratch[0] = r;
+    }
+    __syncthreads();
+    r = scratch[0];
+    return r;
+}
+
+// Global index of the row owned by this warp in a "warp per row" launch, and the lane.
+#define WARP_ROW() ((int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)))
+#define LANE() ((int)(threadIdx.x & 31))
+
+// Grid-stride loop over [0, n).
+#define GRID_LOOP(i, n) \
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+
+// Row maximum and log-sum-exp of x[0..n) computed by one warp (all lanes get the result).
+__device__ __forceinline__ float warp_row_lse(const float* x, int n) {
+    const int lane = LANE();
+    float m = -INFINITY;
+    for (int j = lane; j < n; j += 32) m = fmaxf(m, x[j]);
+    m = warp_max(m);
+    float s = 0.f;
+    for (int j = lane; j < n; j += 32) s += expf(x[j] - m);
+    s = warp_sum(s);
+    return m + logf(s);
+}

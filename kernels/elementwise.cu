@@ -1,0 +1,43 @@
+// Elementwise ops and broadcasts.
+//
+// Indexing: one thread per element of a flat contiguous buffer of n elements (grid-stride loop, so
+// any grid size is valid). Broadcast kernels recover the broadcast coordinate from the flat index:
+// for a tensor viewed as [outer, C, inner] the channel of element i is (i / inner) % C.
+#include "common.cuh"
+
+extern "C" __global__ void ew_fill(int n, float v, float* out) {
+    GRID_LOOP(i, n) out[i] = v;
+}
+
+extern "C" __global__ void ew_axpby(int n, float a, const float* x, float b, const float* y,
+                                    float* out) {
+    GRID_LOOP(i, n) out[i] = a * x[i] + b * y[i];
+}
+
+extern "C" __global__ void ew_scale(int n, float s, const float* x, float* out) {
+    GRID_LOOP(i, n) out[i] = s * x[i];
+}
+
+extern "C" __global__ void ew_mul(int n, const float* x, const float* y, float* out) {
+    GRID_LOOP(i, n) out[i] = x[i] * y[i];
+}
+
+// y = max(x, 0); NaN maps to 0 like Rust's f32::max.
+extern "C" __global__ void ew_relu_fwd(int n, const float* x, float* y) {
+    GRID_LOOP(i, n) y[i] = x[i] > 0.f ? x[i] : 0.f;
+}
+
+// gx = gy * [y > 0], using the forward output.
+extern "C" __global__ void ew_relu_bwd(int n, const float* y, const float* gy, float* gx) {
+    GRID_LOOP(i, n) gx[i] = y[i] > 0.f ? gy[i] : 0.f;
+}
+
+// acc += x (in place).
+extern "C" __global__ void ew_add_assign(int n, float* acc, const float* x) {
+    GRID_LOOP(i, n) acc[i] += x[i];
+}
+
+// y[i] += bias[(i / inner) % C]: conv bias (inner = H*W) and linear bias (inner = 1).
+extern "C" __global__ void ew_add_bias(int n, int C, int inner, const float* bias, float* y) {
+    GRID_LOOP(i, n) y[i] += bias[(i / inner) % C];
+}

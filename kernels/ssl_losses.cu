@@ -1,0 +1,137 @@
+// Semi-supervised losses: DSR entropy weight and alignment, weighted consistency, PGC.
+//
+// Indexing: "warp per row" (common.cuh) over the row dimension of each op (samples for the
+// logit-based ops, queries for PGC, unlabelled samples for the DSR alignment). Products such as
+// q K^T and the DSR Gram matrices are computed by cuBLAS before these kernels. Per-row results are
+// reduced to the scalar loss by red_sum_scaled (fixed order, no atomics); scalar upstream
+// gradients are read from device memory (g[0]).
+#include "common.cuh"
+
+// c = 1 - H(softmax(z)) / ln(n) (1 when n == 1), H = -sum p log p with log p = z - lse.
+extern "C" __global__ void ssl_entropy_weight(int rows, int n, const float* z, float* c) {
+    const int r = WARP_ROW();
+    if (r >= rows) return;
+    const float* zr = z + (size_t)r * n;
+    const float lse = warp_row_lse(zr, n);
+    float h = 0.f;
+    for (int j = LANE(); j < n; j += 32) {
+        const float lp = zr[j] - lse;
+        h -= expf(lp) * lp;
+    }
+    h = warp_sum(h);
+    if (LANE() == 0) c[r] = n > 1 ? 1.f - h / logf((float)n) : 1.f;
+}
+
+// out[r] = w[r] * ||softmax(zs_r) - softmax(zt_r)||^2.
+extern "C" __global__ void ssl_wcons_rows(int rows, int n, const float* zs, const float* zt,
+                                          const float* w, float* out) {
+    const int r = WARP_ROW();
+    if (r >= rows) return;
+    const float* a = zs + (size_t)r * n;
+    const float* b = zt + (size_t)r * n;
+    const float la = warp_row_lse(a, n), lb = warp_row_lse(b, n);
+    float s = 0.f;
+    for (int j = LANE(); j < n; j += 32) {
+        const float d = expf(a[j] - la) - expf(b[j] - lb);
+        s += d * d;
+    }
+    s = warp_sum(s);
+    if (LANE() == 0) out[r] = w[r] * s;
+}
+
+// gzs = J_softmax^T gp with gp = g[0] * scale * 2 w_r (ps - pt), i.e.
+// gzs_j = ps_j (gp_j - sum_k gp_k ps_k); scale = 1/B.
+extern "C" __global__ void ssl_wcons_bwd(int rows, int n, const float* zs, const float* zt,
+                                         const float* w, const float* g, float scale,
+                                         float* gzs) {
+    const int r = WARP_ROW();
+    if (r >= rows) return;
+    const float* a = zs + (size_t)r * n;
+    const float* b = zt + (size_t)r * n;
+    const float la = warp_row_lse(a, n), lb = warp_row_lse(b, n);
+    const float k = g[0] * scale * 2.f * w[r];
+    float d = 0.f;
+    for (int j = LANE(); j < n; j += 32) {
+        const float ps = expf(a[j] - la);
+        d += k * (ps - expf(b[j] - lb)) * ps;
+    }
+    d = warp_sum(d);
+    for (int j = LANE(); j < n; j += 32) {
+        const float ps = expf(a[j] - la);
+        gzs[(size_t)r * n + j] = ps * (k * (ps - expf(b[j] - lb)) - d);
+    }
+}
+
+// PGC per-query term. L [Bq, Nk] holds q_i.K_a / tau. Positives P(i) = {a : klab[a] == qlab[i]},
+// Wp = sum_{a in P} kw[a];
+// out[i] = qw[i] * ( -sum_{a in P} (kw[a]/Wp) (L_ia - lse_i) ), or 0 when P(i) is empty or Wp == 0.
+extern "C" __global__ void ssl_pgc_rows(int Bq, int Nk, const float* L, const int* qlab,
+                                        const float* qw, const int* klab, const float* kw,
+                                        float* out) {
+    const int r = WARP_ROW();
+    if (r >= Bq) return;
+    const float* lr = L + (size_t)r * Nk;
+    const float lse = warp_row_lse(lr, Nk);
+    const int y = qlab[r];
+    float wp = 0.f, acc = 0.f;
+    for (int a = LANE(); a < Nk; a += 32)
+        if (klab[a] == y) {
+            wp += kw[a];
+            acc += kw[a] * (lr[a] - lse);
+        }
+    wp = warp_sum(wp);
+    acc = warp_sum(acc);
+    if (LANE() == 0) out[r] = (wp > 0.f) ? qw[r] * (-acc / fmaxf(wp, 1e-12f)) : 0.f;
+}
+
+// dLoss/dL_ia = g[0] * scale * qw[i] * (softmax_a(L_i) - [a in P(i)] kw[a]/Wp), scale = 1/B; rows
+// with no (weighted) positives get zeros. The caller multiplies by K/tau with cuBLAS.
+extern "C" __global__ void ssl_pgc_grad_logits(int Bq, int Nk, const float* L, const int* qlab,
+                                               const float* qw, const int* klab, const float* kw,
+                                               const float* g, float scale, float* G) {
+    const int r = WARP_ROW();
+    if (r >= Bq) return;
+    const float* lr = L + (size_t)r * Nk;
+    float* gr = G + (size_t)r * Nk;
+    const int y = qlab[r];
+    float wp = 0.f;
+    for (int a = LANE(); a < Nk; a += 32)
+        if (klab[a] == y) wp += kw[a];
+    wp = warp_sum(wp);
+    if (!(wp > 0.f)) {
+        for (int a = LANE(); a < Nk; a += 32) gr[a] = 0.f;
+        return;
+    }
+    const float lse = warp_row_lse(lr, Nk);
+    const float k = g[0] * scale * qw[r];
+    for (int a = LANE(); a < Nk; a += 32) {
+        const float pos = (klab[a] == y) ? kw[a] / fmaxf(wp, 1e-12f) : 0.f;
+        gr[a] = k * (expf(lr[a] - lse) - pos);
+    }
+}
+
+// out[r, :] = softmax(z_r) - onehot(label_r) (DSR: gradient of CE w.r.t. the logits).
+extern "C" __global__ void ssl_prob_minus_onehot(int rows, int n, const float* z,
+                                                 const int* labels, float* out) {
+    const int r = WARP_ROW();
+    if (r >= rows) return;
+    const float* zr = z + (size_t)r * n;
+    const float lse = warp_row_lse(zr, n);
+    const int y = labels[r];
+    for (int j = LANE(); j < n; j += 32)
+        out[(size_t)r * n + j] = expf(zr[j] - lse) - (j == y ? 1.f : 0.f);
+}
+
+// a_i = inv_bl * sum_j RS[i, j] * (FF[i, j] + 1), RS = S_u R_l^T and FF = F_u F_l^T, [Bu, Bl].
+extern "C" __global__ void ssl_dsr_combine(int Bu, int Bl, const float* RS, const float* FF,
+                                           float inv_bl, float* out) {
+    const int r = WARP_ROW();
+    if (r >= Bu) return;
+    float s = 0.f;
+    for (int j = LANE(); j < Bl; j += 32) {
+        const size_t k = (size_t)r * Bl + j;
+        s += RS[k] * (FF[k] + 1.f);
+    }
+    s = warp_sum(s);
+    if (LANE() == 0) out[r] = inv_bl * s;
+}

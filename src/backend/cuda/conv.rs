@@ -1,0 +1,586 @@
+//! 2-D convolution: cuDNN (forward, backward data, backward filter; descriptors and algorithms
+//! chosen once per shape and cached) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
+//! cuDNN cannot be loaded or `MEDSSL_CUDA_CONV=im2col` is set. Bias forward/backward are our own
+//! kernels in both engines.
+//!
+//! cuDNN runs in FP32 FMA math (no TF32) so results stay within the CPU parity tolerances;
+//! `MEDSSL_TF32=1` allows tensor-op math.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cudnn::{result as dnn, sys};
+use cudarc::driver::CudaStream;
+
+use super::gemm::Gemm;
+use super::{cfg_lin, ci, elementwise, lock, nchw, reduce, CudaBackend, A};
+use crate::backend::{ConvGrads, ConvParams};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Largest cuDNN workspace we accept for one call.
+const WORKSPACE_LIMIT: usize = 512 << 20;
+
+/// Validated convolution geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Shape {
+    fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.cout, self.ho(), self.wo()]
+    }
+}
+
+fn conv_shape(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Shape> {
+    let (n, cin, h, wd) = nchw(x, "conv2d input")?;
+    let (cout, wc, kh, kw) = nchw(w, "conv2d weight")?;
+    if wc != cin || kh != kw {
+        crate::bail!(
+            "conv2d: weight {:?} does not fit input {:?} (square kernels, same channels)",
+            w.shape(),
+            x.shape()
+        );
+    }
+    if p.stride == 0 || h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
+        crate::bail!(
+            "conv2d: kernel {kh} stride {} padding {} does not fit input {:?}",
+            p.stride,
+            p.padding,
+            x.shape()
+        );
+    }
+    Ok(Shape {
+        n,
+        cin,
+        h,
+        w: wd,
+        cout,
+        k: kh,
+        stride: p.stride,
+        pad: p.padding,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuDNN engine
+// ---------------------------------------------------------------------------------------------
+
+struct Handle(sys::cudnnHandle_t);
+// SAFETY: the handle is only used while holding the engine's mutex, on the owning device's
+// stream, with that device's context bound.
+unsafe impl Send for Handle {}
+
+/// Descriptors and algorithms for one convolution shape. Immutable after creation.
+struct Plan {
+    x: sys::cudnnTensorDescriptor_t,
+    y: sys::cudnnTensorDescriptor_t,
+    w: sys::cudnnFilterDescriptor_t,
+    conv: sys::cudnnConvolutionDescriptor_t,
+    fwd: (sys::cudnnConvolutionFwdAlgo_t, usize),
+    bwd_data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
+    bwd_filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+}
+// SAFETY: descriptors are plain configuration objects, never mutated after `Plan::new`, and only
+// passed to cuDNN calls made under the handle mutex.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: created in Plan::new and destroyed once here.
+        unsafe {
+            let _ = dnn::destroy_tensor_descriptor(self.x);
+            let _ = dnn::destroy_tensor_descriptor(self.y);
+            let _ = dnn::destroy_filter_descriptor(self.w);
+            let _ = dnn::destroy_convolution_descriptor(self.conv);
+        }
+    }
+}
+
+fn dnn_err(what: &str) -> impl FnOnce(dnn::CudnnError) -> Error + '_ {
+    move |e| Error::Cuda(format!("cuDNN {what}: {e:?}"))
+}
+
+fn c(n: usize) -> Result<std::ffi::c_int> {
+    ci(n)
+}
+
+/// Picks the first algorithm (cuDNN's heuristic order) that succeeded and fits the workspace
+/// limit, preferring deterministic ones.
+fn pick<T: Copy>(
+    found: &[(T, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)],
+    what: &str,
+) -> Result<(T, usize)> {
+    let ok = |f: &&(T, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)| {
+        f.1 == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && f.2 <= WORKSPACE_LIMIT
+    };
+    found
+        .iter()
+        .filter(ok)
+        .find(|f| f.3 == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+        .or_else(|| found.iter().find(ok))
+        .map(|f| (f.0, f.2))
+        .ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))
+}
+
+impl Plan {
+    /// SAFETY: `h` is a live cuDNN handle, used under its mutex with the context bound.
+    unsafe fn new(h: sys::cudnnHandle_t, s: &Shape) -> Result<Plan> {
+        let f32t = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let x = dnn::create_tensor_descriptor().map_err(dnn_err("tensor descriptor"))?;
+        let y = dnn::create_tensor_descriptor().map_err(dnn_err("tensor descriptor"))?;
+        let w = dnn::create_filter_descriptor().map_err(dnn_err("filter descriptor"))?;
+        let conv = dnn::create_convolution_descriptor().map_err(dnn_err("conv descriptor"))?;
+        // From here on Drop cleans up whatever happens.
+        let mut plan = Plan {
+            x,
+            y,
+            w,
+            conv,
+            fwd: (
+                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                0,
+            ),
+            bwd_data: (
+                sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+                0,
+            ),
+            bwd_filter: (
+                sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                0,
+            ),
+        };
+        dnn::set_tensor4d_descriptor(x, nchw, f32t, [c(s.n)?, c(s.cin)?, c(s.h)?, c(s.w)?])
+            .map_err(dnn_err("input descriptor"))?;
+        dnn::set_tensor4d_descriptor(y, nchw, f32t, [c(s.n)?, c(s.cout)?, c(s.ho())?, c(s.wo())?])
+            .map_err(dnn_err("output descriptor"))?;
+        dnn::set_filter4d_descriptor(w, f32t, nchw, [c(s.cout)?, c(s.cin)?, c(s.k)?, c(s.k)?])
+            .map_err(dnn_err("filter descriptor"))?;
+        let (pd, st) = (c(s.pad)?, c(s.stride)?);
+        dnn::set_convolution2d_descriptor(
+            conv,
+            pd,
+            pd,
+            st,
+            st,
+            1,
+            1,
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+            f32t,
+        )
+        .map_err(dnn_err("conv descriptor"))?;
+        let math = if std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1") {
+            sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
+        } else {
+            sys::cudnnMathType_t::CUDNN_FMA_MATH
+        };
+        dnn::set_convolution_math_type(conv, math).map_err(dnn_err("math type"))?;
+
+        let mut count = 0;
+        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
+        dnn::get_convolution_forward_algorithm(h, x, w, conv, y, 8, &mut count, fwd.as_mut_ptr())
+            .map_err(dnn_err("forward algorithm query"))?;
+        let found: Vec<_> = fwd[..count.max(0) as usize]
+            .iter()
+            .map(|p| (p.algo, p.status, p.memory, p.determinism))
+            .collect();
+        let (algo, _) = pick(&found, "forward")?;
+        let ws = dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, algo)
+            .map_err(dnn_err("forward workspace"))?;
+        plan.fwd = (algo, ws);
+
+        let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
+        dnn::get_convolution_backward_data_algorithm(
+            h,
+            w,
+            y,
+            conv,
+            x,
+            6,
+            &mut count,
+            bd.as_mut_ptr(),
+        )
+        .map_err(dnn_err("backward-data algorithm query"))?;
+        let found: Vec<_> = bd[..count.max(0) as usize]
+            .iter()
+            .map(|p| (p.algo, p.status, p.memory, p.determinism))
+            .collect();
+        let (algo, _) = pick(&found, "backward-data")?;
+        let ws = dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, algo)
+            .map_err(dnn_err("backward-data workspace"))?;
+        plan.bwd_data = (algo, ws);
+
+        let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
+        dnn::get_convolution_backward_filter_algorithm(
+            h,
+            x,
+            y,
+            conv,
+            w,
+            7,
+            &mut count,
+            bf.as_mut_ptr(),
+        )
+        .map_err(dnn_err("backward-filter algorithm query"))?;
+        let found: Vec<_> = bf[..count.max(0) as usize]
+            .iter()
+            .map(|p| (p.algo, p.status, p.memory, p.determinism))
+            .collect();
+        let (algo, _) = pick(&found, "backward-filter")?;
+        let ws = dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, algo)
+            .map_err(dnn_err("backward-filter workspace"))?;
+        plan.bwd_filter = (algo, ws);
+        Ok(plan)
+    }
+}
+
+struct Dnn {
+    handle: Mutex<Handle>,
+    plans: Mutex<HashMap<Shape, Arc<Plan>>>,
+    version: usize,
+}
+
+/// The convolution engine of one device.
+pub(super) struct ConvEngine {
+    dnn: Option<Dnn>,
+    /// Why the im2col fallback is used (empty with cuDNN).
+    reason: String,
+}
+
+impl ConvEngine {
+    pub(super) fn new(stream: &Arc<CudaStream>) -> ConvEngine {
+        if std::env::var("MEDSSL_CUDA_CONV").is_ok_and(|v| v == "im2col") {
+            return ConvEngine {
+                dnn: None,
+                reason: "MEDSSL_CUDA_CONV=im2col".into(),
+            };
+        }
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { sys::is_culib_present() } {
+            return ConvEngine {
+                dnn: None,
+                reason: "libcudnn.so not found on the loader path".into(),
+            };
+        }
+        let made = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<Dnn, String> {
+            let handle = dnn::create_handle().map_err(|e| format!("cudnnCreate: {e:?}"))?;
+            // SAFETY: fresh handle; the stream outlives the backend (both live for the process).
+            unsafe { dnn::set_stream(handle, stream.cu_stream() as sys::cudaStream_t) }
+                .map_err(|e| format!("cudnnSetStream: {e:?}"))?;
+            Ok(Dnn {
+                handle: Mutex::new(Handle(handle)),
+                plans: Mutex::new(HashMap::new()),
+                version: dnn::get_version(),
+            })
+        }));
+        match made {
+            Ok(Ok(d)) => ConvEngine {
+                dnn: Some(d),
+                reason: String::new(),
+            },
+            Ok(Err(e)) => ConvEngine {
+                dnn: None,
+                reason: e,
+            },
+            Err(_) => ConvEngine {
+                dnn: None,
+                reason: "libcudnn lacks required entry points".into(),
+            },
+        }
+    }
+
+    pub(super) fn describe(&self) -> String {
+        match &self.dnn {
+            Some(d) => format!("cudnn {}", d.version),
+            None => format!("im2col+cublas ({})", self.reason),
+        }
+    }
+}
+
+impl Dnn {
+    fn plan(&self, h: sys::cudnnHandle_t, s: &Shape) -> Result<Arc<Plan>> {
+        if let Some(p) = lock(&self.plans).get(s) {
+            return Ok(p.clone());
+        }
+        // SAFETY: called with the handle lock held and the context bound.
+        let p = Arc::new(unsafe { Plan::new(h, s) }?);
+        lock(&self.plans).insert(*s, p.clone());
+        Ok(p)
+    }
+}
+
+fn workspace(be: &CudaBackend, bytes: usize) -> Result<Option<super::CudaStorage>> {
+    if bytes == 0 {
+        Ok(None)
+    } else {
+        Ok(Some(be.buffer(bytes.div_ceil(4))?))
+    }
+}
+
+fn ws_ptr(ws: &Option<super::CudaStorage>) -> *mut std::ffi::c_void {
+    ws.as_ref()
+        .map_or(std::ptr::null_mut(), |w| w.ptr() as *mut std::ffi::c_void)
+}
+
+fn vp(p: u64) -> *const std::ffi::c_void {
+    p as *const std::ffi::c_void
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn conv2d_fwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: ConvParams,
+) -> Result<Tensor> {
+    let s = conv_shape(x, w, p)?;
+    if let Some(b) = b {
+        if b.shape() != [s.cout] {
+            crate::bail!(
+                "conv2d: bias {:?} does not fit {} output channels",
+                b.shape(),
+                s.cout
+            );
+        }
+    }
+    let out = s.out_shape();
+    if s.n == 0 || s.cout == 0 || s.cin == 0 {
+        return be.zeros(&out);
+    }
+    let y = be.empty(&out)?;
+    match &be.conv.dnn {
+        Some(d) => {
+            be.bind()?;
+            let h = lock(&d.handle);
+            let plan = d.plan(h.0, &s)?;
+            let ws = workspace(be, plan.fwd.1)?;
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are live
+            // on the stream the handle is bound to.
+            unsafe {
+                dnn::convolution_forward(
+                    h.0,
+                    &alpha as *const f32 as *const _,
+                    plan.x,
+                    vp(be.p(x)?),
+                    plan.w,
+                    vp(be.p(w)?),
+                    plan.conv,
+                    plan.fwd.0,
+                    ws_ptr(&ws),
+                    plan.fwd.1,
+                    &beta as *const f32 as *const _,
+                    plan.y,
+                    be.p(&y)? as *mut _,
+                )
+            }
+            .map_err(dnn_err("convolution forward"))?;
+        }
+        None => im2col_fwd(be, &s, x, w, &y)?,
+    }
+    if let Some(b) = b {
+        elementwise::add_bias(be, &y, b, s.cout, s.ho() * s.wo())?;
+    }
+    Ok(y)
+}
+
+pub(super) fn conv2d_bwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    p: ConvParams,
+    need_x: bool,
+    has_bias: bool,
+) -> Result<ConvGrads> {
+    let s = conv_shape(x, w, p)?;
+    if gy.shape() != s.out_shape() {
+        crate::bail!(
+            "conv2d backward: gradient {:?} does not fit output {:?}",
+            gy.shape(),
+            s.out_shape()
+        );
+    }
+    let gb = if has_bias {
+        let gb = be.empty(&[s.cout])?;
+        if s.cout > 0 {
+            reduce::channel_sum_raw(be, s.n, s.cout, s.ho() * s.wo(), be.p(gy)?, be.p(&gb)?)?;
+        }
+        Some(gb)
+    } else {
+        None
+    };
+    if s.n == 0 || s.cout == 0 || s.cin == 0 {
+        return Ok(ConvGrads {
+            x: if need_x {
+                Some(be.zeros(x.shape())?)
+            } else {
+                None
+            },
+            weight: be.zeros(w.shape())?,
+            bias: gb,
+        });
+    }
+    let gw = be.empty(w.shape())?;
+    let gx = if need_x {
+        Some(be.empty(x.shape())?)
+    } else {
+        None
+    };
+    match &be.conv.dnn {
+        Some(d) => {
+            be.bind()?;
+            let h = lock(&d.handle);
+            let plan = d.plan(h.0, &s)?;
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            if let Some(gx) = &gx {
+                let ws = workspace(be, plan.bwd_data.1)?;
+                // SAFETY: as in the forward pass.
+                unsafe {
+                    dnn::convolution_backward_data(
+                        h.0,
+                        &alpha as *const f32 as *const _,
+                        plan.w,
+                        vp(be.p(w)?),
+                        plan.y,
+                        vp(be.p(gy)?),
+                        plan.conv,
+                        plan.bwd_data.0,
+                        ws_ptr(&ws),
+                        plan.bwd_data.1,
+                        &beta as *const f32 as *const _,
+                        plan.x,
+                        be.p(gx)? as *mut _,
+                    )
+                }
+                .map_err(dnn_err("convolution backward data"))?;
+            }
+            let ws = workspace(be, plan.bwd_filter.1)?;
+            // SAFETY: as in the forward pass.
+            unsafe {
+                dnn::convolution_backward_filter(
+                    h.0,
+                    &alpha as *const f32 as *const _,
+                    plan.x,
+                    vp(be.p(x)?),
+                    plan.y,
+                    vp(be.p(gy)?),
+                    plan.conv,
+                    plan.bwd_filter.0,
+                    ws_ptr(&ws),
+                    plan.bwd_filter.1,
+                    &beta as *const f32 as *const _,
+                    plan.w,
+                    be.p(&gw)? as *mut _,
+                )
+            }
+            .map_err(dnn_err("convolution backward filter"))?;
+        }
+        None => im2col_bwd(be, &s, x, w, gy, &gw, gx.as_ref())?,
+    }
+    Ok(ConvGrads {
+        x: gx,
+        weight: gw,
+        bias: gb,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// im2col + cuBLAS fallback
+// ---------------------------------------------------------------------------------------------
+
+fn geometry(s: &Shape) -> Result<[A; 8]> {
+    Ok([
+        A::I(ci(s.cin)?),
+        A::I(ci(s.h)?),
+        A::I(ci(s.w)?),
+        A::I(ci(s.k)?),
+        A::I(ci(s.stride)?),
+        A::I(ci(s.pad)?),
+        A::I(ci(s.ho())?),
+        A::I(ci(s.wo())?),
+    ])
+}
+
+/// `col [N, Cin·k·k, OH·OW]` of `x`.
+fn im2col(be: &CudaBackend, s: &Shape, x: &Tensor) -> Result<super::CudaStorage> {
+    let ckk = s.cin * s.k * s.k;
+    let ohw = s.ho() * s.wo();
+    let total = s.n * ckk * ohw;
+    let col = be.buffer(total)?;
+    let mut args = vec![A::I(ci(total)?)];
+    args.extend(geometry(s)?);
+    args.extend([A::P(be.p(x)?), A::P(col.ptr())]);
+    be.launch("cv_im2col", cfg_lin(total), &args)?;
+    Ok(col)
+}
+
+fn im2col_fwd(be: &CudaBackend, s: &Shape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
+    let ckk = s.cin * s.k * s.k;
+    let ohw = s.ho() * s.wo();
+    let col = im2col(be, s, x)?;
+    // y_n [Cout, OHW] = W [Cout, CKK] · col_n [CKK, OHW]; W broadcast (stride 0).
+    Gemm::new(false, false, s.cout, ohw, ckk)
+        .batched(s.n)
+        .strides(0, ckk * ohw, s.cout * ohw)
+        .run(be, be.p(w)?, col.ptr(), be.p(y)?)
+}
+
+fn im2col_bwd(
+    be: &CudaBackend,
+    s: &Shape,
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    gw: &Tensor,
+    gx: Option<&Tensor>,
+) -> Result<()> {
+    let ckk = s.cin * s.k * s.k;
+    let ohw = s.ho() * s.wo();
+    if let Some(gx) = gx {
+        // gcol_n [CKK, OHW] = Wᵀ · gy_n, then a gather back to image positions.
+        let gcol = be.buffer(s.n * ckk * ohw)?;
+        Gemm::new(true, false, ckk, ohw, s.cout)
+            .batched(s.n)
+            .strides(0, s.cout * ohw, ckk * ohw)
+            .run(be, be.p(w)?, be.p(gy)?, gcol.ptr())?;
+        let total = gx.numel();
+        let mut args = vec![A::I(ci(total)?)];
+        args.extend(geometry(s)?);
+        args.extend([A::P(gcol.ptr()), A::P(be.p(gx)?)]);
+        be.launch("cv_col2im", cfg_lin(total), &args)?;
+    }
+    // gW = Σ_n gy_n [Cout, OHW] · col_nᵀ: per-image products, then a fixed-order batch sum.
+    let col = im2col(be, s, x)?;
+    let per = s.cout * ckk;
+    if s.n == 1 {
+        return Gemm::new(false, true, s.cout, ckk, ohw).run(be, be.p(gy)?, col.ptr(), be.p(gw)?);
+    }
+    let parts = be.buffer(s.n * per)?;
+    Gemm::new(false, true, s.cout, ckk, ohw)
+        .batched(s.n)
+        .strides(s.cout * ohw, ckk * ohw, per)
+        .run(be, be.p(gy)?, col.ptr(), parts.ptr())?;
+    reduce::sum_rows_raw(be, s.n, per, parts.ptr(), be.p(gw)?)
+}

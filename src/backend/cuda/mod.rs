@@ -1,0 +1,846 @@
+//! The CUDA backend: hand-written kernels (`kernels/*.cu`, compiled by `build.rs` into fatbins
+//! embedded in the binary), cuBLAS for products and cuDNN for convolutions (with an im2col +
+//! cuBLAS fallback), all on one stream per device.
+//!
+//! Layers: this file owns every `unsafe` driver interaction (context, stream, module loading,
+//! kernel launch, the caching allocator, raw device pointers); the op-family files
+//! (`elementwise.rs`, `reduce.rs`, ... named like their CPU twins and their `.cu` files) only
+//! validate shapes and call [`CudaBackend::launch`] / [`gemm`] / [`conv`] helpers.
+//!
+//! Libraries are loaded at run time (cudarc `dynamic-loading`): `libcuda.so` comes from the
+//! driver, `libcublas.so*` / `libcublasLt.so*` / `libcudnn.so*` are searched by the dynamic loader
+//! (`LD_LIBRARY_PATH`, e.g. the `nvidia/*/lib` folders of a PyTorch pip environment, which
+//! `tools/gpu-run.sh` exports). A machine without a driver gets an error, never a panic.
+//!
+//! Memory: one stream per device, so stream order alone makes buffer reuse safe. Dropping a
+//! [`CudaStorage`] returns its buffer to a per-size free list; the next allocation of the same
+//! size reuses it, so a steady-state training loop never calls `cuMemAlloc`.
+
+mod conv;
+mod elementwise;
+mod fusion;
+mod gemm;
+mod norm;
+mod optim;
+mod pool;
+mod reduce;
+mod softmax_xent;
+mod ssl_losses;
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+
+use crate::backend::{
+    AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
+};
+use crate::error::{Error, Result};
+use crate::tensor::{numel, Device, Storage, Tensor};
+
+mod images {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Turns any displayable CUDA-side failure into [`Error::Cuda`] with context.
+pub(crate) fn cuda_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Caching allocator
+// ---------------------------------------------------------------------------------------------
+
+/// Per-size free lists of device buffers (f32 elements). Buffers are only ever used on the
+/// owning device's single stream, so a buffer released while kernels that read it are still
+/// queued can be handed out again at once: its next use is ordered after them.
+pub(crate) struct Pool {
+    stream: Arc<CudaStream>,
+    free: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    allocs: AtomicUsize,
+    reuses: AtomicUsize,
+}
+
+impl Pool {
+    fn take(&self, len: usize) -> Result<CudaSlice<f32>> {
+        let len = len.max(1);
+        if let Some(s) = lock(&self.free).get_mut(&len).and_then(|v| v.pop()) {
+            self.reuses.fetch_add(1, Ordering::Relaxed);
+            return Ok(s);
+        }
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the buffer is uninitialised f32 memory; every op writes its outputs fully
+        // before they are read (or zero-fills them explicitly).
+        match unsafe { self.stream.alloc::<f32>(len) } {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                // Out of memory (or fragmentation): give the cached buffers back and retry once.
+                self.trim();
+                unsafe { self.stream.alloc::<f32>(len) }.map_err(cuda_err(&format!(
+                    "allocating {} bytes of device memory",
+                    len * 4
+                )))
+            }
+        }
+    }
+
+    fn give(&self, s: CudaSlice<f32>) {
+        lock(&self.free).entry(s.len()).or_default().push(s);
+    }
+
+    /// Frees every cached buffer.
+    fn trim(&self) {
+        let drained: Vec<CudaSlice<f32>> = lock(&self.free).drain().flat_map(|(_, v)| v).collect();
+        let _ = self.stream.context().bind_to_thread();
+        drop(drained);
+    }
+}
+
+/// Device memory of a CUDA tensor: a pooled `f32` buffer on one device. Dropping it returns the
+/// buffer to the device's caching allocator.
+pub struct CudaStorage {
+    slice: Option<CudaSlice<f32>>,
+    len: usize,
+    ordinal: usize,
+    pool: Arc<Pool>,
+}
+
+impl CudaStorage {
+    /// The CUDA device ordinal this storage lives on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    /// Number of f32 elements (the buffer may be one element longer for empty tensors).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Raw device address, for kernel arguments and library calls on the owning stream.
+    pub(crate) fn ptr(&self) -> u64 {
+        let s = self.slice.as_ref().expect("live CudaStorage has a buffer");
+        // Event tracking is disabled for our contexts (single stream), so the returned guard
+        // records nothing.
+        let (p, _guard) = s.device_ptr(&self.pool.stream);
+        p
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        if let Some(s) = self.slice.take() {
+            self.pool.give(s);
+        }
+    }
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStorage(cuda:{}, {} f32)", self.ordinal, self.len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel arguments and launch geometry
+// ---------------------------------------------------------------------------------------------
+
+/// One kernel argument: a device pointer, an `int` or a `float`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum A {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+/// Threads per block of elementwise and warp-per-row kernels.
+pub(crate) const BLOCK: u32 = 256;
+
+/// One thread per element (grid-stride kernels accept any grid).
+pub(crate) fn cfg_lin(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One warp per row, 8 rows per block.
+pub(crate) fn cfg_rows(rows: usize) -> LaunchConfig {
+    let per = (BLOCK / 32) as usize;
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(per).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `blocks` blocks of `threads` threads.
+pub(crate) fn cfg_blocks(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A size as a kernel `int` (tensors are limited to 2^31 − 1 elements).
+pub(crate) fn ci(n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| {
+        Error::msg(format!(
+            "CUDA kernels index with 32-bit ints: size {n} is too large"
+        ))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The backend
+// ---------------------------------------------------------------------------------------------
+
+/// The CUDA backend of one device (created once per ordinal and kept for the process).
+pub struct CudaBackend {
+    ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pool: Arc<Pool>,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    funcs: Mutex<HashMap<&'static str, CudaFunction>>,
+    blas: Mutex<cudarc::cublas::CudaBlas>,
+    conv: conv::ConvEngine,
+}
+
+static BACKENDS: OnceLock<Mutex<HashMap<usize, &'static CudaBackend>>> = OnceLock::new();
+
+/// True when a CUDA driver library is present and reports at least one device. Never panics.
+pub fn is_available() -> bool {
+    device_count().map(|n| n > 0).unwrap_or(false)
+}
+
+/// Number of CUDA devices, or an error naming what is missing.
+pub fn device_count() -> Result<usize> {
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::Cuda(
+            "no CUDA driver library (libcuda.so) could be loaded: this machine has no NVIDIA \
+             driver, or it is not on the loader path"
+                .into(),
+        ));
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => Err(Error::Cuda(format!(
+            "cuInit/cuDeviceGetCount failed: {e:?}"
+        ))),
+        Err(_) => Err(Error::Cuda(
+            "the CUDA driver library is missing required entry points".into(),
+        )),
+    }
+}
+
+impl CudaBackend {
+    /// The backend for device `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<&'static dyn Backend> {
+        Ok(Self::get_concrete(ordinal)?)
+    }
+
+    /// Like [`CudaBackend::get`] but returns the concrete type (allocator statistics, engine
+    /// names).
+    pub fn get_concrete(ordinal: usize) -> Result<&'static CudaBackend> {
+        let map = BACKENDS.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = lock(map);
+        if let Some(b) = map.get(&ordinal) {
+            return Ok(b);
+        }
+        let b: &'static CudaBackend = Box::leak(Box::new(Self::create(ordinal)?));
+        map.insert(ordinal, b);
+        Ok(b)
+    }
+
+    fn create(ordinal: usize) -> Result<CudaBackend> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::Cuda(format!(
+                "device cuda:{ordinal} requested but {count} CUDA device(s) are visible"
+            )));
+        }
+        // cudarc panics when a library or symbol cannot be loaded; turn that into an error.
+        match catch_unwind(AssertUnwindSafe(|| Self::create_inner(ordinal))) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Cuda(format!(
+                    "initialising cuda:{ordinal} failed: {msg}. cuBLAS/cuDNN are loaded from \
+                     LD_LIBRARY_PATH (e.g. the nvidia/*/lib folders of a PyTorch pip install; \
+                     tools/gpu-run.sh sets this up)"
+                )))
+            }
+        }
+    }
+
+    fn create_inner(ordinal: usize) -> Result<CudaBackend> {
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating the CUDA context"))?;
+        // One stream per device: no cross-stream events needed on every buffer.
+        // SAFETY: no buffer is ever used on another stream of this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(cuda_err("creating the CUDA stream"))?;
+        let mut modules = Vec::new();
+        for (name, image) in images::KERNEL_IMAGES {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .map_err(|e| {
+                    Error::Cuda(format!(
+                        "loading kernels/{name}.cu (fatbin for sm_80/sm_90 + compute_80 PTX) \
+                         failed: {e:?}; the driver may be older than CUDA 13.0"
+                    ))
+                })?;
+            modules.push((*name, m));
+        }
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Cuda(
+                "libcublas.so could not be loaded: add the folder holding libcublas.so.* and \
+                 libcublasLt.so.* (e.g. site-packages/nvidia/cublas/lib or nvidia/cu13/lib) to \
+                 LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+            .map_err(cuda_err("creating the cuBLAS handle"))?;
+        // Keep FP32 GEMMs in full precision (no TF32) unless asked, so parity with the CPU
+        // reference holds; MEDSSL_TF32=1 trades that for speed.
+        let math = if std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1") {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: valid handle created above.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), math) }
+            .result()
+            .map_err(cuda_err("setting the cuBLAS math mode"))?;
+        let pool = Arc::new(Pool {
+            stream: stream.clone(),
+            free: Mutex::new(HashMap::new()),
+            allocs: AtomicUsize::new(0),
+            reuses: AtomicUsize::new(0),
+        });
+        let conv = conv::ConvEngine::new(&stream);
+        Ok(CudaBackend {
+            ordinal,
+            ctx,
+            stream,
+            pool,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            blas: Mutex::new(blas),
+            conv,
+        })
+    }
+
+    /// `(fresh device allocations, allocations served from the cache)` since start-up.
+    pub fn alloc_stats(&self) -> (usize, usize) {
+        (
+            self.pool.allocs.load(Ordering::Relaxed),
+            self.pool.reuses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Frees all cached (unused) device buffers.
+    pub fn empty_cache(&self) {
+        self.pool.trim();
+    }
+
+    /// Which convolution engine is in use: `cudnn` or `im2col+cublas` (and why).
+    pub fn conv_engine(&self) -> String {
+        self.conv.describe()
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown".into())
+    }
+
+    // ---- helpers for the op families ----
+
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))
+    }
+
+    fn func(&self, name: &'static str) -> Result<CudaFunction> {
+        let mut funcs = lock(&self.funcs);
+        if let Some(f) = funcs.get(name) {
+            return Ok(f.clone());
+        }
+        for (_, m) in &self.modules {
+            if let Ok(f) = m.load_function(name) {
+                funcs.insert(name, f.clone());
+                return Ok(f);
+            }
+        }
+        Err(Error::Cuda(format!(
+            "kernel `{name}` is not in any embedded module"
+        )))
+    }
+
+    /// Launches kernel `name` on this device's stream.
+    pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        let f = self.func(name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                A::P(p) => b.arg(p),
+                A::I(i) => b.arg(i),
+                A::F(x) => b.arg(x),
+            };
+        }
+        // SAFETY: every kernel's argument list is matched by its single call site in the
+        // op-family files, and buffers are sized by the shapes validated there.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
+        Ok(())
+    }
+
+    /// A pooled, uninitialised buffer of `len` f32.
+    pub(crate) fn buffer(&self, len: usize) -> Result<CudaStorage> {
+        Ok(CudaStorage {
+            slice: Some(self.pool.take(len)?),
+            len,
+            ordinal: self.ordinal,
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// A new uninitialised tensor (every caller writes all of it).
+    pub(crate) fn empty(&self, shape: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::from_storage(
+            Storage::Cuda(self.buffer(numel(shape))?),
+            shape,
+        ))
+    }
+
+    /// A new zero-filled tensor.
+    pub(crate) fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
+        let mut s = self.buffer(numel(shape))?;
+        let slice = s.slice.as_mut().expect("fresh buffer");
+        self.stream
+            .memset_zeros(slice)
+            .map_err(cuda_err("zero-filling a buffer"))?;
+        Ok(Tensor::from_storage(Storage::Cuda(s), shape))
+    }
+
+    fn storage_of<'t>(&self, t: &'t Tensor) -> Result<&'t CudaStorage> {
+        match t.storage() {
+            Storage::Cuda(s) if s.ordinal == self.ordinal => Ok(s),
+            Storage::Cuda(s) => Err(Error::msg(format!(
+                "tensor {:?} is on cuda:{} but the op runs on cuda:{}",
+                t.shape(),
+                s.ordinal,
+                self.ordinal
+            ))),
+            Storage::Cpu(_) => Err(Error::msg(format!(
+                "tensor {:?} is on the cpu but the op runs on cuda:{}: move it with to_device",
+                t.shape(),
+                self.ordinal
+            ))),
+        }
+    }
+
+    /// Device address of a tensor on this device.
+    pub(crate) fn p(&self, t: &Tensor) -> Result<u64> {
+        Ok(self.storage_of(t)?.ptr())
+    }
+
+    /// Device address of a uniquely owned tensor, for in-place updates.
+    pub(crate) fn p_mut(&self, t: &mut Tensor) -> Result<u64> {
+        self.storage_of(t)?;
+        match t.storage_mut()? {
+            Storage::Cuda(s) => Ok(s.ptr()),
+            Storage::Cpu(_) => unreachable!("checked above"),
+        }
+    }
+
+    /// Uploads integer labels (validated `< classes`) as int32 into a pooled buffer.
+    pub(crate) fn labels(
+        &self,
+        labels: &[usize],
+        rows: usize,
+        classes: usize,
+        op: &str,
+    ) -> Result<CudaStorage> {
+        if labels.len() != rows {
+            return Err(Error::msg(format!(
+                "{op}: {} labels for {rows} rows",
+                labels.len()
+            )));
+        }
+        if let Some(l) = labels.iter().find(|&&l| l >= classes) {
+            return Err(Error::msg(format!(
+                "{op}: label {l} out of range for {classes} classes"
+            )));
+        }
+        self.upload_ints(labels)
+    }
+
+    /// Uploads arbitrary non-negative integers (< 2^31) as int32.
+    pub(crate) fn upload_ints(&self, v: &[usize]) -> Result<CudaStorage> {
+        let ints: Vec<i32> = v.iter().map(|&l| ci(l)).collect::<Result<Vec<i32>>>()?;
+        // The buffer is typed f32 on the Rust side; kernels read it as int32 (same size). The
+        // copy is a byte copy, no float conversion happens.
+        let bits: &[f32] = bytemuck::cast_slice(&ints);
+        let mut s = self.buffer(bits.len())?;
+        if !bits.is_empty() {
+            let slice = s.slice.as_mut().expect("fresh buffer");
+            self.stream
+                .memcpy_htod(bits, slice)
+                .map_err(cuda_err("uploading labels"))?;
+        }
+        Ok(s)
+    }
+
+    pub(crate) fn blas(&self) -> MutexGuard<'_, cudarc::cublas::CudaBlas> {
+        lock(&self.blas)
+    }
+}
+
+/// Fails unless two tensors have the same shape.
+pub(crate) fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        return Err(Error::msg(format!(
+            "{op}: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// `(rows, cols)` of a 2-D tensor with a non-empty last dimension.
+pub(crate) fn rows2(t: &Tensor, op: &str) -> Result<(usize, usize)> {
+    match t.shape() {
+        &[b, c] if c > 0 => Ok((b, c)),
+        s => Err(Error::msg(format!(
+            "{op}: expected a [rows, cols] tensor, got {s:?}"
+        ))),
+    }
+}
+
+/// `(rows, last)` of any tensor viewed as `[rows, last_dim]`.
+pub(crate) fn rows_last(t: &Tensor, op: &str) -> Result<(usize, usize)> {
+    match t.shape().last() {
+        Some(&d) if d > 0 => Ok((t.numel() / d, d)),
+        _ => Err(Error::msg(format!(
+            "{op}: needs a non-empty last dimension, got {:?}",
+            t.shape()
+        ))),
+    }
+}
+
+/// `(n, c, h, w)` of an NCHW tensor.
+pub(crate) fn nchw(t: &Tensor, op: &str) -> Result<(usize, usize, usize, usize)> {
+    match t.shape() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        s => Err(Error::msg(format!(
+            "{op}: expected an NCHW tensor, got shape {s:?}"
+        ))),
+    }
+}
+
+/// Checks a `[1]` upstream gradient.
+pub(crate) fn scalar_grad(g: &Tensor, op: &str) -> Result<()> {
+    if g.numel() != 1 {
+        return Err(Error::msg(format!(
+            "{op}: expected a [1] upstream gradient, got {:?}",
+            g.shape()
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> String {
+        format!("cuda:{}", self.ordinal)
+    }
+    fn device(&self) -> Device {
+        Device::Cuda(self.ordinal)
+    }
+
+    fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
+        if data.len() != numel(shape) {
+            return Err(Error::msg(format!(
+                "from_host: {} values for shape {shape:?}",
+                data.len()
+            )));
+        }
+        let mut s = self.buffer(data.len())?;
+        if !data.is_empty() {
+            let slice = s.slice.as_mut().expect("fresh buffer");
+            self.stream
+                .memcpy_htod(data, slice)
+                .map_err(cuda_err("host-to-device copy"))?;
+        }
+        Ok(Tensor::from_storage(Storage::Cuda(s), shape))
+    }
+    fn to_host(&self, t: &Tensor) -> Result<Vec<f32>> {
+        let s = self.storage_of(t)?;
+        let n = t.numel();
+        let mut out = vec![0.0f32; n];
+        if n > 0 {
+            let slice = s.slice.as_ref().expect("live buffer");
+            self.stream
+                .memcpy_dtoh(&slice.slice(0..n), &mut out)
+                .map_err(cuda_err("device-to-host copy"))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+    fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
+        if value == 0.0 && value.is_sign_positive() {
+            return self.zeros(shape);
+        }
+        let y = self.empty(shape)?;
+        elementwise::fill(self, &y, value)?;
+        Ok(y)
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("synchronising the stream"))
+    }
+
+    fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
+        elementwise::axpby(self, a, x, b, y)
+    }
+    fn scale(&self, x: &Tensor, s: f32) -> Result<Tensor> {
+        elementwise::scale(self, x, s)
+    }
+    fn mul(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        elementwise::mul(self, x, y)
+    }
+    fn relu_fwd(&self, x: &Tensor) -> Result<Tensor> {
+        elementwise::relu_fwd(self, x)
+    }
+    fn relu_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor> {
+        elementwise::relu_bwd(self, y, gy)
+    }
+    fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
+        elementwise::add_assign(self, acc, x)
+    }
+    fn sum_all(&self, x: &Tensor) -> Result<Tensor> {
+        reduce::sum_all(self, x)
+    }
+
+    fn sum_rows(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        reduce::sum_rows(self, x, n)
+    }
+    fn global_avg_pool_fwd(&self, x: &Tensor) -> Result<Tensor> {
+        reduce::global_avg_pool_fwd(self, x)
+    }
+    fn global_avg_pool_bwd(&self, gy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+        reduce::global_avg_pool_bwd(self, gy, x_shape)
+    }
+
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+        gemm::matmul(self, a, b, trans_a, trans_b)
+    }
+    fn linear_fwd(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        gemm::linear_fwd(self, x, w, b)
+    }
+
+    fn conv2d_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        p: ConvParams,
+    ) -> Result<Tensor> {
+        conv::conv2d_fwd(self, x, w, b, p)
+    }
+    fn conv2d_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gy: &Tensor,
+        p: ConvParams,
+        need_x: bool,
+        has_bias: bool,
+    ) -> Result<ConvGrads> {
+        conv::conv2d_bwd(self, x, w, gy, p, need_x, has_bias)
+    }
+
+    fn batch_norm_train_fwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+    ) -> Result<BnTrainOut> {
+        norm::batch_norm_train_fwd(self, x, gamma, beta, eps)
+    }
+    fn batch_norm_train_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        norm::batch_norm_train_bwd(self, x, gamma, mean, invstd, gy)
+    }
+    fn batch_norm_eval_fwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor> {
+        norm::batch_norm_eval_fwd(self, x, gamma, beta, running_mean, running_var, eps)
+    }
+    fn batch_norm_eval_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        norm::batch_norm_eval_bwd(self, x, gamma, running_mean, running_var, eps, gy)
+    }
+    fn l2_normalize_fwd(&self, x: &Tensor) -> Result<Tensor> {
+        norm::l2_normalize_fwd(self, x)
+    }
+    fn l2_normalize_bwd(&self, x: &Tensor, gy: &Tensor) -> Result<Tensor> {
+        norm::l2_normalize_bwd(self, x, gy)
+    }
+
+    fn max_pool2d_fwd(&self, x: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::max_pool2d_fwd(self, x, p)
+    }
+    fn max_pool2d_bwd(&self, x: &Tensor, gy: &Tensor, p: PoolParams) -> Result<Tensor> {
+        pool::max_pool2d_bwd(self, x, gy, p)
+    }
+
+    fn softmax_fwd(&self, x: &Tensor) -> Result<Tensor> {
+        softmax_xent::softmax_fwd(self, x)
+    }
+    fn softmax_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor> {
+        softmax_xent::softmax_bwd(self, y, gy)
+    }
+    fn log_softmax_fwd(&self, x: &Tensor) -> Result<Tensor> {
+        softmax_xent::log_softmax_fwd(self, x)
+    }
+    fn log_softmax_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor> {
+        softmax_xent::log_softmax_bwd(self, y, gy)
+    }
+    fn cross_entropy_fwd(&self, logits: &Tensor, labels: &[usize]) -> Result<Tensor> {
+        softmax_xent::cross_entropy_fwd(self, logits, labels)
+    }
+    fn cross_entropy_bwd(&self, logits: &Tensor, labels: &[usize], g: &Tensor) -> Result<Tensor> {
+        softmax_xent::cross_entropy_bwd(self, logits, labels, g)
+    }
+
+    fn entropy_weight(&self, logits: &Tensor) -> Result<Tensor> {
+        ssl_losses::entropy_weight(self, logits)
+    }
+    fn weighted_consistency_fwd(&self, zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<Tensor> {
+        ssl_losses::weighted_consistency_fwd(self, zs, zt, w)
+    }
+    fn weighted_consistency_bwd(
+        &self,
+        zs: &Tensor,
+        zt: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> Result<Tensor> {
+        ssl_losses::weighted_consistency_bwd(self, zs, zt, w, g)
+    }
+    fn pgc_loss_fwd(
+        &self,
+        q: &Tensor,
+        q_labels: &[usize],
+        q_w: &Tensor,
+        keys: &Tensor,
+        k_labels: &[usize],
+        k_w: &Tensor,
+        tau: f32,
+    ) -> Result<Tensor> {
+        ssl_losses::pgc_loss_fwd(self, q, q_labels, q_w, keys, k_labels, k_w, tau)
+    }
+    fn pgc_loss_bwd(
+        &self,
+        q: &Tensor,
+        q_labels: &[usize],
+        q_w: &Tensor,
+        keys: &Tensor,
+        k_labels: &[usize],
+        k_w: &Tensor,
+        tau: f32,
+        g: &Tensor,
+    ) -> Result<Tensor> {
+        ssl_losses::pgc_loss_bwd(self, q, q_labels, q_w, keys, k_labels, k_w, tau, g)
+    }
+    fn dsr_alignment(
+        &self,
+        feat_lab: &Tensor,
+        y_lab: &[usize],
+        feat_unl: &Tensor,
+        pseudo: &[usize],
+        fc_w: &Tensor,
+        fc_b: &Tensor,
+    ) -> Result<Tensor> {
+        ssl_losses::dsr_alignment(self, feat_lab, y_lab, feat_unl, pseudo, fc_w, fc_b)
+    }
+
+    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor> {
+        fusion::similarity_fusion_fwd(self, low, high)
+    }
+    fn similarity_fusion_bwd(
+        &self,
+        low: &Tensor,
+        high: &Tensor,
+        gy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        fusion::similarity_fusion_bwd(self, low, high, gy)
+    }
+
+    fn ema_update(&self, teacher: &mut Tensor, student: &Tensor, alpha: f32) -> Result<()> {
+        optim::ema_update(self, teacher, student, alpha)
+    }
+    fn sgd_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        buf: &mut Tensor,
+        p: SgdParams,
+    ) -> Result<()> {
+        optim::sgd_step(self, param, grad, buf, p)
+    }
+    fn adam_step(
+        &self,
+        param: &mut Tensor,
+        grad: &Tensor,
+        m: &mut Tensor,
+        v: &mut Tensor,
+        p: AdamParams,
+    ) -> Result<()> {
+        optim::adam_step(self, param, grad, m, v, p)
+    }
+}

@@ -1,0 +1,281 @@
+//! Batch norm and row-wise L2 normalisation (kernels/norm.cu).
+
+use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
+use crate::backend::BnTrainOut;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Threads per block of the per-channel reductions.
+const RED_THREADS: u32 = 512;
+
+fn check_channels(c: usize, ts: &[(&Tensor, &str)]) -> Result<()> {
+    for (t, nm) in ts {
+        if t.shape() != [c] {
+            crate::bail!(
+                "batch_norm2d: {nm} {:?} does not fit {c} channels",
+                t.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn batch_norm_train_fwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<BnTrainOut> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d")?;
+    if n * h * w < 2 {
+        crate::bail!(
+            "batch_norm2d: training needs more than one value per channel, got input {:?}",
+            x.shape()
+        );
+    }
+    check_channels(c, &[(gamma, "weight"), (beta, "bias")])?;
+    let hw = h * w;
+    let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
+    let y = be.empty(x.shape())?;
+    if c == 0 {
+        return Ok(BnTrainOut {
+            y,
+            mean,
+            invstd,
+            var_unbiased: var,
+        });
+    }
+    be.launch(
+        "bn_stats",
+        cfg_blocks(c, RED_THREADS),
+        &[
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(hw)?),
+            A::F(eps),
+            A::P(be.p(x)?),
+            A::P(be.p(&mean)?),
+            A::P(be.p(&invstd)?),
+            A::P(be.p(&var)?),
+        ],
+    )?;
+    let total = x.numel();
+    be.launch(
+        "bn_apply",
+        cfg_lin(total),
+        &[
+            A::I(ci(total)?),
+            A::I(ci(c)?),
+            A::I(ci(hw)?),
+            A::P(be.p(x)?),
+            A::P(be.p(&mean)?),
+            A::P(be.p(&invstd)?),
+            A::P(be.p(gamma)?),
+            A::P(be.p(beta)?),
+            A::P(be.p(&y)?),
+        ],
+    )?;
+    Ok(BnTrainOut {
+        y,
+        mean,
+        invstd,
+        var_unbiased: var,
+    })
+}
+
+/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running).
+fn bwd_reduce(
+    be: &CudaBackend,
+    x: &Tensor,
+    gy: &Tensor,
+    mean: u64,
+    invstd: u64,
+) -> Result<(Tensor, Tensor)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
+    let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
+    if c > 0 {
+        be.launch(
+            "bn_bwd_reduce",
+            cfg_blocks(c, RED_THREADS),
+            &[
+                A::I(ci(n)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::P(be.p(x)?),
+                A::P(be.p(gy)?),
+                A::P(mean),
+                A::P(invstd),
+                A::P(be.p(&gg)?),
+                A::P(be.p(&gb)?),
+            ],
+        )?;
+    }
+    Ok((gg, gb))
+}
+
+pub(super) fn batch_norm_train_bwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    gy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
+    same_shape(x, gy, "batch_norm2d backward")?;
+    check_channels(c, &[(gamma, "weight"), (mean, "mean"), (invstd, "invstd")])?;
+    let (gg, gb) = bwd_reduce(be, x, gy, be.p(mean)?, be.p(invstd)?)?;
+    let gx = be.empty(x.shape())?;
+    let total = x.numel();
+    if total > 0 {
+        be.launch(
+            "bn_train_dx",
+            cfg_lin(total),
+            &[
+                A::I(ci(total)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::I(ci(n * h * w)?),
+                A::P(be.p(x)?),
+                A::P(be.p(gy)?),
+                A::P(be.p(mean)?),
+                A::P(be.p(invstd)?),
+                A::P(be.p(gamma)?),
+                A::P(be.p(&gg)?),
+                A::P(be.p(&gb)?),
+                A::P(be.p(&gx)?),
+            ],
+        )?;
+    }
+    Ok((gx, gg, gb))
+}
+
+fn eval_invstd(be: &CudaBackend, rv: &Tensor, c: usize, eps: f32) -> Result<Tensor> {
+    let inv = be.empty(&[c])?;
+    if c > 0 {
+        be.launch(
+            "bn_eval_invstd",
+            cfg_lin(c),
+            &[A::I(ci(c)?), A::F(eps), A::P(be.p(rv)?), A::P(be.p(&inv)?)],
+        )?;
+    }
+    Ok(inv)
+}
+
+pub(super) fn batch_norm_eval_fwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
+    let (_, c, h, w) = nchw(x, "batch_norm2d")?;
+    check_channels(
+        c,
+        &[
+            (gamma, "weight"),
+            (beta, "bias"),
+            (rm, "running_mean"),
+            (rv, "running_var"),
+        ],
+    )?;
+    let inv = eval_invstd(be, rv, c, eps)?;
+    let y = be.empty(x.shape())?;
+    let total = x.numel();
+    if total > 0 {
+        be.launch(
+            "bn_apply",
+            cfg_lin(total),
+            &[
+                A::I(ci(total)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::P(be.p(x)?),
+                A::P(be.p(rm)?),
+                A::P(be.p(&inv)?),
+                A::P(be.p(gamma)?),
+                A::P(be.p(beta)?),
+                A::P(be.p(&y)?),
+            ],
+        )?;
+    }
+    Ok(y)
+}
+
+pub(super) fn batch_norm_eval_bwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+    eps: f32,
+    gy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (_, c, h, w) = nchw(x, "batch_norm2d backward")?;
+    same_shape(x, gy, "batch_norm2d backward")?;
+    check_channels(
+        c,
+        &[(gamma, "weight"), (rm, "running_mean"), (rv, "running_var")],
+    )?;
+    let inv = eval_invstd(be, rv, c, eps)?;
+    let (gg, gb) = bwd_reduce(be, x, gy, be.p(rm)?, be.p(&inv)?)?;
+    let gx = be.empty(x.shape())?;
+    let total = x.numel();
+    if total > 0 {
+        be.launch(
+            "bn_eval_dx",
+            cfg_lin(total),
+            &[
+                A::I(ci(total)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::P(be.p(gy)?),
+                A::P(be.p(gamma)?),
+                A::P(be.p(&inv)?),
+                A::P(be.p(&gx)?),
+            ],
+        )?;
+    }
+    Ok((gx, gg, gb))
+}
+
+pub(super) fn l2_normalize_fwd(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    let (rows, n) = rows_last(x, "l2_normalize")?;
+    let y = be.empty(x.shape())?;
+    if rows > 0 {
+        be.launch(
+            "l2n_fwd",
+            cfg_rows(rows),
+            &[
+                A::I(ci(rows)?),
+                A::I(ci(n)?),
+                A::P(be.p(x)?),
+                A::P(be.p(&y)?),
+            ],
+        )?;
+    }
+    Ok(y)
+}
+
+pub(super) fn l2_normalize_bwd(be: &CudaBackend, x: &Tensor, gy: &Tensor) -> Result<Tensor> {
+    same_shape(x, gy, "l2_normalize backward")?;
+    let (rows, n) = rows_last(x, "l2_normalize")?;
+    let gx = be.empty(x.shape())?;
+    if rows > 0 {
+        be.launch(
+            "l2n_bwd",
+            cfg_rows(rows),
+            &[
+                A::I(ci(rows)?),
+                A::I(ci(n)?),
+                A::P(be.p(x)?),
+                A::P(be.p(gy)?),
+                A::P(be.p(&gx)?),
+            ],
+        )?;
+    }
+    Ok(gx)
+}

@@ -1,0 +1,127 @@
+//! Reductions (kernels/reduce.cu): total sum, column sums, global average pooling. All kernels
+//! use fixed reduction trees, so results are deterministic run to run.
+
+use cudarc::driver::LaunchConfig;
+
+use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, CudaBackend, A};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// `out[0] = scale · Σ x` over the first `n` elements at `x` (one 1024-thread block).
+pub(super) fn sum_scaled_raw(
+    be: &CudaBackend,
+    n: usize,
+    x: u64,
+    scale: f32,
+    out: u64,
+) -> Result<()> {
+    be.launch(
+        "red_sum_scaled",
+        cfg_blocks(1, 1024),
+        &[A::I(ci(n)?), A::P(x), A::F(scale), A::P(out)],
+    )
+}
+
+pub(super) fn sum_all(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    let out = be.empty(&[1])?;
+    sum_scaled_raw(be, x.numel(), be.p(x)?, 1.0, be.p(&out)?)?;
+    Ok(out)
+}
+
+/// Column sums of `[rows, n]` at `x` into `out [n]`.
+pub(super) fn sum_rows_raw(
+    be: &CudaBackend,
+    rows: usize,
+    n: usize,
+    x: u64,
+    out: u64,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32).max(1) as u32, 1, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    be.launch(
+        "red_sum_rows",
+        cfg,
+        &[A::I(ci(rows)?), A::I(ci(n)?), A::P(x), A::P(out)],
+    )
+}
+
+pub(super) fn sum_rows(be: &CudaBackend, x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 0 || !x.numel().is_multiple_of(n) {
+        crate::bail!("sum_rows: {:?} is not a multiple of rows of {n}", x.shape());
+    }
+    let out = be.empty(&[n])?;
+    sum_rows_raw(be, x.numel() / n, n, be.p(x)?, be.p(&out)?)?;
+    Ok(out)
+}
+
+/// Per-channel sums of `[N, C, inner]` at `x` into `out [C]`.
+pub(super) fn channel_sum_raw(
+    be: &CudaBackend,
+    n: usize,
+    c: usize,
+    inner: usize,
+    x: u64,
+    out: u64,
+) -> Result<()> {
+    be.launch(
+        "red_channel_sum",
+        cfg_blocks(c, 256),
+        &[
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(inner)?),
+            A::P(x),
+            A::P(out),
+        ],
+    )
+}
+
+pub(super) fn global_avg_pool_fwd(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = nchw(x, "global_avg_pool2d")?;
+    let y = be.empty(&[n, c])?;
+    let rows = n * c;
+    if rows > 0 {
+        be.launch(
+            "red_gap_fwd",
+            cfg_rows(rows),
+            &[
+                A::I(ci(rows)?),
+                A::I(ci(h * w)?),
+                A::P(be.p(x)?),
+                A::P(be.p(&y)?),
+            ],
+        )?;
+    }
+    Ok(y)
+}
+
+pub(super) fn global_avg_pool_bwd(
+    be: &CudaBackend,
+    gy: &Tensor,
+    x_shape: &[usize],
+) -> Result<Tensor> {
+    if x_shape.len() != 4 || gy.shape() != [x_shape[0], x_shape[1]] {
+        crate::bail!(
+            "global_avg_pool2d backward: gradient {:?} does not fit input {x_shape:?}",
+            gy.shape()
+        );
+    }
+    let gx = be.empty(x_shape)?;
+    let total = gx.numel();
+    if total > 0 {
+        be.launch(
+            "red_gap_bwd",
+            cfg_lin(total),
+            &[
+                A::I(ci(total)?),
+                A::I(ci(x_shape[2] * x_shape[3])?),
+                A::P(be.p(gy)?),
+                A::P(be.p(&gx)?),
+            ],
+        )?;
+    }
+    Ok(gx)
+}

@@ -1,0 +1,298 @@
+//! Semi-supervised terms of SPEC §1 (kernels/ssl_losses.cu): entropy weight, weighted
+//! consistency, PGC (products `q·Kᵀ` and `G·K` on cuBLAS) and the DSR alignment (linear heads
+//! and Gram matrices on cuBLAS, residuals and the final contraction in kernels).
+
+use super::gemm::{linear_fwd, Gemm};
+use super::{cfg_rows, ci, reduce, rows2, same_shape, scalar_grad, CudaBackend, CudaStorage, A};
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+pub(super) fn entropy_weight(be: &CudaBackend, logits: &Tensor) -> Result<Tensor> {
+    let (b, c) = rows2(logits, "entropy_weight")?;
+    let out = be.empty(&[b])?;
+    if b > 0 {
+        be.launch(
+            "ssl_entropy_weight",
+            cfg_rows(b),
+            &[
+                A::I(ci(b)?),
+                A::I(ci(c)?),
+                A::P(be.p(logits)?),
+                A::P(be.p(&out)?),
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+fn consistency_shapes(zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let (b, c) = rows2(zs, "weighted_consistency")?;
+    same_shape(zs, zt, "weighted_consistency")?;
+    if w.shape() != [b] {
+        crate::bail!(
+            "weighted_consistency: weights {:?} do not fit batch {b}",
+            w.shape()
+        );
+    }
+    Ok((b, c))
+}
+
+pub(super) fn weighted_consistency_fwd(
+    be: &CudaBackend,
+    zs: &Tensor,
+    zt: &Tensor,
+    w: &Tensor,
+) -> Result<Tensor> {
+    let (b, c) = consistency_shapes(zs, zt, w)?;
+    let rows = be.buffer(b)?;
+    let out = be.empty(&[1])?;
+    if b > 0 {
+        be.launch(
+            "ssl_wcons_rows",
+            cfg_rows(b),
+            &[
+                A::I(ci(b)?),
+                A::I(ci(c)?),
+                A::P(be.p(zs)?),
+                A::P(be.p(zt)?),
+                A::P(be.p(w)?),
+                A::P(rows.ptr()),
+            ],
+        )?;
+    }
+    reduce::sum_scaled_raw(be, b, rows.ptr(), 1.0 / b.max(1) as f32, be.p(&out)?)?;
+    Ok(out)
+}
+
+pub(super) fn weighted_consistency_bwd(
+    be: &CudaBackend,
+    zs: &Tensor,
+    zt: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let (b, c) = consistency_shapes(zs, zt, w)?;
+    scalar_grad(g, "weighted_consistency backward")?;
+    let gz = be.empty(zs.shape())?;
+    if b > 0 {
+        be.launch(
+            "ssl_wcons_bwd",
+            cfg_rows(b),
+            &[
+                A::I(ci(b)?),
+                A::I(ci(c)?),
+                A::P(be.p(zs)?),
+                A::P(be.p(zt)?),
+                A::P(be.p(w)?),
+                A::P(be.p(g)?),
+                A::F(1.0 / b as f32),
+                A::P(be.p(&gz)?),
+            ],
+        )?;
+    }
+    Ok(gz)
+}
+
+/// Validated PGC inputs: `(B, Nk, E)` plus the uploaded label buffers.
+struct Pgc {
+    b: usize,
+    nk: usize,
+    e: usize,
+    ql: CudaStorage,
+    kl: CudaStorage,
+}
+
+fn pgc_prepare(
+    be: &CudaBackend,
+    q: &Tensor,
+    ql: &[usize],
+    qw: &Tensor,
+    k: &Tensor,
+    kl: &[usize],
+    kw: &Tensor,
+) -> Result<Pgc> {
+    let (b, e) = rows2(q, "pgc_loss queries")?;
+    let (nk, ek) = rows2(k, "pgc_loss keys")?;
+    if e != ek || ql.len() != b || qw.shape() != [b] || kl.len() != nk || kw.shape() != [nk] {
+        crate::bail!(
+            "pgc_loss: queries {:?} ({} labels, weights {:?}) and keys {:?} ({} labels, weights {:?}) disagree",
+            q.shape(),
+            ql.len(),
+            qw.shape(),
+            k.shape(),
+            kl.len(),
+            kw.shape()
+        );
+    }
+    Ok(Pgc {
+        b,
+        nk,
+        e,
+        ql: be.upload_ints(ql)?,
+        kl: be.upload_ints(kl)?,
+    })
+}
+
+/// `L = q·Kᵀ/τ` `[B, Nk]`.
+fn pgc_logits(be: &CudaBackend, s: &Pgc, q: &Tensor, k: &Tensor, tau: f32) -> Result<CudaStorage> {
+    let l = be.buffer(s.b * s.nk)?;
+    Gemm::new(false, true, s.b, s.nk, s.e)
+        .alpha(1.0 / tau)
+        .run(be, be.p(q)?, be.p(k)?, l.ptr())?;
+    Ok(l)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pgc_loss_fwd(
+    be: &CudaBackend,
+    q: &Tensor,
+    q_labels: &[usize],
+    q_w: &Tensor,
+    keys: &Tensor,
+    k_labels: &[usize],
+    k_w: &Tensor,
+    tau: f32,
+) -> Result<Tensor> {
+    let s = pgc_prepare(be, q, q_labels, q_w, keys, k_labels, k_w)?;
+    let out = be.empty(&[1])?;
+    let rows = be.buffer(s.b)?;
+    if s.b > 0 && s.nk > 0 {
+        let l = pgc_logits(be, &s, q, keys, tau)?;
+        be.launch(
+            "ssl_pgc_rows",
+            cfg_rows(s.b),
+            &[
+                A::I(ci(s.b)?),
+                A::I(ci(s.nk)?),
+                A::P(l.ptr()),
+                A::P(s.ql.ptr()),
+                A::P(be.p(q_w)?),
+                A::P(s.kl.ptr()),
+                A::P(be.p(k_w)?),
+                A::P(rows.ptr()),
+            ],
+        )?;
+        reduce::sum_scaled_raw(be, s.b, rows.ptr(), 1.0 / s.b as f32, be.p(&out)?)?;
+    } else {
+        reduce::sum_scaled_raw(be, 0, rows.ptr(), 1.0, be.p(&out)?)?;
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pgc_loss_bwd(
+    be: &CudaBackend,
+    q: &Tensor,
+    q_labels: &[usize],
+    q_w: &Tensor,
+    keys: &Tensor,
+    k_labels: &[usize],
+    k_w: &Tensor,
+    tau: f32,
+    g: &Tensor,
+) -> Result<Tensor> {
+    scalar_grad(g, "pgc_loss backward")?;
+    let s = pgc_prepare(be, q, q_labels, q_w, keys, k_labels, k_w)?;
+    if s.b == 0 || s.nk == 0 {
+        return be.zeros(q.shape());
+    }
+    let gq = be.empty(q.shape())?;
+    let l = pgc_logits(be, &s, q, keys, tau)?;
+    let gl = be.buffer(s.b * s.nk)?;
+    be.launch(
+        "ssl_pgc_grad_logits",
+        cfg_rows(s.b),
+        &[
+            A::I(ci(s.b)?),
+            A::I(ci(s.nk)?),
+            A::P(l.ptr()),
+            A::P(s.ql.ptr()),
+            A::P(be.p(q_w)?),
+            A::P(s.kl.ptr()),
+            A::P(be.p(k_w)?),
+            A::P(be.p(g)?),
+            A::F(1.0 / s.b as f32),
+            A::P(gl.ptr()),
+        ],
+    )?;
+    // gq = G·K/τ
+    Gemm::new(false, false, s.b, s.e, s.nk)
+        .alpha(1.0 / tau)
+        .run(be, gl.ptr(), be.p(keys)?, be.p(&gq)?)?;
+    Ok(gq)
+}
+
+/// `softmax(z) − onehot(labels)` for `z [rows, c]`.
+fn residual(be: &CudaBackend, z: &Tensor, labels: &[usize], what: &str) -> Result<Tensor> {
+    let (rows, c) = rows2(z, what)?;
+    let lab = be.labels(labels, rows, c, what)?;
+    let out = be.empty(z.shape())?;
+    if rows > 0 {
+        be.launch(
+            "ssl_prob_minus_onehot",
+            cfg_rows(rows),
+            &[
+                A::I(ci(rows)?),
+                A::I(ci(c)?),
+                A::P(be.p(z)?),
+                A::P(lab.ptr()),
+                A::P(be.p(&out)?),
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+pub(super) fn dsr_alignment(
+    be: &CudaBackend,
+    feat_lab: &Tensor,
+    y_lab: &[usize],
+    feat_unl: &Tensor,
+    pseudo: &[usize],
+    fc_w: &Tensor,
+    fc_b: &Tensor,
+) -> Result<Tensor> {
+    let (bl, d) = rows2(feat_lab, "dsr_alignment labelled features")?;
+    let (bu, du) = rows2(feat_unl, "dsr_alignment unlabelled features")?;
+    let (c, dw) = rows2(fc_w, "dsr_alignment fc weight")?;
+    if du != d || dw != d || fc_b.shape() != [c] {
+        crate::bail!(
+            "dsr_alignment: feature dims {d}/{du}, fc {:?} + {:?} disagree",
+            fc_w.shape(),
+            fc_b.shape()
+        );
+    }
+    let rl = residual(
+        be,
+        &linear_fwd(be, feat_lab, fc_w, Some(fc_b))?,
+        y_lab,
+        "dsr_alignment labels",
+    )?;
+    let ru = residual(
+        be,
+        &linear_fwd(be, feat_unl, fc_w, Some(fc_b))?,
+        pseudo,
+        "dsr_alignment pseudo-labels",
+    )?;
+    let out = be.empty(&[bu])?;
+    if bu == 0 {
+        return Ok(out);
+    }
+    let rs = be.buffer(bu * bl)?;
+    let ff = be.buffer(bu * bl)?;
+    Gemm::new(false, true, bu, bl, c).run(be, be.p(&ru)?, be.p(&rl)?, rs.ptr())?;
+    Gemm::new(false, true, bu, bl, d).run(be, be.p(feat_unl)?, be.p(feat_lab)?, ff.ptr())?;
+    be.launch(
+        "ssl_dsr_combine",
+        cfg_rows(bu),
+        &[
+            A::I(ci(bu)?),
+            A::I(ci(bl)?),
+            A::P(rs.ptr()),
+            A::P(ff.ptr()),
+            A::F(1.0 / bl.max(1) as f32),
+            A::P(be.p(&out)?),
+        ],
+    )?;
+    Ok(out)
+}

@@ -1,0 +1,256 @@
+//! Training configuration: presets, TOML files and `--set key=value` overrides, resolved into one
+//! [`TrainConfig`] that is written to the run directory.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bail;
+use crate::error::{Error, Result};
+
+/// Every setting of a training run (flat; keys are the TOML keys and the `--set` names).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Name of the preset the run started from.
+    pub preset: String,
+    // ---- data ----
+    /// Dataset path (any supported layout).
+    pub data: String,
+    /// Layout (raw, npz, isic-csv, folder, jpeg-pack); detected when empty.
+    pub format: String,
+    pub image_size: usize,
+    /// Fraction of each class's training images that keep their label (ignored with a protocol).
+    pub labeled_ratio: f64,
+    /// Named labelled-subset protocol (`srcmt`), or empty.
+    pub labeled_protocol: String,
+    // ---- model ----
+    pub width: usize,
+    pub fusion_dim: usize,
+    pub emb: usize,
+    pub fusion: bool,
+    // ---- method ----
+    /// supervised, mean-teacher or dsrpgc.
+    pub method: String,
+    /// off, entropy, meta or both.
+    pub dsr: String,
+    pub pgc: bool,
+    pub lambda_cons: f32,
+    pub lambda_pgc: f32,
+    pub temperature: f32,
+    pub meta_beta: f32,
+    pub ema_alpha: f32,
+    pub queue: usize,
+    /// Ramp length in epochs (capped at a third of the run).
+    pub ramp_epochs: f64,
+    // ---- optimisation ----
+    pub epochs: u64,
+    pub batch_labeled: usize,
+    pub batch_unlabeled: usize,
+    /// adam or sgd.
+    pub optimizer: String,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub momentum: f32,
+    /// cosine, constant, or `step` (× `lr_gamma` per epoch).
+    pub schedule: String,
+    pub lr_gamma: f32,
+    // ---- run ----
+    pub seed: u64,
+    pub device: String,
+    /// Loader threads.
+    pub workers: usize,
+    pub eval_batch: usize,
+    /// SRC-MT convention threshold.
+    pub srcmt_threshold: f64,
+    /// Log line every this many steps when not on a terminal (0: 10 per epoch).
+    pub log_every: u64,
+}
+
+impl TrainConfig {
+    /// A named preset: `fast` (default: width 16, quick on a CPU), `paper` (SPEC §1 exactly, a
+    /// ResNet-18-width model) and `srcmt-isic2018` (the SRC-MT schedule).
+    pub fn preset(name: &str) -> Result<TrainConfig> {
+        let fast = TrainConfig {
+            preset: "fast".into(),
+            data: "../shared/data/ham10000".into(),
+            format: String::new(),
+            image_size: 28,
+            labeled_ratio: 0.2,
+            labeled_protocol: String::new(),
+            width: 16,
+            fusion_dim: 128,
+            emb: 128,
+            fusion: true,
+            method: "dsrpgc".into(),
+            dsr: "both".into(),
+            pgc: true,
+            lambda_cons: 1.0,
+            lambda_pgc: 0.5,
+            temperature: 0.1,
+            meta_beta: 0.1,
+            ema_alpha: 0.99,
+            queue: 4096,
+            ramp_epochs: 30.0,
+            epochs: 30,
+            batch_labeled: 12,
+            batch_unlabeled: 36,
+            optimizer: "adam".into(),
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            momentum: 0.9,
+            schedule: "cosine".into(),
+            lr_gamma: 0.9,
+            seed: 0,
+            device: "cpu".into(),
+            workers: 2,
+            eval_batch: 256,
+            srcmt_threshold: 0.18,
+            log_every: 0,
+        };
+        Ok(match name {
+            "fast" => fast,
+            "paper" => TrainConfig {
+                preset: "paper".into(),
+                width: 64,
+                epochs: 100,
+                ..fast
+            },
+            "srcmt-isic2018" => TrainConfig {
+                preset: "srcmt-isic2018".into(),
+                labeled_protocol: "srcmt".into(),
+                lr: 1e-4,
+                schedule: "step".into(),
+                lr_gamma: 0.9,
+                epochs: 100,
+                ..fast
+            },
+            _ => bail!("--preset '{name}': expected fast, paper or srcmt-isic2018"),
+        })
+    }
+
+    /// Preset, then a TOML file's keys, then `key=value` overrides (values parsed as TOML,
+    /// falling back to a string). Unknown keys are errors naming the key and where it came from.
+    pub fn resolve(preset: &str, file: Option<&Path>, sets: &[String]) -> Result<TrainConfig> {
+        let base = TrainConfig::preset(preset)?;
+        let mut table = match toml::Value::try_from(&base) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => bail!("internal: config is not a table"),
+        };
+        if let Some(p) = file {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            let t: toml::Table = text
+                .parse()
+                .map_err(|e| Error::msg(format!("{}: not valid TOML: {e}", p.display())))?;
+            for (k, v) in t {
+                if !table.contains_key(&k) {
+                    bail!("{}: unknown setting '{k}'", p.display());
+                }
+                table.insert(k, v);
+            }
+        }
+        for s in sets {
+            let Some((k, v)) = s.split_once('=') else {
+                bail!("--set '{s}': expected key=value");
+            };
+            let k = k.trim().replace('-', "_");
+            let Some(old) = table.get(&k) else {
+                bail!("--set '{s}': unknown setting '{k}'");
+            };
+            let parsed = match old {
+                toml::Value::String(_) => toml::Value::String(v.trim().to_string()),
+                _ => format!("x = {}", v.trim())
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|mut t| t.remove("x"))
+                    .ok_or_else(|| Error::msg(format!("--set '{s}': cannot parse value")))?,
+            };
+            table.insert(k, parsed);
+        }
+        let cfg: TrainConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| Error::msg(format!("invalid configuration: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and enumerations; messages name the setting.
+    pub fn validate(&self) -> Result<()> {
+        self.method.parse::<crate::train::step::Method>()?;
+        self.dsr.parse::<crate::ssl::DsrMode>()?;
+        if !["adam", "sgd"].contains(&self.optimizer.as_str()) {
+            bail!("optimizer '{}': expected adam or sgd", self.optimizer);
+        }
+        if !["cosine", "constant", "step"].contains(&self.schedule.as_str()) {
+            bail!(
+                "schedule '{}': expected cosine, constant or step",
+                self.schedule
+            );
+        }
+        if !(self.labeled_ratio > 0.0 && self.labeled_ratio <= 1.0) {
+            bail!("labeled_ratio {}: must be in (0, 1]", self.labeled_ratio);
+        }
+        if !self.labeled_protocol.is_empty() && self.labeled_protocol != "srcmt" {
+            bail!(
+                "labeled_protocol '{}': expected srcmt or empty",
+                self.labeled_protocol
+            );
+        }
+        for (v, n) in [
+            (self.width, "width"),
+            (self.fusion_dim, "fusion_dim"),
+            (self.emb, "emb"),
+            (self.batch_labeled, "batch_labeled"),
+            (self.batch_unlabeled, "batch_unlabeled"),
+            (self.image_size, "image_size"),
+            (self.eval_batch, "eval_batch"),
+        ] {
+            if v == 0 {
+                bail!("{n} must be positive");
+            }
+        }
+        if self.epochs == 0 {
+            bail!("epochs must be positive");
+        }
+        if !(0.0..1.0).contains(&self.ema_alpha) {
+            bail!("ema_alpha {} must be in [0, 1)", self.ema_alpha);
+        }
+        if self.lr <= 0.0 || !self.lr.is_finite() {
+            bail!("lr {} must be positive", self.lr);
+        }
+        crate::tensor::Device::parse(&self.device)?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_unknown_keys_are_named() {
+        let c = TrainConfig::resolve(
+            "fast",
+            None,
+            &[
+                "epochs=3".into(),
+                "method=supervised".into(),
+                "lr=0.01".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.epochs, c.method.as_str(), c.lr), (3, "supervised", 0.01));
+        let e = TrainConfig::resolve("fast", None, &["epoch=3".into()]).unwrap_err();
+        assert!(e.to_string().contains("unknown setting 'epoch'"), "{e}");
+        let e = TrainConfig::resolve("fast", None, &["method=magic".into()]).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+        let c = TrainConfig::resolve("srcmt-isic2018", None, &[]).unwrap();
+        assert_eq!((c.lr, c.schedule.as_str(), c.epochs), (1e-4, "step", 100));
+        let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,236 @@
+//! One training iteration (SPEC §1): objective, backward, optimiser step, teacher EMA, queue and
+//! meta-weight updates. Shared by the trainer and `medssl-bench step`.
+
+use crate::autograd::Graph;
+use crate::bail;
+use crate::error::Result;
+use crate::nn::{Binding, Kind, MedFuseNet, ModelConfig};
+use crate::optim::{OptimKind, Optimizer};
+use crate::ssl::{self, Batch, DsrMode, LossConfig, Queue};
+use crate::tensor::Device;
+
+/// Which objective a run optimises (baselines and the method share this code path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Cross-entropy on labelled images only.
+    Supervised,
+    /// Supervised + unweighted consistency with an EMA teacher.
+    MeanTeacher,
+    /// The full method.
+    Dsrpgc,
+}
+
+impl std::str::FromStr for Method {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Method> {
+        Ok(match s {
+            "supervised" => Method::Supervised,
+            "mean-teacher" => Method::MeanTeacher,
+            "dsrpgc" => Method::Dsrpgc,
+            _ => bail!("--method '{s}': expected supervised, mean-teacher or dsrpgc"),
+        })
+    }
+}
+
+/// Step hyper-parameters that do not change during a run.
+#[derive(Clone, Copy, Debug)]
+pub struct StepConfig {
+    pub method: Method,
+    pub dsr: DsrMode,
+    pub pgc: bool,
+    pub lambda_cons_max: f32,
+    pub lambda_pgc_max: f32,
+    pub temperature: f32,
+    pub meta_beta: f32,
+    pub ema_alpha: f32,
+    /// Ramp length `T` in steps.
+    pub ramp_steps: u64,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        StepConfig {
+            method: Method::Dsrpgc,
+            dsr: DsrMode::Both,
+            pgc: true,
+            lambda_cons_max: 1.0,
+            lambda_pgc_max: 0.5,
+            temperature: 0.1,
+            meta_beta: 0.1,
+            ema_alpha: 0.99,
+            ramp_steps: 1,
+        }
+    }
+}
+
+/// Everything that evolves during training.
+pub struct TrainState {
+    pub student: MedFuseNet,
+    pub teacher: MedFuseNet,
+    pub opt: Optimizer,
+    pub queue: Queue,
+    /// Persistent meta weight per unlabelled sample.
+    pub meta: Vec<f32>,
+    /// Optimiser steps taken.
+    pub step: u64,
+}
+
+impl TrainState {
+    /// Student and teacher start from the same initialisation.
+    pub fn new(
+        cfg: ModelConfig,
+        seed: u64,
+        device: Device,
+        opt: OptimKind,
+        weight_decay: f32,
+        queue_size: usize,
+        n_unlabeled: usize,
+    ) -> Result<TrainState> {
+        let mut student = MedFuseNet::new(cfg, seed);
+        student.store.to_device(device)?;
+        let teacher = student.deep_clone()?;
+        let opt = Optimizer::new(opt, weight_decay, &student.store);
+        Ok(TrainState {
+            student,
+            teacher,
+            opt,
+            queue: Queue::new(queue_size, cfg.emb),
+            meta: vec![1.0; n_unlabeled],
+            step: 0,
+        })
+    }
+}
+
+/// Scalars of one step (host values).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct StepStats {
+    pub loss: f32,
+    pub loss_sup: f32,
+    pub loss_cons: f32,
+    pub loss_pgc: f32,
+    pub lambda_cons: f32,
+    pub lambda_pgc: f32,
+    pub mean_weight: f32,
+    pub lr: f32,
+}
+
+/// One optimiser step. `unl_idx` are the unlabelled-set indices of the batch (for meta weights).
+pub fn train_step(
+    st: &mut TrainState,
+    batch: &Batch,
+    unl_idx: &[usize],
+    cfg: &StepConfig,
+    lr: f32,
+) -> Result<StepStats> {
+    let t = st.step as f64;
+    let lambda_cons = ssl::ramp(cfg.lambda_cons_max, t, cfg.ramp_steps as f64);
+    let lambda_pgc = ssl::ramp(cfg.lambda_pgc_max, t, cfg.ramp_steps as f64);
+    let mut g = Graph::new();
+    let mut bind = Binding::new(true);
+    let mut stats = StepStats {
+        lambda_cons,
+        lambda_pgc,
+        lr,
+        mean_weight: 1.0,
+        ..Default::default()
+    };
+    let (loss, enqueue) = match cfg.method {
+        Method::Supervised => {
+            let x = g.constant(batch.x_lab.clone());
+            let o = st.student.forward(&mut g, &mut bind, x, true)?;
+            let l = g.cross_entropy(o.logits, &batch.y_lab)?;
+            stats.loss_sup = g.value(l).item()?;
+            stats.loss = stats.loss_sup;
+            (l, None)
+        }
+        Method::MeanTeacher | Method::Dsrpgc => {
+            let dsrpgc = cfg.method == Method::Dsrpgc;
+            let hp = LossConfig {
+                lambda_cons,
+                lambda_pgc,
+                temperature: cfg.temperature,
+                dsr: if dsrpgc { cfg.dsr } else { DsrMode::Off },
+                meta_beta: cfg.meta_beta,
+                consistency: true,
+                pgc: dsrpgc && cfg.pgc,
+            };
+            let meta: Vec<f32> = unl_idx.iter().map(|&i| st.meta[i]).collect();
+            let qv = if hp.pgc {
+                st.queue.view()
+            } else {
+                Default::default()
+            };
+            let o = ssl::dsrpgc_loss(
+                &mut g,
+                &mut st.student,
+                &mut bind,
+                &mut st.teacher,
+                batch,
+                &qv,
+                Some(&meta),
+                &hp,
+            )?;
+            if let Some(m) = &o.meta_updated {
+                for (&i, &v) in unl_idx.iter().zip(m) {
+                    st.meta[i] = v;
+                }
+            }
+            let w = o.weights.to_vec()?;
+            stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
+            stats.loss_sup = o.loss_sup;
+            stats.loss_cons = o.loss_cons;
+            stats.loss_pgc = o.loss_pgc;
+            stats.loss = g.value(o.loss).item()?;
+            let enqueue = hp
+                .pgc
+                .then(|| -> Result<_> { Ok((o.teacher_keys.to_vec()?, o.pseudo_labels, w)) })
+                .transpose()?;
+            (o.loss, enqueue)
+        }
+    };
+    if !stats.loss.is_finite() {
+        let term = [
+            ("supervised", stats.loss_sup),
+            ("consistency", stats.loss_cons),
+            ("pgc", stats.loss_pgc),
+        ]
+        .iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(n, _)| *n)
+        .unwrap_or("total");
+        bail!(
+            "non-finite loss at step {}: {term} term is {} (total {})",
+            st.step + 1,
+            [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
+                .iter()
+                .find(|v| !v.is_finite())
+                .copied()
+                .unwrap_or(stats.loss),
+            stats.loss
+        );
+    }
+    g.backward(loss)?;
+    let grads = bind.take_grads(&mut g);
+    drop(g);
+    drop(bind);
+    st.opt.step(&mut st.student.store, &grads, lr)?;
+    // Teacher EMA on parameters; its BN running statistics come from its own passes.
+    for (te, se) in st
+        .teacher
+        .store
+        .entries_mut()
+        .iter_mut()
+        .zip(st.student.store.entries())
+    {
+        if se.kind == Kind::Param {
+            let bk = se.value.backend()?;
+            bk.ema_update(&mut te.value, &se.value, cfg.ema_alpha)?;
+        }
+    }
+    if let Some((k, l, w)) = enqueue {
+        st.queue.push(&k, &l, &w);
+    }
+    st.step += 1;
+    Ok(stats)
+}

@@ -1,0 +1,802 @@
+//! Every CUDA op against the CPU reference on random shapes (odd sizes, batch 1).
+//!
+//! Pass rule per element: `|gpu − cpu| ≤ abs + rel·|cpu|`, tolerances stated per op below.
+//! Without a CUDA device each test prints `SKIPPED (no CUDA device)` and returns.
+//! `MEDSSL_CUDA_CONV=im2col` runs the convolution tests on the im2col + cuBLAS fallback.
+#![cfg(feature = "cuda")]
+
+use medssl::backend::cpu::CpuBackend;
+use medssl::backend::cuda::{self as cu, CudaBackend};
+use medssl::backend::{AdamParams, Backend, ConvParams, PoolParams, SgdParams};
+use medssl::Tensor;
+
+// ---- harness ----
+
+fn gpu() -> Option<&'static dyn Backend> {
+    if !cu::is_available() {
+        println!("SKIPPED (no CUDA device)");
+        return None;
+    }
+    match CudaBackend::get(0) {
+        Ok(b) => Some(b),
+        Err(e) => panic!("a CUDA device is visible but the backend failed to start: {e}"),
+    }
+}
+
+fn cpu() -> &'static dyn Backend {
+    CpuBackend::get()
+}
+
+/// xorshift64*: deterministic inputs without depending on the crate's RNG.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn uni(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uni() * scale).collect()
+    }
+    fn pos(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| 0.05 + 0.95 * (self.uni() * 0.5 + 0.5))
+            .collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    fn labels(&mut self, len: usize, classes: usize) -> Vec<usize> {
+        (0..len).map(|_| self.below(classes)).collect()
+    }
+}
+
+/// The same host data on both backends.
+fn pair(g: &dyn Backend, v: &[f32], shape: &[usize]) -> (Tensor, Tensor) {
+    (
+        cpu().from_host(v, shape).unwrap(),
+        g.from_host(v, shape).unwrap(),
+    )
+}
+
+fn rand_pair(g: &dyn Backend, rng: &mut Rng, shape: &[usize], scale: f32) -> (Tensor, Tensor) {
+    let n = shape.iter().product();
+    pair(g, &rng.vec(n, scale), shape)
+}
+
+fn scalar_pair(g: &dyn Backend, v: f32) -> (Tensor, Tensor) {
+    pair(g, &[v], &[1])
+}
+
+#[track_caller]
+fn close(what: &str, gpu_t: &Tensor, cpu_t: &Tensor, rel: f32, abs: f32) {
+    assert_eq!(gpu_t.shape(), cpu_t.shape(), "{what}: shapes differ");
+    assert!(
+        matches!(gpu_t.device(), medssl::Device::Cuda(_)),
+        "{what}: result not on the GPU"
+    );
+    let got = gpu_t.to_vec().unwrap();
+    let want = cpu_t.to_vec().unwrap();
+    let mut worst = (0usize, 0.0f32);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = (g - w).abs();
+        let ok = err <= abs + rel * w.abs() || (g.is_nan() && w.is_nan()) || g == w;
+        if !ok {
+            panic!(
+                "{what}: element {i} of {:?}: gpu {g} vs cpu {w} (|diff| {err} > {abs} + {rel}·|cpu|)",
+                cpu_t.shape()
+            );
+        }
+        if err > worst.1 {
+            worst = (i, err);
+        }
+    }
+    println!(
+        "{what}: {:?} ok, max |diff| {:.3e} at {}",
+        cpu_t.shape(),
+        worst.1,
+        worst.0
+    );
+}
+
+// ---- start-up ----
+
+#[test]
+fn startup_errors_are_errors_not_panics() {
+    // Runs everywhere: without a device the backend must refuse cleanly; with one, an ordinal
+    // past the last device must.
+    if cu::is_available() {
+        let n = cu::device_count().unwrap();
+        assert!(CudaBackend::get(n).is_err(), "cuda:{n} does not exist");
+        let cb = CudaBackend::get_concrete(0).unwrap();
+        println!(
+            "cuda:0 = {}, conv engine {}",
+            cb.device_name(),
+            cb.conv_engine()
+        );
+    } else {
+        let e = CudaBackend::get(0)
+            .err()
+            .expect("no device: get(0) must fail");
+        println!("no device: {e}");
+        assert!(medssl::backend::get(medssl::Device::Cuda(0)).is_err());
+    }
+}
+
+// ---- memory ----
+
+#[test]
+fn memory_roundtrip_and_fill() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(1);
+    for shape in [
+        vec![1],
+        vec![7, 13],
+        vec![3, 5, 7, 9],
+        vec![0, 4],
+        vec![100_003],
+    ] {
+        let n: usize = shape.iter().product();
+        let v = rng.vec(n, 3.0);
+        let t = g.from_host(&v, &shape).unwrap();
+        assert_eq!(t.to_vec().unwrap(), v, "roundtrip {shape:?}");
+        let back = t.to_device(medssl::Device::Cpu).unwrap();
+        assert_eq!(back.to_vec().unwrap(), v);
+        for value in [0.0f32, -2.5, 1e-3] {
+            let f = g.full(&shape, value).unwrap();
+            assert!(
+                f.to_vec().unwrap().iter().all(|&x| x == value),
+                "full {value}"
+            );
+        }
+    }
+    // A CPU tensor handed to the CUDA backend is an error, not a crash.
+    let c = cpu().from_host(&[1.0, 2.0], &[2]).unwrap();
+    assert!(g.relu_fwd(&c).is_err());
+}
+
+#[test]
+fn caching_allocator_reuses_buffers() {
+    let Some(g) = gpu() else { return };
+    let cb = CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(2);
+    let (_, x) = rand_pair(g, &mut rng, &[37, 129], 1.0);
+    let step = || {
+        let y = g.relu_fwd(&x).unwrap();
+        let z = g.softmax_fwd(&y).unwrap();
+        let s = g.sum_all(&z).unwrap();
+        let _ = g.matmul(&z, &y, true, false).unwrap();
+        s
+    };
+    for _ in 0..3 {
+        step();
+    }
+    g.synchronize().unwrap();
+    let (allocs, _) = cb.alloc_stats();
+    for _ in 0..20 {
+        step();
+    }
+    g.synchronize().unwrap();
+    let (allocs2, reuses2) = cb.alloc_stats();
+    // Other tests run concurrently in this process, so allow their allocations but require that
+    // this loop's 100 buffers came from the cache.
+    println!("allocs {allocs} -> {allocs2}, reuses {reuses2}");
+    assert!(
+        reuses2 >= 100,
+        "expected cached reuse, stats {:?}",
+        cb.alloc_stats()
+    );
+    println!(
+        "conv engine: {}, device {}",
+        cb.conv_engine(),
+        cb.device_name()
+    );
+}
+
+// ---- elementwise (tol: exact up to 1 ulp-ish: rel 1e-6, abs 1e-7) ----
+
+#[test]
+fn elementwise_ops() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(3);
+    for shape in [vec![1], vec![7, 13], vec![3, 5, 7, 9], vec![100_003]] {
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
+        let (yc, yg) = rand_pair(g, &mut rng, &shape, 2.0);
+        let (r, a) = (1e-6, 1e-7);
+        close(
+            "axpby",
+            &g.axpby(0.3, &xg, -1.7, &yg).unwrap(),
+            &cpu().axpby(0.3, &xc, -1.7, &yc).unwrap(),
+            r,
+            a,
+        );
+        close(
+            "scale",
+            &g.scale(&xg, -0.37).unwrap(),
+            &cpu().scale(&xc, -0.37).unwrap(),
+            r,
+            a,
+        );
+        close(
+            "mul",
+            &g.mul(&xg, &yg).unwrap(),
+            &cpu().mul(&xc, &yc).unwrap(),
+            r,
+            a,
+        );
+        let (rc, rg) = (cpu().relu_fwd(&xc).unwrap(), g.relu_fwd(&xg).unwrap());
+        close("relu_fwd", &rg, &rc, 0.0, 0.0);
+        close(
+            "relu_bwd",
+            &g.relu_bwd(&rg, &yg).unwrap(),
+            &cpu().relu_bwd(&rc, &yc).unwrap(),
+            0.0,
+            0.0,
+        );
+        let (mut ac, mut ag) = rand_pair(g, &mut rng, &shape, 1.0);
+        cpu().add_assign(&mut ac, &xc).unwrap();
+        g.add_assign(&mut ag, &xg).unwrap();
+        close("add_assign", &ag, &ac, r, a);
+        let n = shape.iter().product::<usize>() as f32;
+        close(
+            "sum_all",
+            &g.sum_all(&xg).unwrap(),
+            &cpu().sum_all(&xc).unwrap(),
+            1e-5,
+            1e-6 * n.sqrt() * 4.0,
+        );
+    }
+}
+
+// ---- reductions (tol: rel 1e-5, abs 1e-5) ----
+
+#[test]
+fn reductions() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(4);
+    for (rows, n) in [(1, 1), (37, 5), (3, 1000), (1000, 33), (12, 1)] {
+        let (xc, xg) = rand_pair(g, &mut rng, &[rows, n], 1.0);
+        close(
+            "sum_rows",
+            &g.sum_rows(&xg, n).unwrap(),
+            &cpu().sum_rows(&xc, n).unwrap(),
+            1e-5,
+            1e-5,
+        );
+    }
+    for shape in [[1, 1, 1, 1], [3, 5, 7, 9], [2, 64, 4, 4], [1, 3, 28, 28]] {
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 1.0);
+        close(
+            "gap_fwd",
+            &g.global_avg_pool_fwd(&xg).unwrap(),
+            &cpu().global_avg_pool_fwd(&xc).unwrap(),
+            1e-5,
+            1e-6,
+        );
+        let (gc, gg) = rand_pair(g, &mut rng, &shape[..2], 1.0);
+        close(
+            "gap_bwd",
+            &g.global_avg_pool_bwd(&gg, &shape).unwrap(),
+            &cpu().global_avg_pool_bwd(&gc, &shape).unwrap(),
+            1e-6,
+            1e-7,
+        );
+    }
+}
+
+// ---- GEMM (tol: rel 1e-4, abs 1e-4·√k) ----
+
+#[test]
+fn matmul_and_linear() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(5);
+    for (batch, m, k, n) in [
+        (0, 1, 1, 1),
+        (0, 17, 33, 9),
+        (3, 7, 5, 11),
+        (1, 1, 64, 1),
+        (0, 128, 70, 129),
+    ] {
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let sa = if ta { [k, m] } else { [m, k] };
+                let sb = if tb { [n, k] } else { [k, n] };
+                let (sa, sb): (Vec<usize>, Vec<usize>) = if batch > 0 {
+                    (
+                        [&[batch][..], &sa[..]].concat(),
+                        [&[batch][..], &sb[..]].concat(),
+                    )
+                } else {
+                    (sa.to_vec(), sb.to_vec())
+                };
+                let (ac, ag) = rand_pair(g, &mut rng, &sa, 1.0);
+                let (bc, bg) = rand_pair(g, &mut rng, &sb, 1.0);
+                close(
+                    &format!("matmul ta={ta} tb={tb}"),
+                    &g.matmul(&ag, &bg, ta, tb).unwrap(),
+                    &cpu().matmul(&ac, &bc, ta, tb).unwrap(),
+                    1e-4,
+                    1e-4 * (k as f32).sqrt(),
+                );
+            }
+        }
+    }
+    for (nb, i, o) in [(1, 1, 1), (12, 128, 7), (37, 33, 129)] {
+        let (xc, xg) = rand_pair(g, &mut rng, &[nb, i], 1.0);
+        let (wc, wg) = rand_pair(g, &mut rng, &[o, i], 0.3);
+        let (bc, bg) = rand_pair(g, &mut rng, &[o], 0.3);
+        let tol = 1e-4 * (i as f32).sqrt();
+        close(
+            "linear+b",
+            &g.linear_fwd(&xg, &wg, Some(&bg)).unwrap(),
+            &cpu().linear_fwd(&xc, &wc, Some(&bc)).unwrap(),
+            1e-4,
+            tol,
+        );
+        close(
+            "linear",
+            &g.linear_fwd(&xg, &wg, None).unwrap(),
+            &cpu().linear_fwd(&xc, &wc, None).unwrap(),
+            1e-4,
+            tol,
+        );
+    }
+}
+
+// ---- convolution (tol: rel 1e-3, abs 2e-3 — cuDNN may pick FFT/Winograd algorithms) ----
+
+#[test]
+fn conv2d_forward_backward() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(6);
+    // (n, cin, h, w, cout, k, stride, pad)
+    let cases = [
+        (1, 3, 7, 9, 5, 3, 1, 1),
+        (2, 4, 9, 9, 6, 3, 2, 1),
+        (3, 3, 15, 13, 8, 7, 2, 3),
+        (2, 5, 6, 6, 7, 1, 1, 0),
+        (1, 1, 5, 5, 1, 5, 1, 0),
+        (4, 16, 8, 8, 32, 1, 2, 0),
+        (2, 64, 28, 28, 64, 3, 1, 1),
+    ];
+    for (n, cin, h, w, cout, k, s, p) in cases {
+        let prm = ConvParams {
+            stride: s,
+            padding: p,
+        };
+        let (xc, xg) = rand_pair(g, &mut rng, &[n, cin, h, w], 1.0);
+        let (wc, wg) = rand_pair(
+            g,
+            &mut rng,
+            &[cout, cin, k, k],
+            1.0 / ((cin * k * k) as f32).sqrt(),
+        );
+        let (bc, bg) = rand_pair(g, &mut rng, &[cout], 0.5);
+        let what = format!("conv {n}x{cin}x{h}x{w} -> {cout} k{k} s{s} p{p}");
+        for bias in [false, true] {
+            let yc = cpu()
+                .conv2d_fwd(&xc, &wc, bias.then_some(&bc), prm)
+                .unwrap();
+            let yg = g.conv2d_fwd(&xg, &wg, bias.then_some(&bg), prm).unwrap();
+            close(&format!("{what} fwd bias={bias}"), &yg, &yc, 1e-3, 2e-3);
+            let (gc, gg) = rand_pair(g, &mut rng, yc.shape(), 1.0);
+            for need_x in [true, false] {
+                let rc = cpu().conv2d_bwd(&xc, &wc, &gc, prm, need_x, bias).unwrap();
+                let rg = g.conv2d_bwd(&xg, &wg, &gg, prm, need_x, bias).unwrap();
+                let gw_tol = 2e-3 * ((n * (h * w) / (s * s)) as f32).sqrt().max(1.0);
+                close(&format!("{what} gw"), &rg.weight, &rc.weight, 1e-3, gw_tol);
+                assert_eq!(rg.x.is_some(), need_x);
+                assert_eq!(rg.bias.is_some(), bias);
+                if let (Some(a), Some(b)) = (&rg.x, &rc.x) {
+                    close(&format!("{what} gx"), a, b, 1e-3, 2e-3);
+                }
+                if let (Some(a), Some(b)) = (&rg.bias, &rc.bias) {
+                    close(
+                        &format!("{what} gb"),
+                        a,
+                        b,
+                        1e-4,
+                        1e-4 * (a.numel() as f32).sqrt() * 10.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+// ---- batch norm (tol: rel 1e-4, abs 1e-4) ----
+
+#[test]
+fn batch_norm_train_and_eval() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    for shape in [
+        [2, 3, 5, 7],
+        [1, 4, 3, 3],
+        [8, 16, 1, 1],
+        [5, 1, 17, 3],
+        [12, 64, 28, 28],
+    ] {
+        let c = shape[1];
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
+        let (gmc, gmg) = pair(g, &rng.pos(c), &[c]);
+        let (btc, btg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let oc = cpu().batch_norm_train_fwd(&xc, &gmc, &btc, 1e-5).unwrap();
+        let og = g.batch_norm_train_fwd(&xg, &gmg, &btg, 1e-5).unwrap();
+        close("bn_train y", &og.y, &oc.y, 1e-4, 1e-4);
+        close("bn_train mean", &og.mean, &oc.mean, 1e-4, 1e-5);
+        close("bn_train invstd", &og.invstd, &oc.invstd, 1e-4, 1e-5);
+        close(
+            "bn_train var_unbiased",
+            &og.var_unbiased,
+            &oc.var_unbiased,
+            1e-4,
+            1e-5,
+        );
+        let (gyc, gyg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let rc = cpu()
+            .batch_norm_train_bwd(&xc, &gmc, &oc.mean, &oc.invstd, &gyc)
+            .unwrap();
+        let rg = g
+            .batch_norm_train_bwd(&xg, &gmg, &og.mean, &og.invstd, &gyg)
+            .unwrap();
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        close("bn_train gx", &rg.0, &rc.0, 1e-3, 1e-4);
+        close("bn_train ggamma", &rg.1, &rc.1, 1e-4, 1e-5 * m.sqrt() * 4.0);
+        close("bn_train gbeta", &rg.2, &rc.2, 1e-4, 1e-5 * m.sqrt() * 4.0);
+
+        let (rmc, rmg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
+        close(
+            "bn_eval y",
+            &g.batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5)
+                .unwrap(),
+            &cpu()
+                .batch_norm_eval_fwd(&xc, &gmc, &btc, &rmc, &rvc, 1e-5)
+                .unwrap(),
+            1e-5,
+            1e-5,
+        );
+        let rc = cpu()
+            .batch_norm_eval_bwd(&xc, &gmc, &rmc, &rvc, 1e-5, &gyc)
+            .unwrap();
+        let rg = g
+            .batch_norm_eval_bwd(&xg, &gmg, &rmg, &rvg, 1e-5, &gyg)
+            .unwrap();
+        close("bn_eval gx", &rg.0, &rc.0, 1e-5, 1e-5);
+        close("bn_eval ggamma", &rg.1, &rc.1, 1e-4, 1e-5 * m.sqrt() * 4.0);
+        close("bn_eval gbeta", &rg.2, &rc.2, 1e-4, 1e-5 * m.sqrt() * 4.0);
+    }
+}
+
+// ---- L2 normalise (tol: rel 1e-5, abs 1e-6; zero rows exercise the 1e-12 floor) ----
+
+#[test]
+fn l2_normalize() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(8);
+    for shape in [vec![1, 1], vec![7, 128], vec![3, 33], vec![2, 3, 40]] {
+        let n: usize = shape.iter().product();
+        let mut v = rng.vec(n, 1.0);
+        let d = *shape.last().unwrap();
+        v[..d].iter_mut().for_each(|x| *x = 0.0); // a zero row
+        let (xc, xg) = pair(g, &v, &shape);
+        close(
+            "l2n fwd",
+            &g.l2_normalize_fwd(&xg).unwrap(),
+            &cpu().l2_normalize_fwd(&xc).unwrap(),
+            1e-5,
+            1e-6,
+        );
+        let (gc, gg) = rand_pair(g, &mut rng, &shape, 1.0);
+        close(
+            "l2n bwd",
+            &g.l2_normalize_bwd(&xg, &gg).unwrap(),
+            &cpu().l2_normalize_bwd(&xc, &gc).unwrap(),
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+// ---- max pool (exact: tol 0; inputs quantised to force ties and test first-max routing) ----
+
+#[test]
+fn max_pool() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(9);
+    let cases = [
+        ([2, 3, 9, 9], 3, 2, 1),
+        ([1, 1, 8, 7], 3, 2, 1),
+        ([3, 2, 6, 5], 2, 2, 0),
+        ([2, 4, 7, 7], 3, 1, 1),
+        ([1, 64, 112, 112], 3, 2, 1),
+    ];
+    for (shape, k, s, p) in cases {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = rng
+            .vec(n, 2.0)
+            .iter()
+            .map(|x| (x * 2.0).round() / 2.0)
+            .collect();
+        let (xc, xg) = pair(g, &v, &shape);
+        let prm = PoolParams {
+            kernel: k,
+            stride: s,
+            padding: p,
+        };
+        let yc = cpu().max_pool2d_fwd(&xc, prm).unwrap();
+        close(
+            "maxpool fwd",
+            &g.max_pool2d_fwd(&xg, prm).unwrap(),
+            &yc,
+            0.0,
+            0.0,
+        );
+        let (gc, gg) = rand_pair(g, &mut rng, yc.shape(), 1.0);
+        close(
+            "maxpool bwd",
+            &g.max_pool2d_bwd(&xg, &gg, prm).unwrap(),
+            &cpu().max_pool2d_bwd(&xc, &gc, prm).unwrap(),
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+// ---- softmax / log-softmax / cross-entropy (tol: rel 1e-5, abs 1e-6) ----
+
+#[test]
+fn softmax_family() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(10);
+    for shape in [vec![1, 1], vec![5, 7], vec![3, 4, 33], vec![2, 1000]] {
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 4.0);
+        let (gc, gg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (yc, yg) = (cpu().softmax_fwd(&xc).unwrap(), g.softmax_fwd(&xg).unwrap());
+        close("softmax", &yg, &yc, 1e-5, 1e-6);
+        close(
+            "softmax bwd",
+            &g.softmax_bwd(&yg, &gg).unwrap(),
+            &cpu().softmax_bwd(&yc, &gc).unwrap(),
+            1e-4,
+            1e-6,
+        );
+        let (lc, lg) = (
+            cpu().log_softmax_fwd(&xc).unwrap(),
+            g.log_softmax_fwd(&xg).unwrap(),
+        );
+        close("log_softmax", &lg, &lc, 1e-5, 1e-5);
+        close(
+            "log_softmax bwd",
+            &g.log_softmax_bwd(&lg, &gg).unwrap(),
+            &cpu().log_softmax_bwd(&lc, &gc).unwrap(),
+            1e-4,
+            1e-5,
+        );
+    }
+    for (b, c) in [(1, 2), (12, 7), (37, 100), (300, 3)] {
+        let (zc, zg) = rand_pair(g, &mut rng, &[b, c], 3.0);
+        let y = rng.labels(b, c);
+        let (sc, sg) = scalar_pair(g, 0.7);
+        close(
+            "cross_entropy",
+            &g.cross_entropy_fwd(&zg, &y).unwrap(),
+            &cpu().cross_entropy_fwd(&zc, &y).unwrap(),
+            1e-5,
+            1e-6,
+        );
+        close(
+            "cross_entropy bwd",
+            &g.cross_entropy_bwd(&zg, &y, &sg).unwrap(),
+            &cpu().cross_entropy_bwd(&zc, &y, &sc).unwrap(),
+            1e-5,
+            1e-7,
+        );
+        let mut bad = y.clone();
+        bad[0] = c;
+        assert!(
+            g.cross_entropy_fwd(&zg, &bad).is_err(),
+            "out-of-range label must be an error"
+        );
+    }
+}
+
+// ---- SSL losses (tol: rel 1e-4, abs 1e-5) ----
+
+#[test]
+fn entropy_weight_and_consistency() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    for (b, c) in [(1, 1), (1, 2), (36, 7), (5, 33)] {
+        let (zc, zg) = rand_pair(g, &mut rng, &[b, c], 3.0);
+        close(
+            "entropy_weight",
+            &g.entropy_weight(&zg).unwrap(),
+            &cpu().entropy_weight(&zc).unwrap(),
+            1e-4,
+            1e-5,
+        );
+        let (tc, tg) = rand_pair(g, &mut rng, &[b, c], 3.0);
+        let (wc, wg) = pair(g, &rng.pos(b), &[b]);
+        close(
+            "weighted_consistency",
+            &g.weighted_consistency_fwd(&zg, &tg, &wg).unwrap(),
+            &cpu().weighted_consistency_fwd(&zc, &tc, &wc).unwrap(),
+            1e-4,
+            1e-6,
+        );
+        let (sc, sg) = scalar_pair(g, 1.3);
+        close(
+            "weighted_consistency bwd",
+            &g.weighted_consistency_bwd(&zg, &tg, &wg, &sg).unwrap(),
+            &cpu().weighted_consistency_bwd(&zc, &tc, &wc, &sc).unwrap(),
+            1e-4,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn pgc_loss() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(12);
+    for (b, nk, e, classes) in [
+        (1, 1, 4, 2),
+        (36, 36 + 100, 128, 7),
+        (5, 257, 33, 3),
+        (12, 4096, 128, 7),
+    ] {
+        let qc = cpu()
+            .l2_normalize_fwd(&cpu().from_host(&rng.vec(b * e, 1.0), &[b, e]).unwrap())
+            .unwrap();
+        let kc = cpu()
+            .l2_normalize_fwd(&cpu().from_host(&rng.vec(nk * e, 1.0), &[nk, e]).unwrap())
+            .unwrap();
+        let (qv, kv) = (qc.to_vec().unwrap(), kc.to_vec().unwrap());
+        let (qc, qg) = pair(g, &qv, &[b, e]);
+        let (kc, kg) = pair(g, &kv, &[nk, e]);
+        let ql = rng.labels(b, classes + 1); // label `classes` may have no positive key
+        let kl = rng.labels(nk, classes);
+        let (qwc, qwg) = pair(g, &rng.pos(b), &[b]);
+        let (kwc, kwg) = pair(g, &rng.pos(nk), &[nk]);
+        let what = format!("pgc B={b} Nk={nk} E={e}");
+        close(
+            &what,
+            &g.pgc_loss_fwd(&qg, &ql, &qwg, &kg, &kl, &kwg, 0.1).unwrap(),
+            &cpu()
+                .pgc_loss_fwd(&qc, &ql, &qwc, &kc, &kl, &kwc, 0.1)
+                .unwrap(),
+            1e-4,
+            1e-5,
+        );
+        let (sc, sg) = scalar_pair(g, 0.5);
+        close(
+            &format!("{what} bwd"),
+            &g.pgc_loss_bwd(&qg, &ql, &qwg, &kg, &kl, &kwg, 0.1, &sg)
+                .unwrap(),
+            &cpu()
+                .pgc_loss_bwd(&qc, &ql, &qwc, &kc, &kl, &kwc, 0.1, &sc)
+                .unwrap(),
+            1e-3,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn dsr_alignment() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(13);
+    for (bl, bu, d, c) in [(1, 1, 1, 2), (12, 36, 128, 7), (5, 3, 33, 2)] {
+        let (flc, flg) = rand_pair(g, &mut rng, &[bl, d], 1.0);
+        let (fuc, fug) = rand_pair(g, &mut rng, &[bu, d], 1.0);
+        let (wc, wg) = rand_pair(g, &mut rng, &[c, d], 0.3);
+        let (bc, bg) = rand_pair(g, &mut rng, &[c], 0.3);
+        let (yl, yu) = (rng.labels(bl, c), rng.labels(bu, c));
+        close(
+            "dsr_alignment",
+            &g.dsr_alignment(&flg, &yl, &fug, &yu, &wg, &bg).unwrap(),
+            &cpu().dsr_alignment(&flc, &yl, &fuc, &yu, &wc, &bc).unwrap(),
+            1e-3,
+            1e-4 * (d as f32).sqrt(),
+        );
+    }
+}
+
+// ---- fusion (tol: rel 1e-4, abs 1e-4) ----
+
+#[test]
+fn similarity_fusion() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(14);
+    for (b, d, hp, wp, hq, wq) in [
+        (2, 8, 6, 5, 3, 2),
+        (1, 4, 7, 7, 1, 1),
+        (3, 16, 8, 8, 2, 2),
+        (2, 128, 28, 28, 4, 4),
+    ] {
+        let (lc, lg) = rand_pair(g, &mut rng, &[b, d, hp, wp], 1.0);
+        let (hc, hg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
+        let what = format!("fusion low {:?} high {:?}", lc.shape(), hc.shape());
+        close(
+            &what,
+            &g.similarity_fusion_fwd(&lg, &hg).unwrap(),
+            &cpu().similarity_fusion_fwd(&lc, &hc).unwrap(),
+            1e-4,
+            1e-4,
+        );
+        let (gc, gg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
+        let (a, bb) = g.similarity_fusion_bwd(&lg, &hg, &gg).unwrap();
+        let (ac, bc) = cpu().similarity_fusion_bwd(&lc, &hc, &gc).unwrap();
+        close(&format!("{what} glow"), &a, &ac, 1e-3, 1e-4);
+        close(&format!("{what} ghigh"), &bb, &bc, 1e-3, 1e-4);
+    }
+}
+
+// ---- optimisers (tol: rel 1e-6, abs 1e-7 per step) ----
+
+#[test]
+fn optimisers_and_ema() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    for n in [1usize, 7, 1000, 65_537] {
+        let shape = [n];
+        let (sc, sg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (mut tc, mut tg) = rand_pair(g, &mut rng, &shape, 1.0);
+        cpu().ema_update(&mut tc, &sc, 0.99).unwrap();
+        g.ema_update(&mut tg, &sg, 0.99).unwrap();
+        close("ema", &tg, &tc, 1e-6, 1e-7);
+
+        for momentum in [0.0f32, 0.9] {
+            let (mut pc, mut pg) = rand_pair(g, &mut rng, &shape, 1.0);
+            let (mut bc, mut bg) = pair(g, &vec![0.0; n], &shape);
+            for step in 0..3 {
+                let (gc, gg) = rand_pair(g, &mut rng, &shape, 1.0);
+                let p = SgdParams {
+                    lr: 0.05,
+                    momentum,
+                    weight_decay: 5e-4,
+                    first_step: step == 0,
+                };
+                cpu().sgd_step(&mut pc, &gc, &mut bc, p).unwrap();
+                g.sgd_step(&mut pg, &gg, &mut bg, p).unwrap();
+            }
+            close("sgd param", &pg, &pc, 1e-5, 1e-6);
+            close("sgd buf", &bg, &bc, 1e-5, 1e-6);
+        }
+
+        let (mut pc, mut pg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (mut mc, mut mg) = pair(g, &vec![0.0; n], &shape);
+        let (mut vc, mut vg) = pair(g, &vec![0.0; n], &shape);
+        for step in 1..=3 {
+            let (gc, gg) = rand_pair(g, &mut rng, &shape, 1.0);
+            let p = AdamParams {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 5e-4,
+                step,
+            };
+            cpu().adam_step(&mut pc, &gc, &mut mc, &mut vc, p).unwrap();
+            g.adam_step(&mut pg, &gg, &mut mg, &mut vg, p).unwrap();
+        }
+        close("adam param", &pg, &pc, 1e-5, 1e-6);
+        close("adam m", &mg, &mc, 1e-5, 1e-6);
+        close("adam v", &vg, &vc, 1e-5, 1e-7);
+    }
+    // In-place updates refuse shared storage.
+    let (_, s) = rand_pair(g, &mut rng, &[4], 1.0);
+    let mut t = s.clone();
+    assert!(g.ema_update(&mut t, &s, 0.5).is_err());
+}

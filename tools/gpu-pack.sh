@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Builds everything the GPU node needs (it has no Rust toolchain) into .gpu/ (gitignored):
+#   .gpu/bin/medssl, .gpu/bin/medssl-bench     release binaries, --features cuda, debug info stripped
+#   .gpu/tests/<name>                           test executables (cuda_parity + any named in GPU_TESTS)
+#   .gpu/golden/                                ../shared/golden
+#   .gpu/data/pneumoniamnist, .gpu/data/ham10000 raw datasets (ham10000 only while under the size cap)
+#   .gpu/gpu-run.sh, .gpu/torch_peer.py (if present), .gpu/MANIFEST.txt
+# Then: copy .gpu/ anywhere and run `bash .gpu/gpu-run.sh OUTDIR` on the node.
+#
+# Env: GPU_TESTS   extra integration-test target names to ship (space separated), e.g. "conformance"
+#      PACK_CAP_MB size cap of .gpu/ (default 60)
+#      SHARED      path of the shared folder (default ../shared relative to the repo root)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SHARED="${SHARED:-$ROOT/../shared}"
+CAP_MB="${PACK_CAP_MB:-60}"
+DEST="$ROOT/.gpu"
+WANT_TESTS="cuda_parity ${GPU_TESTS:-}"
+
+echo "[pack] building release binaries with --features cuda"
+cargo build --release --features cuda --bin medssl --bin medssl-bench
+
+echo "[pack] building test executables"
+TEST_JSON="$(mktemp)"
+TEST_ARGS=()
+for t in $WANT_TESTS; do TEST_ARGS+=(--test "$t"); done
+cargo test --release --features cuda --no-run --message-format=json "${TEST_ARGS[@]}" >"$TEST_JSON"
+
+rm -rf "$DEST"
+mkdir -p "$DEST/bin" "$DEST/tests" "$DEST/data"
+
+copy_bin() { # src dst: copy without debug info (keeps symbols for backtraces)
+    cp "$1" "$2"
+    strip --strip-debug "$2" 2>/dev/null || true
+    chmod +x "$2"
+}
+
+copy_bin target/release/medssl "$DEST/bin/medssl"
+copy_bin target/release/medssl-bench "$DEST/bin/medssl-bench"
+
+# Test executables: integration-test targets (kind "test") whose name is wanted.
+python3 - "$TEST_JSON" $WANT_TESTS >"$DEST/.tests.txt" <<'EOF'
+import json, sys
+path, wanted = sys.argv[1], set(sys.argv[2:])
+seen = {}
+for line in open(path):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    t = m["target"]
+    if "test" in t.get("kind", []) and t["name"] in wanted:
+        seen[t["name"]] = m["executable"]
+for name, exe in sorted(seen.items()):
+    print(f"{name}\t{exe}")
+missing = wanted - set(seen)
+if missing:
+    print(f"[pack] warning: test targets not found: {sorted(missing)}", file=sys.stderr)
+EOF
+while IFS=$'\t' read -r name exe; do
+    echo "[pack] test executable $name <- $exe"
+    copy_bin "$exe" "$DEST/tests/$name"
+done <"$DEST/.tests.txt"
+rm -f "$DEST/.tests.txt" "$TEST_JSON"
+
+echo "[pack] golden cases"
+cp -r "$SHARED/golden" "$DEST/golden"
+chmod -R u+w "$DEST/golden"
+
+cp "$ROOT/tools/gpu-run.sh" "$DEST/gpu-run.sh"
+chmod +x "$DEST/gpu-run.sh"
+if [ -f "$ROOT/tools/torch_peer.py" ]; then
+    cp "$ROOT/tools/torch_peer.py" "$DEST/torch_peer.py"
+fi
+
+size_mb() { du -sm "$DEST" | cut -f1; }
+
+copy_dataset() { # name files...
+    local name=$1
+    shift
+    local src="$SHARED/data/$name"
+    local need
+    need=$(du -cm "${@/#/$src/}" | tail -1 | cut -f1)
+    if [ $(($(size_mb) + need)) -gt "$CAP_MB" ]; then
+        echo "[pack] skipping dataset $name (${need} MB would exceed the ${CAP_MB} MB cap)"
+        return
+    fi
+    mkdir -p "$DEST/data/$name"
+    for f in "$@"; do
+        cp "$src/$f" "$DEST/data/$name/$f"
+    done
+    chmod -R u+w "$DEST/data/$name"
+    echo "[pack] dataset $name (${need} MB)"
+}
+
+copy_dataset pneumoniamnist images.u8 labels.u8 split.u8 meta.json
+copy_dataset ham10000 images.u8 labels.u8 split.u8 split_racmt.u8 racmt_row.u16 meta.json
+
+{
+    echo "medssl GPU pack"
+    echo "built:   $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git:     $(git rev-parse --short HEAD 2>/dev/null || echo 'no commit') $(git status --porcelain 2>/dev/null | grep -q . && echo '(dirty)')"
+    echo "rustc:   $(rustc --version)"
+    NVCC_BIN="${NVCC:-$(command -v nvcc || python3 -c 'import site,os; print(os.path.join(site.getsitepackages()[0], "nvidia/cu13/bin/nvcc"))')}"
+    echo "kernels: sm_80 + sm_90 SASS, compute_80 PTX ($("$NVCC_BIN" --version 2>/dev/null | tail -1 || echo 'nvcc ?'))"
+    echo
+    (cd "$DEST" && find . -type f -printf '%10s  %p\n' | sort -k2)
+} >"$DEST/MANIFEST.txt"
+
+TOTAL=$(size_mb)
+echo "[pack] .gpu/ is ${TOTAL} MB"
+if [ "$TOTAL" -gt "$CAP_MB" ]; then
+    echo "[pack] error: .gpu/ exceeds the ${CAP_MB} MB cap" >&2
+    exit 1
+fi
+echo "[pack] done: run 'bash .gpu/gpu-run.sh OUTDIR' on the GPU node"

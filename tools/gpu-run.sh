@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# Runs the packed GPU checks on a node without a Rust toolchain (made by tools/gpu-pack.sh).
+#
+#   bash .gpu/gpu-run.sh [OUTDIR]        (OUTDIR defaults to $OUT, then ./gpu-out)
+#
+# cuBLAS / cuDNN are found as pip wheels of the node's PyTorch environment
+# (site-packages/nvidia/*/lib) and exported through LD_LIBRARY_PATH; libcuda.so comes from the
+# driver. Every step runs under a timeout, its output goes to OUTDIR/logs/<step>.log, and its rc
+# is recorded; one failing step never stops the others. OUTDIR/summary.json collects everything.
+#
+# Env: STEP_TIMEOUT   seconds per step (default 240)
+#      PYTHON         python with PyTorch (default: python3)
+#      BENCH_CUDA_ARGS / BENCH_CPU_ARGS / TRAIN_ARGS / PEER_ARGS   override the placeholders below
+set -u
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+OUTDIR="${1:-${OUT:-$PWD/gpu-out}}"
+mkdir -p "$OUTDIR/logs"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
+PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
+STEPS="$OUTDIR/steps.jsonl"
+: >"$STEPS"
+
+# ---------------------------------------------------------------- placeholders (lead fills) ----
+# LEAD: medssl-bench flags for the CUDA run and the CPU run (same workload, ratios in one run).
+BENCH_CUDA_ARGS="${BENCH_CUDA_ARGS-"--device cuda --json"}"
+BENCH_CPU_ARGS="${BENCH_CPU_ARGS-"--device cpu --json"}"
+# LEAD: a short training run on the packed data, e.g.
+#   "train --data $HERE/data/pneumoniamnist --device cuda --steps 200 --out $OUTDIR/train"
+TRAIN_ARGS="${TRAIN_ARGS-}"
+# LEAD: arguments of tools/torch_peer.py (the PyTorch peer of the same workload).
+PEER_ARGS="${PEER_ARGS-"--data $HERE/data/pneumoniamnist --out $OUTDIR/peer"}"
+# -------------------------------------------------------------------------------------------------
+
+json_str() { # JSON-escapes $1
+    "$PY" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1" 2>/dev/null ||
+        printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"
+}
+
+# step NAME CMD...: runs CMD under the timeout, logs to logs/NAME.log, records rc and seconds.
+step() {
+    local name=$1
+    shift
+    local log="$OUTDIR/logs/$name.log"
+    echo "==== [$name] $*"
+    local t0 t1 rc
+    t0=$(date +%s.%N)
+    timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >"$log" 2>&1
+    rc=$?
+    t1=$(date +%s.%N)
+    local secs
+    secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')
+    echo "{\"step\":$(json_str "$name"),\"rc\":$rc,\"seconds\":$secs,\"log\":\"logs/$name.log\",\"cmd\":$(json_str "$*")}" >>"$STEPS"
+    tail -n 8 "$log" | sed 's/^/    /'
+    echo "     -> rc=$rc (${secs}s)"
+    return 0
+}
+
+skip() { # NAME REASON
+    echo "==== [$1] skipped: $2"
+    echo "{\"step\":$(json_str "$1"),\"rc\":null,\"skipped\":$(json_str "$2")}" >>"$STEPS"
+}
+
+# ---------------------------------------------------------------- libraries ----
+LIBDIRS="$("$PY" - <<'EOF' 2>/dev/null
+import glob, os, site, sys
+roots = []
+try:
+    roots += site.getsitepackages()
+except Exception:
+    pass
+try:
+    roots.append(site.getusersitepackages())
+except Exception:
+    pass
+roots += [p for p in sys.path if p]
+dirs = []
+for r in roots:
+    for pat in ("nvidia/*/lib", "nvidia/*/lib64", "nvidia/cu*/lib", "torch/lib"):
+        for d in sorted(glob.glob(os.path.join(r, pat))):
+            if any(glob.glob(os.path.join(d, f"lib{n}*.so*")) for n in ("cublas", "cudnn", "cudart", "nvrtc", "nvJitLink")):
+                if d not in dirs:
+                    dirs.append(d)
+print(":".join(dirs))
+EOF
+)"
+if [ -z "$LIBDIRS" ]; then
+    # Fallback: a system CUDA install.
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu; do
+        ls "$d"/libcublas*.so* >/dev/null 2>&1 && LIBDIRS="${LIBDIRS:+$LIBDIRS:}$d"
+    done
+fi
+export LD_LIBRARY_PATH="${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{
+    echo "python: $PY"
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    for d in ${LIBDIRS//:/ }; do
+        echo "## $d"
+        ls "$d" | grep -E '^lib(cublas|cublasLt|cudnn|cudart|nvrtc|nvJitLink)[^/]*\.so' || true
+    done
+} >"$OUTDIR/libs.txt" 2>&1
+echo "libraries: $(grep -c '\.so' "$OUTDIR/libs.txt") shared objects in ${LIBDIRS:-<none>}"
+
+# ---------------------------------------------------------------- steps ----
+step nvidia_smi nvidia-smi
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
+    >"$OUTDIR/gpu.txt" 2>/dev/null || echo "unknown" >"$OUTDIR/gpu.txt"
+
+for t in "$HERE"/tests/*; do
+    [ -x "$t" ] || continue
+    name="test_$(basename "$t")"
+    step "$name" "$t" --test-threads=1 --nocapture
+done
+if [ -x "$HERE/tests/cuda_parity" ]; then
+    # The convolution tests again on the im2col + cuBLAS fallback engine.
+    step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
+fi
+
+if [ -x "$HERE/bin/medssl" ]; then
+    step conformance_cuda sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cuda --json > \"$OUTDIR/conformance_cuda.jsonl\""
+    step conformance_cpu sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cpu --json > \"$OUTDIR/conformance_cpu.jsonl\""
+    if [ -n "$TRAIN_ARGS" ]; then
+        # shellcheck disable=SC2086
+        step train_cuda "$HERE/bin/medssl" $TRAIN_ARGS
+    else
+        skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
+    fi
+else
+    skip conformance_cuda "bin/medssl missing"
+fi
+
+if [ -x "$HERE/bin/medssl-bench" ]; then
+    # shellcheck disable=SC2086
+    step bench_cuda sh -c "\"$HERE/bin/medssl-bench\" $BENCH_CUDA_ARGS > \"$OUTDIR/bench_cuda.out\""
+    # shellcheck disable=SC2086
+    step bench_cpu sh -c "\"$HERE/bin/medssl-bench\" $BENCH_CPU_ARGS > \"$OUTDIR/bench_cpu.out\""
+else
+    skip bench "bin/medssl-bench missing"
+fi
+
+if [ -f "$HERE/torch_peer.py" ]; then
+    # shellcheck disable=SC2086
+    step torch_peer "$PY" "$HERE/torch_peer.py" $PEER_ARGS
+else
+    skip torch_peer "torch_peer.py not packed"
+fi
+
+# ---------------------------------------------------------------- summary ----
+"$PY" - "$OUTDIR" <<'EOF' || echo "summary.json could not be written (python failed); see steps.jsonl"
+import json, os, re, sys
+out = sys.argv[1]
+steps = [json.loads(l) for l in open(os.path.join(out, "steps.jsonl")) if l.strip()]
+for s in steps:
+    log = s.get("log")
+    if not log or not os.path.exists(os.path.join(out, log)):
+        continue
+    text = open(os.path.join(out, log), errors="replace").read()
+    if s["step"].startswith("test_"):
+        m = re.findall(r"test result: \w+\. (\d+) passed; (\d+) failed; (\d+) ignored", text)
+        if m:
+            p, f, i = (sum(int(x[k]) for x in m) for k in range(3))
+            s["tests"] = {"passed": p, "failed": f, "ignored": i,
+                          "skipped_no_device": text.count("SKIPPED (no CUDA device)")}
+        fails = set(re.findall(r"^test (\S+) \.\.\. FAILED", text, re.M))
+        for block in re.findall(r"\nfailures:\n((?:    \S+\n)+)", text):
+            fails.update(l.strip() for l in block.splitlines() if l.strip())
+        s["failures"] = sorted(fails)
+    if s["step"].startswith("conformance_"):
+        dev = s["step"].split("_", 1)[1]
+        path = os.path.join(out, f"conformance_{dev}.jsonl")
+        if os.path.exists(path):
+            rows = []
+            for l in open(path):
+                try:
+                    rows.append(json.loads(l))
+                except ValueError:
+                    pass
+            summ = [r for r in rows if r.get("summary")]
+            s["conformance"] = summ[-1] if summ else None
+            s["failed_cases"] = [r.get("op") for r in rows if not r.get("summary") and not r.get("pass", True)]
+summary = {
+    "gpu": open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else None,
+    "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
+    "all_ok": all(s.get("rc") in (0, None) for s in steps),
+    "steps": steps,
+}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(json.dumps({k: summary[k] for k in ("gpu", "all_ok")}))
+for s in steps:
+    extra = s.get("tests") or s.get("conformance") or s.get("skipped") or ""
+    print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
+EOF
+echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/)"
+exit 0
