@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use medssl::golden::{case_files, run_case, write_safetensors, CaseReport};
 use medssl::Device;
 
-const GOLDEN: &str = "../shared/golden";
+/// The golden cases: `MEDSSL_GOLDEN` when set (packed GPU runs), else `../shared/golden`.
+fn golden_dir() -> String {
+    std::env::var("MEDSSL_GOLDEN").unwrap_or_else(|_| "../shared/golden".to_string())
+}
 
 fn summary(r: &CaseReport) -> String {
     let mut s = format!(
@@ -58,8 +61,9 @@ fn summary(r: &CaseReport) -> String {
 
 #[test]
 fn golden_cases_pass_on_cpu() {
-    let files = case_files(Path::new(GOLDEN)).expect("golden directory");
-    assert!(!files.is_empty(), "no golden cases found in {GOLDEN}");
+    let dir = golden_dir();
+    let files = case_files(Path::new(&dir)).expect("golden directory");
+    assert!(!files.is_empty(), "no golden cases found in {dir}");
     let mut failed = Vec::new();
     for f in &files {
         let t0 = std::time::Instant::now();

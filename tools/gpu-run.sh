@@ -10,7 +10,7 @@
 #
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
-#      BENCH_CUDA_ARGS / BENCH_CPU_ARGS / TRAIN_ARGS / PEER_ARGS   override the placeholders below
+#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS (|-separated flag sets) / TRAIN_ARGS   override the workloads below
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,15 +22,14 @@ PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 STEPS="$OUTDIR/steps.jsonl"
 : >"$STEPS"
 
-# ---------------------------------------------------------------- placeholders (lead fills) ----
-# LEAD: medssl-bench flags for the CUDA run and the CPU run (same workload, ratios in one run).
-BENCH_CUDA_ARGS="${BENCH_CUDA_ARGS-"--device cuda --json"}"
-BENCH_CPU_ARGS="${BENCH_CPU_ARGS-"--device cpu --json"}"
-# LEAD: a short training run on the packed data, e.g.
-#   "train --data $HERE/data/pneumoniamnist --device cuda --steps 200 --out $OUTDIR/train"
-TRAIN_ARGS="${TRAIN_ARGS-}"
-# LEAD: arguments of tools/torch_peer.py (the PyTorch peer of the same workload).
-PEER_ARGS="${PEER_ARGS-"--data $HERE/data/pneumoniamnist --out $OUTDIR/peer"}"
+# ---------------------------------------------------------------- workloads ----
+# medssl-bench runs, one per '|'-separated entry (CUDA and CPU in the same session, so ratios
+# compare like with like), and the same workloads for the PyTorch peer when it is packed.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5"}"
+BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
+PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cpu --width 16 --repeats 5"}"
+# A short training run on the packed PneumoniaMNIST.
+TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --out $OUTDIR/train"}"
 # -------------------------------------------------------------------------------------------------
 
 json_str() { # JSON-escapes $1
@@ -107,6 +106,7 @@ step nvidia_smi nvidia-smi
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
     >"$OUTDIR/gpu.txt" 2>/dev/null || echo "unknown" >"$OUTDIR/gpu.txt"
 
+export MEDSSL_GOLDEN="$HERE/golden"
 for t in "$HERE"/tests/*; do
     [ -x "$t" ] || continue
     name="test_$(basename "$t")"
@@ -130,18 +130,28 @@ else
     skip conformance_cuda "bin/medssl missing"
 fi
 
+run_configs() { # NAME PROGRAM... ; configs from $CONFIGS, output appended to OUTDIR/NAME.jsonl
+    local name=$1
+    shift
+    local i=0
+    : >"$OUTDIR/$name.jsonl"
+    IFS='|' read -r -a cfgs <<<"$CONFIGS"
+    for c in "${cfgs[@]}"; do
+        i=$((i + 1))
+        # shellcheck disable=SC2086
+        step "${name}_$i" sh -c "$* $c --json >> \"$OUTDIR/$name.jsonl\""
+    done
+}
+
 if [ -x "$HERE/bin/medssl-bench" ]; then
-    # shellcheck disable=SC2086
-    step bench_cuda sh -c "\"$HERE/bin/medssl-bench\" $BENCH_CUDA_ARGS > \"$OUTDIR/bench_cuda.out\""
-    # shellcheck disable=SC2086
-    step bench_cpu sh -c "\"$HERE/bin/medssl-bench\" $BENCH_CPU_ARGS > \"$OUTDIR/bench_cpu.out\""
+    CONFIGS="$BENCH_CUDA_CONFIGS" run_configs bench_cuda "\"$HERE/bin/medssl-bench\" step"
+    CONFIGS="$BENCH_CPU_CONFIGS" run_configs bench_cpu "\"$HERE/bin/medssl-bench\" step"
 else
     skip bench "bin/medssl-bench missing"
 fi
 
 if [ -f "$HERE/torch_peer.py" ]; then
-    # shellcheck disable=SC2086
-    step torch_peer "$PY" "$HERE/torch_peer.py" $PEER_ARGS
+    CONFIGS="$PEER_CONFIGS" run_configs torch_peer "\"$PY\" \"$HERE/torch_peer.py\""
 else
     skip torch_peer "torch_peer.py not packed"
 fi

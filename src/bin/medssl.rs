@@ -155,7 +155,14 @@ fn train(a: TrainArgs) -> Result<()> {
     flag("seed", a.seed.map(|v| v.to_string()));
     flag("fusion", a.no_fusion.then(|| "false".to_string()));
     flag("pgc", a.no_pgc.then(|| "false".to_string()));
-    let cfg = TrainConfig::resolve(&a.preset, a.config.as_deref(), &sets)?;
+    // A resumed run starts from its own saved settings; flags and --set change what may change.
+    let saved = a.out.join("config.toml");
+    let file = match (&a.config, a.resume) {
+        (Some(f), _) => Some(f.clone()),
+        (None, true) if saved.exists() => Some(saved),
+        _ => None,
+    };
+    let cfg = TrainConfig::resolve(&a.preset, file.as_deref(), &sets)?;
     let opts = medssl::train::run::RunOptions {
         out: a.out.clone(),
         resume: a.resume,

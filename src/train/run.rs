@@ -182,6 +182,39 @@ fn truncate_lines(path: &Path, n: u64) -> Result<Vec<serde_json::Value>> {
         .collect()
 }
 
+/// A resumed run may change the schedule (epochs, learning rate, logging, device, workers) but
+/// not what defines the model, the data or the state layout.
+fn check_resumable(saved: &TrainConfig, new: &TrainConfig) -> Result<()> {
+    let a = toml::Value::try_from(saved).map_err(|e| Error::msg(e.to_string()))?;
+    let b = toml::Value::try_from(new).map_err(|e| Error::msg(e.to_string()))?;
+    for k in [
+        "data",
+        "format",
+        "image_size",
+        "labeled_ratio",
+        "labeled_protocol",
+        "width",
+        "fusion_dim",
+        "emb",
+        "fusion",
+        "method",
+        "queue",
+        "batch_labeled",
+        "batch_unlabeled",
+        "optimizer",
+        "seed",
+    ] {
+        if a.get(k) != b.get(k) {
+            bail!(
+                "--resume: setting '{k}' was {} in the saved run and is {} now; it cannot change on resume",
+                a.get(k).map(|v| v.to_string()).unwrap_or_default(),
+                b.get(k).map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Runs (or resumes) training into `opts.out`. Returns the outcome and the summary JSON.
 pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json::Value)> {
     let out = &opts.out;
@@ -205,13 +238,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         }
         None
     };
-    let cfg = match &resumed {
-        Some(ck) => TrainConfig {
-            epochs: cfg.epochs.max(ck.config.epochs),
-            ..ck.config.clone()
-        },
-        None => cfg,
-    };
+    if let Some(ck) = &resumed {
+        check_resumable(&ck.config, &cfg)?;
+    }
     cfg.validate()?;
     crate::golden::atomic_write(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     let device = Device::parse(&cfg.device)?;

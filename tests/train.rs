@@ -1,0 +1,318 @@
+//! Training-run tests: resume exactness, checkpoints, signals, non-finite loss, eval/predict.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use medssl::train::checkpoint;
+use medssl::train::config::TrainConfig;
+use medssl::train::run::{train, Outcome, RunOptions};
+
+const DATA: &str = "../shared/data/pneumoniamnist";
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("medssl-train-tests-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// A tiny but complete DSRPGC configuration (fast enough for tests).
+fn tiny(extra: &[&str]) -> TrainConfig {
+    let mut sets: Vec<String> = [
+        &format!("data={DATA}"),
+        "width=4",
+        "fusion_dim=8",
+        "emb=8",
+        "batch_labeled=4",
+        "batch_unlabeled=8",
+        "queue=64",
+        "epochs=2",
+        "workers=1",
+        "eval_batch=512",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::resolve("fast", None, &sets).unwrap()
+}
+
+fn opts(out: &Path, resume: bool, max_steps: u64) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        max_steps,
+        no_eval: true,
+        quiet: true,
+    }
+}
+
+fn student_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let ck = checkpoint::load(path).unwrap();
+    let mut v: Vec<(String, Vec<f32>)> = ck
+        .tensors
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("norm."))
+        .map(|(k, (d, _))| (k, d))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn resume_reproduces_the_uninterrupted_run() {
+    let (a, b) = (tmp("straight"), tmp("resumed"));
+    let (o, _) = train(tiny(&[]), &opts(&a, false, 7)).unwrap();
+    assert_eq!(o, Outcome::StepLimit);
+    let (o, _) = train(tiny(&[]), &opts(&b, false, 3)).unwrap();
+    assert_eq!(o, Outcome::StepLimit);
+    let (o, _) = train(tiny(&[]), &opts(&b, true, 7)).unwrap();
+    assert_eq!(o, Outcome::StepLimit);
+    let (ta, tb) = (
+        student_tensors(&a.join("last.safetensors")),
+        student_tensors(&b.join("last.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    assert!(ta.iter().any(|(k, _)| k.starts_with("opt.m.")) && ta.iter().any(|(k, _)| k == "meta"));
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(va == vb, "tensor {ka} differs after resume");
+    }
+    // The straight run really moved away from the initial weights.
+    let c = tmp("init");
+    train(tiny(&[]), &opts(&c, false, 1)).unwrap();
+    let tc = student_tensors(&c.join("last.safetensors"));
+    let w = |t: &[(String, Vec<f32>)]| {
+        t.iter()
+            .find(|(k, _)| k == "student.fc.weight")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(w(&ta), w(&tc));
+    for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn corrupt_checkpoint_is_refused_with_a_clear_error() {
+    let d = tmp("corrupt");
+    train(tiny(&[]), &opts(&d, false, 1)).unwrap();
+    let p = d.join("last.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x40;
+    std::fs::write(&p, &bytes).unwrap();
+    let e = checkpoint::load(&p)
+        .err()
+        .expect("corrupt checkpoint must not load")
+        .to_string();
+    assert!(
+        e.contains("checksum mismatch") && e.contains("last.safetensors"),
+        "{e}"
+    );
+    std::fs::write(&p, &bytes[..n / 2]).unwrap();
+    let e = checkpoint::load(&p)
+        .err()
+        .expect("truncated checkpoint must not load")
+        .to_string();
+    assert!(e.contains("last.safetensors"), "{e}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn non_finite_loss_stops_with_step_and_term_and_keeps_last_checkpoint() {
+    let d = tmp("nan");
+    train(tiny(&[]), &opts(&d, false, 2)).unwrap();
+    let before = std::fs::read(d.join("last.safetensors")).unwrap();
+    // Resume with an absurd learning rate: the weights overflow and the next loss is not finite.
+    let e = train(tiny(&["lr=1e30", "schedule=constant"]), &opts(&d, true, 50))
+        .expect_err("training must stop on a non-finite loss")
+        .to_string();
+    assert!(e.contains("non-finite loss at step"), "{e}");
+    assert!(e.contains("term"), "{e}");
+    assert!(e.contains("last good checkpoint"), "{e}");
+    assert_eq!(std::fs::read(d.join("last.safetensors")).unwrap(), before);
+    // What defines the model cannot change on resume.
+    let e = train(tiny(&["width=8"]), &opts(&d, true, 50))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("'width'"), "{e}");
+    let _ = std::fs::remove_dir_all(d);
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_medssl")
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
+    let d = tmp("sigterm");
+    let mut child = Command::new(bin())
+        .args([
+            "train",
+            "--data",
+            DATA,
+            "--out",
+            d.to_str().unwrap(),
+            "--no-eval",
+        ])
+        .args([
+            "--set",
+            "width=4",
+            "--set",
+            "fusion_dim=8",
+            "--set",
+            "emb=8",
+            "--set",
+            "log_every=1",
+        ])
+        .args([
+            "--set",
+            "batch_labeled=4",
+            "--set",
+            "batch_unlabeled=8",
+            "--set",
+            "queue=64",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until a step has been logged, then ask the run to stop.
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        seen.push(l.clone());
+        if l.contains(" step ") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let all = [seen, rest].concat().join("\n");
+    assert!(status.success(), "exit {status:?}\n{all}");
+    assert!(all.contains("stopped by signal"), "{all}");
+    let ck = checkpoint::load(&d.join("last.safetensors")).unwrap();
+    assert!(ck.state.step >= 1);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn eval_and_predict_on_a_trained_checkpoint() {
+    let d = tmp("evalpredict");
+    let mut cfg = tiny(&[]);
+    cfg.epochs = 1;
+    let mut o = opts(&d, false, 0);
+    o.no_eval = false;
+    let (outcome, summary) = train(cfg.clone(), &o).unwrap();
+    assert_eq!(outcome, Outcome::Finished);
+    let test = &summary["test"];
+    assert!(test["macro_auc"].as_f64().unwrap() > 0.5, "{summary}");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "curves.png",
+        "best.safetensors",
+        "labeled.txt",
+    ] {
+        assert!(d.join(f).exists(), "{f} missing");
+    }
+    let best = d.join("best.safetensors");
+    let out = Command::new(bin())
+        .args([
+            "eval",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--split",
+            "test",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // `medssl eval` on the best checkpoint reproduces the run's own test metrics.
+    let (a, b) = (
+        v["metrics"]["macro_auc"].as_f64().unwrap(),
+        test["macro_auc"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+    // predict: a PNG of the right size, and a bad file named in the error.
+    let png = d.join("x.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 3) % 256) as u8]))
+        .save(&png)
+        .unwrap();
+    let out = Command::new(bin())
+        .args([
+            "predict",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            png.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let probs = v[0]["probabilities"].as_object().unwrap();
+    assert_eq!(probs.len(), 2);
+    let s: f64 = probs.values().map(|p| p.as_f64().unwrap()).sum();
+    assert!((s - 1.0).abs() < 1e-5);
+    let bad = d.join("bad.png");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let out = Command::new(bin())
+        .args([
+            "predict",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.png"));
+    let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn dsrpgc_tiny_loss_equals_the_golden_case() {
+    let r = medssl::golden::run_case(
+        Path::new("../shared/golden/dsrpgc_tiny.safetensors"),
+        medssl::Device::Cpu,
+    );
+    assert!(r.error.is_none(), "{:?}", r.error);
+    let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
+    for n in [
+        "out.loss",
+        "out.loss_sup",
+        "out.loss_cons",
+        "out.loss_pgc",
+        "out.weights",
+        "out.pseudo_labels",
+    ] {
+        assert!(names.contains(&n), "{n} not checked");
+    }
+    assert!(
+        r.pass,
+        "{:#?}",
+        r.checks.iter().filter(|c| !c.pass).collect::<Vec<_>>()
+    );
+}
