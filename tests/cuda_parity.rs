@@ -170,6 +170,11 @@ fn caching_allocator_reuses_buffers() {
     let cb = CudaBackend::get_concrete(0).unwrap();
     let mut rng = Rng::new(2);
     let (_, x) = rand_pair(g, &mut rng, &[37, 129], 1.0);
+    // Each step requests exactly these pooled buffers: the outputs of relu_fwd [37, 129],
+    // softmax_fwd [37, 129], sum_all [1] and matmul [129, 129] (cuBLAS needs no scratch from the
+    // pool). All of them are dropped by the end of the step.
+    const BUFFERS_PER_STEP: usize = 4;
+    const STEPS: usize = 20;
     let step = || {
         let y = g.relu_fwd(&x).unwrap();
         let z = g.softmax_fwd(&y).unwrap();
@@ -177,23 +182,34 @@ fn caching_allocator_reuses_buffers() {
         let _ = g.matmul(&z, &y, true, false).unwrap();
         s
     };
+    // Warm-up: the first step fills the free lists, the next ones must already hit them.
     for _ in 0..3 {
         step();
     }
     g.synchronize().unwrap();
-    let (allocs, _) = cb.alloc_stats();
-    for _ in 0..20 {
+    // Per-thread counters: exact even while other tests use the device from other threads.
+    let (allocs, reuses) = cb.thread_alloc_stats();
+    for _ in 0..STEPS {
         step();
     }
     g.synchronize().unwrap();
-    let (allocs2, reuses2) = cb.alloc_stats();
-    // Other tests run concurrently in this process, so allow their allocations but require that
-    // this loop's 100 buffers came from the cache.
-    println!("allocs {allocs} -> {allocs2}, reuses {reuses2}");
-    assert!(
-        reuses2 >= 100,
-        "expected cached reuse, stats {:?}",
+    let (allocs2, reuses2) = cb.thread_alloc_stats();
+    let (new_allocs, new_reuses) = (allocs2 - allocs, reuses2 - reuses);
+    println!(
+        "steady state: {STEPS} steps, {new_allocs} new device allocations, {new_reuses} cache \
+         reuses (this thread: allocs {allocs} -> {allocs2}, reuses {reuses} -> {reuses2}; \
+         process: {:?})",
         cb.alloc_stats()
+    );
+    assert_eq!(
+        new_allocs, 0,
+        "the steady-state loop called cuMemAlloc {new_allocs} times"
+    );
+    assert_eq!(
+        new_reuses,
+        STEPS * BUFFERS_PER_STEP,
+        "every buffer of the steady-state loop ({BUFFERS_PER_STEP} per step) must come from \
+         the cache"
     );
     println!(
         "conv engine: {}, device {}",

@@ -13,6 +13,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod shapes;
 
 use crate::error::Result;
 use crate::tensor::{Device, Tensor};

@@ -206,11 +206,19 @@ pub fn run_info(args: &InfoArgs) -> anyhow::Result<()> {
     row("labelled", Some(&part.labeled));
     row("unlabelled", Some(&part.unlabeled));
     println!("labelled   {} (seed {})", part.labeled_spec, part.seed);
-    println!(
-        "train mean {:?}  std {:?}",
-        v["train_mean"].as_array().unwrap(),
-        v["train_std"].as_array().unwrap()
-    );
+    let fmt = |k: &str| -> String {
+        let vals: Vec<String> = v[k]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| format!("{x:.4}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!("[{}]", vals.join(", "))
+    };
+    println!("train mean {}  std {}", fmt("train_mean"), fmt("train_std"));
     if let Some(dir) = &args.write_split {
         println!(
             "wrote      {}/{{labeled.txt,unlabeled.txt,partition.json}}",

@@ -7,26 +7,10 @@ use rayon::prelude::*;
 
 use super::gemm::sgemm;
 
-/// Static description of one convolution.
-#[derive(Clone, Copy, Debug)]
-pub struct ConvShape {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
+/// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
+pub use crate::backend::shapes::ConvGeom as ConvShape;
 
 impl ConvShape {
-    pub fn ho(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    pub fn wo(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
     fn kdim(&self) -> usize {
         self.cin * self.k * self.k
     }

@@ -2,23 +2,10 @@
 
 use rayon::prelude::*;
 
-/// Pooling geometry of one plane.
-#[derive(Clone, Copy, Debug)]
-pub struct PoolShape {
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: usize,
-}
+/// Pooling geometry of one plane (validated by [`crate::backend::shapes::pool`]).
+pub use crate::backend::shapes::PoolGeom as PoolShape;
 
 impl PoolShape {
-    pub fn ho(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    pub fn wo(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
     /// Index within the plane of the first maximum of window `(oh, ow)` (scan kh outer, kw
     /// inner; NaN wins, as in PyTorch).
     fn argmax(&self, plane: &[f32], oh: usize, ow: usize) -> usize {

@@ -14,68 +14,14 @@ use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::CudaStream;
 
 use super::gemm::Gemm;
-use super::{cfg_lin, ci, elementwise, lock, nchw, reduce, CudaBackend, A};
+use super::{cfg_lin, ci, elementwise, lock, reduce, CudaBackend, A};
+use crate::backend::shapes::{self, ConvGeom as Shape};
 use crate::backend::{ConvGrads, ConvParams};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Largest cuDNN workspace we accept for one call.
 const WORKSPACE_LIMIT: usize = 512 << 20;
-
-/// Validated convolution geometry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Shape {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-}
-
-impl Shape {
-    fn ho(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    fn wo(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
-    fn out_shape(&self) -> [usize; 4] {
-        [self.n, self.cout, self.ho(), self.wo()]
-    }
-}
-
-fn conv_shape(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Shape> {
-    let (n, cin, h, wd) = nchw(x, "conv2d input")?;
-    let (cout, wc, kh, kw) = nchw(w, "conv2d weight")?;
-    if wc != cin || kh != kw {
-        crate::bail!(
-            "conv2d: weight {:?} does not fit input {:?} (square kernels, same channels)",
-            w.shape(),
-            x.shape()
-        );
-    }
-    if p.stride == 0 || h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
-        crate::bail!(
-            "conv2d: kernel {kh} stride {} padding {} does not fit input {:?}",
-            p.stride,
-            p.padding,
-            x.shape()
-        );
-    }
-    Ok(Shape {
-        n,
-        cin,
-        h,
-        w: wd,
-        cout,
-        k: kh,
-        stride: p.stride,
-        pad: p.padding,
-    })
-}
 
 // ---------------------------------------------------------------------------------------------
 // cuDNN engine
@@ -354,16 +300,8 @@ pub(super) fn conv2d_fwd(
     b: Option<&Tensor>,
     p: ConvParams,
 ) -> Result<Tensor> {
-    let s = conv_shape(x, w, p)?;
-    if let Some(b) = b {
-        if b.shape() != [s.cout] {
-            crate::bail!(
-                "conv2d: bias {:?} does not fit {} output channels",
-                b.shape(),
-                s.cout
-            );
-        }
-    }
+    let s = shapes::conv(x, w, p)?;
+    shapes::conv_bias(&s, b)?;
     let out = s.out_shape();
     if s.n == 0 || s.cout == 0 || s.cin == 0 {
         return be.zeros(&out);
@@ -414,14 +352,8 @@ pub(super) fn conv2d_bwd(
     need_x: bool,
     has_bias: bool,
 ) -> Result<ConvGrads> {
-    let s = conv_shape(x, w, p)?;
-    if gy.shape() != s.out_shape() {
-        crate::bail!(
-            "conv2d backward: gradient {:?} does not fit output {:?}",
-            gy.shape(),
-            s.out_shape()
-        );
-    }
+    let s = shapes::conv(x, w, p)?;
+    shapes::conv_grad(&s, gy)?;
     let gb = if has_bias {
         let gb = be.empty(&[s.cout])?;
         if s.cout > 0 {

@@ -5,22 +5,10 @@
 //! of `A`), `y = Q̂ + P̂·S`.
 
 use super::gemm::Gemm;
-use super::{cfg_lin, ci, nchw, same_shape, CudaBackend, CudaStorage, A};
+use super::{cfg_lin, ci, same_shape, CudaBackend, CudaStorage, A};
+use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
-
-fn shapes(low: &Tensor, high: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    let (b, d, hp, wp) = nchw(low, "similarity_fusion low")?;
-    let (bq, dq, hq, wq) = nchw(high, "similarity_fusion high")?;
-    if b != bq || d != dq {
-        crate::bail!(
-            "similarity_fusion: low {:?} and high {:?} differ in batch or channels",
-            low.shape(),
-            high.shape()
-        );
-    }
-    Ok((b, d, hp * wp, hq * wq))
-}
 
 /// `S [B, Np, Nq]` for the given images.
 fn similarity(
@@ -67,7 +55,7 @@ pub(super) fn similarity_fusion_fwd(
     low: &Tensor,
     high: &Tensor,
 ) -> Result<Tensor> {
-    let (b, d, np, nq) = shapes(low, high)?;
+    let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
     let y = be.empty(high.shape())?;
     if y.numel() == 0 {
         return Ok(y);
@@ -92,7 +80,7 @@ pub(super) fn similarity_fusion_bwd(
     high: &Tensor,
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, d, np, nq) = shapes(low, high)?;
+    let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
     same_shape(high, gy, "similarity_fusion backward")?;
     let glow = be.zeros(low.shape())?;
     let ghigh = be.empty(high.shape())?;

@@ -7,6 +7,7 @@
 use cudarc::cublas::sys::cublasOperation_t as Op;
 
 use super::{cfg_lin, ci, elementwise, CudaBackend, A};
+use crate::backend::shapes;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -152,38 +153,14 @@ pub(super) fn matmul(
     trans_a: bool,
     trans_b: bool,
 ) -> Result<Tensor> {
-    let (sa, sb) = (a.shape(), b.shape());
-    if sa.len() != sb.len() || !(2..=3).contains(&sa.len()) {
-        crate::bail!("matmul: shapes {sa:?} and {sb:?} must both be 2-D or both 3-D");
-    }
-    let batch = if sa.len() == 3 { sa[0] } else { 1 };
-    if sa.len() == 3 && sb[0] != batch {
-        crate::bail!("matmul: batch sizes differ in {sa:?} and {sb:?}");
-    }
-    let r = sa.len() - 2;
-    let (m, k) = if trans_a {
-        (sa[r + 1], sa[r])
-    } else {
-        (sa[r], sa[r + 1])
-    };
-    let (kb, n) = if trans_b {
-        (sb[r + 1], sb[r])
-    } else {
-        (sb[r], sb[r + 1])
-    };
-    if k != kb {
-        crate::bail!(
-            "matmul: inner dimensions differ ({sa:?}{} x {sb:?}{})",
-            if trans_a { "ᵀ" } else { "" },
-            if trans_b { "ᵀ" } else { "" }
-        );
-    }
-    let shape: Vec<usize> = if r == 1 {
-        vec![batch, m, n]
-    } else {
-        vec![m, n]
-    };
-    let c = be.empty(&shape)?;
+    let shapes::MatmulGeom {
+        batch,
+        m,
+        n,
+        k,
+        out_shape,
+    } = shapes::matmul(a, b, trans_a, trans_b)?;
+    let c = be.empty(&out_shape)?;
     Gemm::new(trans_a, trans_b, m, n, k)
         .batched(batch)
         .run(be, be.p(a)?, be.p(b)?, be.p(&c)?)?;
@@ -196,18 +173,9 @@ pub(super) fn linear_fwd(
     w: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (xs, ws) = (x.shape(), w.shape());
-    if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[1] {
-        crate::bail!("linear: input {xs:?} does not fit weight {ws:?}");
-    }
-    let (n, o) = (xs[0], ws[0]);
-    if let Some(b) = b {
-        if b.shape() != [o] {
-            crate::bail!("linear: bias {:?} does not fit {o} outputs", b.shape());
-        }
-    }
+    let (n, o, k) = shapes::linear(x, w, b)?;
     let y = be.empty(&[n, o])?;
-    Gemm::new(false, true, n, o, xs[1]).run(be, be.p(x)?, be.p(w)?, be.p(&y)?)?;
+    Gemm::new(false, true, n, o, k).run(be, be.p(x)?, be.p(w)?, be.p(&y)?)?;
     if let Some(b) = b {
         elementwise::add_bias(be, &y, b, o, 1)?;
     }

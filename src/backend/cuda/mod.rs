@@ -37,6 +37,9 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
+use crate::backend::shapes;
+/// The shared validation, re-exported for the op-family files.
+pub(crate) use crate::backend::shapes::{nchw, rows2, rows_last, same_shape, scalar_grad};
 use crate::backend::{
     AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
 };
@@ -64,20 +67,47 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// owning device's single stream, so a buffer released while kernels that read it are still
 /// queued can be handed out again at once: its next use is ordered after them.
 pub(crate) struct Pool {
+    ordinal: usize,
     stream: Arc<CudaStream>,
     free: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
     allocs: AtomicUsize,
     reuses: AtomicUsize,
 }
 
+thread_local! {
+    /// Per-thread `(fresh allocations, cache reuses)` by device ordinal: ops allocate on the
+    /// calling thread, so these count exactly one thread's requests even while other threads
+    /// use the same device (e.g. tests running in parallel).
+    static THREAD_STATS: std::cell::RefCell<Vec<(usize, usize)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Pool {
+    /// Counts one request on this thread: `fresh` for a new device allocation, else a reuse.
+    fn count(&self, fresh: bool) {
+        let c = if fresh { &self.allocs } else { &self.reuses };
+        c.fetch_add(1, Ordering::Relaxed);
+        THREAD_STATS.with(|t| {
+            let mut t = t.borrow_mut();
+            if t.len() <= self.ordinal {
+                t.resize(self.ordinal + 1, (0, 0));
+            }
+            let e = &mut t[self.ordinal];
+            if fresh {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        });
+    }
+
     fn take(&self, len: usize) -> Result<CudaSlice<f32>> {
         let len = len.max(1);
         if let Some(s) = lock(&self.free).get_mut(&len).and_then(|v| v.pop()) {
-            self.reuses.fetch_add(1, Ordering::Relaxed);
+            self.count(false);
             return Ok(s);
         }
-        self.allocs.fetch_add(1, Ordering::Relaxed);
+        self.count(true);
         // SAFETY: the buffer is uninitialised f32 memory; every op writes its outputs fully
         // before they are read (or zero-fills them explicitly).
         match unsafe { self.stream.alloc::<f32>(len) } {
@@ -334,6 +364,7 @@ impl CudaBackend {
             .result()
             .map_err(cuda_err("setting the cuBLAS math mode"))?;
         let pool = Arc::new(Pool {
+            ordinal,
             stream: stream.clone(),
             free: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
@@ -352,12 +383,19 @@ impl CudaBackend {
         })
     }
 
-    /// `(fresh device allocations, allocations served from the cache)` since start-up.
+    /// `(fresh device allocations, allocations served from the cache)` since start-up, over all
+    /// threads. Every pooled buffer request counts exactly once, in one of the two.
     pub fn alloc_stats(&self) -> (usize, usize) {
         (
             self.pool.allocs.load(Ordering::Relaxed),
             self.pool.reuses.load(Ordering::Relaxed),
         )
+    }
+
+    /// Like [`CudaBackend::alloc_stats`] but only the requests made by the calling thread on
+    /// this device, so a caller can measure its own ops while other threads use the device.
+    pub fn thread_alloc_stats(&self) -> (usize, usize) {
+        THREAD_STATS.with(|t| t.borrow().get(self.ordinal).copied().unwrap_or((0, 0)))
     }
 
     /// Frees all cached (unused) device buffers.
@@ -483,17 +521,7 @@ impl CudaBackend {
         classes: usize,
         op: &str,
     ) -> Result<CudaStorage> {
-        if labels.len() != rows {
-            return Err(Error::msg(format!(
-                "{op}: {} labels for {rows} rows",
-                labels.len()
-            )));
-        }
-        if let Some(l) = labels.iter().find(|&&l| l >= classes) {
-            return Err(Error::msg(format!(
-                "{op}: label {l} out of range for {classes} classes"
-            )));
-        }
+        shapes::labels(labels, rows, classes, op)?;
         self.upload_ints(labels)
     }
 
@@ -516,60 +544,6 @@ impl CudaBackend {
     pub(crate) fn blas(&self) -> MutexGuard<'_, cudarc::cublas::CudaBlas> {
         lock(&self.blas)
     }
-}
-
-/// Fails unless two tensors have the same shape.
-pub(crate) fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
-    if a.shape() != b.shape() {
-        return Err(Error::msg(format!(
-            "{op}: shapes {:?} and {:?} differ",
-            a.shape(),
-            b.shape()
-        )));
-    }
-    Ok(())
-}
-
-/// `(rows, cols)` of a 2-D tensor with a non-empty last dimension.
-pub(crate) fn rows2(t: &Tensor, op: &str) -> Result<(usize, usize)> {
-    match t.shape() {
-        &[b, c] if c > 0 => Ok((b, c)),
-        s => Err(Error::msg(format!(
-            "{op}: expected a [rows, cols] tensor, got {s:?}"
-        ))),
-    }
-}
-
-/// `(rows, last)` of any tensor viewed as `[rows, last_dim]`.
-pub(crate) fn rows_last(t: &Tensor, op: &str) -> Result<(usize, usize)> {
-    match t.shape().last() {
-        Some(&d) if d > 0 => Ok((t.numel() / d, d)),
-        _ => Err(Error::msg(format!(
-            "{op}: needs a non-empty last dimension, got {:?}",
-            t.shape()
-        ))),
-    }
-}
-
-/// `(n, c, h, w)` of an NCHW tensor.
-pub(crate) fn nchw(t: &Tensor, op: &str) -> Result<(usize, usize, usize, usize)> {
-    match t.shape() {
-        &[n, c, h, w] => Ok((n, c, h, w)),
-        s => Err(Error::msg(format!(
-            "{op}: expected an NCHW tensor, got shape {s:?}"
-        ))),
-    }
-}
-
-/// Checks a `[1]` upstream gradient.
-pub(crate) fn scalar_grad(g: &Tensor, op: &str) -> Result<()> {
-    if g.numel() != 1 {
-        return Err(Error::msg(format!(
-            "{op}: expected a [1] upstream gradient, got {:?}",
-            g.shape()
-        )));
-    }
-    Ok(())
 }
 
 impl Backend for CudaBackend {

@@ -1,24 +1,12 @@
 //! Batch norm and row-wise L2 normalisation (kernels/norm.cu).
 
 use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
-use crate::backend::BnTrainOut;
+use crate::backend::{shapes, BnTrainOut};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
 /// Threads per block of the per-channel reductions.
 const RED_THREADS: u32 = 512;
-
-fn check_channels(c: usize, ts: &[(&Tensor, &str)]) -> Result<()> {
-    for (t, nm) in ts {
-        if t.shape() != [c] {
-            crate::bail!(
-                "batch_norm2d: {nm} {:?} does not fit {c} channels",
-                t.shape()
-            );
-        }
-    }
-    Ok(())
-}
 
 pub(super) fn batch_norm_train_fwd(
     be: &CudaBackend,
@@ -27,14 +15,7 @@ pub(super) fn batch_norm_train_fwd(
     beta: &Tensor,
     eps: f32,
 ) -> Result<BnTrainOut> {
-    let (n, c, h, w) = nchw(x, "batch_norm2d")?;
-    if n * h * w < 2 {
-        crate::bail!(
-            "batch_norm2d: training needs more than one value per channel, got input {:?}",
-            x.shape()
-        );
-    }
-    check_channels(c, &[(gamma, "weight"), (beta, "bias")])?;
+    let (n, c, h, w) = shapes::batch_norm_train_fwd(x, gamma, beta)?;
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
@@ -122,9 +103,7 @@ pub(super) fn batch_norm_train_bwd(
     invstd: &Tensor,
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
-    same_shape(x, gy, "batch_norm2d backward")?;
-    check_channels(c, &[(gamma, "weight"), (mean, "mean"), (invstd, "invstd")])?;
+    let (n, c, h, w) = shapes::batch_norm_train_bwd(x, gamma, mean, invstd, gy)?;
     let (gg, gb) = bwd_reduce(be, x, gy, be.p(mean)?, be.p(invstd)?)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
@@ -172,16 +151,7 @@ pub(super) fn batch_norm_eval_fwd(
     rv: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
-    let (_, c, h, w) = nchw(x, "batch_norm2d")?;
-    check_channels(
-        c,
-        &[
-            (gamma, "weight"),
-            (beta, "bias"),
-            (rm, "running_mean"),
-            (rv, "running_var"),
-        ],
-    )?;
+    let (_, c, h, w) = shapes::batch_norm_eval_fwd(x, gamma, beta, rm, rv)?;
     let inv = eval_invstd(be, rv, c, eps)?;
     let y = be.empty(x.shape())?;
     let total = x.numel();
@@ -214,12 +184,7 @@ pub(super) fn batch_norm_eval_bwd(
     eps: f32,
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (_, c, h, w) = nchw(x, "batch_norm2d backward")?;
-    same_shape(x, gy, "batch_norm2d backward")?;
-    check_channels(
-        c,
-        &[(gamma, "weight"), (rm, "running_mean"), (rv, "running_var")],
-    )?;
+    let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
     let (gg, gb) = bwd_reduce(be, x, gy, be.p(rm)?, be.p(&inv)?)?;
     let gx = be.empty(x.shape())?;

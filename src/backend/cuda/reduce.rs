@@ -4,6 +4,7 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, CudaBackend, A};
+use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -49,9 +50,7 @@ pub(super) fn sum_rows_raw(
 }
 
 pub(super) fn sum_rows(be: &CudaBackend, x: &Tensor, n: usize) -> Result<Tensor> {
-    if n == 0 || !x.numel().is_multiple_of(n) {
-        crate::bail!("sum_rows: {:?} is not a multiple of rows of {n}", x.shape());
-    }
+    shapes::sum_rows(x, n)?;
     let out = be.empty(&[n])?;
     sum_rows_raw(be, x.numel() / n, n, be.p(x)?, be.p(&out)?)?;
     Ok(out)
@@ -103,12 +102,7 @@ pub(super) fn global_avg_pool_bwd(
     gy: &Tensor,
     x_shape: &[usize],
 ) -> Result<Tensor> {
-    if x_shape.len() != 4 || gy.shape() != [x_shape[0], x_shape[1]] {
-        crate::bail!(
-            "global_avg_pool2d backward: gradient {:?} does not fit input {x_shape:?}",
-            gy.shape()
-        );
-    }
+    let hw = shapes::global_avg_pool_bwd(gy, x_shape)?;
     let gx = be.empty(x_shape)?;
     let total = gx.numel();
     if total > 0 {
@@ -117,7 +111,7 @@ pub(super) fn global_avg_pool_bwd(
             cfg_lin(total),
             &[
                 A::I(ci(total)?),
-                A::I(ci(x_shape[2] * x_shape[3])?),
+                A::I(ci(hw)?),
                 A::P(be.p(gy)?),
                 A::P(be.p(&gx)?),
             ],

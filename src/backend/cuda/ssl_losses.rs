@@ -3,7 +3,8 @@
 //! and Gram matrices on cuBLAS, residuals and the final contraction in kernels).
 
 use super::gemm::{linear_fwd, Gemm};
-use super::{cfg_rows, ci, reduce, rows2, same_shape, scalar_grad, CudaBackend, CudaStorage, A};
+use super::{cfg_rows, ci, reduce, rows2, scalar_grad, CudaBackend, CudaStorage, A};
+use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -25,25 +26,13 @@ pub(super) fn entropy_weight(be: &CudaBackend, logits: &Tensor) -> Result<Tensor
     Ok(out)
 }
 
-fn consistency_shapes(zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
-    let (b, c) = rows2(zs, "weighted_consistency")?;
-    same_shape(zs, zt, "weighted_consistency")?;
-    if w.shape() != [b] {
-        crate::bail!(
-            "weighted_consistency: weights {:?} do not fit batch {b}",
-            w.shape()
-        );
-    }
-    Ok((b, c))
-}
-
 pub(super) fn weighted_consistency_fwd(
     be: &CudaBackend,
     zs: &Tensor,
     zt: &Tensor,
     w: &Tensor,
 ) -> Result<Tensor> {
-    let (b, c) = consistency_shapes(zs, zt, w)?;
+    let (b, c) = shapes::consistency(zs, zt, w)?;
     let rows = be.buffer(b)?;
     let out = be.empty(&[1])?;
     if b > 0 {
@@ -71,7 +60,7 @@ pub(super) fn weighted_consistency_bwd(
     w: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor> {
-    let (b, c) = consistency_shapes(zs, zt, w)?;
+    let (b, c) = shapes::consistency(zs, zt, w)?;
     scalar_grad(g, "weighted_consistency backward")?;
     let gz = be.empty(zs.shape())?;
     if b > 0 {
@@ -111,19 +100,8 @@ fn pgc_prepare(
     kl: &[usize],
     kw: &Tensor,
 ) -> Result<Pgc> {
-    let (b, e) = rows2(q, "pgc_loss queries")?;
-    let (nk, ek) = rows2(k, "pgc_loss keys")?;
-    if e != ek || ql.len() != b || qw.shape() != [b] || kl.len() != nk || kw.shape() != [nk] {
-        crate::bail!(
-            "pgc_loss: queries {:?} ({} labels, weights {:?}) and keys {:?} ({} labels, weights {:?}) disagree",
-            q.shape(),
-            ql.len(),
-            qw.shape(),
-            k.shape(),
-            kl.len(),
-            kw.shape()
-        );
-    }
+    let e = shapes::pgc(q, ql, qw, k, kl, kw)?;
+    let (b, nk) = (ql.len(), kl.len());
     Ok(Pgc {
         b,
         nk,
@@ -252,16 +230,8 @@ pub(super) fn dsr_alignment(
     fc_w: &Tensor,
     fc_b: &Tensor,
 ) -> Result<Tensor> {
-    let (bl, d) = rows2(feat_lab, "dsr_alignment labelled features")?;
-    let (bu, du) = rows2(feat_unl, "dsr_alignment unlabelled features")?;
-    let (c, dw) = rows2(fc_w, "dsr_alignment fc weight")?;
-    if du != d || dw != d || fc_b.shape() != [c] {
-        crate::bail!(
-            "dsr_alignment: feature dims {d}/{du}, fc {:?} + {:?} disagree",
-            fc_w.shape(),
-            fc_b.shape()
-        );
-    }
+    let shapes::DsrGeom { bl, bu, d, c } =
+        shapes::dsr_alignment(feat_lab, y_lab, feat_unl, pseudo, fc_w, fc_b)?;
     let rl = residual(
         be,
         &linear_fwd(be, feat_lab, fc_w, Some(fc_b))?,

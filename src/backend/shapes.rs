@@ -1,0 +1,486 @@
+//! Shape and argument validation shared by every backend: one function per check, each returning
+//! the validated geometry, so the CPU reference and the device backends accept and reject exactly
+//! the same inputs with the same messages.
+
+use crate::backend::{ConvParams, PoolParams};
+use crate::bail;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Validated convolution geometry (square kernel `k`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// `[n, cout, ho, wo]`.
+    pub fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.cout, self.ho(), self.wo()]
+    }
+}
+
+/// Validated max-pool geometry of one `[H, W]` plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolGeom {
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl PoolGeom {
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+}
+
+/// Validated matrix-product geometry: `batch` products `[m, k]·[k, n]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatmulGeom {
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// `[m, n]` or `[batch, m, n]`, following the inputs' rank.
+    pub out_shape: Vec<usize>,
+}
+
+/// Validated similarity-fusion geometry: batch, channels, low and high positions per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusionGeom {
+    pub b: usize,
+    pub d: usize,
+    pub np: usize,
+    pub nq: usize,
+}
+
+/// Validated DSR-alignment geometry: labelled rows, unlabelled rows, feature dim, classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DsrGeom {
+    pub bl: usize,
+    pub bu: usize,
+    pub d: usize,
+    pub c: usize,
+}
+
+/// Fails unless two tensors have the same shape.
+pub fn same_shape(a: &Tensor, b: &Tensor, op: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+    }
+    Ok(())
+}
+
+/// The non-empty last dimension of a tensor.
+pub fn last_dim(t: &Tensor, op: &str) -> Result<usize> {
+    match t.shape().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => bail!(
+            "{op}: needs a non-empty last dimension, got {:?}",
+            t.shape()
+        ),
+    }
+}
+
+/// `(rows, last)` of any tensor viewed as `[rows, last_dim]` (non-empty last dimension).
+pub fn rows_last(t: &Tensor, op: &str) -> Result<(usize, usize)> {
+    let d = last_dim(t, op)?;
+    Ok((t.numel() / d, d))
+}
+
+/// `(rows, cols)` of a 2-D tensor with a non-empty last dimension.
+pub fn rows2(t: &Tensor, op: &str) -> Result<(usize, usize)> {
+    match t.shape() {
+        &[b, c] if c > 0 => Ok((b, c)),
+        s => bail!("{op}: expected a [rows, cols] tensor, got {s:?}"),
+    }
+}
+
+/// `(n, c, h, w)` of an NCHW tensor.
+pub fn nchw(t: &Tensor, op: &str) -> Result<(usize, usize, usize, usize)> {
+    match t.shape() {
+        &[n, c, h, w] => Ok((n, c, h, w)),
+        s => bail!("{op}: expected an NCHW tensor, got shape {s:?}"),
+    }
+}
+
+/// Checks one label per row, each `< classes`.
+pub fn labels(labels: &[usize], rows: usize, classes: usize, op: &str) -> Result<()> {
+    if labels.len() != rows {
+        bail!("{op}: {} labels for {rows} rows", labels.len());
+    }
+    if let Some(l) = labels.iter().find(|&&l| l >= classes) {
+        bail!("{op}: label {l} out of range for {classes} classes");
+    }
+    Ok(())
+}
+
+/// Checks a `[1]` upstream gradient.
+pub fn scalar_grad(g: &Tensor, op: &str) -> Result<()> {
+    if g.numel() != 1 {
+        bail!(
+            "{op}: expected a [1] upstream gradient, got {:?}",
+            g.shape()
+        );
+    }
+    Ok(())
+}
+
+/// `sum_rows`: the tensor splits into `n > 0` equal rows.
+pub fn sum_rows(x: &Tensor, n: usize) -> Result<()> {
+    if n == 0 || !x.numel().is_multiple_of(n) {
+        bail!("sum_rows: {:?} is not a multiple of rows of {n}", x.shape());
+    }
+    Ok(())
+}
+
+/// Global average pool backward: `gy [n, c]` fits the NCHW input shape; returns `h·w`.
+pub fn global_avg_pool_bwd(gy: &Tensor, x_shape: &[usize]) -> Result<usize> {
+    if x_shape.len() != 4 || gy.shape() != [x_shape[0], x_shape[1]] {
+        bail!(
+            "global_avg_pool2d backward: gradient {:?} does not fit input {x_shape:?}",
+            gy.shape()
+        );
+    }
+    Ok(x_shape[2] * x_shape[3])
+}
+
+/// Matrix product of two 2-D or two 3-D (batched) tensors, optionally transposed.
+pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<MatmulGeom> {
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() != sb.len() || !(2..=3).contains(&sa.len()) {
+        bail!("matmul: shapes {sa:?} and {sb:?} must both be 2-D or both 3-D");
+    }
+    let batch = if sa.len() == 3 { sa[0] } else { 1 };
+    if sa.len() == 3 && sb[0] != batch {
+        bail!("matmul: batch sizes differ in {sa:?} and {sb:?}");
+    }
+    let r = sa.len() - 2;
+    let (m, k) = if trans_a {
+        (sa[r + 1], sa[r])
+    } else {
+        (sa[r], sa[r + 1])
+    };
+    let (kb, n) = if trans_b {
+        (sb[r + 1], sb[r])
+    } else {
+        (sb[r], sb[r + 1])
+    };
+    if k != kb {
+        bail!(
+            "matmul: inner dimensions differ ({sa:?}{} x {sb:?}{})",
+            if trans_a { "ᵀ" } else { "" },
+            if trans_b { "ᵀ" } else { "" }
+        );
+    }
+    let out_shape = if r == 1 {
+        vec![batch, m, n]
+    } else {
+        vec![m, n]
+    };
+    Ok(MatmulGeom {
+        batch,
+        m,
+        n,
+        k,
+        out_shape,
+    })
+}
+
+/// `y = x·wᵀ (+ b)`: returns `(rows, outputs, inputs)`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<(usize, usize, usize)> {
+    let (xs, ws) = (x.shape(), w.shape());
+    if xs.len() != 2 || ws.len() != 2 || xs[1] != ws[1] {
+        bail!("linear: input {xs:?} does not fit weight {ws:?}");
+    }
+    let (n, o) = (xs[0], ws[0]);
+    if let Some(b) = b {
+        if b.shape() != [o] {
+            bail!("linear: bias {:?} does not fit {o} outputs", b.shape());
+        }
+    }
+    Ok((n, o, xs[1]))
+}
+
+/// Convolution of an NCHW input by a `[cout, cin, k, k]` weight.
+pub fn conv(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<ConvGeom> {
+    let (n, cin, h, wd) = nchw(x, "conv2d input")?;
+    let (cout, wc, kh, kw) = nchw(w, "conv2d weight")?;
+    if wc != cin || kh != kw {
+        bail!(
+            "conv2d: weight {:?} does not fit input {:?} (square kernels, same channels)",
+            w.shape(),
+            x.shape()
+        );
+    }
+    if p.stride == 0 || h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
+        bail!(
+            "conv2d: kernel {kh} stride {} padding {} does not fit input {:?}",
+            p.stride,
+            p.padding,
+            x.shape()
+        );
+    }
+    Ok(ConvGeom {
+        n,
+        cin,
+        h,
+        w: wd,
+        cout,
+        k: kh,
+        stride: p.stride,
+        pad: p.padding,
+    })
+}
+
+/// An optional conv bias must be `[cout]`.
+pub fn conv_bias(s: &ConvGeom, b: Option<&Tensor>) -> Result<()> {
+    if let Some(b) = b {
+        if b.shape() != [s.cout] {
+            bail!(
+                "conv2d: bias {:?} does not fit {} output channels",
+                b.shape(),
+                s.cout
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The conv output gradient must have the output's shape.
+pub fn conv_grad(s: &ConvGeom, gy: &Tensor) -> Result<()> {
+    if gy.shape() != s.out_shape() {
+        bail!(
+            "conv2d backward: gradient {:?} does not fit output {:?}",
+            gy.shape(),
+            s.out_shape()
+        );
+    }
+    Ok(())
+}
+
+/// Max-pool window on an `h × w` plane (padding at most half the kernel).
+pub fn pool(h: usize, w: usize, p: PoolParams) -> Result<PoolGeom> {
+    if p.kernel == 0
+        || p.stride == 0
+        || 2 * p.padding > p.kernel
+        || h + 2 * p.padding < p.kernel
+        || w + 2 * p.padding < p.kernel
+    {
+        bail!(
+            "max_pool2d: kernel {} stride {} padding {} invalid for {h}x{w} (padding at most half the kernel)",
+            p.kernel,
+            p.stride,
+            p.padding
+        );
+    }
+    Ok(PoolGeom {
+        h,
+        w,
+        k: p.kernel,
+        stride: p.stride,
+        pad: p.padding,
+    })
+}
+
+/// Max-pool forward: `(n, c, geometry)` of an NCHW input.
+pub fn max_pool2d_fwd(x: &Tensor, p: PoolParams) -> Result<(usize, usize, PoolGeom)> {
+    let (n, c, h, w) = nchw(x, "max_pool2d")?;
+    Ok((n, c, pool(h, w, p)?))
+}
+
+/// Max-pool backward: as the forward, and `gy` must have the output's shape.
+pub fn max_pool2d_bwd(x: &Tensor, gy: &Tensor, p: PoolParams) -> Result<(usize, usize, PoolGeom)> {
+    let (n, c, h, w) = nchw(x, "max_pool2d backward")?;
+    let s = pool(h, w, p)?;
+    if gy.shape() != [n, c, s.ho(), s.wo()] {
+        bail!(
+            "max_pool2d backward: gradient {:?} does not fit the output",
+            gy.shape()
+        );
+    }
+    Ok((n, c, s))
+}
+
+/// Every per-channel batch-norm parameter must be `[c]`.
+pub fn batch_norm_params(c: usize, ts: &[(&Tensor, &str)]) -> Result<()> {
+    for (t, nm) in ts {
+        if t.shape() != [c] {
+            bail!(
+                "batch_norm2d: {nm} {:?} does not fit {c} channels",
+                t.shape()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Training-mode batch norm forward: `(n, c, h, w)`; needs more than one value per channel.
+pub fn batch_norm_train_fwd(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d")?;
+    if n * h * w < 2 {
+        bail!(
+            "batch_norm2d: training needs more than one value per channel, got input {:?}",
+            x.shape()
+        );
+    }
+    batch_norm_params(c, &[(gamma, "weight"), (beta, "bias")])?;
+    Ok((n, c, h, w))
+}
+
+/// Training-mode batch norm backward: `(n, c, h, w)`.
+pub fn batch_norm_train_bwd(
+    x: &Tensor,
+    gamma: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    gy: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
+    same_shape(x, gy, "batch_norm2d backward")?;
+    batch_norm_params(c, &[(gamma, "weight"), (mean, "mean"), (invstd, "invstd")])?;
+    Ok((n, c, h, w))
+}
+
+/// Eval-mode batch norm forward: `(n, c, h, w)`.
+pub fn batch_norm_eval_fwd(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d")?;
+    batch_norm_params(
+        c,
+        &[
+            (gamma, "weight"),
+            (beta, "bias"),
+            (rm, "running_mean"),
+            (rv, "running_var"),
+        ],
+    )?;
+    Ok((n, c, h, w))
+}
+
+/// Eval-mode batch norm backward: `(n, c, h, w)`.
+pub fn batch_norm_eval_bwd(
+    x: &Tensor,
+    gamma: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+    gy: &Tensor,
+) -> Result<(usize, usize, usize, usize)> {
+    let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
+    same_shape(x, gy, "batch_norm2d backward")?;
+    batch_norm_params(
+        c,
+        &[(gamma, "weight"), (rm, "running_mean"), (rv, "running_var")],
+    )?;
+    Ok((n, c, h, w))
+}
+
+/// Weighted consistency: `zs`, `zt` `[b, c]` and weights `[b]`; returns `(b, c)`.
+pub fn consistency(zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let (b, c) = rows2(zs, "weighted_consistency")?;
+    same_shape(zs, zt, "weighted_consistency")?;
+    if w.shape() != [b] {
+        bail!(
+            "weighted_consistency: weights {:?} do not fit batch {b}",
+            w.shape()
+        );
+    }
+    Ok((b, c))
+}
+
+/// PGC loss: queries `[B, E]` with `B` labels and weights, keys `[Nk, E]` with `Nk` labels and
+/// weights; returns the embedding size `E` (`B`, `Nk` are the label counts).
+pub fn pgc(
+    q: &Tensor,
+    ql: &[usize],
+    qw: &Tensor,
+    k: &Tensor,
+    kl: &[usize],
+    kw: &Tensor,
+) -> Result<usize> {
+    let (b, e) = rows2(q, "pgc_loss queries")?;
+    let (nk, ek) = rows2(k, "pgc_loss keys")?;
+    if e != ek || ql.len() != b || qw.shape() != [b] || kl.len() != nk || kw.shape() != [nk] {
+        bail!(
+            "pgc_loss: queries {:?} ({} labels, weights {:?}) and keys {:?} ({} labels, weights {:?}) disagree",
+            q.shape(),
+            ql.len(),
+            qw.shape(),
+            k.shape(),
+            kl.len(),
+            kw.shape()
+        );
+    }
+    Ok(e)
+}
+
+/// DSR alignment: labelled/unlabelled features `[bl, d]`/`[bu, d]`, fc `[c, d]` + `[c]`, and
+/// one label `< c` per row of each.
+pub fn dsr_alignment(
+    feat_lab: &Tensor,
+    y_lab: &[usize],
+    feat_unl: &Tensor,
+    pseudo: &[usize],
+    fc_w: &Tensor,
+    fc_b: &Tensor,
+) -> Result<DsrGeom> {
+    let (bl, d) = rows2(feat_lab, "dsr_alignment labelled features")?;
+    let (bu, du) = rows2(feat_unl, "dsr_alignment unlabelled features")?;
+    let (c, dw) = rows2(fc_w, "dsr_alignment fc weight")?;
+    if du != d || dw != d || fc_b.shape() != [c] {
+        bail!(
+            "dsr_alignment: feature dims {d}/{du}, fc {:?} + {:?} disagree",
+            fc_w.shape(),
+            fc_b.shape()
+        );
+    }
+    labels(y_lab, bl, c, "dsr_alignment labels")?;
+    labels(pseudo, bu, c, "dsr_alignment pseudo-labels")?;
+    Ok(DsrGeom { bl, bu, d, c })
+}
+
+/// Similarity fusion: low `[b, d, hp, wp]` and high `[b, d, hq, wq]`.
+pub fn fusion(low: &Tensor, high: &Tensor) -> Result<FusionGeom> {
+    let (b, d, hp, wp) = nchw(low, "similarity_fusion low")?;
+    let (bq, dq, hq, wq) = nchw(high, "similarity_fusion high")?;
+    if b != bq || d != dq {
+        bail!(
+            "similarity_fusion: low {:?} and high {:?} differ in batch or channels",
+            low.shape(),
+            high.shape()
+        );
+    }
+    Ok(FusionGeom {
+        b,
+        d,
+        np: hp * wp,
+        nq: hq * wq,
+    })
+}
