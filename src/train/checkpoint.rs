@@ -100,7 +100,6 @@ pub fn save(
         serde_json::to_string(&st.student.cfg).unwrap(),
     );
     md.insert("classes".into(), serde_json::to_string(classes).unwrap());
-    md.insert("opt_step".into(), st.opt.step.to_string());
     md.insert("checksum".into(), checksum(&t));
     write_safetensors(path, &t, &md)
 }
@@ -164,8 +163,9 @@ impl Checkpoint {
         st.teacher
             .store
             .load_named("checkpoint", &self.tensors, "teacher.")?;
+        // One optimiser step per training step, so the step count restores both.
         st.opt
-            .load_state_named(&st.student.store, &self.tensors, "opt.", self.opt_step())?;
+            .load_state_named(&st.student.store, &self.tensors, "opt.", self.state.step)?;
         let q = &mut st.queue;
         let (keys, ks) = &self.tensors["queue.keys"];
         if ks != &vec![q.capacity, q.dim] {
@@ -195,9 +195,5 @@ impl Checkpoint {
         st.meta = meta.clone();
         st.step = self.state.step;
         Ok(())
-    }
-
-    fn opt_step(&self) -> u64 {
-        self.state.step
     }
 }

@@ -1,7 +1,11 @@
-//! 2-D convolution by im2col + GEMM, one image per rayon task.
+//! 2-D convolution by im2col + GEMM over groups of images.
 //!
-//! `col` layout: `[Cin·k·k, Ho·Wo]`, row `(c·k + ki)·k + kj`, column `oh·Wo + ow`, holding
-//! `x[c, oh·s − p + ki, ow·s − p + kj]` (0 outside the image). Then `y[n] = W[Cout, Cin·k·k]·col`.
+//! The batch is split into a fixed number of contiguous groups (one per rayon thread); each group
+//! is processed in chunks of `nb` images whose `col` matrices sit side by side in one
+//! `[Cin·k·k, nb·Ho·Wo]` matrix: row `(c·k + ki)·k + kj`, column `j·Ho·Wo + oh·Wo + ow` holding
+//! `x[j, c, oh·s − p + ki, ow·s − p + kj]` (0 outside the image). One GEMM per chunk then computes
+//! `Y' [Cout, nb·Ho·Wo] = W·col`, which is copied back to NCHW. The group split depends only on the
+//! thread count, so results are deterministic for a given thread count.
 
 use rayon::prelude::*;
 
@@ -10,38 +14,47 @@ use super::gemm::sgemm;
 /// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
 pub use crate::backend::shapes::ConvGeom as ConvShape;
 
+/// Upper bound (in floats) on one chunk's `col` matrix.
+const COL_LIMIT: usize = 1 << 21;
+
 impl ConvShape {
     fn kdim(&self) -> usize {
         self.cin * self.k * self.k
     }
-    /// A 1×1, stride-1, unpadded conv reads the image directly as its `col` matrix.
-    fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
+    /// Images per chunk.
+    fn chunk(&self) -> usize {
+        (COL_LIMIT / (self.kdim() * self.ho() * self.wo()).max(1)).max(1)
     }
 }
 
-fn im2col(s: &ConvShape, x: &[f32], col: &mut [f32]) {
-    let (ho, wo, k) = (s.ho(), s.wo(), s.k);
+/// Contiguous image ranges, one per group (fixed for a given thread count).
+fn groups(n: usize) -> Vec<(usize, usize)> {
+    let g = rayon::current_num_threads().min(n).max(1);
+    let per = n.div_ceil(g);
+    (0..g)
+        .map(|i| (i * per, ((i + 1) * per).min(n)))
+        .filter(|(lo, hi)| lo < hi)
+        .collect()
+}
+
+/// Writes the col block of a zero-padded image `xp [Cin, h+2p, w+2p]` into `col` (rows `ld`
+/// apart): no bounds tests, and contiguous copies when the stride is 1.
+fn im2col_padded(s: &ConvShape, xp: &[f32], col: &mut [f32], ld: usize) {
+    let (ho, wo, k, st) = (s.ho(), s.wo(), s.k, s.stride);
+    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
     for c in 0..s.cin {
-        let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
+        let plane = &xp[c * hp * wp..(c + 1) * hp * wp];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &mut col[((c * k + ki) * k + kj) * ho * wo..][..ho * wo];
-                for oh in 0..ho {
-                    let ih = (oh * s.stride + ki) as isize - s.pad as isize;
-                    let dst = &mut row[oh * wo..(oh + 1) * wo];
-                    if ih < 0 || ih >= s.h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[ih as usize * s.w..(ih as usize + 1) * s.w];
-                    for (ow, d) in dst.iter_mut().enumerate() {
-                        let iw = (ow * s.stride + kj) as isize - s.pad as isize;
-                        *d = if iw < 0 || iw >= s.w as isize {
-                            0.0
-                        } else {
-                            src[iw as usize]
-                        };
+                let row = &mut col[((c * k + ki) * k + kj) * ld..][..ho * wo];
+                for (oh, dst) in row.chunks_exact_mut(wo).enumerate() {
+                    let src = &plane[(oh * st + ki) * wp + kj..];
+                    if st == 1 {
+                        dst.copy_from_slice(&src[..wo]);
+                    } else {
+                        dst.iter_mut()
+                            .zip(src.iter().step_by(st))
+                            .for_each(|(d, v)| *d = *v);
                     }
                 }
             }
@@ -49,25 +62,24 @@ fn im2col(s: &ConvShape, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// Adjoint of `im2col`: scatter-adds `col` back into the image gradient `gx` (zeroed by caller).
-fn col2im(s: &ConvShape, col: &[f32], gx: &mut [f32]) {
-    let (ho, wo, k) = (s.ho(), s.wo(), s.k);
+/// Adjoint of `im2col_padded`: adds `col` (rows `ld` apart) into the padded gradient `gxp`.
+fn col2im_padded(s: &ConvShape, col: &[f32], ld: usize, gxp: &mut [f32]) {
+    let (ho, wo, k, st) = (s.ho(), s.wo(), s.k, s.stride);
+    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
     for c in 0..s.cin {
-        let plane = &mut gx[c * s.h * s.w..(c + 1) * s.h * s.w];
+        let plane = &mut gxp[c * hp * wp..(c + 1) * hp * wp];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &col[((c * k + ki) * k + kj) * ho * wo..][..ho * wo];
-                for oh in 0..ho {
-                    let ih = (oh * s.stride + ki) as isize - s.pad as isize;
-                    if ih < 0 || ih >= s.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[ih as usize * s.w..(ih as usize + 1) * s.w];
-                    for ow in 0..wo {
-                        let iw = (ow * s.stride + kj) as isize - s.pad as isize;
-                        if iw >= 0 && iw < s.w as isize {
-                            dst[iw as usize] += row[oh * wo + ow];
-                        }
+                let row = &col[((c * k + ki) * k + kj) * ld..][..ho * wo];
+                for (oh, src) in row.chunks_exact(wo).enumerate() {
+                    let dst = &mut plane[(oh * st + ki) * wp + kj..];
+                    if st == 1 {
+                        dst[..wo].iter_mut().zip(src).for_each(|(d, v)| *d += *v);
+                    } else {
+                        dst.iter_mut()
+                            .step_by(st)
+                            .zip(src)
+                            .for_each(|(d, v)| *d += *v);
                     }
                 }
             }
@@ -75,36 +87,91 @@ fn col2im(s: &ConvShape, col: &[f32], gx: &mut [f32]) {
     }
 }
 
-/// Whether to parallelise over images (true) or inside each GEMM (false).
-fn outer_parallel(n: usize) -> bool {
-    n >= rayon::current_num_threads()
+/// Copies image `x [Cin, h, w]` into the interior of `xp [Cin, h+2p, w+2p]` (borders untouched).
+fn pad_into(s: &ConvShape, x: &[f32], xp: &mut [f32]) {
+    let (hp, wp, p) = (s.h + 2 * s.pad, s.w + 2 * s.pad, s.pad);
+    for c in 0..s.cin {
+        for ih in 0..s.h {
+            xp[(c * hp + ih + p) * wp + p..][..s.w]
+                .copy_from_slice(&x[(c * s.h + ih) * s.w..][..s.w]);
+        }
+    }
+}
+
+/// Fills `col [kd, nb·howo]` with the col blocks of images `lo..lo+nb`. `xp` is a scratch
+/// padded image whose borders are zero.
+fn build_col(s: &ConvShape, x: &[f32], lo: usize, nb: usize, col: &mut [f32], xp: &mut [f32]) {
+    let (xs, howo) = (s.cin * s.h * s.w, s.ho() * s.wo());
+    let ld = nb * howo;
+    for j in 0..nb {
+        let i = lo + j;
+        let xi = &x[i * xs..(i + 1) * xs];
+        if s.pad == 0 {
+            im2col_padded(s, xi, &mut col[j * howo..], ld);
+        } else {
+            pad_into(s, xi, xp);
+            im2col_padded(s, xp, &mut col[j * howo..], ld);
+        }
+    }
+}
+
+/// Size of the padded scratch image (0 when unpadded).
+fn padded_len(s: &ConvShape) -> usize {
+    if s.pad == 0 {
+        0
+    } else {
+        s.cin * (s.h + 2 * s.pad) * (s.w + 2 * s.pad)
+    }
 }
 
 pub fn conv2d_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     let (howo, kd) = (s.ho() * s.wo(), s.kdim());
-    let mut y = vec![0.0f32; s.n * s.cout * howo];
-    let xs = s.cin * s.h * s.w;
-    let outer = outer_parallel(s.n);
-    let body = |(i, yi): (usize, &mut [f32])| {
-        let xi = &x[i * xs..(i + 1) * xs];
-        if s.is_pointwise() {
-            sgemm(s.cout, howo, kd, w, false, xi, false, yi, false, !outer);
-        } else {
-            let mut col = vec![0.0f32; kd * howo];
-            im2col(s, xi, &mut col);
-            sgemm(s.cout, howo, kd, w, false, &col, false, yi, false, !outer);
-        }
-        if let Some(b) = b {
-            for (co, row) in yi.chunks_mut(howo).enumerate() {
-                row.iter_mut().for_each(|v| *v += b[co]);
-            }
-        }
-    };
-    if outer {
-        y.par_chunks_mut(s.cout * howo).enumerate().for_each(body);
-    } else {
-        y.chunks_mut(s.cout * howo).enumerate().for_each(body);
+    let ys = s.cout * howo;
+    let mut y = vec![0.0f32; s.n * ys];
+    if y.is_empty() {
+        return y;
     }
+    let gr = groups(s.n);
+    let per = gr[0].1 - gr[0].0;
+    let chunk = s.chunk();
+    y.par_chunks_mut(per * ys)
+        .zip(gr.par_iter())
+        .with_max_len(1)
+        .for_each(|(yg, &(glo, ghi))| {
+            let cap = chunk.min(ghi - glo);
+            let mut col = vec![0.0f32; kd * cap * howo];
+            let mut xp = vec![0.0f32; padded_len(s)];
+            let mut yt = vec![0.0f32; s.cout * cap * howo];
+            let mut lo = glo;
+            while lo < ghi {
+                let nb = cap.min(ghi - lo);
+                let ld = nb * howo;
+                build_col(s, x, lo, nb, &mut col[..kd * ld], &mut xp);
+                sgemm(
+                    s.cout,
+                    ld,
+                    kd,
+                    w,
+                    false,
+                    &col[..kd * ld],
+                    false,
+                    &mut yt[..s.cout * ld],
+                    false,
+                    false,
+                );
+                for j in 0..nb {
+                    let yi = &mut yg[(lo - glo + j) * ys..(lo - glo + j + 1) * ys];
+                    for (co, row) in yi.chunks_mut(howo).enumerate() {
+                        let src = &yt[co * ld + j * howo..][..howo];
+                        match b {
+                            Some(b) => row.iter_mut().zip(src).for_each(|(d, v)| *d = *v + b[co]),
+                            None => row.copy_from_slice(src),
+                        }
+                    }
+                }
+                lo += nb;
+            }
+        });
     y
 }
 
@@ -120,16 +187,17 @@ pub fn conv2d_bwd(
     let (howo, kd) = (s.ho() * s.wo(), s.kdim());
     let xs = s.cin * s.h * s.w;
     let ys = s.cout * howo;
-    let outer = outer_parallel(s.n);
-    // Weight gradient: images are split into a fixed number of contiguous groups, each summed
-    // into its own buffer, and the buffers are added in order, so the result is deterministic
-    // for a given thread count.
-    let groups = if outer {
-        rayon::current_num_threads().min(s.n).max(1)
-    } else {
-        1
-    };
-    let per = s.n.div_ceil(groups);
+    if s.n == 0 || ys == 0 || xs == 0 {
+        let gb = has_bias.then(|| vec![0.0f32; s.cout]);
+        return (
+            need_x.then(|| vec![0.0f32; s.n * xs]),
+            vec![0.0f32; s.cout * kd],
+            gb,
+        );
+    }
+    let gr = groups(s.n);
+    let per = gr[0].1 - gr[0].0;
+    let chunk = s.chunk();
     let mut gx = if need_x {
         Some(vec![0.0f32; s.n * xs])
     } else {
@@ -137,39 +205,78 @@ pub fn conv2d_bwd(
     };
     let gx_chunks: Vec<Option<&mut [f32]>> = match gx.as_mut() {
         Some(g) => g.chunks_mut(per * xs).map(Some).collect(),
-        None => (0..groups).map(|_| None).collect(),
+        None => (0..gr.len()).map(|_| None).collect(),
     };
+    // Each group sums its weight gradient into its own buffer; the buffers are added in order.
     let partials: Vec<Vec<f32>> = gx_chunks
         .into_par_iter()
-        .enumerate()
+        .zip(gr.par_iter())
         .with_max_len(1)
-        .map(|(gi, mut gxg)| {
+        .map(|(mut gxg, &(glo, ghi))| {
             let mut gw = vec![0.0f32; s.cout * kd];
-            let mut col = vec![0.0f32; if s.is_pointwise() { 0 } else { kd * howo }];
-            let lo = gi * per;
-            let hi = ((gi + 1) * per).min(s.n);
-            for i in lo..hi {
-                let xi = &x[i * xs..(i + 1) * xs];
-                let gyi = &gy[i * ys..(i + 1) * ys];
-                let c: &[f32] = if s.is_pointwise() {
-                    xi
-                } else {
-                    im2col(s, xi, &mut col);
-                    &col
-                };
-                sgemm(s.cout, kd, howo, gyi, false, c, true, &mut gw, true, !outer);
-                if let Some(g) = gxg.as_deref_mut() {
-                    let gxi = &mut g[(i - lo) * xs..(i - lo + 1) * xs];
-                    if s.is_pointwise() {
-                        sgemm(kd, howo, s.cout, w, true, gyi, false, gxi, false, !outer);
-                    } else {
-                        let mut gcol = vec![0.0f32; kd * howo];
-                        sgemm(
-                            kd, howo, s.cout, w, true, gyi, false, &mut gcol, false, !outer,
-                        );
-                        col2im(s, &gcol, gxi);
+            let cap = chunk.min(ghi - glo);
+            let mut col = vec![0.0f32; kd * cap * howo];
+            let mut xp = vec![0.0f32; padded_len(s)];
+            let mut gxp = vec![0.0f32; if need_x { padded_len(s) } else { 0 }];
+            let mut gyt = vec![0.0f32; s.cout * cap * howo];
+            let mut lo = glo;
+            let mut first = true;
+            while lo < ghi {
+                let nb = cap.min(ghi - lo);
+                let ld = nb * howo;
+                // gY' [Cout, nb·howo].
+                for j in 0..nb {
+                    let gyi = &gy[(lo + j) * ys..(lo + j + 1) * ys];
+                    for (co, row) in gyi.chunks(howo).enumerate() {
+                        gyt[co * ld + j * howo..][..howo].copy_from_slice(row);
                     }
                 }
+                build_col(s, x, lo, nb, &mut col[..kd * ld], &mut xp);
+                sgemm(
+                    s.cout,
+                    kd,
+                    ld,
+                    &gyt[..s.cout * ld],
+                    false,
+                    &col[..kd * ld],
+                    true,
+                    &mut gw,
+                    !first,
+                    false,
+                );
+                first = false;
+                if let Some(g) = gxg.as_deref_mut() {
+                    // Reuse `col` for gcol = Wᵀ·gY'.
+                    sgemm(
+                        kd,
+                        ld,
+                        s.cout,
+                        w,
+                        true,
+                        &gyt[..s.cout * ld],
+                        false,
+                        &mut col[..kd * ld],
+                        false,
+                        false,
+                    );
+                    for j in 0..nb {
+                        let gxi = &mut g[(lo - glo + j) * xs..(lo - glo + j + 1) * xs];
+                        if s.pad == 0 {
+                            col2im_padded(s, &col[j * howo..], ld, gxi);
+                        } else {
+                            gxp.fill(0.0);
+                            col2im_padded(s, &col[j * howo..], ld, &mut gxp);
+                            let (hp, wp, p) = (s.h + 2 * s.pad, s.w + 2 * s.pad, s.pad);
+                            for c in 0..s.cin {
+                                for ih in 0..s.h {
+                                    gxi[(c * s.h + ih) * s.w..][..s.w]
+                                        .copy_from_slice(&gxp[(c * hp + ih + p) * wp + p..][..s.w]);
+                                }
+                            }
+                        }
+                    }
+                }
+                lo += nb;
             }
             gw
         })

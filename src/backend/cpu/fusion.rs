@@ -8,19 +8,20 @@ use super::gemm::sgemm;
 
 /// Column softmax of `a [np, nq]` in place (each column `j` normalised over rows `i`).
 fn column_softmax(a: &mut [f32], np: usize, nq: usize) {
-    for j in 0..nq {
-        let m = (0..np)
-            .map(|i| a[i * nq + j])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut s = 0.0f32;
-        for i in 0..np {
-            let e = (a[i * nq + j] - m).exp();
-            a[i * nq + j] = e;
-            s += e;
+    // Row sweeps (cache-friendly); each column still reduces over `i` in order.
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    for row in a.chunks(nq).take(np) {
+        m.iter_mut().zip(row).for_each(|(m, v)| *m = m.max(*v));
+    }
+    let mut s = vec![0.0f32; nq];
+    for row in a.chunks_mut(nq).take(np) {
+        for ((v, m), s) in row.iter_mut().zip(&m).zip(s.iter_mut()) {
+            *v = (*v - m).exp();
+            *s += *v;
         }
-        for i in 0..np {
-            a[i * nq + j] /= s;
-        }
+    }
+    for row in a.chunks_mut(nq).take(np) {
+        row.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
     }
 }
 
@@ -73,10 +74,15 @@ pub fn similarity_fusion_bwd(
             let s = similarity(p, q, d, np, nq);
             let mut gs = vec![0.0f32; np * nq];
             sgemm(np, nq, d, p, true, g, false, &mut gs, false, false);
-            for j in 0..nq {
-                let dot: f32 = (0..np).map(|i| gs[i * nq + j] * s[i * nq + j]).sum();
-                for i in 0..np {
-                    gs[i * nq + j] = s[i * nq + j] * (gs[i * nq + j] - dot) * r;
+            let mut dot = vec![0.0f32; nq];
+            for (gr, sr) in gs.chunks(nq).zip(s.chunks(nq)) {
+                for ((d, g), s) in dot.iter_mut().zip(gr).zip(sr) {
+                    *d += g * s;
+                }
+            }
+            for (gr, sr) in gs.chunks_mut(nq).zip(s.chunks(nq)) {
+                for ((g, s), d) in gr.iter_mut().zip(sr).zip(&dot) {
+                    *g = s * (*g - d) * r;
                 }
             }
             // gs now holds gA/√d.

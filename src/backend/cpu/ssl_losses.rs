@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::sgemm;
 use super::softmax_xent::{logsumexp_row, softmax_fwd, softmax_row};
 
 /// `c_i = 1 − H(softmax(z_i)) / ln C`.
@@ -57,25 +58,13 @@ pub fn weighted_consistency_bwd(zs: &[f32], zt: &[f32], w: &[f32], c: usize, g: 
     gz
 }
 
-/// One PGC query row, shared by forward and backward: the logits `q_i·K_a/τ` over all keys and
-/// the positive distribution `π_a = w_a [y_a = ŷ_i] / Σ_{p∈P(i)} w_p`. `None` when `P(i)` is
-/// empty (the query contributes nothing).
-fn pgc_row(
-    q: &[f32],
-    ql: usize,
-    keys: &[f32],
-    k_labels: &[usize],
-    k_w: &[f32],
-    e: usize,
-    tau: f32,
-) -> Option<(Vec<f32>, Vec<f32>)> {
+/// The positive distribution of a query with pseudo-label `ql`:
+/// `π_a = w_a [y_a = ŷ_i] / Σ_{p∈P(i)} w_p`, written into `pi`. `false` when `P(i)` is empty (the
+/// query contributes nothing).
+fn pgc_pi(ql: usize, k_labels: &[usize], k_w: &[f32], pi: &mut [f32]) -> bool {
     if !k_labels.contains(&ql) {
-        return None;
+        return false;
     }
-    let logits: Vec<f32> = keys
-        .chunks(e)
-        .map(|k| k.iter().zip(q).map(|(a, b)| a * b).sum::<f32>() / tau)
-        .collect();
     let wsum: f32 = k_labels
         .iter()
         .zip(k_w)
@@ -83,12 +72,23 @@ fn pgc_row(
         .map(|(_, w)| *w)
         .sum::<f32>()
         .max(1e-12);
-    let pi: Vec<f32> = k_labels
-        .iter()
-        .zip(k_w)
-        .map(|(l, w)| if *l == ql { w / wsum } else { 0.0 })
-        .collect();
-    Some((logits, pi))
+    for ((p, l), w) in pi.iter_mut().zip(k_labels).zip(k_w) {
+        *p = if *l == ql { w / wsum } else { 0.0 };
+    }
+    true
+}
+
+/// All PGC logits `Q·Kᵀ/τ` as one `[B, Nk]` GEMM.
+fn pgc_logits(q: &[f32], keys: &[f32], b: usize, nk: usize, e: usize, tau: f32) -> Vec<f32> {
+    let mut logits = vec![0.0f32; b * nk];
+    sgemm(b, nk, e, q, false, keys, true, &mut logits, false, true);
+    let r = 1.0 / tau;
+    logits
+        .par_chunks_mut(super::elementwise::CHUNK)
+        .for_each(|c| {
+            c.iter_mut().for_each(|v| *v *= r);
+        });
+    logits
 }
 
 /// `L = (1/B) Σ_{i: P(i)≠∅} w_i ℓ_i`, `ℓ_i = −Σ_a π_a log softmax_a(q_i·K/τ)`.
@@ -104,17 +104,23 @@ pub fn pgc_loss_fwd(
     tau: f32,
 ) -> f32 {
     let b = q_labels.len();
+    let nk = k_labels.len();
+    if b == 0 {
+        return f32::NAN;
+    }
+    let logits = pgc_logits(q, keys, b, nk, e, tau);
     let terms: Vec<f64> = (0..b)
         .into_par_iter()
         .map(|i| {
-            let qi = &q[i * e..(i + 1) * e];
-            let Some((logits, pi)) = pgc_row(qi, q_labels[i], keys, k_labels, k_w, e, tau) else {
+            let mut pi = vec![0.0f32; nk];
+            if !pgc_pi(q_labels[i], k_labels, k_w, &mut pi) {
                 return 0.0;
-            };
-            let lse = logsumexp_row(&logits);
+            }
+            let row = &logits[i * nk..(i + 1) * nk];
+            let lse = logsumexp_row(row);
             let li: f64 = pi
                 .iter()
-                .zip(&logits)
+                .zip(row)
                 .filter(|(p, _)| **p != 0.0)
                 .map(|(p, l)| -(*p as f64) * (l - lse) as f64)
                 .sum();
@@ -124,7 +130,7 @@ pub fn pgc_loss_fwd(
     (terms.iter().sum::<f64>() / b as f64) as f32
 }
 
-/// `gq_i = g·(w_i/B)·Σ_a (softmax_a·Σπ − π_a)·K_a / τ`.
+/// `gq_i = g·(w_i/B)·Σ_a (softmax_a·Σπ − π_a)·K_a / τ`, the sum over keys as one GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn pgc_loss_bwd(
     q: &[f32],
@@ -138,23 +144,29 @@ pub fn pgc_loss_bwd(
     g: f32,
 ) -> Vec<f32> {
     let b = q_labels.len();
+    let nk = k_labels.len();
     let mut gq = vec![0.0f32; q.len()];
-    gq.par_chunks_mut(e).enumerate().for_each(|(i, gi)| {
-        let qi = &q[i * e..(i + 1) * e];
-        if let Some((logits, pi)) = pgc_row(qi, q_labels[i], keys, k_labels, k_w, e, tau) {
-            let mut sm = vec![0.0f32; logits.len()];
-            softmax_row(&logits, &mut sm);
-            let scale = g * q_w[i] / b as f32 / tau;
-            // dℓ_i/dlogit_a = softmax_a·Σπ − π_a (Σπ is 1, or 0 when every positive weight is 0).
-            let pisum: f32 = pi.iter().sum();
-            for (a, k) in keys.chunks(e).enumerate() {
-                let c = (sm[a] * pisum - pi[a]) * scale;
-                if c != 0.0 {
-                    gi.iter_mut().zip(k).for_each(|(o, kv)| *o += c * kv);
-                }
-            }
+    if b == 0 || nk == 0 {
+        return gq;
+    }
+    // Coefficients dℓ_i/dlogit_a·scale_i, overwritten in place of the logits.
+    let mut coef = pgc_logits(q, keys, b, nk, e, tau);
+    coef.par_chunks_mut(nk).enumerate().for_each(|(i, row)| {
+        let mut pi = vec![0.0f32; nk];
+        if !pgc_pi(q_labels[i], k_labels, k_w, &mut pi) {
+            row.fill(0.0);
+            return;
+        }
+        let mut sm = vec![0.0f32; nk];
+        softmax_row(row, &mut sm);
+        let scale = g * q_w[i] / b as f32 / tau;
+        // dℓ_i/dlogit_a = softmax_a·Σπ − π_a (Σπ is 1, or 0 when every positive weight is 0).
+        let pisum: f32 = pi.iter().sum();
+        for ((c, s), p) in row.iter_mut().zip(&sm).zip(&pi) {
+            *c = (s * pisum - p) * scale;
         }
     });
+    sgemm(b, e, nk, &coef, false, keys, false, &mut gq, false, true);
     gq
 }
 
