@@ -14,7 +14,7 @@ use rand_distr_free::normal;
 use crate::autograd::{Graph, Var};
 use crate::backend::{ConvParams, PoolParams};
 use crate::bail;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::{Device, Tensor};
 
 /// Trainable parameter or non-trainable buffer (BN running statistics).
@@ -701,11 +701,4 @@ impl MedFuseNet {
         }
         fl + 2.0 * fd * (c.classes as f64 + fd + c.emb as f64)
     }
-}
-
-/// Converts a missing-entry lookup into an error naming the tensor.
-pub fn require<'a>(store: &'a ParamStore, name: &str) -> Result<&'a Tensor> {
-    store
-        .get(name)
-        .ok_or_else(|| Error::msg(format!("model has no tensor '{name}'")))
 }

@@ -210,23 +210,6 @@ impl Tensor {
             Storage::Cuda(_) => Ok(self.to_vec()?[0]),
         }
     }
-
-    /// True when both tensors share storage (used by tests of the tape).
-    pub fn same_storage(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.storage, &other.storage)
-    }
-}
-
-/// Fails with a message naming `what` when `t` does not have `shape`.
-pub fn expect_shape(t: &Tensor, shape: &[usize], what: &str) -> Result<()> {
-    if t.shape() != shape {
-        return Err(Error::msg(format!(
-            "{what}: expected shape {:?}, got {:?}",
-            shape,
-            t.shape()
-        )));
-    }
-    Ok(())
 }
 
 /// A host copy of a tensor: `(data, shape)`.
