@@ -316,3 +316,22 @@ fn dsrpgc_tiny_loss_equals_the_golden_case() {
         r.checks.iter().filter(|c| !c.pass).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn a_stop_on_the_last_step_of_an_epoch_keeps_that_epochs_record() {
+    let d = tmp("boundary");
+    let cfg = tiny(&["batch_unlabeled=64"]);
+    // 3766 unlabelled PneumoniaMNIST images / 64 = 58 steps per epoch.
+    let (o, s) = train(cfg.clone(), &opts(&d, false, 58)).unwrap();
+    assert_eq!(o, Outcome::StepLimit);
+    assert_eq!(s["steps_per_epoch"], 58);
+    let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
+    let ck = checkpoint::load(&d.join("last.safetensors")).unwrap();
+    assert_eq!((ck.state.step, ck.state.epochs_done), (58, 1));
+    let (o, _) = train(cfg, &opts(&d, true, 60)).unwrap();
+    assert_eq!(o, Outcome::StepLimit);
+    let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 1);
+    let _ = std::fs::remove_dir_all(d);
+}

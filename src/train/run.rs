@@ -215,6 +215,17 @@ fn check_resumable(saved: &TrainConfig, new: &TrainConfig) -> Result<()> {
     Ok(())
 }
 
+/// Why a run should stop after step `step`, if it should.
+fn stop_reason(signal: &AtomicBool, max_steps: u64, step: u64) -> Option<Outcome> {
+    if signal.load(Ordering::SeqCst) {
+        Some(Outcome::Interrupted)
+    } else if max_steps > 0 && step >= max_steps {
+        Some(Outcome::StepLimit)
+    } else {
+        None
+    }
+}
+
 /// Runs (or resumes) training into `opts.out`. Returns the outcome and the summary JSON.
 pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json::Value)> {
     let out = &opts.out;
@@ -328,6 +339,14 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
     let save = |st: &TrainState, state: &CkptState, path: &Path| {
         checkpoint::save(path, st, state, &cfg, &ds.classes, &norm.mean, &norm.std)
     };
+    let log_stop = |o: Outcome, step: u64| {
+        log(&format!(
+            "{} at step {step}: checkpoint written to {}; continue with `medssl train --resume --out {}`",
+            if o == Outcome::StepLimit { "step limit reached" } else { "stopped by signal" },
+            last_path.display(),
+            out.display()
+        ))
+    };
     let tty = std::io::stderr().is_terminal() && !opts.quiet;
     let log_every = if cfg.log_every > 0 {
         cfg.log_every
@@ -398,28 +417,22 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                     n_in_epoch as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9)
                 ));
             }
-            let limit = opts.max_steps > 0 && st.step >= opts.max_steps;
-            if stop.load(Ordering::SeqCst) || limit {
-                if let Some(b) = &bar {
-                    b.abandon();
+            // A stop request on the last step of an epoch lets the epoch end (evaluation, metrics
+            // line, checkpoint) first, so no epoch is left without its record.
+            let at_epoch_end = st.step % steps_per_epoch == 0;
+            if !at_epoch_end {
+                if let Some(o) = stop_reason(&stop, opts.max_steps, st.step) {
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    state.step = st.step;
+                    state.queue_ptr = st.queue.ptr;
+                    state.queue_len = st.queue.len;
+                    save(&st, &state, &last_path)?;
+                    outcome = o;
+                    log_stop(o, st.step);
+                    break 'epochs;
                 }
-                state.step = st.step;
-                state.queue_ptr = st.queue.ptr;
-                state.queue_len = st.queue.len;
-                save(&st, &state, &last_path)?;
-                outcome = if limit {
-                    Outcome::StepLimit
-                } else {
-                    Outcome::Interrupted
-                };
-                log(&format!(
-                    "{} at step {}: checkpoint written to {}; continue with `medssl train --resume {}`",
-                    if limit { "step limit reached" } else { "stopped by signal" },
-                    st.step,
-                    last_path.display(),
-                    out.display()
-                ));
-                break 'epochs;
             }
         }
         if let Some(b) = &bar {
@@ -477,6 +490,13 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         history.push(rec);
         if let Err(e) = crate::train::plot::plot_curves(&out.join("curves.png"), &history) {
             log(&format!("warning: curves.png not written: {e}"));
+        }
+        if st.step < total_steps {
+            if let Some(o) = stop_reason(&stop, opts.max_steps, st.step) {
+                outcome = o;
+                log_stop(o, st.step);
+                break;
+            }
         }
     }
 
