@@ -136,12 +136,7 @@ impl Canvas {
     fn text(&mut self, x: i32, y: i32, text: &str, scale: i32, c: Rgb<u8>) -> i32 {
         let mut cx = x;
         for ch in text.chars() {
-            let code = ch as u32;
-            let glyph = if (0x20..=0x7E).contains(&code) {
-                FONT5X7[(code - 0x20) as usize]
-            } else {
-                FONT5X7[('?' as u32 - 0x20) as usize]
-            };
+            let glyph = glyph(ch);
             for (col, bits) in glyph.iter().enumerate() {
                 for row in 0..GLYPH_H {
                     if bits >> row & 1 == 1 {
@@ -165,12 +160,7 @@ impl Canvas {
         let x0 = cx - GLYPH_H * scale / 2;
         let y0 = cy + w / 2;
         for (i, ch) in text.chars().enumerate() {
-            let code = ch as u32;
-            let glyph = if (0x20..=0x7E).contains(&code) {
-                FONT5X7[(code - 0x20) as usize]
-            } else {
-                FONT5X7[('?' as u32 - 0x20) as usize]
-            };
+            let glyph = glyph(ch);
             for (col, bits) in glyph.iter().enumerate() {
                 for row in 0..GLYPH_H {
                     if bits >> row & 1 == 1 {
@@ -676,4 +666,15 @@ pub fn plot_confusion(path: &Path, m: &Metrics, class_names: &[String]) -> Resul
     cv.text(bx + 26, top + bh - ch, "0%", scale, BLACK);
     cv.text(left, top + bh + 16, footnote, scale, AXIS);
     save_png_atomic(path, &cv.img)
+}
+
+/// The 5×7 bitmap of a printable ASCII character (`?` for anything else).
+fn glyph(ch: char) -> [u8; 5] {
+    let code = ch as u32;
+    let i = if (0x20..=0x7E).contains(&code) {
+        code
+    } else {
+        '?' as u32
+    } - 0x20;
+    FONT5X7[i as usize]
 }
