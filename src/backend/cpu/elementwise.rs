@@ -1,43 +1,75 @@
 //! Elementwise ops. Large arrays are split into fixed chunks so results do not depend on timing.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Chunk length for parallel elementwise loops.
 pub const CHUNK: usize = 1 << 15;
 
+/// A vector of `n` floats written in parallel chunks of `chunk` elements, with no zeroing pass
+/// first (on the training step's activation sizes the zeroing cost as much as the op itself):
+/// `fill(c, dst)` writes chunk `c`, i.e. elements `c·chunk ..`, each exactly once.
+///
+/// # Safety
+/// `fill` must initialise every element of every `dst` it is given.
+pub unsafe fn par_fill(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    if n > 0 {
+        v.spare_capacity_mut()[..n]
+            .par_chunks_mut(chunk.max(1))
+            .enumerate()
+            .for_each(|(c, dst)| fill(c, dst));
+    }
+    // SAFETY: the caller guarantees `fill` initialised all `n` elements.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `out[i] = f(i)` over `n` elements, in parallel chunks.
 pub fn map_indexed(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ch)| {
-        let base = c * CHUNK;
-        for (j, o) in ch.iter_mut().enumerate() {
-            *o = f(base + j);
-        }
-    });
-    out
+    // SAFETY: every element of each chunk is written.
+    unsafe {
+        par_fill(n, CHUNK, |c, ch| {
+            let base = c * CHUNK;
+            for (j, o) in ch.iter_mut().enumerate() {
+                o.write(f(base + j));
+            }
+        })
+    }
 }
 
 /// `out[i] = f(x[i])`, in parallel chunks (vectorisable: no indexing in the inner loop).
 fn map1(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, x)| *o = f(*x)));
-    out
+    // SAFETY: chunk `c` of the output pairs with chunk `c` of `x`, of equal length; every element
+    // is written.
+    unsafe {
+        par_fill(x.len(), CHUNK, |c, o| {
+            let x = &x[c * CHUNK..][..o.len()];
+            o.iter_mut().zip(x).for_each(|(o, x)| {
+                o.write(f(*x));
+            })
+        })
+    }
 }
 
 /// `out[i] = f(x[i], y[i])` over `x.len()` elements (`y` at least as long), in parallel chunks.
 fn map2(x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     let y = &y[..x.len()];
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-        .for_each(|(o, (x, y))| {
-            o.iter_mut()
-                .zip(x.iter().zip(y))
-                .for_each(|(o, (x, y))| *o = f(*x, *y))
-        });
-    out
+    // SAFETY: as in `map1`.
+    unsafe {
+        par_fill(x.len(), CHUNK, |c, o| {
+            let x = &x[c * CHUNK..][..o.len()];
+            let y = &y[c * CHUNK..][..o.len()];
+            o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (x, y))| {
+                o.write(f(*x, *y));
+            })
+        })
+    }
 }
 
 pub fn axpby(a: f32, x: &[f32], b: f32, y: &[f32]) -> Vec<f32> {

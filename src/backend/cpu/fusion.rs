@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::sgemm;
+use super::gemm::{sgemm, sgemm_uninit};
 
 /// Column softmax of `a [np, nq]` in place (each column `j` normalised over rows `i`).
 fn column_softmax(a: &mut [f32], np: usize, nq: usize) {
@@ -61,10 +61,12 @@ pub fn similarity_fusion_bwd(
     np: usize,
     nq: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut glow = vec![0.0f32; low.len()];
+    // gP̂ is written whole by one product per image, so it is not zeroed first.
+    let mut glow: Vec<f32> = Vec::with_capacity(low.len());
     let mut ghigh = gy.to_vec();
     let r = 1.0 / (d as f32).sqrt();
-    glow.par_chunks_mut(d * np)
+    glow.spare_capacity_mut()[..low.len()]
+        .par_chunks_mut(d * np)
         .zip(ghigh.par_chunks_mut(d * nq))
         .enumerate()
         .for_each(|(n, (gp, gq))| {
@@ -85,10 +87,22 @@ pub fn similarity_fusion_bwd(
                     *g = s * (*g - d) * r;
                 }
             }
-            // gs now holds gA/√d.
-            sgemm(d, np, nq, g, false, &s, true, gp, false, false);
-            sgemm(d, np, nq, q, false, &gs, true, gp, true, false);
+            // gs now holds gA/√d. gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d is one product with the inner
+            // dimension doubled, [gy | Q̂] [d, 2Nq] · [S | gA/√d]ᵀ, so gP̂ is written once.
+            let mut a2 = vec![0.0f32; d * 2 * nq];
+            for ((row, gr), qr) in a2.chunks_mut(2 * nq).zip(g.chunks(nq)).zip(q.chunks(nq)) {
+                row[..nq].copy_from_slice(gr);
+                row[nq..].copy_from_slice(qr);
+            }
+            let mut b2 = vec![0.0f32; np * 2 * nq];
+            for ((row, sr), gr) in b2.chunks_mut(2 * nq).zip(s.chunks(nq)).zip(gs.chunks(nq)) {
+                row[..nq].copy_from_slice(sr);
+                row[nq..].copy_from_slice(gr);
+            }
+            sgemm_uninit(d, np, 2 * nq, &a2, false, &b2, true, gp, false);
             sgemm(d, nq, np, p, false, &gs, false, gq, true, false);
         });
+    // SAFETY: the first `low.len()` elements were written, image by image, by `sgemm_uninit`.
+    unsafe { glow.set_len(low.len()) };
     (glow, ghigh)
 }

@@ -21,13 +21,83 @@ pub fn sgemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    assert!(c.len() >= m * n);
+    // SAFETY: `c` is a live, initialised buffer of at least m·n floats, distinct from `a` and `b`.
+    unsafe {
+        sgemm_raw(
+            m,
+            n,
+            k,
+            a,
+            trans_a,
+            b,
+            trans_b,
+            c.as_mut_ptr(),
+            accumulate,
+            parallel,
+        )
+    }
+}
+
+/// [`sgemm`] without accumulation into a buffer that need not be initialised: every one of the
+/// `m·n` elements is written (the GEMM never reads C when it does not accumulate).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_uninit(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    parallel: bool,
+) {
+    assert!(c.len() >= m * n);
+    // SAFETY: C is only written (no accumulation), m·n elements fit in `c`, and `c` is distinct
+    // from `a` and `b`.
+    unsafe {
+        sgemm_raw(
+            m,
+            n,
+            k,
+            a,
+            trans_a,
+            b,
+            trans_b,
+            c.as_mut_ptr().cast::<f32>(),
+            false,
+            parallel,
+        )
+    }
+}
+
+/// # Safety
+/// `c` must be valid for writes of `m·n` floats (and for reads when `accumulate`), and must not
+/// overlap `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    c: *mut f32,
+    accumulate: bool,
+    parallel: bool,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].fill(0.0);
+            for i in 0..m * n {
+                // SAFETY: the caller guarantees `c` holds m·n writable floats.
+                unsafe { c.add(i).write(0.0) };
+            }
         }
         return;
     }
@@ -46,14 +116,15 @@ pub fn sgemm(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index the strides can reach: A spans m·k elements,
-    // B spans k·n, C spans m·n, and C does not alias A or B (distinct borrows).
+    // SAFETY: the assert above bounds every index the strides can reach in A (m·k elements) and
+    // B (k·n); the caller guarantees C (m·n elements) and that it does not alias A or B. With
+    // `read_dst` false the GEMM only writes C.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             accumulate,
@@ -112,6 +183,13 @@ mod tests {
             sgemm(m, n, k, &a, ta, &b, tb, &mut got, true, false);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - 2.0 * w).abs() < 2e-4);
+            }
+            let mut un = vec![std::mem::MaybeUninit::new(f32::NAN); m * n];
+            sgemm_uninit(m, n, k, &a, ta, &b, tb, &mut un, false);
+            for (g, w) in un.iter().zip(&want) {
+                // SAFETY: initialised above (and overwritten by the GEMM).
+                let g = unsafe { g.assume_init() };
+                assert!((g - w).abs() < 1e-4, "uninit {ta} {tb}: {g} vs {w}");
             }
         }
     }

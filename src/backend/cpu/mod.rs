@@ -9,6 +9,7 @@ pub mod norm;
 pub mod optim;
 pub mod pool;
 pub mod reduce;
+pub mod scratch;
 pub mod softmax_xent;
 pub mod ssl_losses;
 
