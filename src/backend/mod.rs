@@ -92,6 +92,14 @@ pub trait Backend: Send + Sync {
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;
     /// Waits until all queued work is done (for timing).
     fn synchronize(&self) -> Result<()>;
+    /// Most bytes of tensor (and workspace) memory handed out at once since the last
+    /// [`Backend::reset_memory_peak`], where the backend tracks it (the CUDA caching allocator);
+    /// `None` where it does not (the CPU backend: use the process's resident set instead).
+    fn memory_peak(&self) -> Option<usize> {
+        None
+    }
+    /// Starts a new [`Backend::memory_peak`] window at the bytes in use now.
+    fn reset_memory_peak(&self) {}
 
     // ---- elementwise (elementwise.rs / elementwise.cu) ----
     /// `a·x + b·y` (same shapes).

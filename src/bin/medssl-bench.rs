@@ -1,11 +1,14 @@
-//! `medssl-bench`: throughput of the training step, calibrated against the machine's own GEMM.
+//! `medssl-bench`: throughput of the training step, calibrated against the machine's own GEMM,
+//! and per-op timings at the model's real shapes (`ops`).
+
+#[path = "medssl-bench/ops.rs"]
+mod ops;
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use medssl::backend::cpu::gemm::sgemm;
-use medssl::nn::ModelConfig;
 use medssl::optim::OptimKind;
 use medssl::ssl::{Batch, DsrMode};
 use medssl::tensor::Device;
@@ -23,6 +26,8 @@ struct Cli {
 enum Cmd {
     /// Time full training steps (forward, backward, optimiser, EMA, queue) on random data.
     Step(StepArgs),
+    /// Time every primitive op, forward and backward, at the shapes the model uses.
+    Ops(ops::OpsArgs),
     /// Loader throughput with full weak + strong augmentation.
     Data(medssl::data::cli::BenchArgs),
     /// Time a square SGEMM with the project's CPU GEMM (the machine's compute limit).
@@ -103,19 +108,52 @@ fn gemm_gflops(n: usize, repeats: usize) -> f64 {
     2.0 * (n as f64).powi(3) / median(&mut t) / 1e9
 }
 
+/// Peak resident set of this process (`VmHWM` of `/proc/self/status`) in bytes.
+fn vm_hwm_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Starts a peak-memory window; returns what `peak_mem_bytes` will measure: `cuda_pool_in_use`
+/// (the caching allocator's peak of bytes handed out), `rss_hwm` (peak resident set since the
+/// reset through `/proc/self/clear_refs`) or `rss_hwm_process` (the kernel refused the reset, so
+/// the peak since the process started).
+fn reset_peak_mem(bk: &dyn medssl::backend::Backend) -> &'static str {
+    if bk.device() != Device::Cpu {
+        bk.reset_memory_peak();
+        return "cuda_pool_in_use";
+    }
+    // "5" resets VmHWM to the current resident set (Linux ≥ 4.0).
+    if std::fs::write("/proc/self/clear_refs", "5").is_ok() {
+        "rss_hwm"
+    } else {
+        "rss_hwm_process"
+    }
+}
+
+/// Peak bytes since [`reset_peak_mem`] (see there), `None` where nothing is tracked.
+fn peak_mem_bytes(bk: &dyn medssl::backend::Backend) -> Option<usize> {
+    if bk.device() != Device::Cpu {
+        bk.memory_peak()
+    } else {
+        vm_hwm_bytes()
+    }
+}
+
 fn step(a: &StepArgs) -> Result<()> {
     let dev = Device::parse(&a.device)?;
     let bk = medssl::backend::get(dev).with_context(|| format!("--device {}", a.device))?;
     let method: Method = a.method.parse()?;
-    let cfg = ModelConfig {
-        in_ch: a.channels,
-        width: a.width,
-        d: a.fusion_dim,
-        emb: a.emb,
-        classes: a.classes,
-        small_stem: ModelConfig::small_stem_for(a.image_size),
-        fusion: true,
-    };
+    let cfg = ops::bench_model(
+        a.channels,
+        a.width,
+        a.fusion_dim,
+        a.emb,
+        a.classes,
+        a.image_size,
+    );
     let n_unl = 1000;
     let mut st = TrainState::new(cfg, 0, dev, OptimKind::adam(), 5e-4, a.queue, n_unl)?;
     let scfg = StepConfig {
@@ -141,6 +179,7 @@ fn step(a: &StepArgs) -> Result<()> {
         train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
     }
     bk.synchronize()?;
+    let peak_kind = reset_peak_mem(bk);
     let mut times = Vec::new();
     for _ in 0..a.repeats.max(1) {
         let s = Instant::now();
@@ -148,6 +187,7 @@ fn step(a: &StepArgs) -> Result<()> {
         bk.synchronize()?;
         times.push(s.elapsed().as_secs_f64());
     }
+    let peak_mem_mb = peak_mem_bytes(bk).map(|b| b as f64 / (1u64 << 20) as f64);
     let (min, max) = (
         times.iter().cloned().fold(f64::INFINITY, f64::min),
         times.iter().cloned().fold(0.0, f64::max),
@@ -190,12 +230,14 @@ fn step(a: &StepArgs) -> Result<()> {
         "calib_gemm_n": a.calib,
         "calib_gemm_gflops": calib,
         "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
+        "peak_mem_mb": peak_mem_mb,
+        "peak_mem_kind": peak_mem_mb.map(|_| peak_kind),
     });
     if a.json {
         println!("{rec}");
     } else {
         println!(
-            "step {} w{} {}px {}+{} on {} ({} threads): median {:.1} ms (min {:.1}, max {:.1}), {:.1} images/s, {:.2} GFLOP/step, {:.1} GFLOP/s{}",
+            "step {} w{} {}px {}+{} on {} ({} threads): median {:.1} ms (min {:.1}, max {:.1}), {:.1} images/s, {:.2} GFLOP/step, {:.1} GFLOP/s{}{}",
             a.method,
             a.width,
             a.image_size,
@@ -211,6 +253,9 @@ fn step(a: &StepArgs) -> Result<()> {
             gflops,
             calib
                 .map(|c| format!(" = {:.0}% of SGEMM {}³ ({c:.1} GFLOP/s)", 100.0 * gflops / c, a.calib))
+                .unwrap_or_default(),
+            peak_mem_mb
+                .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
                 .unwrap_or_default()
         );
     }
@@ -220,6 +265,7 @@ fn step(a: &StepArgs) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Step(a) => step(&a),
+        Cmd::Ops(a) => ops::run(&a),
         Cmd::Data(a) => medssl::data::cli::run_bench(&a),
         Cmd::Gemm { n, repeats, json } => {
             let g = gemm_gflops(n, repeats);

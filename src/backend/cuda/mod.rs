@@ -72,6 +72,9 @@ pub(crate) struct Pool {
     free: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
     allocs: AtomicUsize,
     reuses: AtomicUsize,
+    /// Bytes handed out and not yet given back, and the most seen since the last reset.
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 thread_local! {
@@ -102,6 +105,14 @@ impl Pool {
     }
 
     fn take(&self, len: usize) -> Result<CudaSlice<f32>> {
+        let s = self.take_untracked(len)?;
+        let bytes = s.len() * 4;
+        let now = self.in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    fn take_untracked(&self, len: usize) -> Result<CudaSlice<f32>> {
         let len = len.max(1);
         if let Some(s) = lock(&self.free).get_mut(&len).and_then(|v| v.pop()) {
             self.count(false);
@@ -124,6 +135,7 @@ impl Pool {
     }
 
     fn give(&self, s: CudaSlice<f32>) {
+        self.in_use.fetch_sub(s.len() * 4, Ordering::Relaxed);
         lock(&self.free).entry(s.len()).or_default().push(s);
     }
 
@@ -369,6 +381,8 @@ impl CudaBackend {
             free: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
             reuses: AtomicUsize::new(0),
+            in_use: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         });
         let conv = conv::ConvEngine::new(&stream);
         Ok(CudaBackend {
@@ -595,6 +609,13 @@ impl Backend for CudaBackend {
         self.stream
             .synchronize()
             .map_err(cuda_err("synchronising the stream"))
+    }
+    fn memory_peak(&self) -> Option<usize> {
+        Some(self.pool.peak.load(Ordering::Relaxed))
+    }
+    fn reset_memory_peak(&self) {
+        let now = self.pool.in_use.load(Ordering::Relaxed);
+        self.pool.peak.store(now, Ordering::Relaxed);
     }
 
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
