@@ -646,6 +646,7 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 &batch,
                 &queue,
                 meta.as_deref(),
+                None,
                 &hp,
             )?;
             put(&mut p, "out.loss", g.value(o.loss))?;

@@ -9,6 +9,7 @@ pub mod error;
 pub mod golden;
 pub mod nn;
 pub mod optim;
+pub mod report;
 pub mod rng;
 pub mod ssl;
 pub mod tensor;

@@ -93,6 +93,33 @@ fn raw_ham10000_counts_match_meta() {
 }
 
 #[test]
+fn srcmt_full_protocol_labels_every_benchmark_training_row() {
+    let ds = load(Path::new(SHARED).join("ham10000"), &opts(None, None)).unwrap();
+    let full = partition(&ds, Labeled::Protocol(LabeledProtocol::SrcmtFull), 0).unwrap();
+    let part = partition(&ds, Labeled::Protocol(LabeledProtocol::Srcmt), 0).unwrap();
+    // Same train/val/test images as srcmt; labelled = srcmt's labelled + unlabelled.
+    assert_eq!(
+        (&full.train, &full.val, &full.test),
+        (&part.train, &part.val, &part.test)
+    );
+    assert_eq!(full.labeled.len(), 7000);
+    assert!(full.unlabeled.is_empty());
+    let mut both: Vec<usize> = part
+        .labeled
+        .iter()
+        .chain(&part.unlabeled)
+        .copied()
+        .collect();
+    both.sort_unstable();
+    assert_eq!(full.labeled, both);
+    assert_eq!(
+        "srcmt-full".parse::<LabeledProtocol>().unwrap(),
+        LabeledProtocol::SrcmtFull
+    );
+    assert!("srcmt-ful".parse::<LabeledProtocol>().is_err());
+}
+
+#[test]
 fn srcmt_protocol_on_ham10000() {
     let ds = load(Path::new(SHARED).join("ham10000"), &opts(None, None)).unwrap();
     let p = partition(&ds, Labeled::Protocol(LabeledProtocol::Srcmt), 0).unwrap();

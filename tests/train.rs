@@ -94,6 +94,94 @@ fn resume_reproduces_the_uninterrupted_run() {
     }
 }
 
+/// `--dsr-balance align` and `class`: N steps straight equal K steps + resume to N, every tensor
+/// (the running class prior included), and the prior really moved.
+#[test]
+fn resume_is_exact_with_dsr_balance() {
+    for mode in ["align", "class"] {
+        let set = format!("dsr_balance={mode}");
+        let cfg = || tiny(&[&set]);
+        let (a, b) = (tmp(&format!("bal-{mode}-a")), tmp(&format!("bal-{mode}-b")));
+        assert_eq!(
+            train(cfg(), &opts(&a, false, 6)).unwrap().0,
+            Outcome::StepLimit
+        );
+        assert_eq!(
+            train(cfg(), &opts(&b, false, 2)).unwrap().0,
+            Outcome::StepLimit
+        );
+        // The balance mode defines the training state: it cannot change on resume.
+        let e = train(tiny(&[]), &opts(&b, true, 6))
+            .expect_err("changing dsr_balance on resume must be refused")
+            .to_string();
+        assert!(e.contains("'dsr_balance'"), "{e}");
+        assert_eq!(
+            train(cfg(), &opts(&b, true, 6)).unwrap().0,
+            Outcome::StepLimit
+        );
+        let (ta, tb) = (
+            student_tensors(&a.join("last.safetensors")),
+            student_tensors(&b.join("last.safetensors")),
+        );
+        assert_eq!(ta.len(), tb.len());
+        for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+            assert_eq!(ka, kb);
+            assert!(va == vb, "{mode}: tensor {ka} differs after resume");
+        }
+        let get = |k: &str| ta.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        assert_eq!(get("dsr_balance.updates"), vec![6.0], "{mode}");
+        let prior = get("dsr_balance.prior");
+        assert_eq!(prior.len(), 2);
+        assert!((prior.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{prior:?}");
+        assert_ne!(prior, vec![0.5, 0.5], "{mode}: the prior never moved");
+        for d in [a, b] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// With `dsr_balance = off` (the default) the prior is not touched, and every epoch's metrics line
+/// carries the pseudo-label class fractions (and `dsr_prior` only when the option is on).
+#[test]
+fn pseudo_label_fractions_are_logged_and_off_leaves_the_prior_alone() {
+    for (mode, logs_prior) in [("off", false), ("align", true)] {
+        let d = tmp(&format!("plfrac-{mode}"));
+        let cfg = tiny(&[
+            "batch_unlabeled=256",
+            "epochs=1",
+            &format!("dsr_balance={mode}"),
+        ]);
+        let (o, s) = train(cfg, &opts(&d, false, 0)).unwrap();
+        assert_eq!(o, Outcome::Finished);
+        let steps = s["steps"].as_u64().unwrap();
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        let rec: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let frac: Vec<f64> = rec["train"]["pseudo_label_frac"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{rec}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(frac.len(), 2);
+        assert!((frac.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{frac:?}");
+        // Fractions of steps × 256 pseudo-labels.
+        for f in &frac {
+            let k = f * (steps * 256) as f64;
+            assert!((k - k.round()).abs() < 1e-6, "{frac:?}");
+        }
+        assert_eq!(rec["train"].get("dsr_prior").is_some(), logs_prior, "{rec}");
+        let ck = checkpoint::load(&d.join("last.safetensors")).unwrap();
+        let updates = ck.tensors["dsr_balance.updates"].0[0];
+        if mode == "off" {
+            assert_eq!(ck.tensors["dsr_balance.prior"].0, vec![0.5, 0.5]);
+            assert_eq!(updates, 0.0);
+        } else {
+            assert_eq!(updates, steps as f32);
+        }
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 #[test]
 fn corrupt_checkpoint_is_refused_with_a_clear_error() {
     let d = tmp("corrupt");
@@ -334,4 +422,27 @@ fn a_stop_on_the_last_step_of_an_epoch_keeps_that_epochs_record() {
     let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 1);
     let _ = std::fs::remove_dir_all(d);
+}
+
+#[test]
+fn labeled_ratio_beside_a_protocol_is_refused_and_srcmt_full_has_no_unlabeled_set() {
+    let ham = Path::new("../shared/data/ham10000")
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut cfg = TrainConfig::resolve(
+        "srcmt-isic2018",
+        None,
+        &[format!("data={ham}"), "labeled_ratio=0.5".into()],
+    )
+    .unwrap();
+    let e = medssl::train::run::load_data(&cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("labeled_ratio 0.5") && e.contains("mutually exclusive"),
+        "{e}"
+    );
+    cfg.labeled_ratio = 0.2;
+    cfg.labeled_protocol = "srcmt-full".into();
+    let (_, part) = medssl::train::run::load_data(&cfg).unwrap();
+    assert_eq!((part.labeled.len(), part.unlabeled.len()), (7000, 0));
 }

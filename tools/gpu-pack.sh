@@ -4,8 +4,9 @@
 #   .gpu/tests/<name>                           test executables (cuda_parity + any named in GPU_TESTS)
 #   .gpu/golden/                                ../shared/golden
 #   .gpu/data/pneumoniamnist, .gpu/data/ham10000 raw datasets (ham10000 only while under the size cap)
-#   .gpu/gpu-run.sh, .gpu/torch_peer.py (if present), .gpu/MANIFEST.txt
-# Then: copy .gpu/ anywhere and run `bash .gpu/gpu-run.sh OUTDIR` on the node.
+#   .gpu/gpu-run.sh, .gpu/results-table.sh, .gpu/torch_peer.py (if present), .gpu/MANIFEST.txt
+# Then: copy .gpu/ anywhere and run `bash .gpu/gpu-run.sh OUTDIR` on the node
+# (or `TABLE=1 bash .gpu/gpu-run.sh OUTDIR` for the README results table only).
 #
 # Env: GPU_TESTS   extra integration-test target names to ship (space separated), e.g. "conformance"
 #      PACK_CAP_MB size cap of .gpu/ (default 60)
@@ -41,6 +42,7 @@ copy_bin target/release/medssl "$DEST/bin/medssl"
 copy_bin target/release/medssl-bench "$DEST/bin/medssl-bench"
 
 # Test executables: integration-test targets (kind "test") whose name is wanted.
+# shellcheck disable=SC2086  # WANT_TESTS: space-separated names, one argument each
 python3 - "$TEST_JSON" $WANT_TESTS >"$DEST/.tests.txt" <<'EOF'
 import json, sys
 path, wanted = sys.argv[1], set(sys.argv[2:])
@@ -72,7 +74,8 @@ cp -r "$SHARED/golden" "$DEST/golden"
 chmod -R u+w "$DEST/golden"
 
 cp "$ROOT/tools/gpu-run.sh" "$DEST/gpu-run.sh"
-chmod +x "$DEST/gpu-run.sh"
+cp "$ROOT/tools/results-table.sh" "$DEST/results-table.sh"
+chmod +x "$DEST/gpu-run.sh" "$DEST/results-table.sh"
 if [ -f "$ROOT/tools/torch_peer.py" ]; then
     cp "$ROOT/tools/torch_peer.py" "$DEST/torch_peer.py"
 fi
@@ -117,4 +120,4 @@ if [ "$TOTAL" -gt "$CAP_MB" ]; then
     echo "[pack] error: .gpu/ exceeds the ${CAP_MB} MB cap" >&2
     exit 1
 fi
-echo "[pack] done: run 'bash .gpu/gpu-run.sh OUTDIR' on the GPU node"
+echo "[pack] done: run 'bash .gpu/gpu-run.sh OUTDIR' on the GPU node ('TABLE=1 bash .gpu/gpu-run.sh OUTDIR': results table)"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the packed GPU checks on a node without a Rust toolchain (made by tools/gpu-pack.sh).
 #
-#   bash .gpu/gpu-run.sh [OUTDIR]        (OUTDIR defaults to $OUT, then ./gpu-out)
+#   bash .gpu/gpu-run.sh [OUTDIR]                       (OUTDIR defaults to $OUT, then ./gpu-out)
+#   TABLE=1 bash .gpu/gpu-run.sh [OUTDIR]               the README results table only (below)
+#   bash .gpu/gpu-run.sh --table [OUTDIR]               the same
 #
 # cuBLAS / cuDNN are found as pip wheels of the node's PyTorch environment
 # (site-packages/nvidia/*/lib) and exported through LD_LIBRARY_PATH; libcuda.so comes from the
@@ -11,9 +13,38 @@
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS (|-separated flag sets) / TRAIN_ARGS   override the workloads below
+#
+# Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
+# tools/results-table.sh) with --device cuda: the 13 runs of the README table (HAM10000: 9,
+# PneumoniaMNIST: 4), 100 epochs each, TABLE_JOBS at once, stopped after TABLE_BUDGET seconds
+# (the trainings write a checkpoint and exit; the table is written from what finished). The run
+# directories live in TABLE_RUNS, outside .gpu/ and outside OUTDIR, so a second call on the same
+# (still warm) machine continues them; it needs the same TABLE_* settings. A device command may
+# bring back only a few small files, so OUTDIR then holds just: table.md (the README table),
+# table.json, table.txt, summary.json (this script's steps) and table-runs.tar.gz (per run
+# config.toml, summary.json, metrics.jsonl, confusion.txt, the training logs, commands.txt, and
+# this script's logs/, steps.jsonl, gpu.txt, libs.txt); no checkpoints.
+# Expected time (an estimate, not yet measured): the 13 runs are about 35 min of GPU work back to
+# back on an H200 (11.8 ms per DSRPGC step alone, 155 steps per HAM10000 epoch); run
+# concurrently they are expected to need 10-15 min of wall time, i.e. one 600 s device command
+# at the default budget plus a resumed second call, if concurrency gives the 3-4x expected for
+# these latency-bound steps. The first session that runs it measures this: each run's log has
+# its steps/s. Run it with a device timeout_s of at least TABLE_BUDGET + 90.
+#      TABLE_BUDGET   seconds of training before the runs are stopped (default 480)
+#      TABLE_JOBS     concurrent trainings (default 13: all runs at once)
+#      TABLE_DATASET  ham10000, pneumoniamnist or all (default all)
+#      TABLE_EPOCHS   epochs per run (default 100)
+#      TABLE_RUNS     run directories (default <folder above .gpu>/runs/table-cuda)
+#      TABLE_ARGS     more results-table.sh arguments, space-separated (e.g. "--set width=4")
+#      TABLE_DEVICE   --device of the runs (default cuda; cpu only to try the plumbing)
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+TABLE="${TABLE:-0}"
+if [ "${1:-}" = --table ]; then
+    TABLE=1
+    shift
+fi
 OUTDIR="${1:-${OUT:-$PWD/gpu-out}}"
 mkdir -p "$OUTDIR/logs"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -96,6 +127,7 @@ export LD_LIBRARY_PATH="${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     for d in ${LIBDIRS//:/ }; do
         echo "## $d"
+        # shellcheck disable=SC2010  # library file names, listing only
         ls "$d" | grep -E '^lib(cublas|cublasLt|cudnn|cudart|nvrtc|nvJitLink)[^/]*\.so' || true
     done
 } >"$OUTDIR/libs.txt" 2>&1
@@ -106,54 +138,78 @@ step nvidia_smi nvidia-smi
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader \
     >"$OUTDIR/gpu.txt" 2>/dev/null || echo "unknown" >"$OUTDIR/gpu.txt"
 
-export MEDSSL_GOLDEN="$HERE/golden"
-for t in "$HERE"/tests/*; do
-    [ -x "$t" ] || continue
-    name="test_$(basename "$t")"
-    step "$name" "$t" --test-threads=1 --nocapture
-done
-if [ -x "$HERE/tests/cuda_parity" ]; then
-    # The convolution tests again on the im2col + cuBLAS fallback engine.
-    step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
-fi
-
-if [ -x "$HERE/bin/medssl" ]; then
-    step conformance_cuda sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cuda --json > \"$OUTDIR/conformance_cuda.jsonl\""
-    step conformance_cpu sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cpu --json > \"$OUTDIR/conformance_cpu.jsonl\""
-    if [ -n "$TRAIN_ARGS" ]; then
-        # shellcheck disable=SC2086
-        step train_cuda "$HERE/bin/medssl" $TRAIN_ARGS
-    else
-        skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
+if [ "$TABLE" = 1 ]; then
+    # ------------------------------------------------------------ results table ----
+    TABLE_BUDGET="${TABLE_BUDGET:-480}"
+    TABLE_JOBS="${TABLE_JOBS:-13}"
+    TABLE_DATASET="${TABLE_DATASET:-all}"
+    TABLE_EPOCHS="${TABLE_EPOCHS:-100}"
+    TABLE_RUNS="${TABLE_RUNS:-$(dirname "$HERE")/runs/table-cuda}"
+    TABLE_DEVICE="${TABLE_DEVICE:-cuda}"
+    if [ "$TABLE_DATASET" != pneumoniamnist ] && [ ! -f "$HERE/data/ham10000/images.u8" ]; then
+        echo "warning: HAM10000 is not packed (over the pack's size cap?): PneumoniaMNIST only"
+        TABLE_DATASET=pneumoniamnist
     fi
-else
-    skip conformance_cuda "bin/medssl missing"
-fi
-
-run_configs() { # NAME PROGRAM... ; configs from $CONFIGS, output appended to OUTDIR/NAME.jsonl
-    local name=$1
-    shift
-    local i=0
-    : >"$OUTDIR/$name.jsonl"
-    IFS='|' read -r -a cfgs <<<"$CONFIGS"
-    for c in "${cfgs[@]}"; do
-        i=$((i + 1))
-        # shellcheck disable=SC2086
-        step "${name}_$i" sh -c "$* $c --json >> \"$OUTDIR/$name.jsonl\""
+    echo "results table: $TABLE_DATASET, $TABLE_EPOCHS epochs, $TABLE_JOBS at once, budget $TABLE_BUDGET s, runs in $TABLE_RUNS"
+    # shellcheck disable=SC2086  # TABLE_ARGS: space-separated extra arguments
+    STEP_TIMEOUT=$((TABLE_BUDGET + 90)) step results_table bash "$HERE/results-table.sh" \
+        --device "$TABLE_DEVICE" --jobs "$TABLE_JOBS" --budget "$TABLE_BUDGET" --epochs "$TABLE_EPOCHS" \
+        --dataset "$TABLE_DATASET" --out "$TABLE_RUNS" --bin "$HERE/bin/medssl" \
+        --data-root "$HERE/data" ${TABLE_ARGS:-}
+    for f in table.md table.json table.txt; do
+        [ -f "$TABLE_RUNS/$f" ] && cp "$TABLE_RUNS/$f" "$OUTDIR/$f"
     done
-}
-
-if [ -x "$HERE/bin/medssl-bench" ]; then
-    CONFIGS="$BENCH_CUDA_CONFIGS" run_configs bench_cuda "\"$HERE/bin/medssl-bench\" step"
-    CONFIGS="$BENCH_CPU_CONFIGS" run_configs bench_cpu "\"$HERE/bin/medssl-bench\" step"
+    [ -f "$OUTDIR/table.txt" ] && cat "$OUTDIR/table.txt"
 else
-    skip bench "bin/medssl-bench missing"
-fi
+    export MEDSSL_GOLDEN="$HERE/golden"
+    for t in "$HERE"/tests/*; do
+        [ -x "$t" ] || continue
+        name="test_$(basename "$t")"
+        step "$name" "$t" --test-threads=1 --nocapture
+    done
+    if [ -x "$HERE/tests/cuda_parity" ]; then
+        # The convolution tests again on the im2col + cuBLAS fallback engine.
+        step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
+    fi
 
-if [ -f "$HERE/torch_peer.py" ]; then
-    CONFIGS="$PEER_CONFIGS" run_configs torch_peer "\"$PY\" \"$HERE/torch_peer.py\""
-else
-    skip torch_peer "torch_peer.py not packed"
+    if [ -x "$HERE/bin/medssl" ]; then
+        step conformance_cuda sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cuda --json > \"$OUTDIR/conformance_cuda.jsonl\""
+        step conformance_cpu sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cpu --json > \"$OUTDIR/conformance_cpu.jsonl\""
+        if [ -n "$TRAIN_ARGS" ]; then
+            # shellcheck disable=SC2086
+            step train_cuda "$HERE/bin/medssl" $TRAIN_ARGS
+        else
+            skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
+        fi
+    else
+        skip conformance_cuda "bin/medssl missing"
+    fi
+
+    run_configs() { # NAME PROGRAM... ; configs from $CONFIGS, output appended to OUTDIR/NAME.jsonl
+        local name=$1
+        shift
+        local i=0
+        : >"$OUTDIR/$name.jsonl"
+        IFS='|' read -r -a cfgs <<<"$CONFIGS"
+        for c in "${cfgs[@]}"; do
+            i=$((i + 1))
+            # shellcheck disable=SC2086
+            step "${name}_$i" sh -c "$* $c --json >> \"$OUTDIR/$name.jsonl\""
+        done
+    }
+
+    if [ -x "$HERE/bin/medssl-bench" ]; then
+        CONFIGS="$BENCH_CUDA_CONFIGS" run_configs bench_cuda "\"$HERE/bin/medssl-bench\" step"
+        CONFIGS="$BENCH_CPU_CONFIGS" run_configs bench_cpu "\"$HERE/bin/medssl-bench\" step"
+    else
+        skip bench "bin/medssl-bench missing"
+    fi
+
+    if [ -f "$HERE/torch_peer.py" ]; then
+        CONFIGS="$PEER_CONFIGS" run_configs torch_peer "\"$PY\" \"$HERE/torch_peer.py\""
+    else
+        skip torch_peer "torch_peer.py not packed"
+    fi
 fi
 
 # ---------------------------------------------------------------- summary ----
@@ -201,5 +257,21 @@ for s in steps:
     extra = s.get("tests") or s.get("conformance") or s.get("skipped") or ""
     print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
 EOF
-echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/)"
+if [ "$TABLE" = 1 ]; then
+    # Few files come back from a device command: everything but the tables and summary.json goes
+    # into one archive (run files without checkpoints, training logs, this script's logs).
+    mkdir -p "$OUTDIR/gpu-run"
+    mv "$OUTDIR/logs" "$OUTDIR/steps.jsonl" "$OUTDIR/gpu.txt" "$OUTDIR/libs.txt" "$OUTDIR/gpu-run/" 2>/dev/null
+    if [ -d "$TABLE_RUNS" ]; then
+        (cd "$TABLE_RUNS" && find . -maxdepth 2 -type f \( -name config.toml -o -name summary.json \
+            -o -name metrics.jsonl -o -name confusion.txt -o -name commands.txt -o -path './logs/*' \) \
+            -print0 | tar czf "$OUTDIR/table-runs.tar.gz" --null -T - -C "$OUTDIR" gpu-run)
+    else
+        tar czf "$OUTDIR/table-runs.tar.gz" -C "$OUTDIR" gpu-run
+    fi
+    rm -rf "$OUTDIR/gpu-run"
+    echo "outputs in $OUTDIR: $(cd "$OUTDIR" && echo *) (table-runs.tar.gz: run files, logs)"
+else
+    echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/)"
+fi
 exit 0

@@ -69,6 +69,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Results table of finished run directories: one row per group of runs that differ only in
+    /// the seed (test metrics of the best checkpoint, mean ± spread over seeds).
+    Report(ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,6 +80,45 @@ enum DataCmd {
     Info(medssl::data::cli::InfoArgs),
     /// A PNG grid of originals with their weak and strong views.
     Preview(medssl::data::cli::PreviewArgs),
+}
+
+#[derive(clap::Args)]
+struct ReportArgs {
+    /// Run directories written by `medssl train` (config.toml + summary.json).
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Markdown tables (the README format).
+    #[arg(long, conflicts_with = "json")]
+    markdown: bool,
+    /// One JSON object (rows with every value per seed).
+    #[arg(long)]
+    json: bool,
+    /// Spread over seeds: std (sample standard deviation, n − 1) or half-range.
+    #[arg(long, default_value = "std")]
+    spread: String,
+    /// Leave out run directories that cannot be read or did not finish (listed on stderr and
+    /// under the table) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+fn report(a: ReportArgs) -> Result<()> {
+    let opts = medssl::report::ReportOptions {
+        spread: a.spread.parse()?,
+        skip_bad: a.skip_bad,
+    };
+    let r = medssl::report::build(&a.runs, opts)?;
+    for (dir, why) in &r.skipped {
+        eprintln!("medssl report: skipped {}: {why}", dir.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r.json())?);
+    } else if a.markdown {
+        print!("{}", r.markdown());
+    } else {
+        print!("{}", r.text());
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -109,6 +151,10 @@ struct TrainArgs {
     /// off, entropy, meta or both.
     #[arg(long)]
     dsr: Option<String>,
+    /// Optional class balancing inside DSR (not in the paper): off, class (class-balanced DSR
+    /// weights) or align (distribution alignment of the teacher's probabilities). DSRPGC only.
+    #[arg(long)]
+    dsr_balance: Option<String>,
     /// Classifier on pooled layer4 features (no similarity fusion).
     #[arg(long)]
     no_fusion: bool,
@@ -149,6 +195,7 @@ fn train(a: TrainArgs) -> Result<()> {
     flag("labeled_protocol", a.labeled_protocol.clone());
     flag("method", a.method.clone());
     flag("dsr", a.dsr.clone());
+    flag("dsr_balance", a.dsr_balance.clone());
     flag("image_size", a.image_size.map(|v| v.to_string()));
     flag("width", a.width.map(|v| v.to_string()));
     flag("device", a.device.clone());
@@ -393,6 +440,7 @@ fn main() -> Result<()> {
             DataCmd::Info(a) => medssl::data::cli::run_info(&a)?,
             DataCmd::Preview(a) => medssl::data::cli::run_preview(&a)?,
         },
+        Cmd::Report(a) => report(a)?,
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! - Labelled subset of train: [`Labeled::Ratio`] (per class max(1, round(r · n_c)), seeded) or
 //!   [`LabeledProtocol::Srcmt`] (HAM10000/ISIC2018 SSL benchmark: the benchmark split, labelled =
 //!   train rows 0..1399, unlabelled = train rows 1400..6999 by benchmark csv row; rows ≥ 7000
-//!   unused, as in SRC-MT's `train_SRC_MT.py`).
+//!   unused, as in SRC-MT's `train_SRC_MT.py`), or [`LabeledProtocol::SrcmtFull`] (the same split
+//!   with all of train rows 0..6999 labelled: the fully supervised upper bound of the benchmark).
 //!
 //! Every class must keep at least one training and one labelled image, else an error.
 
@@ -32,6 +33,32 @@ pub enum LabeledProtocol {
     /// SRC-MT ISIC2018 benchmark (needs a benchmark split: HAM10000 `split_racmt.u8` +
     /// `racmt_row.u16`, or SRC-MT's training/validation/testing csvs).
     Srcmt,
+    /// The SRC-MT benchmark split with every training row (0..6999) labelled and none
+    /// unlabelled: the fully supervised upper bound on the same train/val/test images.
+    #[value(name = "srcmt-full")]
+    #[serde(rename = "srcmt-full")]
+    SrcmtFull,
+}
+
+impl LabeledProtocol {
+    /// The name used on the command line and in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            LabeledProtocol::Srcmt => "srcmt",
+            LabeledProtocol::SrcmtFull => "srcmt-full",
+        }
+    }
+}
+
+impl std::str::FromStr for LabeledProtocol {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<LabeledProtocol> {
+        Ok(match s {
+            "srcmt" => LabeledProtocol::Srcmt,
+            "srcmt-full" => LabeledProtocol::SrcmtFull,
+            _ => bail!("labeled protocol '{s}': expected srcmt or srcmt-full"),
+        })
+    }
 }
 
 /// How to choose the labelled subset of the training split.
@@ -60,7 +87,7 @@ impl Labeled {
     pub fn describe(&self) -> String {
         match self {
             Labeled::Ratio(r) => format!("ratio {r}"),
-            Labeled::Protocol(LabeledProtocol::Srcmt) => "srcmt".to_string(),
+            Labeled::Protocol(p) => p.name().to_string(),
         }
     }
 }
@@ -137,23 +164,28 @@ fn by_split(split: &[Split]) -> [Vec<usize>; 3] {
 pub fn partition(ds: &Dataset, labeled: Labeled, seed: u64) -> Result<Partition> {
     let src = ds.source.display();
     let (parts, split_source, lab, unl) = match labeled {
-        Labeled::Protocol(LabeledProtocol::Srcmt) => {
+        Labeled::Protocol(p) => {
             let Some(b) = &ds.benchmark else {
                 bail!(
-                    "{src}: --labeled-protocol srcmt needs a benchmark split (HAM10000 split_racmt.u8 + racmt_row.u16, or SRC-MT training/validation/testing csvs); this {} dataset has none",
+                    "{src}: --labeled-protocol {} needs a benchmark split (HAM10000 split_racmt.u8 + racmt_row.u16, or SRC-MT training/validation/testing csvs); this {} dataset has none",
+                    p.name(),
                     ds.format
                 );
             };
             let parts = by_split(&b.split);
+            let labeled_rows = match p {
+                LabeledProtocol::Srcmt => SRCMT_LABELED_ROWS,
+                LabeledProtocol::SrcmtFull => SRCMT_TRAIN_ROWS,
+            };
             let lab: Vec<usize> = parts[0]
                 .iter()
                 .copied()
-                .filter(|&i| b.row[i] < SRCMT_LABELED_ROWS)
+                .filter(|&i| b.row[i] < labeled_rows)
                 .collect();
             let unl: Vec<usize> = parts[0]
                 .iter()
                 .copied()
-                .filter(|&i| (SRCMT_LABELED_ROWS..SRCMT_TRAIN_ROWS).contains(&b.row[i]))
+                .filter(|&i| (labeled_rows..SRCMT_TRAIN_ROWS).contains(&b.row[i]))
                 .collect();
             (parts, format!("benchmark ({})", b.source), lab, unl)
         }

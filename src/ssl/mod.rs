@@ -34,6 +34,153 @@ impl std::str::FromStr for DsrMode {
     }
 }
 
+/// Optional class balancing inside DSR (`--dsr-balance`; not part of the paper's method, `off` in
+/// every preset). See [`align_logits`], [`class_balance_weights`] and [`ClassPrior`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DsrBalance {
+    /// SPEC §1 exactly.
+    #[default]
+    Off,
+    /// Class-balanced DSR weight: `w_i ← w_i · b_i`, `b_i ∝ min(b_max, (1/C) / f̂(ŷ_i))` with `f̂`
+    /// a running estimate of the pseudo-label class frequencies, normalised to batch mean 1.
+    Class,
+    /// Distribution alignment: the teacher probabilities become `p̃_i ∝ p_T,i ⊙ π / p̄` (π uniform,
+    /// `p̄` a running mean of the teacher's class probabilities) before the pseudo-labels, the
+    /// entropy confidence and the consistency target are computed.
+    Align,
+}
+
+impl std::str::FromStr for DsrBalance {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<DsrBalance> {
+        Ok(match s {
+            "off" => DsrBalance::Off,
+            "class" => DsrBalance::Class,
+            "align" => DsrBalance::Align,
+            _ => bail!("--dsr-balance '{s}': expected off, class or align"),
+        })
+    }
+}
+
+impl DsrBalance {
+    /// Momentum of the running estimate this mode keeps (see [`ClassPrior::update`]).
+    pub fn momentum(self) -> f32 {
+        match self {
+            DsrBalance::Off => 0.0,
+            DsrBalance::Class => CLASS_FREQ_MOMENTUM,
+            DsrBalance::Align => ALIGN_MOMENTUM,
+        }
+    }
+}
+
+/// Momentum of `p̄` (the teacher's mean class probabilities) for `--dsr-balance align`: the
+/// FixMatch/USB distribution-alignment value (an effective window of ~1000 batches).
+pub const ALIGN_MOMENTUM: f32 = 0.999;
+/// Momentum of `f̂` (pseudo-label class frequencies) for `--dsr-balance class`: a window of ~100
+/// batches (3600 pseudo-labels at `B_u = 36`), so the weights follow the current teacher.
+pub const CLASS_FREQ_MOMENTUM: f32 = 0.99;
+/// Clip `b_max` of the class-balance factor before it is normalised to batch mean 1.
+pub const CLASS_WEIGHT_MAX: f32 = 5.0;
+/// Floor on `p̄_j` / `f̂_j` where they divide.
+const PRIOR_FLOOR: f64 = 1e-6;
+
+/// A running estimate of a class distribution (`p̄` or `f̂`), part of the training state.
+///
+/// Update rule (per batch statistic `x`, a distribution over C classes): with `t` the number of
+/// updates so far including this one, `p ← p + η_t (x − p)`, `η_t = max(1 − momentum, 1/t)`. For
+/// the first `1/(1 − momentum)` updates this is the exact mean of all batches seen (so a short run
+/// is aligned from its first step and the estimate does not start biased towards the uniform
+/// initialisation); afterwards it is the usual EMA. `p` stays a distribution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassPrior {
+    /// The estimate (uniform before the first update).
+    pub p: Vec<f32>,
+    /// Updates so far (saturates; only `t < 1/(1 − momentum)` matters).
+    pub updates: u64,
+}
+
+impl ClassPrior {
+    pub fn uniform(classes: usize) -> ClassPrior {
+        ClassPrior {
+            p: vec![1.0 / classes.max(1) as f32; classes],
+            updates: 0,
+        }
+    }
+
+    /// One update with the batch statistic `x` (see the type's documentation).
+    pub fn update(&mut self, x: &[f32], momentum: f32) {
+        debug_assert_eq!(x.len(), self.p.len());
+        self.updates = (self.updates + 1).min(1 << 20);
+        if self.updates == 1 {
+            self.p = x.to_vec();
+            return;
+        }
+        let eta = (1.0 - momentum as f64).max(1.0 / self.updates as f64);
+        for (p, &x) in self.p.iter_mut().zip(x) {
+            *p = (*p as f64 + eta * (x as f64 - *p as f64)) as f32;
+        }
+    }
+}
+
+/// Row-wise mean of softmax(z) over a `[B, C]` logit matrix (f64 accumulation).
+pub fn mean_softmax(z: &[f32], c: usize) -> Vec<f32> {
+    let rows = z.len() / c.max(1);
+    let mut acc = vec![0f64; c];
+    for r in z.chunks(c) {
+        let m = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let e: Vec<f64> = r.iter().map(|&v| (v as f64 - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        for (a, v) in acc.iter_mut().zip(&e) {
+            *a += v / s;
+        }
+    }
+    acc.iter()
+        .map(|a| (a / rows.max(1) as f64) as f32)
+        .collect()
+}
+
+/// Distribution alignment of teacher logits `z` `[B, C]` (row-major) with the running prior `p̄`
+/// and a uniform target π: returns `log p̃` with `p̃_i = normalize(softmax(z_i) ⊙ π / p̄)`.
+/// Computed in log space (`log p̃_ij = z_ij − ln p̄_j − logsumexp_k(z_ik − ln p̄_k)`; π cancels in
+/// the normalisation), so nothing underflows; `softmax(log p̃) = p̃`, so the result can be used
+/// wherever teacher logits are expected.
+pub fn align_logits(z: &[f32], pbar: &[f32], c: usize) -> Vec<f32> {
+    let lp: Vec<f64> = pbar
+        .iter()
+        .map(|&p| (p as f64).max(PRIOR_FLOOR).ln())
+        .collect();
+    let mut out = Vec::with_capacity(z.len());
+    for r in z.chunks(c) {
+        let a: Vec<f64> = r.iter().zip(&lp).map(|(&v, l)| v as f64 - l).collect();
+        let m = a.iter().fold(f64::NEG_INFINITY, |x, &y| x.max(y));
+        let lse = m + a.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        out.extend(a.iter().map(|v| (v - lse) as f32));
+    }
+    out
+}
+
+/// Pseudo-label class histogram of a batch, as fractions.
+pub fn label_fractions(labels: &[usize], c: usize) -> Vec<f32> {
+    let mut h = vec![0f32; c];
+    for &l in labels {
+        h[l] += 1.0;
+    }
+    let n = labels.len().max(1) as f32;
+    h.iter().map(|v| v / n).collect()
+}
+
+/// Class-balance factors of a batch: `b_i = min(b_max, (1/C) / f̂(ŷ_i))`, then divided by their
+/// batch mean (so the mean of `b` is 1 and the overall scale of the DSR weights is unchanged).
+pub fn class_balance_weights(pseudo: &[usize], freq: &[f32], c: usize, b_max: f32) -> Vec<f32> {
+    let raw: Vec<f64> = pseudo
+        .iter()
+        .map(|&y| (1.0 / (c as f64 * (freq[y] as f64).max(PRIOR_FLOOR))).min(b_max as f64))
+        .collect();
+    let mean = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
+    raw.iter().map(|b| (b / mean) as f32).collect()
+}
+
 /// Loss hyper-parameters of one step (λ already ramped by the caller).
 #[derive(Clone, Copy, Debug)]
 pub struct LossConfig {
@@ -48,6 +195,8 @@ pub struct LossConfig {
     pub consistency: bool,
     /// Use the PGC term.
     pub pgc: bool,
+    /// Optional class balancing (needs a [`ClassPrior`] unless `Off`).
+    pub balance: DsrBalance,
 }
 
 impl Default for LossConfig {
@@ -60,6 +209,7 @@ impl Default for LossConfig {
             meta_beta: 0.1,
             consistency: true,
             pgc: true,
+            balance: DsrBalance::Off,
         }
     }
 }
@@ -154,6 +304,67 @@ pub struct LossOut {
     pub meta_updated: Option<Vec<f32>>,
 }
 
+/// The pieces of the objective that `--dsr-balance` changes (see [`balance_teacher`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalancedTeacher {
+    /// Logits that stand for the teacher's from here on: aligned log-probabilities `log p̃`
+    /// under `align`; `None` (use the teacher's own) otherwise.
+    pub logits: Option<Vec<f32>>,
+    /// Pseudo-labels `ŷ` (from `p̃` under `align`).
+    pub pseudo: Vec<usize>,
+    /// Class-balance factors `b` (mean 1) under `class`; `None` otherwise.
+    pub factors: Option<Vec<f32>>,
+}
+
+/// Applies `--dsr-balance` to the teacher logits `zt` `[B_u, C]` on the host. Updates `prior`
+/// with this batch first (`p̄` from the unaligned teacher probabilities, `f̂` from the batch's
+/// pseudo-labels), then uses it. `Off` is the plain argmax of SPEC §1 and needs no prior.
+pub fn balance_teacher(
+    zt: &[f32],
+    classes: usize,
+    mode: DsrBalance,
+    prior: Option<&mut ClassPrior>,
+) -> Result<BalancedTeacher> {
+    let prior = match (mode, prior) {
+        (DsrBalance::Off, _) => {
+            return Ok(BalancedTeacher {
+                logits: None,
+                pseudo: argmax_rows(zt, classes),
+                factors: None,
+            })
+        }
+        (_, None) => bail!("--dsr-balance {mode:?}: no running class prior given"),
+        (_, Some(p)) => p,
+    };
+    if prior.p.len() != classes {
+        bail!(
+            "running class prior has {} classes, the model {classes}",
+            prior.p.len()
+        );
+    }
+    Ok(match mode {
+        DsrBalance::Align => {
+            prior.update(&mean_softmax(zt, classes), mode.momentum());
+            let za = align_logits(zt, &prior.p, classes);
+            BalancedTeacher {
+                pseudo: argmax_rows(&za, classes),
+                logits: Some(za),
+                factors: None,
+            }
+        }
+        _ => {
+            let pseudo = argmax_rows(zt, classes);
+            prior.update(&label_fractions(&pseudo, classes), mode.momentum());
+            let b = class_balance_weights(&pseudo, &prior.p, classes, CLASS_WEIGHT_MAX);
+            BalancedTeacher {
+                logits: None,
+                pseudo,
+                factors: Some(b),
+            }
+        }
+    })
+}
+
 fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
     v.chunks(c)
         .map(|r| {
@@ -175,6 +386,7 @@ fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
 /// passes on the labelled batch and on the strong views (separately, so BN statistics are per
 /// pass), DSR weights, the three losses and their weighted sum. `meta` holds the current meta
 /// weights `m_i` of the batch's unlabelled samples; without it `m = 1` and nothing is updated.
+/// With `hp.balance` other than `Off`, `prior` is the running estimate it needs (updated here).
 #[allow(clippy::too_many_arguments)]
 pub fn dsrpgc_loss(
     g: &mut Graph,
@@ -184,6 +396,7 @@ pub fn dsrpgc_loss(
     batch: &Batch,
     queue: &QueueView,
     meta: Option<&[f32]>,
+    prior: Option<&mut ClassPrior>,
     hp: &LossConfig,
 ) -> Result<LossOut> {
     let bu = batch.u_weak.shape()[0];
@@ -197,7 +410,17 @@ pub fn dsrpgc_loss(
         let o = teacher.forward(g, &mut tb, uw, true)?;
         Ok((g.value(o.logits).clone(), g.value(o.embedding).clone()))
     })?;
-    let pseudo = argmax_rows(&zt.to_vec()?, classes);
+    // `--dsr-balance`: under `align` the aligned log-probabilities stand for the teacher logits
+    // from here on (pseudo-labels, entropy confidence, consistency target); `off` keeps SPEC §1.
+    let BalancedTeacher {
+        logits: aligned,
+        pseudo,
+        factors: balance,
+    } = balance_teacher(&zt.to_vec()?, classes, hp.balance, prior)?;
+    let zt = match aligned {
+        Some(za) => bk.from_host(&za, zt.shape())?,
+        None => zt,
+    };
 
     // Student passes.
     let xl = g.constant(batch.x_lab.clone());
@@ -239,7 +462,10 @@ pub fn dsrpgc_loss(
         .map(|i| {
             let ci = c.as_ref().map_or(1.0, |c| c[i]);
             let mi = meta_updated.as_ref().map_or(1.0, |m| m[i]);
-            ci * mi
+            match &balance {
+                Some(b) => ci * mi * b[i],
+                None => ci * mi,
+            }
         })
         .collect();
     let weights = bk.from_host(&w, &[bu])?;
@@ -312,6 +538,148 @@ mod tests {
         assert_eq!(v.labels, vec![4, 2, 3]);
         assert_eq!(v.keys, vec![4., 4., 2., 2., 3., 3.]);
         assert_eq!(q.ptr, 1);
+    }
+
+    fn softmax(z: &[f32]) -> Vec<f32> {
+        let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let e: Vec<f32> = z.iter().map(|v| (v - m).exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    }
+
+    #[test]
+    fn dsr_balance_parses() {
+        assert_eq!("off".parse::<DsrBalance>().unwrap(), DsrBalance::Off);
+        assert_eq!("class".parse::<DsrBalance>().unwrap(), DsrBalance::Class);
+        assert_eq!("align".parse::<DsrBalance>().unwrap(), DsrBalance::Align);
+        assert!("both".parse::<DsrBalance>().is_err());
+        assert_eq!(DsrBalance::default(), DsrBalance::Off);
+        assert_eq!(LossConfig::default().balance, DsrBalance::Off);
+    }
+
+    #[test]
+    fn align_with_a_uniform_prior_leaves_the_probabilities_unchanged() {
+        let c = 4;
+        let z = [
+            2.0f32, -1.0, 0.5, 0.0, -3.0, 4.0, 1.0, 1.5, 30.0, -30.0, 0.0, 0.0,
+        ];
+        let za = align_logits(&z, &[0.25; 4], c);
+        for (r, ra) in z.chunks(c).zip(za.chunks(c)) {
+            let (p, pa) = (softmax(r), softmax(ra));
+            for (a, b) in p.iter().zip(&pa) {
+                assert!((a - b).abs() < 1e-6, "{p:?} vs {pa:?}");
+            }
+            // Aligned logits are normalised log-probabilities.
+            let s: f32 = ra.iter().map(|v| v.exp()).sum();
+            assert!((s - 1.0).abs() < 1e-6);
+        }
+        assert_eq!(argmax_rows(&za, c), argmax_rows(&z, c));
+    }
+
+    #[test]
+    fn align_with_a_skewed_prior_moves_the_argmax_off_the_over_predicted_class() {
+        // p = (0.5, 0.3, 0.2): class 0 wins; the teacher predicts class 0 70 % of the time on
+        // average, so p̃ ∝ (0.5/0.7, 0.3/0.15, 0.2/0.15) = (0.714, 2, 1.333) / 4.048.
+        let p = [0.5f32, 0.3, 0.2];
+        let z: Vec<f32> = p.iter().map(|v| v.ln()).collect();
+        let pbar = [0.7f32, 0.15, 0.15];
+        let za = align_logits(&z, &pbar, 3);
+        let pa = softmax(&za);
+        let want = [
+            0.714_285_7f32 / 4.047_619,
+            2.0 / 4.047_619,
+            1.333_333_3 / 4.047_619,
+        ];
+        for (a, b) in pa.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{pa:?} vs {want:?}");
+        }
+        assert_eq!(argmax_rows(&z, 3), vec![0]);
+        assert_eq!(argmax_rows(&za, 3), vec![1]);
+        // The entropy confidence is computed from p̃ (it changes with the prior).
+        let h = |p: &[f32]| -p.iter().map(|v| v * v.ln()).sum::<f32>();
+        assert!((h(&pa) - h(&p)).abs() > 1e-3);
+    }
+
+    #[test]
+    fn class_balance_weights_equal_the_hand_computed_values() {
+        // f̂ = (0.7, 0.2, 0.08, 0.02), C = 4: (1/C)/f̂ = (0.357, 1.25, 3.125, 12.5 → clipped to 5).
+        let freq = [0.7f32, 0.2, 0.08, 0.02];
+        let pseudo = [0, 0, 1, 2, 3, 0];
+        let b = class_balance_weights(&pseudo, &freq, 4, 5.0);
+        // raw = (0.357, 0.357, 1.25, 3.125, 5, 0.357), mean 1.741071.
+        let mean = (3.0 * 0.25 / 0.7 + 1.25 + 3.125 + 5.0) / 6.0;
+        let want = [
+            0.25 / 0.7 / mean,
+            0.25 / 0.7 / mean,
+            1.25 / mean,
+            3.125 / mean,
+            5.0 / mean,
+            0.25 / 0.7 / mean,
+        ];
+        for (a, w) in b.iter().zip(&want) {
+            assert!((*a as f64 - w).abs() < 1e-6, "{b:?} vs {want:?}");
+        }
+        assert!((b[0] - 0.205_128_2).abs() < 1e-6 && (b[4] - 2.871_795).abs() < 1e-6);
+        let m: f32 = b.iter().sum::<f32>() / b.len() as f32;
+        assert!((m - 1.0).abs() < 1e-6);
+        // A balanced f̂ gives b = 1; a class never seen is clipped, not infinite.
+        let b = class_balance_weights(&[0, 1, 2, 3], &[0.25; 4], 4, 5.0);
+        assert!(b.iter().all(|&v| (v - 1.0).abs() < 1e-6), "{b:?}");
+        let b = class_balance_weights(&[0, 1], &[1.0, 0.0, 0.0, 0.0], 4, 5.0);
+        assert!((b[0] - 0.25 / 2.625).abs() < 1e-6 && (b[1] - 5.0 / 2.625).abs() < 1e-6);
+    }
+
+    #[test]
+    fn class_prior_is_a_running_mean_then_an_ema() {
+        let mut p = ClassPrior::uniform(2);
+        assert_eq!(p.p, vec![0.5, 0.5]);
+        p.update(&[1.0, 0.0], 0.75);
+        assert_eq!((p.p.clone(), p.updates), (vec![1.0, 0.0], 1));
+        p.update(&[0.0, 1.0], 0.75); // η = 1/2
+        assert_eq!(p.p, vec![0.5, 0.5]);
+        p.update(&[1.0, 0.0], 0.75); // η = 1/3
+        assert!((p.p[0] - 2.0 / 3.0).abs() < 1e-6);
+        p.update(&[0.0, 1.0], 0.75); // η = max(1/4, 1/4)
+        assert!((p.p[0] - 0.5).abs() < 1e-6);
+        p.update(&[1.0, 0.0], 0.75); // η = max(1/4, 1/5) = 1/4
+        assert!((p.p[0] - 0.625).abs() < 1e-6);
+        assert!((p.p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn balance_teacher_off_is_the_plain_argmax_and_the_modes_update_their_prior() {
+        let z = [
+            3.0f32, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.9, 0.0,
+        ];
+        let o = balance_teacher(&z, 3, DsrBalance::Off, None).unwrap();
+        assert!(o.logits.is_none() && o.factors.is_none());
+        assert_eq!(o.pseudo, vec![0, 0, 2, 0]);
+        assert!(balance_teacher(&z, 3, DsrBalance::Align, None).is_err());
+        // align: the first update makes p̄ the batch mean of softmax(z); the pseudo-labels then
+        // come from p̃ (the over-predicted class 0 loses its close calls).
+        let mut pr = ClassPrior::uniform(3);
+        let o = balance_teacher(&z, 3, DsrBalance::Align, Some(&mut pr)).unwrap();
+        assert!(o.factors.is_none());
+        let mean = mean_softmax(&z, 3);
+        assert_eq!(pr.p, mean);
+        assert!(pr.p[0] > 0.5);
+        assert_eq!(
+            o.logits.as_deref().unwrap(),
+            &align_logits(&z, &mean, 3)[..]
+        );
+        assert_eq!(o.pseudo, vec![0, 0, 2, 1]);
+        // class: f̂ becomes the batch's pseudo-label histogram, b has mean 1.
+        let mut pr = ClassPrior::uniform(3);
+        let o = balance_teacher(&z, 3, DsrBalance::Class, Some(&mut pr)).unwrap();
+        assert!(o.logits.is_none());
+        assert_eq!(o.pseudo, vec![0, 0, 2, 0]);
+        assert_eq!(pr.p, vec![0.75, 0.0, 0.25]);
+        let b = o.factors.unwrap();
+        let (r0, r2) = (1.0 / 3.0 / 0.75, 1.0 / 3.0 / 0.25);
+        let m = (3.0 * r0 + r2) / 4.0;
+        for (got, want) in b.iter().zip([r0 / m, r0 / m, r2 / m, r0 / m]) {
+            assert!((got - want).abs() < 1e-6, "{b:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Checkpoints: one safetensors file holding the full training state (student, teacher,
-//! optimiser moments, queue, DSR meta weights, normalisation) under torchvision-style names
-//! (`student.layer1.0.conv1.weight`, …), plus JSON metadata (step, loader position, config,
-//! classes) and a SHA-256 checksum over every tensor, verified on load. Written atomically.
+//! optimiser moments, queue, DSR meta weights, `--dsr-balance` running prior, normalisation)
+//! under torchvision-style names (`student.layer1.0.conv1.weight`, …), plus JSON metadata (step,
+//! loader position, config, classes) and a SHA-256 checksum over every tensor, verified on load.
+//! Written atomically.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -85,6 +86,15 @@ pub fn save(
     ));
     t.push(("queue.weights".into(), q.weights.clone(), vec![q.capacity]));
     t.push(("meta".into(), st.meta.clone(), vec![st.meta.len()]));
+    // The running class prior of `--dsr-balance` and its update count (exact in f32 far beyond
+    // the count that matters, which saturates in `ClassPrior::update`).
+    let pr = &st.dsr_prior;
+    t.push(("dsr_balance.prior".into(), pr.p.clone(), vec![pr.p.len()]));
+    t.push((
+        "dsr_balance.updates".into(),
+        vec![pr.updates as f32],
+        vec![1],
+    ));
     t.push((
         "norm.mean".into(),
         norm_mean.to_vec(),
@@ -154,8 +164,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
-    /// Restores student, teacher, optimiser, queue and meta weights into `st` (built with the
-    /// same model configuration).
+    /// Restores student, teacher, optimiser, queue, meta weights and the DSR balance prior into
+    /// `st` (built with the same model configuration).
     pub fn restore(&self, st: &mut TrainState) -> Result<()> {
         st.student
             .store
@@ -193,6 +203,21 @@ impl Checkpoint {
             );
         }
         st.meta = meta.clone();
+        // Checkpoints from before `--dsr-balance` existed have no prior (and ran with it off).
+        if let Some((p, _)) = self.tensors.get("dsr_balance.prior") {
+            if p.len() != st.dsr_prior.p.len() {
+                bail!(
+                    "checkpoint has a {}-class DSR balance prior, the model {} classes",
+                    p.len(),
+                    st.dsr_prior.p.len()
+                );
+            }
+            st.dsr_prior.p = p.clone();
+            st.dsr_prior.updates = self
+                .tensors
+                .get("dsr_balance.updates")
+                .map_or(0, |(u, _)| u.first().copied().unwrap_or(0.0) as u64);
+        }
         st.step = self.state.step;
         Ok(())
     }

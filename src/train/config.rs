@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::bail;
 use crate::error::{Error, Result};
 
+/// Settings files and checkpoints written before `dsr_balance` existed mean `off`.
+fn default_dsr_balance() -> String {
+    "off".into()
+}
+
 /// Every setting of a training run (flat; keys are the TOML keys and the `--set` names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +39,10 @@ pub struct TrainConfig {
     pub method: String,
     /// off, entropy, meta or both.
     pub dsr: String,
+    /// Optional class balancing inside DSR (not part of the paper's method): off, class
+    /// (class-balanced DSR weights) or align (distribution alignment of the teacher). DSRPGC only.
+    #[serde(default = "default_dsr_balance")]
+    pub dsr_balance: String,
     pub pgc: bool,
     pub lambda_cons: f32,
     pub lambda_pgc: f32,
@@ -84,6 +93,7 @@ impl TrainConfig {
             fusion: true,
             method: "dsrpgc".into(),
             dsr: "both".into(),
+            dsr_balance: default_dsr_balance(),
             pgc: true,
             lambda_cons: 1.0,
             lambda_pgc: 0.5,
@@ -178,6 +188,14 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.method.parse::<crate::train::step::Method>()?;
         self.dsr.parse::<crate::ssl::DsrMode>()?;
+        let balance = self.dsr_balance.parse::<crate::ssl::DsrBalance>()?;
+        if balance != crate::ssl::DsrBalance::Off && self.method != "dsrpgc" {
+            bail!(
+                "dsr_balance '{}' applies to method dsrpgc only (method is '{}')",
+                self.dsr_balance,
+                self.method
+            );
+        }
         if !["adam", "sgd"].contains(&self.optimizer.as_str()) {
             bail!("optimizer '{}': expected adam or sgd", self.optimizer);
         }
@@ -190,9 +208,14 @@ impl TrainConfig {
         if !(self.labeled_ratio > 0.0 && self.labeled_ratio <= 1.0) {
             bail!("labeled_ratio {}: must be in (0, 1]", self.labeled_ratio);
         }
-        if !self.labeled_protocol.is_empty() && self.labeled_protocol != "srcmt" {
+        if !self.labeled_protocol.is_empty()
+            && self
+                .labeled_protocol
+                .parse::<crate::data::LabeledProtocol>()
+                .is_err()
+        {
             bail!(
-                "labeled_protocol '{}': expected srcmt or empty",
+                "labeled_protocol '{}': expected srcmt, srcmt-full or empty",
                 self.labeled_protocol
             );
         }
@@ -252,5 +275,34 @@ mod tests {
         assert_eq!((c.lr, c.schedule.as_str(), c.epochs), (1e-4, "step", 100));
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn dsr_balance_defaults_off_and_is_validated() {
+        for p in ["fast", "paper", "srcmt-isic2018"] {
+            assert_eq!(TrainConfig::preset(p).unwrap().dsr_balance, "off");
+        }
+        let c = TrainConfig::resolve("paper", None, &["dsr_balance=align".into()]).unwrap();
+        assert_eq!(c.dsr_balance, "align");
+        let c = TrainConfig::resolve("fast", None, &["dsr-balance=class".into()]).unwrap();
+        assert_eq!(c.dsr_balance, "class");
+        let e = TrainConfig::resolve("fast", None, &["dsr_balance=maybe".into()]).unwrap_err();
+        assert!(e.to_string().contains("--dsr-balance 'maybe'"), "{e}");
+        let e = TrainConfig::resolve(
+            "fast",
+            None,
+            &["dsr_balance=align".into(), "method=mean-teacher".into()],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("dsrpgc only"), "{e}");
+        // A config written before the setting existed reads as `off`.
+        let mut t: toml::Table = TrainConfig::preset("fast")
+            .unwrap()
+            .to_toml()
+            .parse()
+            .unwrap();
+        t.remove("dsr_balance");
+        let old: TrainConfig = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!(old, TrainConfig::preset("fast").unwrap());
     }
 }

@@ -12,7 +12,7 @@ use crate::data::{self, Dataset, LoaderConfig, LoaderMode, Normalize, Partition,
 use crate::error::{Error, Result};
 use crate::nn::{Binding, MedFuseNet, ModelConfig};
 use crate::optim::{OptimKind, Schedule};
-use crate::ssl::{Batch, DsrMode};
+use crate::ssl::{Batch, DsrBalance, DsrMode};
 use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, CkptState};
 use crate::train::config::TrainConfig;
@@ -58,9 +58,16 @@ pub fn load_data(cfg: &TrainConfig) -> Result<(Dataset, Partition)> {
     let ds = data::load(&cfg.data, &opts)?;
     let protocol = match cfg.labeled_protocol.as_str() {
         "" => None,
-        "srcmt" => Some(data::LabeledProtocol::Srcmt),
-        p => bail!("labeled_protocol '{p}': expected srcmt"),
+        p => Some(p.parse::<data::LabeledProtocol>()?),
     };
+    // A protocol fixes the labelled subset; a ratio set beside it would be silently ignored.
+    if protocol.is_some() && cfg.labeled_ratio != data::DEFAULT_LABELED_RATIO {
+        bail!(
+            "labeled_ratio {} and labeled_protocol '{}' are mutually exclusive: the protocol fixes the labelled subset (srcmt: train rows 0..1399, srcmt-full: all 7000 training rows); drop one",
+            cfg.labeled_ratio,
+            cfg.labeled_protocol
+        );
+    }
     let labeled = data::Labeled::from_options(
         if protocol.is_some() {
             None
@@ -132,6 +139,7 @@ fn step_config(cfg: &TrainConfig, steps_per_epoch: u64) -> Result<StepConfig> {
     Ok(StepConfig {
         method: cfg.method.parse()?,
         dsr: cfg.dsr.parse::<DsrMode>()?,
+        balance: cfg.dsr_balance.parse::<DsrBalance>()?,
         pgc: cfg.pgc,
         lambda_cons_max: cfg.lambda_cons,
         lambda_pgc_max: cfg.lambda_pgc,
@@ -198,6 +206,7 @@ fn check_resumable(saved: &TrainConfig, new: &TrainConfig) -> Result<()> {
         "emb",
         "fusion",
         "method",
+        "dsr_balance",
         "queue",
         "batch_labeled",
         "batch_unlabeled",
@@ -372,6 +381,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
             b
         });
         let mut sums = StepStats::default();
+        let mut pseudo_counts = vec![0u64; ds.classes.len()];
         let mut n_in_epoch = 0u32;
         let t_epoch = Instant::now();
         while st.step / steps_per_epoch == epoch && st.step < total_steps {
@@ -401,6 +411,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
             sums.lambda_cons = s.lambda_cons;
             sums.lambda_pgc = s.lambda_pgc;
             sums.lr = s.lr;
+            for &l in &s.pseudo_labels {
+                pseudo_counts[l] += 1;
+            }
             n_in_epoch += 1;
             state.position = loader.position();
             let in_epoch = st.step - epoch * steps_per_epoch;
@@ -450,6 +463,30 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         state.queue_ptr = st.queue.ptr;
         state.queue_len = st.queue.len;
         let mut rec = serde_json::json!({"epoch": epoch + 1, "step": st.step, "train": train_rec});
+        // The teacher's pseudo-label class fractions over the epoch's steps (class imbalance of
+        // the pseudo-labels), and the running prior of `--dsr-balance` when it is on.
+        let n_pseudo: u64 = pseudo_counts.iter().sum();
+        if n_pseudo > 0 {
+            let frac: Vec<f64> = pseudo_counts
+                .iter()
+                .map(|&k| k as f64 / n_pseudo as f64)
+                .collect();
+            log(&format!(
+                "epoch {}/{} pseudo-label fractions: {}",
+                epoch + 1,
+                cfg.epochs,
+                ds.classes
+                    .iter()
+                    .zip(&frac)
+                    .map(|(c, f)| format!("{c} {f:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            rec["train"]["pseudo_label_frac"] = serde_json::json!(frac);
+        }
+        if scfg.balance != DsrBalance::Off && method == Method::Dsrpgc {
+            rec["train"]["dsr_prior"] = serde_json::json!(st.dsr_prior.p);
+        }
         if !opts.no_eval {
             let vt = evaluate(
                 &mut st.teacher,

@@ -6,7 +6,7 @@ use crate::bail;
 use crate::error::Result;
 use crate::nn::{Binding, Kind, MedFuseNet, ModelConfig};
 use crate::optim::{OptimKind, Optimizer};
-use crate::ssl::{self, Batch, DsrMode, LossConfig, Queue};
+use crate::ssl::{self, Batch, ClassPrior, DsrBalance, DsrMode, LossConfig, Queue};
 use crate::tensor::Device;
 
 /// Which objective a run optimises (baselines and the method share this code path).
@@ -38,6 +38,8 @@ impl std::str::FromStr for Method {
 pub struct StepConfig {
     pub method: Method,
     pub dsr: DsrMode,
+    /// Optional class balancing inside DSR (`--dsr-balance`; DSRPGC only, `Off` = SPEC §1).
+    pub balance: DsrBalance,
     pub pgc: bool,
     pub lambda_cons_max: f32,
     pub lambda_pgc_max: f32,
@@ -53,6 +55,7 @@ impl Default for StepConfig {
         StepConfig {
             method: Method::Dsrpgc,
             dsr: DsrMode::Both,
+            balance: DsrBalance::Off,
             pgc: true,
             lambda_cons_max: 1.0,
             lambda_pgc_max: 0.5,
@@ -72,6 +75,9 @@ pub struct TrainState {
     pub queue: Queue,
     /// Persistent meta weight per unlabelled sample.
     pub meta: Vec<f32>,
+    /// Running class prior of `--dsr-balance` (`p̄` for `align`, `f̂` for `class`; stays uniform
+    /// and unused with `off`).
+    pub dsr_prior: ClassPrior,
     /// Optimiser steps taken.
     pub step: u64,
 }
@@ -97,13 +103,14 @@ impl TrainState {
             opt,
             queue: Queue::new(queue_size, cfg.emb),
             meta: vec![1.0; n_unlabeled],
+            dsr_prior: ClassPrior::uniform(cfg.classes),
             step: 0,
         })
     }
 }
 
 /// Scalars of one step (host values).
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepStats {
     pub loss: f32,
     pub loss_sup: f32,
@@ -113,6 +120,9 @@ pub struct StepStats {
     pub lambda_pgc: f32,
     pub mean_weight: f32,
     pub lr: f32,
+    /// The teacher's pseudo-labels of the batch (empty for the supervised baseline).
+    #[serde(skip)]
+    pub pseudo_labels: Vec<usize>,
 }
 
 /// One optimiser step. `unl_idx` are the unlabelled-set indices of the batch (for meta weights).
@@ -154,6 +164,7 @@ pub fn train_step(
                 meta_beta: cfg.meta_beta,
                 consistency: true,
                 pgc: dsrpgc && cfg.pgc,
+                balance: if dsrpgc { cfg.balance } else { DsrBalance::Off },
             };
             let meta: Vec<f32> = unl_idx.iter().map(|&i| st.meta[i]).collect();
             let qv = if hp.pgc {
@@ -169,6 +180,7 @@ pub fn train_step(
                 batch,
                 &qv,
                 Some(&meta),
+                (hp.balance != DsrBalance::Off).then_some(&mut st.dsr_prior),
                 &hp,
             )?;
             if let Some(m) = &o.meta_updated {
@@ -182,6 +194,7 @@ pub fn train_step(
             stats.loss_cons = o.loss_cons;
             stats.loss_pgc = o.loss_pgc;
             stats.loss = g.value(o.loss).item()?;
+            stats.pseudo_labels = o.pseudo_labels.clone();
             let enqueue = hp
                 .pgc
                 .then(|| -> Result<_> { Ok((o.teacher_keys.to_vec()?, o.pseudo_labels, w)) })
