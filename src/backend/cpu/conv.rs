@@ -17,10 +17,14 @@ use super::scratch;
 /// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
 pub use crate::backend::shapes::ConvGeom as ConvShape;
 
-/// Upper bound (in floats) on one chunk's `col` matrix: 512 KiB, so that the block written by
-/// im2col is still in the core's L2 cache when the GEMM reads it (measured on the DSRPGC step at
-/// width 16: 2 MiB-float chunks, which spill to L3, made the whole step about 30 % slower).
-const COL_LIMIT: usize = 1 << 17;
+/// Upper bound (in floats) on one chunk's `col` matrix per 16 output channels: 256 KiB for a
+/// 16-channel layer, so that the block written by im2col is still in the core's L2 cache when a
+/// GEMM with few rows (each packed `col` element is used only `Cout` times) reads it; layers with
+/// more output channels reuse each element more and get proportionally larger chunks, which keeps
+/// the GEMM from becoming skinny on deep layers with few pixels per image (layer4 at 28 px has 16).
+/// Measured on the DSRPGC step: 2 Mi-float chunks for every layer made width 16 about 30 % slower,
+/// a flat 128 Ki-float limit made width 64 slower (layer4 GEMMs 16 columns wide).
+const COL_LIMIT: usize = 1 << 16;
 
 impl ConvShape {
     fn kdim(&self) -> usize {
@@ -28,7 +32,8 @@ impl ConvShape {
     }
     /// Images per chunk.
     fn chunk(&self) -> usize {
-        (COL_LIMIT / (self.kdim() * self.ho() * self.wo()).max(1)).max(1)
+        let limit = COL_LIMIT * (self.cout / 16).max(1);
+        (limit / (self.kdim() * self.ho() * self.wo()).max(1)).max(1)
     }
 }
 
