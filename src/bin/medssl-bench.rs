@@ -74,7 +74,8 @@ struct StepArgs {
     warmup: usize,
     #[arg(long, default_value_t = 10)]
     repeats: usize,
-    /// Size of the calibration SGEMM (0 skips it).
+    /// Size of the calibration SGEMM, run in the same invocation: the project's SGEMM on CPU,
+    /// the backend's matmul (cuBLAS) on CUDA; 0 skips it.
     #[arg(long, default_value_t = 2048)]
     calib: usize,
     /// One JSON object per line.
@@ -205,7 +206,13 @@ fn step(a: &StepArgs) -> Result<()> {
         _ => a.batch_l + a.batch_u,
     };
     let gflops = step_flops / med / 1e9;
-    let calib = (a.calib > 0 && dev == Device::Cpu).then(|| gemm_gflops(a.calib, 3));
+    // The step's compute limit measured in the same run: the project's SGEMM on CPU, the
+    // backend's matmul (cuBLAS) on CUDA.
+    let calib = match (a.calib, dev) {
+        (0, _) => None,
+        (n, Device::Cpu) => Some(gemm_gflops(n, 3)),
+        (n, _) => Some(ops::device_gemm_gflops(bk, n)?),
+    };
     let threads = rayon::current_num_threads();
     let rec = serde_json::json!({
         "bench": "step",

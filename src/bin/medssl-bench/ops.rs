@@ -847,6 +847,17 @@ fn host_copy_gbps(mib: usize, repeats: usize) -> f64 {
     2.0 * (n * 4) as f64 / median(&mut t) / 1e9
 }
 
+/// Median GFLOP/s of an `n³` SGEMM through the backend's `matmul` (cuBLAS on CUDA).
+pub fn device_gemm_gflops(bk: &'static dyn Backend, n: usize) -> Result<f64> {
+    let x = bk.full(&[n, n], 0.01)?;
+    let y = bk.full(&[n, n], 0.02)?;
+    let (med, _) = time(bk, 2, 5, || {
+        bk.matmul(&x, &y, false, false)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (n as f64).powi(3) / med / 1e9)
+}
+
 /// `(compute peak, memory peak)` of the backend, measured now.
 fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>, Option<Peak>)> {
     let cpu = bk.device() == Device::Cpu;
@@ -859,15 +870,9 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
             value: gemm_gflops(n, 3),
         })
     } else {
-        let x = bk.full(&[n, n], 0.01)?;
-        let y = bk.full(&[n, n], 0.02)?;
-        let (med, _) = time(bk, 2, 5, || {
-            bk.matmul(&x, &y, false, false)?;
-            Ok(())
-        })?;
         Some(Peak {
             kind: format!("cublas_sgemm_{n}"),
-            value: 2.0 * (n as f64).powi(3) / med / 1e9,
+            value: device_gemm_gflops(bk, n)?,
         })
     };
     let mib = a.peak_copy_mib;
