@@ -9,9 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::par_fill;
+use super::elementwise::{par_fill, sum8};
 use super::gemm::{sgemm, sgemm_uninit};
-use super::norm::sum8;
 use super::scratch;
 
 /// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
@@ -266,6 +265,16 @@ fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The per-group weight gradients added in group order (so the result depends only on the
+/// thread count, not on timing).
+fn sum_partials(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut gw = vec![0.0f32; len];
+    for p in partials {
+        gw.iter_mut().zip(p).for_each(|(a, b)| *a += *b);
+    }
+    gw
+}
+
 /// Pointwise backward: `gx_i = Wᵀ·gy_i` straight into the output, `gW = Σ_i gy_i·x_iᵀ` summed per
 /// group of images (groups fixed by the thread count, added in order).
 fn pointwise_bwd(
@@ -310,10 +319,7 @@ fn pointwise_bwd(
             gw
         })
         .collect();
-    let mut gw = vec![0.0f32; s.cout * s.cin];
-    for p in &partials {
-        gw.iter_mut().zip(p).for_each(|(a, b)| *a += *b);
-    }
+    let gw = sum_partials(&partials, s.cout * s.cin);
     let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, hw));
     (gx, gw, gb)
 }
@@ -432,10 +438,7 @@ pub fn conv2d_bwd(
             gw
         })
         .collect();
-    let mut gw = vec![0.0f32; s.cout * kd];
-    for p in &partials {
-        gw.iter_mut().zip(p).for_each(|(a, b)| *a += *b);
-    }
+    let gw = sum_partials(&partials, s.cout * kd);
     let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, howo));
     (gx, gw, gb)
 }

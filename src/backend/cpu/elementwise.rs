@@ -98,6 +98,21 @@ pub fn add_assign(acc: &mut [f32], x: &[f32]) {
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += *b));
 }
 
+/// `Σ f(v)` in f64 with eight interleaved partial sums (a fixed order the compiler can vectorise;
+/// a single running f64 sum cannot be reordered and runs one element per add latency).
+#[inline(always)]
+pub fn sum8(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(*v);
+        }
+    }
+    let tail: f64 = it.remainder().iter().map(|v| f(*v)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Sum in f64 so the reference is more accurate than any device reduction it is compared with.
 pub fn sum_all(x: &[f32]) -> f32 {
     x.iter().map(|&v| v as f64).sum::<f64>() as f32

@@ -2,22 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::par_fill;
-
-/// `Σ f(v)` in f64 with eight interleaved partial sums (a fixed order the compiler can vectorise;
-/// a single running f64 sum cannot be reordered and runs one element per add latency).
-#[inline(always)]
-pub fn sum8(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let mut it = xs.chunks_exact(8);
-    for c in &mut it {
-        for (a, v) in acc.iter_mut().zip(c) {
-            *a += f(*v);
-        }
-    }
-    let tail: f64 = it.remainder().iter().map(|v| f(*v)).sum();
-    acc.iter().sum::<f64>() + tail
-}
+use super::elementwise::{par_fill, sum8};
 
 /// `(Σ g, Σ g·h(x))` over paired slices, like [`sum8`].
 #[inline(always)]
