@@ -417,8 +417,20 @@ fn a_stop_on_the_last_step_of_an_epoch_keeps_that_epochs_record() {
     assert_eq!(lines.lines().count(), 1, "{lines}");
     let ck = checkpoint::load(&d.join("last.safetensors")).unwrap();
     assert_eq!((ck.state.step, ck.state.epochs_done), (58, 1));
-    let (o, _) = train(cfg, &opts(&d, true, 60)).unwrap();
+    // The checkpoint carries the run's wall time; the summary reports this invocation's time.
+    let w1 = ck.state.wall_seconds;
+    assert!(w1 > 0.0 && w1 <= s["wall_seconds"].as_f64().unwrap());
+    assert_eq!(s["resumed"], false);
+    let (o, s2) = train(cfg, &opts(&d, true, 60)).unwrap();
     assert_eq!(o, Outcome::StepLimit);
+    // After a resume the wall time continues from the checkpoint's total.
+    assert_eq!(s2["resumed"], true);
+    let (total, this) = (
+        s2["wall_seconds"].as_f64().unwrap(),
+        s2["wall_seconds_this_invocation"].as_f64().unwrap(),
+    );
+    assert!(this > 0.0, "{s2}");
+    assert!((total - (w1 + this)).abs() < 1e-9, "{s2}");
     let lines = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 1);
     let _ = std::fs::remove_dir_all(d);

@@ -15,7 +15,7 @@
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS (|-separated flag sets) / TRAIN_ARGS   override the workloads below
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
-# tools/results-table.sh) with --device cuda: the 13 runs of the README table (HAM10000: 9,
+# tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
 # PneumoniaMNIST: 4), 100 epochs each, TABLE_JOBS at once, stopped after TABLE_BUDGET seconds
 # (the trainings write a checkpoint and exit; the table is written from what finished). The run
 # directories live in TABLE_RUNS, outside .gpu/ and outside OUTDIR, so a second call on the same
@@ -24,14 +24,14 @@
 # table.json, table.txt, summary.json (this script's steps) and table-runs.tar.gz (per run
 # config.toml, summary.json, metrics.jsonl, confusion.txt, the training logs, commands.txt, and
 # this script's logs/, steps.jsonl, gpu.txt, libs.txt); no checkpoints.
-# Expected time (an estimate, not yet measured): the 13 runs are about 35 min of GPU work back to
+# Expected time (an estimate, not yet measured): the 14 runs are about 38 min of GPU work back to
 # back on an H200 (11.8 ms per DSRPGC step alone, 155 steps per HAM10000 epoch); run
 # concurrently they are expected to need 10-15 min of wall time, i.e. one 600 s device command
 # at the default budget plus a resumed second call, if concurrency gives the 3-4x expected for
 # these latency-bound steps. The first session that runs it measures this: each run's log has
 # its steps/s. Run it with a device timeout_s of at least TABLE_BUDGET + 90.
 #      TABLE_BUDGET   seconds of training before the runs are stopped (default 480)
-#      TABLE_JOBS     concurrent trainings (default 13: all runs at once)
+#      TABLE_JOBS     concurrent trainings (default 14: all runs at once)
 #      TABLE_DATASET  ham10000, pneumoniamnist or all (default all)
 #      TABLE_EPOCHS   epochs per run (default 100)
 #      TABLE_RUNS     run directories (default <folder above .gpu>/runs/table-cuda)
@@ -141,7 +141,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
 if [ "$TABLE" = 1 ]; then
     # ------------------------------------------------------------ results table ----
     TABLE_BUDGET="${TABLE_BUDGET:-480}"
-    TABLE_JOBS="${TABLE_JOBS:-13}"
+    TABLE_JOBS="${TABLE_JOBS:-14}"
     TABLE_DATASET="${TABLE_DATASET:-all}"
     TABLE_EPOCHS="${TABLE_EPOCHS:-100}"
     TABLE_RUNS="${TABLE_RUNS:-$(dirname "$HERE")/runs/table-cuda}"

@@ -13,6 +13,7 @@
 #     supervised 100 % (seed 0)         --method supervised --labeled-protocol srcmt-full
 #     Mean Teacher (seed 0)             --method mean-teacher
 #     DSRPGC (seeds 0, 1)               --method dsrpgc
+#     DSRPGC + DSR balance (align)      --dsr-balance align (seed 0; an option outside SPEC §1)
 #     DSRPGC − DSR / − fusion / − PGC   --dsr off / --no-fusion / --no-pgc (seed 0 each)
 #   PneumoniaMNIST (--labeled-ratio 0.2 of the official train split):
 #     supervised 20 % (seeds 0, 1), DSRPGC (seeds 0, 1)
@@ -23,8 +24,8 @@
 # images), so the upper bound is evaluated on the same validation and test images as the others.
 #
 # Each run goes to OUT/<name>/ (a normal `medssl train` run directory), its log to
-# OUT/logs/<name>.log, its command to OUT/commands.txt (continued runs also to OUT/resumed.txt:
-# summary.json's wall time then covers only the last invocation, and the table says so). The
+# OUT/logs/<name>.log, its command to OUT/commands.txt (continued runs also to OUT/resumed.txt;
+# summary.json's wall time of a continued run is the sum over its invocations). The
 # script is resumable: a run whose summary.json says "finished" is skipped; a run directory with
 # last.safetensors but no finished summary (stopped by a signal, by --budget, or killed) is
 # continued with `medssl train --resume`; a directory left by a run that died before its first
@@ -48,8 +49,8 @@
 # HAM10000 SSL run takes 155 steps, PneumoniaMNIST 104; supervised 100 % takes 582 steps of 12
 # images (one pass over the ~7000 training images). 100 epochs on this 2-core CPU: about 2 h per
 # HAM10000 DSRPGC/Mean Teacher run (0.44 s/step), about a day for the whole table run one at a
-# time. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 13 runs are
-# about 35 min of GPU work back to back; with --jobs 13 they are expected to take 10-15 min
+# time. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 14 runs are
+# about 35 min of GPU work back to back; with --jobs 14 they are expected to take 10-15 min
 # (the gain from concurrency is what the first GPU session measures), so the GPU pack runs it
 # under --budget and resumes (tools/gpu-run.sh, TABLE=1).
 #
@@ -133,6 +134,7 @@ if [ "$DATASET" = ham10000 ] || [ "$DATASET" = all ]; then
     add ham10000-supervised-100 ham10000 1 2900 --method supervised --labeled-protocol srcmt-full
     add ham10000-mean-teacher ham10000 1 1550 --method mean-teacher "${P[@]}"
     add ham10000-dsrpgc ham10000 2 1860 --method dsrpgc "${P[@]}"
+    add ham10000-dsrpgc-align ham10000 1 1860 --method dsrpgc --dsr-balance align "${P[@]}"
     add ham10000-dsrpgc-no-dsr ham10000 1 1800 --method dsrpgc --dsr off "${P[@]}"
     add ham10000-dsrpgc-no-fusion ham10000 1 1700 --method dsrpgc --no-fusion "${P[@]}"
     add ham10000-dsrpgc-no-pgc ham10000 1 1700 --method dsrpgc --no-pgc "${P[@]}"
@@ -283,8 +285,8 @@ NOTE="Produced by \`tools/results-table.sh --dataset $DATASET --device $DEVICE -
 if "$BIN" report --markdown --skip-bad "${DIRS[@]}" >"$OUT/table.md.tmp"; then
     printf '\n%s\n' "$NOTE" >>"$OUT/table.md.tmp"
     if [ ${#RESUMED[@]} -gt 0 ]; then
-        # summary.json's wall_seconds is the time of the invocation that finished the run.
-        printf '\nResumed runs (their wall time counts only the part after the last resume): %s.\n' \
+        # summary.json's wall_seconds sums the invocations (kept in the checkpoints).
+        printf '\nRuns continued after a stop (wall time summed over their invocations): %s.\n' \
             "$(printf '%s, ' "${RESUMED[@]}" | sed 's/, $//')" >>"$OUT/table.md.tmp"
     fi
     mv "$OUT/table.md.tmp" "$OUT/table.md"

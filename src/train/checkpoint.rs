@@ -32,6 +32,10 @@ pub struct CkptState {
     pub best_epoch: u64,
     /// Epochs fully completed.
     pub epochs_done: u64,
+    /// Training wall time in seconds up to this checkpoint, summed over every invocation of the
+    /// run (a resumed run continues the count). Absent in older checkpoints: 0.
+    #[serde(default)]
+    pub wall_seconds: f64,
 }
 
 type Named = Vec<(String, Vec<f32>, Vec<usize>)>;

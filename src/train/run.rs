@@ -363,6 +363,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         (steps_per_epoch / 10).max(1)
     };
     let t_run = Instant::now();
+    // Wall time of the earlier invocations of a resumed run; every checkpoint stores the total.
+    let wall_before = state.wall_seconds;
+    let wall_total = || wall_before + t_run.elapsed().as_secs_f64();
     let mut outcome = Outcome::Finished;
     let (c, h, w) = (ds.channels, ds.height, ds.width);
 
@@ -441,6 +444,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                     state.step = st.step;
                     state.queue_ptr = st.queue.ptr;
                     state.queue_len = st.queue.len;
+                    state.wall_seconds = wall_total();
                     save(&st, &state, &last_path)?;
                     outcome = o;
                     log_stop(o, st.step);
@@ -514,6 +518,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                 metrics::summary_line(&vt),
                 metrics::summary_line(&vs)
             ));
+            state.wall_seconds = wall_total();
             if vt.macro_auc > state.best_val_auc || state.best_epoch == 0 {
                 state.best_val_auc = vt.macro_auc;
                 state.best_epoch = epoch + 1;
@@ -522,6 +527,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
             rec["val_teacher"] = serde_json::to_value(&vt).unwrap();
             rec["val_student"] = serde_json::to_value(&vs).unwrap();
         }
+        state.wall_seconds = wall_total();
         save(&st, &state, &last_path)?;
         append_line(&metrics_path, &rec.to_string())?;
         history.push(rec);
@@ -537,6 +543,7 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         }
     }
 
+    let this_invocation = t_run.elapsed().as_secs_f64();
     let mut summary = serde_json::json!({
         "outcome": outcome,
         "method": cfg.method,
@@ -547,7 +554,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         "steps_per_epoch": steps_per_epoch,
         "seed": cfg.seed,
         "device": bk.name(),
-        "wall_seconds": t_run.elapsed().as_secs_f64(),
+        "wall_seconds": wall_before + this_invocation,
+        "wall_seconds_this_invocation": this_invocation,
+        "resumed": resumed.is_some(),
         "labeled": part.labeled.len(),
         "unlabeled": part.unlabeled.len(),
     });
