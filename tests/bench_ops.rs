@@ -211,15 +211,18 @@ fn ops_filter_and_bad_filter() {
         "--batch",
         "2",
         "--op",
-        "relu",
+        "relu,softmax",
         "--peak-gemm",
         "0",
         "--peak-copy-mib",
         "0",
     ]);
-    assert!(!rows.is_empty());
+    // A comma-separated filter keeps the rows of every listed op and nothing else.
+    for op in ["relu", "softmax"] {
+        assert!(rows.iter().any(|r| r["op"] == op), "no {op} row");
+    }
     for r in &rows {
-        assert_eq!(r["op"], "relu");
+        assert!(r["op"] == "relu" || r["op"] == "softmax", "{r}");
         assert!(
             r["pct_of_peak"].is_null() && r["peak_kind"].is_null(),
             "{r}"

@@ -458,3 +458,32 @@ fn labeled_ratio_beside_a_protocol_is_refused_and_srcmt_full_has_no_unlabeled_se
     let (_, part) = medssl::train::run::load_data(&cfg).unwrap();
     assert_eq!((part.labeled.len(), part.unlabeled.len()), (7000, 0));
 }
+
+#[test]
+fn supervised_teacher_slot_is_an_exact_copy_of_the_student() {
+    // A supervised baseline runs no teacher pass: without the copy its teacher would keep the
+    // initial BN statistics and every teacher-based evaluation (model selection, test metrics,
+    // `eval`, `predict`) would score an untrained normalisation.
+    let d = tmp("supervised-teacher");
+    let cfg = tiny(&["method=supervised", "epochs=1"]);
+    let mut o = opts(&d, false, 0);
+    o.no_eval = false;
+    let (outcome, s) = train(cfg, &o).unwrap();
+    assert_eq!(outcome, Outcome::Finished);
+    let ck = checkpoint::load(&d.join("last.safetensors")).unwrap();
+    let mut n = 0;
+    for (k, (v, _)) in &ck.tensors {
+        if let Some(rest) = k.strip_prefix("student.") {
+            let t = &ck.tensors[&format!("teacher.{rest}")].0;
+            assert_eq!(t, v, "teacher.{rest} differs from {k}");
+            n += 1;
+        }
+    }
+    assert!(n > 20, "only {n} student tensors");
+    assert!(ck.tensors.keys().any(|k| k.ends_with("bn1.running_var")));
+    let line = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert_eq!(rec["val_teacher"], rec["val_student"]);
+    assert!(s["test"]["macro_auc"].as_f64().unwrap() > 0.5, "{s}");
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -12,7 +12,8 @@
 #
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
-#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS (|-separated flag sets) / TRAIN_ARGS   override the workloads below
+#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS (|-separated flag
+#      sets, each optionally led by VAR=value words) / TRAIN_ARGS   override the workloads below
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
 # tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
@@ -56,9 +57,17 @@ STEPS="$OUTDIR/steps.jsonl"
 # ---------------------------------------------------------------- workloads ----
 # medssl-bench runs, one per '|'-separated entry (CUDA and CPU in the same session, so ratios
 # compare like with like), and the same workloads for the PyTorch peer when it is packed.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5"}"
+# An entry may start with VAR=value words: they become the program's environment. Full FP32 is
+# the default on both sides (medssl: no MEDSSL_TF32; the peer: no --tf32); the TF32 rows compare
+# tensor-core math on both sides, and the MEDSSL_CUDNN_ALGO=heuristic row measures what timing
+# the cuDNN algorithms (the default) gains over cuDNN's heuristic choice.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
-PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cpu --width 16 --repeats 5"}"
+PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
+# medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
+# a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor),
+# each rated against the device's streaming bandwidth measured in the same invocation.
+OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update"}"
 # A short training run on the packed PneumoniaMNIST.
 TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --out $OUTDIR/train"}"
 # -------------------------------------------------------------------------------------------------
@@ -162,6 +171,8 @@ if [ "$TABLE" = 1 ]; then
     [ -f "$OUTDIR/table.txt" ] && cat "$OUTDIR/table.txt"
 else
     export MEDSSL_GOLDEN="$HERE/golden"
+    # The CUDA backend reports each convolution shape's cuDNN algorithm choice on stderr (logs/).
+    export MEDSSL_CUDNN_LOG="${MEDSSL_CUDNN_LOG:-1}"
     for t in "$HERE"/tests/*; do
         [ -x "$t" ] || continue
         name="test_$(basename "$t")"
@@ -170,6 +181,8 @@ else
     if [ -x "$HERE/tests/cuda_parity" ]; then
         # The convolution tests again on the im2col + cuBLAS fallback engine.
         step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
+        # And with cuDNN's heuristic algorithm choice instead of the timed one (the default).
+        step test_cuda_parity_conv_heuristic env MEDSSL_CUDNN_ALGO=heuristic MEDSSL_CUDNN_LOG=1 "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
     fi
 
     if [ -x "$HERE/bin/medssl" ]; then
@@ -193,14 +206,20 @@ else
         IFS='|' read -r -a cfgs <<<"$CONFIGS"
         for c in "${cfgs[@]}"; do
             i=$((i + 1))
-            # shellcheck disable=SC2086
-            step "${name}_$i" sh -c "$* $c --json >> \"$OUTDIR/$name.jsonl\""
+            # Leading VAR=value words are the environment of the program.
+            local envs=() rest=() w words
+            read -r -a words <<<"$c"
+            for w in "${words[@]}"; do
+                if [ ${#rest[@]} -eq 0 ] && [[ "$w" =~ ^[A-Z_][A-Z0-9_]*= ]]; then envs+=("$w"); else rest+=("$w"); fi
+            done
+            step "${name}_$i" sh -c "env ${envs[*]} $* ${rest[*]} --json >> \"$OUTDIR/$name.jsonl\""
         done
     }
 
     if [ -x "$HERE/bin/medssl-bench" ]; then
         CONFIGS="$BENCH_CUDA_CONFIGS" run_configs bench_cuda "\"$HERE/bin/medssl-bench\" step"
         CONFIGS="$BENCH_CPU_CONFIGS" run_configs bench_cpu "\"$HERE/bin/medssl-bench\" step"
+        CONFIGS="$OPS_CUDA_CONFIGS" run_configs ops_cuda "\"$HERE/bin/medssl-bench\" ops"
     else
         skip bench "bin/medssl-bench missing"
     fi

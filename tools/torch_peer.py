@@ -460,6 +460,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the student and teacher (use more --warmup)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
     ap.add_argument("--sync-loss", action="store_true", help="read the loss back every step (as our non-finite check)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 tensor-core math in cuDNN convolutions and cuBLAS matmuls "
+                         "(default off: full FP32, as medssl without MEDSSL_TF32=1; PyTorch's own "
+                         "default allows TF32 in convolutions)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--golden", metavar="SAFETENSORS", help="check the model/loss against a golden case and exit")
     ap.add_argument("--golden-f64", action="store_true", help="run the golden check in float64 (default float32)")
@@ -483,6 +487,10 @@ def main():
         else:
             dev = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True
+        # Set explicitly, both ways: PyTorch's default (TF32 convolutions, FP32 matmuls) matches
+        # neither of medssl's modes.
+        torch.backends.cudnn.allow_tf32 = a.tf32
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
     torch.manual_seed(a.seed)
     peer = Peer(a, dev)
     mf = torch.channels_last if a.channels_last else torch.contiguous_format
@@ -542,6 +550,7 @@ def main():
         "torch_version": torch.__version__,
         "channels_last": a.channels_last,
         "sync_loss": a.sync_loss,
+        "tf32": bool(a.tf32) if cuda else None,
     }
     if cuda:
         rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

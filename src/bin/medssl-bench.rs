@@ -239,6 +239,13 @@ fn step(a: &StepArgs) -> Result<()> {
         "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
         "peak_mem_mb": peak_mem_mb,
         "peak_mem_kind": peak_mem_mb.map(|_| peak_kind),
+        // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
+        // backend); null on CPU.
+        "tf32": (dev != Device::Cpu).then(|| std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1")),
+        "cudnn_algo": (dev != Device::Cpu).then(|| match std::env::var("MEDSSL_CUDNN_ALGO").as_deref() {
+            Ok("heuristic") => "heuristic",
+            _ => "find",
+        }),
     });
     if a.json {
         println!("{rec}");

@@ -229,6 +229,13 @@ pub fn train_step(
     drop(bind);
     st.opt.step(&mut st.student.store, &grads, lr)?;
     // Teacher EMA on parameters; its BN running statistics come from its own passes.
+    // A supervised baseline has no teacher and runs no teacher pass: its teacher slot is kept an
+    // exact copy of the student, parameters and BN statistics (α = 0: 0·ξ + 1·θ = θ), so that
+    // evaluation, model selection, checkpoints, `eval` and `predict` all see the trained model.
+    let (alpha, buffers_too) = match cfg.method {
+        Method::Supervised => (0.0, true),
+        _ => (cfg.ema_alpha, false),
+    };
     for (te, se) in st
         .teacher
         .store
@@ -236,9 +243,9 @@ pub fn train_step(
         .iter_mut()
         .zip(st.student.store.entries())
     {
-        if se.kind == Kind::Param {
+        if se.kind == Kind::Param || buffers_too {
             let bk = se.value.backend()?;
-            bk.ema_update(&mut te.value, &se.value, cfg.ema_alpha)?;
+            bk.ema_update(&mut te.value, &se.value, alpha)?;
         }
     }
     if let Some((k, l, w)) = enqueue {

@@ -1,5 +1,6 @@
 //! 2-D convolution: cuDNN (forward, backward data, backward filter; descriptors and algorithms
-//! chosen once per shape and cached) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
+//! chosen once per shape and cached: by timing every algorithm, like PyTorch's
+//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
 //! cuDNN cannot be loaded or `MEDSSL_CUDA_CONV=im2col` is set. Bias forward/backward are our own
 //! kernels in both engines.
 //!
@@ -67,22 +68,155 @@ fn c(n: usize) -> Result<std::ffi::c_int> {
     ci(n)
 }
 
-/// Picks the first algorithm (cuDNN's heuristic order) that succeeded and fits the workspace
-/// limit, preferring deterministic ones.
-fn pick<T: Copy>(
-    found: &[(T, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)],
-    what: &str,
-) -> Result<(T, usize)> {
-    let ok = |f: &&(T, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)| {
-        f.1 == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && f.2 <= WORKSPACE_LIMIT
+/// How the algorithm of each convolution shape is chosen (once, when the shape is first seen).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Search {
+    /// Runs and times every algorithm cuDNN offers for the shape (`cudnnFind*Algorithm`, the
+    /// equivalent of PyTorch's `cudnn.benchmark = True`) and takes the fastest. The default.
+    Find,
+    /// cuDNN's heuristic order, nothing run (`cudnnGet*Algorithm_v7`): `MEDSSL_CUDNN_ALGO=heuristic`.
+    Heuristic,
+}
+
+impl Search {
+    fn from_env() -> Search {
+        match std::env::var("MEDSSL_CUDNN_ALGO").as_deref() {
+            Ok("heuristic") => Search::Heuristic,
+            _ => Search::Find,
+        }
+    }
+}
+
+/// The fields of cuDNN's three `*AlgoPerf_t` result structs that the choice reads.
+trait Perf: Copy {
+    type Algo: Copy + std::fmt::Debug;
+    fn algo(&self) -> Self::Algo;
+    fn usable(&self) -> bool;
+    fn deterministic(&self) -> bool;
+    fn math(&self) -> sys::cudnnMathType_t;
+    fn time_ms(&self) -> f32;
+}
+
+macro_rules! perf {
+    ($t:ty, $a:ty) => {
+        impl Perf for $t {
+            type Algo = $a;
+            fn algo(&self) -> $a {
+                self.algo
+            }
+            fn usable(&self) -> bool {
+                self.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+                    && self.memory <= WORKSPACE_LIMIT
+            }
+            fn deterministic(&self) -> bool {
+                self.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
+            }
+            fn math(&self) -> sys::cudnnMathType_t {
+                self.mathType
+            }
+            fn time_ms(&self) -> f32 {
+                self.time
+            }
+        }
     };
+}
+perf!(
+    sys::cudnnConvolutionFwdAlgoPerf_t,
+    sys::cudnnConvolutionFwdAlgo_t
+);
+perf!(
+    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+    sys::cudnnConvolutionBwdDataAlgo_t
+);
+perf!(
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+    sys::cudnnConvolutionBwdFilterAlgo_t
+);
+
+/// Picks from `found` (fastest first after a Find, heuristic order otherwise) the first result
+/// that succeeded, fits the workspace limit and ran in the descriptor's math mode, preferring
+/// deterministic algorithms so that runs on one GPU repeat bit for bit.
+fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t) -> Option<P> {
+    let ok = |f: &&P| f.usable() && f.math() == math;
+    let any_math = |f: &&P| f.usable();
     found
         .iter()
         .filter(ok)
-        .find(|f| f.3 == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+        .find(|f| f.deterministic())
         .or_else(|| found.iter().find(ok))
-        .map(|f| (f.0, f.2))
-        .ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))
+        // A library that reports another math type for every result: still honour the order.
+        .or_else(|| found.iter().filter(any_math).find(|f| f.deterministic()))
+        .or_else(|| found.iter().find(any_math))
+        .copied()
+}
+
+/// Runs one cuDNN query; cudarc panics when the library lacks the entry point, which counts as
+/// "not supported".
+fn guarded<P>(
+    f: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
+    buf: &mut [P],
+    count: &mut std::ffi::c_int,
+) -> sys::cudnnStatus_t {
+    catch_unwind(AssertUnwindSafe(|| f(buf, count)))
+        .unwrap_or(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)
+}
+
+/// Chooses the algorithm of one direction: `find` and `heuristic` fill a result array and
+/// return cuDNN's status. A failing Find (or a library without the entry point) falls back to
+/// the heuristic. With `MEDSSL_CUDNN_LOG=1` the choice goes to stderr.
+fn choose<P: Perf>(
+    search: Search,
+    math: sys::cudnnMathType_t,
+    what: &str,
+    shape: &Shape,
+    find: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
+    heuristic: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
+) -> Result<P::Algo> {
+    // SAFETY: the perf structs are plain C data; zero is a valid bit pattern for all fields.
+    let mut buf = [unsafe { std::mem::zeroed::<P>() }; 8];
+    let mut count: std::ffi::c_int = 0;
+    let mut found = None;
+    let mut how = "find";
+    if search == Search::Find
+        && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+    {
+        found = pick(&buf[..count.clamp(0, 8) as usize], math);
+    }
+    if found.is_none() {
+        how = "heuristic";
+        count = 0;
+        let st = guarded(heuristic, &mut buf, &mut count);
+        if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+            return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
+        }
+        found = pick(&buf[..count.clamp(0, 8) as usize], math);
+    }
+    let p = found.ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))?;
+    if std::env::var("MEDSSL_CUDNN_LOG").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "cudnn {what} n{} c{} {}x{} -> c{} k{} s{} p{}: {:?} ({how}{}, {})",
+            shape.n,
+            shape.cin,
+            shape.h,
+            shape.w,
+            shape.cout,
+            shape.k,
+            shape.stride,
+            shape.pad,
+            p.algo(),
+            if how == "find" {
+                format!(" {:.4} ms", p.time_ms())
+            } else {
+                String::new()
+            },
+            if p.deterministic() {
+                "deterministic"
+            } else {
+                "non-deterministic"
+            }
+        );
+    }
+    Ok(p.algo())
 }
 
 impl Plan {
@@ -139,57 +273,87 @@ impl Plan {
         };
         dnn::set_convolution_math_type(conv, math).map_err(dnn_err("math type"))?;
 
-        let mut count = 0;
-        let mut fwd = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); 8];
-        dnn::get_convolution_forward_algorithm(h, x, w, conv, y, 8, &mut count, fwd.as_mut_ptr())
-            .map_err(dnn_err("forward algorithm query"))?;
-        let found: Vec<_> = fwd[..count.max(0) as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism))
-            .collect();
-        let (algo, _) = pick(&found, "forward")?;
+        let search = Search::from_env();
+        let algo = choose(
+            search,
+            math,
+            "forward",
+            s,
+            |b: &mut [sys::cudnnConvolutionFwdAlgoPerf_t], n| {
+                sys::cudnnFindConvolutionForwardAlgorithm(h, x, w, conv, y, 8, n, b.as_mut_ptr())
+            },
+            |b, n| {
+                sys::cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, conv, y, 8, n, b.as_mut_ptr())
+            },
+        )?;
         let ws = dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, algo)
             .map_err(dnn_err("forward workspace"))?;
         plan.fwd = (algo, ws);
 
-        let mut bd = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); 6];
-        dnn::get_convolution_backward_data_algorithm(
-            h,
-            w,
-            y,
-            conv,
-            x,
-            6,
-            &mut count,
-            bd.as_mut_ptr(),
-        )
-        .map_err(dnn_err("backward-data algorithm query"))?;
-        let found: Vec<_> = bd[..count.max(0) as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism))
-            .collect();
-        let (algo, _) = pick(&found, "backward-data")?;
+        let algo = choose(
+            search,
+            math,
+            "backward-data",
+            s,
+            |b: &mut [sys::cudnnConvolutionBwdDataAlgoPerf_t], n| {
+                sys::cudnnFindConvolutionBackwardDataAlgorithm(
+                    h,
+                    w,
+                    y,
+                    conv,
+                    x,
+                    6,
+                    n,
+                    b.as_mut_ptr(),
+                )
+            },
+            |b, n| {
+                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
+                    h,
+                    w,
+                    y,
+                    conv,
+                    x,
+                    6,
+                    n,
+                    b.as_mut_ptr(),
+                )
+            },
+        )?;
         let ws = dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, algo)
             .map_err(dnn_err("backward-data workspace"))?;
         plan.bwd_data = (algo, ws);
 
-        let mut bf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); 7];
-        dnn::get_convolution_backward_filter_algorithm(
-            h,
-            x,
-            y,
-            conv,
-            w,
-            7,
-            &mut count,
-            bf.as_mut_ptr(),
-        )
-        .map_err(dnn_err("backward-filter algorithm query"))?;
-        let found: Vec<_> = bf[..count.max(0) as usize]
-            .iter()
-            .map(|p| (p.algo, p.status, p.memory, p.determinism))
-            .collect();
-        let (algo, _) = pick(&found, "backward-filter")?;
+        let algo = choose(
+            search,
+            math,
+            "backward-filter",
+            s,
+            |b: &mut [sys::cudnnConvolutionBwdFilterAlgoPerf_t], n| {
+                sys::cudnnFindConvolutionBackwardFilterAlgorithm(
+                    h,
+                    x,
+                    y,
+                    conv,
+                    w,
+                    7,
+                    n,
+                    b.as_mut_ptr(),
+                )
+            },
+            |b, n| {
+                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
+                    h,
+                    x,
+                    y,
+                    conv,
+                    w,
+                    7,
+                    n,
+                    b.as_mut_ptr(),
+                )
+            },
+        )?;
         let ws = dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, algo)
             .map_err(dnn_err("backward-filter workspace"))?;
         plan.bwd_filter = (algo, ws);

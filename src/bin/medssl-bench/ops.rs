@@ -42,7 +42,7 @@ pub struct OpsArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
-    /// Only ops whose name contains this substring.
+    /// Only ops whose name contains one of these comma-separated substrings.
     #[arg(long)]
     pub op: Option<String>,
     /// Size of the square SGEMM that sets the compute peak (default 2048 on cpu, 4096 on cuda;
@@ -945,7 +945,10 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     );
     let cases: Vec<Case> = model_cases(&cfg, a.image_size, a.batch, a.queue)
         .into_iter()
-        .filter(|c| a.op.as_deref().is_none_or(|f| c.name.contains(f)))
+        .filter(|c| {
+            a.op.as_deref()
+                .is_none_or(|f| f.split(',').any(|p| !p.is_empty() && c.name.contains(p)))
+        })
         .collect();
     if cases.is_empty() {
         bail!(
