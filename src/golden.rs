@@ -650,9 +650,10 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 &hp,
             )?;
             put(&mut p, "out.loss", g.value(o.loss))?;
-            put(&mut p, "out.loss_sup", &Tensor::scalar(o.loss_sup))?;
-            put(&mut p, "out.loss_cons", &Tensor::scalar(o.loss_cons))?;
-            put(&mut p, "out.loss_pgc", &Tensor::scalar(o.loss_pgc))?;
+            let (sup, cons, pgc) = o.terms.read()?;
+            put(&mut p, "out.loss_sup", &Tensor::scalar(sup))?;
+            put(&mut p, "out.loss_cons", &Tensor::scalar(cons))?;
+            put(&mut p, "out.loss_pgc", &Tensor::scalar(pgc))?;
             put(&mut p, "out.weights", &o.weights)?;
             let pl: Vec<f32> = o.pseudo_labels.iter().map(|&v| v as f32).collect();
             let n = pl.len();

@@ -291,17 +291,38 @@ impl Queue {
 pub struct LossOut {
     /// `L = L_sup + λ_c L_cons + λ_p L_pgc` (differentiable).
     pub loss: Var,
-    pub loss_sup: f32,
-    pub loss_cons: f32,
-    pub loss_pgc: f32,
-    /// DSR weights `w` `[B_u]` (constants).
+    /// The unweighted terms, on the device until read.
+    pub terms: Terms,
+    /// DSR weights `w` `[B_u]` (constants) on the device, and the same values on the host.
     pub weights: Tensor,
+    pub weights_host: Vec<f32>,
     /// Teacher pseudo-labels.
     pub pseudo_labels: Vec<usize>,
     /// Teacher keys `[B_u, E]` (to enqueue).
     pub teacher_keys: Tensor,
+    /// The teacher keys on the host, row-major, when PGC is on (read together with the teacher
+    /// logits, so the queue needs no extra device round trip); empty otherwise.
+    pub teacher_keys_host: Vec<f32>,
     /// Updated meta weights of the batch's unlabelled samples (when meta weights were given).
     pub meta_updated: Option<Vec<f32>>,
+}
+
+/// The unweighted loss terms as scalar tensors on the device; a term that is off is `None`. They
+/// are read (a host synchronisation on a GPU) only by [`Terms::read`], which the trainer calls
+/// once at the end of the step.
+#[derive(Clone, Debug)]
+pub struct Terms {
+    pub sup: Tensor,
+    pub cons: Option<Tensor>,
+    pub pgc: Option<Tensor>,
+}
+
+impl Terms {
+    /// `(L_sup, L_cons, L_pgc)`; a term that is off reads 0.
+    pub fn read(&self) -> Result<(f32, f32, f32)> {
+        let opt = |t: &Option<Tensor>| t.as_ref().map_or(Ok(0.0), |t| t.item());
+        Ok((self.sup.item()?, opt(&self.cons)?, opt(&self.pgc)?))
+    }
 }
 
 /// The pieces of the objective that `--dsr-balance` changes (see [`balance_teacher`]).
@@ -412,14 +433,25 @@ pub fn dsrpgc_loss(
     })?;
     // `--dsr-balance`: under `align` the aligned log-probabilities stand for the teacher logits
     // from here on (pseudo-labels, entropy confidence, consistency target); `off` keeps SPEC §1.
+    // Host reads happen in few places (each one waits for the GPU on CUDA): the teacher logits,
+    // and with them the keys for the queue; the entropy weights right after; the alignment
+    // scores after the student passes. The loss terms are read by the caller at the end.
+    let zt_host = zt.to_vec()?;
+    let keys_host = if hp.pgc { keys.to_vec()? } else { Vec::new() };
     let BalancedTeacher {
         logits: aligned,
         pseudo,
         factors: balance,
-    } = balance_teacher(&zt.to_vec()?, classes, hp.balance, prior)?;
+    } = balance_teacher(&zt_host, classes, hp.balance, prior)?;
     let zt = match aligned {
         Some(za) => bk.from_host(&za, zt.shape())?,
         None => zt,
+    };
+
+    // DSR entropy weights (from the teacher alone, before the student passes are queued).
+    let c = match hp.dsr {
+        DsrMode::Entropy | DsrMode::Both => Some(bk.entropy_weight(&zt)?.to_vec()?),
+        _ => None,
     };
 
     // Student passes.
@@ -427,12 +459,6 @@ pub fn dsrpgc_loss(
     let ol = student.forward(g, bind, xl, true)?;
     let us = g.constant(batch.u_strong.clone());
     let os = student.forward(g, bind, us, true)?;
-
-    // DSR weights.
-    let c = match hp.dsr {
-        DsrMode::Entropy | DsrMode::Both => Some(bk.entropy_weight(&zt)?.to_vec()?),
-        _ => None,
-    };
     let meta_updated = match (meta, hp.dsr) {
         (Some(m), DsrMode::Meta | DsrMode::Both) => {
             if m.len() != bu {
@@ -473,16 +499,16 @@ pub fn dsrpgc_loss(
     // Losses.
     let sup = g.cross_entropy(ol.logits, &batch.y_lab)?;
     let mut loss = sup;
-    let mut loss_cons = 0.0;
+    let mut loss_cons = None;
     if hp.consistency {
         let cons = g.weighted_consistency(os.logits, &zt, &weights)?;
-        loss_cons = g.value(cons).item()?;
+        loss_cons = Some(g.value(cons).clone());
         loss = g.axpby(1.0, loss, hp.lambda_cons, cons)?;
     }
-    let mut loss_pgc = 0.0;
+    let mut loss_pgc = None;
     if hp.pgc {
         let e = keys.shape()[1];
-        let mut all_keys = keys.to_vec()?;
+        let mut all_keys = keys_host.clone();
         all_keys.extend_from_slice(&queue.keys);
         let mut all_labels = pseudo.clone();
         all_labels.extend_from_slice(&queue.labels);
@@ -500,17 +526,21 @@ pub fn dsrpgc_loss(
             &kw,
             hp.temperature,
         )?;
-        loss_pgc = g.value(pgc).item()?;
+        loss_pgc = Some(g.value(pgc).clone());
         loss = g.axpby(1.0, loss, hp.lambda_pgc, pgc)?;
     }
     Ok(LossOut {
         loss,
-        loss_sup: g.value(sup).item()?,
-        loss_cons,
-        loss_pgc,
+        terms: Terms {
+            sup: g.value(sup).clone(),
+            cons: loss_cons,
+            pgc: loss_pgc,
+        },
         weights,
+        weights_host: w,
         pseudo_labels: pseudo,
         teacher_keys: keys,
+        teacher_keys_host: keys_host,
         meta_updated,
     })
 }

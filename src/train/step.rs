@@ -6,7 +6,7 @@ use crate::bail;
 use crate::error::Result;
 use crate::nn::{Binding, Kind, MedFuseNet, ModelConfig};
 use crate::optim::{OptimKind, Optimizer};
-use crate::ssl::{self, Batch, ClassPrior, DsrBalance, DsrMode, LossConfig, Queue};
+use crate::ssl::{self, Batch, ClassPrior, DsrBalance, DsrMode, LossConfig, Queue, Terms};
 use crate::tensor::Device;
 
 /// Which objective a run optimises (baselines and the method share this code path).
@@ -145,14 +145,17 @@ pub fn train_step(
         mean_weight: 1.0,
         ..Default::default()
     };
-    let (loss, enqueue) = match cfg.method {
+    let (loss, terms, enqueue) = match cfg.method {
         Method::Supervised => {
             let x = g.constant(batch.x_lab.clone());
             let o = st.student.forward(&mut g, &mut bind, x, true)?;
             let l = g.cross_entropy(o.logits, &batch.y_lab)?;
-            stats.loss_sup = g.value(l).item()?;
-            stats.loss = stats.loss_sup;
-            (l, None)
+            let terms = Terms {
+                sup: g.value(l).clone(),
+                cons: None,
+                pgc: None,
+            };
+            (l, terms, None)
         }
         Method::MeanTeacher | Method::Dsrpgc => {
             let dsrpgc = cfg.method == Method::Dsrpgc;
@@ -188,20 +191,27 @@ pub fn train_step(
                     st.meta[i] = v;
                 }
             }
-            let w = o.weights.to_vec()?;
+            let w = &o.weights_host;
             stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
-            stats.loss_sup = o.loss_sup;
-            stats.loss_cons = o.loss_cons;
-            stats.loss_pgc = o.loss_pgc;
-            stats.loss = g.value(o.loss).item()?;
             stats.pseudo_labels = o.pseudo_labels.clone();
             let enqueue = hp
                 .pgc
-                .then(|| -> Result<_> { Ok((o.teacher_keys.to_vec()?, o.pseudo_labels, w)) })
-                .transpose()?;
-            (o.loss, enqueue)
+                .then_some((o.teacher_keys_host, o.pseudo_labels, o.weights_host));
+            (o.loss, o.terms, enqueue)
         }
     };
+    // The loss and its terms are read only now, once the backward pass and the optimiser step are
+    // queued as well (on a GPU each read waits for the device: one wait per step instead of one
+    // per term). A non-finite loss still stops the run before anything is written: the caller
+    // saves no checkpoint for a failed step, so the last good checkpoint stays intact.
+    let loss_value = g.value(loss).clone();
+    g.backward(loss)?;
+    let grads = bind.take_grads(&mut g);
+    drop(g);
+    drop(bind);
+    st.opt.step(&mut st.student.store, &grads, lr)?;
+    stats.loss = loss_value.item()?;
+    (stats.loss_sup, stats.loss_cons, stats.loss_pgc) = terms.read()?;
     if !stats.loss.is_finite() {
         let term = [
             ("supervised", stats.loss_sup),
@@ -223,11 +233,6 @@ pub fn train_step(
             stats.loss
         );
     }
-    g.backward(loss)?;
-    let grads = bind.take_grads(&mut g);
-    drop(g);
-    drop(bind);
-    st.opt.step(&mut st.student.store, &grads, lr)?;
     // Teacher EMA on parameters; its BN running statistics come from its own passes.
     // A supervised baseline has no teacher and runs no teacher pass: its teacher slot is kept an
     // exact copy of the student, parameters and BN statistics (α = 0: 0·ξ + 1·θ = θ), so that
