@@ -211,14 +211,7 @@ fn bench_width(c: &mut Criterion, dev: &str, be: &dyn Backend, width: usize) {
     let grad = rand_t(be, &mut g, &[nparams], 0.01);
     let mut m = be.full(&[nparams], 0.0).expect("full");
     let mut v = be.full(&[nparams], 0.0).expect("full");
-    let hp = AdamParams {
-        lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 5e-4,
-        step: 10,
-    };
+    let hp = AdamParams::pytorch(1e-3, 5e-4, 10);
     // Reads p, g, m, v; writes p, m, v.
     bench(
         &mut grp,

@@ -796,14 +796,7 @@ fn optimisers_and_ema() {
         let (mut vc, mut vg) = pair(g, &vec![0.0; n], &shape);
         for step in 1..=3 {
             let (gc, gg) = rand_pair(g, &mut rng, &shape, 1.0);
-            let p = AdamParams {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 5e-4,
-                step,
-            };
+            let p = AdamParams::pytorch(1e-3, 5e-4, step);
             cpu().adam_step(&mut pc, &gc, &mut mc, &mut vc, p).unwrap();
             g.adam_step(&mut pg, &gg, &mut mg, &mut vg, p).unwrap();
         }

@@ -1172,14 +1172,7 @@ fn adam_matches_hand_computed_steps() {
     let mut p = t(vec![1.0, -3.0], &[2]);
     let mut m = t(vec![0.0; 2], &[2]);
     let mut v = t(vec![0.0; 2], &[2]);
-    let hp = |step| AdamParams {
-        lr: 0.01,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step,
-    };
+    let hp = |step| AdamParams::pytorch(0.01, 0.1, step);
     bk.adam_step(&mut p, &t(vec![0.5, 0.2], &[2]), &mut m, &mut v, hp(1))
         .unwrap();
     // Second element: g' = 0.2 − 0.3 = −0.1 → p = −3 + 0.01.

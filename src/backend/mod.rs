@@ -64,6 +64,21 @@ pub struct AdamParams {
     pub step: u64,
 }
 
+impl AdamParams {
+    /// PyTorch's `torch.optim.Adam` defaults (β = (0.9, 0.999), ε = 1e-8) with the given
+    /// learning rate, L2 weight decay and 1-based step.
+    pub fn pytorch(lr: f32, weight_decay: f32, step: u64) -> AdamParams {
+        AdamParams {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step,
+        }
+    }
+}
+
 /// Hyper-parameters of one SGD step (PyTorch semantics: `buf = μ·buf + (g + wd·p)`, first step
 /// `buf = g + wd·p`; `p -= lr·buf`).
 #[derive(Clone, Copy, Debug)]

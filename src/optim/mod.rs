@@ -68,11 +68,16 @@ impl Optimizer {
             let e = &mut store.entries_mut()[i];
             let bk = e.value.backend()?;
             let first = self.m[i].is_none();
-            let m = self.m[i].get_or_insert_with(|| bk.full(e.value.shape(), 0.0).expect("alloc"));
+            if first {
+                self.m[i] = Some(bk.full(e.value.shape(), 0.0)?);
+            }
+            let m = self.m[i].as_mut().expect("set above");
             match self.kind {
                 OptimKind::Adam { beta1, beta2, eps } => {
-                    let v = self.v[i]
-                        .get_or_insert_with(|| bk.full(e.value.shape(), 0.0).expect("alloc"));
+                    if self.v[i].is_none() {
+                        self.v[i] = Some(bk.full(e.value.shape(), 0.0)?);
+                    }
+                    let v = self.v[i].as_mut().expect("set above");
                     bk.adam_step(
                         &mut e.value,
                         g,

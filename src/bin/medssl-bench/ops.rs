@@ -787,14 +787,7 @@ fn run_case(
             let mut step = 0u64;
             let f = t(&mut || {
                 step += 1;
-                let p = AdamParams {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 5e-4,
-                    step,
-                };
+                let p = AdamParams::pytorch(1e-3, 5e-4, step);
                 for (param, grad, m, v) in &mut state {
                     bk.adam_step(param, grad, m, v, p)?;
                 }
