@@ -59,15 +59,16 @@ STEPS="$OUTDIR/steps.jsonl"
 # compare like with like), and the same workloads for the PyTorch peer when it is packed.
 # An entry may start with VAR=value words: they become the program's environment. Full FP32 is
 # the default on both sides (medssl: no MEDSSL_TF32; the peer: no --tf32); the TF32 rows compare
-# tensor-core math on both sides, and the MEDSSL_CUDNN_ALGO=heuristic row measures what timing
-# the cuDNN algorithms (the default) gains over cuDNN's heuristic choice.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+# tensor-core math on both sides, the MEDSSL_CUDNN_ALGO=heuristic rows measure what timing the
+# cuDNN algorithms (the default) gains over cuDNN's heuristic choice, and the
+# MEDSSL_CUDA_CONV1X1=cudnn row what the cuBLAS path for 1x1 convolutions gains over cuDNN.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
 PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
 # a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor),
 # each rated against the device's streaming bandwidth measured in the same invocation.
-OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update"}"
+OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update"}"
 # A short training run on the packed PneumoniaMNIST.
 TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --out $OUTDIR/train"}"
 # -------------------------------------------------------------------------------------------------
@@ -181,8 +182,9 @@ else
     if [ -x "$HERE/tests/cuda_parity" ]; then
         # The convolution tests again on the im2col + cuBLAS fallback engine.
         step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
-        # And with cuDNN's heuristic algorithm choice instead of the timed one (the default).
-        step test_cuda_parity_conv_heuristic env MEDSSL_CUDNN_ALGO=heuristic MEDSSL_CUDNN_LOG=1 "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
+        # And with cuDNN's heuristic algorithm choice instead of the timed one (the default), with
+        # the 1x1 convolutions on cuDNN as well (by default they run on cuBLAS).
+        step test_cuda_parity_conv_heuristic env MEDSSL_CUDNN_ALGO=heuristic MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_LOG=1 "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
     fi
 
     if [ -x "$HERE/bin/medssl" ]; then

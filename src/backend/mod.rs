@@ -281,7 +281,7 @@ pub trait Backend: Send + Sync {
         fc_b: &Tensor,
     ) -> Result<Tensor>;
 
-    // ---- fusion (fusion.rs / fusion.cu) ----
+    // ---- fusion (fusion.rs; on CUDA cuBLAS products and the softmax_xent.cu row softmax) ----
     /// MedFuseNet similarity fusion: `low [B,d,Hp,Wp]`, `high [B,d,Hq,Wq]`;
     /// `S = softmax_i(P̂ᵀQ̂/√d)` over low positions `i`; `y = Q̂ + P̂ S` shaped like `high`.
     fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor>;

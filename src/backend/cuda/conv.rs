@@ -1,6 +1,9 @@
 //! 2-D convolution: cuDNN (forward, backward data, backward filter; descriptors and algorithms
 //! chosen once per shape and cached: by timing every algorithm, like PyTorch's
-//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
+//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`); 1×1 stride-1
+//! unpadded convolutions (the fusion projections, most of the small-width model's conv time)
+//! as strided-batched cuBLAS products on the tensors in place (`MEDSSL_CUDA_CONV1X1=cudnn` gives
+//! them to cuDNN too) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
 //! cuDNN cannot be loaded or `MEDSSL_CUDA_CONV=im2col` is set. Bias forward/backward are our own
 //! kernels in both engines.
 //!
@@ -372,14 +375,31 @@ pub(super) struct ConvEngine {
     dnn: Option<Dnn>,
     /// Why the im2col fallback is used (empty with cuDNN).
     reason: String,
+    /// 1×1 stride-1 unpadded convolutions run as one strided-batched cuBLAS product on the
+    /// tensors in place (no im2col: the input already is the column matrix), also when cuDNN is
+    /// loaded; `MEDSSL_CUDA_CONV1X1=cudnn` hands them to cuDNN instead.
+    pointwise_gemm: bool,
+}
+
+/// A 1×1, stride-1, unpadded convolution: per image a plain product `W [Cout,Cin] · x [Cin,HW]`.
+fn is_pointwise(s: &Shape) -> bool {
+    s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
 impl ConvEngine {
     pub(super) fn new(stream: &Arc<CudaStream>) -> ConvEngine {
+        let pointwise_gemm = !std::env::var("MEDSSL_CUDA_CONV1X1").is_ok_and(|v| v == "cudnn");
+        let mut e = ConvEngine::new_engine(stream);
+        e.pointwise_gemm = pointwise_gemm;
+        e
+    }
+
+    fn new_engine(stream: &Arc<CudaStream>) -> ConvEngine {
         if std::env::var("MEDSSL_CUDA_CONV").is_ok_and(|v| v == "im2col") {
             return ConvEngine {
                 dnn: None,
                 reason: "MEDSSL_CUDA_CONV=im2col".into(),
+                pointwise_gemm: true,
             };
         }
         // SAFETY: only probes whether the shared library can be opened.
@@ -387,6 +407,7 @@ impl ConvEngine {
             return ConvEngine {
                 dnn: None,
                 reason: "libcudnn.so not found on the loader path".into(),
+                pointwise_gemm: true,
             };
         }
         let made = catch_unwind(AssertUnwindSafe(|| -> std::result::Result<Dnn, String> {
@@ -404,22 +425,39 @@ impl ConvEngine {
             Ok(Ok(d)) => ConvEngine {
                 dnn: Some(d),
                 reason: String::new(),
+                pointwise_gemm: true,
             },
             Ok(Err(e)) => ConvEngine {
                 dnn: None,
                 reason: e,
+                pointwise_gemm: true,
             },
             Err(_) => ConvEngine {
                 dnn: None,
                 reason: "libcudnn lacks required entry points".into(),
+                pointwise_gemm: true,
             },
         }
     }
 
     pub(super) fn describe(&self) -> String {
+        let pw = if self.pointwise_gemm {
+            "; 1x1 convolutions on cublas"
+        } else {
+            ""
+        };
         match &self.dnn {
-            Some(d) => format!("cudnn {}", d.version),
-            None => format!("im2col+cublas ({})", self.reason),
+            Some(d) => format!("cudnn {}{pw}", d.version),
+            None => format!("im2col+cublas ({}){pw}", self.reason),
+        }
+    }
+
+    /// The cuDNN engine for this shape, or `None` when the cuBLAS paths take it.
+    fn dnn_for(&self, s: &Shape) -> Option<&Dnn> {
+        if self.pointwise_gemm && is_pointwise(s) {
+            None
+        } else {
+            self.dnn.as_ref()
         }
     }
 }
@@ -471,7 +509,7 @@ pub(super) fn conv2d_fwd(
         return be.zeros(&out);
     }
     let y = be.empty(&out)?;
-    match &be.conv.dnn {
+    match be.conv.dnn_for(&s) {
         Some(d) => {
             be.bind()?;
             let h = lock(&d.handle);
@@ -544,7 +582,7 @@ pub(super) fn conv2d_bwd(
     } else {
         None
     };
-    match &be.conv.dnn {
+    match be.conv.dnn_for(&s) {
         Some(d) => {
             be.bind()?;
             let h = lock(&d.handle);
@@ -619,6 +657,17 @@ fn geometry(s: &Shape) -> Result<[A; 8]> {
     ])
 }
 
+/// The column matrix `col [N, Cin·k·k, OH·OW]` of `x`: for a pointwise convolution `x` itself
+/// (no copy; `None` holds no buffer), else a pooled buffer filled by `cv_im2col`.
+fn columns(be: &CudaBackend, s: &Shape, x: &Tensor) -> Result<(u64, Option<super::CudaStorage>)> {
+    if is_pointwise(s) {
+        Ok((be.p(x)?, None))
+    } else {
+        let col = im2col(be, s, x)?;
+        Ok((col.ptr(), Some(col)))
+    }
+}
+
 /// `col [N, Cin·k·k, OH·OW]` of `x`.
 fn im2col(be: &CudaBackend, s: &Shape, x: &Tensor) -> Result<super::CudaStorage> {
     let ckk = s.cin * s.k * s.k;
@@ -635,12 +684,12 @@ fn im2col(be: &CudaBackend, s: &Shape, x: &Tensor) -> Result<super::CudaStorage>
 fn im2col_fwd(be: &CudaBackend, s: &Shape, x: &Tensor, w: &Tensor, y: &Tensor) -> Result<()> {
     let ckk = s.cin * s.k * s.k;
     let ohw = s.ho() * s.wo();
-    let col = im2col(be, s, x)?;
+    let (col, _keep) = columns(be, s, x)?;
     // y_n [Cout, OHW] = W [Cout, CKK] · col_n [CKK, OHW]; W broadcast (stride 0).
     Gemm::new(false, false, s.cout, ohw, ckk)
         .batched(s.n)
         .strides(0, ckk * ohw, s.cout * ohw)
-        .run(be, be.p(w)?, col.ptr(), be.p(y)?)
+        .run(be, be.p(w)?, col, be.p(y)?)
 }
 
 fn im2col_bwd(
@@ -654,7 +703,13 @@ fn im2col_bwd(
 ) -> Result<()> {
     let ckk = s.cin * s.k * s.k;
     let ohw = s.ho() * s.wo();
-    if let Some(gx) = gx {
+    if let (Some(gx), true) = (gx, is_pointwise(s)) {
+        // Pointwise: gx_n [Cin, HW] = Wᵀ · gy_n directly.
+        Gemm::new(true, false, ckk, ohw, s.cout)
+            .batched(s.n)
+            .strides(0, s.cout * ohw, ckk * ohw)
+            .run(be, be.p(w)?, be.p(gy)?, be.p(gx)?)?;
+    } else if let Some(gx) = gx {
         // gcol_n [CKK, OHW] = Wᵀ · gy_n, then a gather back to image positions.
         let gcol = be.buffer(s.n * ckk * ohw)?;
         Gemm::new(true, false, ckk, ohw, s.cout)
@@ -668,15 +723,15 @@ fn im2col_bwd(
         be.launch("cv_col2im", cfg_lin(total), &args)?;
     }
     // gW = Σ_n gy_n [Cout, OHW] · col_nᵀ: per-image products, then a fixed-order batch sum.
-    let col = im2col(be, s, x)?;
+    let (col, _keep) = columns(be, s, x)?;
     let per = s.cout * ckk;
     if s.n == 1 {
-        return Gemm::new(false, true, s.cout, ckk, ohw).run(be, be.p(gy)?, col.ptr(), be.p(gw)?);
+        return Gemm::new(false, true, s.cout, ckk, ohw).run(be, be.p(gy)?, col, be.p(gw)?);
     }
     let parts = be.buffer(s.n * per)?;
     Gemm::new(false, true, s.cout, ckk, ohw)
         .batched(s.n)
         .strides(s.cout * ohw, ckk * ohw, per)
-        .run(be, be.p(gy)?, col.ptr(), parts.ptr())?;
+        .run(be, be.p(gy)?, col, parts.ptr())?;
     reduce::sum_rows_raw(be, s.n, per, parts.ptr(), be.p(gw)?)
 }

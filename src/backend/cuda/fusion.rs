@@ -1,17 +1,23 @@
 //! MedFuseNet similarity fusion (SPEC §2): the products run on cuBLAS (strided-batched over the
-//! images), the softmax over low-level positions is kernels/fusion.cu.
+//! images), the softmax is the warp-per-row softmax of kernels/softmax_xent.cu.
 //!
 //! Per image: `P̂ [d,Np]`, `Q̂ [d,Nq]`, `A = P̂ᵀQ̂/√d [Np,Nq]`, `S = softmax over i` (each column
 //! of `A`), `y = Q̂ + P̂·S`.
+//!
+//! Layout: `A` and `S` are kept transposed, `Aᵀ = Q̂ᵀP̂/√d [Nq,Np]`, so that each softmax column
+//! is a contiguous row of `Np` (784 low-level positions at 28 px against 16 high-level ones): one
+//! warp per row, coalesced, `B·Nq` rows in parallel. (A thread per column of `A` gave only `B·Nq`
+//! threads, each walking `Np` strided entries three times.) The products take `Sᵀ` through
+//! cuBLAS's transpose flags, so no transpose is ever materialised.
 
 use super::gemm::Gemm;
-use super::{cfg_lin, ci, same_shape, CudaBackend, CudaStorage, A};
+use super::{cfg_lin, cfg_rows, ci, same_shape, CudaBackend, CudaStorage, A};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// `S [B, Np, Nq]` for the given images.
-fn similarity(
+/// `Sᵀ [B, Nq, Np]` for the given images.
+fn similarity_t(
     be: &CudaBackend,
     p: u64,
     q: u64,
@@ -20,25 +26,25 @@ fn similarity(
     np: usize,
     nq: usize,
 ) -> Result<CudaStorage> {
-    let a = be.buffer(b * np * nq)?;
-    let s = be.buffer(b * np * nq)?;
-    Gemm::new(true, false, np, nq, d)
+    let at = be.buffer(b * nq * np)?;
+    let st = be.buffer(b * nq * np)?;
+    // Aᵀ [Nq, Np] = Q̂ᵀ [Nq, d] · P̂ [d, Np] / √d.
+    Gemm::new(true, false, nq, np, d)
         .alpha(1.0 / (d as f32).sqrt())
         .batched(b)
-        .run(be, p, q, a.ptr())?;
-    let cols = b * nq;
+        .run(be, q, p, at.ptr())?;
+    let rows = b * nq;
     be.launch(
-        "fu_col_softmax",
-        cfg_lin(cols),
+        "sx_softmax_fwd",
+        cfg_rows(rows),
         &[
-            A::I(ci(b)?),
+            A::I(ci(rows)?),
             A::I(ci(np)?),
-            A::I(ci(nq)?),
-            A::P(a.ptr()),
-            A::P(s.ptr()),
+            A::P(at.ptr()),
+            A::P(st.ptr()),
         ],
     )?;
-    Ok(s)
+    Ok(st)
 }
 
 /// Device copy `dst ← src` of `n` elements (stream ordered).
@@ -63,17 +69,18 @@ pub(super) fn similarity_fusion_fwd(
     let (p, q, py) = (be.p(low)?, be.p(high)?, be.p(&y)?);
     copy(be, y.numel(), q, py)?;
     if np > 0 && d > 0 {
-        let s = similarity(be, p, q, b, d, np, nq)?;
-        Gemm::new(false, false, d, nq, np)
+        let st = similarity_t(be, p, q, b, d, np, nq)?;
+        // y += P̂ [d, Np] · S [Np, Nq], S read as (Sᵀ)ᵀ.
+        Gemm::new(false, true, d, nq, np)
             .beta(1.0)
             .batched(b)
-            .run(be, p, s.ptr(), py)?;
+            .run(be, p, st.ptr(), py)?;
     }
     Ok(y)
 }
 
 /// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`,
-/// `gS = P̂ᵀ·gy`.
+/// `gS = P̂ᵀ·gy`; all of `S`, `gS`, `gA` held transposed (rows of `Np`, see the module comment).
 pub(super) fn similarity_fusion_bwd(
     be: &CudaBackend,
     low: &Tensor,
@@ -94,38 +101,40 @@ pub(super) fn similarity_fusion_bwd(
         return Ok((glow, ghigh));
     }
     let r = 1.0 / (d as f32).sqrt();
-    let s = similarity(be, p, q, b, d, np, nq)?;
-    let gs = be.buffer(b * np * nq)?;
-    Gemm::new(true, false, np, nq, d)
+    let st = similarity_t(be, p, q, b, d, np, nq)?;
+    // gSᵀ [Nq, Np] = gyᵀ [Nq, d] · P̂ [d, Np].
+    let gst = be.buffer(b * nq * np)?;
+    Gemm::new(true, false, nq, np, d)
         .batched(b)
-        .run(be, p, g, gs.ptr())?;
-    let ga = be.buffer(b * np * nq)?;
+        .run(be, g, p, gst.ptr())?;
+    // gAᵀ: the softmax backward of each row, gAᵀ = Sᵀ ⊙ (gSᵀ − rowsum(gSᵀ ⊙ Sᵀ)).
+    let gat = be.buffer(b * nq * np)?;
+    let rows = b * nq;
     be.launch(
-        "fu_col_softmax_bwd",
-        cfg_lin(b * nq),
+        "sx_softmax_bwd",
+        cfg_rows(rows),
         &[
-            A::I(ci(b)?),
+            A::I(ci(rows)?),
             A::I(ci(np)?),
-            A::I(ci(nq)?),
-            A::P(s.ptr()),
-            A::P(gs.ptr()),
-            A::P(ga.ptr()),
+            A::P(st.ptr()),
+            A::P(gst.ptr()),
+            A::P(gat.ptr()),
         ],
     )?;
-    // gP̂ = gy·Sᵀ + (1/√d) Q̂·gAᵀ
-    Gemm::new(false, true, d, np, nq)
+    // gP̂ [d, Np] = gy [d, Nq] · Sᵀ + (1/√d) Q̂ [d, Nq] · gAᵀ.
+    Gemm::new(false, false, d, np, nq)
         .batched(b)
-        .run(be, g, s.ptr(), pgl)?;
-    Gemm::new(false, true, d, np, nq)
+        .run(be, g, st.ptr(), pgl)?;
+    Gemm::new(false, false, d, np, nq)
         .alpha(r)
         .beta(1.0)
         .batched(b)
-        .run(be, q, ga.ptr(), pgl)?;
-    // gQ̂ = gy + (1/√d) P̂·gA
-    Gemm::new(false, false, d, nq, np)
+        .run(be, q, gat.ptr(), pgl)?;
+    // gQ̂ = gy + (1/√d) P̂ [d, Np] · gA, gA read as (gAᵀ)ᵀ.
+    Gemm::new(false, true, d, nq, np)
         .alpha(r)
         .beta(1.0)
         .batched(b)
-        .run(be, p, ga.ptr(), pgh)?;
+        .run(be, p, gat.ptr(), pgh)?;
     Ok((glow, ghigh))
 }
