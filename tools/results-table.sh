@@ -179,7 +179,12 @@ for e in "${PLAN[@]}"; do
         echo "  done     $NAME"
         continue
     fi
-    if [ "$RESUME" = 1 ]; then echo "  resume   $NAME"; else echo "  train    $NAME"; fi
+    if [ "$RESUME" = 1 ]; then
+        # Epochs done = lines of metrics.jsonl (one per finished epoch).
+        echo "  resume   $NAME ($(wc -l <"$DIR/metrics.jsonl" 2>/dev/null || echo 0)/$EPOCHS epochs done)"
+    else
+        echo "  train    $NAME"
+    fi
     if [ "$DRY" = 1 ]; then
         printf '          '
         printf ' %q' "${CMD[@]}"
