@@ -32,3 +32,75 @@ extern "C" __global__ void op_adam(int n, float step_size, float b1, float b2, f
         p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
     }
 }
+
+// ---- multi-tensor forms: up to MT_MAX tensors per launch ----
+//
+// Indexing: each tensor's elements are cut into tiles of MT_TILE elements; block b works on one
+// tile of tensor k, where k is the last tensor whose first block first[k] <= b (binary search
+// over the table; first[count] is the grid size). The block's threads stride over the tile.
+// Every element gets exactly the arithmetic of the single-tensor kernel above, so the results
+// are identical. The table travels as a by-value kernel parameter (1928 bytes, under the 4 KiB
+// parameter limit); its layout is mirrored by `MtTable` in src/backend/cuda/optim.rs.
+#define MT_MAX 48
+#define MT_TILE 2048
+
+struct MtTable {
+    int count;              // tensors in this launch (>= 1)
+    int first[MT_MAX + 1];  // first block of each tensor; first[count] = number of blocks
+    int n[MT_MAX];          // elements of each tensor (> 0)
+    float* a[MT_MAX];       // parameter (EMA: teacher)
+    const float* b[MT_MAX]; // gradient (EMA: student)
+    float* c[MT_MAX];       // Adam m / SGD momentum buffer (EMA: unused)
+    float* d[MT_MAX];       // Adam v (otherwise unused)
+};
+
+__device__ __forceinline__ int mt_tensor(const MtTable& t) {
+    int lo = 0, hi = t.count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (t.first[mid] <= (int)blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+#define MT_RANGE(t, k, i)                                                   \
+    const int k = mt_tensor(t);                                             \
+    const int mt_start_ = ((int)blockIdx.x - t.first[k]) * MT_TILE;        \
+    const int mt_end_ = min(mt_start_ + MT_TILE, t.n[k]);                   \
+    for (int i = mt_start_ + (int)threadIdx.x; i < mt_end_; i += blockDim.x)
+
+extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
+    MT_RANGE(t, k, i) {
+        float* te = t.a[k];
+        const float* s = t.b[k];
+        te[i] = alpha * te[i] + (1.f - alpha) * s[i];
+    }
+}
+
+extern "C" __global__ void op_sgd_mt(float lr, float mu, float wd, int first, const MtTable t) {
+    MT_RANGE(t, k, i) {
+        float* p = t.a[k];
+        const float* g = t.b[k];
+        float* buf = t.c[k];
+        const float d = g[i] + wd * p[i];
+        const float b = (first || mu == 0.f) ? d : mu * buf[i] + d;
+        buf[i] = b;
+        p[i] -= lr * b;
+    }
+}
+
+extern "C" __global__ void op_adam_mt(float step_size, float b1, float b2, float eps, float wd,
+                                      float bc2_sqrt, const MtTable t) {
+    MT_RANGE(t, k, i) {
+        float* p = t.a[k];
+        const float* g = t.b[k];
+        float* m = t.c[k];
+        float* v = t.d[k];
+        const float gi = g[i] + wd * p[i];
+        const float mi = b1 * m[i] + (1.f - b1) * gi;
+        const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}

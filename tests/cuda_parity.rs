@@ -7,7 +7,7 @@
 
 use medssl::backend::cpu::CpuBackend;
 use medssl::backend::cuda::{self as cu, CudaBackend};
-use medssl::backend::{AdamParams, Backend, ConvParams, PoolParams, SgdParams};
+use medssl::backend::{AdamParams, Backend, ConvParams, OptSlot, PoolParams, SgdParams};
 use medssl::Tensor;
 
 // ---- harness ----
@@ -808,4 +808,114 @@ fn optimisers_and_ema() {
     let (_, s) = rand_pair(g, &mut rng, &[4], 1.0);
     let mut t = s.clone();
     assert!(g.ema_update(&mut t, &s, 0.5).is_err());
+}
+
+// ---- multi-tensor optimisers and EMA (tol as above): 53 tensors, so two launches of at most 48,
+// sizes around the 2048-element tile, an empty tensor, against the CPU's single-tensor steps ----
+
+#[test]
+fn multi_tensor_optimisers_and_ema() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(16);
+    let mut sizes = vec![0usize, 1, 7, 2047, 2048, 2049, 4096, 5000, 65_537];
+    while sizes.len() < 53 {
+        sizes.push(1 + (rng.vec(1, 1.0)[0].abs() * 3000.0) as usize);
+    }
+    let fresh = |rng: &mut Rng, scale: f32| -> Vec<(Tensor, Tensor)> {
+        sizes
+            .iter()
+            .map(|&n| rand_pair(g, rng, &[n], scale))
+            .collect()
+    };
+    let zeros = || -> Vec<(Tensor, Tensor)> {
+        sizes
+            .iter()
+            .map(|&n| pair(g, &vec![0.0; n], &[n]))
+            .collect()
+    };
+
+    // EMA: CPU one tensor at a time, GPU all at once.
+    let students = fresh(&mut rng, 1.0);
+    let mut teachers = fresh(&mut rng, 1.0);
+    for ((tc, _), (sc, _)) in teachers.iter_mut().zip(&students) {
+        cpu().ema_update(tc, sc, 0.99).unwrap();
+    }
+    {
+        let mut pairs: Vec<(&mut Tensor, &Tensor)> = teachers
+            .iter_mut()
+            .zip(&students)
+            .map(|((_, tg), (_, sg))| (tg, sg))
+            .collect();
+        g.ema_update_multi(&mut pairs, 0.99).unwrap();
+    }
+    for (i, (tc, tg)) in teachers.iter().enumerate() {
+        close(&format!("ema_multi tensor {i}"), tg, tc, 1e-6, 1e-7);
+    }
+
+    // Adam, three steps.
+    let mut params = fresh(&mut rng, 1.0);
+    let mut ms = zeros();
+    let mut vs = zeros();
+    for step in 1..=3u64 {
+        let grads = fresh(&mut rng, 1.0);
+        let p = AdamParams::pytorch(1e-3, 5e-4, step);
+        for (((pc, _), (gc, _)), ((mc, _), (vc, _))) in params
+            .iter_mut()
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+        {
+            cpu().adam_step(pc, gc, mc, vc, p).unwrap();
+        }
+        let mut slots: Vec<OptSlot<'_>> = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(ms.iter_mut().zip(vs.iter_mut()))
+            .map(|(((_, pg), (_, gg)), ((_, mg), (_, vg)))| OptSlot {
+                param: pg,
+                grad: gg,
+                state: mg,
+                state2: Some(vg),
+            })
+            .collect();
+        g.adam_step_multi(&mut slots, p).unwrap();
+    }
+    for (i, ((pc, pg), ((mc, mg), (vc, vg)))) in
+        params.iter().zip(ms.iter().zip(vs.iter())).enumerate()
+    {
+        close(&format!("adam_multi param {i}"), pg, pc, 1e-5, 1e-6);
+        close(&format!("adam_multi m {i}"), mg, mc, 1e-5, 1e-6);
+        close(&format!("adam_multi v {i}"), vg, vc, 1e-5, 1e-7);
+    }
+
+    // SGD with momentum, three steps (the first one differs).
+    let mut params = fresh(&mut rng, 1.0);
+    let mut bufs = zeros();
+    for step in 0..3 {
+        let grads = fresh(&mut rng, 1.0);
+        let p = SgdParams {
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            first_step: step == 0,
+        };
+        for (((pc, _), (gc, _)), (bc, _)) in params.iter_mut().zip(&grads).zip(bufs.iter_mut()) {
+            cpu().sgd_step(pc, gc, bc, p).unwrap();
+        }
+        let mut slots: Vec<OptSlot<'_>> = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(bufs.iter_mut())
+            .map(|(((_, pg), (_, gg)), (_, bg))| OptSlot {
+                param: pg,
+                grad: gg,
+                state: bg,
+                state2: None,
+            })
+            .collect();
+        g.sgd_step_multi(&mut slots, p).unwrap();
+    }
+    for (i, ((pc, pg), (bc, bg))) in params.iter().zip(bufs.iter()).enumerate() {
+        close(&format!("sgd_multi param {i}"), pg, pc, 1e-5, 1e-6);
+        close(&format!("sgd_multi buf {i}"), bg, bc, 1e-5, 1e-6);
+    }
 }

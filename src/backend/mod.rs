@@ -313,6 +313,44 @@ pub trait Backend: Send + Sync {
         v: &mut Tensor,
         p: AdamParams,
     ) -> Result<()>;
+
+    // ---- multi-tensor forms: one call for a whole model (CUDA: a few launches in all) ----
+    /// [`Backend::ema_update`] on every `(teacher, student)` pair, with the same `α`. The
+    /// default calls `ema_update` per pair; results are identical either way.
+    fn ema_update_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)], alpha: f32) -> Result<()> {
+        for (t, s) in pairs.iter_mut() {
+            self.ema_update(t, s, alpha)?;
+        }
+        Ok(())
+    }
+    /// [`Backend::adam_step`] on every slot (`state2` is `v`), with the same hyper-parameters.
+    fn adam_step_multi(&self, slots: &mut [OptSlot<'_>], p: AdamParams) -> Result<()> {
+        for s in slots.iter_mut() {
+            let v = s
+                .state2
+                .as_deref_mut()
+                .ok_or_else(|| crate::error::Error::msg("adam_step_multi: a slot has no v"))?;
+            self.adam_step(s.param, s.grad, s.state, v, p)?;
+        }
+        Ok(())
+    }
+    /// [`Backend::sgd_step`] on every slot (`state` is the momentum buffer), with the same
+    /// hyper-parameters.
+    fn sgd_step_multi(&self, slots: &mut [OptSlot<'_>], p: SgdParams) -> Result<()> {
+        for s in slots.iter_mut() {
+            self.sgd_step(s.param, s.grad, s.state, p)?;
+        }
+        Ok(())
+    }
+}
+
+/// One parameter tensor of a multi-tensor optimiser step: the parameter, its gradient and its
+/// state (Adam: `state` = m, `state2` = v; SGD: `state` = momentum buffer, `state2` unused).
+pub struct OptSlot<'a> {
+    pub param: &'a mut Tensor,
+    pub grad: &'a Tensor,
+    pub state: &'a mut Tensor,
+    pub state2: Option<&'a mut Tensor>,
 }
 
 /// The backend for `device`. CPU always exists; CUDA needs the `cuda` feature, a driver and a

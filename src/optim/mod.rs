@@ -2,7 +2,7 @@
 //! schedules. The arithmetic lives in the backends (`Backend::adam_step` / `sgd_step`); this
 //! module owns the per-parameter state and the step counter.
 
-use crate::backend::{AdamParams, SgdParams};
+use crate::backend::{AdamParams, OptSlot, SgdParams};
 use crate::bail;
 use crate::error::Result;
 use crate::nn::{Kind, ParamStore};
@@ -49,7 +49,9 @@ impl Optimizer {
         }
     }
 
-    /// One update of every parameter that has a gradient, at learning rate `lr`.
+    /// One update of every parameter that has a gradient, at learning rate `lr`: one
+    /// multi-tensor backend call for all of them (per first-step group for SGD, whose first step
+    /// differs).
     pub fn step(
         &mut self,
         store: &mut ParamStore,
@@ -57,52 +59,85 @@ impl Optimizer {
         lr: f32,
     ) -> Result<()> {
         self.step += 1;
+        let mut grad_of: Vec<Option<&Tensor>> = vec![None; store.len()];
         for (i, g) in grads {
-            let i = *i;
-            if store.entries()[i].kind != Kind::Param {
-                bail!(
-                    "optimizer: '{}' is a buffer, not a parameter",
-                    store.entries()[i].name
-                );
+            let e = store
+                .entries()
+                .get(*i)
+                .ok_or_else(|| crate::error::Error::msg(format!("optimizer: no parameter {i}")))?;
+            if e.kind != Kind::Param {
+                bail!("optimizer: '{}' is a buffer, not a parameter", e.name);
             }
-            let e = &mut store.entries_mut()[i];
-            let bk = e.value.backend()?;
-            let first = self.m[i].is_none();
-            if first {
-                self.m[i] = Some(bk.full(e.value.shape(), 0.0)?);
+            grad_of[*i] = Some(g);
+        }
+        let Some(bk) = grads.first().map(|(_, g)| g.backend()).transpose()? else {
+            return Ok(());
+        };
+        // State is created on a parameter's first update; `first` marks those (SGD's first
+        // momentum step differs).
+        let adam = matches!(self.kind, OptimKind::Adam { .. });
+        let mut first = vec![false; store.len()];
+        for (i, g) in grad_of.iter().enumerate() {
+            let Some(g) = g else { continue };
+            if self.m[i].is_none() {
+                self.m[i] = Some(bk.full(g.shape(), 0.0)?);
+                first[i] = true;
             }
-            let m = self.m[i].as_mut().expect("set above");
-            match self.kind {
-                OptimKind::Adam { beta1, beta2, eps } => {
-                    if self.v[i].is_none() {
-                        self.v[i] = Some(bk.full(e.value.shape(), 0.0)?);
+            if adam && self.v[i].is_none() {
+                self.v[i] = Some(bk.full(g.shape(), 0.0)?);
+            }
+        }
+        let mut slots: Vec<(bool, OptSlot<'_>)> = Vec::with_capacity(grads.len());
+        for (((e, g), (m, v)), f) in store
+            .entries_mut()
+            .iter_mut()
+            .zip(&grad_of)
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .zip(&first)
+        {
+            let (Some(g), Some(m)) = (g, m.as_mut()) else {
+                continue;
+            };
+            slots.push((
+                *f,
+                OptSlot {
+                    param: &mut e.value,
+                    grad: g,
+                    state: m,
+                    state2: if adam { v.as_mut() } else { None },
+                },
+            ));
+        }
+        match self.kind {
+            OptimKind::Adam { beta1, beta2, eps } => {
+                let mut all: Vec<OptSlot<'_>> = slots.into_iter().map(|(_, s)| s).collect();
+                bk.adam_step_multi(
+                    &mut all,
+                    AdamParams {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay: self.weight_decay,
+                        step: self.step,
+                    },
+                )?;
+            }
+            OptimKind::Sgd { momentum } => {
+                let (mut firsts, mut rest): (Vec<_>, Vec<_>) =
+                    slots.into_iter().partition(|(f, _)| *f);
+                for (group, first_step) in [(&mut firsts, true), (&mut rest, false)] {
+                    let mut g: Vec<OptSlot<'_>> = group.drain(..).map(|(_, s)| s).collect();
+                    if g.is_empty() {
+                        continue;
                     }
-                    let v = self.v[i].as_mut().expect("set above");
-                    bk.adam_step(
-                        &mut e.value,
-                        g,
-                        m,
-                        v,
-                        AdamParams {
-                            lr,
-                            beta1,
-                            beta2,
-                            eps,
-                            weight_decay: self.weight_decay,
-                            step: self.step,
-                        },
-                    )?;
-                }
-                OptimKind::Sgd { momentum } => {
-                    bk.sgd_step(
-                        &mut e.value,
-                        g,
-                        m,
+                    bk.sgd_step_multi(
+                        &mut g,
                         SgdParams {
                             lr,
                             momentum,
                             weight_decay: self.weight_decay,
-                            first_step: first,
+                            first_step,
                         },
                     )?;
                 }
@@ -212,5 +247,84 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(opt.state_named(&store).unwrap().len(), 2);
+    }
+
+    /// `step` batches all tensors into one multi-tensor call; it must equal per-tensor updates,
+    /// including SGD's first momentum step for a parameter whose first gradient comes late.
+    #[test]
+    fn step_equals_per_tensor_updates() {
+        use crate::backend::cpu::CpuBackend;
+        let bk = CpuBackend::get();
+        let t = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::from_vec(v, &[n]).unwrap()
+        };
+        for kind in [OptimKind::adam(), OptimKind::Sgd { momentum: 0.9 }] {
+            let mut store = ParamStore::default();
+            store.add("a", t(vec![1.0, -2.0, 0.5]), Kind::Param);
+            store.add("buf", t(vec![7.0]), Kind::Buffer);
+            store.add("b", t(vec![0.25, 3.0]), Kind::Param);
+            let mut opt = Optimizer::new(kind, 0.01, &store);
+            // Reference state: (param, m, v) per parameter, updated one tensor at a time.
+            let mut refs = [
+                (t(vec![1.0, -2.0, 0.5]), None::<(Tensor, Tensor)>),
+                (t(vec![0.25, 3.0]), None),
+            ];
+            let grads = [
+                vec![(0usize, t(vec![0.5, -0.1, 0.2]))],
+                vec![(0, t(vec![0.3, 0.3, -0.4])), (2, t(vec![-1.0, 0.5]))],
+                vec![(2, t(vec![0.2, 0.1])), (0, t(vec![0.1, 0.0, 0.2]))],
+            ];
+            for (k, gs) in grads.iter().enumerate() {
+                opt.step(&mut store, gs, 0.05).unwrap();
+                for (i, g) in gs {
+                    let r = &mut refs[usize::from(*i == 2)];
+                    let first = r.1.is_none();
+                    let (m, v) = r
+                        .1
+                        .get_or_insert_with(|| (t(vec![0.0; g.numel()]), t(vec![0.0; g.numel()])));
+                    match kind {
+                        OptimKind::Adam { beta1, beta2, eps } => bk
+                            .adam_step(
+                                &mut r.0,
+                                g,
+                                m,
+                                v,
+                                AdamParams {
+                                    lr: 0.05,
+                                    beta1,
+                                    beta2,
+                                    eps,
+                                    weight_decay: 0.01,
+                                    step: k as u64 + 1,
+                                },
+                            )
+                            .unwrap(),
+                        OptimKind::Sgd { momentum } => bk
+                            .sgd_step(
+                                &mut r.0,
+                                g,
+                                m,
+                                SgdParams {
+                                    lr: 0.05,
+                                    momentum,
+                                    weight_decay: 0.01,
+                                    first_step: first,
+                                },
+                            )
+                            .unwrap(),
+                    }
+                }
+                assert_eq!(
+                    store.value(0).to_vec().unwrap(),
+                    refs[0].0.to_vec().unwrap()
+                );
+                assert_eq!(
+                    store.value(2).to_vec().unwrap(),
+                    refs[1].0.to_vec().unwrap()
+                );
+                assert_eq!(store.value(1).to_vec().unwrap(), vec![7.0]);
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::nn::{Binding, Kind, MedFuseNet, ModelConfig};
 use crate::optim::{OptimKind, Optimizer};
 use crate::ssl::{self, Batch, ClassPrior, DsrBalance, DsrMode, LossConfig, Queue, Terms};
-use crate::tensor::Device;
+use crate::tensor::{Device, Tensor};
 
 /// Which objective a run optimises (baselines and the method share this code path).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -241,17 +241,18 @@ pub fn train_step(
         Method::Supervised => (0.0, true),
         _ => (cfg.ema_alpha, false),
     };
-    for (te, se) in st
+    let mut pairs: Vec<(&mut Tensor, &Tensor)> = st
         .teacher
         .store
         .entries_mut()
         .iter_mut()
         .zip(st.student.store.entries())
-    {
-        if se.kind == Kind::Param || buffers_too {
-            let bk = se.value.backend()?;
-            bk.ema_update(&mut te.value, &se.value, alpha)?;
-        }
+        .filter(|(_, se)| se.kind == Kind::Param || buffers_too)
+        .map(|(te, se)| (&mut te.value, &se.value))
+        .collect();
+    if let Some((_, s)) = pairs.first() {
+        let bk = s.backend()?;
+        bk.ema_update_multi(&mut pairs, alpha)?;
     }
     if let Some((k, l, w)) = enqueue {
         st.queue.push(&k, &l, &w);

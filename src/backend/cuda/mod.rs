@@ -468,6 +468,30 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// [`CudaBackend::launch`] with one more, by-value struct parameter after `args` (the
+    /// multi-tensor tables of optim.rs).
+    pub(crate) fn launch_table<T: cudarc::driver::DeviceRepr>(
+        &self,
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: &[A],
+        table: &T,
+    ) -> Result<()> {
+        let f = self.func(name)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                A::P(p) => b.arg(p),
+                A::I(i) => b.arg(i),
+                A::F(x) => b.arg(x),
+            };
+        }
+        b.arg(table);
+        // SAFETY: as in `launch`; `T` is `#[repr(C)]` and mirrors the kernel's struct parameter.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
+        Ok(())
+    }
+
     /// A pooled, uninitialised buffer of `len` f32.
     pub(crate) fn buffer(&self, len: usize) -> Result<CudaStorage> {
         Ok(CudaStorage {
@@ -837,5 +861,22 @@ impl Backend for CudaBackend {
         p: AdamParams,
     ) -> Result<()> {
         optim::adam_step(self, param, grad, m, v, p)
+    }
+    fn ema_update_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)], alpha: f32) -> Result<()> {
+        optim::ema_update_multi(self, pairs, alpha)
+    }
+    fn adam_step_multi(
+        &self,
+        slots: &mut [crate::backend::OptSlot<'_>],
+        p: AdamParams,
+    ) -> Result<()> {
+        optim::adam_step_multi(self, slots, p)
+    }
+    fn sgd_step_multi(
+        &self,
+        slots: &mut [crate::backend::OptSlot<'_>],
+        p: SgdParams,
+    ) -> Result<()> {
+        optim::sgd_step_multi(self, slots, p)
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use medssl::backend::{AdamParams, Backend, ConvParams, PoolParams};
+use medssl::backend::{AdamParams, Backend, ConvParams, OptSlot, PoolParams};
 use medssl::nn::{Kind as ParamKind, MedFuseNet, ModelConfig};
 use medssl::tensor::{Device, Tensor};
 use rand::Rng;
@@ -119,7 +119,7 @@ pub enum Op {
         e: usize,
         keys: usize,
     },
-    /// One Adam step over every parameter tensor, one `adam_step` call each (as the trainer).
+    /// One Adam step over every parameter tensor in one `adam_step_multi` call (as the trainer).
     Adam {
         shapes: Vec<Vec<usize>>,
     },
@@ -788,9 +788,17 @@ fn run_case(
             let f = t(&mut || {
                 step += 1;
                 let p = AdamParams::pytorch(1e-3, 5e-4, step);
-                for (param, grad, m, v) in &mut state {
-                    bk.adam_step(param, grad, m, v, p)?;
-                }
+                // One multi-tensor call for all parameters, as the trainer's optimiser makes.
+                let mut slots: Vec<OptSlot<'_>> = state
+                    .iter_mut()
+                    .map(|(param, grad, m, v)| OptSlot {
+                        param,
+                        grad,
+                        state: m,
+                        state2: Some(v),
+                    })
+                    .collect();
+                bk.adam_step_multi(&mut slots, p)?;
                 Ok(())
             })?;
             (f, None)
@@ -801,9 +809,9 @@ fn run_case(
                 .map(|s| Ok((g.x(s)?, g.x(s)?)))
                 .collect::<Result<Vec<_>>>()?;
             let f = t(&mut || {
-                for (teacher, student) in &mut pairs {
-                    bk.ema_update(teacher, student, 0.99)?;
-                }
+                let mut refs: Vec<(&mut Tensor, &Tensor)> =
+                    pairs.iter_mut().map(|(t, s)| (t, &*s)).collect();
+                bk.ema_update_multi(&mut refs, 0.99)?;
                 Ok(())
             })?;
             (f, None)
