@@ -135,3 +135,22 @@ extern "C" __global__ void ssl_dsr_combine(int Bu, int Bl, const float* RS, cons
     s = warp_sum(s);
     if (LANE() == 0) out[r] = inv_bl * s;
 }
+
+// ---- key queue on the device ----
+// Indexing: one thread per output element (grid-stride), rows of e floats, row-major.
+
+// y = [a; b[..rows]]: the first na elements come from a, the rest from the start of b.
+extern "C" __global__ void q_concat_rows(int na, int total, const float* a, const float* b,
+                                         float* y) {
+    GRID_LOOP(i, total) y[i] = i < na ? a[i] : b[i - na];
+}
+
+// Enqueue: element i = r*e + c of src goes to row (start + r) mod k of the ring dst [k, e].
+// The host guarantees at most k rows, so no two source rows share a slot.
+extern "C" __global__ void q_ring_write(int n, int k, int e, int start, const float* src,
+                                        float* dst) {
+    GRID_LOOP(i, n) {
+        const int r = i / e, c = i - r * e;
+        dst[(size_t)((start + r) % k) * e + c] = src[i];
+    }
+}

@@ -620,9 +620,14 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 temperature: param_f(params, "temperature", Some(0.1))? as f32,
                 ..ssl::LossConfig::default()
             };
+            let labels = f.labels("in.queue_labels")?;
             let queue = ssl::QueueView {
-                keys: f.f32("in.queue_keys")?.0,
-                labels: f.labels("in.queue_labels")?,
+                keys: if labels.is_empty() {
+                    None
+                } else {
+                    Some(f.tensor("in.queue_keys", dev)?)
+                },
+                labels,
                 weights: f.f32("in.queue_weights")?.0,
             };
             let meta = if f.has("in.meta_weights") {

@@ -919,3 +919,54 @@ fn multi_tensor_optimisers_and_ema() {
         close(&format!("sgd_multi buf {i}"), bg, bc, 1e-5, 1e-6);
     }
 }
+
+// ---- key queue on the device (exact: tol 0; pure copies) ----
+
+#[test]
+fn queue_concat_and_ring_write() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    for (ra, rb, b_rows, e) in [
+        (36, 4096, 4096, 128),
+        (1, 5, 3, 7),
+        (4, 6, 0, 3),
+        (0, 3, 2, 5),
+    ] {
+        let (ac, ag) = rand_pair(g, &mut rng, &[ra, e], 1.0);
+        let (bc, bg) = rand_pair(g, &mut rng, &[rb, e], 1.0);
+        let what = format!("concat_rows [{ra},{e}] + {b_rows} of [{rb},{e}]");
+        close(
+            &what,
+            &g.concat_rows(&ag, &bg, b_rows).unwrap(),
+            &cpu().concat_rows(&ac, &bc, b_rows).unwrap(),
+            0.0,
+            0.0,
+        );
+    }
+    // Ring writes that wrap around the end, a full-ring write, a single row.
+    for (k, r, start, e) in [
+        (10, 4, 8, 3),
+        (4096, 36, 4080, 128),
+        (5, 5, 2, 2),
+        (3, 1, 2, 1),
+    ] {
+        let (mut dc, mut dg) = rand_pair(g, &mut rng, &[k, e], 1.0);
+        let (sc, sg) = rand_pair(g, &mut rng, &[r, e], 1.0);
+        cpu().ring_write_rows(&mut dc, &sc, start).unwrap();
+        g.ring_write_rows(&mut dg, &sg, start).unwrap();
+        close(
+            &format!("ring_write_rows {r} rows at {start} of [{k},{e}]"),
+            &dg,
+            &dc,
+            0.0,
+            0.0,
+        );
+    }
+    // Shapes are checked before any launch.
+    let (_, a) = rand_pair(g, &mut rng, &[2, 3], 1.0);
+    let (_, b) = rand_pair(g, &mut rng, &[4, 2], 1.0);
+    assert!(g.concat_rows(&a, &b, 1).is_err());
+    let (_, mut ring) = rand_pair(g, &mut rng, &[2, 3], 1.0);
+    let (_, src) = rand_pair(g, &mut rng, &[3, 3], 1.0);
+    assert!(g.ring_write_rows(&mut ring, &src, 0).is_err());
+}

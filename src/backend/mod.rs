@@ -268,6 +268,12 @@ pub trait Backend: Send + Sync {
         tau: f32,
         g: &Tensor,
     ) -> Result<Tensor>;
+    /// `[a; b[..b_rows]]` for `a [Ra, E]` and `b [Rb, E]`, `b_rows ≤ Rb`: the PGC key set, the
+    /// batch's keys followed by the valid rows of the key queue.
+    fn concat_rows(&self, a: &Tensor, b: &Tensor, b_rows: usize) -> Result<Tensor>;
+    /// Key-queue enqueue, in place: row `r` of `src [R, E]` goes to row `(start + r) mod K` of the
+    /// ring `dst [K, E]`; `R ≤ K` (a larger batch would overwrite its own rows).
+    fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()>;
     /// DSR alignment `a_i = (1/B_l) Σ_j ((p_j − e_{y_j})·(p_i − e_{ŷ_i})) (f_j·f_i + 1)` with
     /// `p = softmax(fc(f))` → `[B_u]`.
     #[allow(clippy::too_many_arguments)]

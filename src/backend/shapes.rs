@@ -484,3 +484,42 @@ pub fn fusion(low: &Tensor, high: &Tensor) -> Result<FusionGeom> {
         nq: hq * wq,
     })
 }
+
+/// `concat_rows`: `a [ra, e]`, `b [rb, e]`, `b_rows ≤ rb` → `(ra, e)`.
+pub fn concat_rows(a: &Tensor, b: &Tensor, b_rows: usize) -> Result<(usize, usize)> {
+    let (&[ra, e], &[rb, eb]) = (a.shape(), b.shape()) else {
+        bail!(
+            "concat_rows: expected two matrices, got {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        );
+    };
+    if e != eb || b_rows > rb {
+        bail!(
+            "concat_rows: {:?} and the first {b_rows} rows of {:?} do not stack",
+            a.shape(),
+            b.shape()
+        );
+    }
+    Ok((ra, e))
+}
+
+/// `ring_write_rows`: ring `dst [k, e]`, `src [r, e]` with `r ≤ k`, `start < k` (or `k = 0`)
+/// → `(k, r, e)`.
+pub fn ring_write_rows(dst: &Tensor, src: &Tensor, start: usize) -> Result<(usize, usize, usize)> {
+    let (&[k, e], &[r, es]) = (dst.shape(), src.shape()) else {
+        bail!(
+            "ring_write_rows: expected two matrices, got {:?} and {:?}",
+            dst.shape(),
+            src.shape()
+        );
+    };
+    if e != es || r > k || (k > 0 && start >= k) {
+        bail!(
+            "ring_write_rows: cannot write {:?} at row {start} of the ring {:?}",
+            src.shape(),
+            dst.shape()
+        );
+    }
+    Ok((k, r, e))
+}

@@ -5,7 +5,7 @@ use crate::autograd::{Graph, Var};
 use crate::bail;
 use crate::error::Result;
 use crate::nn::{Binding, MedFuseNet};
-use crate::tensor::Tensor;
+use crate::tensor::{Device, Tensor};
 
 /// Which parts of the DSR weight `w_i = c_i · m_i` are used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -225,21 +225,26 @@ pub struct Batch {
     pub u_strong: Tensor,
 }
 
-/// The valid entries of the key queue, on the host.
+/// The valid entries of the key queue: the keys on the model's device, labels and weights on the
+/// host.
 #[derive(Clone, Debug, Default)]
 pub struct QueueView {
-    /// `[len, E]` row-major.
-    pub keys: Vec<f32>,
+    /// `[rows ≥ labels.len(), E]`: the first `labels.len()` rows are the valid keys (the queue's
+    /// ring in slot order); `None` when there are none.
+    pub keys: Option<Tensor>,
     pub labels: Vec<usize>,
     pub weights: Vec<f32>,
 }
 
-/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8).
+/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8). The keys live on
+/// the model's device (enqueued there by `ring_write_rows`, so they never cross to the host
+/// during training); labels and weights, which the host needs anyway, live on the host.
 #[derive(Clone, Debug)]
 pub struct Queue {
     pub capacity: usize,
     pub dim: usize,
-    pub keys: Vec<f32>,
+    /// `[capacity, dim]`; `None` when `capacity` or `dim` is 0.
+    keys: Option<Tensor>,
     pub labels: Vec<usize>,
     pub weights: Vec<f32>,
     /// Next slot to overwrite.
@@ -249,41 +254,98 @@ pub struct Queue {
 }
 
 impl Queue {
-    pub fn new(capacity: usize, dim: usize) -> Queue {
-        Queue {
+    pub fn new(capacity: usize, dim: usize, device: Device) -> Result<Queue> {
+        let keys = if capacity * dim > 0 {
+            Some(crate::backend::get(device)?.full(&[capacity, dim], 0.0)?)
+        } else {
+            None
+        };
+        Ok(Queue {
             capacity,
             dim,
-            keys: vec![0.0; capacity * dim],
+            keys,
             labels: vec![0; capacity],
             weights: vec![0.0; capacity],
             ptr: 0,
             len: 0,
-        }
+        })
     }
 
-    /// Enqueues a batch, overwriting the oldest entries.
-    pub fn push(&mut self, keys: &[f32], labels: &[usize], weights: &[f32]) {
-        if self.capacity == 0 {
-            return;
+    /// Enqueues a batch (`keys [R, dim]` on the queue's device), overwriting the oldest entries.
+    /// Of a batch larger than the queue only its last `capacity` rows stay, as with one-by-one
+    /// enqueueing.
+    pub fn push(&mut self, keys: &Tensor, labels: &[usize], weights: &[f32]) -> Result<()> {
+        let r = labels.len();
+        if keys.shape() != [r, self.dim] || weights.len() != r {
+            bail!(
+                "queue push: keys {:?}, {r} labels, {} weights for a [{}, {}] queue",
+                keys.shape(),
+                weights.len(),
+                self.capacity,
+                self.dim
+            );
         }
-        for (i, (&l, &w)) in labels.iter().zip(weights).enumerate() {
-            let s = self.ptr;
-            self.keys[s * self.dim..(s + 1) * self.dim]
-                .copy_from_slice(&keys[i * self.dim..(i + 1) * self.dim]);
+        if self.capacity == 0 || r == 0 {
+            return Ok(());
+        }
+        let skip = r.saturating_sub(self.capacity);
+        let start = (self.ptr + skip) % self.capacity;
+        if let Some(q) = self.keys.as_mut() {
+            let bk = keys.backend()?;
+            if skip == 0 {
+                bk.ring_write_rows(q, keys, start)?;
+            } else {
+                let tail =
+                    bk.from_host(&keys.to_vec()?[skip * self.dim..], &[r - skip, self.dim])?;
+                bk.ring_write_rows(q, &tail, start)?;
+            }
+        }
+        for (i, (&l, &w)) in labels.iter().zip(weights).enumerate().skip(skip) {
+            let s = (self.ptr + i) % self.capacity;
             self.labels[s] = l;
             self.weights[s] = w;
-            self.ptr = (self.ptr + 1) % self.capacity;
-            self.len = (self.len + 1).min(self.capacity);
         }
+        self.ptr = (self.ptr + r) % self.capacity;
+        self.len = (self.len + r).min(self.capacity);
+        Ok(())
     }
 
     /// The valid entries (order does not matter to the loss).
     pub fn view(&self) -> QueueView {
         QueueView {
-            keys: self.keys[..self.len * self.dim].to_vec(),
+            keys: if self.len > 0 {
+                self.keys.clone()
+            } else {
+                None
+            },
             labels: self.labels[..self.len].to_vec(),
             weights: self.weights[..self.len].to_vec(),
         }
+    }
+
+    /// All `capacity · dim` key values, row-major (for checkpoints).
+    pub fn keys_host(&self) -> Result<Vec<f32>> {
+        match &self.keys {
+            Some(k) => k.to_vec(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Replaces all key values (from a checkpoint) on the queue's device.
+    pub fn set_keys_host(&mut self, keys: &[f32]) -> Result<()> {
+        if keys.len() != self.capacity * self.dim {
+            bail!(
+                "queue keys: {} values for a [{}, {}] queue",
+                keys.len(),
+                self.capacity,
+                self.dim
+            );
+        }
+        if let Some(k) = &self.keys {
+            let bk = k.backend()?;
+            self.keys = Some(bk.from_host(keys, &[self.capacity, self.dim])?);
+        }
+        Ok(())
     }
 }
 
@@ -300,9 +362,6 @@ pub struct LossOut {
     pub pseudo_labels: Vec<usize>,
     /// Teacher keys `[B_u, E]` (to enqueue).
     pub teacher_keys: Tensor,
-    /// The teacher keys on the host, row-major, when PGC is on (read together with the teacher
-    /// logits, so the queue needs no extra device round trip); empty otherwise.
-    pub teacher_keys_host: Vec<f32>,
     /// Updated meta weights of the batch's unlabelled samples (when meta weights were given).
     pub meta_updated: Option<Vec<f32>>,
 }
@@ -433,11 +492,10 @@ pub fn dsrpgc_loss(
     })?;
     // `--dsr-balance`: under `align` the aligned log-probabilities stand for the teacher logits
     // from here on (pseudo-labels, entropy confidence, consistency target); `off` keeps SPEC §1.
-    // Host reads happen in few places (each one waits for the GPU on CUDA): the teacher logits,
-    // and with them the keys for the queue; the entropy weights right after; the alignment
-    // scores after the student passes. The loss terms are read by the caller at the end.
+    // Host reads happen in few places (each one waits for the GPU on CUDA): the teacher logits;
+    // the entropy weights right after; the alignment scores after the student passes. The loss
+    // terms are read by the caller at the end; the keys stay on the device (queue included).
     let zt_host = zt.to_vec()?;
-    let keys_host = if hp.pgc { keys.to_vec()? } else { Vec::new() };
     let BalancedTeacher {
         logits: aligned,
         pseudo,
@@ -507,15 +565,16 @@ pub fn dsrpgc_loss(
     }
     let mut loss_pgc = None;
     if hp.pgc {
-        let e = keys.shape()[1];
-        let mut all_keys = keys_host.clone();
-        all_keys.extend_from_slice(&queue.keys);
+        // Key set [batch keys; queue], assembled on the device.
+        let kt = match (&queue.keys, queue.labels.len()) {
+            (Some(qk), n) if n > 0 => bk.concat_rows(&keys, qk, n)?,
+            _ => keys.clone(),
+        };
         let mut all_labels = pseudo.clone();
         all_labels.extend_from_slice(&queue.labels);
         let mut all_w = w.clone();
         all_w.extend_from_slice(&queue.weights);
         let nk = all_labels.len();
-        let kt = bk.from_host(&all_keys, &[nk, e])?;
         let kw = bk.from_host(&all_w, &[nk])?;
         let pgc = g.pgc_loss(
             os.embedding,
@@ -540,7 +599,6 @@ pub fn dsrpgc_loss(
         weights_host: w,
         pseudo_labels: pseudo,
         teacher_keys: keys,
-        teacher_keys_host: keys_host,
         meta_updated,
     })
 }
@@ -560,14 +618,38 @@ mod tests {
 
     #[test]
     fn queue_is_a_fifo_ring() {
-        let mut q = Queue::new(3, 2);
-        q.push(&[1., 1., 2., 2.], &[1, 2], &[0.1, 0.2]);
+        let k = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len() / 2, 2]).unwrap();
+        let mut q = Queue::new(3, 2, Device::Cpu).unwrap();
+        assert!(q.view().keys.is_none());
+        q.push(&k(&[1., 1., 2., 2.]), &[1, 2], &[0.1, 0.2]).unwrap();
         assert_eq!(q.view().labels, vec![1, 2]);
-        q.push(&[3., 3., 4., 4.], &[3, 4], &[0.3, 0.4]);
+        q.push(&k(&[3., 3., 4., 4.]), &[3, 4], &[0.3, 0.4]).unwrap();
         let v = q.view();
         assert_eq!(v.labels, vec![4, 2, 3]);
-        assert_eq!(v.keys, vec![4., 4., 2., 2., 3., 3.]);
+        assert_eq!(v.weights, vec![0.4, 0.2, 0.3]);
+        assert_eq!(
+            v.keys.unwrap().to_vec().unwrap(),
+            vec![4., 4., 2., 2., 3., 3.]
+        );
         assert_eq!(q.ptr, 1);
+        // A batch larger than the queue keeps its last rows, as one-by-one enqueueing would.
+        q.push(
+            &k(&[5., 5., 6., 6., 7., 7., 8., 8.]),
+            &[5, 6, 7, 8],
+            &[0.5, 0.6, 0.7, 0.8],
+        )
+        .unwrap();
+        assert_eq!(q.view().labels, vec![7, 8, 6]);
+        assert_eq!(q.keys_host().unwrap(), vec![7., 7., 8., 8., 6., 6.]);
+        assert_eq!(q.ptr, 2);
+        assert!(q.push(&k(&[1., 1.]), &[1, 2], &[0.1, 0.2]).is_err());
+        // The key set of the PGC loss: batch keys, then the valid queue rows.
+        let bk = crate::backend::get(Device::Cpu).unwrap();
+        let set = bk
+            .concat_rows(&k(&[9., 9.]), &q.keys.clone().unwrap(), 2)
+            .unwrap();
+        assert_eq!(set.shape(), &[3, 2]);
+        assert_eq!(set.to_vec().unwrap(), vec![9., 9., 7., 7., 8., 8.]);
     }
 
     fn softmax(z: &[f32]) -> Vec<f32> {

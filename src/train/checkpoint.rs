@@ -82,7 +82,7 @@ pub fn save(
         t.push((format!("opt.{n}"), d, s));
     }
     let q = &st.queue;
-    t.push(("queue.keys".into(), q.keys.clone(), vec![q.capacity, q.dim]));
+    t.push(("queue.keys".into(), q.keys_host()?, vec![q.capacity, q.dim]));
     t.push((
         "queue.labels".into(),
         q.labels.iter().map(|&l| l as f32).collect(),
@@ -189,7 +189,7 @@ impl Checkpoint {
                 q.dim
             );
         }
-        q.keys = keys.clone();
+        q.set_keys_host(keys)?;
         q.labels = self.tensors["queue.labels"]
             .0
             .iter()

@@ -101,7 +101,7 @@ impl TrainState {
             student,
             teacher,
             opt,
-            queue: Queue::new(queue_size, cfg.emb),
+            queue: Queue::new(queue_size, cfg.emb, device)?,
             meta: vec![1.0; n_unlabeled],
             dsr_prior: ClassPrior::uniform(cfg.classes),
             step: 0,
@@ -196,7 +196,7 @@ pub fn train_step(
             stats.pseudo_labels = o.pseudo_labels.clone();
             let enqueue = hp
                 .pgc
-                .then_some((o.teacher_keys_host, o.pseudo_labels, o.weights_host));
+                .then_some((o.teacher_keys, o.pseudo_labels, o.weights_host));
             (o.loss, o.terms, enqueue)
         }
     };
@@ -255,7 +255,7 @@ pub fn train_step(
         bk.ema_update_multi(&mut pairs, alpha)?;
     }
     if let Some((k, l, w)) = enqueue {
-        st.queue.push(&k, &l, &w);
+        st.queue.push(&k, &l, &w)?;
     }
     st.step += 1;
     Ok(stats)

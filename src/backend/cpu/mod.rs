@@ -439,6 +439,23 @@ impl Backend for CpuBackend {
             q.shape(),
         ))
     }
+    fn concat_rows(&self, a: &Tensor, b: &Tensor, b_rows: usize) -> Result<Tensor> {
+        let (ra, e) = shapes::concat_rows(a, b, b_rows)?;
+        let mut y = Vec::with_capacity((ra + b_rows) * e);
+        y.extend_from_slice(data(a)?);
+        y.extend_from_slice(&data(b)?[..b_rows * e]);
+        Ok(out(y, &[ra + b_rows, e]))
+    }
+    fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()> {
+        let (k, r, e) = shapes::ring_write_rows(dst, src, start)?;
+        let s = data(src)?;
+        let d = dst.cpu_data_mut()?;
+        for i in 0..r {
+            let slot = (start + i) % k;
+            d[slot * e..(slot + 1) * e].copy_from_slice(&s[i * e..(i + 1) * e]);
+        }
+        Ok(())
+    }
     fn dsr_alignment(
         &self,
         feat_lab: &Tensor,

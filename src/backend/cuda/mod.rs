@@ -816,6 +816,12 @@ impl Backend for CudaBackend {
     ) -> Result<Tensor> {
         ssl_losses::pgc_loss_bwd(self, q, q_labels, q_w, keys, k_labels, k_w, tau, g)
     }
+    fn concat_rows(&self, a: &Tensor, b: &Tensor, b_rows: usize) -> Result<Tensor> {
+        ssl_losses::concat_rows(self, a, b, b_rows)
+    }
+    fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()> {
+        ssl_losses::ring_write_rows(self, dst, src, start)
+    }
     fn dsr_alignment(
         &self,
         feat_lab: &Tensor,

@@ -1,9 +1,10 @@
 //! Semi-supervised terms of SPEC §1 (kernels/ssl_losses.cu): entropy weight, weighted
 //! consistency, PGC (products `q·Kᵀ` and `G·K` on cuBLAS) and the DSR alignment (linear heads
-//! and Gram matrices on cuBLAS, residuals and the final contraction in kernels).
+//! and Gram matrices on cuBLAS, residuals and the final contraction in kernels), and the key
+//! queue on the device: enqueue into the ring and the [batch keys; queue] key set.
 
 use super::gemm::{linear_fwd, Gemm};
-use super::{cfg_rows, ci, reduce, rows2, scalar_grad, CudaBackend, CudaStorage, A};
+use super::{cfg_lin, cfg_rows, ci, reduce, rows2, scalar_grad, CudaBackend, CudaStorage, A};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -265,4 +266,58 @@ pub(super) fn dsr_alignment(
         ],
     )?;
     Ok(out)
+}
+
+/// `[a; b[..b_rows]]` (kernels/ssl_losses.cu `q_concat_rows`).
+pub(super) fn concat_rows(
+    be: &CudaBackend,
+    a: &Tensor,
+    b: &Tensor,
+    b_rows: usize,
+) -> Result<Tensor> {
+    let (ra, e) = shapes::concat_rows(a, b, b_rows)?;
+    let y = be.empty(&[ra + b_rows, e])?;
+    let total = (ra + b_rows) * e;
+    if total > 0 {
+        be.launch(
+            "q_concat_rows",
+            cfg_lin(total),
+            &[
+                A::I(ci(ra * e)?),
+                A::I(ci(total)?),
+                A::P(be.p(a)?),
+                A::P(be.p(b)?),
+                A::P(be.p(&y)?),
+            ],
+        )?;
+    }
+    Ok(y)
+}
+
+/// Queue enqueue into the ring `dst` (kernels/ssl_losses.cu `q_ring_write`).
+pub(super) fn ring_write_rows(
+    be: &CudaBackend,
+    dst: &mut Tensor,
+    src: &Tensor,
+    start: usize,
+) -> Result<()> {
+    let (k, r, e) = shapes::ring_write_rows(dst, src, start)?;
+    let n = r * e;
+    let ps = be.p(src)?;
+    let pd = be.p_mut(dst)?;
+    if n > 0 {
+        be.launch(
+            "q_ring_write",
+            cfg_lin(n),
+            &[
+                A::I(ci(n)?),
+                A::I(ci(k)?),
+                A::I(ci(e)?),
+                A::I(ci(start)?),
+                A::P(ps),
+                A::P(pd),
+            ],
+        )?;
+    }
+    Ok(())
 }
