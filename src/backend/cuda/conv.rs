@@ -137,10 +137,12 @@ perf!(
 );
 
 /// Picks from `found` (fastest first after a Find, heuristic order otherwise) the first result
-/// that succeeded, fits the workspace limit and ran in the descriptor's math mode, preferring
-/// deterministic algorithms so that runs on one GPU repeat bit for bit.
+/// that succeeded and fits the workspace limit, preferring deterministic algorithms so that the
+/// convolutions add no run-to-run variation. In FP32 (FMA) mode a result must also have been
+/// timed in FMA math: one timed with tensor ops would not run that fast under the descriptor.
 fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t) -> Option<P> {
-    let ok = |f: &&P| f.usable() && f.math() == math;
+    let fma = sys::cudnnMathType_t::CUDNN_FMA_MATH;
+    let ok = |f: &&P| f.usable() && (math != fma || f.math() == fma);
     let any_math = |f: &&P| f.usable();
     found
         .iter()
