@@ -45,11 +45,11 @@
 # --set KEY=VALUE is passed to every `medssl train` (e.g. --set width=4 for a smoke test); it
 # changes the settings, so such runs form their own rows.
 #
-# Expected time (estimates from the step benchmarks, not measured end to end): per epoch a
-# HAM10000 SSL run takes 155 steps, PneumoniaMNIST 104; supervised 100 % takes 582 steps of 12
-# images (one pass over the ~7000 training images). 100 epochs on this 2-core CPU: about 2 h per
-# HAM10000 DSRPGC/Mean Teacher run (0.44 s/step), about a day for the whole table run one at a
-# time. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 14 runs are
+# Expected time: per epoch a HAM10000 SSL run takes 155 steps, PneumoniaMNIST 104; supervised
+# 100 % takes 583 steps of 12 images (one pass over the 7000 training images). Measured on a
+# 2-core CPU with --jobs 2 (one thread each): a HAM10000 DSRPGC epoch about 70 s with training
+# alone on the machine, a supervised 100 % epoch about 50 s; so about 2 h per 100-epoch DSRPGC
+# run and about 10 h for the 14 runs. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 14 runs are
 # about 35 min of GPU work back to back; with --jobs 14 they are expected to take 10-15 min
 # (the gain from concurrency is what the first GPU session measures), so the GPU pack runs it
 # under --budget and resumes (tools/gpu-run.sh, TABLE=1).
