@@ -1,20 +1,40 @@
 // Optimiser updates and EMA, in place. Indexing: one thread per parameter element (grid-stride).
 #include "common.cuh"
 
+// The per-element updates, shared by the single-tensor and the multi-tensor kernels so both do
+// the same arithmetic.
+__device__ __forceinline__ void ema_el(float alpha, float* t, const float* s, int i) {
+    t[i] = alpha * t[i] + (1.f - alpha) * s[i];
+}
+
+__device__ __forceinline__ void sgd_el(float lr, float mu, float wd, int first, float* p,
+                                       const float* g, float* buf, int i) {
+    const float d = g[i] + wd * p[i];
+    const float b = (first || mu == 0.f) ? d : mu * buf[i] + d;
+    buf[i] = b;
+    p[i] -= lr * b;
+}
+
+__device__ __forceinline__ void adam_el(float step_size, float b1, float b2, float eps, float wd,
+                                        float bc2_sqrt, float* p, const float* g, float* m,
+                                        float* v, int i) {
+    const float gi = g[i] + wd * p[i];
+    const float mi = b1 * m[i] + (1.f - b1) * gi;
+    const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+}
+
 // teacher = alpha * teacher + (1 - alpha) * student.
 extern "C" __global__ void op_ema(int n, float alpha, float* t, const float* s) {
-    GRID_LOOP(i, n) t[i] = alpha * t[i] + (1.f - alpha) * s[i];
+    GRID_LOOP(i, n) ema_el(alpha, t, s, i);
 }
 
 // PyTorch SGD: d = g + wd*p; buf = first ? d : mu*buf + d; p -= lr*buf.
 extern "C" __global__ void op_sgd(int n, float lr, float mu, float wd, int first, float* p,
                                   const float* g, float* buf) {
-    GRID_LOOP(i, n) {
-        const float d = g[i] + wd * p[i];
-        const float b = (first || mu == 0.f) ? d : mu * buf[i] + d;
-        buf[i] = b;
-        p[i] -= lr * b;
-    }
+    GRID_LOOP(i, n) sgd_el(lr, mu, wd, first, p, g, buf, i);
 }
 
 // PyTorch Adam (L2 decay): g += wd*p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
@@ -23,14 +43,7 @@ extern "C" __global__ void op_sgd(int n, float lr, float mu, float wd, int first
 extern "C" __global__ void op_adam(int n, float step_size, float b1, float b2, float eps,
                                    float wd, float bc2_sqrt, float* p, const float* g, float* m,
                                    float* v) {
-    GRID_LOOP(i, n) {
-        const float gi = g[i] + wd * p[i];
-        const float mi = b1 * m[i] + (1.f - b1) * gi;
-        const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
+    GRID_LOOP(i, n) adam_el(step_size, b1, b2, eps, wd, bc2_sqrt, p, g, m, v, i);
 }
 
 // ---- multi-tensor forms: up to MT_MAX tensors per launch ----
@@ -38,9 +51,10 @@ extern "C" __global__ void op_adam(int n, float step_size, float b1, float b2, f
 // Indexing: each tensor's elements are cut into tiles of MT_TILE elements; block b works on one
 // tile of tensor k, where k is the last tensor whose first block first[k] <= b (binary search
 // over the table; first[count] is the grid size). The block's threads stride over the tile.
-// Every element gets exactly the arithmetic of the single-tensor kernel above, so the results
-// are identical. The table travels as a by-value kernel parameter (1928 bytes, under the 4 KiB
-// parameter limit); its layout is mirrored by `MtTable` in src/backend/cuda/optim.rs.
+// Every element goes through the same *_el function as in the single-tensor kernel above, so
+// the results are identical. The table travels as a by-value kernel parameter (1928 bytes,
+// under the 4 KiB parameter limit); its layout is mirrored by `MtTable` in
+// src/backend/cuda/optim.rs.
 #define MT_MAX 48
 #define MT_TILE 2048
 
@@ -70,37 +84,14 @@ __device__ __forceinline__ int mt_tensor(const MtTable& t) {
     for (int i = mt_start_ + (int)threadIdx.x; i < mt_end_; i += blockDim.x)
 
 extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
-    MT_RANGE(t, k, i) {
-        float* te = t.a[k];
-        const float* s = t.b[k];
-        te[i] = alpha * te[i] + (1.f - alpha) * s[i];
-    }
+    MT_RANGE(t, k, i) ema_el(alpha, t.a[k], t.b[k], i);
 }
 
 extern "C" __global__ void op_sgd_mt(float lr, float mu, float wd, int first, const MtTable t) {
-    MT_RANGE(t, k, i) {
-        float* p = t.a[k];
-        const float* g = t.b[k];
-        float* buf = t.c[k];
-        const float d = g[i] + wd * p[i];
-        const float b = (first || mu == 0.f) ? d : mu * buf[i] + d;
-        buf[i] = b;
-        p[i] -= lr * b;
-    }
+    MT_RANGE(t, k, i) sgd_el(lr, mu, wd, first, t.a[k], t.b[k], t.c[k], i);
 }
 
 extern "C" __global__ void op_adam_mt(float step_size, float b1, float b2, float eps, float wd,
                                       float bc2_sqrt, const MtTable t) {
-    MT_RANGE(t, k, i) {
-        float* p = t.a[k];
-        const float* g = t.b[k];
-        float* m = t.c[k];
-        float* v = t.d[k];
-        const float gi = g[i] + wd * p[i];
-        const float mi = b1 * m[i] + (1.f - b1) * gi;
-        const float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
+    MT_RANGE(t, k, i) adam_el(step_size, b1, b2, eps, wd, bc2_sqrt, t.a[k], t.b[k], t.c[k], t.d[k], i);
 }

@@ -44,18 +44,37 @@ pub(super) fn sgd_step(
             "op_sgd",
             cfg_lin(n),
             &[
-                A::I(ci(n)?),
-                A::F(p.lr),
-                A::F(p.momentum),
-                A::F(p.weight_decay),
-                A::I(p.first_step as i32),
-                A::P(pp),
-                A::P(pg),
-                A::P(pb),
-            ],
+                &[A::I(ci(n)?)][..],
+                &sgd_args(&p),
+                &[A::P(pp), A::P(pg), A::P(pb)],
+            ]
+            .concat(),
         )?;
     }
     Ok(())
+}
+
+/// The scalar arguments of `op_sgd` / `op_sgd_mt`.
+fn sgd_args(p: &SgdParams) -> [A; 4] {
+    [
+        A::F(p.lr),
+        A::F(p.momentum),
+        A::F(p.weight_decay),
+        A::I(p.first_step as i32),
+    ]
+}
+
+/// The scalar arguments of `op_adam` / `op_adam_mt` (bias corrections folded in on the host).
+fn adam_args(p: &AdamParams) -> [A; 6] {
+    let (step_size, bc2_sqrt) = adam_consts(p);
+    [
+        A::F(step_size),
+        A::F(p.beta1),
+        A::F(p.beta2),
+        A::F(p.eps),
+        A::F(p.weight_decay),
+        A::F(bc2_sqrt),
+    ]
 }
 
 /// Adam's host-side constants `(step_size, bc2_sqrt)`: bias corrections in f32, in the same
@@ -78,7 +97,6 @@ pub(super) fn adam_step(
     same_shape(param, grad, "adam_step")?;
     same_shape(param, m, "adam_step")?;
     same_shape(param, v, "adam_step")?;
-    let (step_size, bc2_sqrt) = adam_consts(&p);
     let n = grad.numel();
     let pg = be.p(grad)?;
     let pp = be.p_mut(param)?;
@@ -89,18 +107,11 @@ pub(super) fn adam_step(
             "op_adam",
             cfg_lin(n),
             &[
-                A::I(ci(n)?),
-                A::F(step_size),
-                A::F(p.beta1),
-                A::F(p.beta2),
-                A::F(p.eps),
-                A::F(p.weight_decay),
-                A::F(bc2_sqrt),
-                A::P(pp),
-                A::P(pg),
-                A::P(pm),
-                A::P(pv),
-            ],
+                &[A::I(ci(n)?)][..],
+                &adam_args(&p),
+                &[A::P(pp), A::P(pg), A::P(pm), A::P(pv)],
+            ]
+            .concat(),
         )?;
     }
     Ok(())
@@ -207,17 +218,7 @@ pub(super) fn sgd_step_multi(
             ptrs: [be.p_mut(s.param)?, pg, be.p_mut(s.state)?, 0],
         });
     }
-    launch_multi(
-        be,
-        "op_sgd_mt",
-        &[
-            A::F(p.lr),
-            A::F(p.momentum),
-            A::F(p.weight_decay),
-            A::I(p.first_step as i32),
-        ],
-        &items,
-    )
+    launch_multi(be, "op_sgd_mt", &sgd_args(&p), &items)
 }
 
 pub(super) fn adam_step_multi(
@@ -240,18 +241,5 @@ pub(super) fn adam_step_multi(
             ptrs: [be.p_mut(s.param)?, pg, be.p_mut(s.state)?, be.p_mut(v)?],
         });
     }
-    let (step_size, bc2_sqrt) = adam_consts(&p);
-    launch_multi(
-        be,
-        "op_adam_mt",
-        &[
-            A::F(step_size),
-            A::F(p.beta1),
-            A::F(p.beta2),
-            A::F(p.eps),
-            A::F(p.weight_decay),
-            A::F(bc2_sqrt),
-        ],
-        &items,
-    )
+    launch_multi(be, "op_adam_mt", &adam_args(&p), &items)
 }
