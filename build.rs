@@ -1,6 +1,8 @@
 //! Build script. Without feature `cuda` it does nothing. With it, every `kernels/*.cu` is compiled
 //! by nvcc into a fatbin (SASS for sm_80 and sm_90 plus compute_80 PTX for newer GPUs) and
-//! embedded into the library through `$OUT_DIR/kernels.rs` (`include_bytes!`).
+//! embedded into the library through `$OUT_DIR/kernels.rs` (`include_bytes!`). The same sources are
+//! also compiled by the host C++ compiler against `kernels/emu/` into a CPU emulation of the
+//! kernels (`MEDSSL_CUDA_EMULATE=1`), which is how the CUDA backend is tested without a GPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -90,6 +92,156 @@ fn main() {
     table.push_str("];\n");
     std::fs::write(out_dir.join("kernels.rs"), table)
         .unwrap_or_else(|e| panic!("medssl build: cannot write kernels.rs: {e}"));
+
+    build_emulator(&sources, &out_dir);
+}
+
+/// Tokens that make a kernel need fibers in the emulation (barriers and warp shuffles).
+const SYNC_TOKENS: &[&str] = &["__syncthreads", "__shfl"];
+
+/// The text from `open` (an index of `{`) to its matching `}`.
+fn braced(text: &str, open: usize) -> &str {
+    let mut depth = 0usize;
+    for (i, ch) in text[open..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[open..open + i + 1];
+                }
+            }
+            _ => {}
+        }
+    }
+    &text[open..]
+}
+
+/// `(name, body)` of every function whose definition starts with `marker` (e.g. `__global__`),
+/// named by the identifier right before the first `(` after the marker.
+fn functions<'a>(text: &'a str, marker: &str) -> Vec<(String, &'a str)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find(marker) {
+        let start = from + pos;
+        from = start + marker.len();
+        let Some(paren) = text[from..].find('(') else {
+            break;
+        };
+        let head = text[from..from + paren].trim_end();
+        let name: String = head
+            .chars()
+            .rev()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let Some(open) = text[from..].find('{') else {
+            break;
+        };
+        let body = braced(text, from + open);
+        if !name.is_empty() {
+            out.push((name, body));
+        }
+    }
+    out
+}
+
+/// Whether `body` mentions `name` as a whole identifier.
+fn mentions(body: &str, name: &str) -> bool {
+    body.match_indices(name).any(|(i, _)| {
+        let before = body[..i].chars().next_back();
+        let after = body[i + name.len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        !ident(before) && !ident(after)
+    })
+}
+
+/// Compiles every kernel file with the host C++ compiler against `kernels/emu/cuda_emu.h` into a
+/// static library with a registry of its kernels (name, typed trampoline, and whether the kernel
+/// needs fibers because it, or a device function it calls, uses a barrier or a warp shuffle).
+fn build_emulator(sources: &[PathBuf], out_dir: &Path) {
+    println!("cargo:rerun-if-changed=kernels/emu");
+    let emu_dir = Path::new("kernels/emu");
+    let common = std::fs::read_to_string("kernels/common.cuh")
+        .unwrap_or_else(|e| panic!("medssl build: cannot read kernels/common.cuh: {e}"));
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .debug(false)
+        .warnings(false)
+        .extra_warnings(false)
+        .include(emu_dir)
+        .include("kernels")
+        .file(emu_dir.join("runtime.cpp"));
+    let mut all = String::new();
+    let mut calls = String::new();
+    // The emulation's own test kernels come after the real ones.
+    let selftest = emu_dir.join("selftest.cu");
+    for src in sources.iter().chain(std::iter::once(&selftest)) {
+        let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+        let text = std::fs::read_to_string(src)
+            .unwrap_or_else(|e| panic!("medssl build: cannot read {}: {e}", src.display()));
+        // Device functions that synchronise, directly or through another one (to a fixpoint).
+        let helpers: Vec<(String, String)> = functions(&common, "__device__")
+            .into_iter()
+            .chain(functions(&text, "__device__"))
+            .map(|(n, b)| (n, b.to_string()))
+            .collect();
+        let mut syncing: Vec<String> = Vec::new();
+        loop {
+            let before = syncing.len();
+            for (name, body) in &helpers {
+                if syncing.contains(name) {
+                    continue;
+                }
+                if SYNC_TOKENS.iter().any(|t| body.contains(t))
+                    || syncing.iter().any(|s| mentions(body, s))
+                {
+                    syncing.push(name.clone());
+                }
+            }
+            if syncing.len() == before {
+                break;
+            }
+        }
+        let abs = std::fs::canonicalize(src)
+            .unwrap_or_else(|e| panic!("medssl build: {}: {e}", src.display()));
+        let mut wrapper = format!(
+            "// Generated by build.rs: kernels/{stem}.cu for the CPU emulation.\n\
+             #include \"cuda_emu.h\"\n#include {:?}\n#include \"registry.h\"\n\
+             extern \"C\" void medssl_emu_register_{stem}() {{\n",
+            abs.display().to_string()
+        );
+        for (name, body) in functions(&text, "__global__") {
+            let needs_fibers = SYNC_TOKENS.iter().any(|t| body.contains(t))
+                || syncing.iter().any(|s| mentions(body, s));
+            wrapper.push_str(&format!(
+                "    emu::reg({name:?}, &{name}, {});\n",
+                !needs_fibers
+            ));
+        }
+        wrapper.push_str("}\n");
+        let path = out_dir.join(format!("emu_{stem}.cpp"));
+        std::fs::write(&path, wrapper)
+            .unwrap_or_else(|e| panic!("medssl build: cannot write {}: {e}", path.display()));
+        build.file(&path);
+        all.push_str(&format!(
+            "extern \"C\" void medssl_emu_register_{stem}();\n"
+        ));
+        calls.push_str(&format!("    medssl_emu_register_{stem}();\n"));
+    }
+    all.push_str(&format!(
+        "extern \"C\" void medssl_emu_register_all() {{\n{calls}}}\n"
+    ));
+    let path = out_dir.join("emu_registry.cpp");
+    std::fs::write(&path, all)
+        .unwrap_or_else(|e| panic!("medssl build: cannot write {}: {e}", path.display()));
+    build.file(&path);
+    build.compile("medssl_emu");
 }
 
 /// `$NVCC`, then `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `PATH`, then the pip wheel location.

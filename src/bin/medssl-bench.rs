@@ -146,6 +146,7 @@ fn peak_mem_bytes(bk: &dyn medssl::backend::Backend) -> Option<usize> {
 fn step(a: &StepArgs) -> Result<()> {
     let dev = Device::parse(&a.device)?;
     let bk = medssl::backend::get(dev).with_context(|| format!("--device {}", a.device))?;
+    ops::warn_if_emulated(bk);
     let method: Method = a.method.parse()?;
     let cfg = ops::bench_model(
         a.channels,

@@ -396,6 +396,15 @@ impl ConvEngine {
         e
     }
 
+    /// The im2col + cuBLAS engine only (the emulated device), with the reason.
+    pub(super) fn without_cudnn(reason: &str) -> ConvEngine {
+        ConvEngine {
+            dnn: None,
+            reason: reason.into(),
+            pointwise_gemm: true,
+        }
+    }
+
     fn new_engine(stream: &Arc<CudaStream>) -> ConvEngine {
         if std::env::var("MEDSSL_CUDA_CONV").is_ok_and(|v| v == "im2col") {
             return ConvEngine {

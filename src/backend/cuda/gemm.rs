@@ -83,6 +83,9 @@ impl Gemm {
                 &[A::I(n), A::F(g.beta), A::P(c), A::P(c)],
             );
         }
+        if be.is_emulated() {
+            return super::emu::gemm(&g, a, b, c);
+        }
         let (m, n, k) = (ci(g.m)?, ci(g.n)?, ci(g.k)?);
         // Column-major view: C^T [n, m] = op(B)^T [n, k] · op(A)^T [k, m].
         let (op_b, ld_b) = if g.tb {
@@ -96,7 +99,7 @@ impl Gemm {
             (Op::CUBLAS_OP_N, k)
         };
         be.bind()?;
-        let blas = be.blas();
+        let blas = be.blas()?;
         let h = *blas.handle();
         let (alpha, beta) = (g.alpha, g.beta);
         // SAFETY: a, b, c are live device buffers on this backend's stream (the cuBLAS handle is

@@ -12,12 +12,16 @@
 //! (`LD_LIBRARY_PATH`, e.g. the `nvidia/*/lib` folders of a PyTorch pip environment, which
 //! `tools/gpu-run.sh` exports). A machine without a driver gets an error, never a panic.
 //!
+//! Without a GPU, `MEDSSL_CUDA_EMULATE=1` makes `cuda:0` a CPU emulation of the device that runs
+//! these same kernels (see [`emu`]); the CUDA parity tests use it in CI.
+//!
 //! Memory: one stream per device, so stream order alone makes buffer reuse safe. Dropping a
 //! [`CudaStorage`] returns its buffer to a per-size free list; the next allocation of the same
 //! size reuses it, so a steady-state training loop never calls `cuMemAlloc`.
 
 mod conv;
 mod elementwise;
+pub mod emu;
 mod fusion;
 mod gemm;
 mod norm;
@@ -68,8 +72,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// queued can be handed out again at once: its next use is ordered after them.
 pub(crate) struct Pool {
     ordinal: usize,
-    stream: Arc<CudaStream>,
-    free: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    /// `None` on the emulated device (buffers are host memory).
+    stream: Option<Arc<CudaStream>>,
+    free: Mutex<HashMap<usize, Vec<Buf>>>,
     allocs: AtomicUsize,
     reuses: AtomicUsize,
     /// Bytes handed out and not yet given back, and the most seen since the last reset.
@@ -104,7 +109,7 @@ impl Pool {
         });
     }
 
-    fn take(&self, len: usize) -> Result<CudaSlice<f32>> {
+    fn take(&self, len: usize) -> Result<Buf> {
         let s = self.take_untracked(len)?;
         let bytes = s.len() * 4;
         let now = self.in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -112,45 +117,70 @@ impl Pool {
         Ok(s)
     }
 
-    fn take_untracked(&self, len: usize) -> Result<CudaSlice<f32>> {
+    fn take_untracked(&self, len: usize) -> Result<Buf> {
         let len = len.max(1);
-        if let Some(s) = lock(&self.free).get_mut(&len).and_then(|v| v.pop()) {
+        if let Some(mut s) = lock(&self.free).get_mut(&len).and_then(|v| v.pop()) {
             self.count(false);
+            if let Buf::Emu(h) = &mut s {
+                h.poison();
+            }
             return Ok(s);
         }
         self.count(true);
+        let Some(stream) = &self.stream else {
+            return Ok(Buf::Emu(emu::HostBuf::new(len)));
+        };
         // SAFETY: the buffer is uninitialised f32 memory; every op writes its outputs fully
         // before they are read (or zero-fills them explicitly).
-        match unsafe { self.stream.alloc::<f32>(len) } {
-            Ok(s) => Ok(s),
+        match unsafe { stream.alloc::<f32>(len) } {
+            Ok(s) => Ok(Buf::Dev(s)),
             Err(_) => {
                 // Out of memory (or fragmentation): give the cached buffers back and retry once.
                 self.trim();
-                unsafe { self.stream.alloc::<f32>(len) }.map_err(cuda_err(&format!(
-                    "allocating {} bytes of device memory",
-                    len * 4
-                )))
+                unsafe { stream.alloc::<f32>(len) }
+                    .map(Buf::Dev)
+                    .map_err(cuda_err(&format!(
+                        "allocating {} bytes of device memory",
+                        len * 4
+                    )))
             }
         }
     }
 
-    fn give(&self, s: CudaSlice<f32>) {
+    fn give(&self, s: Buf) {
         self.in_use.fetch_sub(s.len() * 4, Ordering::Relaxed);
         lock(&self.free).entry(s.len()).or_default().push(s);
     }
 
     /// Frees every cached buffer.
     fn trim(&self) {
-        let drained: Vec<CudaSlice<f32>> = lock(&self.free).drain().flat_map(|(_, v)| v).collect();
-        let _ = self.stream.context().bind_to_thread();
+        let drained: Vec<Buf> = lock(&self.free).drain().flat_map(|(_, v)| v).collect();
+        if let Some(stream) = &self.stream {
+            let _ = stream.context().bind_to_thread();
+        }
         drop(drained);
+    }
+}
+
+/// One buffer: device memory, or host memory standing in for it on the emulated device.
+pub(crate) enum Buf {
+    Dev(CudaSlice<f32>),
+    Emu(emu::HostBuf),
+}
+
+impl Buf {
+    fn len(&self) -> usize {
+        match self {
+            Buf::Dev(s) => s.len(),
+            Buf::Emu(h) => h.len(),
+        }
     }
 }
 
 /// Device memory of a CUDA tensor: a pooled `f32` buffer on one device. Dropping it returns the
 /// buffer to the device's caching allocator.
 pub struct CudaStorage {
-    slice: Option<CudaSlice<f32>>,
+    slice: Option<Buf>,
     len: usize,
     ordinal: usize,
     pool: Arc<Pool>,
@@ -170,11 +200,20 @@ impl CudaStorage {
     }
     /// Raw device address, for kernel arguments and library calls on the owning stream.
     pub(crate) fn ptr(&self) -> u64 {
-        let s = self.slice.as_ref().expect("live CudaStorage has a buffer");
-        // Event tracking is disabled for our contexts (single stream), so the returned guard
-        // records nothing.
-        let (p, _guard) = s.device_ptr(&self.pool.stream);
-        p
+        match self.slice.as_ref().expect("live CudaStorage has a buffer") {
+            Buf::Dev(s) => {
+                let stream = self
+                    .pool
+                    .stream
+                    .as_ref()
+                    .expect("device buffers have a stream");
+                // Event tracking is disabled for our contexts (single stream), so the returned
+                // guard records nothing.
+                let (p, _guard) = s.device_ptr(stream);
+                p
+            }
+            Buf::Emu(h) => h.addr(),
+        }
     }
 }
 
@@ -252,24 +291,39 @@ pub(crate) fn ci(n: usize) -> Result<i32> {
 /// The CUDA backend of one device (created once per ordinal and kept for the process).
 pub struct CudaBackend {
     ordinal: usize,
+    /// The driver objects; `None` on the emulated device ([`emu`]).
+    drv: Option<Driver>,
+    pool: Arc<Pool>,
+    conv: conv::ConvEngine,
+}
+
+/// What a real device needs: context, stream, kernel modules, cuBLAS.
+struct Driver {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    pool: Arc<Pool>,
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: Mutex<cudarc::cublas::CudaBlas>,
-    conv: conv::ConvEngine,
 }
 
 static BACKENDS: OnceLock<Mutex<HashMap<usize, &'static CudaBackend>>> = OnceLock::new();
 
-/// True when a CUDA driver library is present and reports at least one device. Never panics.
+/// True when a CUDA driver library is present and reports at least one device, or when the
+/// emulation is on (`MEDSSL_CUDA_EMULATE=1`). Never panics.
 pub fn is_available() -> bool {
     device_count().map(|n| n > 0).unwrap_or(false)
 }
 
-/// Number of CUDA devices, or an error naming what is missing.
+/// Whether `cuda:N` is the CPU emulation of the device (`MEDSSL_CUDA_EMULATE=1`).
+pub fn is_emulated() -> bool {
+    emu::enabled()
+}
+
+/// Number of CUDA devices (1 under the emulation), or an error naming what is missing.
 pub fn device_count() -> Result<usize> {
+    if emu::enabled() {
+        return Ok(1);
+    }
     // SAFETY: only probes whether the shared library can be opened.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::Cuda(
@@ -315,6 +369,9 @@ impl CudaBackend {
                 "device cuda:{ordinal} requested but {count} CUDA device(s) are visible"
             )));
         }
+        if emu::enabled() {
+            return Ok(Self::create_emulated(ordinal));
+        }
         // cudarc panics when a library or symbol cannot be loaded; turn that into an error.
         match catch_unwind(AssertUnwindSafe(|| Self::create_inner(ordinal))) {
             Ok(r) => r,
@@ -330,6 +387,23 @@ impl CudaBackend {
                      tools/gpu-run.sh sets this up)"
                 )))
             }
+        }
+    }
+
+    fn create_emulated(ordinal: usize) -> CudaBackend {
+        CudaBackend {
+            ordinal,
+            drv: None,
+            pool: Arc::new(Pool {
+                ordinal,
+                stream: None,
+                free: Mutex::new(HashMap::new()),
+                allocs: AtomicUsize::new(0),
+                reuses: AtomicUsize::new(0),
+                in_use: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
+            conv: conv::ConvEngine::without_cudnn("CPU emulation: cuDNN is not emulated"),
         }
     }
 
@@ -377,7 +451,7 @@ impl CudaBackend {
             .map_err(cuda_err("setting the cuBLAS math mode"))?;
         let pool = Arc::new(Pool {
             ordinal,
-            stream: stream.clone(),
+            stream: Some(stream.clone()),
             free: Mutex::new(HashMap::new()),
             allocs: AtomicUsize::new(0),
             reuses: AtomicUsize::new(0),
@@ -387,12 +461,14 @@ impl CudaBackend {
         let conv = conv::ConvEngine::new(&stream);
         Ok(CudaBackend {
             ordinal,
-            ctx,
-            stream,
+            drv: Some(Driver {
+                ctx,
+                stream,
+                modules,
+                funcs: Mutex::new(HashMap::new()),
+                blas: Mutex::new(blas),
+            }),
             pool,
-            modules,
-            funcs: Mutex::new(HashMap::new()),
-            blas: Mutex::new(blas),
             conv,
         })
     }
@@ -424,23 +500,35 @@ impl CudaBackend {
 
     /// The GPU's name as the driver reports it.
     pub fn device_name(&self) -> String {
-        self.ctx.name().unwrap_or_else(|_| "unknown".into())
+        match &self.drv {
+            Some(d) => d.ctx.name().unwrap_or_else(|_| "unknown".into()),
+            None => "CPU emulation of the CUDA kernels (MEDSSL_CUDA_EMULATE=1)".into(),
+        }
+    }
+
+    /// Whether this backend is the CPU emulation rather than a GPU.
+    pub fn is_emulated(&self) -> bool {
+        self.drv.is_none()
     }
 
     // ---- helpers for the op families ----
 
     pub(crate) fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))
+        match &self.drv {
+            Some(d) => d
+                .ctx
+                .bind_to_thread()
+                .map_err(cuda_err("binding the CUDA context")),
+            None => Ok(()),
+        }
     }
 
-    fn func(&self, name: &'static str) -> Result<CudaFunction> {
-        let mut funcs = lock(&self.funcs);
+    fn func(d: &Driver, name: &'static str) -> Result<CudaFunction> {
+        let mut funcs = lock(&d.funcs);
         if let Some(f) = funcs.get(name) {
             return Ok(f.clone());
         }
-        for (_, m) in &self.modules {
+        for (_, m) in &d.modules {
             if let Ok(f) = m.load_function(name) {
                 funcs.insert(name, f.clone());
                 return Ok(f);
@@ -453,8 +541,11 @@ impl CudaBackend {
 
     /// Launches kernel `name` on this device's stream.
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
-        let f = self.func(name)?;
-        let mut b = self.stream.launch_builder(&f);
+        let Some(d) = &self.drv else {
+            return emu::launch(name, &cfg, args, None);
+        };
+        let f = Self::func(d, name)?;
+        let mut b = d.stream.launch_builder(&f);
         for a in args {
             match a {
                 A::P(p) => b.arg(p),
@@ -477,8 +568,12 @@ impl CudaBackend {
         args: &[A],
         table: &T,
     ) -> Result<()> {
-        let f = self.func(name)?;
-        let mut b = self.stream.launch_builder(&f);
+        let Some(d) = &self.drv else {
+            let p = (table as *const T).cast::<std::ffi::c_void>();
+            return emu::launch(name, &cfg, args, Some((p, std::mem::size_of::<T>())));
+        };
+        let f = Self::func(d, name)?;
+        let mut b = d.stream.launch_builder(&f);
         for a in args {
             match a {
                 A::P(p) => b.arg(p),
@@ -512,11 +607,9 @@ impl CudaBackend {
 
     /// A new zero-filled tensor.
     pub(crate) fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        let mut s = self.buffer(numel(shape))?;
-        let slice = s.slice.as_mut().expect("fresh buffer");
-        self.stream
-            .memset_zeros(slice)
-            .map_err(cuda_err("zero-filling a buffer"))?;
+        let n = numel(shape);
+        let mut s = self.buffer(n)?;
+        self.write(&mut s, &[], n)?;
         Ok(Tensor::from_storage(Storage::Cuda(s), shape))
     }
 
@@ -570,23 +663,56 @@ impl CudaBackend {
         // copy is a byte copy, no float conversion happens.
         let bits: &[f32] = bytemuck::cast_slice(&ints);
         let mut s = self.buffer(bits.len())?;
-        if !bits.is_empty() {
-            let slice = s.slice.as_mut().expect("fresh buffer");
-            self.stream
-                .memcpy_htod(bits, slice)
-                .map_err(cuda_err("uploading labels"))?;
-        }
+        self.write(&mut s, bits, bits.len())?;
         Ok(s)
     }
 
-    pub(crate) fn blas(&self) -> MutexGuard<'_, cudarc::cublas::CudaBlas> {
-        lock(&self.blas)
+    /// Copies `data` into the start of `s`, or zero-fills its first `zeros` elements when `data`
+    /// is empty (stream ordered).
+    fn write(&self, s: &mut CudaStorage, data: &[f32], zeros: usize) -> Result<()> {
+        let buf = s.slice.as_mut().expect("fresh buffer");
+        match (buf, &self.drv) {
+            (Buf::Dev(slice), Some(d)) if data.is_empty() => d
+                .stream
+                .memset_zeros(slice)
+                .map_err(cuda_err("zero-filling a buffer")),
+            (Buf::Dev(slice), Some(d)) => d
+                .stream
+                .memcpy_htod(data, slice)
+                .map_err(cuda_err("host-to-device copy")),
+            (Buf::Emu(h), None) if data.is_empty() => {
+                h.write(0, &vec![0.0; zeros]);
+                Ok(())
+            }
+            (Buf::Emu(h), None) => {
+                h.write(0, data);
+                Ok(())
+            }
+            _ => Err(Error::Cuda(
+                "a buffer of the emulated device met a real one (or the reverse)".into(),
+            )),
+        }
+    }
+
+    /// The cuBLAS handle (real devices only; the emulation runs GEMMs on the CPU).
+    pub(crate) fn blas(&self) -> Result<MutexGuard<'_, cudarc::cublas::CudaBlas>> {
+        match &self.drv {
+            Some(d) => Ok(lock(&d.blas)),
+            None => Err(Error::Cuda(
+                "cuBLAS is not available on the emulated device".into(),
+            )),
+        }
     }
 }
 
 impl Backend for CudaBackend {
     fn name(&self) -> String {
-        format!("cuda:{}", self.ordinal)
+        if self.is_emulated() {
+            // Reports and benchmark files must never pass emulated timings off as a GPU's.
+            format!("cuda:{} (CPU emulation)", self.ordinal)
+        } else {
+            format!("cuda:{}", self.ordinal)
+        }
     }
     fn device(&self) -> Device {
         Device::Cuda(self.ordinal)
@@ -601,10 +727,7 @@ impl Backend for CudaBackend {
         }
         let mut s = self.buffer(data.len())?;
         if !data.is_empty() {
-            let slice = s.slice.as_mut().expect("fresh buffer");
-            self.stream
-                .memcpy_htod(data, slice)
-                .map_err(cuda_err("host-to-device copy"))?;
+            self.write(&mut s, data, 0)?;
         }
         Ok(Tensor::from_storage(Storage::Cuda(s), shape))
     }
@@ -613,10 +736,18 @@ impl Backend for CudaBackend {
         let n = t.numel();
         let mut out = vec![0.0f32; n];
         if n > 0 {
-            let slice = s.slice.as_ref().expect("live buffer");
-            self.stream
-                .memcpy_dtoh(&slice.slice(0..n), &mut out)
-                .map_err(cuda_err("device-to-host copy"))?;
+            match (s.slice.as_ref().expect("live buffer"), &self.drv) {
+                (Buf::Dev(slice), Some(d)) => d
+                    .stream
+                    .memcpy_dtoh(&slice.slice(0..n), &mut out)
+                    .map_err(cuda_err("device-to-host copy"))?,
+                (Buf::Emu(h), None) => h.read(&mut out),
+                _ => {
+                    return Err(Error::Cuda(
+                        "a buffer of the emulated device met a real one (or the reverse)".into(),
+                    ))
+                }
+            }
         }
         self.synchronize()?;
         Ok(out)
@@ -630,9 +761,13 @@ impl Backend for CudaBackend {
         Ok(y)
     }
     fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(cuda_err("synchronising the stream"))
+        match &self.drv {
+            Some(d) => d
+                .stream
+                .synchronize()
+                .map_err(cuda_err("synchronising the stream")),
+            None => Ok(()),
+        }
     }
     fn memory_peak(&self) -> Option<usize> {
         Some(self.pool.peak.load(Ordering::Relaxed))

@@ -930,9 +930,22 @@ pub fn bench_model(
     }
 }
 
+/// Says loudly when the device is the CPU emulation of the CUDA backend (its name, which every
+/// result file records, says so too).
+pub fn warn_if_emulated(bk: &dyn Backend) {
+    if bk.name().contains("emulation") {
+        eprintln!(
+            "medssl-bench: WARNING: {} runs the CUDA kernels on the CPU (MEDSSL_CUDA_EMULATE=1); \
+             its timings say nothing about a GPU",
+            bk.name()
+        );
+    }
+}
+
 pub fn run(a: &OpsArgs) -> Result<()> {
     let dev = Device::parse(&a.device)?;
     let bk = medssl::backend::get(dev).with_context(|| format!("--device {}", a.device))?;
+    warn_if_emulated(bk);
     if a.batch == 0 || a.width == 0 || a.image_size == 0 {
         bail!("--batch, --width and --image-size must be positive");
     }

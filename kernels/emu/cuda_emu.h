@@ -1,0 +1,93 @@
+// CPU emulation of the CUDA subset used by kernels/*.cu, so that the very same kernel source can
+// be compiled by a host C++ compiler and run against the CPU reference where no GPU exists
+// (MEDSSL_CUDA_EMULATE=1; see src/backend/cuda/emu.rs).
+//
+// Model: the blocks of a launch run one after another on the calling OS thread. Within a block,
+// every CUDA thread is a fiber (its own stack; see runtime.cpp) that runs until it reaches
+// a barrier: `__syncthreads()` waits for every live thread of the block, and a warp shuffle waits
+// for the 32 lanes of its warp, so reductions behave as on the device. Kernels that use neither
+// run thread after thread without fibers (the build script marks them). `__shared__` variables
+// are `static thread_local`: one copy per OS thread, which is one copy per running block.
+//
+// What it checks beyond the arithmetic: a barrier reached by only part of a block (deadlock), a
+// full-mask shuffle in a warp with fewer than 32 live lanes, and a barrier in a kernel the build
+// script classified as barrier-free are errors reported to the launch, never silent.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <cmath>
+
+#define __global__
+#define __device__ static
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __shared__ static thread_local
+#define __restrict__ __restrict
+
+struct uint3 {
+    unsigned x, y, z;
+};
+typedef uint3 dim3;
+
+namespace emu {
+
+// The state of the CUDA thread that is running now (fiber or direct).
+struct Thread {
+    uint3 tid;
+};
+
+extern thread_local Thread* cur_thread;
+extern thread_local uint3 cur_block_idx;
+extern thread_local uint3 cur_block_dim;
+extern thread_local uint3 cur_grid_dim;
+
+void syncthreads();
+// Exchanges 4 bytes with the lane `lane ^ lane_mask` of the same warp.
+uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask);
+
+}  // namespace emu
+
+#define threadIdx (::emu::cur_thread->tid)
+#define blockIdx (::emu::cur_block_idx)
+#define blockDim (::emu::cur_block_dim)
+#define gridDim (::emu::cur_grid_dim)
+
+static inline void __syncthreads() { ::emu::syncthreads(); }
+
+static inline float __shfl_xor_sync(unsigned mask, float v, int lane_mask, int width = 32) {
+    (void)width;
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    b = ::emu::shfl_xor_bits(mask, b, lane_mask);
+    float r;
+    memcpy(&r, &b, 4);
+    return r;
+}
+
+static inline int __shfl_xor_sync(unsigned mask, int v, int lane_mask, int width = 32) {
+    (void)width;
+    return (int)::emu::shfl_xor_bits(mask, (uint32_t)v, lane_mask);
+}
+
+static inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask, int width = 32) {
+    (void)width;
+    return ::emu::shfl_xor_bits(mask, v, lane_mask);
+}
+
+// The integer and float min/max overloads that device code gets from the CUDA headers.
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+static inline long long min(long long a, long long b) { return a < b ? a : b; }
+static inline long long max(long long a, long long b) { return a > b ? a : b; }
+static inline float min(float a, float b) { return fminf(a, b); }
+static inline float max(float a, float b) { return fmaxf(a, b); }
+
+static inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+static inline float __fdividef(float a, float b) { return a / b; }
