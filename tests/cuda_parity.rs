@@ -980,3 +980,92 @@ fn queue_concat_and_ring_write() {
     let (_, src) = rand_pair(g, &mut rng, &[3, 3], 1.0);
     assert!(g.ring_write_rows(&mut ring, &src, 0).is_err());
 }
+
+/// Whole training steps (forward, losses, backward, multi-tensor Adam, EMA, queue, DSR meta
+/// weights) on both backends from the same initialisation and batches: every loss term, the mean
+/// DSR weight and the pseudo-labels agree step by step, for each method and DSR balancing mode.
+#[test]
+fn training_steps_match_cpu() {
+    use medssl::nn::ModelConfig;
+    use medssl::optim::OptimKind;
+    use medssl::ssl::{Batch, DsrBalance, DsrMode};
+    use medssl::tensor::Device;
+    use medssl::train::step::{train_step, Method, StepConfig, TrainState};
+
+    let Some(g) = gpu() else { return };
+    let model = ModelConfig {
+        in_ch: 3,
+        width: 8,
+        d: 16,
+        emb: 16,
+        classes: 7,
+        small_stem: true,
+        fusion: true,
+    };
+    let (bl, bu, hw, steps) = (4usize, 8usize, 20usize, 3);
+    let mut rng = Rng::new(11);
+    // (labelled images, labels, weak views, strong views) per step.
+    type HostBatch = (Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>);
+    let batches: Vec<HostBatch> = (0..steps)
+        .map(|_| {
+            (
+                rng.vec(bl * 3 * hw * hw, 1.0),
+                rng.labels(bl, 7),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+            )
+        })
+        .collect();
+    let unl_idx: Vec<usize> = (0..bu).collect();
+    let cases = [
+        (Method::Dsrpgc, DsrBalance::Off),
+        (Method::Dsrpgc, DsrBalance::Align),
+        (Method::MeanTeacher, DsrBalance::Off),
+        (Method::Supervised, DsrBalance::Off),
+    ];
+    for (method, balance) in cases {
+        let scfg = StepConfig {
+            method,
+            dsr: DsrMode::Both,
+            balance,
+            ramp_steps: 2,
+            ..Default::default()
+        };
+        let run = |bk: &dyn Backend, dev: Device| {
+            let mut st = TrainState::new(model, 3, dev, OptimKind::adam(), 5e-4, 16, bu).unwrap();
+            let mut out = Vec::new();
+            for (xl, yl, uw, us) in &batches {
+                let batch = Batch {
+                    x_lab: bk.from_host(xl, &[bl, 3, hw, hw]).unwrap(),
+                    y_lab: yl.clone(),
+                    u_weak: bk.from_host(uw, &[bu, 3, hw, hw]).unwrap(),
+                    u_strong: bk.from_host(us, &[bu, 3, hw, hw]).unwrap(),
+                };
+                out.push(train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3).unwrap());
+            }
+            out
+        };
+        let want = run(cpu(), Device::Cpu);
+        let got = run(g, g.device());
+        for (s, (c, d)) in want.iter().zip(&got).enumerate() {
+            let what = format!("{method:?}/{balance:?} step {s}");
+            for (name, a, b) in [
+                ("loss", c.loss, d.loss),
+                ("loss_sup", c.loss_sup, d.loss_sup),
+                ("loss_cons", c.loss_cons, d.loss_cons),
+                ("loss_pgc", c.loss_pgc, d.loss_pgc),
+                ("mean_weight", c.mean_weight, d.mean_weight),
+            ] {
+                assert!(
+                    (a - b).abs() <= 1e-5 + 2e-3 * a.abs(),
+                    "{what}: {name} cpu {a} cuda {b}"
+                );
+            }
+            assert_eq!(c.pseudo_labels, d.pseudo_labels, "{what}: pseudo-labels");
+            println!(
+                "{what}: loss cpu {} cuda {} (sup {} cons {} pgc {})",
+                c.loss, d.loss, d.loss_sup, d.loss_cons, d.loss_pgc
+            );
+        }
+    }
+}
