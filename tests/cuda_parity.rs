@@ -1069,3 +1069,147 @@ fn training_steps_match_cpu() {
         }
     }
 }
+
+/// A training run on CUDA (the library's run loop: loader, steps, checkpoints on the device):
+/// resuming it reproduces the uninterrupted run, and its checkpoint gives the same test metrics
+/// and class probabilities with `medssl eval` / `medssl predict` on the CPU as on CUDA.
+#[test]
+fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
+    use medssl::train::checkpoint;
+    use medssl::train::config::TrainConfig;
+    use medssl::train::run::{train, Outcome, RunOptions};
+    use std::path::Path;
+    use std::process::Command;
+
+    let Some(_) = gpu() else { return };
+    let data = "../shared/data/pneumoniamnist";
+    let cfg = || {
+        let sets: Vec<String> = [
+            format!("data={data}"),
+            "device=cuda".into(),
+            "width=4".into(),
+            "fusion_dim=8".into(),
+            "emb=8".into(),
+            "batch_labeled=4".into(),
+            "batch_unlabeled=8".into(),
+            "queue=64".into(),
+            "epochs=2".into(),
+            "workers=1".into(),
+        ]
+        .to_vec();
+        TrainConfig::resolve("fast", None, &sets).unwrap()
+    };
+    let opts = |out: &Path, resume: bool, max_steps: u64| RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        max_steps,
+        no_eval: true,
+        quiet: true,
+    };
+    let tmp = |name: &str| {
+        let d = std::env::temp_dir().join(format!("medssl-cuda-run-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let (a, b) = (tmp("straight"), tmp("resumed"));
+    assert_eq!(
+        train(cfg(), &opts(&a, false, 5)).unwrap().0,
+        Outcome::StepLimit
+    );
+    assert_eq!(
+        train(cfg(), &opts(&b, false, 2)).unwrap().0,
+        Outcome::StepLimit
+    );
+    assert_eq!(
+        train(cfg(), &opts(&b, true, 5)).unwrap().0,
+        Outcome::StepLimit
+    );
+    let load = |d: &Path| {
+        let mut v: Vec<(String, Vec<f32>)> = checkpoint::load(&d.join("last.safetensors"))
+            .unwrap()
+            .tensors
+            .into_iter()
+            .map(|(k, (v, _))| (k, v))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (ta, tb) = (load(&a), load(&b));
+    assert_eq!(ta.len(), tb.len());
+    let mut worst = 0.0f32;
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        for (x, y) in va.iter().zip(vb) {
+            worst = worst.max((x - y).abs());
+        }
+    }
+    println!(
+        "straight vs resumed CUDA run: max |difference| {worst:e} over {} tensors",
+        ta.len()
+    );
+    // The emulation is deterministic to the bit; on a GPU every kernel and the chosen cuDNN
+    // algorithms are deterministic too, so the same holds there.
+    assert_eq!(worst, 0.0, "resuming a CUDA run changed the result");
+
+    let bin = env!("CARGO_BIN_EXE_medssl");
+    let ck = a.join("last.safetensors");
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(bin).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let eval = |device: &str| {
+        run(&[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--split",
+            "test",
+            "--json",
+            "--device",
+            device,
+        ])
+    };
+    let (ec, eg) = (eval("cpu"), eval("cuda"));
+    for m in ["macro_auc", "balanced_accuracy", "accuracy", "macro_f1"] {
+        let (x, y) = (
+            ec["metrics"][m].as_f64().unwrap(),
+            eg["metrics"][m].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() <= 1e-4, "test {m}: cpu {x} cuda {y}");
+    }
+    println!(
+        "test macro-AUC of the CUDA-trained checkpoint: cpu {} cuda {}",
+        ec["metrics"]["macro_auc"], eg["metrics"]["macro_auc"]
+    );
+    let png = a.join("x.png");
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 3) % 256) as u8]))
+        .save(&png)
+        .unwrap();
+    let predict = |device: &str| {
+        run(&[
+            "predict",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--device",
+            device,
+            png.to_str().unwrap(),
+        ])
+    };
+    let (pc, pg) = (predict("cpu"), predict("cuda"));
+    let (pc, pg) = (
+        pc[0]["probabilities"].as_object().unwrap().clone(),
+        pg[0]["probabilities"].as_object().unwrap().clone(),
+    );
+    assert_eq!(pc.len(), 2);
+    for (k, v) in &pc {
+        let (x, y) = (v.as_f64().unwrap(), pg[k].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5, "predict {k}: cpu {x} cuda {y}");
+    }
+    let _ = std::fs::remove_dir_all(a);
+    let _ = std::fs::remove_dir_all(b);
+}
