@@ -1082,7 +1082,10 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     use std::process::Command;
 
     let Some(_) = gpu() else { return };
-    let data = "../shared/data/pneumoniamnist";
+    // Packed for a GPU node (tools/gpu-pack.sh), this executable finds the data and the medssl
+    // binary through these variables, which tools/gpu-run.sh sets.
+    let root = std::env::var("MEDSSL_TEST_DATA").unwrap_or_else(|_| "../shared/data".into());
+    let data = format!("{root}/pneumoniamnist");
     let cfg = || {
         let sets: Vec<String> = [
             format!("data={data}"),
@@ -1151,10 +1154,10 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     // algorithms are deterministic too, so the same holds there.
     assert_eq!(worst, 0.0, "resuming a CUDA run changed the result");
 
-    let bin = env!("CARGO_BIN_EXE_medssl");
+    let bin = std::env::var("MEDSSL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_medssl").into());
     let ck = a.join("last.safetensors");
     let run = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(bin).args(args).output().unwrap();
+        let out = Command::new(&bin).args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{}",

@@ -174,6 +174,8 @@ else
     export MEDSSL_GOLDEN="$HERE/golden"
     # The CUDA backend reports each convolution shape's cuDNN algorithm choice on stderr (logs/).
     export MEDSSL_CUDNN_LOG="${MEDSSL_CUDNN_LOG:-1}"
+    # The CUDA training-run test needs a dataset and the medssl binary from this folder.
+    export MEDSSL_TEST_DATA="$HERE/data" MEDSSL_BIN="$HERE/bin/medssl"
     for t in "$HERE"/tests/*; do
         [ -x "$t" ] || continue
         name="test_$(basename "$t")"
