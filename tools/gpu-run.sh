@@ -10,6 +10,15 @@
 # driver. Every step runs under a timeout, its output goes to OUTDIR/logs/<step>.log, and its rc
 # is recorded; one failing step never stops the others. OUTDIR/summary.json collects everything.
 #
+# Rehearsal without a GPU (checks the packed folder and this script before spending device time;
+# about 2 minutes): the CPU emulation of the device with tiny workloads, e.g.
+#   MEDSSL_CUDA_EMULATE=1 PEER_CONFIGS= BENCH_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 \
+#     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
+#     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
+#     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
+#     --no-eval --set width=4 --out /tmp/rehearsal/train" bash .gpu/gpu-run.sh /tmp/rehearsal
+# (every device name in the results then reads "cuda:0 (CPU emulation)").
+#
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS (|-separated flag

@@ -360,7 +360,10 @@ fn predict(checkpoint: &std::path::Path, images: &[PathBuf], device: &str) -> Re
 
 fn conformance(dir: &std::path::Path, device: &str, json: bool) -> Result<bool> {
     let dev = Device::parse(device)?;
-    medssl::backend::get(dev).with_context(|| format!("--device {device}"))?;
+    // The backend's own name: it says when `cuda` is the CPU emulation.
+    let dev_name = medssl::backend::get(dev)
+        .with_context(|| format!("--device {device}"))?
+        .name();
     let files = golden::case_files(dir)?;
     if files.is_empty() {
         bail!("{}: no *.safetensors case found", dir.display());
@@ -403,10 +406,10 @@ fn conformance(dir: &std::path::Path, device: &str, json: bool) -> Result<bool> 
     if json {
         println!(
             "{}",
-            serde_json::json!({"summary": true, "device": dev.to_string(), "passed": passed, "failed": failed})
+            serde_json::json!({"summary": true, "device": dev_name, "passed": passed, "failed": failed})
         );
     }
-    println!("{passed} passed, {failed} failed");
+    println!("{passed} passed, {failed} failed on {dev_name}");
     Ok(failed == 0)
 }
 
