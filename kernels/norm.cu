@@ -8,9 +8,13 @@
 
 // Batch statistics: mean, invstd = 1/sqrt(var_biased + eps), var_unbiased = var_biased*M/(M-1)
 // (M = N*HW; M == 1 gives var_unbiased = 0 rather than NaN). Two passes over the channel (mean
-// first, then squared deviations) for accuracy.
+// first, then squared deviations) for accuracy. When rm_out is not null, also PyTorch's running
+// statistics update rm_out = (1-m)*rm + m*mean, rv_out = (1-m)*rv + m*var_unbiased (saves the two
+// elementwise launches per layer that would otherwise follow).
 extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float* x, float* mean,
-                                    float* invstd, float* var_unbiased) {
+                                    float* invstd, float* var_unbiased, float momentum,
+                                    const float* rm, const float* rv, float* rm_out,
+                                    float* rv_out) {
     const int c = blockIdx.x;
     const int M = N * HW;
     float s = 0.f;
@@ -29,7 +33,12 @@ extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float
     if (threadIdx.x == 0) {
         mean[c] = mu;
         invstd[c] = 1.f / sqrtf(var + eps);
-        var_unbiased[c] = M > 1 ? var * (float)M / (float)(M - 1) : 0.f;
+        const float vu = M > 1 ? var * (float)M / (float)(M - 1) : 0.f;
+        var_unbiased[c] = vu;
+        if (rm_out) {
+            rm_out[c] = (1.f - momentum) * rm[c] + momentum * mu;
+            rv_out[c] = (1.f - momentum) * rv[c] + momentum * vu;
+        }
     }
 }
 

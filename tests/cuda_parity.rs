@@ -482,6 +482,18 @@ fn batch_norm_train_and_eval() {
 
         let (rmc, rmg) = rand_pair(g, &mut rng, &[c], 0.5);
         let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
+        // The forward pass with the running-statistics update (fused into the statistics kernel
+        // on CUDA): same outputs, and the updated running mean and variance.
+        let (oc2, rmc2, rvc2) = cpu()
+            .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1)
+            .unwrap();
+        let (og2, rmg2, rvg2) = g
+            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1)
+            .unwrap();
+        close("bn_train_running y", &og2.y, &oc2.y, 1e-4, 1e-4);
+        close("bn_train_running y = bn_train y", &og2.y, &og.y, 0.0, 0.0);
+        close("bn running_mean", &rmg2, &rmc2, 1e-4, 1e-5);
+        close("bn running_var", &rvg2, &rvc2, 1e-4, 1e-5);
         close(
             "bn_eval y",
             &g.batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5)

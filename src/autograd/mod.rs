@@ -8,7 +8,7 @@
 //! persistent per-leaf buffers (accumulation across several `backward` calls). Inside
 //! [`Graph::no_grad`] nothing is recorded.
 
-use crate::backend::{Backend, ConvParams, PoolParams};
+use crate::backend::{Backend, BnTrainOut, ConvParams, PoolParams};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -374,9 +374,47 @@ impl Graph {
         beta: Var,
         eps: f32,
     ) -> Result<(Var, Tensor, Tensor)> {
+        let bk = be(self.value(x))?;
+        let o = bk.batch_norm_train_fwd(self.value(x), self.value(gamma), self.value(beta), eps)?;
+        Ok(self.push_batch_norm_train(bk, (x, gamma, beta), o))
+    }
+
+    /// Train-mode batch norm that also returns the updated running statistics
+    /// `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer does.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_train_running(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f32,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f32,
+    ) -> Result<(Var, Tensor, Tensor)> {
+        let bk = be(self.value(x))?;
+        let (o, rm, rv) = bk.batch_norm_train_fwd_running(
+            self.value(x),
+            self.value(gamma),
+            self.value(beta),
+            eps,
+            running_mean,
+            running_var,
+            momentum,
+        )?;
+        let (y, _, _) = self.push_batch_norm_train(bk, (x, gamma, beta), o);
+        Ok((y, rm, rv))
+    }
+
+    /// Records a train-mode batch-norm forward `o` of `x` computed by `bk` (its backward uses the
+    /// batch statistics); returns the output and `(mean, unbiased variance)`.
+    fn push_batch_norm_train(
+        &mut self,
+        bk: &'static dyn Backend,
+        (x, gamma, beta): (Var, Var, Var),
+        o: BnTrainOut,
+    ) -> (Var, Tensor, Tensor) {
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
-        let bk = be(&xt)?;
-        let o = bk.batch_norm_train_fwd(&xt, &gt, self.value(beta), eps)?;
         let (mean, invstd) = (o.mean.clone(), o.invstd.clone());
         let y = self.push(
             o.y,
@@ -386,7 +424,7 @@ impl Graph {
                 Ok(vec![Some(gx), Some(gg), Some(gb)])
             }),
         );
-        Ok((y, o.mean, o.var_unbiased))
+        (y, o.mean, o.var_unbiased)
     }
 
     /// Eval-mode batch norm with running statistics (constants).

@@ -178,6 +178,27 @@ pub trait Backend: Send + Sync {
         beta: &Tensor,
         eps: f32,
     ) -> Result<BnTrainOut>;
+    /// [`Backend::batch_norm_train_fwd`] plus PyTorch's running-statistics update, returned as new
+    /// tensors: `(1 − m)·running_mean + m·μ` and `(1 − m)·running_var + m·σ²_unbiased`. The
+    /// default is the forward pass and two `axpby`; the CUDA backend does the update inside its
+    /// statistics kernel (two launches fewer per layer).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_fwd_running(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f32,
+    ) -> Result<(BnTrainOut, Tensor, Tensor)> {
+        let o = self.batch_norm_train_fwd(x, gamma, beta, eps)?;
+        let m = momentum;
+        let rm = self.axpby(1.0 - m, running_mean, m, &o.mean)?;
+        let rv = self.axpby(1.0 - m, running_var, m, &o.var_unbiased)?;
+        Ok((o, rm, rv))
+    }
     /// Gradients `(gx, gγ, gβ)` of the train-mode forward (batch statistics depend on x).
     fn batch_norm_train_bwd(
         &self,

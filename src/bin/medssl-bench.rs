@@ -134,6 +134,42 @@ fn reset_peak_mem(bk: &dyn medssl::backend::Backend) -> &'static str {
     }
 }
 
+/// The CUDA backend of `dev` (`None` on the CPU or in a build without CUDA).
+#[cfg(feature = "cuda")]
+fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBackend> {
+    match dev {
+        Device::Cuda(i) => medssl::backend::cuda::CudaBackend::get_concrete(i).ok(),
+        Device::Cpu => None,
+    }
+}
+
+/// Starts counting the device work items (kernel launches, library calls, copies) on CUDA.
+fn reset_launch_counts(dev: Device) {
+    #[cfg(feature = "cuda")]
+    if let Some(b) = cuda_backend(dev) {
+        b.reset_launch_counts();
+    }
+    let _ = dev;
+}
+
+/// Device work items per step since [`reset_launch_counts`], by kernel or call (`None` on CPU).
+fn launch_counts_per_step(
+    dev: Device,
+    steps: usize,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    #[cfg(feature = "cuda")]
+    if let Some(b) = cuda_backend(dev) {
+        return Some(
+            b.launch_counts()
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), serde_json::json!(n as f64 / steps as f64)))
+                .collect(),
+        );
+    }
+    let _ = (dev, steps);
+    None
+}
+
 /// Peak bytes since [`reset_peak_mem`] (see there), `None` where nothing is tracked.
 fn peak_mem_bytes(bk: &dyn medssl::backend::Backend) -> Option<usize> {
     if bk.device() != Device::Cpu {
@@ -182,6 +218,7 @@ fn step(a: &StepArgs) -> Result<()> {
     }
     bk.synchronize()?;
     let peak_kind = reset_peak_mem(bk);
+    reset_launch_counts(dev);
     let mut times = Vec::new();
     for _ in 0..a.repeats.max(1) {
         let s = Instant::now();
@@ -190,6 +227,10 @@ fn step(a: &StepArgs) -> Result<()> {
         times.push(s.elapsed().as_secs_f64());
     }
     let peak_mem_mb = peak_mem_bytes(bk).map(|b| b as f64 / (1u64 << 20) as f64);
+    let launches = launch_counts_per_step(dev, a.repeats.max(1));
+    let launches_total: Option<f64> = launches
+        .as_ref()
+        .map(|m| m.values().filter_map(|v| v.as_f64()).sum());
     let (min, max) = (
         times.iter().cloned().fold(f64::INFINITY, f64::min),
         times.iter().cloned().fold(0.0, f64::max),
@@ -240,6 +281,9 @@ fn step(a: &StepArgs) -> Result<()> {
         "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
         "peak_mem_mb": peak_mem_mb,
         "peak_mem_kind": peak_mem_mb.map(|_| peak_kind),
+        // Device work items per step (kernel launches, cuBLAS/cuDNN calls, copies); null on CPU.
+        "launches_per_step": launches_total,
+        "launches_by_kind": launches,
         // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
         // backend); null on CPU.
         "tf32": (dev != Device::Cpu).then(|| std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1")),
@@ -273,6 +317,18 @@ fn step(a: &StepArgs) -> Result<()> {
                 .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
                 .unwrap_or_default()
         );
+        if let (Some(total), Some(by)) = (launches_total, &launches) {
+            let mut v: Vec<(&String, f64)> = by
+                .iter()
+                .map(|(k, n)| (k, n.as_f64().unwrap_or(0.0)))
+                .collect();
+            v.sort_by(|x, y| y.1.total_cmp(&x.1));
+            let top: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
+            println!(
+                "  {total} device work items per step; most: {}",
+                top.join(", ")
+            );
+        }
     }
     Ok(())
 }

@@ -285,11 +285,15 @@ impl BatchNorm2d {
         let w = bind.var(g, store, self.weight);
         let b = bind.var(g, store, self.bias);
         if train {
-            let (y, mean, var) = g.batch_norm_train(x, w, b, BN_EPS)?;
-            let bk = mean.backend()?;
-            let m = BN_MOMENTUM;
-            let rm = bk.axpby(1.0 - m, store.value(self.running_mean), m, &mean)?;
-            let rv = bk.axpby(1.0 - m, store.value(self.running_var), m, &var)?;
+            let (y, rm, rv) = g.batch_norm_train_running(
+                x,
+                w,
+                b,
+                BN_EPS,
+                store.value(self.running_mean),
+                store.value(self.running_var),
+                BN_MOMENTUM,
+            )?;
             store.set(self.running_mean, rm);
             store.set(self.running_var, rv);
             Ok(y)

@@ -527,6 +527,7 @@ pub(super) fn conv2d_fwd(
             let plan = d.plan(h.0, &s)?;
             let ws = workspace(be, plan.fwd.1)?;
             let (alpha, beta) = (1.0f32, 0.0f32);
+            be.count("cudnn_conv_fwd");
             // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are live
             // on the stream the handle is bound to.
             unsafe {
@@ -601,6 +602,7 @@ pub(super) fn conv2d_bwd(
             let (alpha, beta) = (1.0f32, 0.0f32);
             if let Some(gx) = &gx {
                 let ws = workspace(be, plan.bwd_data.1)?;
+                be.count("cudnn_conv_bwd_data");
                 // SAFETY: as in the forward pass.
                 unsafe {
                     dnn::convolution_backward_data(
@@ -622,6 +624,7 @@ pub(super) fn conv2d_bwd(
                 .map_err(dnn_err("convolution backward data"))?;
             }
             let ws = workspace(be, plan.bwd_filter.1)?;
+            be.count("cudnn_conv_bwd_filter");
             // SAFETY: as in the forward pass.
             unsafe {
                 dnn::convolution_backward_filter(

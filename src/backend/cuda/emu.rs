@@ -14,7 +14,7 @@
 //! Checks the device would not make:
 //! - every launch's argument list is compared with the kernel's C++ signature (count, and kind
 //!   and size of each parameter);
-//! - every pointer argument must point into a live buffer;
+//! - every pointer argument must point into a live buffer (or be null);
 //! - every buffer carries guard zones before and after its data, verified after each launch
 //!   that received it, so an out-of-bounds write is an error naming the kernel;
 //! - fresh and recycled buffers are filled with NaN, so an op that leaves part of its output
@@ -181,6 +181,9 @@ pub(crate) fn launch(
         let mut v = Vec::new();
         for (i, a) in args.iter().enumerate() {
             if let A::P(p) = *a {
+                if p == 0 {
+                    continue; // a null pointer (an optional output the kernel skips)
+                }
                 match containing(&map, p) {
                     Some(b) => v.push(b),
                     None => {

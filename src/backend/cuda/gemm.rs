@@ -83,6 +83,11 @@ impl Gemm {
                 &[A::I(n), A::F(g.beta), A::P(c), A::P(c)],
             );
         }
+        be.count(if g.batch == 1 {
+            "cublas_sgemm"
+        } else {
+            "cublas_sgemm_strided_batched"
+        });
         if be.is_emulated() {
             return super::emu::gemm(&g, a, b, c);
         }

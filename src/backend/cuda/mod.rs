@@ -295,6 +295,8 @@ pub struct CudaBackend {
     drv: Option<Driver>,
     pool: Arc<Pool>,
     conv: conv::ConvEngine,
+    /// Device work items issued, by kernel or library call (see [`CudaBackend::launch_counts`]).
+    counts: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// What a real device needs: context, stream, kernel modules, cuBLAS.
@@ -404,6 +406,7 @@ impl CudaBackend {
                 peak: AtomicUsize::new(0),
             }),
             conv: conv::ConvEngine::without_cudnn("CPU emulation: cuDNN is not emulated"),
+            counts: Mutex::new(HashMap::new()),
         }
     }
 
@@ -470,6 +473,7 @@ impl CudaBackend {
             }),
             pool,
             conv,
+            counts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -486,6 +490,27 @@ impl CudaBackend {
     /// this device, so a caller can measure its own ops while other threads use the device.
     pub fn thread_alloc_stats(&self) -> (usize, usize) {
         THREAD_STATS.with(|t| t.borrow().get(self.ordinal).copied().unwrap_or((0, 0)))
+    }
+
+    /// Device work issued since start-up (or the last [`CudaBackend::reset_launch_counts`]), over
+    /// all threads: every hand-written kernel launch by kernel name, every cuBLAS product
+    /// (`cublas_sgemm`, `cublas_sgemm_strided_batched`) and cuDNN convolution pass
+    /// (`cudnn_conv_fwd`, `cudnn_conv_bwd_data`, `cudnn_conv_bwd_filter`) and every copy or fill
+    /// (`memcpy_htod`, `memcpy_dtoh`, `memset_zeros`), sorted by name. In a
+    /// latency-bound step the total is what the GPU time follows.
+    pub fn launch_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = lock(&self.counts).iter().map(|(k, n)| (*k, *n)).collect();
+        v.sort();
+        v
+    }
+
+    pub fn reset_launch_counts(&self) {
+        lock(&self.counts).clear();
+    }
+
+    /// Counts one work item (see [`CudaBackend::launch_counts`]).
+    pub(crate) fn count(&self, what: &'static str) {
+        *lock(&self.counts).entry(what).or_insert(0) += 1;
     }
 
     /// Frees all cached (unused) device buffers.
@@ -541,6 +566,7 @@ impl CudaBackend {
 
     /// Launches kernel `name` on this device's stream.
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        self.count(name);
         let Some(d) = &self.drv else {
             return emu::launch(name, &cfg, args, None);
         };
@@ -568,6 +594,7 @@ impl CudaBackend {
         args: &[A],
         table: &T,
     ) -> Result<()> {
+        self.count(name);
         let Some(d) = &self.drv else {
             let p = (table as *const T).cast::<std::ffi::c_void>();
             return emu::launch(name, &cfg, args, Some((p, std::mem::size_of::<T>())));
@@ -670,6 +697,11 @@ impl CudaBackend {
     /// Copies `data` into the start of `s`, or zero-fills its first `zeros` elements when `data`
     /// is empty (stream ordered).
     fn write(&self, s: &mut CudaStorage, data: &[f32], zeros: usize) -> Result<()> {
+        self.count(if data.is_empty() {
+            "memset_zeros"
+        } else {
+            "memcpy_htod"
+        });
         let buf = s.slice.as_mut().expect("fresh buffer");
         match (buf, &self.drv) {
             (Buf::Dev(slice), Some(d)) if data.is_empty() => d
@@ -736,6 +768,7 @@ impl Backend for CudaBackend {
         let n = t.numel();
         let mut out = vec![0.0f32; n];
         if n > 0 {
+            self.count("memcpy_dtoh");
             match (s.slice.as_ref().expect("live buffer"), &self.drv) {
                 (Buf::Dev(slice), Some(d)) => d
                     .stream
@@ -845,6 +878,26 @@ impl Backend for CudaBackend {
         eps: f32,
     ) -> Result<BnTrainOut> {
         norm::batch_norm_train_fwd(self, x, gamma, beta, eps)
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_fwd_running(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        eps: f32,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        momentum: f32,
+    ) -> Result<(BnTrainOut, Tensor, Tensor)> {
+        norm::batch_norm_train_fwd_running(
+            self,
+            x,
+            gamma,
+            beta,
+            eps,
+            (running_mean, running_var, momentum),
+        )
     }
     fn batch_norm_train_bwd(
         &self,

@@ -2,7 +2,7 @@
 
 use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
 use crate::backend::{shapes, BnTrainOut};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Threads per block of the per-channel reductions.
@@ -15,32 +15,78 @@ pub(super) fn batch_norm_train_fwd(
     beta: &Tensor,
     eps: f32,
 ) -> Result<BnTrainOut> {
+    Ok(train_fwd(be, x, gamma, beta, eps, None)?.0)
+}
+
+/// The forward pass with the running-statistics update fused into the statistics kernel.
+pub(super) fn batch_norm_train_fwd_running(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    running: (&Tensor, &Tensor, f32),
+) -> Result<(BnTrainOut, Tensor, Tensor)> {
+    let (o, r) = train_fwd(be, x, gamma, beta, eps, Some(running))?;
+    let (rm, rv) = r.ok_or_else(|| Error::msg("batch_norm2d: running statistics missing"))?;
+    Ok((o, rm, rv))
+}
+
+/// Running `(mean, var)` after the update, when `running` was given.
+type Updated = Option<(Tensor, Tensor)>;
+
+fn train_fwd(
+    be: &CudaBackend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    running: Option<(&Tensor, &Tensor, f32)>,
+) -> Result<(BnTrainOut, Updated)> {
     let (n, c, h, w) = shapes::batch_norm_train_fwd(x, gamma, beta)?;
+    let updated: Updated = match running {
+        Some((rm, rv, _)) => {
+            shapes::same_shape(rm, gamma, "batch_norm2d running_mean")?;
+            shapes::same_shape(rv, gamma, "batch_norm2d running_var")?;
+            Some((be.empty(&[c])?, be.empty(&[c])?))
+        }
+        None => None,
+    };
+    // Kernel arguments of the update: momentum, rm, rv, rm_out, rv_out (null pointers: none).
+    let upd = match (running, &updated) {
+        (Some((rm, rv, m)), Some((rm_out, rv_out))) => [
+            A::F(m),
+            A::P(be.p(rm)?),
+            A::P(be.p(rv)?),
+            A::P(be.p(rm_out)?),
+            A::P(be.p(rv_out)?),
+        ],
+        _ => [A::F(0.0), A::P(0), A::P(0), A::P(0), A::P(0)],
+    };
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
     if c == 0 {
-        return Ok(BnTrainOut {
+        let o = BnTrainOut {
             y,
             mean,
             invstd,
             var_unbiased: var,
-        });
+        };
+        return Ok((o, updated));
     }
-    be.launch(
-        "bn_stats",
-        cfg_blocks(c, RED_THREADS),
-        &[
-            A::I(ci(n)?),
-            A::I(ci(c)?),
-            A::I(ci(hw)?),
-            A::F(eps),
-            A::P(be.p(x)?),
-            A::P(be.p(&mean)?),
-            A::P(be.p(&invstd)?),
-            A::P(be.p(&var)?),
-        ],
-    )?;
+    let mut args = vec![
+        A::I(ci(n)?),
+        A::I(ci(c)?),
+        A::I(ci(hw)?),
+        A::F(eps),
+        A::P(be.p(x)?),
+        A::P(be.p(&mean)?),
+        A::P(be.p(&invstd)?),
+        A::P(be.p(&var)?),
+    ];
+    args.extend(upd);
+    be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
     let total = x.numel();
     be.launch(
         "bn_apply",
@@ -57,12 +103,13 @@ pub(super) fn batch_norm_train_fwd(
             A::P(be.p(&y)?),
         ],
     )?;
-    Ok(BnTrainOut {
+    let o = BnTrainOut {
         y,
         mean,
         invstd,
         var_unbiased: var,
-    })
+    };
+    Ok((o, updated))
 }
 
 /// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running).
