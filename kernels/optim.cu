@@ -83,6 +83,11 @@ __device__ __forceinline__ int mt_tensor(const MtTable& t) {
     const int mt_end_ = min(mt_start_ + MT_TILE, t.n[k]);                   \
     for (int i = mt_start_ + (int)threadIdx.x; i < mt_end_; i += blockDim.x)
 
+// acc += x (gradient accumulation), the arithmetic of ew_add_assign.
+extern "C" __global__ void op_add_mt(const MtTable t) {
+    MT_RANGE(t, k, i) t.a[k][i] += t.b[k][i];
+}
+
 extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
     MT_RANGE(t, k, i) ema_el(alpha, t.a[k], t.b[k], i);
 }

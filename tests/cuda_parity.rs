@@ -874,6 +874,24 @@ fn multi_tensor_optimisers_and_ema() {
         close(&format!("ema_multi tensor {i}"), tg, tc, 1e-6, 1e-7);
     }
 
+    // Gradient accumulation: acc += x, exact (one rounding either way).
+    let xs = fresh(&mut rng, 1.0);
+    let mut accs = fresh(&mut rng, 1.0);
+    for ((ac, _), (xc, _)) in accs.iter_mut().zip(&xs) {
+        cpu().add_assign(ac, xc).unwrap();
+    }
+    {
+        let mut pairs: Vec<(&mut Tensor, &Tensor)> = accs
+            .iter_mut()
+            .zip(&xs)
+            .map(|((_, ag), (_, xg))| (ag, xg))
+            .collect();
+        g.add_assign_multi(&mut pairs).unwrap();
+    }
+    for (i, (ac, ag)) in accs.iter().enumerate() {
+        close(&format!("add_assign_multi tensor {i}"), ag, ac, 0.0, 0.0);
+    }
+
     // Adam, three steps.
     let mut params = fresh(&mut rng, 1.0);
     let mut ms = zeros();

@@ -160,36 +160,78 @@ impl Graph {
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; root.0 + 1];
         grads[root.0] = Some(grad);
+        // Contributions to leaves (parameters, inputs) are summed after the sweep, in arrival
+        // order, by one multi-tensor call per round (`Backend::add_assign_multi`: a few launches
+        // on CUDA instead of one per parameter used by two forward passes).
+        let mut leaf_parts: Vec<Vec<Tensor>> = vec![Vec::new(); root.0 + 1];
         for i in (0..=root.0).rev() {
-            let Some(g) = grads[i].take() else { continue };
             let node = &self.nodes[i];
-            match &node.backward {
-                None => {
-                    if node.requires_grad {
-                        accumulate(&mut self.leaf_grads[i], g)?;
-                    }
+            if node.backward.is_none() {
+                // A leaf: the root itself when it is one, else its parts from its consumers.
+                if let Some(g) = grads[i].take() {
+                    leaf_parts[i].insert(0, g);
                 }
-                Some(f) => {
-                    let needs: Vec<bool> = node
-                        .parents
-                        .iter()
-                        .map(|p| self.nodes[p.0].requires_grad)
-                        .collect();
-                    let pg = f(&g, &needs)?;
-                    for ((p, need), gp) in node.parents.iter().zip(&needs).zip(pg) {
-                        if let (true, Some(gp)) = (need, gp) {
-                            if gp.shape() != self.nodes[p.0].value.shape() {
-                                bail!(
-                                    "internal: gradient {:?} for a value of shape {:?}",
-                                    gp.shape(),
-                                    self.nodes[p.0].value.shape()
-                                );
-                            }
-                            accumulate(&mut grads[p.0], gp)?;
-                        }
+                if !node.requires_grad {
+                    leaf_parts[i].clear();
+                }
+                continue;
+            }
+            let Some(g) = grads[i].take() else { continue };
+            let Some(f) = &node.backward else { continue };
+            let needs: Vec<bool> = node
+                .parents
+                .iter()
+                .map(|p| self.nodes[p.0].requires_grad)
+                .collect();
+            let pg = f(&g, &needs)?;
+            for ((p, need), gp) in node.parents.iter().zip(&needs).zip(pg) {
+                if let (true, Some(gp)) = (need, gp) {
+                    if gp.shape() != self.nodes[p.0].value.shape() {
+                        bail!(
+                            "internal: gradient {:?} for a value of shape {:?}",
+                            gp.shape(),
+                            self.nodes[p.0].value.shape()
+                        );
+                    }
+                    if self.nodes[p.0].backward.is_none() {
+                        leaf_parts[p.0].push(gp);
+                    } else {
+                        accumulate(&mut grads[p.0], gp)?;
                     }
                 }
             }
+        }
+        self.sum_leaf_parts(leaf_parts)
+    }
+
+    /// Adds each leaf's gradient parts (in arrival order) into its accumulated gradient.
+    fn sum_leaf_parts(&mut self, parts: Vec<Vec<Tensor>>) -> Result<()> {
+        let mut sums: Vec<(usize, Tensor, std::vec::IntoIter<Tensor>)> = Vec::new();
+        for (i, p) in parts.into_iter().enumerate() {
+            let mut rest = p.into_iter();
+            if let Some(mut first) = rest.next() {
+                if rest.len() > 0 && first.storage_mut().is_err() {
+                    // A part may share storage with another value (e.g. a pass-through): copy
+                    // before adding in place.
+                    first = first.backend()?.scale(&first, 1.0)?;
+                }
+                sums.push((i, first, rest));
+            }
+        }
+        loop {
+            let mut round: Vec<(&mut Tensor, Tensor)> = sums
+                .iter_mut()
+                .filter_map(|(_, acc, rest)| rest.next().map(|x| (acc, x)))
+                .collect();
+            let Some(bk) = round.first().map(|(_, x)| x.backend()).transpose()? else {
+                break;
+            };
+            let mut pairs: Vec<(&mut Tensor, &Tensor)> =
+                round.iter_mut().map(|(acc, x)| (&mut **acc, &*x)).collect();
+            bk.add_assign_multi(&mut pairs)?;
+        }
+        for (i, g, _) in sums {
+            accumulate(&mut self.leaf_grads[i], g)?;
         }
         Ok(())
     }
@@ -607,6 +649,28 @@ mod tests {
         let ones = t(&[1.0, 1.0, 1.0], &[1, 3]);
         g.backward_with(y, ones).unwrap();
         assert_eq!(g.grad(x).unwrap().to_vec().unwrap(), vec![4.0, 0.0, 4.0]);
+    }
+
+    #[test]
+    fn leaf_gradients_sum_every_use_in_arrival_order() {
+        // A leaf used by three consumers (one of them twice) and a second leaf used once; the
+        // root itself may be a leaf too.
+        let mut g = Graph::new();
+        let x = g.leaf(t(&[1.0, -2.0], &[1, 2]), true);
+        let w = g.leaf(t(&[0.5, 0.25], &[1, 2]), true);
+        let a = g.scale(x, 2.0).unwrap();
+        let b = g.axpby(3.0, x, 1.0, w).unwrap();
+        let c = g.axpby(1.0, x, 1.0, x).unwrap();
+        let ab = g.axpby(1.0, a, 1.0, b).unwrap();
+        let y = g.axpby(1.0, ab, 1.0, c).unwrap();
+        g.backward_with(y, t(&[1.0, 10.0], &[1, 2])).unwrap();
+        // dy/dx = 2 + 3 + 1 + 1 = 7, dy/dw = 1 (times the upstream gradient).
+        assert_eq!(g.grad(x).unwrap().to_vec().unwrap(), vec![7.0, 70.0]);
+        assert_eq!(g.grad(w).unwrap().to_vec().unwrap(), vec![1.0, 10.0]);
+        let mut g = Graph::new();
+        let z = g.leaf(t(&[3.0], &[1]), true);
+        g.backward(z).unwrap();
+        assert_eq!(g.grad(z).unwrap().to_vec().unwrap(), vec![1.0]);
     }
 
     #[test]

@@ -342,6 +342,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // ---- multi-tensor forms: one call for a whole model (CUDA: a few launches in all) ----
+    /// [`Backend::add_assign`] on every `(acc, x)` pair (gradient accumulation of a model's
+    /// parameters). The default calls `add_assign` per pair; results are identical either way.
+    fn add_assign_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)]) -> Result<()> {
+        for (acc, x) in pairs.iter_mut() {
+            self.add_assign(acc, x)?;
+        }
+        Ok(())
+    }
     /// [`Backend::ema_update`] on every `(teacher, student)` pair, with the same `α`. The
     /// default calls `ema_update` per pair; results are identical either way.
     fn ema_update_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)], alpha: f32) -> Result<()> {

@@ -1056,6 +1056,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         optim::adam_step(self, param, grad, m, v, p)
     }
+    fn add_assign_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)]) -> Result<()> {
+        optim::add_assign_multi(self, pairs)
+    }
     fn ema_update_multi(&self, pairs: &mut [(&mut Tensor, &Tensor)], alpha: f32) -> Result<()> {
         optim::ema_update_multi(self, pairs, alpha)
     }

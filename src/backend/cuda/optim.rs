@@ -186,6 +186,22 @@ fn launch_multi(
     Ok(())
 }
 
+pub(super) fn add_assign_multi(
+    be: &CudaBackend,
+    pairs: &mut [(&mut Tensor, &Tensor)],
+) -> Result<()> {
+    let mut items = Vec::with_capacity(pairs.len());
+    for (acc, x) in pairs.iter_mut() {
+        same_shape(acc, x, "add_assign")?;
+        let px = be.p(x)?;
+        items.push(MtItem {
+            n: x.numel(),
+            ptrs: [be.p_mut(acc)?, px, 0, 0],
+        });
+    }
+    launch_multi(be, "op_add_mt", &[], &items)
+}
+
 pub(super) fn ema_update_multi(
     be: &CudaBackend,
     pairs: &mut [(&mut Tensor, &Tensor)],
