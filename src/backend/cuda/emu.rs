@@ -16,7 +16,8 @@
 //!   and size of each parameter);
 //! - every pointer argument must point into a live buffer (or be null);
 //! - every buffer carries guard zones before and after its data, verified after each launch
-//!   that received it, so an out-of-bounds write is an error naming the kernel;
+//!   that received it (after a launch with a multi-tensor table, whose pointers travel inside
+//!   the table: every live buffer), so an out-of-bounds write is an error naming the kernel;
 //! - fresh and recycled buffers are filled with NaN, so an op that leaves part of its output
 //!   unwritten shows up in the parity tests;
 //! - barrier misuse (deadlock, partial-warp shuffles) is reported by the C++ runtime.
@@ -97,7 +98,14 @@ impl HostBuf {
     }
     /// Fills the data with the poison NaN (a recycled buffer is as undefined as a fresh one).
     pub(crate) fn poison(&mut self) {
-        self.write(0, &vec![f32::from_bits(POISON_BITS); self.len]);
+        self.fill(f32::from_bits(POISON_BITS));
+    }
+    /// Sets every data element to `v`.
+    pub(crate) fn fill(&mut self, v: f32) {
+        for i in 0..self.len {
+            // SAFETY: in bounds; no reference to the memory exists.
+            unsafe { self.base.add(GUARD + i).write(v) };
+        }
     }
     pub(crate) fn write(&mut self, at: usize, data: &[f32]) {
         assert!(at + data.len() <= self.len);
@@ -225,7 +233,12 @@ pub(crate) fn launch(
         )));
     }
     let map = lock(live());
-    for (start, len, base) in buffers {
+    let checked: Vec<(u64, usize, u64)> = if table.is_some() {
+        map.iter().map(|(&s, &(l, b))| (s, l, b)).collect()
+    } else {
+        buffers
+    };
+    for (start, len, base) in checked {
         if map.contains_key(&start) && !guards_intact(base, len) {
             return Err(Error::Cuda(format!(
                 "emulated launch of {name} (grid {grid:?}, block {block:?}) wrote outside a \
@@ -412,6 +425,45 @@ mod tests {
             Ok(()) => panic!("launching {name} with {args:?} succeeded"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn out_of_bounds_writes_through_a_multi_tensor_table_are_reported() {
+        use super::super::optim::{MtTable, MT_MAX};
+        let mut acc = HostBuf::new(100);
+        acc.fill(1.0);
+        let mut x = HostBuf::new(101);
+        x.fill(2.0);
+        let table = |n: i32| MtTable {
+            count: 1,
+            first: {
+                let mut f = [0; MT_MAX + 1];
+                f[1] = 1;
+                f
+            },
+            n: {
+                let mut v = [0; MT_MAX];
+                v[0] = n;
+                v
+            },
+            a: [acc.addr(); MT_MAX],
+            b: [x.addr(); MT_MAX],
+            c: [0; MT_MAX],
+            d: [0; MT_MAX],
+        };
+        let run = |t: &MtTable| {
+            let p = (t as *const MtTable).cast::<c_void>();
+            launch(
+                "op_add_mt",
+                &cfg(1, 256),
+                &[],
+                Some((p, std::mem::size_of::<MtTable>())),
+            )
+        };
+        run(&table(100)).unwrap();
+        assert_eq!(host(&acc), vec![3.0; 100]);
+        let e = run(&table(101)).unwrap_err().to_string();
+        assert!(e.contains("wrote outside a 100-element buffer"), "{e}");
     }
 
     #[test]

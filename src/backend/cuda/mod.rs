@@ -636,7 +636,7 @@ impl CudaBackend {
     pub(crate) fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
         let n = numel(shape);
         let mut s = self.buffer(n)?;
-        self.write(&mut s, &[], n)?;
+        self.write(&mut s, &[])?;
         Ok(Tensor::from_storage(Storage::Cuda(s), shape))
     }
 
@@ -690,13 +690,13 @@ impl CudaBackend {
         // copy is a byte copy, no float conversion happens.
         let bits: &[f32] = bytemuck::cast_slice(&ints);
         let mut s = self.buffer(bits.len())?;
-        self.write(&mut s, bits, bits.len())?;
+        self.write(&mut s, bits)?;
         Ok(s)
     }
 
-    /// Copies `data` into the start of `s`, or zero-fills its first `zeros` elements when `data`
-    /// is empty (stream ordered).
-    fn write(&self, s: &mut CudaStorage, data: &[f32], zeros: usize) -> Result<()> {
+    /// Copies `data` into the start of `s`, or zero-fills all of `s` when `data` is empty (stream
+    /// ordered).
+    fn write(&self, s: &mut CudaStorage, data: &[f32]) -> Result<()> {
         self.count(if data.is_empty() {
             "memset_zeros"
         } else {
@@ -713,7 +713,7 @@ impl CudaBackend {
                 .memcpy_htod(data, slice)
                 .map_err(cuda_err("host-to-device copy")),
             (Buf::Emu(h), None) if data.is_empty() => {
-                h.write(0, &vec![0.0; zeros]);
+                h.fill(0.0);
                 Ok(())
             }
             (Buf::Emu(h), None) => {
@@ -759,7 +759,7 @@ impl Backend for CudaBackend {
         }
         let mut s = self.buffer(data.len())?;
         if !data.is_empty() {
-            self.write(&mut s, data, 0)?;
+            self.write(&mut s, data)?;
         }
         Ok(Tensor::from_storage(Storage::Cuda(s), shape))
     }

@@ -123,21 +123,21 @@ pub(super) fn adam_step(
 
 /// Tensors per launch and elements per block tile; must equal `MT_MAX` / `MT_TILE` of
 /// kernels/optim.cu.
-const MT_MAX: usize = 48;
+pub(super) const MT_MAX: usize = 48;
 const MT_TILE: usize = 2048;
 const MT_THREADS: u32 = 256;
 
 /// The kernels' `MtTable` (kernels/optim.cu), field for field.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct MtTable {
-    count: i32,
-    first: [i32; MT_MAX + 1],
-    n: [i32; MT_MAX],
-    a: [u64; MT_MAX],
-    b: [u64; MT_MAX],
-    c: [u64; MT_MAX],
-    d: [u64; MT_MAX],
+pub(super) struct MtTable {
+    pub count: i32,
+    pub first: [i32; MT_MAX + 1],
+    pub n: [i32; MT_MAX],
+    pub a: [u64; MT_MAX],
+    pub b: [u64; MT_MAX],
+    pub c: [u64; MT_MAX],
+    pub d: [u64; MT_MAX],
 }
 // The C struct: 4 + 49·4 + 48·4 = 392 bytes of ints (a multiple of 8, so the pointer arrays need
 // no padding), then 4 · 48 · 8 bytes of pointers.
