@@ -23,6 +23,15 @@ extern "C" __global__ void ew_mul(int n, const float* x, const float* y, float* 
 }
 
 // y = max(x, 0); NaN maps to 0 like Rust's f32::max.
+// y = relu(a + b): the residual join of a ResNet block in one pass (same arithmetic as ew_axpby
+// with a = b = 1 followed by ew_relu_fwd).
+extern "C" __global__ void ew_add_relu(int n, const float* a, const float* b, float* y) {
+    GRID_LOOP(i, n) {
+        const float s = a[i] + b[i];
+        y[i] = s > 0.f ? s : 0.f;
+    }
+}
+
 extern "C" __global__ void ew_relu_fwd(int n, const float* x, float* y) {
     GRID_LOOP(i, n) y[i] = x[i] > 0.f ? x[i] : 0.f;
 }

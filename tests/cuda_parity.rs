@@ -262,6 +262,13 @@ fn elementwise_ops() {
         let (rc, rg) = (cpu().relu_fwd(&xc).unwrap(), g.relu_fwd(&xg).unwrap());
         close("relu_fwd", &rg, &rc, 0.0, 0.0);
         close(
+            "add_relu_fwd",
+            &g.add_relu_fwd(&xg, &yg).unwrap(),
+            &cpu().add_relu_fwd(&xc, &yc).unwrap(),
+            0.0,
+            0.0,
+        );
+        close(
             "relu_bwd",
             &g.relu_bwd(&rg, &yg).unwrap(),
             &cpu().relu_bwd(&rc, &yc).unwrap(),

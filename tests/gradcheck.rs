@@ -666,8 +666,18 @@ fn relu_and_pool_gradients() {
         let f = |g: &mut Graph, v: &[Var]| g.relu(v[0]).unwrap();
         check_op(
             &format!("relu {shape:?}"),
-            &[x],
+            std::slice::from_ref(&x),
             &[true],
+            &f,
+            Opts::default(),
+        );
+        // relu(a + b) with a + b = 1.5·x, as far from the kink as x.
+        let half = x.backend().unwrap().scale(&x, 0.5).unwrap();
+        let f = |g: &mut Graph, v: &[Var]| g.add_relu(v[0], v[1]).unwrap();
+        check_op(
+            &format!("add_relu {shape:?}"),
+            &[x, half],
+            &[true, true],
             &f,
             Opts::default(),
         );

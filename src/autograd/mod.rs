@@ -324,6 +324,22 @@ impl Graph {
         ))
     }
 
+    /// `relu(a + b)` (same shapes), one node and, on CUDA, one launch.
+    pub fn add_relu(&mut self, a: Var, b: Var) -> Result<Var> {
+        let bk = be(self.value(a))?;
+        let y = bk.add_relu_fwd(self.value(a), self.value(b))?;
+        let ys = y.clone();
+        // d relu(a+b) = (g·[y>0], g·[y>0])
+        Ok(self.push(
+            y,
+            &[a, b],
+            Box::new(move |g, _| {
+                let gx = bk.relu_bwd(&ys, g)?;
+                Ok(vec![Some(gx.clone()), Some(gx)])
+            }),
+        ))
+    }
+
     /// 2-D convolution with optional bias.
     pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, p: ConvParams) -> Result<Var> {
         let (xt, wt) = (self.value(x).clone(), self.value(w).clone());

@@ -127,6 +127,11 @@ pub trait Backend: Send + Sync {
     fn relu_fwd(&self, x: &Tensor) -> Result<Tensor>;
     /// `gx = gy · [y > 0]` (uses the forward output).
     fn relu_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor>;
+    /// `relu(a + b)` (a residual join). The default is `axpby` then `relu_fwd`; the CUDA backend
+    /// does it in one pass with the same arithmetic.
+    fn add_relu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        self.relu_fwd(&self.axpby(1.0, a, 1.0, b)?)
+    }
     /// In place `acc += x` (gradient accumulation; `acc` uniquely owned).
     fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()>;
     /// `[1]` tensor holding the sum of all elements.

@@ -447,8 +447,7 @@ impl BasicBlock {
             }
             None => x,
         };
-        let y = g.add(h, sc)?;
-        g.relu(y)
+        g.add_relu(h, sc)
     }
 }
 

@@ -112,6 +112,10 @@ pub(super) fn mul(be: &CudaBackend, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     binary(be, "ew_mul", x, y)
 }
 
+pub(super) fn add_relu_fwd(be: &CudaBackend, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    binary(be, "ew_add_relu", a, b)
+}
+
 pub(super) fn relu_fwd(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
     unary(be, "ew_relu_fwd", x)
 }

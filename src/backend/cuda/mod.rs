@@ -825,6 +825,9 @@ impl Backend for CudaBackend {
     fn relu_bwd(&self, y: &Tensor, gy: &Tensor) -> Result<Tensor> {
         elementwise::relu_bwd(self, y, gy)
     }
+    fn add_relu_fwd(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        elementwise::add_relu_fwd(self, a, b)
+    }
     fn add_assign(&self, acc: &mut Tensor, x: &Tensor) -> Result<()> {
         elementwise::add_assign(self, acc, x)
     }
