@@ -166,7 +166,7 @@ impl Graph {
         let mut leaf_parts: Vec<Vec<Tensor>> = vec![Vec::new(); root.0 + 1];
         for i in (0..=root.0).rev() {
             let node = &self.nodes[i];
-            if node.backward.is_none() {
+            let Some(f) = &node.backward else {
                 // A leaf: the root itself when it is one, else its parts from its consumers.
                 if let Some(g) = grads[i].take() {
                     leaf_parts[i].insert(0, g);
@@ -175,9 +175,8 @@ impl Graph {
                     leaf_parts[i].clear();
                 }
                 continue;
-            }
+            };
             let Some(g) = grads[i].take() else { continue };
-            let Some(f) = &node.backward else { continue };
             let needs: Vec<bool> = node
                 .parents
                 .iter()

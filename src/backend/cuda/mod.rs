@@ -243,6 +243,17 @@ pub(crate) enum A {
     F(f32),
 }
 
+/// Appends `args` to a kernel launch, in order.
+fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
+    for a in args {
+        match a {
+            A::P(p) => b.arg(p),
+            A::I(i) => b.arg(i),
+            A::F(x) => b.arg(x),
+        };
+    }
+}
+
 /// Threads per block of elementwise and warp-per-row kernels.
 pub(crate) const BLOCK: u32 = 256;
 
@@ -572,13 +583,7 @@ impl CudaBackend {
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                A::P(p) => b.arg(p),
-                A::I(i) => b.arg(i),
-                A::F(x) => b.arg(x),
-            };
-        }
+        push_args(&mut b, args);
         // SAFETY: every kernel's argument list is matched by its single call site in the
         // op-family files, and buffers are sized by the shapes validated there.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
@@ -601,13 +606,7 @@ impl CudaBackend {
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                A::P(p) => b.arg(p),
-                A::I(i) => b.arg(i),
-                A::F(x) => b.arg(x),
-            };
-        }
+        push_args(&mut b, args);
         b.arg(table);
         // SAFETY: as in `launch`; `T` is `#[repr(C)]` and mirrors the kernel's struct parameter.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;

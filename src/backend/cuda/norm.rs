@@ -44,24 +44,23 @@ fn train_fwd(
     running: Option<(&Tensor, &Tensor, f32)>,
 ) -> Result<(BnTrainOut, Updated)> {
     let (n, c, h, w) = shapes::batch_norm_train_fwd(x, gamma, beta)?;
-    let updated: Updated = match running {
-        Some((rm, rv, _)) => {
+    // The updated running statistics, and the kernel arguments of the update: momentum, rm, rv,
+    // rm_out, rv_out (null pointers: no update).
+    let (updated, upd): (Updated, [A; 5]) = match running {
+        Some((rm, rv, m)) => {
             shapes::same_shape(rm, gamma, "batch_norm2d running_mean")?;
             shapes::same_shape(rv, gamma, "batch_norm2d running_var")?;
-            Some((be.empty(&[c])?, be.empty(&[c])?))
+            let (rm_out, rv_out) = (be.empty(&[c])?, be.empty(&[c])?);
+            let args = [
+                A::F(m),
+                A::P(be.p(rm)?),
+                A::P(be.p(rv)?),
+                A::P(be.p(&rm_out)?),
+                A::P(be.p(&rv_out)?),
+            ];
+            (Some((rm_out, rv_out)), args)
         }
-        None => None,
-    };
-    // Kernel arguments of the update: momentum, rm, rv, rm_out, rv_out (null pointers: none).
-    let upd = match (running, &updated) {
-        (Some((rm, rv, m)), Some((rm_out, rv_out))) => [
-            A::F(m),
-            A::P(be.p(rm)?),
-            A::P(be.p(rv)?),
-            A::P(be.p(rm_out)?),
-            A::P(be.p(rv_out)?),
-        ],
-        _ => [A::F(0.0), A::P(0), A::P(0), A::P(0), A::P(0)],
+        None => (None, [A::F(0.0), A::P(0), A::P(0), A::P(0), A::P(0)]),
     };
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
