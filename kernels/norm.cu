@@ -47,20 +47,33 @@ extern "C" __global__ void bn_eval_invstd(int C, float eps, const float* rv, flo
     GRID_LOOP(c, C) invstd[c] = 1.f / sqrtf(rv[c] + eps);
 }
 
-// y = gamma * (x - mean) * invstd + beta, one thread per element.
+// y = gamma * (x - mean) * invstd + beta, one thread per element, with an optional epilogue in
+// the same pass: when res is not null, y += res[i] (a residual join); when relu != 0, y = max(y, 0)
+// (as ew_relu_fwd / ew_add_relu, so the fused and unfused paths give the same bits).
 extern "C" __global__ void bn_apply(int n, int C, int HW, const float* x, const float* mean,
                                     const float* invstd, const float* gamma, const float* beta,
-                                    float* y) {
+                                    const float* res, int relu, float* y) {
     GRID_LOOP(i, n) {
         const int c = (i / HW) % C;
-        y[i] = gamma[c] * ((x[i] - mean[c]) * invstd[c]) + beta[c];
+        float v = gamma[c] * ((x[i] - mean[c]) * invstd[c]) + beta[c];
+        if (res) v = v + res[i];
+        if (relu) v = v > 0.f ? v : 0.f;
+        y[i] = v;
     }
 }
 
-// Per channel: gbeta = sum(gy), ggamma = sum(gy * xhat), xhat = (x - mean) * invstd.
+// The output gradient a batch norm receives: gy, or, when the norm was followed by a ReLU with
+// output ry (ry not null), gy * [ry > 0] (as ew_relu_bwd), so the ReLU backward needs no launch.
+__device__ __forceinline__ float bn_gy(const float* gy, const float* ry, size_t k) {
+    return (ry && !(ry[k] > 0.f)) ? 0.f : gy[k];
+}
+
+// Per channel: gbeta = sum(gy), ggamma = sum(gy * xhat), xhat = (x - mean) * invstd (gy masked
+// by the following ReLU's output ry when ry is not null, see bn_gy). When gm is not null, the
+// masked gradient is also written there (a residual join's other input needs it).
 extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, const float* gy,
-                                         const float* mean, const float* invstd, float* ggamma,
-                                         float* gbeta) {
+                                         const float* ry, const float* mean, const float* invstd,
+                                         float* ggamma, float* gbeta, float* gm) {
     const int c = blockIdx.x;
     const int M = N * HW;
     const float mu = mean[c], is = invstd[c];
@@ -68,8 +81,10 @@ extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, c
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const int nn = j / HW, i = j - nn * HW;
         const size_t k = ((size_t)nn * C + c) * HW + i;
-        sg += gy[k];
-        sgx += gy[k] * (x[k] - mu) * is;
+        const float g = bn_gy(gy, ry, k);
+        if (gm) gm[k] = g;
+        sg += g;
+        sgx += g * (x[k] - mu) * is;
     }
     sg = block_sum(sg);
     sgx = block_sum(sgx);
@@ -79,16 +94,18 @@ extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, c
     }
 }
 
-// Train-mode input gradient: gx = gamma*invstd * (gy - sum(gy)/M - xhat * sum(gy*xhat)/M).
+// Train-mode input gradient: gx = gamma*invstd * (gy - sum(gy)/M - xhat * sum(gy*xhat)/M) (gy
+// masked by ry as in bn_bwd_reduce).
 extern "C" __global__ void bn_train_dx(int n, int C, int HW, int M, const float* x,
-                                       const float* gy, const float* mean, const float* invstd,
-                                       const float* gamma, const float* ggamma,
-                                       const float* gbeta, float* gx) {
+                                       const float* gy, const float* ry, const float* mean,
+                                       const float* invstd, const float* gamma,
+                                       const float* ggamma, const float* gbeta, float* gx) {
     GRID_LOOP(i, n) {
         const int c = (i / HW) % C;
         const float xhat = (x[i] - mean[c]) * invstd[c];
         const float inv_m = 1.f / (float)M;
-        gx[i] = gamma[c] * invstd[c] * (gy[i] - gbeta[c] * inv_m - xhat * ggamma[c] * inv_m);
+        gx[i] = gamma[c] * invstd[c] *
+                (bn_gy(gy, ry, i) - gbeta[c] * inv_m - xhat * ggamma[c] * inv_m);
     }
 }
 

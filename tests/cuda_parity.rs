@@ -10,7 +10,7 @@
 
 use medssl::backend::cpu::CpuBackend;
 use medssl::backend::cuda::{self as cu, CudaBackend};
-use medssl::backend::{AdamParams, Backend, ConvParams, OptSlot, PoolParams, SgdParams};
+use medssl::backend::{AdamParams, Backend, BnAct, ConvParams, OptSlot, PoolParams, SgdParams};
 use medssl::Tensor;
 
 // ---- harness ----
@@ -492,10 +492,10 @@ fn batch_norm_train_and_eval() {
         // The forward pass with the running-statistics update (fused into the statistics kernel
         // on CUDA): same outputs, and the updated running mean and variance.
         let (oc2, rmc2, rvc2) = cpu()
-            .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1)
+            .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1, BnAct::None)
             .unwrap();
         let (og2, rmg2, rvg2) = g
-            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1)
+            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, BnAct::None)
             .unwrap();
         close("bn_train_running y", &og2.y, &oc2.y, 1e-4, 1e-4);
         close("bn_train_running y = bn_train y", &og2.y, &og.y, 0.0, 0.0);
@@ -521,6 +521,108 @@ fn batch_norm_train_and_eval() {
         close("bn_eval ggamma", &rg.1, &rc.1, 1e-4, 1e-5 * m.sqrt() * 4.0);
         close("bn_eval gbeta", &rg.2, &rc.2, 1e-4, 1e-5 * m.sqrt() * 4.0);
     }
+}
+
+// ---- batch norm with a fused activation (tol as batch norm; fused = unfused on CUDA exactly) ----
+
+/// `bn → relu` and `relu(bn + r)` in one kernel, and the ReLU mask inside the batch-norm backward:
+/// against the CPU reference (which runs them as separate ops), and bit for bit against the
+/// unfused CUDA ops.
+#[test]
+fn batch_norm_fused_activation() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    for shape in [[2, 3, 5, 7], [1, 4, 3, 3], [8, 16, 1, 1], [12, 64, 14, 14]] {
+        let c = shape[1];
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
+        let (gmc, gmg) = pair(g, &rng.pos(c), &[c]);
+        let (btc, btg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let (rmc, rmg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
+        let (rc, rg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (gyc, gyg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        let plain = g
+            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, BnAct::None)
+            .unwrap();
+        for (name, actc, actg) in [
+            ("relu", BnAct::Relu, BnAct::Relu),
+            ("add_relu", BnAct::AddRelu(&rc), BnAct::AddRelu(&rg)),
+        ] {
+            let (oc, rmc2, rvc2) = cpu()
+                .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1, actc)
+                .unwrap();
+            let (og, rmg2, rvg2) = g
+                .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, actg)
+                .unwrap();
+            close(&format!("bn+{name} y"), &og.y, &oc.y, 1e-4, 1e-4);
+            close(&format!("bn+{name} running_mean"), &rmg2, &rmc2, 1e-4, 1e-5);
+            close(&format!("bn+{name} running_var"), &rvg2, &rvc2, 1e-4, 1e-5);
+            let unfused = match actg {
+                BnAct::AddRelu(r) => g.add_relu_fwd(&plain.0.y, r).unwrap(),
+                _ => g.relu_fwd(&plain.0.y).unwrap(),
+            };
+            close(&format!("bn+{name} y = unfused"), &og.y, &unfused, 0.0, 0.0);
+            let zeros = og.y.to_vec().unwrap().iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros > 0 && zeros < og.y.numel(),
+                "{name} {shape:?}: the ReLU should clip some outputs and pass others ({zeros} zeros)"
+            );
+        }
+        // The backward of relu(bn(x)) with the mask inside the batch-norm kernels.
+        let (yc, yg) = {
+            let yc = cpu().relu_fwd(&plain_cpu(&xc, &gmc, &btc)).unwrap();
+            (yc, g.relu_fwd(&plain.0.y).unwrap())
+        };
+        let oc = cpu().batch_norm_train_fwd(&xc, &gmc, &btc, 1e-5).unwrap();
+        let rc2 = cpu()
+            .batch_norm_train_relu_bwd(&xc, &gmc, &oc.mean, &oc.invstd, &yc, &gyc, false)
+            .unwrap();
+        let rg2 = g
+            .batch_norm_train_relu_bwd(&xg, &gmg, &plain.0.mean, &plain.0.invstd, &yg, &gyg, false)
+            .unwrap();
+        assert!(rc2.3.is_none() && rg2.3.is_none());
+        // With the masked gradient kept (a residual join): same gradients, and the mask.
+        let rg3 = g
+            .batch_norm_train_relu_bwd(&xg, &gmg, &plain.0.mean, &plain.0.invstd, &yg, &gyg, true)
+            .unwrap();
+        close("bn+relu bwd (kept) gx", &rg3.0, &rg2.0, 0.0, 0.0);
+        close("bn+relu bwd (kept) ggamma", &rg3.1, &rg2.1, 0.0, 0.0);
+        close("bn+relu bwd (kept) gbeta", &rg3.2, &rg2.2, 0.0, 0.0);
+        close("bn+relu bwd gx", &rg2.0, &rc2.0, 1e-3, 1e-4);
+        close(
+            "bn+relu bwd ggamma",
+            &rg2.1,
+            &rc2.1,
+            1e-4,
+            1e-5 * m.sqrt() * 4.0,
+        );
+        close(
+            "bn+relu bwd gbeta",
+            &rg2.2,
+            &rc2.2,
+            1e-4,
+            1e-5 * m.sqrt() * 4.0,
+        );
+        let masked = g.relu_bwd(&yg, &gyg).unwrap();
+        let unfused = g
+            .batch_norm_train_bwd(&xg, &gmg, &plain.0.mean, &plain.0.invstd, &masked)
+            .unwrap();
+        close("bn+relu bwd gx = unfused", &rg2.0, &unfused.0, 0.0, 0.0);
+        close("bn+relu bwd ggamma = unfused", &rg2.1, &unfused.1, 0.0, 0.0);
+        close("bn+relu bwd gbeta = unfused", &rg2.2, &unfused.2, 0.0, 0.0);
+        close(
+            "bn+relu bwd masked = relu_bwd",
+            rg3.3.as_ref().unwrap(),
+            &masked,
+            0.0,
+            0.0,
+        );
+    }
+}
+
+fn plain_cpu(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
+    cpu().batch_norm_train_fwd(x, gamma, beta, 1e-5).unwrap().y
 }
 
 // ---- L2 normalise (tol: rel 1e-5, abs 1e-6; zero rows exercise the 1e-12 floor) ----

@@ -17,7 +17,7 @@
 
 use std::cell::Cell;
 
-use medssl::autograd::{Graph, Var};
+use medssl::autograd::{Act, Graph, Var};
 use medssl::backend::{self, AdamParams, Backend, ConvParams, PoolParams, SgdParams};
 use medssl::nn::{Binding, Kind, MedFuseNet, ModelConfig};
 use medssl::rng::stream;
@@ -655,6 +655,70 @@ fn batch_norm_gradients() {
             &eval,
             Opts::default(),
         );
+    }
+}
+
+/// `batch_norm_train_running` with a fused activation (one node) gives the same values, running
+/// statistics and gradients as the separate nodes `batch_norm_train` → `relu` / `add_relu`. On
+/// CPU the arithmetic is the same, so the comparison is exact; finite differences at the ReLU's
+/// kink would be unreliable (the batch norm puts many outputs near 0). The separate ops have their
+/// own gradient checks above.
+#[test]
+fn fused_batch_norm_activation_matches_separate_nodes() {
+    let mut rng = stream(5, "bn_act");
+    for shape in [[2, 3, 3, 5], [1, 4, 3, 3], [3, 2, 1, 1]] {
+        let c = shape[1];
+        let x = normal_t(&mut rng, &shape, 1.5);
+        let gamma = rand_t(&mut rng, &[c], -1.5, 1.5);
+        let beta = rand_t(&mut rng, &[c], -1.0, 1.0);
+        let r = normal_t(&mut rng, &shape, 1.0);
+        let gy = normal_t(&mut rng, &shape, 1.0);
+        let (rm, rv) = (
+            rand_t(&mut rng, &[c], -1.0, 1.0),
+            rand_t(&mut rng, &[c], 0.3, 2.0),
+        );
+        for join in [false, true] {
+            let run = |fused: bool| {
+                let mut g = Graph::new();
+                let v: Vec<Var> = [&x, &gamma, &beta, &r]
+                    .iter()
+                    .map(|t| g.leaf((*t).clone(), true))
+                    .collect();
+                let (y, nrm, nrv) = if fused {
+                    let act = if join { Act::AddRelu(v[3]) } else { Act::Relu };
+                    g.batch_norm_train_running(v[0], v[1], v[2], 1e-5, &rm, &rv, 0.1, act)
+                        .unwrap()
+                } else {
+                    let (h, nrm, nrv) = g
+                        .batch_norm_train_running(v[0], v[1], v[2], 1e-5, &rm, &rv, 0.1, Act::None)
+                        .unwrap();
+                    let y = if join {
+                        g.add_relu(h, v[3]).unwrap()
+                    } else {
+                        g.relu(h).unwrap()
+                    };
+                    (y, nrm, nrv)
+                };
+                g.backward_with(y, gy.clone()).unwrap();
+                let mut out = vec![g.value(y).to_vec().unwrap(), nrm.to_vec().unwrap()];
+                out.push(nrv.to_vec().unwrap());
+                for (i, &var) in v.iter().enumerate() {
+                    match g.grad(var) {
+                        Some(t) => out.push(t.to_vec().unwrap()),
+                        None => assert!(i == 3 && !join, "input {i} got no gradient"),
+                    }
+                }
+                out
+            };
+            let (fused, separate) = (run(true), run(false));
+            assert_eq!(fused.len(), if join { 7 } else { 6 });
+            assert_eq!(fused, separate, "{shape:?} join {join}");
+            let zeros = fused[0].iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros > 0 && zeros < fused[0].len(),
+                "{shape:?}: ReLU clips none or all"
+            );
+        }
     }
 }
 

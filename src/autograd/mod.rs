@@ -8,7 +8,7 @@
 //! persistent per-leaf buffers (accumulation across several `backward` calls). Inside
 //! [`Graph::no_grad`] nothing is recorded.
 
-use crate::backend::{Backend, BnTrainOut, ConvParams, PoolParams};
+use crate::backend::{Backend, BnAct, BnTrainOut, ConvParams, PoolParams};
 use crate::bail;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -21,6 +21,15 @@ impl Var {
     pub fn index(self) -> usize {
         self.0
     }
+}
+
+/// What [`Graph::batch_norm_train_running`] applies to the normalised output in the same node
+/// (see [`BnAct`]); the residual of `AddRelu` is a node of the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    AddRelu(Var),
 }
 
 /// Maps the upstream gradient to one optional gradient per parent; `needs[i]` says whether
@@ -436,8 +445,10 @@ impl Graph {
         Ok(self.push_batch_norm_train(bk, (x, gamma, beta), o))
     }
 
-    /// Train-mode batch norm that also returns the updated running statistics
-    /// `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer does.
+    /// Train-mode batch norm followed by `act`, one node; also returns the updated running
+    /// statistics `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer
+    /// does. The activation's backward is part of the node's (on CUDA, inside the batch-norm
+    /// kernels for `Relu`).
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_train_running(
         &mut self,
@@ -448,8 +459,14 @@ impl Graph {
         running_mean: &Tensor,
         running_var: &Tensor,
         momentum: f32,
+        act: Act,
     ) -> Result<(Var, Tensor, Tensor)> {
         let bk = be(self.value(x))?;
+        let bact = match act {
+            Act::None => BnAct::None,
+            Act::Relu => BnAct::Relu,
+            Act::AddRelu(r) => BnAct::AddRelu(self.value(r)),
+        };
         let (o, rm, rv) = bk.batch_norm_train_fwd_running(
             self.value(x),
             self.value(gamma),
@@ -458,8 +475,33 @@ impl Graph {
             running_mean,
             running_var,
             momentum,
+            bact,
         )?;
-        let (y, _, _) = self.push_batch_norm_train(bk, (x, gamma, beta), o);
+        if act == Act::None {
+            let (y, _, _) = self.push_batch_norm_train(bk, (x, gamma, beta), o);
+            return Ok((y, rm, rv));
+        }
+        let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
+        let (mean, invstd, ys) = (o.mean, o.invstd, o.y.clone());
+        // d relu(bn(x) [+ r]): the masked gradient goes through the norm (and to r).
+        let parents = match act {
+            Act::AddRelu(r) => vec![x, gamma, beta, r],
+            _ => vec![x, gamma, beta],
+        };
+        let join = parents.len() == 4;
+        let y = self.push(
+            o.y,
+            &parents,
+            Box::new(move |g, _| {
+                let (gx, gg, gb, gm) =
+                    bk.batch_norm_train_relu_bwd(&xt, &gt, &mean, &invstd, &ys, g, join)?;
+                let mut grads = vec![Some(gx), Some(gg), Some(gb)];
+                if join {
+                    grads.push(gm);
+                }
+                Ok(grads)
+            }),
+        );
         Ok((y, rm, rv))
     }
 

@@ -45,6 +45,18 @@ pub struct BnTrainOut {
     pub var_unbiased: Tensor,
 }
 
+/// What follows a train-mode batch norm in the same pass (ResNet's `bn → relu` and
+/// `relu(bn + shortcut)`): fused into the normalising kernel on CUDA.
+#[derive(Clone, Copy)]
+pub enum BnAct<'a> {
+    /// The normalised output itself.
+    None,
+    /// `max(y, 0)`.
+    Relu,
+    /// `max(y + r, 0)` (a residual join; `r` has the input's shape).
+    AddRelu(&'a Tensor),
+}
+
 /// Gradients of a convolution.
 pub struct ConvGrads {
     pub x: Option<Tensor>,
@@ -184,9 +196,11 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<BnTrainOut>;
     /// [`Backend::batch_norm_train_fwd`] plus PyTorch's running-statistics update, returned as new
-    /// tensors: `(1 − m)·running_mean + m·μ` and `(1 − m)·running_var + m·σ²_unbiased`. The
-    /// default is the forward pass and two `axpby`; the CUDA backend does the update inside its
-    /// statistics kernel (two launches fewer per layer).
+    /// tensors: `(1 − m)·running_mean + m·μ` and `(1 − m)·running_var + m·σ²_unbiased`, and the
+    /// activation `act` applied to the output (`BnTrainOut::y` is then the activation's output).
+    /// The default is the forward pass, two `axpby` and `relu_fwd` / `add_relu_fwd(y, r)`; the
+    /// CUDA backend does the update inside its statistics kernel and the activation inside its
+    /// normalising kernel (four launches fewer per `bn → relu` layer), with the same arithmetic.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_train_fwd_running(
         &self,
@@ -197,11 +211,17 @@ pub trait Backend: Send + Sync {
         running_mean: &Tensor,
         running_var: &Tensor,
         momentum: f32,
+        act: BnAct<'_>,
     ) -> Result<(BnTrainOut, Tensor, Tensor)> {
-        let o = self.batch_norm_train_fwd(x, gamma, beta, eps)?;
+        let mut o = self.batch_norm_train_fwd(x, gamma, beta, eps)?;
         let m = momentum;
         let rm = self.axpby(1.0 - m, running_mean, m, &o.mean)?;
         let rv = self.axpby(1.0 - m, running_var, m, &o.var_unbiased)?;
+        o.y = match act {
+            BnAct::None => o.y,
+            BnAct::Relu => self.relu_fwd(&o.y)?,
+            BnAct::AddRelu(r) => self.add_relu_fwd(&o.y, r)?,
+        };
         Ok((o, rm, rv))
     }
     /// Gradients `(gx, gγ, gβ)` of the train-mode forward (batch statistics depend on x).
@@ -213,6 +233,26 @@ pub trait Backend: Send + Sync {
         invstd: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)>;
+    /// Gradients `(gx, gγ, gβ)` of `relu(batch_norm_train(x) [+ r])` from the ReLU's output `y`
+    /// and its output gradient `gy`, plus, when `keep_masked` (a residual join), the masked
+    /// gradient `gy · [y > 0]` that is also `r`'s gradient. The default is `relu_bwd` then
+    /// [`Backend::batch_norm_train_bwd`]; the CUDA backend applies the ReLU mask inside the
+    /// batch-norm kernels (same arithmetic, one launch fewer).
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_relu_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+        keep_masked: bool,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        let gm = self.relu_bwd(y, gy)?;
+        let (gx, gg, gb) = self.batch_norm_train_bwd(x, gamma, mean, invstd, &gm)?;
+        Ok((gx, gg, gb, keep_masked.then_some(gm)))
+    }
     /// Eval-mode batch norm with running statistics.
     fn batch_norm_eval_fwd(
         &self,

@@ -11,7 +11,7 @@ use std::path::Path;
 use rand::Rng;
 use rand_distr_free::normal;
 
-use crate::autograd::{Graph, Var};
+use crate::autograd::{Act, Graph, Var};
 use crate::backend::{ConvParams, PoolParams};
 use crate::bail;
 use crate::error::Result;
@@ -274,6 +274,9 @@ impl BatchNorm2d {
         }
     }
     /// Train mode normalises with batch statistics and updates the running ones in `store`.
+    /// `act` follows the norm: in train mode inside the same node (fused on CUDA), in eval mode
+    /// as its own `relu` / `add_relu` node.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         g: &mut Graph,
@@ -281,6 +284,7 @@ impl BatchNorm2d {
         bind: &mut Binding,
         x: Var,
         train: bool,
+        act: Act,
     ) -> Result<Var> {
         let w = bind.var(g, store, self.weight);
         let b = bind.var(g, store, self.bias);
@@ -293,19 +297,25 @@ impl BatchNorm2d {
                 store.value(self.running_mean),
                 store.value(self.running_var),
                 BN_MOMENTUM,
+                act,
             )?;
             store.set(self.running_mean, rm);
             store.set(self.running_var, rv);
             Ok(y)
         } else {
-            g.batch_norm_eval(
+            let y = g.batch_norm_eval(
                 x,
                 w,
                 b,
                 store.value(self.running_mean),
                 store.value(self.running_var),
                 BN_EPS,
-            )
+            )?;
+            match act {
+                Act::None => Ok(y),
+                Act::Relu => g.relu(y),
+                Act::AddRelu(r) => g.add_relu(y, r),
+            }
         }
     }
 }
@@ -436,18 +446,17 @@ impl BasicBlock {
         train: bool,
     ) -> Result<Var> {
         let h = self.conv1.forward(g, store, bind, x)?;
-        let h = self.bn1.forward(g, store, bind, h, train)?;
-        let h = g.relu(h)?;
+        let h = self.bn1.forward(g, store, bind, h, train, Act::Relu)?;
         let h = self.conv2.forward(g, store, bind, h)?;
-        let h = self.bn2.forward(g, store, bind, h, train)?;
+        // The shortcut first, so that the join relu(bn2(h) + shortcut) is part of bn2's node.
         let sc = match &self.downsample {
             Some((c, bn)) => {
                 let s = c.forward(g, store, bind, x)?;
-                bn.forward(g, store, bind, s, train)?
+                bn.forward(g, store, bind, s, train, Act::None)?
             }
             None => x,
         };
-        g.add_relu(h, sc)
+        self.bn2.forward(g, store, bind, h, train, Act::AddRelu(sc))
     }
 }
 
@@ -623,8 +632,7 @@ impl MedFuseNet {
         }
         let s = &mut self.store;
         let mut h = self.conv1.forward(g, s, bind, x)?;
-        h = self.bn1.forward(g, s, bind, h, train)?;
-        h = g.relu(h)?;
+        h = self.bn1.forward(g, s, bind, h, train, Act::Relu)?;
         if !self.cfg.small_stem {
             h = g.max_pool2d(
                 h,

@@ -45,7 +45,7 @@ use crate::backend::shapes;
 /// The shared validation, re-exported for the op-family files.
 pub(crate) use crate::backend::shapes::{nchw, rows2, rows_last, same_shape, scalar_grad};
 use crate::backend::{
-    AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
+    AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -891,6 +891,7 @@ impl Backend for CudaBackend {
         running_mean: &Tensor,
         running_var: &Tensor,
         momentum: f32,
+        act: BnAct<'_>,
     ) -> Result<(BnTrainOut, Tensor, Tensor)> {
         norm::batch_norm_train_fwd_running(
             self,
@@ -899,6 +900,7 @@ impl Backend for CudaBackend {
             beta,
             eps,
             (running_mean, running_var, momentum),
+            act,
         )
     }
     fn batch_norm_train_bwd(
@@ -909,7 +911,22 @@ impl Backend for CudaBackend {
         invstd: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        norm::batch_norm_train_bwd(self, x, gamma, mean, invstd, gy)
+        let (gx, gg, gb, _) =
+            norm::batch_norm_train_bwd(self, x, gamma, mean, invstd, gy, None, false)?;
+        Ok((gx, gg, gb))
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_train_relu_bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+        y: &Tensor,
+        gy: &Tensor,
+        keep_masked: bool,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        norm::batch_norm_train_bwd(self, x, gamma, mean, invstd, gy, Some(y), keep_masked)
     }
     fn batch_norm_eval_fwd(
         &self,

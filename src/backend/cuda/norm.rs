@@ -1,7 +1,7 @@
 //! Batch norm and row-wise L2 normalisation (kernels/norm.cu).
 
 use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
-use crate::backend::{shapes, BnTrainOut};
+use crate::backend::{shapes, BnAct, BnTrainOut};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -15,10 +15,11 @@ pub(super) fn batch_norm_train_fwd(
     beta: &Tensor,
     eps: f32,
 ) -> Result<BnTrainOut> {
-    Ok(train_fwd(be, x, gamma, beta, eps, None)?.0)
+    Ok(train_fwd(be, x, gamma, beta, eps, None, BnAct::None)?.0)
 }
 
-/// The forward pass with the running-statistics update fused into the statistics kernel.
+/// The forward pass with the running-statistics update fused into the statistics kernel and the
+/// activation `act` into the normalising pass.
 pub(super) fn batch_norm_train_fwd_running(
     be: &CudaBackend,
     x: &Tensor,
@@ -26,8 +27,9 @@ pub(super) fn batch_norm_train_fwd_running(
     beta: &Tensor,
     eps: f32,
     running: (&Tensor, &Tensor, f32),
+    act: BnAct<'_>,
 ) -> Result<(BnTrainOut, Tensor, Tensor)> {
-    let (o, r) = train_fwd(be, x, gamma, beta, eps, Some(running))?;
+    let (o, r) = train_fwd(be, x, gamma, beta, eps, Some(running), act)?;
     let (rm, rv) = r.ok_or_else(|| Error::msg("batch_norm2d: running statistics missing"))?;
     Ok((o, rm, rv))
 }
@@ -42,8 +44,11 @@ fn train_fwd(
     beta: &Tensor,
     eps: f32,
     running: Option<(&Tensor, &Tensor, f32)>,
+    act: BnAct<'_>,
 ) -> Result<(BnTrainOut, Updated)> {
     let (n, c, h, w) = shapes::batch_norm_train_fwd(x, gamma, beta)?;
+    // The epilogue of bn_apply: residual pointer (null: none) and ReLU flag.
+    let epilogue = act_args(be, x, act)?;
     // The updated running statistics, and the kernel arguments of the update: momentum, rm, rv,
     // rm_out, rv_out (null pointers: no update).
     let (updated, upd): (Updated, [A; 5]) = match running {
@@ -99,6 +104,8 @@ fn train_fwd(
             A::P(be.p(&invstd)?),
             A::P(be.p(gamma)?),
             A::P(be.p(beta)?),
+            epilogue[0],
+            epilogue[1],
             A::P(be.p(&y)?),
         ],
     )?;
@@ -111,13 +118,30 @@ fn train_fwd(
     Ok((o, updated))
 }
 
-/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running).
+/// `bn_apply`'s epilogue arguments `(res, relu)` for `act` on an output shaped like `x`.
+fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
+    Ok(match act {
+        BnAct::None => [A::P(0), A::I(0)],
+        BnAct::Relu => [A::P(0), A::I(1)],
+        BnAct::AddRelu(r) => {
+            same_shape(x, r, "batch_norm2d residual")?;
+            [A::P(be.p(r)?), A::I(1)]
+        }
+    })
+}
+
+/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running); `ry` is the output
+/// of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm` receives the masked
+/// gradient, or is 0.
+#[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
     x: &Tensor,
     gy: &Tensor,
+    ry: u64,
     mean: u64,
     invstd: u64,
+    gm: u64,
 ) -> Result<(Tensor, Tensor)> {
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
@@ -131,16 +155,23 @@ fn bwd_reduce(
                 A::I(ci(h * w)?),
                 A::P(be.p(x)?),
                 A::P(be.p(gy)?),
+                A::P(ry),
                 A::P(mean),
                 A::P(invstd),
                 A::P(be.p(&gg)?),
                 A::P(be.p(&gb)?),
+                A::P(gm),
             ],
         )?;
     }
     Ok((gg, gb))
 }
 
+/// Train-mode gradients. With `relu_out` (the output of a ReLU that followed the norm), the
+/// ReLU's backward is folded into the kernels: no `ew_relu_bwd` launch, and the masked gradient
+/// is materialised (by `bn_bwd_reduce`, then read unmasked by `bn_train_dx`) only when
+/// `keep_masked` asks for it, returned as the fourth value.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn batch_norm_train_bwd(
     be: &CudaBackend,
     x: &Tensor,
@@ -148,9 +179,28 @@ pub(super) fn batch_norm_train_bwd(
     mean: &Tensor,
     invstd: &Tensor,
     gy: &Tensor,
-) -> Result<(Tensor, Tensor, Tensor)> {
+    relu_out: Option<&Tensor>,
+    keep_masked: bool,
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let (n, c, h, w) = shapes::batch_norm_train_bwd(x, gamma, mean, invstd, gy)?;
-    let (gg, gb) = bwd_reduce(be, x, gy, be.p(mean)?, be.p(invstd)?)?;
+    let ry = match relu_out {
+        Some(r) => {
+            same_shape(x, r, "batch_norm2d backward ReLU output")?;
+            be.p(r)?
+        }
+        None => 0,
+    };
+    let gm = match (relu_out, keep_masked) {
+        (Some(_), true) => Some(be.empty(x.shape())?),
+        _ => None,
+    };
+    let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
+    let (gg, gb) = bwd_reduce(be, x, gy, ry, be.p(mean)?, be.p(invstd)?, gm_p)?;
+    // bn_train_dx reads the masked gradient where bn_bwd_reduce wrote it.
+    let (gy_p, ry) = match &gm {
+        Some(t) => (be.p(t)?, 0),
+        _ => (be.p(gy)?, ry),
+    };
     let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {
@@ -163,7 +213,8 @@ pub(super) fn batch_norm_train_bwd(
                 A::I(ci(h * w)?),
                 A::I(ci(n * h * w)?),
                 A::P(be.p(x)?),
-                A::P(be.p(gy)?),
+                A::P(gy_p),
+                A::P(ry),
                 A::P(be.p(mean)?),
                 A::P(be.p(invstd)?),
                 A::P(be.p(gamma)?),
@@ -173,7 +224,7 @@ pub(super) fn batch_norm_train_bwd(
             ],
         )?;
     }
-    Ok((gx, gg, gb))
+    Ok((gx, gg, gb, gm))
 }
 
 fn eval_invstd(be: &CudaBackend, rv: &Tensor, c: usize, eps: f32) -> Result<Tensor> {
@@ -214,6 +265,8 @@ pub(super) fn batch_norm_eval_fwd(
                 A::P(be.p(&inv)?),
                 A::P(be.p(gamma)?),
                 A::P(be.p(beta)?),
+                A::P(0),
+                A::I(0),
                 A::P(be.p(&y)?),
             ],
         )?;
@@ -232,7 +285,7 @@ pub(super) fn batch_norm_eval_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
-    let (gg, gb) = bwd_reduce(be, x, gy, be.p(rm)?, be.p(&inv)?)?;
+    let (gg, gb) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {
