@@ -1,21 +1,16 @@
 // Batch norm (NCHW, statistics per channel over N*H*W) and row-wise L2 normalisation.
 //
-// Indexing: the per-channel reductions (bn_stats, bn_bwd_reduce) use one block per channel c;
+// Indexing: the per-channel reductions (bn_stats, bn_bwd_reduce, and the one-launch variants
+// bn_train_fused, bn_bwd_fused that also write the channel's elements) use one block per channel c;
 // thread t strides over the flattened j = n*HW + i of that channel, element x[(n*C + c)*HW + i],
 // then a fixed block tree (deterministic). The elementwise passes use one thread per element of
 // the flat NCHW buffer with channel c = (i / HW) % C. L2 normalise is "warp per row".
 #include "common.cuh"
 
-// Batch statistics: mean, invstd = 1/sqrt(var_biased + eps), var_unbiased = var_biased*M/(M-1)
-// (M = N*HW; M == 1 gives var_unbiased = 0 rather than NaN). Two passes over the channel (mean
-// first, then squared deviations) for accuracy. When rm_out is not null, also PyTorch's running
-// statistics update rm_out = (1-m)*rm + m*mean, rv_out = (1-m)*rv + m*var_unbiased (saves the two
-// elementwise launches per layer that would otherwise follow).
-extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float* x, float* mean,
-                                    float* invstd, float* var_unbiased, float momentum,
-                                    const float* rm, const float* rv, float* rm_out,
-                                    float* rv_out) {
-    const int c = blockIdx.x;
+// Statistics of channel c over its M = N*HW elements, by one block (every thread gets them): the
+// mean, then the biased variance from squared deviations (two passes, for accuracy).
+__device__ __forceinline__ void bn_channel_stats(int N, int C, int HW, int c, const float* x,
+                                                 float* mu_out, float* var_out) {
     const int M = N * HW;
     float s = 0.f;
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
@@ -29,16 +24,73 @@ extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float
         const float d = x[((size_t)nn * C + c) * HW + i] - mu;
         q += d * d;
     }
-    const float var = block_sum(q) / (float)M;
-    if (threadIdx.x == 0) {
-        mean[c] = mu;
-        invstd[c] = 1.f / sqrtf(var + eps);
-        const float vu = M > 1 ? var * (float)M / (float)(M - 1) : 0.f;
-        var_unbiased[c] = vu;
-        if (rm_out) {
-            rm_out[c] = (1.f - momentum) * rm[c] + momentum * mu;
-            rv_out[c] = (1.f - momentum) * rv[c] + momentum * vu;
-        }
+    *mu_out = mu;
+    *var_out = block_sum(q) / (float)M;
+}
+
+// Thread 0 stores channel c's statistics: mean, invstd = 1/sqrt(var_biased + eps), var_unbiased =
+// var_biased*M/(M-1) (M == 1 gives var_unbiased = 0 rather than NaN) and, when rm_out is not
+// null, PyTorch's running statistics update rm_out = (1-m)*rm + m*mean, rv_out = (1-m)*rv +
+// m*var_unbiased (saves the two elementwise launches per layer that would otherwise follow).
+__device__ __forceinline__ void bn_store_stats(int M, int c, float eps, float mu, float var,
+                                               float* mean, float* invstd, float* var_unbiased,
+                                               float momentum, const float* rm, const float* rv,
+                                               float* rm_out, float* rv_out) {
+    if (threadIdx.x != 0) return;
+    mean[c] = mu;
+    invstd[c] = 1.f / sqrtf(var + eps);
+    const float vu = M > 1 ? var * (float)M / (float)(M - 1) : 0.f;
+    var_unbiased[c] = vu;
+    if (rm_out) {
+        rm_out[c] = (1.f - momentum) * rm[c] + momentum * mu;
+        rv_out[c] = (1.f - momentum) * rv[c] + momentum * vu;
+    }
+}
+
+// One output element: gamma * (x - mean) * invstd + beta, with an optional epilogue: when res is
+// not null, + res[k] (a residual join); when relu != 0, max(., 0) (as ew_relu_fwd / ew_add_relu,
+// so the fused and unfused paths give the same bits).
+__device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, float b,
+                                        const float* res, int relu, size_t k) {
+    float v = g * ((xv - mu) * is) + b;
+    if (res) v = v + res[k];
+    if (relu) v = v > 0.f ? v : 0.f;
+    return v;
+}
+
+// Batch statistics of every channel (one block per channel), see bn_store_stats.
+extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float* x, float* mean,
+                                    float* invstd, float* var_unbiased, float momentum,
+                                    const float* rm, const float* rv, float* rm_out,
+                                    float* rv_out) {
+    const int c = blockIdx.x;
+    float mu, var;
+    bn_channel_stats(N, C, HW, c, x, &mu, &var);
+    bn_store_stats(N * HW, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
+                   rv_out);
+}
+
+// bn_stats and bn_apply in one launch, for channels small enough that one block per channel
+// normalises its own elements faster than a second launch would (the host picks it by M = N*HW):
+// the block of channel c computes and stores the statistics as bn_stats does, then writes the
+// channel's outputs as bn_apply does (same arithmetic, same bits).
+extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, const float* x,
+                                          float* mean, float* invstd, float* var_unbiased,
+                                          float momentum, const float* rm, const float* rv,
+                                          float* rm_out, float* rv_out, const float* gamma,
+                                          const float* beta, const float* res, int relu,
+                                          float* y) {
+    const int c = blockIdx.x;
+    const int M = N * HW;
+    float mu, var;
+    bn_channel_stats(N, C, HW, c, x, &mu, &var);
+    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
+                   rv_out);
+    const float is = 1.f / sqrtf(var + eps), g = gamma[c], b = beta[c];
+    for (int j = threadIdx.x; j < M; j += blockDim.x) {
+        const int nn = j / HW, i = j - nn * HW;
+        const size_t k = ((size_t)nn * C + c) * HW + i;
+        y[k] = bn_out(x[k], mu, is, g, b, res, relu, k);
     }
 }
 
@@ -47,18 +99,13 @@ extern "C" __global__ void bn_eval_invstd(int C, float eps, const float* rv, flo
     GRID_LOOP(c, C) invstd[c] = 1.f / sqrtf(rv[c] + eps);
 }
 
-// y = gamma * (x - mean) * invstd + beta, one thread per element, with an optional epilogue in
-// the same pass: when res is not null, y += res[i] (a residual join); when relu != 0, y = max(y, 0)
-// (as ew_relu_fwd / ew_add_relu, so the fused and unfused paths give the same bits).
+// y = gamma * (x - mean) * invstd + beta with bn_out's optional epilogue, one thread per element.
 extern "C" __global__ void bn_apply(int n, int C, int HW, const float* x, const float* mean,
                                     const float* invstd, const float* gamma, const float* beta,
                                     const float* res, int relu, float* y) {
     GRID_LOOP(i, n) {
         const int c = (i / HW) % C;
-        float v = gamma[c] * ((x[i] - mean[c]) * invstd[c]) + beta[c];
-        if (res) v = v + res[i];
-        if (relu) v = v > 0.f ? v : 0.f;
-        y[i] = v;
+        y[i] = bn_out(x[i], mean[c], invstd[c], gamma[c], beta[c], res, relu, i);
     }
 }
 
@@ -68,15 +115,14 @@ __device__ __forceinline__ float bn_gy(const float* gy, const float* ry, size_t 
     return (ry && !(ry[k] > 0.f)) ? 0.f : gy[k];
 }
 
-// Per channel: gbeta = sum(gy), ggamma = sum(gy * xhat), xhat = (x - mean) * invstd (gy masked
-// by the following ReLU's output ry when ry is not null, see bn_gy). When gm is not null, the
-// masked gradient is also written there (a residual join's other input needs it).
-extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, const float* gy,
-                                         const float* ry, const float* mean, const float* invstd,
-                                         float* ggamma, float* gbeta, float* gm) {
-    const int c = blockIdx.x;
+// Channel c's gradient sums by one block (every thread gets them): sg = sum(gy) and sgx =
+// sum(gy * xhat), xhat = (x - mean) * invstd, with gy masked by the following ReLU's output ry
+// when ry is not null (see bn_gy). When gm is not null, the masked gradient is also written there
+// (a residual join's other input needs it).
+__device__ __forceinline__ void bn_grad_sums(int N, int C, int HW, int c, const float* x,
+                                             const float* gy, const float* ry, float mu, float is,
+                                             float* gm, float* sg_out, float* sgx_out) {
     const int M = N * HW;
-    const float mu = mean[c], is = invstd[c];
     float sg = 0.f, sgx = 0.f;
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const int nn = j / HW, i = j - nn * HW;
@@ -86,26 +132,63 @@ extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, c
         sg += g;
         sgx += g * (x[k] - mu) * is;
     }
-    sg = block_sum(sg);
-    sgx = block_sum(sgx);
+    *sg_out = block_sum(sg);
+    *sgx_out = block_sum(sgx);
+}
+
+// One train-mode input-gradient element: gamma*invstd * (g - sum(gy)/M - xhat * sum(gy*xhat)/M).
+__device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, float gam,
+                                       float sg, float sgx, int M) {
+    const float xhat = (xv - mu) * is;
+    const float inv_m = 1.f / (float)M;
+    return gam * is * (g - sg * inv_m - xhat * sgx * inv_m);
+}
+
+// Per channel (one block each): gbeta = sum(gy), ggamma = sum(gy * xhat) (see bn_grad_sums).
+extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, const float* gy,
+                                         const float* ry, const float* mean, const float* invstd,
+                                         float* ggamma, float* gbeta, float* gm) {
+    const int c = blockIdx.x;
+    float sg, sgx;
+    bn_grad_sums(N, C, HW, c, x, gy, ry, mean[c], invstd[c], gm, &sg, &sgx);
     if (threadIdx.x == 0) {
         gbeta[c] = sg;
         ggamma[c] = sgx;
     }
 }
 
-// Train-mode input gradient: gx = gamma*invstd * (gy - sum(gy)/M - xhat * sum(gy*xhat)/M) (gy
-// masked by ry as in bn_bwd_reduce).
+// Train-mode input gradient, one thread per element (gy masked by ry as in bn_bwd_reduce).
 extern "C" __global__ void bn_train_dx(int n, int C, int HW, int M, const float* x,
                                        const float* gy, const float* ry, const float* mean,
                                        const float* invstd, const float* gamma,
                                        const float* ggamma, const float* gbeta, float* gx) {
     GRID_LOOP(i, n) {
         const int c = (i / HW) % C;
-        const float xhat = (x[i] - mean[c]) * invstd[c];
-        const float inv_m = 1.f / (float)M;
-        gx[i] = gamma[c] * invstd[c] *
-                (bn_gy(gy, ry, i) - gbeta[c] * inv_m - xhat * ggamma[c] * inv_m);
+        gx[i] = bn_dx(bn_gy(gy, ry, i), x[i], mean[c], invstd[c], gamma[c], gbeta[c], ggamma[c],
+                      M);
+    }
+}
+
+// bn_bwd_reduce and bn_train_dx in one launch for small channels (picked by the host as
+// bn_train_fused): the block of channel c forms its sums, stores gbeta/ggamma, then writes the
+// channel's input gradient (same arithmetic, same bits as the two-launch path).
+extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, const float* gy,
+                                        const float* ry, const float* mean, const float* invstd,
+                                        const float* gamma, float* ggamma, float* gbeta,
+                                        float* gm, float* gx) {
+    const int c = blockIdx.x;
+    const int M = N * HW;
+    const float mu = mean[c], is = invstd[c], gam = gamma[c];
+    float sg, sgx;
+    bn_grad_sums(N, C, HW, c, x, gy, ry, mu, is, gm, &sg, &sgx);
+    if (threadIdx.x == 0) {
+        gbeta[c] = sg;
+        ggamma[c] = sgx;
+    }
+    for (int j = threadIdx.x; j < M; j += blockDim.x) {
+        const int nn = j / HW, i = j - nn * HW;
+        const size_t k = ((size_t)nn * C + c) * HW + i;
+        gx[k] = bn_dx(bn_gy(gy, ry, k), x[k], mu, is, gam, sg, sgx, M);
     }
 }
 

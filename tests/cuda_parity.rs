@@ -458,6 +458,8 @@ fn batch_norm_train_and_eval() {
         [8, 16, 1, 1],
         [5, 1, 17, 3],
         [12, 64, 28, 28],
+        // N·H·W = 70560: above the one-launch limit, so the two-launch kernels run.
+        [40, 3, 42, 42],
     ] {
         let c = shape[1];
         let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
@@ -532,7 +534,14 @@ fn batch_norm_train_and_eval() {
 fn batch_norm_fused_activation() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(17);
-    for shape in [[2, 3, 5, 7], [1, 4, 3, 3], [8, 16, 1, 1], [12, 64, 14, 14]] {
+    // The last shape is above the one-launch limit (N·H·W = 70560): two launches per pass.
+    for shape in [
+        [2, 3, 5, 7],
+        [1, 4, 3, 3],
+        [8, 16, 1, 1],
+        [12, 64, 14, 14],
+        [40, 3, 42, 42],
+    ] {
         let c = shape[1];
         let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
         let (gmc, gmg) = pair(g, &rng.pos(c), &[c]);
@@ -619,6 +628,75 @@ fn batch_norm_fused_activation() {
             0.0,
         );
     }
+}
+
+/// Small channels run each batch-norm pass as one launch (`bn_train_fused`, `bn_bwd_fused`),
+/// large ones as two; forcing the two-launch path on the same small shapes gives the same bits.
+#[test]
+fn batch_norm_one_launch_equals_two_launches() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(19);
+    for shape in [[2, 3, 5, 7], [8, 16, 1, 1], [12, 64, 14, 14]] {
+        let c = shape[1];
+        let x = g.from_host(&rng.vec(numel(&shape), 2.0), &shape).unwrap();
+        let gamma = g.from_host(&rng.pos(c), &[c]).unwrap();
+        let beta = g.from_host(&rng.vec(c, 0.5), &[c]).unwrap();
+        let rm = g.from_host(&rng.vec(c, 0.5), &[c]).unwrap();
+        let rv = g.from_host(&rng.pos(c), &[c]).unwrap();
+        let r = g.from_host(&rng.vec(numel(&shape), 1.0), &shape).unwrap();
+        let gy = g.from_host(&rng.vec(numel(&shape), 1.0), &shape).unwrap();
+        let run = || {
+            let (o, nrm, nrv) = g
+                .batch_norm_train_fwd_running(
+                    &x,
+                    &gamma,
+                    &beta,
+                    1e-5,
+                    &rm,
+                    &rv,
+                    0.1,
+                    BnAct::AddRelu(&r),
+                )
+                .unwrap();
+            let b = g
+                .batch_norm_train_relu_bwd(&x, &gamma, &o.mean, &o.invstd, &o.y, &gy, true)
+                .unwrap();
+            let plain = g
+                .batch_norm_train_bwd(&x, &gamma, &o.mean, &o.invstd, &gy)
+                .unwrap();
+            [
+                o.y,
+                o.mean,
+                o.invstd,
+                o.var_unbiased,
+                nrm,
+                nrv,
+                b.0,
+                b.1,
+                b.2,
+                b.3.unwrap(),
+                plain.0,
+                plain.1,
+                plain.2,
+            ]
+            .map(|t| t.to_vec().unwrap())
+        };
+        let one = run();
+        let old = cu::set_bn_fused_max_m(0);
+        let two = run();
+        cu::set_bn_fused_max_m(old);
+        assert!(old >= 14 * 14 * 12, "default one-launch limit {old}");
+        for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+            assert_eq!(
+                a, b,
+                "{shape:?}: output {i} differs between one and two launches"
+            );
+        }
+    }
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
 }
 
 fn plain_cpu(x: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {

@@ -70,8 +70,9 @@ STEPS="$OUTDIR/steps.jsonl"
 # the default on both sides (medssl: no MEDSSL_TF32; the peer: no --tf32); the TF32 rows compare
 # tensor-core math on both sides, the MEDSSL_CUDNN_ALGO=heuristic rows measure what timing the
 # cuDNN algorithms (the default) gains over cuDNN's heuristic choice, and the
-# MEDSSL_CUDA_CONV1X1=cudnn row what the cuBLAS path for 1x1 convolutions gains over cuDNN.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+# MEDSSL_CUDA_CONV1X1=cudnn row what the cuBLAS path for 1x1 convolutions gains over cuDNN, the
+# MEDSSL_CUDA_BN_FUSED_MAX_M=0 rows what one batch-norm launch per pass gains over two.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
 PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at

@@ -4,9 +4,45 @@ use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, Cuda
 use crate::backend::{shapes, BnAct, BnTrainOut};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Threads per block of the per-channel reductions.
 const RED_THREADS: u32 = 512;
+
+/// Channels of at most this many elements (M = N·H·W) get their batch norm, forward and backward,
+/// from one launch (`bn_train_fused`, `bn_bwd_fused`: the block that reduces a channel also writes
+/// its elements) instead of two (a per-channel reduction, then an elementwise pass over the whole
+/// tensor). Below it the second launch costs more than the block's extra pass; above it the
+/// elementwise pass is better spread over the device.
+const FUSED_MAX_M: usize = 65536;
+
+/// The limit in force: [`set_bn_fused_max_m`]'s value, else `MEDSSL_CUDA_BN_FUSED_MAX_M` when
+/// set (0: always two launches), else [`FUSED_MAX_M`].
+fn fused_max_m() -> usize {
+    match FUSED_LIMIT.load(Ordering::Relaxed) {
+        usize::MAX => {
+            let v = std::env::var("MEDSSL_CUDA_BN_FUSED_MAX_M")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(FUSED_MAX_M);
+            FUSED_LIMIT.store(v, Ordering::Relaxed);
+            v
+        }
+        v => v,
+    }
+}
+
+/// The batch-norm one-launch limit of this process (`usize::MAX`: not read yet).
+static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Sets the largest N·H·W whose batch norm runs as one launch per pass (0: always two), for
+/// this process and every CUDA device; returns the previous limit. For tests and benchmarks that
+/// compare the two paths.
+pub fn set_bn_fused_max_m(m: usize) -> usize {
+    let old = fused_max_m();
+    FUSED_LIMIT.store(m, Ordering::Relaxed);
+    old
+}
 
 pub(super) fn batch_norm_train_fwd(
     be: &CudaBackend,
@@ -90,8 +126,41 @@ fn train_fwd(
         A::P(be.p(&var)?),
     ];
     args.extend(upd);
-    be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
+    if n * hw <= fused_max_m() {
+        args.extend([
+            A::P(be.p(gamma)?),
+            A::P(be.p(beta)?),
+            epilogue[0],
+            epilogue[1],
+            A::P(be.p(&y)?),
+        ]);
+        be.launch("bn_train_fused", cfg_blocks(c, RED_THREADS), &args)?;
+    } else {
+        be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
+        apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
+    }
+    let o = BnTrainOut {
+        y,
+        mean,
+        invstd,
+        var_unbiased: var,
+    };
+    Ok((o, updated))
+}
+
+/// `bn_apply`: `y = γ (x − mean)·invstd + β` and the epilogue, elementwise.
+fn apply(
+    be: &CudaBackend,
+    x: &Tensor,
+    (mean, invstd, gamma, beta): (&Tensor, &Tensor, &Tensor, &Tensor),
+    epilogue: [A; 2],
+    y: &Tensor,
+    (c, hw): (usize, usize),
+) -> Result<()> {
     let total = x.numel();
+    if total == 0 {
+        return Ok(());
+    }
     be.launch(
         "bn_apply",
         cfg_lin(total),
@@ -100,22 +169,16 @@ fn train_fwd(
             A::I(ci(c)?),
             A::I(ci(hw)?),
             A::P(be.p(x)?),
-            A::P(be.p(&mean)?),
-            A::P(be.p(&invstd)?),
+            A::P(be.p(mean)?),
+            A::P(be.p(invstd)?),
             A::P(be.p(gamma)?),
             A::P(be.p(beta)?),
             epilogue[0],
             epilogue[1],
-            A::P(be.p(&y)?),
+            A::P(be.p(y)?),
         ],
     )?;
-    let o = BnTrainOut {
-        y,
-        mean,
-        invstd,
-        var_unbiased: var,
-    };
-    Ok((o, updated))
+    Ok(())
 }
 
 /// `bn_apply`'s epilogue arguments `(res, relu)` for `act` on an output shaped like `x`.
@@ -130,9 +193,10 @@ fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
     })
 }
 
-/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running); `ry` is the output
-/// of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm` receives the masked
-/// gradient, or is 0.
+/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running) by `bn_bwd_reduce`;
+/// `ry` is the output of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm`
+/// receives the masked gradient, or is 0. With `fused = Some((gamma, gx))`, `bn_bwd_fused` also
+/// writes the train-mode input gradient into `gx` in the same launch.
 #[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
@@ -142,35 +206,43 @@ fn bwd_reduce(
     mean: u64,
     invstd: u64,
     gm: u64,
+    fused: Option<(u64, u64)>,
 ) -> Result<(Tensor, Tensor)> {
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
-    if c > 0 {
-        be.launch(
-            "bn_bwd_reduce",
-            cfg_blocks(c, RED_THREADS),
-            &[
-                A::I(ci(n)?),
-                A::I(ci(c)?),
-                A::I(ci(h * w)?),
-                A::P(be.p(x)?),
-                A::P(be.p(gy)?),
-                A::P(ry),
-                A::P(mean),
-                A::P(invstd),
-                A::P(be.p(&gg)?),
-                A::P(be.p(&gb)?),
-                A::P(gm),
-            ],
-        )?;
+    if c == 0 {
+        return Ok((gg, gb));
     }
+    let mut args = vec![
+        A::I(ci(n)?),
+        A::I(ci(c)?),
+        A::I(ci(h * w)?),
+        A::P(be.p(x)?),
+        A::P(be.p(gy)?),
+        A::P(ry),
+        A::P(mean),
+        A::P(invstd),
+    ];
+    if let Some((gamma, _)) = fused {
+        args.push(A::P(gamma));
+    }
+    args.extend([A::P(be.p(&gg)?), A::P(be.p(&gb)?), A::P(gm)]);
+    let name = match fused {
+        Some((_, gx)) => {
+            args.push(A::P(gx));
+            "bn_bwd_fused"
+        }
+        None => "bn_bwd_reduce",
+    };
+    be.launch(name, cfg_blocks(c, RED_THREADS), &args)?;
     Ok((gg, gb))
 }
 
-/// Train-mode gradients. With `relu_out` (the output of a ReLU that followed the norm), the
-/// ReLU's backward is folded into the kernels: no `ew_relu_bwd` launch, and the masked gradient
-/// is materialised (by `bn_bwd_reduce`, then read unmasked by `bn_train_dx`) only when
-/// `keep_masked` asks for it, returned as the fourth value.
+/// Train-mode gradients: `bn_bwd_fused` for small channels (see [`FUSED_MAX_M`]), else
+/// `bn_bwd_reduce` then `bn_train_dx`. With `relu_out` (the output of a ReLU that followed the
+/// norm), the ReLU's backward is folded into the kernels: no `ew_relu_bwd` launch, and the masked
+/// gradient is materialised (by the reducing kernel; `bn_train_dx` then reads it unmasked) only
+/// when `keep_masked` asks for it, returned as the fourth value.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn batch_norm_train_bwd(
     be: &CudaBackend,
@@ -195,13 +267,19 @@ pub(super) fn batch_norm_train_bwd(
         _ => None,
     };
     let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
-    let (gg, gb) = bwd_reduce(be, x, gy, ry, be.p(mean)?, be.p(invstd)?, gm_p)?;
+    let gx = be.empty(x.shape())?;
+    let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
+    if n * h * w <= fused_max_m() {
+        let fused = Some((be.p(gamma)?, be.p(&gx)?));
+        let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fused)?;
+        return Ok((gx, gg, gb, gm));
+    }
+    let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, None)?;
     // bn_train_dx reads the masked gradient where bn_bwd_reduce wrote it.
     let (gy_p, ry) = match &gm {
         Some(t) => (be.p(t)?, 0),
         _ => (be.p(gy)?, ry),
     };
-    let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {
         be.launch(
@@ -251,26 +329,8 @@ pub(super) fn batch_norm_eval_fwd(
     let (_, c, h, w) = shapes::batch_norm_eval_fwd(x, gamma, beta, rm, rv)?;
     let inv = eval_invstd(be, rv, c, eps)?;
     let y = be.empty(x.shape())?;
-    let total = x.numel();
-    if total > 0 {
-        be.launch(
-            "bn_apply",
-            cfg_lin(total),
-            &[
-                A::I(ci(total)?),
-                A::I(ci(c)?),
-                A::I(ci(h * w)?),
-                A::P(be.p(x)?),
-                A::P(be.p(rm)?),
-                A::P(be.p(&inv)?),
-                A::P(be.p(gamma)?),
-                A::P(be.p(beta)?),
-                A::P(0),
-                A::I(0),
-                A::P(be.p(&y)?),
-            ],
-        )?;
-    }
+    let none = act_args(be, x, BnAct::None)?;
+    apply(be, x, (rm, &inv, gamma, beta), none, &y, (c, h * w))?;
     Ok(y)
 }
 
@@ -285,7 +345,7 @@ pub(super) fn batch_norm_eval_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
-    let (gg, gb) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0)?;
+    let (gg, gb) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {
