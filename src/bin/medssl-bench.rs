@@ -143,6 +143,16 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
     }
 }
 
+/// The CUDA backend's batch-norm one-launch limit (`MEDSSL_CUDA_BN_FUSED_MAX_M`); None on CPU.
+fn bn_fused_max_m(dev: Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if dev != Device::Cpu {
+        return Some(medssl::backend::cuda::bn_fused_max_m());
+    }
+    let _ = dev;
+    None
+}
+
 /// Starts counting the device work items (kernel launches, library calls, copies) on CUDA.
 fn reset_launch_counts(dev: Device) {
     #[cfg(feature = "cuda")]
@@ -291,6 +301,9 @@ fn step(a: &StepArgs) -> Result<()> {
             Ok("heuristic") => "heuristic",
             _ => "find",
         }),
+        "cudnn_deterministic_first": (dev != Device::Cpu)
+            .then(|| !std::env::var("MEDSSL_CUDNN_DETERMINISTIC").is_ok_and(|v| v == "0")),
+        "bn_fused_max_m": bn_fused_max_m(dev),
     });
     if a.json {
         println!("{rec}");

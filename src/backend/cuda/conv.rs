@@ -136,21 +136,30 @@ perf!(
     sys::cudnnConvolutionBwdFilterAlgo_t
 );
 
+/// Whether [`pick`] prefers deterministic algorithms: yes unless `MEDSSL_CUDNN_DETERMINISTIC=0`
+/// (then the fastest usable one, deterministic or not, as PyTorch's `cudnn.benchmark = True`
+/// with `cudnn.deterministic = False` does).
+fn deterministic_first() -> bool {
+    !std::env::var("MEDSSL_CUDNN_DETERMINISTIC").is_ok_and(|v| v == "0")
+}
+
 /// Picks from `found` (fastest first after a Find, heuristic order otherwise) the first result
-/// that succeeded and fits the workspace limit, preferring deterministic algorithms so that the
-/// convolutions add no run-to-run variation. In FP32 (FMA) mode a result must also have been
-/// timed in FMA math: one timed with tensor ops would not run that fast under the descriptor.
-fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t) -> Option<P> {
+/// that succeeded and fits the workspace limit; with `deterministic_first`, a deterministic one
+/// where there is one, so that the convolutions add no run-to-run variation. In FP32 (FMA) mode
+/// a result must also have been timed in FMA math: one timed with tensor ops would not run that
+/// fast under the descriptor.
+fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t, deterministic_first: bool) -> Option<P> {
     let fma = sys::cudnnMathType_t::CUDNN_FMA_MATH;
     let ok = |f: &&P| f.usable() && (math != fma || f.math() == fma);
     let any_math = |f: &&P| f.usable();
+    let det = |f: &&P| !deterministic_first || f.deterministic();
     found
         .iter()
         .filter(ok)
-        .find(|f| f.deterministic())
+        .find(det)
         .or_else(|| found.iter().find(ok))
         // A library that reports another math type for every result: still honour the order.
-        .or_else(|| found.iter().filter(any_math).find(|f| f.deterministic()))
+        .or_else(|| found.iter().filter(any_math).find(det))
         .or_else(|| found.iter().find(any_math))
         .copied()
 }
@@ -185,7 +194,11 @@ fn choose<P: Perf>(
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
-        found = pick(&buf[..count.clamp(0, 8) as usize], math);
+        found = pick(
+            &buf[..count.clamp(0, 8) as usize],
+            math,
+            deterministic_first(),
+        );
     }
     if found.is_none() {
         how = "heuristic";
@@ -194,7 +207,11 @@ fn choose<P: Perf>(
         if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
             return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
         }
-        found = pick(&buf[..count.clamp(0, 8) as usize], math);
+        found = pick(
+            &buf[..count.clamp(0, 8) as usize],
+            math,
+            deterministic_first(),
+        );
     }
     let p = found.ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))?;
     if std::env::var("MEDSSL_CUDNN_LOG").is_ok_and(|v| v == "1") {
@@ -748,4 +765,65 @@ fn im2col_bwd(
         .strides(s.cout * ohw, ckk * ohw, per)
         .run(be, be.p(gy)?, col, parts.ptr())?;
     reduce::sum_rows_raw(be, s.n, per, parts.ptr(), be.p(gw)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{pick, sys, Perf, WORKSPACE_LIMIT};
+
+    /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
+    #[derive(Clone, Copy, Debug)]
+    struct R(u32, bool, bool, bool, usize);
+
+    impl Perf for R {
+        type Algo = u32;
+        fn algo(&self) -> u32 {
+            self.0
+        }
+        fn usable(&self) -> bool {
+            self.1 && self.4 <= WORKSPACE_LIMIT
+        }
+        fn deterministic(&self) -> bool {
+            self.2
+        }
+        fn math(&self) -> sys::cudnnMathType_t {
+            if self.3 {
+                sys::cudnnMathType_t::CUDNN_FMA_MATH
+            } else {
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+            }
+        }
+        fn time_ms(&self) -> f32 {
+            0.0
+        }
+    }
+
+    #[test]
+    fn algorithm_choice_follows_order_determinism_workspace_and_math() {
+        let fma = sys::cudnnMathType_t::CUDNN_FMA_MATH;
+        let dflt = sys::cudnnMathType_t::CUDNN_DEFAULT_MATH;
+        // Fastest first: a failed one, one over the workspace limit, a fast non-deterministic
+        // one, a tensor-op one, then the first deterministic FMA one.
+        let found = [
+            R(9, false, true, true, 0),
+            R(8, true, true, true, WORKSPACE_LIMIT + 1),
+            R(1, true, false, true, 0),
+            R(2, true, true, false, 0),
+            R(3, true, true, true, 0),
+        ];
+        let algo = |m, d| pick(&found, m, d).map(|p| p.algo());
+        assert_eq!(algo(fma, true), Some(3), "deterministic FMA result first");
+        assert_eq!(algo(fma, false), Some(1), "fastest usable FMA result");
+        assert_eq!(algo(dflt, true), Some(2), "any math: first deterministic");
+        assert_eq!(algo(dflt, false), Some(1), "any math: fastest");
+        // Only non-deterministic results: taken even when determinism is preferred.
+        let nd = [R(5, true, false, true, 0), R(6, true, false, true, 0)];
+        assert_eq!(pick(&nd, fma, true).map(|p| p.algo()), Some(5));
+        // A library reporting only tensor-op math in FMA mode: still a choice, in order.
+        let tc = [R(7, true, false, false, 0), R(4, true, true, false, 0)];
+        assert_eq!(pick(&tc, fma, true).map(|p| p.algo()), Some(4));
+        assert_eq!(pick(&tc, fma, false).map(|p| p.algo()), Some(7));
+        // Nothing usable.
+        assert!(pick(&found[..2], fma, true).is_none());
+    }
 }

@@ -25,7 +25,7 @@ pub mod emu;
 mod fusion;
 mod gemm;
 mod norm;
-pub use norm::set_bn_fused_max_m;
+pub use norm::{bn_fused_max_m, set_bn_fused_max_m};
 mod optim;
 mod pool;
 mod reduce;

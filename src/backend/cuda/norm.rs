@@ -16,9 +16,12 @@ const RED_THREADS: u32 = 512;
 /// elementwise pass is better spread over the device.
 const FUSED_MAX_M: usize = 65536;
 
+/// The batch-norm one-launch limit of this process (`usize::MAX`: not read yet).
+static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
 /// The limit in force: [`set_bn_fused_max_m`]'s value, else `MEDSSL_CUDA_BN_FUSED_MAX_M` when
 /// set (0: always two launches), else [`FUSED_MAX_M`].
-fn fused_max_m() -> usize {
+pub fn bn_fused_max_m() -> usize {
     match FUSED_LIMIT.load(Ordering::Relaxed) {
         usize::MAX => {
             let v = std::env::var("MEDSSL_CUDA_BN_FUSED_MAX_M")
@@ -32,14 +35,11 @@ fn fused_max_m() -> usize {
     }
 }
 
-/// The batch-norm one-launch limit of this process (`usize::MAX`: not read yet).
-static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
-
 /// Sets the largest N·H·W whose batch norm runs as one launch per pass (0: always two), for
 /// this process and every CUDA device; returns the previous limit. For tests and benchmarks that
 /// compare the two paths.
 pub fn set_bn_fused_max_m(m: usize) -> usize {
-    let old = fused_max_m();
+    let old = bn_fused_max_m();
     FUSED_LIMIT.store(m, Ordering::Relaxed);
     old
 }
@@ -126,7 +126,7 @@ fn train_fwd(
         A::P(be.p(&var)?),
     ];
     args.extend(upd);
-    if n * hw <= fused_max_m() {
+    if n * hw <= bn_fused_max_m() {
         args.extend([
             A::P(be.p(gamma)?),
             A::P(be.p(beta)?),
@@ -269,7 +269,7 @@ pub(super) fn batch_norm_train_bwd(
     let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
-    if n * h * w <= fused_max_m() {
+    if n * h * w <= bn_fused_max_m() {
         let fused = Some((be.p(gamma)?, be.p(&gx)?));
         let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fused)?;
         return Ok((gx, gg, gb, gm));
