@@ -172,6 +172,22 @@ fn memory_roundtrip_and_fill() {
     assert!(g.relu_fwd(&c).is_err());
 }
 
+/// The driver's device-to-device copy (the bandwidth peak of `medssl-bench ops`) copies exactly.
+#[test]
+fn device_to_device_copy() {
+    let Some(g) = gpu() else { return };
+    let cb = cu::CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(23);
+    for shape in [vec![1], vec![3, 5, 7], vec![1 << 16]] {
+        let n: usize = shape.iter().product();
+        let v = rng.vec(n, 3.0);
+        let x = g.from_host(&v, &shape).unwrap();
+        let y = cb.copy_tensor(&x).unwrap();
+        assert_eq!(y.shape(), &shape[..]);
+        assert_eq!(y.to_vec().unwrap(), v, "{shape:?}");
+    }
+}
+
 #[test]
 fn caching_allocator_reuses_buffers() {
     let Some(g) = gpu() else { return };

@@ -508,7 +508,7 @@ impl CudaBackend {
     /// all threads: every hand-written kernel launch by kernel name, every cuBLAS product
     /// (`cublas_sgemm`, `cublas_sgemm_strided_batched`) and cuDNN convolution pass
     /// (`cudnn_conv_fwd`, `cudnn_conv_bwd_data`, `cudnn_conv_bwd_filter`) and every copy or fill
-    /// (`memcpy_htod`, `memcpy_dtoh`, `memset_zeros`), sorted by name. In a
+    /// (`memcpy_htod`, `memcpy_dtoh`, `memcpy_dtod`, `memset_zeros`), sorted by name. In a
     /// latency-bound step the total is what the GPU time follows.
     pub fn launch_counts(&self) -> Vec<(&'static str, u64)> {
         let mut v: Vec<_> = lock(&self.counts).iter().map(|(k, n)| (*k, *n)).collect();
@@ -523,6 +523,36 @@ impl CudaBackend {
     /// Counts one work item (see [`CudaBackend::launch_counts`]).
     pub(crate) fn count(&self, what: &'static str) {
         *lock(&self.counts).entry(what).or_insert(0) += 1;
+    }
+
+    /// A copy of `t` made by the driver's device-to-device copy (`cuMemcpyDtoDAsync`), stream
+    /// ordered: `medssl-bench ops` times it as the device's copy bandwidth, the peak against which
+    /// memory-bound kernels are rated.
+    pub fn copy_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let src = self.storage_of(t)?;
+        let n = t.numel();
+        let mut dst = self.buffer(n)?;
+        if n > 0 {
+            self.count("memcpy_dtod");
+            let out = dst.slice.as_mut().expect("fresh buffer");
+            match (src.slice.as_ref().expect("live buffer"), out, &self.drv) {
+                (Buf::Dev(a), Buf::Dev(b), Some(d)) => d
+                    .stream
+                    .memcpy_dtod(&a.slice(0..n), &mut b.slice_mut(0..n))
+                    .map_err(cuda_err("device-to-device copy"))?,
+                (Buf::Emu(a), Buf::Emu(b), None) => {
+                    let mut tmp = vec![0.0f32; n];
+                    a.read(&mut tmp);
+                    b.write(0, &tmp);
+                }
+                _ => {
+                    return Err(Error::Cuda(
+                        "a buffer of the emulated device met a real one (or the reverse)".into(),
+                    ))
+                }
+            }
+        }
+        Ok(Tensor::from_storage(Storage::Cuda(dst), t.shape()))
     }
 
     /// Frees all cached (unused) device buffers.

@@ -885,16 +885,33 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
             value: host_copy_gbps(mib, 5),
         })
     } else {
-        // The Backend trait has no plain copy: `scale` streams the same bytes (read + write).
+        // The driver's device-to-device copy of `mib` MiB (read + write bytes), the device's copy
+        // bandwidth; `scale` (a hand-written streaming kernel) where that copy is not available.
         let len = mib * (1 << 20) / 4;
         let x = bk.full(&[len], 1.0)?;
+        let bytes = 2.0 * (len * 4) as f64;
+        #[cfg(feature = "cuda")]
+        if let Some(cb) = super::cuda_backend(bk.device()) {
+            let (med, _) = time(bk, 2, 10, || {
+                cb.copy_tensor(&x)?;
+                Ok(())
+            })?;
+            let kind = format!("memcpy_dtod_{mib}MiB");
+            return Ok((
+                compute,
+                Some(Peak {
+                    kind,
+                    value: bytes / med / 1e9,
+                }),
+            ));
+        }
         let (med, _) = time(bk, 2, 10, || {
             bk.scale(&x, 1.0001)?;
             Ok(())
         })?;
         Some(Peak {
             kind: format!("scale_{mib}MiB"),
-            value: 2.0 * (len * 4) as f64 / med / 1e9,
+            value: bytes / med / 1e9,
         })
     };
     Ok((compute, memory))
