@@ -22,7 +22,7 @@ __device__ __forceinline__ void bn_channel_stats(int N, int C, int HW, int c, co
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const int nn = j / HW, i = j - nn * HW;
         const float d = x[((size_t)nn * C + c) * HW + i] - mu;
-        q += d * d;
+        q = fmaf(d, d, q);
     }
     *mu_out = mu;
     *var_out = block_sum(q) / (float)M;
@@ -50,9 +50,13 @@ __device__ __forceinline__ void bn_store_stats(int M, int c, float eps, float mu
 // One output element: gamma * (x - mean) * invstd + beta, with an optional epilogue: when res is
 // not null, + res[k] (a residual join); when relu != 0, max(., 0) (as ew_relu_fwd / ew_add_relu,
 // so the fused and unfused paths give the same bits).
+//
+// The norm's kernels spell out every fused multiply-add (fmaf) so that the compiler's
+// contraction choices, which may differ between a loop and a hoisted loop invariant, cannot make
+// the one-launch and two-launch paths round differently.
 __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, float b,
                                         const float* res, int relu, size_t k) {
-    float v = g * ((xv - mu) * is) + b;
+    float v = fmaf(g, (xv - mu) * is, b);
     if (res) v = v + res[k];
     if (relu) v = v > 0.f ? v : 0.f;
     return v;
@@ -130,7 +134,7 @@ __device__ __forceinline__ void bn_grad_sums(int N, int C, int HW, int c, const 
         const float g = bn_gy(gy, ry, k);
         if (gm) gm[k] = g;
         sg += g;
-        sgx += g * (x[k] - mu) * is;
+        sgx = fmaf(g * (x[k] - mu), is, sgx);
     }
     *sg_out = block_sum(sg);
     *sgx_out = block_sum(sgx);
@@ -141,7 +145,8 @@ __device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, fl
                                        float sg, float sgx, int M) {
     const float xhat = (xv - mu) * is;
     const float inv_m = 1.f / (float)M;
-    return gam * is * (g - sg * inv_m - xhat * sgx * inv_m);
+    const float t = fmaf(-(xhat * sgx), inv_m, fmaf(-sg, inv_m, g));
+    return (gam * is) * t;
 }
 
 // Per channel (one block each): gbeta = sum(gy), ggamma = sum(gy * xhat) (see bn_grad_sums).
