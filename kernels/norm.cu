@@ -42,8 +42,8 @@ __device__ __forceinline__ void bn_store_stats(int M, int c, float eps, float mu
     const float vu = M > 1 ? var * (float)M / (float)(M - 1) : 0.f;
     var_unbiased[c] = vu;
     if (rm_out) {
-        rm_out[c] = (1.f - momentum) * rm[c] + momentum * mu;
-        rv_out[c] = (1.f - momentum) * rv[c] + momentum * vu;
+        rm_out[c] = fmaf(momentum, mu, (1.f - momentum) * rm[c]);
+        rv_out[c] = fmaf(momentum, vu, (1.f - momentum) * rv[c]);
     }
 }
 
