@@ -3,7 +3,8 @@
 #
 #   tools/results-table.sh [--dataset ham10000|pneumoniamnist|all] [--device cpu|cuda|cuda:N]
 #                          [--epochs N] [--jobs J] [--out DIR] [--bin PATH] [--data-root DIR]
-#                          [--all-seeds] [--budget SECONDS] [--set KEY=VALUE]... [--dry-run]
+#                          [--all-seeds] [--budget SECONDS] [--set KEY=VALUE]... [--first NAMES]
+#                          [--dry-run]
 #
 # Runs (all: preset `fast` = width 16, 28 px, 12 labelled + 36 unlabelled images per step, Adam
 # lr 1e-3 with cosine decay over the run, weight decay 5e-4, and SPEC §1's loss weights; only the
@@ -18,6 +19,8 @@
 #   PneumoniaMNIST (--labeled-ratio 0.2 of the official train split):
 #     supervised 20 % (seeds 0, 1), DSRPGC (seeds 0, 1)
 # --all-seeds runs every row with seeds 0 and 1.
+# Order: the longest runs start first (the shortest total time); --first NAME[,NAME...] starts the
+# named runs (e.g. ham10000-supervised-20-s0) before all others, in the order given.
 #
 # Supervised 100 %: `--labeled-protocol srcmt-full` is the same benchmark split with all 7000
 # training rows labelled (no unlabelled set; an epoch is then one pass over the 7000 labelled
@@ -71,6 +74,7 @@ ALL_SEEDS=0
 BUDGET=0
 DRY=0
 SETS=()
+FIRST=""
 
 usage() { sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() {
@@ -90,6 +94,7 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET="${2:?--budget needs a value}"; shift 2 ;;
     --set) SETS+=(--set "${2:?--set needs KEY=VALUE}"); shift 2 ;;
     --all-seeds) ALL_SEEDS=1; shift ;;
+    --first) FIRST="${2:?--first needs run names}"; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
@@ -192,9 +197,27 @@ for e in "${PLAN[@]}"; do
     fi
     TODO+=("$e")
 done
-[ "$DRY" = 1 ] && exit 0
 if [ ${#TODO[@]} -gt 1 ]; then # longest first
     mapfile -t TODO < <(printf '%s\n' "${TODO[@]}" | sort -s -t'|' -k4,4nr)
+fi
+if [ -n "$FIRST" ]; then # --first: the named runs move to the front, in the order given
+    IFS=',' read -r -a firsts <<<"$FIRST"
+    front=() rest=("${TODO[@]}")
+    for f in "${firsts[@]}"; do
+        known=0
+        for e in "${PLAN[@]}"; do [ "${e%%|*}" = "$f" ] && known=1; done
+        [ "$known" = 1 ] || die "--first: no run named '$f' in this plan (see --dry-run)"
+        left=()
+        for e in "${rest[@]}"; do
+            if [ "${e%%|*}" = "$f" ]; then front+=("$e"); else left+=("$e"); fi
+        done
+        rest=("${left[@]}")
+    done
+    TODO=("${front[@]}" "${rest[@]}")
+fi
+if [ "$DRY" = 1 ]; then
+    echo "order:$(for e in "${TODO[@]}"; do printf ' %s' "${e%%|*}"; done)"
+    exit 0
 fi
 [ -d "$DATA_ROOT" ] || die "--data-root $DATA_ROOT: no such folder"
 
