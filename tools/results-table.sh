@@ -61,6 +61,10 @@
 # unfinished (budget or signal; run again to continue), 1 when a training failed (see its log).
 set -uo pipefail
 
+# The whole script is one brace group, which bash parses completely before running any of it: a
+# driver that runs for hours is not broken by a `git pull` or an edit of this file meanwhile
+# (bash would otherwise read the changed file from the old offset).
+{
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DATASET=all
@@ -331,3 +335,4 @@ if [ "$UNFINISHED" = 1 ]; then
     exit 3
 fi
 exit 0
+}
