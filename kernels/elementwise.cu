@@ -22,7 +22,6 @@ extern "C" __global__ void ew_mul(int n, const float* x, const float* y, float* 
     GRID_LOOP(i, n) out[i] = x[i] * y[i];
 }
 
-// y = max(x, 0); NaN maps to 0 like Rust's f32::max.
 // y = relu(a + b): the residual join of a ResNet block in one pass (same arithmetic as ew_axpby
 // with a = b = 1 followed by ew_relu_fwd).
 extern "C" __global__ void ew_add_relu(int n, const float* a, const float* b, float* y) {
@@ -32,6 +31,7 @@ extern "C" __global__ void ew_add_relu(int n, const float* a, const float* b, fl
     }
 }
 
+// y = max(x, 0); NaN maps to 0 like Rust's f32::max.
 extern "C" __global__ void ew_relu_fwd(int n, const float* x, float* y) {
     GRID_LOOP(i, n) y[i] = x[i] > 0.f ? x[i] : 0.f;
 }

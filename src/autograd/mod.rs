@@ -484,11 +484,10 @@ impl Graph {
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
         let (mean, invstd, ys) = (o.mean, o.invstd, o.y.clone());
         // d relu(bn(x) [+ r]): the masked gradient goes through the norm (and to r).
-        let parents = match act {
-            Act::AddRelu(r) => vec![x, gamma, beta, r],
-            _ => vec![x, gamma, beta],
+        let (parents, join) = match act {
+            Act::AddRelu(r) => (vec![x, gamma, beta, r], true),
+            _ => (vec![x, gamma, beta], false),
         };
-        let join = parents.len() == 4;
         let y = self.push(
             o.y,
             &parents,

@@ -143,11 +143,14 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
     }
 }
 
-/// The CUDA backend's batch-norm one-launch limit (`MEDSSL_CUDA_BN_FUSED_MAX_M`); None on CPU.
-fn bn_fused_max_m(dev: Device) -> Option<usize> {
+/// The CUDA backend's kernel-choice switches as it reads them: whether cuDNN algorithms are
+/// deterministic first (`MEDSSL_CUDNN_DETERMINISTIC`) and the batch-norm one-launch limit
+/// (`MEDSSL_CUDA_BN_FUSED_MAX_M`); None on CPU.
+fn cuda_choices(dev: Device) -> Option<(bool, usize)> {
     #[cfg(feature = "cuda")]
     if dev != Device::Cpu {
-        return Some(medssl::backend::cuda::bn_fused_max_m());
+        use medssl::backend::cuda;
+        return Some((cuda::cudnn_deterministic_first(), cuda::bn_fused_max_m()));
     }
     let _ = dev;
     None
@@ -266,6 +269,7 @@ fn step(a: &StepArgs) -> Result<()> {
         (n, _) => Some(ops::device_gemm_gflops(bk, n)?),
     };
     let threads = rayon::current_num_threads();
+    let choices = cuda_choices(dev);
     let rec = serde_json::json!({
         "bench": "step",
         "engine": "medssl",
@@ -301,9 +305,8 @@ fn step(a: &StepArgs) -> Result<()> {
             Ok("heuristic") => "heuristic",
             _ => "find",
         }),
-        "cudnn_deterministic_first": (dev != Device::Cpu)
-            .then(|| !std::env::var("MEDSSL_CUDNN_DETERMINISTIC").is_ok_and(|v| v == "0")),
-        "bn_fused_max_m": bn_fused_max_m(dev),
+        "cudnn_deterministic_first": choices.map(|c| c.0),
+        "bn_fused_max_m": choices.map(|c| c.1),
     });
     if a.json {
         println!("{rec}");

@@ -139,7 +139,7 @@ perf!(
 /// Whether [`pick`] prefers deterministic algorithms: yes unless `MEDSSL_CUDNN_DETERMINISTIC=0`
 /// (then the fastest usable one, deterministic or not, as PyTorch's `cudnn.benchmark = True`
 /// with `cudnn.deterministic = False` does).
-fn deterministic_first() -> bool {
+pub fn deterministic_first() -> bool {
     !std::env::var("MEDSSL_CUDNN_DETERMINISTIC").is_ok_and(|v| v == "0")
 }
 

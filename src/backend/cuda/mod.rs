@@ -25,6 +25,7 @@ pub mod emu;
 mod fusion;
 mod gemm;
 mod norm;
+pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{bn_fused_max_m, set_bn_fused_max_m};
 mod optim;
 mod pool;
