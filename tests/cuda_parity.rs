@@ -1449,3 +1449,61 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     let _ = std::fs::remove_dir_all(a);
     let _ = std::fs::remove_dir_all(b);
 }
+
+#[test]
+fn device_profile_records_what_ran() {
+    use medssl::backend::cuda::profile;
+    let Some(g) = gpu() else { return };
+    let emulated = cu::is_emulated();
+    let mut rng = Rng::new(77);
+    let (_, x) = rand_pair(g, &mut rng, &[3, 5, 7], 1.0);
+    g.synchronize().unwrap();
+    match profile::start(emulated) {
+        Ok(()) => {}
+        Err(e) if e.to_string().contains("libcupti.so could not be loaded") => {
+            println!("SKIPPED (no libcupti.so on the loader path: {e})");
+            return;
+        }
+        Err(e) => panic!("starting the device profile: {e}"),
+    }
+    // A second start while recording is refused.
+    assert!(profile::start(emulated).is_err());
+    let y = g.relu_fwd(&x).unwrap();
+    let z = g.matmul(
+        &y.reshape(&[15, 7]).unwrap(),
+        &y.reshape(&[7, 15]).unwrap(),
+        false,
+        false,
+    );
+    g.synchronize().unwrap();
+    let p = profile::stop(emulated).unwrap();
+    z.unwrap();
+    assert!(profile::stop(emulated).is_err(), "stop without a profile");
+    // Other tests run alongside in this process, so what they ran may be recorded too.
+    let relu = p.entries.iter().find(|e| e.name == "ew_relu_fwd");
+    assert!(
+        relu.is_some_and(|e| e.calls >= 1),
+        "no ew_relu_fwd in {:?}",
+        p.entries.iter().map(|e| &e.name).collect::<Vec<_>>()
+    );
+    assert_eq!(p.dropped, 0);
+    assert!(p.busy_ns > 0 && p.busy_ns <= p.span_ns);
+    let sum: u64 = p.entries.iter().map(|e| e.ns).sum();
+    assert!(sum >= p.busy_ns, "items {sum} ns, busy {} ns", p.busy_ns);
+    assert!(p.entries.windows(2).all(|w| w[0].ns >= w[1].ns));
+    assert_eq!(
+        p.source,
+        if emulated {
+            "emulation host time"
+        } else {
+            "cupti"
+        }
+    );
+    println!(
+        "profile ({}): {} items, busy {} ns of {} ns",
+        p.source,
+        p.entries.len(),
+        p.busy_ns,
+        p.span_ns
+    );
+}

@@ -77,10 +77,14 @@ STEPS="$OUTDIR/steps.jsonl"
 # The two supervised width-64 rows log each convolution shape's chosen cuDNN algorithms with their
 # timed milliseconds (MEDSSL_CUDNN_LOG=1, in logs/bench_cuda_*.log): at 28 px the width-64 step
 # costs far more than width 16 although 112 px costs little more than 28 px, so the wide
-# small-spatial layers' algorithms are the first suspect.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+# small-spatial layers' algorithms are the first suspect. The --profile rows (both sides) list
+# what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
+# times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from
+# the same pip folders), the peer through torch.profiler. They say whether a step is bound by the
+# kernels or by the host, and which kernels differ.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
-PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
+PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
 # a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor),
 # each rated against the device's streaming bandwidth measured in the same invocation.
@@ -135,7 +139,7 @@ dirs = []
 for r in roots:
     for pat in ("nvidia/*/lib", "nvidia/*/lib64", "nvidia/cu*/lib", "torch/lib"):
         for d in sorted(glob.glob(os.path.join(r, pat))):
-            if any(glob.glob(os.path.join(d, f"lib{n}*.so*")) for n in ("cublas", "cudnn", "cudart", "nvrtc", "nvJitLink")):
+            if any(glob.glob(os.path.join(d, f"lib{n}*.so*")) for n in ("cublas", "cudnn", "cudart", "nvrtc", "nvJitLink", "cupti")):
                 if d not in dirs:
                     dirs.append(d)
 print(":".join(dirs))
@@ -154,7 +158,7 @@ export LD_LIBRARY_PATH="${LIBDIRS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     for d in ${LIBDIRS//:/ }; do
         echo "## $d"
         # shellcheck disable=SC2010  # library file names, listing only
-        ls "$d" | grep -E '^lib(cublas|cublasLt|cudnn|cudart|nvrtc|nvJitLink)[^/]*\.so' || true
+        ls "$d" | grep -E '^lib(cublas|cublasLt|cudnn|cudart|nvrtc|nvJitLink|cupti)[^/]*\.so' || true
     done
 } >"$OUTDIR/libs.txt" 2>&1
 echo "libraries: $(grep -c '\.so' "$OUTDIR/libs.txt") shared objects in ${LIBDIRS:-<none>}"

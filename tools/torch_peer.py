@@ -440,6 +440,66 @@ def golden(path, dt=torch.float32, verbose=False):
 # ----------------------------------------------------------------------------------------------
 
 
+def union_and_span(intervals):
+    """(length of the union of the [start, end) intervals, last end - first start)."""
+    if not intervals:
+        return 0.0, 0.0
+    iv = sorted(intervals)
+    busy, (cs, ce), last = 0.0, iv[0], iv[0][1]
+    for s, e in iv[1:]:
+        last = max(last, e)
+        if s > ce:
+            busy += ce - cs
+            cs, ce = s, e
+        else:
+            ce = max(ce, e)
+    return busy + (ce - cs), last - iv[0][0]
+
+
+def summarize_profile(items, steps, wall_s, top, source):
+    """The `profile` record of medssl-bench step --profile, from (name, start_us, end_us) device items."""
+    by = {}
+    for name, s, e in items:
+        c = by.setdefault(name, [0, 0.0])
+        c[0] += 1
+        c[1] += max(0.0, e - s)
+    order = sorted(by.items(), key=lambda kv: (-kv[1][1], kv[0]))
+    busy_us, span_us = union_and_span([(s, max(s, e)) for _, s, e in items])
+    n = float(steps)
+    rest = order[top:]
+    return {
+        "source": source,
+        "steps": steps,
+        "wall_ms_per_step": wall_s * 1e3 / n,
+        "busy_ms_per_step": busy_us / 1e3 / n,
+        "busy_pct_of_wall": 100.0 * busy_us / 1e6 / wall_s if wall_s > 0 else None,
+        "span_ms_per_step": span_us / 1e3 / n,
+        "items_per_step": sum(c for c, _ in by.values()) / n,
+        "distinct_items": len(by),
+        "dropped_records": None,
+        "top": [{"name": k, "calls_per_step": c / n, "us_per_step": us / n,
+                 "pct_of_busy": 100.0 * us / max(busy_us, 1e-9)} for k, (c, us) in order[:top]],
+        "rest_items": len(rest),
+        "rest_us_per_step": sum(us for _, (_, us) in rest) / n,
+    }
+
+
+def profile_steps(step, sync, steps, top):
+    """Runs `step` `steps` times under torch.profiler (device activity only) and summarizes the
+    kernels, copies and fills the GPU ran."""
+    from torch.profiler import profile, ProfilerActivity
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = time.perf_counter() - t
+    items = [(e.name, float(e.time_range.start), float(e.time_range.end))
+             for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return summarize_profile(items, steps, wall, top, "torch.profiler")
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch peer of `medssl-bench step`")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -464,6 +524,10 @@ def main():
                     help="allow TF32 tensor-core math in cuDNN convolutions and cuBLAS matmuls "
                          "(default off: full FP32, as medssl without MEDSSL_TF32=1; PyTorch's own "
                          "default allows TF32 in convolutions)")
+    ap.add_argument("--profile", action="store_true",
+                    help="cuda: after the timed steps, run as many again under torch.profiler and report the "
+                         "device's busy time per step and the kernels that take it (as medssl-bench step --profile)")
+    ap.add_argument("--profile-top", type=int, default=40, help="kernels listed by --profile (the rest are summed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--golden", metavar="SAFETENSORS", help="check the model/loss against a golden case and exit")
     ap.add_argument("--golden-f64", action="store_true", help="run the golden check in float64 (default float32)")
@@ -521,6 +585,11 @@ def main():
         sync()
         times.append(time.perf_counter() - s)
     med = statistics.median(times)
+    prof = None
+    if a.profile:
+        if not cuda:
+            ap.error("--profile needs --device cuda")
+        prof = profile_steps(lambda: peer.step(x, y, uw, us), sync, max(1, a.repeats), a.profile_top)
     fwd = forward_flops(a.channels, a.width, a.fusion_dim, a.emb, a.classes, a.image_size <= 64, a.image_size, a.image_size)
     if a.method == "supervised":
         student_imgs, teacher_imgs, images = a.batch_l, 0, a.batch_l
@@ -551,6 +620,7 @@ def main():
         "channels_last": a.channels_last,
         "sync_loss": a.sync_loss,
         "tf32": bool(a.tf32) if cuda else None,
+        "profile": prof,
     }
     if cuda:
         rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -565,6 +635,11 @@ def main():
             f"{step_flops / 1e9:.2f} GFLOP/step, {step_flops / med / 1e9:.1f} GFLOP/s"
             + (f", peak {rec['peak_mem_mb']:.0f} MiB" if cuda else "")
         )
+        if prof:
+            print(f"  profile ({prof['source']}, {prof['steps']} steps): device busy {prof['busy_ms_per_step']:.2f} ms "
+                  f"of {prof['wall_ms_per_step']:.2f} ms wall per step, {prof['items_per_step']:.0f} items per step")
+            for e in prof["top"]:
+                print(f"  {e['us_per_step']:9.1f} {e['calls_per_step']:7.1f} {e['pct_of_busy']:6.1f}  {e['name'][:100]}")
 
 
 if __name__ == "__main__":

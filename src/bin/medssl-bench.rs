@@ -81,6 +81,14 @@ struct StepArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// CUDA only: after the timed steps, run as many again while recording every kernel, copy
+    /// and fill the device runs (CUPTI; needs libcupti.so on LD_LIBRARY_PATH) and report the
+    /// device's busy time per step and the items that take it (`profile` in the JSON).
+    #[arg(long)]
+    profile: bool,
+    /// Items listed by `--profile`, most device time first (the rest are summed).
+    #[arg(long, default_value_t = 40)]
+    profile_top: usize,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -143,14 +151,31 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
     }
 }
 
-/// The CUDA backend's kernel-choice switches as it reads them: whether cuDNN algorithms are
-/// deterministic first (`MEDSSL_CUDNN_DETERMINISTIC`) and the batch-norm one-launch limit
-/// (`MEDSSL_CUDA_BN_FUSED_MAX_M`); None on CPU.
-fn cuda_choices(dev: Device) -> Option<(bool, usize)> {
+/// The CUDA backend's numerics and kernel-choice switches as it reads them
+/// (`backend::cuda::switches`).
+struct CudaChoices {
+    /// `MEDSSL_TF32`.
+    tf32: bool,
+    /// `MEDSSL_CUDNN_ALGO`: `find` or `heuristic`.
+    cudnn_algo: &'static str,
+    /// `MEDSSL_CUDNN_DETERMINISTIC`.
+    cudnn_deterministic_first: bool,
+    /// `MEDSSL_CUDA_BN_FUSED_MAX_M` (or the limit a caller set).
+    bn_fused_max_m: usize,
+}
+
+/// [`CudaChoices`] of the CUDA device `dev`; None on CPU.
+fn cuda_choices(dev: Device) -> Option<CudaChoices> {
     #[cfg(feature = "cuda")]
     if dev != Device::Cpu {
         use medssl::backend::cuda;
-        return Some((cuda::cudnn_deterministic_first(), cuda::bn_fused_max_m()));
+        let s = cuda::switches::get().ok()?;
+        return Some(CudaChoices {
+            tf32: s.tf32,
+            cudnn_algo: s.cudnn_algo.name(),
+            cudnn_deterministic_first: cuda::cudnn_deterministic_first(),
+            bn_fused_max_m: cuda::bn_fused_max_m(),
+        });
     }
     let _ = dev;
     None
@@ -181,6 +206,109 @@ fn launch_counts_per_step(
     }
     let _ = (dev, steps);
     None
+}
+
+/// Runs `f` (one training step) `steps` times under the device profiler and summarises what
+/// the device ran: busy time per step against the wall time, and the `top` items by device time.
+#[cfg(feature = "cuda")]
+fn profile_steps(
+    dev: Device,
+    bk: &dyn medssl::backend::Backend,
+    steps: usize,
+    top: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<serde_json::Value> {
+    use medssl::backend::cuda::profile;
+    let cb = cuda_backend(dev).context("--profile needs a CUDA device (--device cuda)")?;
+    let emulated = cb.is_emulated();
+    bk.synchronize()?;
+    profile::start(emulated).context("--profile")?;
+    let t = Instant::now();
+    let ran = (0..steps).try_for_each(|_| f());
+    let synced = bk.synchronize();
+    let wall_s = t.elapsed().as_secs_f64();
+    let p = profile::stop(emulated);
+    ran?;
+    synced?;
+    let p = p.context("--profile")?;
+    let n = steps as f64;
+    let us = |ns: u64| ns as f64 / 1e3 / n;
+    let busy = p.busy_ns.max(1) as f64;
+    let listed: Vec<serde_json::Value> = p
+        .entries
+        .iter()
+        .take(top)
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name,
+                "calls_per_step": e.calls as f64 / n,
+                "us_per_step": us(e.ns),
+                "pct_of_busy": 100.0 * e.ns as f64 / busy,
+            })
+        })
+        .collect();
+    let rest = &p.entries[p.entries.len().min(top)..];
+    Ok(serde_json::json!({
+        "source": p.source,
+        "steps": steps,
+        "wall_ms_per_step": wall_s * 1e3 / n,
+        "busy_ms_per_step": us(p.busy_ns) / 1e3,
+        "busy_pct_of_wall": 100.0 * p.busy_ns as f64 / 1e9 / wall_s,
+        "span_ms_per_step": us(p.span_ns) / 1e3,
+        "items_per_step": p.entries.iter().map(|e| e.calls).sum::<u64>() as f64 / n,
+        "distinct_items": p.entries.len(),
+        "dropped_records": p.dropped,
+        "top": listed,
+        "rest_items": rest.len(),
+        "rest_us_per_step": us(rest.iter().map(|e| e.ns).sum()),
+    }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_steps(
+    _dev: Device,
+    _bk: &dyn medssl::backend::Backend,
+    _steps: usize,
+    _top: usize,
+    _f: impl FnMut() -> Result<()>,
+) -> Result<serde_json::Value> {
+    anyhow::bail!("--profile needs a CUDA device, and this build has no CUDA (--features cuda)")
+}
+
+/// Prints a `profile_steps` summary as a table.
+fn print_profile(p: &serde_json::Value) {
+    let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  profile ({}, {} steps): device busy {:.2} ms of {:.2} ms wall per step ({:.0}%), {:.0} items per step",
+        p["source"].as_str().unwrap_or("?"),
+        p["steps"],
+        f("busy_ms_per_step"),
+        f("wall_ms_per_step"),
+        f("busy_pct_of_wall"),
+        f("items_per_step"),
+    );
+    println!("  {:>9} {:>7} {:>6}  item", "us/step", "calls", "%busy");
+    for e in p["top"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or("?");
+        let short: String = name.chars().take(100).collect();
+        println!(
+            "  {:>9.1} {:>7.1} {:>6.1}  {}{}",
+            e["us_per_step"].as_f64().unwrap_or(f64::NAN),
+            e["calls_per_step"].as_f64().unwrap_or(f64::NAN),
+            e["pct_of_busy"].as_f64().unwrap_or(f64::NAN),
+            short,
+            if short.len() < name.len() { "..." } else { "" }
+        );
+    }
+    if p["rest_items"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "  {:>9.1} {:>7} {:>6}  ({} more items)",
+            f("rest_us_per_step"),
+            "",
+            "",
+            p["rest_items"]
+        );
+    }
 }
 
 /// Peak bytes since [`reset_peak_mem`] (see there), `None` where nothing is tracked.
@@ -241,6 +369,20 @@ fn step(a: &StepArgs) -> Result<()> {
     }
     let peak_mem_mb = peak_mem_bytes(bk).map(|b| b as f64 / (1u64 << 20) as f64);
     let launches = launch_counts_per_step(dev, a.repeats.max(1));
+    let profile = if a.profile {
+        Some(profile_steps(
+            dev,
+            bk,
+            a.repeats.max(1),
+            a.profile_top,
+            || {
+                train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+                Ok(())
+            },
+        )?)
+    } else {
+        None
+    };
     let launches_total: Option<f64> = launches
         .as_ref()
         .map(|m| m.values().filter_map(|v| v.as_f64()).sum());
@@ -300,13 +442,12 @@ fn step(a: &StepArgs) -> Result<()> {
         "launches_by_kind": launches,
         // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
         // backend); null on CPU.
-        "tf32": (dev != Device::Cpu).then(|| std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1")),
-        "cudnn_algo": (dev != Device::Cpu).then(|| match std::env::var("MEDSSL_CUDNN_ALGO").as_deref() {
-            Ok("heuristic") => "heuristic",
-            _ => "find",
-        }),
-        "cudnn_deterministic_first": choices.map(|c| c.0),
-        "bn_fused_max_m": choices.map(|c| c.1),
+        "tf32": choices.as_ref().map(|c| c.tf32),
+        "cudnn_algo": choices.as_ref().map(|c| c.cudnn_algo),
+        "cudnn_deterministic_first": choices.as_ref().map(|c| c.cudnn_deterministic_first),
+        "bn_fused_max_m": choices.as_ref().map(|c| c.bn_fused_max_m),
+        // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
+        "profile": profile,
     });
     if a.json {
         println!("{rec}");
@@ -344,6 +485,9 @@ fn step(a: &StepArgs) -> Result<()> {
                 "  {total} device work items per step; most: {}",
                 top.join(", ")
             );
+        }
+        if let Some(p) = &profile {
+            print_profile(p);
         }
     }
     Ok(())

@@ -18,6 +18,7 @@ use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::CudaStream;
 
 use super::gemm::Gemm;
+use super::switches::{self, CudnnAlgo};
 use super::{cfg_lin, ci, elementwise, lock, reduce, CudaBackend, A};
 use crate::backend::shapes::{self, ConvGeom as Shape};
 use crate::backend::{ConvGrads, ConvParams};
@@ -83,9 +84,9 @@ enum Search {
 
 impl Search {
     fn from_env() -> Search {
-        match std::env::var("MEDSSL_CUDNN_ALGO").as_deref() {
-            Ok("heuristic") => Search::Heuristic,
-            _ => Search::Find,
+        match switches::current().cudnn_algo {
+            CudnnAlgo::Heuristic => Search::Heuristic,
+            CudnnAlgo::Find => Search::Find,
         }
     }
 }
@@ -140,7 +141,7 @@ perf!(
 /// (then the fastest usable one, deterministic or not, as PyTorch's `cudnn.benchmark = True`
 /// with `cudnn.deterministic = False` does).
 pub fn deterministic_first() -> bool {
-    !std::env::var("MEDSSL_CUDNN_DETERMINISTIC").is_ok_and(|v| v == "0")
+    switches::current().cudnn_deterministic_first
 }
 
 /// Picks from `found` (fastest first after a Find, heuristic order otherwise) the first result
@@ -214,7 +215,7 @@ fn choose<P: Perf>(
         );
     }
     let p = found.ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))?;
-    if std::env::var("MEDSSL_CUDNN_LOG").is_ok_and(|v| v == "1") {
+    if switches::current().cudnn_log {
         eprintln!(
             "cudnn {what} n{} c{} {}x{} -> c{} k{} s{} p{}: {:?} ({how}{}, {})",
             shape.n,
@@ -288,7 +289,7 @@ impl Plan {
             f32t,
         )
         .map_err(dnn_err("conv descriptor"))?;
-        let math = if std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1") {
+        let math = if switches::current().tf32 {
             sys::cudnnMathType_t::CUDNN_DEFAULT_MATH
         } else {
             sys::cudnnMathType_t::CUDNN_FMA_MATH
@@ -407,7 +408,7 @@ fn is_pointwise(s: &Shape) -> bool {
 
 impl ConvEngine {
     pub(super) fn new(stream: &Arc<CudaStream>) -> ConvEngine {
-        let pointwise_gemm = !std::env::var("MEDSSL_CUDA_CONV1X1").is_ok_and(|v| v == "cudnn");
+        let pointwise_gemm = switches::current().conv1x1_gemm;
         let mut e = ConvEngine::new_engine(stream);
         e.pointwise_gemm = pointwise_gemm;
         e
@@ -423,7 +424,7 @@ impl ConvEngine {
     }
 
     fn new_engine(stream: &Arc<CudaStream>) -> ConvEngine {
-        if std::env::var("MEDSSL_CUDA_CONV").is_ok_and(|v| v == "im2col") {
+        if switches::current().conv_im2col {
             return ConvEngine {
                 dnn: None,
                 reason: "MEDSSL_CUDA_CONV=im2col".into(),

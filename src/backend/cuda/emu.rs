@@ -35,9 +35,10 @@ use crate::error::{Error, Result};
 /// The environment variable that turns `cuda:N` into the CPU emulation.
 pub const ENV: &str = "MEDSSL_CUDA_EMULATE";
 
-/// Whether `MEDSSL_CUDA_EMULATE=1` is set.
+/// Whether `MEDSSL_CUDA_EMULATE=1` is set (false when the CUDA switches do not parse: creating
+/// a device then reports the error).
 pub fn enabled() -> bool {
-    std::env::var(ENV).is_ok_and(|v| v == "1")
+    super::switches::get().is_ok_and(|s| s.emulate)
 }
 
 extern "C" {

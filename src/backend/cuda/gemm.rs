@@ -83,13 +83,19 @@ impl Gemm {
                 &[A::I(n), A::F(g.beta), A::P(c), A::P(c)],
             );
         }
-        be.count(if g.batch == 1 {
+        let name = if g.batch == 1 {
             "cublas_sgemm"
         } else {
             "cublas_sgemm_strided_batched"
-        });
+        };
+        be.count(name);
         if be.is_emulated() {
-            return super::emu::gemm(&g, a, b, c);
+            let t0 = std::time::Instant::now();
+            let r = super::emu::gemm(&g, a, b, c);
+            if super::profile::active() {
+                super::profile::record_host(name, t0);
+            }
+            return r;
         }
         let (m, n, k) = (ci(g.m)?, ci(g.n)?, ci(g.k)?);
         // Column-major view: C^T [n, m] = op(B)^T [n, k] · op(A)^T [k, m].

@@ -29,9 +29,12 @@ pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{bn_fused_max_m, set_bn_fused_max_m};
 mod optim;
 mod pool;
+pub mod profile;
 mod reduce;
 mod softmax_xent;
 mod ssl_losses;
+pub mod switches;
+pub use switches::{CudnnAlgo, Switches};
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -336,7 +339,7 @@ pub fn is_emulated() -> bool {
 
 /// Number of CUDA devices (1 under the emulation), or an error naming what is missing.
 pub fn device_count() -> Result<usize> {
-    if emu::enabled() {
+    if switches::get()?.emulate {
         return Ok(1);
     }
     // SAFETY: only probes whether the shared library can be opened.
@@ -384,7 +387,7 @@ impl CudaBackend {
                 "device cuda:{ordinal} requested but {count} CUDA device(s) are visible"
             )));
         }
-        if emu::enabled() {
+        if switches::get()?.emulate {
             return Ok(Self::create_emulated(ordinal));
         }
         // cudarc panics when a library or symbol cannot be loaded; turn that into an error.
@@ -456,7 +459,7 @@ impl CudaBackend {
             .map_err(cuda_err("creating the cuBLAS handle"))?;
         // Keep FP32 GEMMs in full precision (no TF32) unless asked, so parity with the CPU
         // reference holds; MEDSSL_TF32=1 trades that for speed.
-        let math = if std::env::var("MEDSSL_TF32").is_ok_and(|v| v == "1") {
+        let math = if switches::current().tf32 {
             cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         } else {
             cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH
@@ -611,7 +614,12 @@ impl CudaBackend {
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
         self.count(name);
         let Some(d) = &self.drv else {
-            return emu::launch(name, &cfg, args, None);
+            let t0 = std::time::Instant::now();
+            let r = emu::launch(name, &cfg, args, None);
+            if profile::active() {
+                profile::record_host(name, t0);
+            }
+            return r;
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);
@@ -634,7 +642,12 @@ impl CudaBackend {
         self.count(name);
         let Some(d) = &self.drv else {
             let p = (table as *const T).cast::<std::ffi::c_void>();
-            return emu::launch(name, &cfg, args, Some((p, std::mem::size_of::<T>())));
+            let t0 = std::time::Instant::now();
+            let r = emu::launch(name, &cfg, args, Some((p, std::mem::size_of::<T>())));
+            if profile::active() {
+                profile::record_host(name, t0);
+            }
+            return r;
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);

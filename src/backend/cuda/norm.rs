@@ -14,20 +14,17 @@ const RED_THREADS: u32 = 512;
 /// its elements) instead of two (a per-channel reduction, then an elementwise pass over the whole
 /// tensor). Below it the second launch costs more than the block's extra pass; above it the
 /// elementwise pass is better spread over the device.
-const FUSED_MAX_M: usize = 65536;
+pub(super) const FUSED_MAX_M: usize = 65536;
 
 /// The batch-norm one-launch limit of this process (`usize::MAX`: not read yet).
 static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// The limit in force: [`set_bn_fused_max_m`]'s value, else `MEDSSL_CUDA_BN_FUSED_MAX_M` when
-/// set (0: always two launches), else [`FUSED_MAX_M`].
+/// set (0: always two launches; see [`super::switches`]), else [`FUSED_MAX_M`].
 pub fn bn_fused_max_m() -> usize {
     match FUSED_LIMIT.load(Ordering::Relaxed) {
         usize::MAX => {
-            let v = std::env::var("MEDSSL_CUDA_BN_FUSED_MAX_M")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(FUSED_MAX_M);
+            let v = super::switches::current().bn_fused_max_m;
             FUSED_LIMIT.store(v, Ordering::Relaxed);
             v
         }

@@ -1,0 +1,210 @@
+//! The CUDA backend's environment switches, parsed once per process. A value the backend does not
+//! understand is an error naming the variable and the values it takes, returned when a CUDA device
+//! is first asked for (`--device cuda` fails with it), rather than silently taken as the default.
+//!
+//! | variable | values | default |
+//! |---|---|---|
+//! | `MEDSSL_CUDA_EMULATE` | `0`, `1`: CPU emulation of the device | `0` |
+//! | `MEDSSL_TF32` | `0`, `1`: TF32 tensor-core math in cuBLAS and cuDNN | `0` |
+//! | `MEDSSL_CUDNN_ALGO` | `find` (time every algorithm), `heuristic` | `find` |
+//! | `MEDSSL_CUDNN_DETERMINISTIC` | `1` (deterministic algorithms first), `0` | `1` |
+//! | `MEDSSL_CUDNN_LOG` | `0`, `1`: log each shape's chosen algorithm to stderr | `0` |
+//! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
+//! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
+//! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
+//!
+//! An empty value counts as unset.
+
+use std::sync::OnceLock;
+
+use super::norm::FUSED_MAX_M;
+use crate::error::{Error, Result};
+
+/// How cuDNN convolution algorithms are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudnnAlgo {
+    /// Time every algorithm cuDNN offers for the shape and take the fastest.
+    Find,
+    /// cuDNN's heuristic order, nothing run.
+    Heuristic,
+}
+
+impl CudnnAlgo {
+    pub fn name(self) -> &'static str {
+        match self {
+            CudnnAlgo::Find => "find",
+            CudnnAlgo::Heuristic => "heuristic",
+        }
+    }
+}
+
+/// Every switch, as parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Switches {
+    pub emulate: bool,
+    pub tf32: bool,
+    pub cudnn_algo: CudnnAlgo,
+    pub cudnn_deterministic_first: bool,
+    pub cudnn_log: bool,
+    /// `MEDSSL_CUDA_CONV=im2col`: cuDNN is not used for convolutions.
+    pub conv_im2col: bool,
+    /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
+    pub conv1x1_gemm: bool,
+    pub bn_fused_max_m: usize,
+}
+
+/// Parses the switches from `get(name)` (the environment, or a test's map).
+pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switches, String> {
+    let val = |name: &str| get(name).filter(|v| !v.is_empty());
+    let bad = |name: &str, v: &str, takes: &str| {
+        format!("environment variable {name}={v:?} is not understood: it takes {takes}")
+    };
+    let flag = |name: &str, default: bool| -> std::result::Result<bool, String> {
+        match val(name).as_deref() {
+            None => Ok(default),
+            Some("1") => Ok(true),
+            Some("0") => Ok(false),
+            Some(v) => Err(bad(name, v, "0 or 1")),
+        }
+    };
+    let choice = |name: &str, options: [&str; 2]| -> std::result::Result<bool, String> {
+        // true: the first (default) option.
+        match val(name) {
+            None => Ok(true),
+            Some(v) if v == options[0] => Ok(true),
+            Some(v) if v == options[1] => Ok(false),
+            Some(v) => Err(bad(
+                name,
+                &v,
+                &format!("{} (the default) or {}", options[0], options[1]),
+            )),
+        }
+    };
+    let bn_fused_max_m = match val("MEDSSL_CUDA_BN_FUSED_MAX_M") {
+        None => FUSED_MAX_M,
+        Some(v) => v.parse().map_err(|_| {
+            bad(
+                "MEDSSL_CUDA_BN_FUSED_MAX_M",
+                &v,
+                "a whole number >= 0 (0: always two launches)",
+            )
+        })?,
+    };
+    Ok(Switches {
+        emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
+        tf32: flag("MEDSSL_TF32", false)?,
+        cudnn_algo: if choice("MEDSSL_CUDNN_ALGO", ["find", "heuristic"])? {
+            CudnnAlgo::Find
+        } else {
+            CudnnAlgo::Heuristic
+        },
+        cudnn_deterministic_first: flag("MEDSSL_CUDNN_DETERMINISTIC", true)?,
+        cudnn_log: flag("MEDSSL_CUDNN_LOG", false)?,
+        conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
+        conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
+        bn_fused_max_m,
+    })
+}
+
+static SWITCHES: OnceLock<std::result::Result<Switches, String>> = OnceLock::new();
+
+/// The switches of this process (read from the environment on first use), or the error naming
+/// the first variable that is not understood.
+pub fn get() -> Result<&'static Switches> {
+    SWITCHES
+        .get_or_init(|| parse(|n| std::env::var(n).ok()))
+        .as_ref()
+        .map_err(|e| Error::Cuda(e.clone()))
+}
+
+/// The switches where a CUDA backend already exists: [`get`] succeeded when it was created, so
+/// the defaults stand in only for callers that never created one.
+pub(super) fn current() -> Switches {
+    get()
+        .cloned()
+        .unwrap_or_else(|_| parse(|_| None).expect("the defaults parse"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(pairs: &[(&str, &str)]) -> std::result::Result<Switches, String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        parse(|n| m.get(n).cloned())
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        let d = with(&[]).unwrap();
+        assert!(!d.emulate && !d.tf32 && !d.cudnn_log && !d.conv_im2col);
+        assert!(d.cudnn_deterministic_first && d.conv1x1_gemm);
+        assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
+        assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
+        // An empty value is unset.
+        assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
+        let s = with(&[
+            ("MEDSSL_CUDA_EMULATE", "1"),
+            ("MEDSSL_TF32", "1"),
+            ("MEDSSL_CUDNN_ALGO", "heuristic"),
+            ("MEDSSL_CUDNN_DETERMINISTIC", "0"),
+            ("MEDSSL_CUDNN_LOG", "1"),
+            ("MEDSSL_CUDA_CONV", "im2col"),
+            ("MEDSSL_CUDA_CONV1X1", "cudnn"),
+            ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
+        ])
+        .unwrap();
+        assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
+        assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm);
+        assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
+        assert_eq!(s.bn_fused_max_m, 0);
+        // The defaults spelled out parse to the defaults.
+        let spelled = with(&[
+            ("MEDSSL_CUDA_EMULATE", "0"),
+            ("MEDSSL_CUDNN_ALGO", "find"),
+            ("MEDSSL_CUDNN_DETERMINISTIC", "1"),
+            ("MEDSSL_CUDA_CONV", "cudnn"),
+            ("MEDSSL_CUDA_CONV1X1", "cublas"),
+            ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
+        ])
+        .unwrap();
+        assert_eq!(spelled, d);
+    }
+
+    #[test]
+    fn unknown_values_are_errors_naming_the_variable() {
+        for (k, v, takes) in [
+            ("MEDSSL_TF32", "yes", "0 or 1"),
+            ("MEDSSL_CUDA_EMULATE", "true", "0 or 1"),
+            ("MEDSSL_CUDNN_DETERMINISTIC", "off", "0 or 1"),
+            ("MEDSSL_CUDNN_LOG", "2", "0 or 1"),
+            (
+                "MEDSSL_CUDNN_ALGO",
+                "fastest",
+                "find (the default) or heuristic",
+            ),
+            (
+                "MEDSSL_CUDA_CONV",
+                "IM2COL",
+                "cudnn (the default) or im2col",
+            ),
+            (
+                "MEDSSL_CUDA_CONV1X1",
+                "gemm",
+                "cublas (the default) or cudnn",
+            ),
+            ("MEDSSL_CUDA_BN_FUSED_MAX_M", "-1", "a whole number"),
+            ("MEDSSL_CUDA_BN_FUSED_MAX_M", "64k", "a whole number"),
+        ] {
+            let e = with(&[(k, v)]).unwrap_err();
+            assert!(
+                e.contains(&format!("{k}=\"{v}\"")) && e.contains(takes),
+                "{k}={v}: {e}"
+            );
+        }
+    }
+}
