@@ -144,25 +144,39 @@ pub fn deterministic_first() -> bool {
     switches::current().cudnn_deterministic_first
 }
 
-/// Picks from `found` (fastest first after a Find, heuristic order otherwise) the first result
-/// that succeeded and fits the workspace limit; with `deterministic_first`, a deterministic one
-/// where there is one, so that the convolutions add no run-to-run variation. In FP32 (FMA) mode
-/// a result must also have been timed in FMA math: one timed with tensor ops would not run that
-/// fast under the descriptor.
-fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t, deterministic_first: bool) -> Option<P> {
+/// Orders the results in `found` (fastest first after a Find, heuristic order otherwise) as
+/// they should be tried, leaving out those that failed or exceed the workspace limit. With
+/// `deterministic_first`, deterministic results come before the others, so that one algorithm
+/// gives the same bits on every call. In FP32 (FMA) mode results timed in FMA math come first:
+/// one timed with tensor ops would not run that fast under the descriptor, and may not exist in
+/// FMA math at all (the caller then moves on to the next).
+fn ranked<P: Perf>(found: &[P], math: sys::cudnnMathType_t, deterministic_first: bool) -> Vec<P> {
     let fma = sys::cudnnMathType_t::CUDNN_FMA_MATH;
-    let ok = |f: &&P| f.usable() && (math != fma || f.math() == fma);
-    let any_math = |f: &&P| f.usable();
-    let det = |f: &&P| !deterministic_first || f.deterministic();
-    found
+    let usable: Vec<&P> = found.iter().filter(|f| f.usable()).collect();
+    // Tiers, best first: right math and deterministic, right math, deterministic, the rest.
+    let tier = |f: &P| {
+        let math_ok = math != fma || f.math() == fma;
+        let det_ok = !deterministic_first || f.deterministic();
+        match (math_ok, det_ok) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
+        }
+    };
+    let mut order: Vec<(usize, usize)> = usable
         .iter()
-        .filter(ok)
-        .find(det)
-        .or_else(|| found.iter().find(ok))
-        // A library that reports another math type for every result: still honour the order.
-        .or_else(|| found.iter().filter(any_math).find(det))
-        .or_else(|| found.iter().find(any_math))
-        .copied()
+        .enumerate()
+        .map(|(i, f)| (tier(f), i))
+        .collect();
+    order.sort_unstable();
+    order.into_iter().map(|(_, i)| *usable[i]).collect()
+}
+
+/// The first of [`ranked`].
+#[cfg(test)]
+fn pick<P: Perf>(found: &[P], math: sys::cudnnMathType_t, deterministic_first: bool) -> Option<P> {
+    ranked(found, math, deterministic_first).into_iter().next()
 }
 
 /// Runs one cuDNN query; cudarc panics when the library lacks the entry point, which counts as
@@ -176,45 +190,74 @@ fn guarded<P>(
         .unwrap_or(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED)
 }
 
-/// Chooses the algorithm of one direction: `find` and `heuristic` fill a result array and
-/// return cuDNN's status. A failing Find (or a library without the entry point) falls back to
-/// the heuristic. With `MEDSSL_CUDNN_LOG=1` the choice goes to stderr.
+/// Ranks the algorithms of one direction (see [`ranked`]): `find` and `heuristic` fill the
+/// result array they are given (as many entries as it holds) and return cuDNN's status; `slots`
+/// is the most results cuDNN may return (`cudnnGetConvolution*AlgorithmMaxCount`: every algorithm
+/// in every math type it tries, so FMA results are not crowded out by faster tensor-op ones). A
+/// failing Find (or a library without the entry point) falls back to the heuristic. Returns the
+/// candidates, best first (never empty), and how they were found.
 fn choose<P: Perf>(
     search: Search,
     math: sys::cudnnMathType_t,
     what: &str,
-    shape: &Shape,
+    slots: usize,
     find: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
     heuristic: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
-) -> Result<P::Algo> {
+) -> Result<(Vec<P>, &'static str)> {
     // SAFETY: the perf structs are plain C data; zero is a valid bit pattern for all fields.
-    let mut buf = [unsafe { std::mem::zeroed::<P>() }; 8];
+    let mut buf = vec![unsafe { std::mem::zeroed::<P>() }; slots.max(1)];
     let mut count: std::ffi::c_int = 0;
-    let mut found = None;
-    let mut how = "find";
+    let filled = |count: std::ffi::c_int, buf: &[P]| count.clamp(0, buf.len() as i32) as usize;
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
-        found = pick(
-            &buf[..count.clamp(0, 8) as usize],
-            math,
-            deterministic_first(),
-        );
-    }
-    if found.is_none() {
-        how = "heuristic";
-        count = 0;
-        let st = guarded(heuristic, &mut buf, &mut count);
-        if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
-            return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
+        let c = ranked(&buf[..filled(count, &buf)], math, deterministic_first());
+        if !c.is_empty() {
+            return Ok((c, "find"));
         }
-        found = pick(
-            &buf[..count.clamp(0, 8) as usize],
-            math,
-            deterministic_first(),
-        );
     }
-    let p = found.ok_or_else(|| Error::Cuda(format!("cuDNN offers no usable {what} algorithm")))?;
+    count = 0;
+    let st = guarded(heuristic, &mut buf, &mut count);
+    if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
+    }
+    let c = ranked(&buf[..filled(count, &buf)], math, deterministic_first());
+    if c.is_empty() {
+        return Err(Error::Cuda(format!(
+            "cuDNN offers no usable {what} algorithm"
+        )));
+    }
+    Ok((c, "heuristic"))
+}
+
+/// The first candidate (best first) whose workspace size cuDNN reports under the descriptor's
+/// math type, with that size; an algorithm that does not exist in that math type fails the
+/// query and the next one is tried. With `MEDSSL_CUDNN_LOG=1` the choice goes to stderr.
+fn first_workable<P: Perf>(
+    what: &str,
+    shape: &Shape,
+    candidates: &[P],
+    how: &str,
+    workspace: impl Fn(P::Algo) -> std::result::Result<usize, dnn::CudnnError>,
+) -> Result<(P::Algo, usize)> {
+    let mut last = None;
+    for (i, p) in candidates.iter().enumerate() {
+        match workspace(p.algo()) {
+            Ok(ws) => {
+                log_choice(what, shape, p, how, i);
+                return Ok((p.algo(), ws));
+            }
+            Err(e) => last = Some((p.algo(), e)),
+        }
+    }
+    Err(Error::Cuda(format!(
+        "cuDNN {what}: no candidate algorithm has a workspace under the descriptor's math type \
+         (last: {last:?})"
+    )))
+}
+
+/// `MEDSSL_CUDNN_LOG=1`: one line per shape and direction on stderr.
+fn log_choice<P: Perf>(what: &str, shape: &Shape, p: &P, how: &str, skipped: usize) {
     if switches::current().cudnn_log {
         eprintln!(
             "cudnn {what} n{} c{} {}x{} -> c{} k{} s{} p{}: {:?} ({how}{}, {})",
@@ -238,8 +281,38 @@ fn choose<P: Perf>(
                 "non-deterministic"
             }
         );
+        if skipped > 0 {
+            eprintln!(
+                "  ({skipped} better-ranked candidate(s) had no workspace in this math type)"
+            );
+        }
     }
-    Ok(p.algo())
+}
+
+/// The entries a result array holds, as cuDNN's requested count.
+fn slots<T>(b: &[T]) -> std::ffi::c_int {
+    b.len().min(std::ffi::c_int::MAX as usize) as std::ffi::c_int
+}
+
+/// How many results one direction's algorithm query may return
+/// (`cudnnGetConvolution*AlgorithmMaxCount`), at least `algos` (that direction's algorithm
+/// count); `algos` when the query fails or the entry point is missing.
+///
+/// SAFETY: `h` is a live cuDNN handle.
+unsafe fn max_count(
+    query: unsafe fn(sys::cudnnHandle_t, *mut std::ffi::c_int) -> sys::cudnnStatus_t,
+    h: sys::cudnnHandle_t,
+    algos: usize,
+) -> usize {
+    let mut n: std::ffi::c_int = 0;
+    // SAFETY: per the contract above; cudarc panics on a missing entry point.
+    let st = catch_unwind(AssertUnwindSafe(|| unsafe { query(h, &mut n) }))
+        .unwrap_or(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED);
+    if st == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
+        (n.clamp(0, 256) as usize).max(algos)
+    } else {
+        algos
+    }
 }
 
 impl Plan {
@@ -297,89 +370,111 @@ impl Plan {
         dnn::set_convolution_math_type(conv, math).map_err(dnn_err("math type"))?;
 
         let search = Search::from_env();
-        let algo = choose(
+        let (cands, how) = choose(
             search,
             math,
             "forward",
-            s,
-            |b: &mut [sys::cudnnConvolutionFwdAlgoPerf_t], n| {
-                sys::cudnnFindConvolutionForwardAlgorithm(h, x, w, conv, y, 8, n, b.as_mut_ptr())
+            max_count(sys::cudnnGetConvolutionForwardAlgorithmMaxCount, h, 8),
+            |b: &mut [sys::cudnnConvolutionFwdAlgoPerf_t], got| {
+                sys::cudnnFindConvolutionForwardAlgorithm(
+                    h,
+                    x,
+                    w,
+                    conv,
+                    y,
+                    slots(b),
+                    got,
+                    b.as_mut_ptr(),
+                )
             },
-            |b, n| {
-                sys::cudnnGetConvolutionForwardAlgorithm_v7(h, x, w, conv, y, 8, n, b.as_mut_ptr())
+            |b, got| {
+                sys::cudnnGetConvolutionForwardAlgorithm_v7(
+                    h,
+                    x,
+                    w,
+                    conv,
+                    y,
+                    slots(b),
+                    got,
+                    b.as_mut_ptr(),
+                )
             },
         )?;
-        let ws = dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, algo)
-            .map_err(dnn_err("forward workspace"))?;
-        plan.fwd = (algo, ws);
+        plan.fwd = first_workable("forward", s, &cands, how, |a| {
+            dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, a)
+        })?;
 
-        let algo = choose(
+        let (cands, how) = choose(
             search,
             math,
             "backward-data",
-            s,
-            |b: &mut [sys::cudnnConvolutionBwdDataAlgoPerf_t], n| {
+            max_count(sys::cudnnGetConvolutionBackwardDataAlgorithmMaxCount, h, 6),
+            |b: &mut [sys::cudnnConvolutionBwdDataAlgoPerf_t], got| {
                 sys::cudnnFindConvolutionBackwardDataAlgorithm(
                     h,
                     w,
                     y,
                     conv,
                     x,
-                    6,
-                    n,
+                    slots(b),
+                    got,
                     b.as_mut_ptr(),
                 )
             },
-            |b, n| {
+            |b, got| {
                 sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
                     h,
                     w,
                     y,
                     conv,
                     x,
-                    6,
-                    n,
+                    slots(b),
+                    got,
                     b.as_mut_ptr(),
                 )
             },
         )?;
-        let ws = dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, algo)
-            .map_err(dnn_err("backward-data workspace"))?;
-        plan.bwd_data = (algo, ws);
+        plan.bwd_data = first_workable("backward-data", s, &cands, how, |a| {
+            dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, a)
+        })?;
 
-        let algo = choose(
+        let (cands, how) = choose(
             search,
             math,
             "backward-filter",
-            s,
-            |b: &mut [sys::cudnnConvolutionBwdFilterAlgoPerf_t], n| {
+            max_count(
+                sys::cudnnGetConvolutionBackwardFilterAlgorithmMaxCount,
+                h,
+                7,
+            ),
+            |b: &mut [sys::cudnnConvolutionBwdFilterAlgoPerf_t], got| {
                 sys::cudnnFindConvolutionBackwardFilterAlgorithm(
                     h,
                     x,
                     y,
                     conv,
                     w,
-                    7,
-                    n,
+                    slots(b),
+                    got,
                     b.as_mut_ptr(),
                 )
             },
-            |b, n| {
+            |b, got| {
                 sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
                     h,
                     x,
                     y,
                     conv,
                     w,
-                    7,
-                    n,
+                    slots(b),
+                    got,
                     b.as_mut_ptr(),
                 )
             },
         )?;
-        let ws = dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, algo)
-            .map_err(dnn_err("backward-filter workspace"))?;
-        plan.bwd_filter = (algo, ws);
+        plan.bwd_filter = first_workable("backward-filter", s, &cands, how, |a| {
+            dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, a)
+        })?;
         Ok(plan)
     }
 }
@@ -770,7 +865,7 @@ fn im2col_bwd(
 
 #[cfg(test)]
 mod tests {
-    use super::{pick, sys, Perf, WORKSPACE_LIMIT};
+    use super::{dnn, first_workable, pick, ranked, sys, Perf, Shape, WORKSPACE_LIMIT};
 
     /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
     #[derive(Clone, Copy, Debug)]
@@ -826,5 +921,44 @@ mod tests {
         assert_eq!(pick(&tc, fma, false).map(|p| p.algo()), Some(7));
         // Nothing usable.
         assert!(pick(&found[..2], fma, true).is_none());
+        // The whole order: tiers (math, then determinism), each in cuDNN's order.
+        let order = |m, d| -> Vec<u32> { ranked(&found, m, d).iter().map(|p| p.0).collect() };
+        assert_eq!(order(fma, true), vec![3, 1, 2]);
+        assert_eq!(order(fma, false), vec![1, 3, 2]);
+        assert_eq!(order(dflt, true), vec![2, 3, 1]);
+        assert_eq!(order(dflt, false), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_candidate_without_a_workspace_in_this_math_type_is_skipped() {
+        let shape = Shape {
+            n: 2,
+            cin: 3,
+            h: 5,
+            w: 5,
+            cout: 4,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let cands = [
+            R(4, true, true, false, 0),
+            R(2, true, true, true, 0),
+            R(1, true, true, true, 0),
+        ];
+        let not_supported = || dnn::CudnnError(sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED);
+        let ws = |a: u32| {
+            if a == 4 {
+                Err(not_supported())
+            } else {
+                Ok(100 * a as usize)
+            }
+        };
+        let got = first_workable("forward", &shape, &cands, "find", ws).unwrap();
+        assert_eq!(got, (2, 200));
+        let e = first_workable("forward", &shape, &cands, "find", |_| Err(not_supported()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no candidate algorithm"), "{e}");
     }
 }

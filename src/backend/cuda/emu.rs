@@ -28,6 +28,8 @@ use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::LaunchConfig;
 
+use super::gemm::BlasCall;
+#[cfg(test)]
 use super::gemm::Gemm;
 use super::{lock, A};
 use crate::error::{Error, Result};
@@ -250,63 +252,107 @@ pub(crate) fn launch(
     Ok(())
 }
 
-/// [`Gemm`] on host memory with cuBLAS's semantics (`C = alpha·op(A)·op(B) + beta·C`, C not read
-/// when `beta == 0`, strided batches), by the `gemm` crate.
-pub(crate) fn gemm(g: &Gemm, a: u64, b: u64, c: u64) -> Result<()> {
+/// `cublasSgemm` / `cublasSgemmStridedBatched` on the emulated device, column-major as cuBLAS
+/// reads its arguments (the backend maps its row-major products onto this call, see
+/// [`Gemm::blas_call`]). Leading dimensions are checked as cuBLAS checks them
+/// (`CUBLAS_STATUS_INVALID_VALUE`), and every operand of every batch must lie inside one live
+/// buffer.
+pub(crate) fn cublas_sgemm(call: &BlasCall) -> std::result::Result<(), String> {
+    let BlasCall {
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        a,
+        lda,
+        stride_a,
+        b,
+        ldb,
+        stride_b,
+        c,
+        ldc,
+        stride_c,
+        batch,
+    } = *call;
+    // Stored (rows, columns) of A, B, C.
+    let sa = if trans_a { (k, m) } else { (m, k) };
+    let sb = if trans_b { (n, k) } else { (k, n) };
+    let sc = (m, n);
+    for (what, (rows, _), ld) in [("lda", sa, lda), ("ldb", sb, ldb), ("ldc", sc, ldc)] {
+        if ld < rows.max(1) {
+            return Err(format!(
+                "CUBLAS_STATUS_INVALID_VALUE: {what} = {ld} < {} rows ({call:?})",
+                rows.max(1)
+            ));
+        }
+    }
+    if m == 0 || n == 0 || batch == 0 {
+        return Ok(());
+    }
     {
-        // Every operand, over all batches, must lie inside one live buffer.
-        let last = g.batch.saturating_sub(1);
-        let extents = [
-            (a, "A", last * g.stride_a + g.m * g.k),
-            (b, "B", last * g.stride_b + g.k * g.n),
-            (c, "C", last * g.stride_c + g.m * g.n),
+        let last = batch - 1;
+        let extent = |(rows, cols): (usize, usize), ld: usize, stride: usize| {
+            last * stride + if cols == 0 { 0 } else { (cols - 1) * ld + rows }
+        };
+        let operands = [
+            (a, "A", extent(sa, lda, stride_a)),
+            (b, "B", extent(sb, ldb, stride_b)),
+            (c, "C", extent(sc, ldc, stride_c)),
         ];
         let map = lock(live());
-        for (p, what, extent) in extents {
+        for (p, what, extent) in operands {
+            if extent == 0 {
+                continue;
+            }
             match containing(&map, p) {
                 Some((start, len, _)) if p + 4 * extent as u64 <= start + 4 * len as u64 => {}
                 Some((_, len, _)) => {
-                    return Err(Error::Cuda(format!(
-                        "emulated GEMM {g:?}: operand {what} spans {extent} elements past its \
-                         start, beyond its {len}-element buffer"
-                    )))
+                    return Err(format!(
+                        "operand {what} spans {extent} elements past its start, beyond its \
+                         {len}-element buffer ({call:?})"
+                    ))
                 }
                 None => {
-                    return Err(Error::Cuda(format!(
-                        "emulated GEMM {g:?}: operand {what} (address {p:#x}) is not inside any \
-                         live device buffer"
-                    )))
+                    return Err(format!(
+                        "operand {what} (address {p:#x}) is not inside any live device buffer \
+                         ({call:?})"
+                    ))
                 }
             }
         }
     }
-    let (m, n, k) = (g.m as isize, g.n as isize, g.k as isize);
-    // Row and column strides of op(A) [m, k], op(B) [k, n] and C [m, n] (row-major storage).
-    let (a_rs, a_cs) = if g.ta { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if g.tb { (1, k) } else { (n, 1) };
-    for i in 0..g.batch {
-        // SAFETY: the callers validated the shapes, so each batch's operands lie in the buffers
-        // behind a, b and c (emulated device memory is host memory); C does not overlap A or B.
+    // (column stride, row stride) of op(A) [m, k], op(B) [k, n] and C [m, n].
+    let (lda, ldb, ldc) = (lda as isize, ldb as isize, ldc as isize);
+    let (a_cs, a_rs) = if trans_a { (1, lda) } else { (lda, 1) };
+    let (b_cs, b_rs) = if trans_b { (1, ldb) } else { (ldb, 1) };
+    for i in 0..batch {
+        // SAFETY: the extents above lie inside live buffers (emulated device memory is host
+        // memory); C does not overlap A or B (the callers' outputs are fresh buffers).
         unsafe {
-            let pa = (a as *const f32).add(i * g.stride_a);
-            let pb = (b as *const f32).add(i * g.stride_b);
-            let pc = (c as *mut f32).add(i * g.stride_c);
+            let pa = (a as *const f32).add(i * stride_a);
+            let pb = (b as *const f32).add(i * stride_b);
+            let pc = (c as *mut f32).add(i * stride_c);
+            // gemm's convention: dst = α·dst + β·lhs·rhs (dst read only when α ≠ 0, like
+            // cuBLAS, which never reads C when its beta is 0).
             gemm::gemm(
-                g.m,
-                g.n,
-                g.k,
-                pc,
-                1,
+                m,
                 n,
-                g.beta != 0.0,
+                k,
+                pc,
+                ldc,
+                1,
+                beta != 0.0,
                 pa,
                 a_cs,
                 a_rs,
                 pb,
                 b_cs,
                 b_rs,
-                g.beta,
-                g.alpha,
+                beta,
+                alpha,
                 false,
                 false,
                 false,
@@ -514,19 +560,57 @@ mod tests {
         let mut bb = HostBuf::new(6);
         bb.write(0, &[1., 0., 0., 1., 1., 1.]);
         let c = HostBuf::new(4);
-        let g = Gemm::new(true, false, 2, 2, 3).alpha(2.0);
-        gemm(&g, a.addr(), bb.addr(), c.addr()).unwrap();
+        // Row-major products go through the backend's mapping onto the column-major call.
+        let gemm = |g: Gemm, c: &HostBuf| cublas_sgemm(&g.blas_call(a.addr(), bb.addr(), c.addr()));
+        gemm(Gemm::new(true, false, 2, 2, 3).alpha(2.0), &c).unwrap();
         // Aᵀ = [[1,3,5],[2,4,6]]; Aᵀ·B = [[6,8],[8,10]].
         assert_eq!(host(&c), vec![12., 16., 16., 20.]);
         // beta = 1 accumulates.
-        let g = Gemm::new(true, false, 2, 2, 3).beta(1.0);
-        gemm(&g, a.addr(), bb.addr(), c.addr()).unwrap();
+        gemm(Gemm::new(true, false, 2, 2, 3).beta(1.0), &c).unwrap();
         assert_eq!(host(&c), vec![18., 24., 24., 30.]);
+        // A·Bᵀ with A [2,3] and B stored [2,3]: [[1,2,3],[4,5,6]]·[[1,0,0],[1,1,1]]ᵀ.
+        gemm(Gemm::new(false, true, 2, 2, 3), &c).unwrap();
+        assert_eq!(host(&c), vec![1., 6., 4., 15.]);
         // An operand that does not fit its buffer is refused.
-        let g = Gemm::new(false, false, 2, 2, 4);
-        let e = gemm(&g, a.addr(), bb.addr(), c.addr())
-            .unwrap_err()
-            .to_string();
+        let e = gemm(Gemm::new(false, false, 2, 2, 4), &c).unwrap_err();
         assert!(e.contains("beyond its 6-element buffer"), "{e}");
+
+        // The column-major call itself, as cuBLAS reads it: A [2,3] (lda 2) = [[1,3,5],[2,4,6]],
+        // B [3,2] (ldb 3) = [[1,1],[0,1],[0,1]], C = A·B = [[1,9],[2,12]] stored by columns.
+        let call = BlasCall {
+            trans_a: false,
+            trans_b: false,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 1.0,
+            beta: 0.0,
+            a: a.addr(),
+            lda: 2,
+            stride_a: 6,
+            b: bb.addr(),
+            ldb: 3,
+            stride_b: 6,
+            c: c.addr(),
+            ldc: 2,
+            stride_c: 4,
+            batch: 1,
+        };
+        cublas_sgemm(&call).unwrap();
+        assert_eq!(host(&c), vec![1., 2., 9., 12.]);
+        // Leading dimensions shorter than the stored rows are cuBLAS errors.
+        for bad in [
+            BlasCall { lda: 1, ..call },
+            BlasCall { ldb: 2, ..call },
+            BlasCall { ldc: 1, ..call },
+            BlasCall {
+                trans_a: true,
+                lda: 2,
+                ..call
+            },
+        ] {
+            let e = cublas_sgemm(&bad).unwrap_err();
+            assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE"), "{e}");
+        }
     }
 }

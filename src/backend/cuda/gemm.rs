@@ -11,6 +11,30 @@ use crate::backend::shapes;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// The arguments of one `cublasSgemm` / `cublasSgemmStridedBatched` call, column-major as cuBLAS
+/// reads them: `C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i]`, `op(A)` `[m, k]`, `op(B)` `[k, n]`,
+/// `C` `[m, n]`, element `(r, c)` of a matrix at `r + c·ld`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct BlasCall {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub a: u64,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub c: u64,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+}
+
 /// One (strided-batched) row-major GEMM on raw device addresses:
 /// `C[i] = alpha·op(A[i])·op(B[i]) + beta·C[i]` with `op(A)` `[m, k]` (A stored `[k, m]` when
 /// `ta`), `op(B)` `[k, n]` (B stored `[n, k]` when `tb`), `C` `[m, n]`. Strides are in elements;
@@ -67,6 +91,32 @@ impl Gemm {
         self
     }
 
+    /// The cuBLAS call that computes this product on the row-major buffers `a`, `b`, `c`:
+    /// column-major `Cᵀ [n, m] = op(B)ᵀ·op(A)ᵀ`, i.e. the operands swapped, each keeping its
+    /// transpose flag, with the leading dimensions of the row-major rows.
+    pub fn blas_call(&self, a: u64, b: u64, c: u64) -> BlasCall {
+        let g = self;
+        BlasCall {
+            trans_a: g.tb,
+            trans_b: g.ta,
+            m: g.n,
+            n: g.m,
+            k: g.k,
+            alpha: g.alpha,
+            beta: g.beta,
+            a: b,
+            lda: if g.tb { g.k } else { g.n }.max(1),
+            stride_a: g.stride_b,
+            b: a,
+            ldb: if g.ta { g.m } else { g.k }.max(1),
+            stride_b: g.stride_a,
+            c,
+            ldc: g.n.max(1),
+            stride_c: g.stride_c,
+            batch: g.batch,
+        }
+    }
+
     /// Runs the product on the backend's stream.
     pub fn run(self, be: &CudaBackend, a: u64, b: u64, c: u64) -> Result<()> {
         let g = self;
@@ -74,14 +124,30 @@ impl Gemm {
             return Ok(());
         }
         if g.k == 0 {
-            // C = beta·C; with beta = 0 the output may be uninitialised memory.
-            let len = (g.batch - 1) * g.stride_c + g.m * g.n;
-            let n = ci(len)?;
-            return be.launch(
-                "ew_scale",
-                cfg_lin(len),
-                &[A::I(n), A::F(g.beta), A::P(c), A::P(c)],
-            );
+            // C = beta·C, as cuBLAS does: with beta = 0 the output (possibly uninitialised
+            // memory, NaN or Inf) is written with zeros, not scaled. Only each batch's [m, n]
+            // block is touched.
+            let mn = g.m * g.n;
+            let blocks: Vec<(u64, usize)> = if g.stride_c == mn {
+                vec![(c, g.batch * mn)]
+            } else {
+                (0..g.batch)
+                    .map(|i| (c + 4 * (i * g.stride_c) as u64, mn))
+                    .collect()
+            };
+            for (p, len) in blocks {
+                let n = A::I(ci(len)?);
+                if g.beta == 0.0 {
+                    be.launch("ew_fill", cfg_lin(len), &[n, A::F(0.0), A::P(p)])?;
+                } else {
+                    be.launch(
+                        "ew_scale",
+                        cfg_lin(len),
+                        &[n, A::F(g.beta), A::P(p), A::P(p)],
+                    )?;
+                }
+            }
+            return Ok(());
         }
         let name = if g.batch == 1 {
             "cublas_sgemm"
@@ -89,70 +155,63 @@ impl Gemm {
             "cublas_sgemm_strided_batched"
         };
         be.count(name);
+        let call = g.blas_call(a, b, c);
         if be.is_emulated() {
+            // The emulation takes the same column-major call, so CI checks the mapping above.
             let t0 = std::time::Instant::now();
-            let r = super::emu::gemm(&g, a, b, c);
+            let r = super::emu::cublas_sgemm(&call);
             if super::profile::active() {
                 super::profile::record_host(name, t0);
             }
-            return r;
+            return r.map_err(|e| Error::Cuda(format!("{name} for {g:?}: {e}")));
         }
-        let (m, n, k) = (ci(g.m)?, ci(g.n)?, ci(g.k)?);
-        // Column-major view: C^T [n, m] = op(B)^T [n, k] · op(A)^T [k, m].
-        let (op_b, ld_b) = if g.tb {
-            (Op::CUBLAS_OP_T, k)
-        } else {
-            (Op::CUBLAS_OP_N, n)
-        };
-        let (op_a, ld_a) = if g.ta {
-            (Op::CUBLAS_OP_T, m)
-        } else {
-            (Op::CUBLAS_OP_N, k)
-        };
+        let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
+        let (m, n, k) = (ci(call.m)?, ci(call.n)?, ci(call.k)?);
+        let (lda, ldb, ldc) = (ci(call.lda)?, ci(call.ldb)?, ci(call.ldc)?);
         be.bind()?;
         let blas = be.blas()?;
         let h = *blas.handle();
-        let (alpha, beta) = (g.alpha, g.beta);
+        let (alpha, beta) = (call.alpha, call.beta);
         // SAFETY: a, b, c are live device buffers on this backend's stream (the cuBLAS handle is
         // bound to it), sized by the validated shapes of the callers.
         let r = unsafe {
-            if g.batch == 1 {
+            if call.batch == 1 {
                 cudarc::cublas::result::sgemm(
                     h,
-                    op_b,
-                    op_a,
-                    n,
+                    op(call.trans_a),
+                    op(call.trans_b),
                     m,
+                    n,
                     k,
                     &alpha,
-                    b as *const f32,
-                    ld_b.max(1),
-                    a as *const f32,
-                    ld_a.max(1),
+                    call.a as *const f32,
+                    lda,
+                    call.b as *const f32,
+                    ldb,
                     &beta,
-                    c as *mut f32,
-                    n.max(1),
+                    call.c as *mut f32,
+                    ldc,
                 )
             } else {
                 cudarc::cublas::result::sgemm_strided_batched(
                     h,
-                    op_b,
-                    op_a,
-                    n,
+                    op(call.trans_a),
+                    op(call.trans_b),
                     m,
+                    n,
                     k,
                     &alpha,
-                    b as *const f32,
-                    ld_b.max(1),
-                    g.stride_b as i64,
-                    a as *const f32,
-                    ld_a.max(1),
-                    g.stride_a as i64,
+                    call.a as *const f32,
+                    lda,
+                    call.stride_a as i64,
+                    call.b as *const f32,
+                    ldb,
+                    call.stride_b as i64,
                     &beta,
-                    c as *mut f32,
-                    n.max(1),
-                    g.stride_c as i64,
-                    ci(g.batch)?,
+                    call.c as *mut f32,
+                    ldc,
+                    call.stride_c as i64,
+                    ci(call.batch)?,
                 )
             }
         };
