@@ -236,8 +236,14 @@ mod cupti {
                     .map_err(err("registering the buffer callbacks"))?;
                 REGISTERED.store(true, Ordering::SeqCst);
             }
-            for k in KINDS {
-                activity::enable(k).map_err(err("enabling activity records"))?;
+            for (i, k) in KINDS.into_iter().enumerate() {
+                if let Err(e) = activity::enable(k) {
+                    // Leave nothing half on.
+                    for done in &KINDS[..i] {
+                        let _ = activity::disable(*done);
+                    }
+                    return Err(err("enabling activity records")(e));
+                }
             }
             Ok(())
         })
