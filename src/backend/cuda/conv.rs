@@ -208,10 +208,29 @@ fn choose<P: Perf>(
     let mut buf = vec![unsafe { std::mem::zeroed::<P>() }; slots.max(1)];
     let mut count: std::ffi::c_int = 0;
     let filled = |count: std::ffi::c_int, buf: &[P]| count.clamp(0, buf.len() as i32) as usize;
+    // MEDSSL_CUDNN_LOG=1: what the query returned (how many results, how many usable, how many
+    // timed in the descriptor's math type), before the choice itself is logged.
+    let slots = buf.len();
+    let log = |how: &str, found: &[P]| {
+        if switches::current().cudnn_log {
+            let usable = found.iter().filter(|p| p.usable()).count();
+            let same_math = found
+                .iter()
+                .filter(|p| p.usable() && p.math() == math)
+                .count();
+            eprintln!(
+                "cudnn {what} {how}: {} results in {slots} slots, {usable} usable, {same_math} \
+                 of them in {math:?}",
+                found.len(),
+            );
+        }
+    };
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
-        let c = ranked(&buf[..filled(count, &buf)], math, deterministic_first());
+        let found = &buf[..filled(count, &buf)];
+        log("find", found);
+        let c = ranked(found, math, deterministic_first());
         if !c.is_empty() {
             return Ok((c, "find"));
         }
@@ -221,7 +240,9 @@ fn choose<P: Perf>(
     if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
         return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
     }
-    let c = ranked(&buf[..filled(count, &buf)], math, deterministic_first());
+    let found = &buf[..filled(count, &buf)];
+    log("heuristic", found);
+    let c = ranked(found, math, deterministic_first());
     if c.is_empty() {
         return Err(Error::Cuda(format!(
             "cuDNN offers no usable {what} algorithm"
