@@ -300,6 +300,13 @@ for s in steps:
     extra = s.get("tests") or s.get("conformance") or s.get("skipped") or ""
     print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
 EOF
+# The --profile rows of both sides, paired by workload (OUTDIR/profile.md).
+if [ "$TABLE" != 1 ] && [ -f "$HERE/profile-table.py" ] && [ -s "$OUTDIR/bench_cuda.jsonl" ] &&
+    [ -s "$OUTDIR/torch_peer.jsonl" ]; then
+    "$PY" "$HERE/profile-table.py" "$OUTDIR/bench_cuda.jsonl" "$OUTDIR/torch_peer.jsonl" \
+        >"$OUTDIR/profile.md" 2>>"$OUTDIR/logs/profile_table.log" ||
+        echo "profile.md: no workload profiled on both sides (see logs/profile_table.log)"
+fi
 if [ "$TABLE" = 1 ]; then
     # Few files come back from a device command: everything but the tables and summary.json goes
     # into one archive (run files without checkpoints, training logs, this script's logs).
@@ -315,6 +322,6 @@ if [ "$TABLE" = 1 ]; then
     rm -rf "$OUTDIR/gpu-run"
     echo "outputs in $OUTDIR: $(cd "$OUTDIR" && echo *) (table-runs.tar.gz: run files, logs)"
 else
-    echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/)"
+    echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/, profile.md)"
 fi
 exit 0
