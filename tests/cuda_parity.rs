@@ -844,7 +844,7 @@ fn softmax_family() {
             &g.cross_entropy_bwd(&zg, &y, &sg).unwrap(),
             &cpu().cross_entropy_bwd(&zc, &y, &sc).unwrap(),
             1e-5,
-            1e-7,
+            5e-7,
         );
         let mut bad = y.clone();
         bad[0] = c;
@@ -1416,12 +1416,19 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         ])
     };
     let (ec, eg) = (eval("cpu"), eval("cuda"));
-    for m in ["macro_auc", "balanced_accuracy", "accuracy", "macro_f1"] {
+    // AUC follows the probabilities continuously; the thresholded metrics may move by one image
+    // whose two logits are within rounding of each other (about 2e-3 each on 624 test images).
+    for (m, tol) in [
+        ("macro_auc", 1e-4),
+        ("balanced_accuracy", 5e-3),
+        ("accuracy", 5e-3),
+        ("macro_f1", 5e-3),
+    ] {
         let (x, y) = (
             ec["metrics"][m].as_f64().unwrap(),
             eg["metrics"][m].as_f64().unwrap(),
         );
-        assert!((x - y).abs() <= 1e-4, "test {m}: cpu {x} cuda {y}");
+        assert!((x - y).abs() <= tol, "test {m}: cpu {x} cuda {y}");
     }
     println!(
         "test macro-AUC of the CUDA-trained checkpoint: cpu {} cuda {}",
@@ -1492,7 +1499,11 @@ fn device_profile_records_what_ran() {
         p.entries.iter().map(|e| &e.name).collect::<Vec<_>>()
     );
     assert_eq!(p.dropped, 0);
+    // The product ran too (a cuBLAS kernel on a GPU, the emulated product here).
+    assert!(p.entries.len() >= 2, "{:?}", p.entries);
+    // Timestamps read from the wrong place would rarely give a plausible window.
     assert!(p.busy_ns > 0 && p.busy_ns <= p.span_ns);
+    assert!(p.span_ns < 10_000_000_000, "span {} ns", p.span_ns);
     let sum: u64 = p.entries.iter().map(|e| e.ns).sum();
     assert!(sum >= p.busy_ns, "items {sum} ns, busy {} ns", p.busy_ns);
     assert!(p.entries.windows(2).all(|w| w[0].ns >= w[1].ns));

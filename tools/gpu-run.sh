@@ -16,13 +16,17 @@
 #     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
 #     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
 #     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
-#     --no-eval --set width=4 --out /tmp/rehearsal/train" bash .gpu/gpu-run.sh /tmp/rehearsal
+#     --no-eval --set width=4 --out /tmp/rehearsal/train" PROFILE_PEER_CONFIGS= \
+#     PROFILE_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 --batch-u 8 --queue 64 \
+#     --repeats 1 --warmup 0 --calib 0 --profile" bash .gpu/gpu-run.sh /tmp/rehearsal
 # (every device name in the results then reads "cuda:0 (CPU emulation)").
 #
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
-#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS (|-separated flag
-#      sets, each optionally led by VAR=value words) / TRAIN_ARGS   override the workloads below
+#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS /
+#      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
+#      VAR=value words) / TRAIN_ARGS   override the workloads below
+#      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
 # tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
@@ -77,18 +81,22 @@ STEPS="$OUTDIR/steps.jsonl"
 # The two supervised width-64 rows log each convolution shape's chosen cuDNN algorithms with their
 # timed milliseconds (MEDSSL_CUDNN_LOG=1, in logs/bench_cuda_*.log): at 28 px the width-64 step
 # costs far more than width 16 although 112 px costs little more than 28 px, so the wide
-# small-spatial layers' algorithms are the first suspect. The --profile rows (both sides) list
-# what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
-# times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from
-# the same pip folders), the peer through torch.profiler. They say whether a step is bound by the
-# kernels or by the host, and which kernels differ.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+# small-spatial layers' algorithms are the first suspect.
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
-PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
+PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
 # a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor),
 # each rated against the device's streaming bandwidth measured in the same invocation.
 OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update"}"
+# Device profiles, run last with a short timeout each (PROFILE_TIMEOUT, default 90 s): they list
+# what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
+# times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from
+# the same pip folders; only when the parity test of the profiler passed), the peer through
+# torch.profiler. They say whether a step is bound by the kernels or by the host, and which
+# kernels differ; OUTDIR/profile.md pairs them (tools/profile-table.py).
+PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
+PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
 TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --out $OUTDIR/train"}"
 # -------------------------------------------------------------------------------------------------
@@ -199,9 +207,19 @@ else
     for t in "$HERE"/tests/*; do
         [ -x "$t" ] || continue
         name="test_$(basename "$t")"
-        step "$name" "$t" --test-threads=1 --nocapture
+        # The device-profiler test runs alone below, under a short timeout: a CUPTI that hangs
+        # or crashes must not take the other parity tests with it.
+        extra=()
+        [ "$(basename "$t")" = cuda_parity ] && extra=(--skip device_profile_records_what_ran)
+        step "$name" "$t" --test-threads=1 --nocapture ${extra[@]+"${extra[@]}"}
     done
+    PROFILER_OK=0
     if [ -x "$HERE/tests/cuda_parity" ]; then
+        STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" step test_cuda_parity_profiler "$HERE/tests/cuda_parity" \
+            device_profile_records_what_ran --exact --test-threads=1 --nocapture
+        tail -n 1 "$STEPS" | grep -q '"rc":0,' &&
+            grep -q "test result: ok. 1 passed" "$OUTDIR/logs/test_cuda_parity_profiler.log" &&
+            ! grep -q SKIPPED "$OUTDIR/logs/test_cuda_parity_profiler.log" && PROFILER_OK=1
         # The convolution tests again on the im2col + cuBLAS fallback engine.
         step test_cuda_parity_conv_im2col env MEDSSL_CUDA_CONV=im2col "$HERE/tests/cuda_parity" conv2d --test-threads=1 --nocapture
         # And with cuDNN's heuristic algorithm choice instead of the timed one (the default), with
@@ -253,6 +271,18 @@ else
     else
         skip torch_peer "torch_peer.py not packed"
     fi
+
+    # Device profiles last (see PROFILE_CUDA_CONFIGS).
+    if [ -x "$HERE/bin/medssl-bench" ] && [ "$PROFILER_OK" = 1 ]; then
+        STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PROFILE_CUDA_CONFIGS" \
+            run_configs bench_cuda_profile "\"$HERE/bin/medssl-bench\" step"
+    else
+        skip bench_cuda_profile "the profiler's parity test did not pass (logs/test_cuda_parity_profiler.log)"
+    fi
+    if [ -f "$HERE/torch_peer.py" ]; then
+        STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PROFILE_PEER_CONFIGS" \
+            run_configs torch_peer_profile "\"$PY\" \"$HERE/torch_peer.py\""
+    fi
 fi
 
 # ---------------------------------------------------------------- summary ----
@@ -301,9 +331,9 @@ for s in steps:
     print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
 EOF
 # The --profile rows of both sides, paired by workload (OUTDIR/profile.md).
-if [ "$TABLE" != 1 ] && [ -f "$HERE/profile-table.py" ] && [ -s "$OUTDIR/bench_cuda.jsonl" ] &&
-    [ -s "$OUTDIR/torch_peer.jsonl" ]; then
-    "$PY" "$HERE/profile-table.py" "$OUTDIR/bench_cuda.jsonl" "$OUTDIR/torch_peer.jsonl" \
+if [ "$TABLE" != 1 ] && [ -f "$HERE/profile-table.py" ] && [ -s "$OUTDIR/bench_cuda_profile.jsonl" ] &&
+    [ -s "$OUTDIR/torch_peer_profile.jsonl" ]; then
+    "$PY" "$HERE/profile-table.py" "$OUTDIR/bench_cuda_profile.jsonl" "$OUTDIR/torch_peer_profile.jsonl" \
         >"$OUTDIR/profile.md" 2>>"$OUTDIR/logs/profile_table.log" ||
         echo "profile.md: no workload profiled on both sides (see logs/profile_table.log)"
 fi
