@@ -52,7 +52,8 @@
 # 100 % takes 583 steps of 12 images (one pass over the 7000 training images). Measured on a
 # 2-core CPU with --jobs 2 (one thread each): a HAM10000 DSRPGC epoch about 70 s with training
 # alone on the machine, a supervised 100 % epoch about 50 s; so about 2 h per 100-epoch DSRPGC
-# run and about 10 h for the 14 runs. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 14 runs are
+# run, and in practice (other work on the machine) 2.3-2.9 h per HAM10000 SSL run, 2.2 h for
+# supervised 100 %, 0.75 h per supervised 20 % run: about 14 h for the 14 runs. On one H200 (11.8 ms per DSRPGC step, 6.3 ms supervised, when alone) the 14 runs are
 # about 35 min of GPU work back to back; with --jobs 14 they are expected to take 10-15 min
 # (the gain from concurrency is what the first GPU session measures), so the GPU pack runs it
 # under --budget and resumes (tools/gpu-run.sh, TABLE=1).
