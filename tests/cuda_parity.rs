@@ -1470,7 +1470,7 @@ fn device_profile_records_what_ran() {
     let mut rng = Rng::new(77);
     let (_, x) = rand_pair(g, &mut rng, &[3, 5, 7], 1.0);
     g.synchronize().unwrap();
-    match profile::start(emulated) {
+    match profile::start() {
         Ok(()) => {}
         Err(e) if e.to_string().contains("libcupti.so could not be loaded") => {
             println!("SKIPPED (no libcupti.so on the loader path: {e})");
@@ -1479,7 +1479,7 @@ fn device_profile_records_what_ran() {
         Err(e) => panic!("starting the device profile: {e}"),
     }
     // A second start while recording is refused.
-    assert!(profile::start(emulated).is_err());
+    assert!(profile::start().is_err());
     let y = g.relu_fwd(&x).unwrap();
     let z = g.matmul(
         &y.reshape(&[15, 7]).unwrap(),
@@ -1488,9 +1488,9 @@ fn device_profile_records_what_ran() {
         false,
     );
     g.synchronize().unwrap();
-    let p = profile::stop(emulated).unwrap();
+    let p = profile::stop().unwrap();
     z.unwrap();
-    assert!(profile::stop(emulated).is_err(), "stop without a profile");
+    assert!(profile::stop().is_err(), "stop without a profile");
     // Other tests run alongside in this process, so what they ran may be recorded too.
     let relu = p.entries.iter().find(|e| e.name == "ew_relu_fwd");
     assert!(

@@ -219,15 +219,14 @@ fn profile_steps(
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<serde_json::Value> {
     use medssl::backend::cuda::profile;
-    let cb = cuda_backend(dev).context("--profile needs a CUDA device (--device cuda)")?;
-    let emulated = cb.is_emulated();
+    cuda_backend(dev).context("--profile needs a CUDA device (--device cuda)")?;
     bk.synchronize()?;
-    profile::start(emulated).context("--profile")?;
+    profile::start().context("--profile")?;
     let t = Instant::now();
     let ran = (0..steps).try_for_each(|_| f());
     let synced = bk.synchronize();
     let wall_s = t.elapsed().as_secs_f64();
-    let p = profile::stop(emulated);
+    let p = profile::stop();
     ran?;
     synced?;
     let p = p.context("--profile")?;

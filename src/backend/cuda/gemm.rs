@@ -158,12 +158,8 @@ impl Gemm {
         let call = g.blas_call(a, b, c);
         if be.is_emulated() {
             // The emulation takes the same column-major call, so CI checks the mapping above.
-            let t0 = std::time::Instant::now();
-            let r = super::emu::cublas_sgemm(&call);
-            if super::profile::active() {
-                super::profile::record_host(name, t0);
-            }
-            return r.map_err(|e| Error::Cuda(format!("{name} for {g:?}: {e}")));
+            return super::profile::host_timed(name, || super::emu::cublas_sgemm(&call))
+                .map_err(|e| Error::Cuda(format!("{name} for {g:?}: {e}")));
         }
         let op = |t: bool| if t { Op::CUBLAS_OP_T } else { Op::CUBLAS_OP_N };
         let (m, n, k) = (ci(call.m)?, ci(call.n)?, ci(call.k)?);

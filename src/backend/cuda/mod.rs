@@ -614,12 +614,7 @@ impl CudaBackend {
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
         self.count(name);
         let Some(d) = &self.drv else {
-            let t0 = std::time::Instant::now();
-            let r = emu::launch(name, &cfg, args, None);
-            if profile::active() {
-                profile::record_host(name, t0);
-            }
-            return r;
+            return profile::host_timed(name, || emu::launch(name, &cfg, args, None));
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);
@@ -642,12 +637,8 @@ impl CudaBackend {
         self.count(name);
         let Some(d) = &self.drv else {
             let p = (table as *const T).cast::<std::ffi::c_void>();
-            let t0 = std::time::Instant::now();
-            let r = emu::launch(name, &cfg, args, Some((p, std::mem::size_of::<T>())));
-            if profile::active() {
-                profile::record_host(name, t0);
-            }
-            return r;
+            let table = Some((p, std::mem::size_of::<T>()));
+            return profile::host_timed(name, || emu::launch(name, &cfg, args, table));
         };
         let f = Self::func(d, name)?;
         let mut b = d.stream.launch_builder(&f);

@@ -11,7 +11,7 @@
 //! CUPTI version the node provides.
 //!
 //! On the emulated device there is no device clock: each emulated kernel launch is timed on the
-//! host instead ([`record_host`]), which exercises the same bookkeeping but says nothing about a
+//! host instead ([`host_timed`]), which exercises the same bookkeeping but says nothing about a
 //! GPU (the profile's `source` says which).
 
 use std::collections::HashMap;
@@ -120,18 +120,25 @@ pub fn active() -> bool {
     ACTIVE.load(Ordering::Relaxed)
 }
 
-/// Records one emulated launch that ran on the host from `t0` until now.
-pub(super) fn record_host(name: &str, t0: Instant) {
-    let epoch = *HOST_EPOCH.get_or_init(Instant::now);
-    let ns = |t: Instant| t.saturating_duration_since(epoch).as_nanos() as u64;
-    let (s, e) = (ns(t0), ns(Instant::now()));
-    with_collector(|c| c.add(name, s, e));
+/// Runs `f`, one emulated launch or product, and records it under `name` with host timings while
+/// a profile is being recorded.
+pub(super) fn host_timed<T>(name: &str, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let r = f();
+    if active() {
+        let epoch = *HOST_EPOCH.get_or_init(Instant::now);
+        let ns = |t: Instant| t.saturating_duration_since(epoch).as_nanos() as u64;
+        let (s, e) = (ns(t0), ns(Instant::now()));
+        with_collector(|c| c.add(name, s, e));
+    }
+    r
 }
 
-/// Starts recording. `emulated`: the device is the CPU emulation (host timings); otherwise CUPTI
-/// records the device's activity. The caller should synchronise the device first, so that work
-/// queued earlier is not counted.
-pub fn start(emulated: bool) -> Result<()> {
+/// Starts recording: on the CPU emulation of the device (`MEDSSL_CUDA_EMULATE=1`) host timings of
+/// the emulated launches, otherwise CUPTI's record of the device's activity. The caller should
+/// synchronise the device first, so that work queued earlier is not counted.
+pub fn start() -> Result<()> {
+    let emulated = super::emu::enabled();
     if ACTIVE.swap(true, Ordering::SeqCst) {
         return Err(Error::Cuda(
             "a device profile is already being recorded".into(),
@@ -150,7 +157,8 @@ pub fn start(emulated: bool) -> Result<()> {
 
 /// Stops recording and returns the profile. The caller synchronises the device first, so that
 /// every item it queued has finished.
-pub fn stop(emulated: bool) -> Result<Profile> {
+pub fn stop() -> Result<Profile> {
+    let emulated = super::emu::enabled();
     if !ACTIVE.load(Ordering::SeqCst) {
         return Err(Error::Cuda("no device profile is being recorded".into()));
     }
