@@ -91,51 +91,147 @@ impl Search {
     }
 }
 
-/// The fields of cuDNN's three `*AlgoPerf_t` result structs that the choice reads.
+/// The fields of one algorithm-query result that the choice reads.
 trait Perf: Copy {
     type Algo: Copy + std::fmt::Debug;
     fn algo(&self) -> Self::Algo;
     fn usable(&self) -> bool;
     fn deterministic(&self) -> bool;
-    fn math(&self) -> sys::cudnnMathType_t;
+    /// The math type it was timed in, as cuDNN's raw `cudnnMathType_t` value.
+    fn math(&self) -> u32;
     fn time_ms(&self) -> f32;
 }
 
-macro_rules! perf {
-    ($t:ty, $a:ty) => {
-        impl Perf for $t {
-            type Algo = $a;
-            fn algo(&self) -> $a {
-                self.algo
-            }
-            fn usable(&self) -> bool {
-                self.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                    && self.memory <= WORKSPACE_LIMIT
-            }
-            fn deterministic(&self) -> bool {
-                self.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-            }
-            fn math(&self) -> sys::cudnnMathType_t {
-                self.mathType
-            }
-            fn time_ms(&self) -> f32 {
-                self.time
+/// cuDNN's three `cudnnConvolution*AlgoPerf_t` result structs share this layout. cuDNN writes
+/// them, and a newer library may write a status, algorithm or math code that the bindings'
+/// Rust enums do not list (reading such a value through the enum type would be undefined
+/// behaviour), so the query fills these plain-integer mirrors and each code is checked before
+/// it becomes an enum.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RawPerf {
+    algo: u32,
+    status: u32,
+    time: f32,
+    memory: usize,
+    determinism: u32,
+    math_type: u32,
+    reserved: [std::ffi::c_int; 3],
+}
+
+// The mirror must match each binding field for field.
+macro_rules! same_layout {
+    ($t:ty) => {
+        const _: () = {
+            use std::mem::{align_of, offset_of, size_of};
+            assert!(size_of::<RawPerf>() == size_of::<$t>());
+            assert!(align_of::<RawPerf>() == align_of::<$t>());
+            assert!(offset_of!(RawPerf, algo) == offset_of!($t, algo));
+            assert!(offset_of!(RawPerf, status) == offset_of!($t, status));
+            assert!(offset_of!(RawPerf, time) == offset_of!($t, time));
+            assert!(offset_of!(RawPerf, memory) == offset_of!($t, memory));
+            assert!(offset_of!(RawPerf, determinism) == offset_of!($t, determinism));
+            assert!(offset_of!(RawPerf, math_type) == offset_of!($t, mathType));
+            assert!(offset_of!(RawPerf, reserved) == offset_of!($t, reserved));
+        };
+    };
+}
+same_layout!(sys::cudnnConvolutionFwdAlgoPerf_t);
+same_layout!(sys::cudnnConvolutionBwdDataAlgoPerf_t);
+same_layout!(sys::cudnnConvolutionBwdFilterAlgoPerf_t);
+
+/// An algorithm enum of one direction, built from cuDNN's raw code only when the code is one of
+/// the listed algorithms (the `*_COUNT` sentinels are not algorithms).
+trait AlgoCode: Copy + std::fmt::Debug + 'static {
+    const ALL: &'static [Self];
+    fn from_raw(code: u32) -> Option<Self>;
+}
+
+macro_rules! algo_code {
+    ($t:ident, [$($v:ident),* $(,)?]) => {
+        impl AlgoCode for sys::$t {
+            const ALL: &'static [Self] = &[$(sys::$t::$v),*];
+            fn from_raw(code: u32) -> Option<Self> {
+                Self::ALL.iter().copied().find(|a| *a as u32 == code)
             }
         }
     };
 }
-perf!(
-    sys::cudnnConvolutionFwdAlgoPerf_t,
-    sys::cudnnConvolutionFwdAlgo_t
+algo_code!(
+    cudnnConvolutionFwdAlgo_t,
+    [
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ]
 );
-perf!(
-    sys::cudnnConvolutionBwdDataAlgoPerf_t,
-    sys::cudnnConvolutionBwdDataAlgo_t
+algo_code!(
+    cudnnConvolutionBwdDataAlgo_t,
+    [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+    ]
 );
-perf!(
-    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
-    sys::cudnnConvolutionBwdFilterAlgo_t
+algo_code!(
+    cudnnConvolutionBwdFilterAlgo_t,
+    [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+    ]
 );
+
+/// One query result with its algorithm decoded (`None`: a code these bindings do not know,
+/// never used).
+#[derive(Clone, Copy, Debug)]
+struct Found<A> {
+    raw: RawPerf,
+    algo: Option<A>,
+}
+
+impl<A: AlgoCode> Found<A> {
+    fn new(raw: RawPerf) -> Found<A> {
+        Found {
+            raw,
+            algo: A::from_raw(raw.algo),
+        }
+    }
+}
+
+impl<A: AlgoCode> Perf for Found<A> {
+    type Algo = A;
+    fn algo(&self) -> A {
+        // Only usable results are ever asked for their algorithm; the fallback is never used.
+        self.algo.unwrap_or(A::ALL[0])
+    }
+    fn usable(&self) -> bool {
+        self.algo.is_some()
+            && self.raw.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS as u32
+            && self.raw.memory <= WORKSPACE_LIMIT
+    }
+    fn deterministic(&self) -> bool {
+        self.raw.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC as u32
+    }
+    fn math(&self) -> u32 {
+        self.raw.math_type
+    }
+    fn time_ms(&self) -> f32 {
+        self.raw.time
+    }
+}
 
 /// Whether [`pick`] prefers deterministic algorithms: yes unless `MEDSSL_CUDNN_DETERMINISTIC=0`
 /// (then the fastest usable one, deterministic or not, as PyTorch's `cudnn.benchmark = True`
@@ -155,7 +251,7 @@ fn ranked<P: Perf>(found: &[P], math: sys::cudnnMathType_t, deterministic_first:
     let usable: Vec<&P> = found.iter().filter(|f| f.usable()).collect();
     // Tiers, best first: right math and deterministic, right math, deterministic, the rest.
     let tier = |f: &P| {
-        let math_ok = math != fma || f.math() == fma;
+        let math_ok = math != fma || f.math() == fma as u32;
         let det_ok = !deterministic_first || f.deterministic();
         match (math_ok, det_ok) {
             (true, true) => 0,
@@ -196,27 +292,29 @@ fn guarded<P>(
 /// in every math type it tries, so FMA results are not crowded out by faster tensor-op ones). A
 /// failing Find (or a library without the entry point) falls back to the heuristic. Returns the
 /// candidates, best first (never empty), and how they were found.
-fn choose<P: Perf>(
+fn choose<A: AlgoCode>(
     search: Search,
     math: sys::cudnnMathType_t,
     what: &str,
     slots: usize,
-    find: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
-    heuristic: impl FnOnce(&mut [P], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
-) -> Result<(Vec<P>, &'static str)> {
-    // SAFETY: the perf structs are plain C data; zero is a valid bit pattern for all fields.
-    let mut buf = vec![unsafe { std::mem::zeroed::<P>() }; slots.max(1)];
+    find: impl FnOnce(&mut [RawPerf], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
+    heuristic: impl FnOnce(&mut [RawPerf], &mut std::ffi::c_int) -> sys::cudnnStatus_t,
+) -> Result<(Vec<Found<A>>, &'static str)> {
+    let mut buf = vec![RawPerf::default(); slots.max(1)];
     let mut count: std::ffi::c_int = 0;
-    let filled = |count: std::ffi::c_int, buf: &[P]| count.clamp(0, buf.len() as i32) as usize;
+    let filled = |count: std::ffi::c_int, buf: &[RawPerf]| -> Vec<Found<A>> {
+        let n = count.clamp(0, buf.len() as i32) as usize;
+        buf[..n].iter().map(|r| Found::new(*r)).collect()
+    };
     // MEDSSL_CUDNN_LOG=1: what the query returned (how many results, how many usable, how many
     // timed in the descriptor's math type), before the choice itself is logged.
     let slots = buf.len();
-    let log = |how: &str, found: &[P]| {
+    let log = |how: &str, found: &[Found<A>]| {
         if switches::current().cudnn_log {
             let usable = found.iter().filter(|p| p.usable()).count();
             let same_math = found
                 .iter()
-                .filter(|p| p.usable() && p.math() == math)
+                .filter(|p| p.usable() && p.math() == math as u32)
                 .count();
             eprintln!(
                 "cudnn {what} {how}: {} results in {slots} slots, {usable} usable, {same_math} \
@@ -228,9 +326,9 @@ fn choose<P: Perf>(
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
-        let found = &buf[..filled(count, &buf)];
-        log("find", found);
-        let c = ranked(found, math, deterministic_first());
+        let found = filled(count, &buf);
+        log("find", &found);
+        let c = ranked(&found, math, deterministic_first());
         if !c.is_empty() {
             return Ok((c, "find"));
         }
@@ -240,9 +338,9 @@ fn choose<P: Perf>(
     if st != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
         return Err(Error::Cuda(format!("cuDNN {what} algorithm query: {st:?}")));
     }
-    let found = &buf[..filled(count, &buf)];
-    log("heuristic", found);
-    let c = ranked(found, math, deterministic_first());
+    let found = filled(count, &buf);
+    log("heuristic", &found);
+    let c = ranked(&found, math, deterministic_first());
     if c.is_empty() {
         return Err(Error::Cuda(format!(
             "cuDNN offers no usable {what} algorithm"
@@ -396,7 +494,7 @@ impl Plan {
             math,
             "forward",
             max_count(sys::cudnnGetConvolutionForwardAlgorithmMaxCount, h, 8),
-            |b: &mut [sys::cudnnConvolutionFwdAlgoPerf_t], got| {
+            |b: &mut [RawPerf], got| {
                 sys::cudnnFindConvolutionForwardAlgorithm(
                     h,
                     x,
@@ -405,7 +503,7 @@ impl Plan {
                     y,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
             |b, got| {
@@ -417,7 +515,7 @@ impl Plan {
                     y,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
         )?;
@@ -430,7 +528,7 @@ impl Plan {
             math,
             "backward-data",
             max_count(sys::cudnnGetConvolutionBackwardDataAlgorithmMaxCount, h, 6),
-            |b: &mut [sys::cudnnConvolutionBwdDataAlgoPerf_t], got| {
+            |b: &mut [RawPerf], got| {
                 sys::cudnnFindConvolutionBackwardDataAlgorithm(
                     h,
                     w,
@@ -439,7 +537,7 @@ impl Plan {
                     x,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
             |b, got| {
@@ -451,7 +549,7 @@ impl Plan {
                     x,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
         )?;
@@ -468,7 +566,7 @@ impl Plan {
                 h,
                 7,
             ),
-            |b: &mut [sys::cudnnConvolutionBwdFilterAlgoPerf_t], got| {
+            |b: &mut [RawPerf], got| {
                 sys::cudnnFindConvolutionBackwardFilterAlgorithm(
                     h,
                     x,
@@ -477,7 +575,7 @@ impl Plan {
                     w,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
             |b, got| {
@@ -489,7 +587,7 @@ impl Plan {
                     w,
                     slots(b),
                     got,
-                    b.as_mut_ptr(),
+                    b.as_mut_ptr().cast(),
                 )
             },
         )?;
@@ -886,7 +984,10 @@ fn im2col_bwd(
 
 #[cfg(test)]
 mod tests {
-    use super::{dnn, first_workable, pick, ranked, sys, Perf, Shape, WORKSPACE_LIMIT};
+    use super::{
+        dnn, first_workable, pick, ranked, sys, AlgoCode, Found, Perf, RawPerf, Shape,
+        WORKSPACE_LIMIT,
+    };
 
     /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
     #[derive(Clone, Copy, Debug)]
@@ -903,11 +1004,11 @@ mod tests {
         fn deterministic(&self) -> bool {
             self.2
         }
-        fn math(&self) -> sys::cudnnMathType_t {
+        fn math(&self) -> u32 {
             if self.3 {
-                sys::cudnnMathType_t::CUDNN_FMA_MATH
+                sys::cudnnMathType_t::CUDNN_FMA_MATH as u32
             } else {
-                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+                sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH as u32
             }
         }
         fn time_ms(&self) -> f32 {
@@ -981,5 +1082,85 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no candidate algorithm"), "{e}");
+    }
+
+    #[test]
+    fn raw_results_are_decoded_and_unknown_codes_are_never_used() {
+        type Fwd = sys::cudnnConvolutionFwdAlgo_t;
+        let ok = RawPerf {
+            algo: 7,
+            determinism: 1,
+            math_type: sys::cudnnMathType_t::CUDNN_FMA_MATH as u32,
+            time: 0.25,
+            ..RawPerf::default()
+        };
+        let f = Found::<Fwd>::new(ok);
+        assert!(f.usable() && f.deterministic());
+        assert_eq!(f.algo(), Fwd::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED);
+        assert_eq!(f.math(), 3);
+        assert_eq!(f.time_ms(), 0.25);
+        // A code past the known algorithms (the COUNT sentinel, or one from a newer library),
+        // a status the bindings do not list, an unknown determinism value, an oversized
+        // workspace: none of them is usable, and nothing is read through an enum.
+        for bad in [
+            RawPerf { algo: 8, ..ok },
+            RawPerf { algo: 4242, ..ok },
+            RawPerf { status: 9999, ..ok },
+            RawPerf {
+                memory: WORKSPACE_LIMIT + 1,
+                ..ok
+            },
+        ] {
+            assert!(!Found::<Fwd>::new(bad).usable(), "{bad:?}");
+        }
+        assert!(!Found::<Fwd>::new(RawPerf {
+            determinism: 77,
+            ..ok
+        })
+        .deterministic());
+        // Ranking skips them and keeps the known one.
+        let found = [
+            Found::<Fwd>::new(RawPerf { algo: 4242, ..ok }),
+            Found::<Fwd>::new(RawPerf { algo: 1, ..ok }),
+        ];
+        let r = ranked(&found, sys::cudnnMathType_t::CUDNN_FMA_MATH, true);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].algo(),
+            Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        );
+        // Every direction decodes each of its algorithms and nothing else.
+        type Bd = sys::cudnnConvolutionBwdDataAlgo_t;
+        type Bf = sys::cudnnConvolutionBwdFilterAlgo_t;
+        for (n, count) in [
+            (
+                Fwd::ALL.len(),
+                Fwd::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize,
+            ),
+            (
+                Bd::ALL.len(),
+                Bd::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize,
+            ),
+            (
+                Bf::ALL.len(),
+                Bf::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize,
+            ),
+        ] {
+            assert_eq!(n, count);
+        }
+        for code in 0..16u32 {
+            assert_eq!(
+                Fwd::from_raw(code).map(|a| a as u32),
+                (code < 8).then_some(code)
+            );
+            assert_eq!(
+                Bd::from_raw(code).map(|a| a as u32),
+                (code < 6).then_some(code)
+            );
+            assert_eq!(
+                Bf::from_raw(code).map(|a| a as u32),
+                (code < 7).then_some(code)
+            );
+        }
     }
 }
