@@ -3,29 +3,42 @@
 // Indexing: the per-channel reductions (bn_stats, bn_bwd_reduce, and the one-launch variants
 // bn_train_fused, bn_bwd_fused that also write the channel's elements) use one block per channel c;
 // thread t strides over the flattened j = n*HW + i of that channel, element x[(n*C + c)*HW + i],
-// then a fixed block tree (deterministic). The elementwise passes use one thread per element of
-// the flat NCHW buffer with channel c = (i / HW) % C. L2 normalise is "warp per row".
+// then a fixed block tree (deterministic). When there are too few channels to fill the device with
+// one block each, the split reductions (bn_stats_split, bn_bwd_split) give each channel S blocks
+// on a grid (S, C): block (s, c) owns the s-th chunk of that channel's j range, and the block that
+// finishes last combines the S partial results in chunk order (deterministic too). The elementwise
+// passes use one thread per element of the flat NCHW buffer with channel c = (i / HW) % C. L2
+// normalise is "warp per row".
 #include "common.cuh"
+
+// Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
+// block (every thread gets them; lo < hi): two passes, for accuracy.
+__device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi,
+                                               const float* x, float* mu_out, float* m2_out) {
+    float s = 0.f;
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const int nn = j / HW, i = j - nn * HW;
+        s += x[((size_t)nn * C + c) * HW + i];
+    }
+    const float mu = block_sum(s) / (float)(hi - lo);
+    float q = 0.f;
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        const int nn = j / HW, i = j - nn * HW;
+        const float d = x[((size_t)nn * C + c) * HW + i] - mu;
+        q = fmaf(d, d, q);
+    }
+    *mu_out = mu;
+    *m2_out = block_sum(q);
+}
 
 // Statistics of channel c over its M = N*HW elements, by one block (every thread gets them): the
 // mean, then the biased variance from squared deviations (two passes, for accuracy).
 __device__ __forceinline__ void bn_channel_stats(int N, int C, int HW, int c, const float* x,
                                                  float* mu_out, float* var_out) {
     const int M = N * HW;
-    float s = 0.f;
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        s += x[((size_t)nn * C + c) * HW + i];
-    }
-    const float mu = block_sum(s) / (float)M;
-    float q = 0.f;
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        const float d = x[((size_t)nn * C + c) * HW + i] - mu;
-        q = fmaf(d, d, q);
-    }
-    *mu_out = mu;
-    *var_out = block_sum(q) / (float)M;
+    float m2;
+    bn_range_stats(C, HW, c, 0, M, x, mu_out, &m2);
+    *var_out = m2 / (float)M;
 }
 
 // Thread 0 stores channel c's statistics: mean, invstd = 1/sqrt(var_biased + eps), var_unbiased =
@@ -119,16 +132,16 @@ __device__ __forceinline__ float bn_gy(const float* gy, const float* ry, size_t 
     return (ry && !(ry[k] > 0.f)) ? 0.f : gy[k];
 }
 
-// Channel c's gradient sums by one block (every thread gets them): sg = sum(gy) and sgx =
-// sum(gy * xhat), xhat = (x - mean) * invstd, with gy masked by the following ReLU's output ry
-// when ry is not null (see bn_gy). When gm is not null, the masked gradient is also written there
-// (a residual join's other input needs it).
-__device__ __forceinline__ void bn_grad_sums(int N, int C, int HW, int c, const float* x,
-                                             const float* gy, const float* ry, float mu, float is,
-                                             float* gm, float* sg_out, float* sgx_out) {
-    const int M = N * HW;
+// The gradient sums of channel c's elements j in [lo, hi) by one block (every thread gets them):
+// sg = sum(gy) and sgx = sum(gy * xhat), xhat = (x - mean) * invstd, with gy masked by the
+// following ReLU's output ry when ry is not null (see bn_gy). When gm is not null, the masked
+// gradient is also written there (a residual join's other input needs it).
+__device__ __forceinline__ void bn_range_grad_sums(int C, int HW, int c, int lo, int hi,
+                                                   const float* x, const float* gy,
+                                                   const float* ry, float mu, float is, float* gm,
+                                                   float* sg_out, float* sgx_out) {
     float sg = 0.f, sgx = 0.f;
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
+    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
         const int nn = j / HW, i = j - nn * HW;
         const size_t k = ((size_t)nn * C + c) * HW + i;
         const float g = bn_gy(gy, ry, k);
@@ -138,6 +151,13 @@ __device__ __forceinline__ void bn_grad_sums(int N, int C, int HW, int c, const 
     }
     *sg_out = block_sum(sg);
     *sgx_out = block_sum(sgx);
+}
+
+// The same over the whole channel (M = N*HW elements).
+__device__ __forceinline__ void bn_grad_sums(int N, int C, int HW, int c, const float* x,
+                                             const float* gy, const float* ry, float mu, float is,
+                                             float* gm, float* sg_out, float* sgx_out) {
+    bn_range_grad_sums(C, HW, c, 0, N * HW, x, gy, ry, mu, is, gm, sg_out, sgx_out);
 }
 
 // One train-mode input-gradient element: gamma*invstd * (g - sum(gy)/M - xhat * sum(gy*xhat)/M).
@@ -195,6 +215,96 @@ extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, co
         const size_t k = ((size_t)nn * C + c) * HW + i;
         gx[k] = bn_dx(bn_gy(gy, ry, k), x[k], mu, is, gam, sg, sgx, M);
     }
+}
+
+// ---- split reductions: S blocks per channel (grid (S, C)) ----
+//
+// Chunk s of a channel's M elements is j in [s*chunk, min(M, (s+1)*chunk)) with chunk =
+// ceil(M / S) (the host picks S so that no chunk is empty). Each block stores its partial result
+// in part[(c*S + s)*2 ..], then thread 0 makes it visible device-wide (__threadfence) and counts
+// the block in count[c] (one unsigned per channel, zero before the launch); the block that sees
+// S - 1 there is the last of its channel, combines the S partials in chunk order (in double, so
+// the combination adds no rounding of its own beyond the final store) and resets count[c] to 0
+// for the next launch. Which block comes last varies from run to run; the combination does not.
+
+// Whether this block is the last of channel c to finish (every thread gets the answer).
+__device__ __forceinline__ bool bn_split_arrive(unsigned* count, int c, int S) {
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(&count[c], 1u) == (unsigned)(S - 1);
+    }
+    __syncthreads();
+    return last != 0;
+}
+
+// Batch statistics with S blocks per channel: partials (mean, M2) of each chunk (bn_range_stats),
+// combined by the channel's last block with the pairwise update of Chan et al. (n = na + nb,
+// d = mean_b - mean_a, mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n), then stored as
+// bn_stats does (running statistics included).
+extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps, const float* x,
+                                          float* part, unsigned* count, float* mean,
+                                          float* invstd, float* var_unbiased, float momentum,
+                                          const float* rm, const float* rv, float* rm_out,
+                                          float* rv_out) {
+    const int s = blockIdx.x, c = blockIdx.y;
+    const int M = N * HW, chunk = (M + S - 1) / S;
+    const int lo = s * chunk, hi = min(M, lo + chunk);
+    if (lo < hi) {
+        float mu, m2;
+        bn_range_stats(C, HW, c, lo, hi, x, &mu, &m2);
+        if (threadIdx.x == 0) {
+            part[((size_t)c * S + s) * 2] = mu;
+            part[((size_t)c * S + s) * 2 + 1] = m2;
+        }
+    }
+    if (!bn_split_arrive(count, c, S) || threadIdx.x != 0) return;
+    __threadfence();
+    const volatile float* p = part + (size_t)c * S * 2;
+    double n = 0.0, mu = 0.0, m2 = 0.0;
+    for (int t = 0; t < S; ++t) {
+        const int tl = t * chunk, th = min(M, tl + chunk);
+        if (tl >= th) continue;
+        const double nb = (double)(th - tl), mb = (double)p[2 * t], qb = (double)p[2 * t + 1];
+        const double nn = n + nb, d = mb - mu;
+        mu += d * (nb / nn);
+        m2 += qb + d * d * (n * nb / nn);
+        n = nn;
+    }
+    count[c] = 0u;
+    bn_store_stats(M, c, eps, (float)mu, (float)(m2 / (double)M), mean, invstd, var_unbiased,
+                   momentum, rm, rv, rm_out, rv_out);
+}
+
+// gbeta = sum(gy), ggamma = sum(gy * xhat) with S blocks per channel: partial sums of each chunk
+// (bn_range_grad_sums, gm written as bn_bwd_reduce does), added by the channel's last block.
+extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float* x,
+                                        const float* gy, const float* ry, const float* mean,
+                                        const float* invstd, float* part, unsigned* count,
+                                        float* ggamma, float* gbeta, float* gm) {
+    const int s = blockIdx.x, c = blockIdx.y;
+    const int M = N * HW, chunk = (M + S - 1) / S;
+    const int lo = s * chunk, hi = min(M, lo + chunk);
+    if (lo < hi) {
+        float sg, sgx;
+        bn_range_grad_sums(C, HW, c, lo, hi, x, gy, ry, mean[c], invstd[c], gm, &sg, &sgx);
+        if (threadIdx.x == 0) {
+            part[((size_t)c * S + s) * 2] = sg;
+            part[((size_t)c * S + s) * 2 + 1] = sgx;
+        }
+    }
+    if (!bn_split_arrive(count, c, S) || threadIdx.x != 0) return;
+    __threadfence();
+    const volatile float* p = part + (size_t)c * S * 2;
+    double sg = 0.0, sgx = 0.0;
+    for (int t = 0; t < S; ++t) {
+        if (t * chunk >= M) continue;
+        sg += (double)p[2 * t];
+        sgx += (double)p[2 * t + 1];
+    }
+    count[c] = 0u;
+    gbeta[c] = (float)sg;
+    ggamma[c] = (float)sgx;
 }
 
 // Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants).

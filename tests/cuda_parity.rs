@@ -714,6 +714,166 @@ fn batch_norm_one_launch_equals_two_launches() {
     }
 }
 
+/// The split batch-norm reductions (several blocks per channel, partial results combined by the
+/// channel's last block): forced to 2-7 blocks per channel on odd shapes (chunks of unequal
+/// length, a chunk of one element, batch 1), against the CPU reference at the batch-norm
+/// tolerances, the same bits on a second call, and the automatic choice where it splits on
+/// this device. The setting is per thread, so other tests' ops are not affected.
+#[test]
+fn batch_norm_split_reductions() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(23);
+    let sms = CudaBackend::get_concrete(0).unwrap().sm_count();
+    for (shape, forced) in [
+        ([2, 3, 5, 7], 4),
+        ([1, 4, 3, 3], 9),
+        ([8, 16, 1, 1], 3),
+        ([3, 5, 11, 13], 7),
+        ([12, 64, 14, 14], 2),
+        ([1, 2, 64, 80], 5),
+    ] {
+        let c = shape[1];
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
+        let (gmc, gmg) = pair(g, &rng.pos(c), &[c]);
+        let (btc, btg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let (rmc, rmg) = rand_pair(g, &mut rng, &[c], 0.5);
+        let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
+        let (rc, rg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (gyc, gyg) = rand_pair(g, &mut rng, &shape, 1.0);
+        let (oc, rmc2, rvc2) = cpu()
+            .batch_norm_train_fwd_running(
+                &xc,
+                &gmc,
+                &btc,
+                1e-5,
+                &rmc,
+                &rvc,
+                0.1,
+                BnAct::AddRelu(&rc),
+            )
+            .unwrap();
+        let yc = oc.y.clone();
+        let bc = cpu()
+            .batch_norm_train_relu_bwd(&xc, &gmc, &oc.mean, &oc.invstd, &yc, &gyc, true)
+            .unwrap();
+        let ec = cpu()
+            .batch_norm_eval_bwd(&xc, &gmc, &rmc, &rvc, 1e-5, &gyc)
+            .unwrap();
+        let run = |split: usize| {
+            let old = cu::set_bn_split(Some(split));
+            let (o, nrm, nrv) = g
+                .batch_norm_train_fwd_running(
+                    &xg,
+                    &gmg,
+                    &btg,
+                    1e-5,
+                    &rmg,
+                    &rvg,
+                    0.1,
+                    BnAct::AddRelu(&rg),
+                )
+                .unwrap();
+            let b = g
+                .batch_norm_train_relu_bwd(&xg, &gmg, &o.mean, &o.invstd, &o.y, &gyg, true)
+                .unwrap();
+            let e = g
+                .batch_norm_eval_bwd(&xg, &gmg, &rmg, &rvg, 1e-5, &gyg)
+                .unwrap();
+            cu::set_bn_split(old);
+            [
+                o.y,
+                o.mean,
+                o.invstd,
+                o.var_unbiased,
+                nrm,
+                nrv,
+                b.0,
+                b.1,
+                b.2,
+                b.3.unwrap(),
+                e.0,
+                e.1,
+                e.2,
+            ]
+        };
+        let got = run(forced);
+        let want = [
+            &oc.y,
+            &oc.mean,
+            &oc.invstd,
+            &oc.var_unbiased,
+            &rmc2,
+            &rvc2,
+            &bc.0,
+            &bc.1,
+            &bc.2,
+            bc.3.as_ref().unwrap(),
+            &ec.0,
+            &ec.1,
+            &ec.2,
+        ];
+        let sum_abs = 1e-5 * m.sqrt() * 4.0;
+        let tol = [
+            ("y", 1e-4, 1e-4),
+            ("mean", 1e-4, 1e-5),
+            ("invstd", 1e-4, 1e-5),
+            ("var_unbiased", 1e-4, 1e-5),
+            ("running_mean", 1e-4, 1e-5),
+            ("running_var", 1e-4, 1e-5),
+            ("gx", 1e-3, 1e-4),
+            ("ggamma", 1e-4, sum_abs),
+            ("gbeta", 1e-4, sum_abs),
+            ("masked gy", 0.0, 0.0),
+            ("eval gx", 1e-5, 1e-5),
+            ("eval ggamma", 1e-4, sum_abs),
+            ("eval gbeta", 1e-4, sum_abs),
+        ];
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(want).zip(tol) {
+            close(
+                &format!("bn split {forced} {shape:?} {name}"),
+                gt,
+                ct,
+                rel,
+                abs,
+            );
+        }
+        let again = run(forced);
+        for (i, (a, b)) in got.iter().zip(&again).enumerate() {
+            assert_eq!(
+                a.to_vec().unwrap(),
+                b.to_vec().unwrap(),
+                "{shape:?} split {forced}: output {i} differs between two calls"
+            );
+        }
+    }
+    // The automatic choice splits a few wide channels on this device and gives what forcing
+    // the same count gives.
+    let shape = [4, 2, 48, 48];
+    let mm = 4 * 48 * 48;
+    let auto = (2 * sms).div_ceil(2).min(mm / 4096).max(1);
+    assert!(
+        auto > 1,
+        "{sms} multiprocessors: expected a split of {shape:?}"
+    );
+    let x = g.from_host(&rng.vec(numel(&shape), 2.0), &shape).unwrap();
+    let gamma = g.from_host(&rng.pos(2), &[2]).unwrap();
+    let beta = g.from_host(&rng.vec(2, 0.5), &[2]).unwrap();
+    let fwd = |split: usize| {
+        let old = cu::set_bn_split(Some(split));
+        let o = g.batch_norm_train_fwd(&x, &gamma, &beta, 1e-5).unwrap();
+        cu::set_bn_split(old);
+        [o.y, o.mean, o.invstd].map(|t| t.to_vec().unwrap())
+    };
+    assert_eq!(fwd(0), fwd(auto), "automatic split = forced {auto}");
+    let xc = Tensor::from_vec(x.to_vec().unwrap(), &shape).unwrap();
+    let gc = Tensor::from_vec(gamma.to_vec().unwrap(), &[2]).unwrap();
+    let bc = Tensor::from_vec(beta.to_vec().unwrap(), &[2]).unwrap();
+    let oc = cpu().batch_norm_train_fwd(&xc, &gc, &bc, 1e-5).unwrap();
+    let y0 = g.from_host(&fwd(0)[0], &shape).unwrap();
+    close("bn auto split y", &y0, &oc.y, 1e-4, 1e-4);
+}
+
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }

@@ -79,6 +79,16 @@ static inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask,
     return ::emu::shfl_xor_bits(mask, v, lane_mask);
 }
 
+// Memory fence and atomics. Blocks run one after another on one OS thread and the fibers of a
+// block switch only at barriers and shuffles, so a plain read-modify-write is atomic here and
+// every write is already visible to the blocks that run later.
+static inline void __threadfence() {}
+static inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+
 // The integer and float min/max overloads that device code gets from the CUDA headers.
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }

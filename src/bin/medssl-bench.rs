@@ -162,6 +162,10 @@ struct CudaChoices {
     cudnn_deterministic_first: bool,
     /// `MEDSSL_CUDA_BN_FUSED_MAX_M` (or the limit a caller set).
     bn_fused_max_m: usize,
+    /// `MEDSSL_CUDA_BN_SPLIT` (0: automatic).
+    bn_split: usize,
+    /// Streaming multiprocessors of the device (the automatic split follows them).
+    sms: usize,
 }
 
 /// [`CudaChoices`] of the CUDA device `dev`; None on CPU.
@@ -175,6 +179,11 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
             cudnn_algo: s.cudnn_algo.name(),
             cudnn_deterministic_first: cuda::cudnn_deterministic_first(),
             bn_fused_max_m: cuda::bn_fused_max_m(),
+            bn_split: cuda::bn_split(),
+            sms: match dev {
+                Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
+                Device::Cpu => 0,
+            },
         });
     }
     let _ = dev;
@@ -445,6 +454,8 @@ fn step(a: &StepArgs) -> Result<()> {
         "cudnn_algo": choices.as_ref().map(|c| c.cudnn_algo),
         "cudnn_deterministic_first": choices.as_ref().map(|c| c.cudnn_deterministic_first),
         "bn_fused_max_m": choices.as_ref().map(|c| c.bn_fused_max_m),
+        "bn_split": choices.as_ref().map(|c| c.bn_split),
+        "sms": choices.as_ref().map(|c| c.sms),
         // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
         "profile": profile,
     });

@@ -26,7 +26,7 @@ mod fusion;
 mod gemm;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
-pub use norm::{bn_fused_max_m, set_bn_fused_max_m};
+pub use norm::{bn_fused_max_m, bn_split, set_bn_fused_max_m, set_bn_split};
 mod optim;
 mod pool;
 pub mod profile;
@@ -313,7 +313,18 @@ pub struct CudaBackend {
     conv: conv::ConvEngine,
     /// Device work items issued, by kernel or library call (see [`CudaBackend::launch_counts`]).
     counts: Mutex<HashMap<&'static str, u64>>,
+    /// Streaming multiprocessors of the device ([`EMULATED_SMS`] on the emulated one).
+    sms: usize,
+    /// Arrival counters of the split reductions (see [`CudaBackend::counters`]): the buffer in
+    /// use last, and every earlier, smaller one (kept, never reused: a kernel already queued
+    /// may still count in it). One set for the device's stream; on the emulated device one per
+    /// host thread (see [`CudaBackend::counters`]).
+    counters: Mutex<HashMap<Option<std::thread::ThreadId>, Vec<CudaStorage>>>,
 }
+
+/// The streaming-multiprocessor count the emulated device reports (small, so that the parity
+/// tests reach the split reductions at modest sizes).
+pub const EMULATED_SMS: usize = 8;
 
 /// What a real device needs: context, stream, kernel modules, cuBLAS.
 struct Driver {
@@ -423,6 +434,8 @@ impl CudaBackend {
             }),
             conv: conv::ConvEngine::without_cudnn("CPU emulation: cuDNN is not emulated"),
             counts: Mutex::new(HashMap::new()),
+            sms: EMULATED_SMS,
+            counters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -478,6 +491,11 @@ impl CudaBackend {
             peak: AtomicUsize::new(0),
         });
         let conv = conv::ConvEngine::new(&stream);
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda_err("reading the multiprocessor count"))?;
         Ok(CudaBackend {
             ordinal,
             drv: Some(Driver {
@@ -490,6 +508,8 @@ impl CudaBackend {
             pool,
             conv,
             counts: Mutex::new(HashMap::new()),
+            sms: usize::try_from(sms).unwrap_or(1).max(1),
+            counters: Mutex::new(HashMap::new()),
         })
     }
 
@@ -647,6 +667,36 @@ impl CudaBackend {
         // SAFETY: as in `launch`; `T` is `#[repr(C)]` and mirrors the kernel's struct parameter.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
         Ok(())
+    }
+
+    /// Streaming multiprocessors of the device (the emulated one reports [`EMULATED_SMS`]).
+    pub fn sm_count(&self) -> usize {
+        self.sms
+    }
+
+    /// Device address of at least `n` unsigned 32-bit arrival counters, all zero. A kernel that
+    /// counts in them sets every counter it used back to zero before it ends, so one zero-filled
+    /// buffer serves every launch on the stream. Grows (a new zero-filled buffer) when `n` is
+    /// larger than any before.
+    ///
+    /// On a device every launch runs in the order of the one stream, so one set of counters is
+    /// never used by two kernels at once. The emulated device runs each host thread's launches
+    /// on that thread as they are made (the parity tests run in parallel), so there each thread
+    /// gets its own set.
+    pub(crate) fn counters(&self, n: usize) -> Result<u64> {
+        let key = self.drv.is_none().then(|| std::thread::current().id());
+        let mut all = lock(&self.counters);
+        let kept = all.entry(key).or_default();
+        if let Some(b) = kept.last() {
+            if b.len >= n {
+                return Ok(b.ptr());
+            }
+        }
+        let mut b = self.buffer(n.max(1024))?;
+        self.write(&mut b, &[])?;
+        let p = b.ptr();
+        kept.push(b);
+        Ok(p)
     }
 
     /// A pooled, uninitialised buffer of `len` f32.

@@ -4,6 +4,7 @@ use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, Cuda
 use crate::backend::{shapes, BnAct, BnTrainOut};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use cudarc::driver::LaunchConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Threads per block of the per-channel reductions.
@@ -39,6 +40,61 @@ pub fn set_bn_fused_max_m(m: usize) -> usize {
     let old = bn_fused_max_m();
     FUSED_LIMIT.store(m, Ordering::Relaxed);
     old
+}
+
+/// Fewest elements a block of a split reduction is given: below it, more blocks per channel
+/// cost more in partial results and arrival counting than they gain in spread.
+pub(super) const SPLIT_MIN_CHUNK: usize = 4096;
+
+thread_local! {
+    /// [`set_bn_split`]'s setting for the calling thread, if any.
+    static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Blocks per channel of the batch-norm reductions in force on the calling thread:
+/// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]); 0 is
+/// automatic (see [`split_count`]).
+pub fn bn_split() -> usize {
+    SPLIT_HERE
+        .with(|s| s.get())
+        .unwrap_or_else(|| super::switches::current().bn_split)
+}
+
+/// Sets the blocks per channel of the batch-norm reductions for the ops the calling thread
+/// issues (`Some(0)`: automatic, `Some(1)`: one block per channel, `Some(n)`: n blocks, at most
+/// one per element; `None`: back to `MEDSSL_CUDA_BN_SPLIT`); returns the previous setting. For
+/// tests and benchmarks that compare the paths: being per thread, it cannot change the bits of
+/// another thread's ops midway.
+pub fn set_bn_split(n: Option<usize>) -> Option<usize> {
+    SPLIT_HERE.with(|s| s.replace(n))
+}
+
+/// How many blocks share the reduction of each of `c` channels of `m` elements on a device of
+/// `sms` multiprocessors. Automatic (`setting` 0): one per channel when the channels alone give
+/// every multiprocessor a block; otherwise about two blocks per multiprocessor in all, but no
+/// block under [`SPLIT_MIN_CHUNK`] elements. Forced (`setting` ≥ 1): that many, at most `m`.
+/// Either way reduced so that no chunk is empty (chunks are `ceil(m / s)` long), and 1 when
+/// the channels exceed the grid's 65535 rows.
+pub(super) fn split_count(c: usize, m: usize, sms: usize, setting: usize) -> usize {
+    if c == 0 || m == 0 || c > 65535 {
+        return 1;
+    }
+    let s = match setting {
+        0 if c >= sms => 1,
+        0 => (2 * sms).div_ceil(c).min(m / SPLIT_MIN_CHUNK),
+        n => n,
+    }
+    .clamp(1, m);
+    m.div_ceil(m.div_ceil(s))
+}
+
+/// Launch shape of a split reduction: `s` blocks per channel (grid x), one grid row per channel.
+fn cfg_split(s: usize, c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s as u32, c as u32, 1),
+        block_dim: (RED_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 pub(super) fn batch_norm_train_fwd(
@@ -104,6 +160,33 @@ fn train_fwd(
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
     if c == 0 {
+        let o = BnTrainOut {
+            y,
+            mean,
+            invstd,
+            var_unbiased: var,
+        };
+        return Ok((o, updated));
+    }
+    let split = split_count(c, n * hw, be.sm_count(), bn_split());
+    if split > 1 {
+        let part = be.buffer(c * split * 2)?;
+        let mut args = vec![
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(hw)?),
+            A::I(ci(split)?),
+            A::F(eps),
+            A::P(be.p(x)?),
+            A::P(part.ptr()),
+            A::P(be.counters(c)?),
+            A::P(be.p(&mean)?),
+            A::P(be.p(&invstd)?),
+            A::P(be.p(&var)?),
+        ];
+        args.extend(upd);
+        be.launch("bn_stats_split", cfg_split(split, c), &args)?;
+        apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
         let o = BnTrainOut {
             y,
             mean,
@@ -190,10 +273,12 @@ fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
     })
 }
 
-/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running) by `bn_bwd_reduce`;
+/// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running) by `bn_bwd_reduce`
+/// (`bn_bwd_split` when [`split_count`] gives the channels more than one block each);
 /// `ry` is the output of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm`
-/// receives the masked gradient, or is 0. With `fused = Some((gamma, gx))`, `bn_bwd_fused` also
-/// writes the train-mode input gradient into `gx` in the same launch.
+/// receives the masked gradient, or is 0. With `fused = Some((gamma, gx))` (callers pass it only
+/// for unsplit channels), `bn_bwd_fused` also writes the train-mode input gradient into `gx` in
+/// the same launch.
 #[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
@@ -208,6 +293,28 @@ fn bwd_reduce(
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
     if c == 0 {
+        return Ok((gg, gb));
+    }
+    let split = split_count(c, n * h * w, be.sm_count(), bn_split());
+    if fused.is_none() && split > 1 {
+        let part = be.buffer(c * split * 2)?;
+        let args = [
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(h * w)?),
+            A::I(ci(split)?),
+            A::P(be.p(x)?),
+            A::P(be.p(gy)?),
+            A::P(ry),
+            A::P(mean),
+            A::P(invstd),
+            A::P(part.ptr()),
+            A::P(be.counters(c)?),
+            A::P(be.p(&gg)?),
+            A::P(be.p(&gb)?),
+            A::P(gm),
+        ];
+        be.launch("bn_bwd_split", cfg_split(split, c), &args)?;
         return Ok((gg, gb));
     }
     let mut args = vec![
@@ -235,8 +342,8 @@ fn bwd_reduce(
     Ok((gg, gb))
 }
 
-/// Train-mode gradients: `bn_bwd_fused` for small channels (see [`FUSED_MAX_M`]), else
-/// `bn_bwd_reduce` then `bn_train_dx`. With `relu_out` (the output of a ReLU that followed the
+/// Train-mode gradients: `bn_bwd_fused` for small unsplit channels (see [`FUSED_MAX_M`] and
+/// [`split_count`]), else `bn_bwd_reduce` (or `bn_bwd_split`) then `bn_train_dx`. With `relu_out` (the output of a ReLU that followed the
 /// norm), the ReLU's backward is folded into the kernels: no `ew_relu_bwd` launch, and the masked
 /// gradient is materialised (by the reducing kernel; `bn_train_dx` then reads it unmasked) only
 /// when `keep_masked` asks for it, returned as the fourth value.
@@ -266,7 +373,8 @@ pub(super) fn batch_norm_train_bwd(
     let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
-    if n * h * w <= bn_fused_max_m() {
+    let unsplit = split_count(c, n * h * w, be.sm_count(), bn_split()) == 1;
+    if unsplit && n * h * w <= bn_fused_max_m() {
         let fused = Some((be.p(gamma)?, be.p(&gx)?));
         let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fused)?;
         return Ok((gx, gg, gb, gm));
@@ -399,4 +507,49 @@ pub(super) fn l2_normalize_bwd(be: &CudaBackend, x: &Tensor, gy: &Tensor) -> Res
         )?;
     }
     Ok(gx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{split_count, SPLIT_MIN_CHUNK};
+
+    /// Chunks as the kernels cut them: `ceil(m / s)` long, the last one shorter.
+    fn chunks(m: usize, s: usize) -> Vec<usize> {
+        let chunk = m.div_ceil(s);
+        (0..s).map(|t| m.min((t + 1) * chunk) - t * chunk).collect()
+    }
+
+    #[test]
+    fn split_count_spreads_few_channels_and_never_leaves_a_chunk_empty() {
+        // The model's full-resolution layers on a 132-multiprocessor device, batch 36 at 28 px:
+        // 64 channels get 5 blocks each (320 in all), 16 channels 6 (not 17: chunks of at least
+        // SPLIT_MIN_CHUNK elements); 256 channels fill the device alone.
+        let m = 36 * 28 * 28;
+        assert_eq!(split_count(64, m, 132, 0), 5);
+        assert_eq!(split_count(16, m, 132, 0), m / SPLIT_MIN_CHUNK);
+        assert_eq!(split_count(256, 36 * 7 * 7, 132, 0), 1);
+        assert_eq!(split_count(132, m, 132, 0), 1);
+        // Too few elements to split, empty tensors, too many channels for the grid.
+        assert_eq!(split_count(3, SPLIT_MIN_CHUNK * 2 - 1, 132, 0), 1);
+        assert_eq!(split_count(3, 0, 132, 0), 1);
+        assert_eq!(split_count(0, m, 132, 0), 1);
+        assert_eq!(split_count(70_000, m, 132, 5), 1);
+        // Forced: the setting, at most one block per element, 1 keeps one block per channel.
+        assert_eq!(split_count(256, m, 132, 1), 1);
+        assert_eq!(split_count(256, m, 132, 7), 7);
+        assert_eq!(split_count(4, 3, 132, 8), 3);
+        // Every (m, setting) gives non-empty chunks that cover m exactly.
+        for m in 1..200 {
+            for setting in 1..20 {
+                let s = split_count(2, m, 132, setting);
+                assert!(
+                    s >= 1 && s <= setting.min(m),
+                    "m {m} setting {setting}: {s}"
+                );
+                let c = chunks(m, s);
+                assert!(c.iter().all(|&n| n > 0), "m {m} s {s}: {c:?}");
+                assert_eq!(c.iter().sum::<usize>(), m);
+            }
+        }
+    }
 }

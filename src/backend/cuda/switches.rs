@@ -12,6 +12,7 @@
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
+//! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
 //!
 //! An empty value counts as unset.
 
@@ -51,6 +52,8 @@ pub struct Switches {
     /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
     pub conv1x1_gemm: bool,
     pub bn_fused_max_m: usize,
+    /// Blocks per channel of the batch-norm reductions; 0: automatic.
+    pub bn_split: usize,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -90,6 +93,19 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
             )
         })?,
     };
+    let bn_split = match val("MEDSSL_CUDA_BN_SPLIT").as_deref() {
+        None | Some("auto") => 0,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(bad(
+                    "MEDSSL_CUDA_BN_SPLIT",
+                    v,
+                    "auto (the default) or a whole number >= 1 (1: one block per channel)",
+                ))
+            }
+        },
+    };
     Ok(Switches {
         emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
         tf32: flag("MEDSSL_TF32", false)?,
@@ -103,6 +119,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         bn_fused_max_m,
+        bn_split,
     })
 }
 
@@ -145,6 +162,7 @@ mod tests {
         assert!(d.cudnn_deterministic_first && d.conv1x1_gemm);
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
+        assert_eq!(d.bn_split, 0);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -156,12 +174,15 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "im2col"),
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
+            ("MEDSSL_CUDA_BN_SPLIT", "1"),
         ])
         .unwrap();
         assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
         assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(s.bn_fused_max_m, 0);
+        assert_eq!(s.bn_split, 1);
+        assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
             ("MEDSSL_CUDA_EMULATE", "0"),
@@ -170,6 +191,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "cudnn"),
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
+            ("MEDSSL_CUDA_BN_SPLIT", "auto"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -199,6 +221,16 @@ mod tests {
             ),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "-1", "a whole number"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "64k", "a whole number"),
+            (
+                "MEDSSL_CUDA_BN_SPLIT",
+                "0",
+                "auto (the default) or a whole number >= 1",
+            ),
+            (
+                "MEDSSL_CUDA_BN_SPLIT",
+                "many",
+                "auto (the default) or a whole number >= 1",
+            ),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
             assert!(
