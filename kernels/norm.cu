@@ -227,15 +227,31 @@ extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, co
 // the combination adds no rounding of its own beyond the final store) and resets count[c] to 0
 // for the next launch. Which block comes last varies from run to run; the combination does not.
 
-// Whether this block is the last of channel c to finish (every thread gets the answer).
-__device__ __forceinline__ bool bn_split_arrive(unsigned* count, int c, int S) {
+// Chunk s of the M elements of a channel cut in S chunks: j in [lo, hi).
+struct BnChunk {
+    int lo, hi;
+};
+__device__ __forceinline__ BnChunk bn_chunk(int M, int S, int s) {
+    const int chunk = (M + S - 1) / S, lo = s * chunk;
+    return BnChunk{lo, min(M, lo + chunk)};
+}
+
+// Publishes this block's partial pair (a, b) of channel c as part[(c*S + s)*2 ..] and counts
+// the block in. True for thread 0 of the channel's last block only, after the fence that makes
+// the other blocks' partials visible to it.
+__device__ __forceinline__ bool bn_split_publish(float* part, unsigned* count, int c, int S,
+                                                 int s, float a, float b) {
     __shared__ int last;
     if (threadIdx.x == 0) {
+        part[((size_t)c * S + s) * 2] = a;
+        part[((size_t)c * S + s) * 2 + 1] = b;
         __threadfence();
         last = atomicAdd(&count[c], 1u) == (unsigned)(S - 1);
     }
     __syncthreads();
-    return last != 0;
+    if (!last || threadIdx.x != 0) return false;
+    __threadfence();
+    return true;
 }
 
 // Batch statistics with S blocks per channel: partials (mean, M2) of each chunk (bn_range_stats),
@@ -247,28 +263,20 @@ extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps
                                           float* invstd, float* var_unbiased, float momentum,
                                           const float* rm, const float* rv, float* rm_out,
                                           float* rv_out) {
-    const int s = blockIdx.x, c = blockIdx.y;
-    const int M = N * HW, chunk = (M + S - 1) / S;
-    const int lo = s * chunk, hi = min(M, lo + chunk);
-    if (lo < hi) {
-        float mu, m2;
-        bn_range_stats(C, HW, c, lo, hi, x, &mu, &m2);
-        if (threadIdx.x == 0) {
-            part[((size_t)c * S + s) * 2] = mu;
-            part[((size_t)c * S + s) * 2 + 1] = m2;
-        }
-    }
-    if (!bn_split_arrive(count, c, S) || threadIdx.x != 0) return;
-    __threadfence();
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, s);
+    float mu_s = 0.f, m2_s = 0.f;
+    if (k.lo < k.hi) bn_range_stats(C, HW, c, k.lo, k.hi, x, &mu_s, &m2_s);
+    if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
     const volatile float* p = part + (size_t)c * S * 2;
     double n = 0.0, mu = 0.0, m2 = 0.0;
     for (int t = 0; t < S; ++t) {
-        const int tl = t * chunk, th = min(M, tl + chunk);
-        if (tl >= th) continue;
-        const double nb = (double)(th - tl), mb = (double)p[2 * t], qb = (double)p[2 * t + 1];
-        const double nn = n + nb, d = mb - mu;
+        const BnChunk kt = bn_chunk(M, S, t);
+        if (kt.lo >= kt.hi) continue;
+        const double nb = (double)(kt.hi - kt.lo), d = (double)p[2 * t] - mu;
+        const double nn = n + nb;
         mu += d * (nb / nn);
-        m2 += qb + d * d * (n * nb / nn);
+        m2 += (double)p[2 * t + 1] + d * d * (n * nb / nn);
         n = nn;
     }
     count[c] = 0u;
@@ -282,23 +290,16 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
                                         const float* gy, const float* ry, const float* mean,
                                         const float* invstd, float* part, unsigned* count,
                                         float* ggamma, float* gbeta, float* gm) {
-    const int s = blockIdx.x, c = blockIdx.y;
-    const int M = N * HW, chunk = (M + S - 1) / S;
-    const int lo = s * chunk, hi = min(M, lo + chunk);
-    if (lo < hi) {
-        float sg, sgx;
-        bn_range_grad_sums(C, HW, c, lo, hi, x, gy, ry, mean[c], invstd[c], gm, &sg, &sgx);
-        if (threadIdx.x == 0) {
-            part[((size_t)c * S + s) * 2] = sg;
-            part[((size_t)c * S + s) * 2 + 1] = sgx;
-        }
-    }
-    if (!bn_split_arrive(count, c, S) || threadIdx.x != 0) return;
-    __threadfence();
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, s);
+    float sg_s = 0.f, sgx_s = 0.f;
+    if (k.lo < k.hi)
+        bn_range_grad_sums(C, HW, c, k.lo, k.hi, x, gy, ry, mean[c], invstd[c], gm, &sg_s,
+                           &sgx_s);
+    if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
     const volatile float* p = part + (size_t)c * S * 2;
     double sg = 0.0, sgx = 0.0;
     for (int t = 0; t < S; ++t) {
-        if (t * chunk >= M) continue;
         sg += (double)p[2 * t];
         sgx += (double)p[2 * t + 1];
     }

@@ -649,6 +649,77 @@ fn batch_norm_fused_activation() {
     }
 }
 
+/// The inputs of one batch norm with every option: `x`, `gamma`, `beta`, running mean and
+/// variance, the residual of a `relu(bn(x) + r)` join, and the output gradient.
+struct BnCase {
+    t: [Tensor; 7],
+}
+
+impl BnCase {
+    /// Random inputs of `shape` on the CPU.
+    fn random(rng: &mut Rng, shape: &[usize]) -> BnCase {
+        let (n, c) = (numel(shape), shape[1]);
+        let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s).unwrap();
+        BnCase {
+            t: [
+                t(rng.vec(n, 2.0), shape),
+                t(rng.pos(c), &[c]),
+                t(rng.vec(c, 0.5), &[c]),
+                t(rng.vec(c, 0.5), &[c]),
+                t(rng.pos(c), &[c]),
+                t(rng.vec(n, 1.0), shape),
+                t(rng.vec(n, 1.0), shape),
+            ],
+        }
+    }
+
+    /// The same inputs on `b`'s device.
+    fn on(&self, b: &dyn Backend) -> BnCase {
+        BnCase {
+            t: self
+                .t
+                .each_ref()
+                .map(|x| b.from_host(&x.to_vec().unwrap(), x.shape()).unwrap()),
+        }
+    }
+
+    /// Every output, in order: y, mean, invstd, var_unbiased, new running mean and variance
+    /// (forward with the running update and the add-ReLU epilogue); gx, gγ, gβ and the masked
+    /// gradient of the backward through the ReLU; gx, gγ, gβ of the plain train-mode backward;
+    /// gx, gγ, gβ of the eval-mode backward.
+    fn outputs(&self, b: &dyn Backend) -> [Tensor; 16] {
+        let [x, gamma, beta, rm, rv, r, gy] = &self.t;
+        let (o, nrm, nrv) = b
+            .batch_norm_train_fwd_running(x, gamma, beta, 1e-5, rm, rv, 0.1, BnAct::AddRelu(r))
+            .unwrap();
+        let k = b
+            .batch_norm_train_relu_bwd(x, gamma, &o.mean, &o.invstd, &o.y, gy, true)
+            .unwrap();
+        let p = b
+            .batch_norm_train_bwd(x, gamma, &o.mean, &o.invstd, gy)
+            .unwrap();
+        let e = b.batch_norm_eval_bwd(x, gamma, rm, rv, 1e-5, gy).unwrap();
+        [
+            o.y,
+            o.mean,
+            o.invstd,
+            o.var_unbiased,
+            nrm,
+            nrv,
+            k.0,
+            k.1,
+            k.2,
+            k.3.unwrap(),
+            p.0,
+            p.1,
+            p.2,
+            e.0,
+            e.1,
+            e.2,
+        ]
+    }
+}
+
 /// Small channels run each batch-norm pass as one launch (`bn_train_fused`, `bn_bwd_fused`),
 /// large ones as two; forcing the two-launch path on the same small shapes gives the same bits.
 #[test]
@@ -656,50 +727,8 @@ fn batch_norm_one_launch_equals_two_launches() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(19);
     for shape in [[2, 3, 5, 7], [8, 16, 1, 1], [12, 64, 14, 14]] {
-        let c = shape[1];
-        let x = g.from_host(&rng.vec(numel(&shape), 2.0), &shape).unwrap();
-        let gamma = g.from_host(&rng.pos(c), &[c]).unwrap();
-        let beta = g.from_host(&rng.vec(c, 0.5), &[c]).unwrap();
-        let rm = g.from_host(&rng.vec(c, 0.5), &[c]).unwrap();
-        let rv = g.from_host(&rng.pos(c), &[c]).unwrap();
-        let r = g.from_host(&rng.vec(numel(&shape), 1.0), &shape).unwrap();
-        let gy = g.from_host(&rng.vec(numel(&shape), 1.0), &shape).unwrap();
-        let run = || {
-            let (o, nrm, nrv) = g
-                .batch_norm_train_fwd_running(
-                    &x,
-                    &gamma,
-                    &beta,
-                    1e-5,
-                    &rm,
-                    &rv,
-                    0.1,
-                    BnAct::AddRelu(&r),
-                )
-                .unwrap();
-            let b = g
-                .batch_norm_train_relu_bwd(&x, &gamma, &o.mean, &o.invstd, &o.y, &gy, true)
-                .unwrap();
-            let plain = g
-                .batch_norm_train_bwd(&x, &gamma, &o.mean, &o.invstd, &gy)
-                .unwrap();
-            [
-                o.y,
-                o.mean,
-                o.invstd,
-                o.var_unbiased,
-                nrm,
-                nrv,
-                b.0,
-                b.1,
-                b.2,
-                b.3.unwrap(),
-                plain.0,
-                plain.1,
-                plain.2,
-            ]
-            .map(|t| t.to_vec().unwrap())
-        };
+        let case = BnCase::random(&mut rng, &shape).on(g);
+        let run = || case.outputs(g).map(|t| t.to_vec().unwrap());
         let one = run();
         let old = cu::set_bn_fused_max_m(0);
         let two = run();
@@ -715,8 +744,8 @@ fn batch_norm_one_launch_equals_two_launches() {
 }
 
 /// The split batch-norm reductions (several blocks per channel, partial results combined by the
-/// channel's last block): forced to 2-7 blocks per channel on odd shapes (chunks of unequal
-/// length, a chunk of one element, batch 1), against the CPU reference at the batch-norm
+/// channel's last block): forced to 2-9 blocks per channel on odd shapes (chunks of unequal
+/// length, chunks of one element, batch 1), against the CPU reference at the batch-norm
 /// tolerances, the same bits on a second call, and the automatic choice where it splits on
 /// this device. The setting is per thread, so other tests' ops are not affected.
 #[test]
@@ -724,6 +753,12 @@ fn batch_norm_split_reductions() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(23);
     let sms = CudaBackend::get_concrete(0).unwrap().sm_count();
+    let split = |n: usize, case: &BnCase| {
+        let old = cu::set_bn_split(Some(n));
+        let out = case.outputs(g);
+        cu::set_bn_split(old);
+        out
+    };
     for (shape, forced) in [
         ([2, 3, 5, 7], 4),
         ([1, 4, 3, 3], 9),
@@ -732,87 +767,11 @@ fn batch_norm_split_reductions() {
         ([12, 64, 14, 14], 2),
         ([1, 2, 64, 80], 5),
     ] {
-        let c = shape[1];
         let m = (shape[0] * shape[2] * shape[3]) as f32;
-        let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
-        let (gmc, gmg) = pair(g, &rng.pos(c), &[c]);
-        let (btc, btg) = rand_pair(g, &mut rng, &[c], 0.5);
-        let (rmc, rmg) = rand_pair(g, &mut rng, &[c], 0.5);
-        let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
-        let (rc, rg) = rand_pair(g, &mut rng, &shape, 1.0);
-        let (gyc, gyg) = rand_pair(g, &mut rng, &shape, 1.0);
-        let (oc, rmc2, rvc2) = cpu()
-            .batch_norm_train_fwd_running(
-                &xc,
-                &gmc,
-                &btc,
-                1e-5,
-                &rmc,
-                &rvc,
-                0.1,
-                BnAct::AddRelu(&rc),
-            )
-            .unwrap();
-        let yc = oc.y.clone();
-        let bc = cpu()
-            .batch_norm_train_relu_bwd(&xc, &gmc, &oc.mean, &oc.invstd, &yc, &gyc, true)
-            .unwrap();
-        let ec = cpu()
-            .batch_norm_eval_bwd(&xc, &gmc, &rmc, &rvc, 1e-5, &gyc)
-            .unwrap();
-        let run = |split: usize| {
-            let old = cu::set_bn_split(Some(split));
-            let (o, nrm, nrv) = g
-                .batch_norm_train_fwd_running(
-                    &xg,
-                    &gmg,
-                    &btg,
-                    1e-5,
-                    &rmg,
-                    &rvg,
-                    0.1,
-                    BnAct::AddRelu(&rg),
-                )
-                .unwrap();
-            let b = g
-                .batch_norm_train_relu_bwd(&xg, &gmg, &o.mean, &o.invstd, &o.y, &gyg, true)
-                .unwrap();
-            let e = g
-                .batch_norm_eval_bwd(&xg, &gmg, &rmg, &rvg, 1e-5, &gyg)
-                .unwrap();
-            cu::set_bn_split(old);
-            [
-                o.y,
-                o.mean,
-                o.invstd,
-                o.var_unbiased,
-                nrm,
-                nrv,
-                b.0,
-                b.1,
-                b.2,
-                b.3.unwrap(),
-                e.0,
-                e.1,
-                e.2,
-            ]
-        };
-        let got = run(forced);
-        let want = [
-            &oc.y,
-            &oc.mean,
-            &oc.invstd,
-            &oc.var_unbiased,
-            &rmc2,
-            &rvc2,
-            &bc.0,
-            &bc.1,
-            &bc.2,
-            bc.3.as_ref().unwrap(),
-            &ec.0,
-            &ec.1,
-            &ec.2,
-        ];
+        let cpu_case = BnCase::random(&mut rng, &shape);
+        let case = cpu_case.on(g);
+        let want = cpu_case.outputs(cpu());
+        let got = split(forced, &case);
         let sum_abs = 1e-5 * m.sqrt() * 4.0;
         let tol = [
             ("y", 1e-4, 1e-4),
@@ -821,15 +780,18 @@ fn batch_norm_split_reductions() {
             ("var_unbiased", 1e-4, 1e-5),
             ("running_mean", 1e-4, 1e-5),
             ("running_var", 1e-4, 1e-5),
+            ("relu gx", 1e-3, 1e-4),
+            ("relu ggamma", 1e-4, sum_abs),
+            ("relu gbeta", 1e-4, sum_abs),
+            ("masked gy", 0.0, 0.0),
             ("gx", 1e-3, 1e-4),
             ("ggamma", 1e-4, sum_abs),
             ("gbeta", 1e-4, sum_abs),
-            ("masked gy", 0.0, 0.0),
             ("eval gx", 1e-5, 1e-5),
             ("eval ggamma", 1e-4, sum_abs),
             ("eval gbeta", 1e-4, sum_abs),
         ];
-        for ((gt, ct), (name, rel, abs)) in got.iter().zip(want).zip(tol) {
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
             close(
                 &format!("bn split {forced} {shape:?} {name}"),
                 gt,
@@ -838,7 +800,7 @@ fn batch_norm_split_reductions() {
                 abs,
             );
         }
-        let again = run(forced);
+        let again = split(forced, &case);
         for (i, (a, b)) in got.iter().zip(&again).enumerate() {
             assert_eq!(
                 a.to_vec().unwrap(),
@@ -847,31 +809,27 @@ fn batch_norm_split_reductions() {
             );
         }
     }
-    // The automatic choice splits a few wide channels on this device and gives what forcing
-    // the same count gives.
+    // The automatic choice splits a few wide channels on this device (two channels: about
+    // `sms` blocks each, at least 4096 elements per block) and gives what forcing that count
+    // gives.
     let shape = [4, 2, 48, 48];
-    let mm = 4 * 48 * 48;
-    let auto = (2 * sms).div_ceil(2).min(mm / 4096).max(1);
+    let auto = sms.min(4 * 48 * 48 / 4096);
     assert!(
         auto > 1,
         "{sms} multiprocessors: expected a split of {shape:?}"
     );
-    let x = g.from_host(&rng.vec(numel(&shape), 2.0), &shape).unwrap();
-    let gamma = g.from_host(&rng.pos(2), &[2]).unwrap();
-    let beta = g.from_host(&rng.vec(2, 0.5), &[2]).unwrap();
-    let fwd = |split: usize| {
-        let old = cu::set_bn_split(Some(split));
-        let o = g.batch_norm_train_fwd(&x, &gamma, &beta, 1e-5).unwrap();
-        cu::set_bn_split(old);
-        [o.y, o.mean, o.invstd].map(|t| t.to_vec().unwrap())
-    };
-    assert_eq!(fwd(0), fwd(auto), "automatic split = forced {auto}");
-    let xc = Tensor::from_vec(x.to_vec().unwrap(), &shape).unwrap();
-    let gc = Tensor::from_vec(gamma.to_vec().unwrap(), &[2]).unwrap();
-    let bc = Tensor::from_vec(beta.to_vec().unwrap(), &[2]).unwrap();
-    let oc = cpu().batch_norm_train_fwd(&xc, &gc, &bc, 1e-5).unwrap();
-    let y0 = g.from_host(&fwd(0)[0], &shape).unwrap();
-    close("bn auto split y", &y0, &oc.y, 1e-4, 1e-4);
+    let cpu_case = BnCase::random(&mut rng, &shape);
+    let case = cpu_case.on(g);
+    let a = split(0, &case).map(|t| t.to_vec().unwrap());
+    assert_eq!(a, split(auto, &case).map(|t| t.to_vec().unwrap()));
+    let y = g.from_host(&a[0], &shape).unwrap();
+    close(
+        "bn auto split y",
+        &y,
+        &cpu_case.outputs(cpu())[0],
+        1e-4,
+        1e-4,
+    );
 }
 
 fn numel(shape: &[usize]) -> usize {
