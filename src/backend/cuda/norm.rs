@@ -343,10 +343,11 @@ fn bwd_reduce(
 }
 
 /// Train-mode gradients: `bn_bwd_fused` for small unsplit channels (see [`FUSED_MAX_M`] and
-/// [`split_count`]), else `bn_bwd_reduce` (or `bn_bwd_split`) then `bn_train_dx`. With `relu_out` (the output of a ReLU that followed the
-/// norm), the ReLU's backward is folded into the kernels: no `ew_relu_bwd` launch, and the masked
-/// gradient is materialised (by the reducing kernel; `bn_train_dx` then reads it unmasked) only
-/// when `keep_masked` asks for it, returned as the fourth value.
+/// [`split_count`]), else `bn_bwd_reduce` (or `bn_bwd_split`) then `bn_train_dx`. With
+/// `relu_out` (the output of a ReLU that followed the norm), the ReLU's backward is folded into
+/// the kernels: no `ew_relu_bwd` launch, and the masked gradient is materialised (by the reducing
+/// kernel; `bn_train_dx` then reads it unmasked) only when `keep_masked` asks for it, returned as
+/// the fourth value.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn batch_norm_train_bwd(
     be: &CudaBackend,
