@@ -200,39 +200,18 @@ pub fn train_step(
             (o.loss, o.terms, enqueue)
         }
     };
-    // The loss and its terms are read only now, once the backward pass and the optimiser step are
-    // queued as well (on a GPU each read waits for the device: one wait per step instead of one
-    // per term). A non-finite loss still stops the run before anything is written: the caller
-    // saves no checkpoint for a failed step, so the last good checkpoint stays intact.
+    // The loss and its terms are read only at the end, once the backward pass, the optimiser
+    // step, the teacher's EMA update and the queue write are queued as well (on a GPU the first
+    // read waits for the device, which then has the whole step's work in hand: the host does not
+    // leave it idle before the EMA and queue launches). A non-finite loss still stops the run
+    // before anything is written: the caller saves no checkpoint for a failed step, so the last
+    // good checkpoint stays intact.
     let loss_value = g.value(loss).clone();
     g.backward(loss)?;
     let grads = bind.take_grads(&mut g);
     drop(g);
     drop(bind);
     st.opt.step(&mut st.student.store, &grads, lr)?;
-    stats.loss = loss_value.item()?;
-    (stats.loss_sup, stats.loss_cons, stats.loss_pgc) = terms.read()?;
-    if !stats.loss.is_finite() {
-        let term = [
-            ("supervised", stats.loss_sup),
-            ("consistency", stats.loss_cons),
-            ("pgc", stats.loss_pgc),
-        ]
-        .iter()
-        .find(|(_, v)| !v.is_finite())
-        .map(|(n, _)| *n)
-        .unwrap_or("total");
-        bail!(
-            "non-finite loss at step {}: {term} term is {} (total {})",
-            st.step + 1,
-            [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
-                .iter()
-                .find(|v| !v.is_finite())
-                .copied()
-                .unwrap_or(stats.loss),
-            stats.loss
-        );
-    }
     // Teacher EMA on parameters; its BN running statistics come from its own passes.
     // A supervised baseline has no teacher and runs no teacher pass: its teacher slot is kept an
     // exact copy of the student, parameters and BN statistics (α = 0: 0·ξ + 1·θ = θ), so that
@@ -256,6 +235,29 @@ pub fn train_step(
     }
     if let Some((k, l, w)) = enqueue {
         st.queue.push(&k, &l, &w)?;
+    }
+    stats.loss = loss_value.item()?;
+    (stats.loss_sup, stats.loss_cons, stats.loss_pgc) = terms.read()?;
+    if !stats.loss.is_finite() {
+        let term = [
+            ("supervised", stats.loss_sup),
+            ("consistency", stats.loss_cons),
+            ("pgc", stats.loss_pgc),
+        ]
+        .iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(n, _)| *n)
+        .unwrap_or("total");
+        bail!(
+            "non-finite loss at step {}: {term} term is {} (total {})",
+            st.step + 1,
+            [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
+                .iter()
+                .find(|v| !v.is_finite())
+                .copied()
+                .unwrap_or(stats.loss),
+            stats.loss
+        );
     }
     st.step += 1;
     Ok(stats)
