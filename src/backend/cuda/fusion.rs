@@ -89,8 +89,14 @@ pub(super) fn similarity_fusion_bwd(
 ) -> Result<(Tensor, Tensor)> {
     let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
     same_shape(high, gy, "similarity_fusion backward")?;
-    let glow = be.zeros(low.shape())?;
     let ghigh = be.empty(high.shape())?;
+    // gP̂ is written whole by the first of its two products below; zeros only where there is
+    // no product (an empty side).
+    let glow = if ghigh.numel() > 0 && np > 0 && d > 0 {
+        be.empty(low.shape())?
+    } else {
+        be.zeros(low.shape())?
+    };
     if ghigh.numel() == 0 {
         return Ok((glow, ghigh));
     }
