@@ -159,17 +159,10 @@ fn train_fwd(
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
-    if c == 0 {
-        let o = BnTrainOut {
-            y,
-            mean,
-            invstd,
-            var_unbiased: var,
-        };
-        return Ok((o, updated));
-    }
     let split = split_count(c, n * hw, be.sm_count(), bn_split());
-    if split > 1 {
+    if c == 0 {
+        // Nothing to normalise.
+    } else if split > 1 {
         let part = be.buffer(c * split * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -187,37 +180,31 @@ fn train_fwd(
         args.extend(upd);
         be.launch("bn_stats_split", cfg_split(split, c), &args)?;
         apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
-        let o = BnTrainOut {
-            y,
-            mean,
-            invstd,
-            var_unbiased: var,
-        };
-        return Ok((o, updated));
-    }
-    let mut args = vec![
-        A::I(ci(n)?),
-        A::I(ci(c)?),
-        A::I(ci(hw)?),
-        A::F(eps),
-        A::P(be.p(x)?),
-        A::P(be.p(&mean)?),
-        A::P(be.p(&invstd)?),
-        A::P(be.p(&var)?),
-    ];
-    args.extend(upd);
-    if n * hw <= bn_fused_max_m() {
-        args.extend([
-            A::P(be.p(gamma)?),
-            A::P(be.p(beta)?),
-            epilogue[0],
-            epilogue[1],
-            A::P(be.p(&y)?),
-        ]);
-        be.launch("bn_train_fused", cfg_blocks(c, RED_THREADS), &args)?;
     } else {
-        be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
-        apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
+        let mut args = vec![
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(hw)?),
+            A::F(eps),
+            A::P(be.p(x)?),
+            A::P(be.p(&mean)?),
+            A::P(be.p(&invstd)?),
+            A::P(be.p(&var)?),
+        ];
+        args.extend(upd);
+        if n * hw <= bn_fused_max_m() {
+            args.extend([
+                A::P(be.p(gamma)?),
+                A::P(be.p(beta)?),
+                epilogue[0],
+                epilogue[1],
+                A::P(be.p(&y)?),
+            ]);
+            be.launch("bn_train_fused", cfg_blocks(c, RED_THREADS), &args)?;
+        } else {
+            be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
+            apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
+        }
     }
     let o = BnTrainOut {
         y,
