@@ -88,6 +88,11 @@ extern "C" __global__ void op_add_mt(const MtTable t) {
     MT_RANGE(t, k, i) t.a[k][i] += t.b[k][i];
 }
 
+// dst = src (packing several tensors into one buffer: a is the destination, b the source).
+extern "C" __global__ void op_copy_mt(const MtTable t) {
+    MT_RANGE(t, k, i) t.a[k][i] = t.b[k][i];
+}
+
 extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
     MT_RANGE(t, k, i) ema_el(alpha, t.a[k], t.b[k], i);
 }

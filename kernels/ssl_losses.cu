@@ -136,6 +136,26 @@ extern "C" __global__ void ssl_dsr_combine(int Bu, int Bl, const float* RS, cons
     if (LANE() == 0) out[r] = inv_bl * s;
 }
 
+// DSR weights with the meta-weight update, one thread per unlabelled sample (grid-stride):
+//   m'_i = clamp(m_i + beta * a_i, 0, 1),   w_i = (c_i * m'_i) * b_i.
+// A null c, m or b counts as all ones (then m' is not written: m_out may be null); a null a
+// leaves m unchanged (m' = m). Rounded operations (__fmul_rn/__fadd_rn, no contraction into an
+// FMA) and a clamp that keeps NaN, so the result is bit-equal to the CPU backend's.
+extern "C" __global__ void ssl_dsr_weights(int n, const float* c, const float* m, const float* a,
+                                           float beta, const float* b, float* w, float* m_out) {
+    GRID_LOOP(i, n) {
+        float mi = m ? m[i] : 1.f;
+        if (m && a) {
+            const float x = __fadd_rn(mi, __fmul_rn(beta, a[i]));
+            mi = x != x ? x : fminf(fmaxf(x, 0.f), 1.f);
+        }
+        if (m_out) m_out[i] = mi;
+        float wi = __fmul_rn(c ? c[i] : 1.f, mi);
+        if (b) wi = __fmul_rn(wi, b[i]);
+        w[i] = wi;
+    }
+}
+
 // ---- key queue on the device ----
 // Indexing: one thread per output element (grid-stride), rows of e floats, row-major.
 

@@ -627,8 +627,21 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 } else {
                     Some(f.tensor("in.queue_keys", dev)?)
                 },
+                weights: if labels.is_empty() {
+                    None
+                } else {
+                    let w = f.f32("in.queue_weights")?.0;
+                    if w.len() != labels.len() {
+                        bail!(
+                            "{}: {} queue weights for {} queue labels",
+                            f.path,
+                            w.len(),
+                            labels.len()
+                        );
+                    }
+                    Some(crate::backend::get(dev)?.from_host(&w, &[w.len()])?)
+                },
                 labels,
-                weights: f.f32("in.queue_weights")?.0,
             };
             let meta = if f.has("in.meta_weights") {
                 Some(f.f32("in.meta_weights")?.0)

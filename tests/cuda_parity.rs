@@ -10,7 +10,9 @@
 
 use medssl::backend::cpu::CpuBackend;
 use medssl::backend::cuda::{self as cu, CudaBackend};
-use medssl::backend::{AdamParams, Backend, BnAct, ConvParams, OptSlot, PoolParams, SgdParams};
+use medssl::backend::{
+    AdamParams, Backend, BnAct, ConvParams, DsrFactors, OptSlot, PoolParams, SgdParams,
+};
 use medssl::Tensor;
 
 // ---- harness ----
@@ -1073,6 +1075,84 @@ fn dsr_alignment() {
             1e-4 * (d as f32).sqrt(),
         );
     }
+}
+
+/// DSR weights and the meta-weight update (tol: none, bit-equal: single rounded operations) for
+/// every combination of factors, with clamped, NaN and boundary values, and a size past one
+/// block; then `to_host_many` against one read per tensor.
+#[test]
+fn dsr_weights_and_packed_reads() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(15);
+    for n in [0usize, 1, 36, 1029] {
+        let mut m = rng.pos(n);
+        let mut a = rng.vec(n, 8.0);
+        if n > 4 {
+            // A NaN alignment score stays NaN through the clamp; 0 and 1 exactly.
+            (a[0], a[1], a[2]) = (f32::NAN, 0.0, 0.0);
+            (m[1], m[2]) = (0.0, 1.0);
+        }
+        let c = rng.pos(n);
+        let b = rng.pos(n).iter().map(|v| v * 3.0).collect::<Vec<_>>();
+        // (cpu, gpu) copies of c, m, a, b.
+        let f = [&c, &m, &a, &b].map(|v| pair(g, v, &[n]));
+        for mask in 0..16usize {
+            let on = |k: usize| mask & (1 << k) != 0;
+            let run = |be: &dyn Backend, gpu_side: bool| {
+                let x = |k: usize| on(k).then(|| if gpu_side { &f[k].1 } else { &f[k].0 });
+                let (w, mn) = be
+                    .dsr_weights(&DsrFactors {
+                        n,
+                        conf: x(0),
+                        meta: x(1),
+                        align: x(2).map(|a| (a, 0.1)),
+                        balance: x(3),
+                    })
+                    .unwrap();
+                (w.to_vec().unwrap(), mn.map(|m| m.to_vec().unwrap()))
+            };
+            let (wg, mg2) = run(g, true);
+            let (wc, mc2) = run(cpu(), false);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&wg),
+                bits(&wc),
+                "dsr_weights n {n} factors {mask:04b}: w"
+            );
+            assert_eq!(mg2.is_some(), on(1), "n {n} factors {mask:04b}: m' present");
+            if let (Some(x), Some(y)) = (&mg2, &mc2) {
+                assert_eq!(bits(x), bits(y), "dsr_weights n {n} factors {mask:04b}: m'");
+            }
+        }
+        if n > 4 {
+            let (w, mn) = g
+                .dsr_weights(&DsrFactors {
+                    n,
+                    conf: None,
+                    meta: Some(&f[1].1),
+                    align: Some((&f[2].1, 0.1)),
+                    balance: None,
+                })
+                .unwrap();
+            let (w, mn) = (w.to_vec().unwrap(), mn.unwrap().to_vec().unwrap());
+            assert!(mn[0].is_nan() && w[0].is_nan(), "NaN score kept");
+            assert_eq!((mn[1], mn[2]), (0.0, 1.0));
+            assert!(mn.iter().skip(1).all(|v| (0.0..=1.0).contains(v)));
+        }
+    }
+    // Packed reads: shapes of every size, an empty tensor among them, one tensor alone.
+    let ts: Vec<Tensor> = [vec![1usize], vec![0], vec![37, 3], vec![5]]
+        .iter()
+        .map(|s| rand_pair(g, &mut rng, s, 1.0).1)
+        .collect();
+    let refs: Vec<&Tensor> = ts.iter().collect();
+    let many = g.to_host_many(&refs).unwrap();
+    let one: Vec<Vec<f32>> = ts.iter().map(|t| t.to_vec().unwrap()).collect();
+    assert_eq!(many, one);
+    assert_eq!(g.to_host_many(&refs[2..3]).unwrap(), one[2..3].to_vec());
+    assert!(g.to_host_many(&[]).unwrap().is_empty());
+    let empty = [&ts[1], &ts[1]];
+    assert_eq!(g.to_host_many(&empty).unwrap(), vec![Vec::<f32>::new(); 2]);
 }
 
 // ---- fusion (tol: rel 1e-4, abs 1e-4) ----

@@ -100,4 +100,13 @@ static inline float min(float a, float b) { return fminf(a, b); }
 static inline float max(float a, float b) { return fmaxf(a, b); }
 
 static inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
+// Round-to-nearest intrinsics: one IEEE operation each, never contracted with another.
+static inline float __fadd_rn(float a, float b) {
+    volatile float r = a + b;
+    return r;
+}
+static inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
 static inline float __fdividef(float a, float b) { return a / b; }

@@ -102,6 +102,21 @@ pub struct SgdParams {
     pub first_step: bool,
 }
 
+/// The factors of the DSR weights of `n` unlabelled samples (SPEC §1.4), each a `[n]` vector on
+/// the backend's device; an absent factor counts as all ones (see [`Backend::dsr_weights`]).
+#[derive(Clone, Copy)]
+pub struct DsrFactors<'a> {
+    pub n: usize,
+    /// Entropy confidence `c`.
+    pub conf: Option<&'a Tensor>,
+    /// Current meta weights `m` of the batch's samples.
+    pub meta: Option<&'a Tensor>,
+    /// Alignment scores `a` and step size β of the meta-weight update (used with `meta` only).
+    pub align: Option<(&'a Tensor, f32)>,
+    /// Class-balance factors `b` (`--dsr-balance class`).
+    pub balance: Option<&'a Tensor>,
+}
+
 /// The primitive ops. Every method allocates its outputs on the backend's device.
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda:0`).
@@ -115,6 +130,11 @@ pub trait Backend: Send + Sync {
     fn from_host(&self, data: &[f32], shape: &[usize]) -> Result<Tensor>;
     /// Copies a tensor to the host.
     fn to_host(&self, t: &Tensor) -> Result<Vec<f32>>;
+    /// Copies several tensors to the host at once (on a GPU: packed on the device, then one
+    /// transfer and one wait). Each tensor must be on this backend's device.
+    fn to_host_many(&self, ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        ts.iter().map(|t| self.to_host(t)).collect()
+    }
     /// A tensor filled with `value`.
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;
     /// Waits until all queued work is done (for timing).
@@ -337,6 +357,10 @@ pub trait Backend: Send + Sync {
     /// `[a; b[..b_rows]]` for `a [Ra, E]` and `b [Rb, E]`, `b_rows ≤ Rb`: the PGC key set, the
     /// batch's keys followed by the valid rows of the key queue.
     fn concat_rows(&self, a: &Tensor, b: &Tensor, b_rows: usize) -> Result<Tensor>;
+    /// DSR weights with the meta-weight update: `m'_i = clamp(m_i + β a_i, 0, 1)` (`m' = m`
+    /// without `align`), `w_i = (c_i · m'_i) · b_i` → `(w [n], m' [n])`, `m'` only when `meta` is
+    /// given. Each operation rounded once, so every backend gives the same bits.
+    fn dsr_weights(&self, f: &DsrFactors<'_>) -> Result<(Tensor, Option<Tensor>)>;
     /// Key-queue enqueue, in place: row `r` of `src [R, E]` goes to row `(start + r) mod K` of the
     /// ring `dst [K, E]`; `R ≤ K` (a larger batch would overwrite its own rows).
     fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()>;

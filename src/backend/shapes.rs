@@ -466,6 +466,24 @@ pub fn dsr_alignment(
     Ok(DsrGeom { bl, bu, d, c })
 }
 
+/// DSR weights: every factor given is a `[n]` vector.
+pub fn dsr_weights(f: &crate::backend::DsrFactors<'_>) -> Result<()> {
+    let parts = [
+        ("confidence", f.conf),
+        ("meta weights", f.meta),
+        ("alignment scores", f.align.map(|(a, _)| a)),
+        ("class-balance factors", f.balance),
+    ];
+    for (what, t) in parts {
+        if let Some(t) = t {
+            if t.shape() != [f.n] {
+                bail!("dsr_weights: {what} {:?} for {} samples", t.shape(), f.n);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Similarity fusion: low `[b, d, hp, wp]` and high `[b, d, hq, wq]`.
 pub fn fusion(low: &Tensor, high: &Tensor) -> Result<FusionGeom> {
     let (b, d, hp, wp) = nchw(low, "similarity_fusion low")?;

@@ -2,6 +2,7 @@
 //! guided contrastive loss over a FIFO queue of teacher keys, and their ramped sum.
 
 use crate::autograd::{Graph, Var};
+use crate::backend::DsrFactors;
 use crate::bail;
 use crate::error::Result;
 use crate::nn::{Binding, MedFuseNet};
@@ -225,7 +226,7 @@ pub struct Batch {
     pub u_strong: Tensor,
 }
 
-/// The valid entries of the key queue: the keys on the model's device, labels and weights on the
+/// The valid entries of the key queue: keys and weights on the model's device, labels on the
 /// host.
 #[derive(Clone, Debug, Default)]
 pub struct QueueView {
@@ -233,12 +234,13 @@ pub struct QueueView {
     /// ring in slot order); `None` when there are none.
     pub keys: Option<Tensor>,
     pub labels: Vec<usize>,
-    pub weights: Vec<f32>,
+    /// `[rows ≥ labels.len()]`, in the keys' order; `None` when there are no entries.
+    pub weights: Option<Tensor>,
 }
 
-/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8). The keys live on
-/// the model's device (enqueued there by `ring_write_rows`, so they never cross to the host
-/// during training); labels and weights, which the host needs anyway, live on the host.
+/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8). Keys and weights
+/// live on the model's device (enqueued there by `ring_write_rows`, so they never cross to the
+/// host during training); the pseudo-labels, which the host computes, live on the host.
 #[derive(Clone, Debug)]
 pub struct Queue {
     pub capacity: usize,
@@ -246,7 +248,8 @@ pub struct Queue {
     /// `[capacity, dim]`; `None` when `capacity` or `dim` is 0.
     keys: Option<Tensor>,
     pub labels: Vec<usize>,
-    pub weights: Vec<f32>,
+    /// `[capacity, 1]`; `None` when `capacity` is 0.
+    weights: Option<Tensor>,
     /// Next slot to overwrite.
     pub ptr: usize,
     /// Number of valid entries (≤ capacity).
@@ -255,8 +258,14 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(capacity: usize, dim: usize, device: Device) -> Result<Queue> {
+        let bk = crate::backend::get(device)?;
         let keys = if capacity * dim > 0 {
-            Some(crate::backend::get(device)?.full(&[capacity, dim], 0.0)?)
+            Some(bk.full(&[capacity, dim], 0.0)?)
+        } else {
+            None
+        };
+        let weights = if capacity > 0 {
+            Some(bk.full(&[capacity, 1], 0.0)?)
         } else {
             None
         };
@@ -265,22 +274,22 @@ impl Queue {
             dim,
             keys,
             labels: vec![0; capacity],
-            weights: vec![0.0; capacity],
+            weights,
             ptr: 0,
             len: 0,
         })
     }
 
-    /// Enqueues a batch (`keys [R, dim]` on the queue's device), overwriting the oldest entries.
-    /// Of a batch larger than the queue only its last `capacity` rows stay, as with one-by-one
-    /// enqueueing.
-    pub fn push(&mut self, keys: &Tensor, labels: &[usize], weights: &[f32]) -> Result<()> {
+    /// Enqueues a batch (`keys [R, dim]` and `weights [R]` on the queue's device), overwriting
+    /// the oldest entries. Of a batch larger than the queue only its last `capacity` rows stay,
+    /// as with one-by-one enqueueing.
+    pub fn push(&mut self, keys: &Tensor, labels: &[usize], weights: &Tensor) -> Result<()> {
         let r = labels.len();
-        if keys.shape() != [r, self.dim] || weights.len() != r {
+        if keys.shape() != [r, self.dim] || weights.shape() != [r] {
             bail!(
-                "queue push: keys {:?}, {r} labels, {} weights for a [{}, {}] queue",
+                "queue push: keys {:?}, {r} labels, weights {:?} for a [{}, {}] queue",
                 keys.shape(),
-                weights.len(),
+                weights.shape(),
                 self.capacity,
                 self.dim
             );
@@ -290,20 +299,25 @@ impl Queue {
         }
         let skip = r.saturating_sub(self.capacity);
         let start = (self.ptr + skip) % self.capacity;
-        if let Some(q) = self.keys.as_mut() {
-            let bk = keys.backend()?;
+        // Writes the last `r - skip` rows of `src [r, e]` into `ring` from row `start`.
+        let write = |ring: &mut Tensor, src: &Tensor, e: usize| -> Result<()> {
+            let bk = src.backend()?;
+            let src = src.reshape(&[r, e])?;
             if skip == 0 {
-                bk.ring_write_rows(q, keys, start)?;
+                bk.ring_write_rows(ring, &src, start)
             } else {
-                let tail =
-                    bk.from_host(&keys.to_vec()?[skip * self.dim..], &[r - skip, self.dim])?;
-                bk.ring_write_rows(q, &tail, start)?;
+                let tail = bk.from_host(&src.to_vec()?[skip * e..], &[r - skip, e])?;
+                bk.ring_write_rows(ring, &tail, start)
             }
+        };
+        if let Some(q) = self.keys.as_mut() {
+            write(q, keys, self.dim)?;
         }
-        for (i, (&l, &w)) in labels.iter().zip(weights).enumerate().skip(skip) {
-            let s = (self.ptr + i) % self.capacity;
-            self.labels[s] = l;
-            self.weights[s] = w;
+        if let Some(q) = self.weights.as_mut() {
+            write(q, weights, 1)?;
+        }
+        for (i, &l) in labels.iter().enumerate().skip(skip) {
+            self.labels[(self.ptr + i) % self.capacity] = l;
         }
         self.ptr = (self.ptr + r) % self.capacity;
         self.len = (self.len + r).min(self.capacity);
@@ -311,22 +325,32 @@ impl Queue {
     }
 
     /// The valid entries (order does not matter to the loss).
-    pub fn view(&self) -> QueueView {
-        QueueView {
-            keys: if self.len > 0 {
-                self.keys.clone()
-            } else {
-                None
-            },
-            labels: self.labels[..self.len].to_vec(),
-            weights: self.weights[..self.len].to_vec(),
+    pub fn view(&self) -> Result<QueueView> {
+        if self.len == 0 {
+            return Ok(QueueView::default());
         }
+        Ok(QueueView {
+            keys: self.keys.clone(),
+            labels: self.labels[..self.len].to_vec(),
+            weights: match &self.weights {
+                Some(w) => Some(w.reshape(&[self.capacity])?),
+                None => None,
+            },
+        })
     }
 
     /// All `capacity · dim` key values, row-major (for checkpoints).
     pub fn keys_host(&self) -> Result<Vec<f32>> {
         match &self.keys {
             Some(k) => k.to_vec(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// All `capacity` weights in slot order (for checkpoints).
+    pub fn weights_host(&self) -> Result<Vec<f32>> {
+        match &self.weights {
+            Some(w) => w.to_vec(),
             None => Ok(Vec::new()),
         }
     }
@@ -347,6 +371,22 @@ impl Queue {
         }
         Ok(())
     }
+
+    /// Replaces all weights (from a checkpoint) on the queue's device.
+    pub fn set_weights_host(&mut self, weights: &[f32]) -> Result<()> {
+        if weights.len() != self.capacity {
+            bail!(
+                "queue weights: {} values for a queue of {}",
+                weights.len(),
+                self.capacity
+            );
+        }
+        if let Some(w) = &self.weights {
+            let bk = w.backend()?;
+            self.weights = Some(bk.from_host(weights, &[self.capacity, 1])?);
+        }
+        Ok(())
+    }
 }
 
 /// Everything one evaluation of the objective produces.
@@ -355,15 +395,15 @@ pub struct LossOut {
     pub loss: Var,
     /// The unweighted terms, on the device until read.
     pub terms: Terms,
-    /// DSR weights `w` `[B_u]` (constants) on the device, and the same values on the host.
+    /// DSR weights `w` `[B_u]` (constants) on the device.
     pub weights: Tensor,
-    pub weights_host: Vec<f32>,
     /// Teacher pseudo-labels.
     pub pseudo_labels: Vec<usize>,
     /// Teacher keys `[B_u, E]` (to enqueue).
     pub teacher_keys: Tensor,
-    /// Updated meta weights of the batch's unlabelled samples (when meta weights were given).
-    pub meta_updated: Option<Vec<f32>>,
+    /// Updated meta weights `[B_u]` of the batch's unlabelled samples, on the device (when
+    /// meta weights were given and `--dsr` uses them).
+    pub meta_updated: Option<Tensor>,
 }
 
 /// The unweighted loss terms as scalar tensors on the device; a term that is off is `None`. They
@@ -492,9 +532,10 @@ pub fn dsrpgc_loss(
     })?;
     // `--dsr-balance`: under `align` the aligned log-probabilities stand for the teacher logits
     // from here on (pseudo-labels, entropy confidence, consistency target); `off` keeps SPEC §1.
-    // Host reads happen in few places (each one waits for the GPU on CUDA): the teacher logits;
-    // the entropy weights right after; the alignment scores after the student passes. The loss
-    // terms are read by the caller at the end; the keys stay on the device (queue included).
+    // The one host read of the objective (on CUDA it waits for the device): the teacher logits,
+    // for the pseudo-labels (and `--dsr-balance`). Everything after it stays on the device: the
+    // DSR weights and meta-weight update, the key set and its weights; the caller reads the loss
+    // terms, the weights and the updated meta weights together at the end of the step.
     let zt_host = zt.to_vec()?;
     let BalancedTeacher {
         logits: aligned,
@@ -506,9 +547,9 @@ pub fn dsrpgc_loss(
         None => zt,
     };
 
-    // DSR entropy weights (from the teacher alone, before the student passes are queued).
-    let c = match hp.dsr {
-        DsrMode::Entropy | DsrMode::Both => Some(bk.entropy_weight(&zt)?.to_vec()?),
+    // DSR entropy confidence (from the teacher alone).
+    let conf = match hp.dsr {
+        DsrMode::Entropy | DsrMode::Both => Some(bk.entropy_weight(&zt)?),
         _ => None,
     };
 
@@ -517,42 +558,33 @@ pub fn dsrpgc_loss(
     let ol = student.forward(g, bind, xl, true)?;
     let us = g.constant(batch.u_strong.clone());
     let os = student.forward(g, bind, us, true)?;
-    let meta_updated = match (meta, hp.dsr) {
+    // Meta weights and their alignment scores, when `--dsr` uses them.
+    let meta = match (meta, hp.dsr) {
         (Some(m), DsrMode::Meta | DsrMode::Both) => {
             if m.len() != bu {
                 bail!("{} meta weights for {bu} unlabelled samples", m.len());
             }
             let (fw, fb) = student.fc_indices();
-            let a = bk
-                .dsr_alignment(
-                    g.value(ol.feature),
-                    &batch.y_lab,
-                    g.value(os.feature),
-                    &pseudo,
-                    student.store.value(fw),
-                    student.store.value(fb),
-                )?
-                .to_vec()?;
-            Some(
-                m.iter()
-                    .zip(&a)
-                    .map(|(mi, ai)| (mi + hp.meta_beta * ai).clamp(0.0, 1.0))
-                    .collect::<Vec<f32>>(),
-            )
+            let a = bk.dsr_alignment(
+                g.value(ol.feature),
+                &batch.y_lab,
+                g.value(os.feature),
+                &pseudo,
+                student.store.value(fw),
+                student.store.value(fb),
+            )?;
+            Some((bk.from_host(m, &[bu])?, a))
         }
         _ => None,
     };
-    let w: Vec<f32> = (0..bu)
-        .map(|i| {
-            let ci = c.as_ref().map_or(1.0, |c| c[i]);
-            let mi = meta_updated.as_ref().map_or(1.0, |m| m[i]);
-            match &balance {
-                Some(b) => ci * mi * b[i],
-                None => ci * mi,
-            }
-        })
-        .collect();
-    let weights = bk.from_host(&w, &[bu])?;
+    let balance = balance.map(|b| bk.from_host(&b, &[bu])).transpose()?;
+    let (weights, meta_updated) = bk.dsr_weights(&DsrFactors {
+        n: bu,
+        conf: conf.as_ref(),
+        meta: meta.as_ref().map(|(m, _)| m),
+        align: meta.as_ref().map(|(_, a)| (a, hp.meta_beta)),
+        balance: balance.as_ref(),
+    })?;
 
     // Losses.
     let sup = g.cross_entropy(ol.logits, &batch.y_lab)?;
@@ -565,17 +597,19 @@ pub fn dsrpgc_loss(
     }
     let mut loss_pgc = None;
     if hp.pgc {
-        // Key set [batch keys; queue], assembled on the device.
-        let kt = match (&queue.keys, queue.labels.len()) {
-            (Some(qk), n) if n > 0 => bk.concat_rows(&keys, qk, n)?,
-            _ => keys.clone(),
+        // Key set [batch keys; queue] and its weights, assembled on the device.
+        let n = queue.labels.len();
+        let (kt, kw) = match (&queue.keys, &queue.weights) {
+            (Some(qk), Some(qw)) if n > 0 => {
+                let col = |t: &Tensor| t.reshape(&[t.numel(), 1]);
+                let kw = bk.concat_rows(&col(&weights)?, &col(qw)?, n)?;
+                (bk.concat_rows(&keys, qk, n)?, kw.reshape(&[bu + n])?)
+            }
+            (_, _) if n > 0 => bail!("the key queue has {n} labels but no keys or weights"),
+            _ => (keys.clone(), weights.clone()),
         };
         let mut all_labels = pseudo.clone();
         all_labels.extend_from_slice(&queue.labels);
-        let mut all_w = w.clone();
-        all_w.extend_from_slice(&queue.weights);
-        let nk = all_labels.len();
-        let kw = bk.from_host(&all_w, &[nk])?;
         let pgc = g.pgc_loss(
             os.embedding,
             &pseudo,
@@ -596,7 +630,6 @@ pub fn dsrpgc_loss(
             pgc: loss_pgc,
         },
         weights,
-        weights_host: w,
         pseudo_labels: pseudo,
         teacher_keys: keys,
         meta_updated,
@@ -619,14 +652,18 @@ mod tests {
     #[test]
     fn queue_is_a_fifo_ring() {
         let k = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len() / 2, 2]).unwrap();
+        let w = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap();
         let mut q = Queue::new(3, 2, Device::Cpu).unwrap();
-        assert!(q.view().keys.is_none());
-        q.push(&k(&[1., 1., 2., 2.]), &[1, 2], &[0.1, 0.2]).unwrap();
-        assert_eq!(q.view().labels, vec![1, 2]);
-        q.push(&k(&[3., 3., 4., 4.]), &[3, 4], &[0.3, 0.4]).unwrap();
-        let v = q.view();
+        let v = q.view().unwrap();
+        assert!(v.keys.is_none() && v.weights.is_none() && v.labels.is_empty());
+        q.push(&k(&[1., 1., 2., 2.]), &[1, 2], &w(&[0.1, 0.2]))
+            .unwrap();
+        assert_eq!(q.view().unwrap().labels, vec![1, 2]);
+        q.push(&k(&[3., 3., 4., 4.]), &[3, 4], &w(&[0.3, 0.4]))
+            .unwrap();
+        let v = q.view().unwrap();
         assert_eq!(v.labels, vec![4, 2, 3]);
-        assert_eq!(v.weights, vec![0.4, 0.2, 0.3]);
+        assert_eq!(v.weights.unwrap().to_vec().unwrap(), vec![0.4, 0.2, 0.3]);
         assert_eq!(
             v.keys.unwrap().to_vec().unwrap(),
             vec![4., 4., 2., 2., 3., 3.]
@@ -636,13 +673,19 @@ mod tests {
         q.push(
             &k(&[5., 5., 6., 6., 7., 7., 8., 8.]),
             &[5, 6, 7, 8],
-            &[0.5, 0.6, 0.7, 0.8],
+            &w(&[0.5, 0.6, 0.7, 0.8]),
         )
         .unwrap();
-        assert_eq!(q.view().labels, vec![7, 8, 6]);
+        assert_eq!(q.view().unwrap().labels, vec![7, 8, 6]);
         assert_eq!(q.keys_host().unwrap(), vec![7., 7., 8., 8., 6., 6.]);
+        assert_eq!(q.weights_host().unwrap(), vec![0.7, 0.8, 0.6]);
         assert_eq!(q.ptr, 2);
-        assert!(q.push(&k(&[1., 1.]), &[1, 2], &[0.1, 0.2]).is_err());
+        assert!(q.push(&k(&[1., 1.]), &[1, 2], &w(&[0.1, 0.2])).is_err());
+        assert!(q.push(&k(&[1., 1.]), &[1], &w(&[0.1, 0.2])).is_err());
+        // Checkpoint round trip of the weights; a wrong length is refused.
+        q.set_weights_host(&[0.9, 0.8, 0.7]).unwrap();
+        assert_eq!(q.weights_host().unwrap(), vec![0.9, 0.8, 0.7]);
+        assert!(q.set_weights_host(&[0.9]).is_err());
         // The key set of the PGC loss: batch keys, then the valid queue rows.
         let bk = crate::backend::get(Device::Cpu).unwrap();
         let set = bk
@@ -650,6 +693,65 @@ mod tests {
             .unwrap();
         assert_eq!(set.shape(), &[3, 2]);
         assert_eq!(set.to_vec().unwrap(), vec![9., 9., 7., 7., 8., 8.]);
+    }
+
+    #[test]
+    fn dsr_weights_update_the_meta_weights_and_multiply_the_factors() {
+        let bk = crate::backend::get(Device::Cpu).unwrap();
+        let t = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap();
+        let (c, m, a, b) = (
+            t(&[0.5, 1.0, 0.25, 0.0]),
+            t(&[0.5, 0.95, 0.1, 0.6]),
+            t(&[1.0, 2.0, -3.0, 0.5]),
+            t(&[2.0, 0.5, 1.0, 4.0]),
+        );
+        let f = DsrFactors {
+            n: 4,
+            conf: Some(&c),
+            meta: Some(&m),
+            align: Some((&a, 0.1)),
+            balance: Some(&b),
+        };
+        let (w, mn) = bk.dsr_weights(&f).unwrap();
+        // m' = clamp(m + 0.1 a, 0, 1): 0.6, 1 (clamped), 0 (clamped), 0.65.
+        let mn = mn.unwrap().to_vec().unwrap();
+        let want_m = [0.5f32 + 0.1 * 1.0, 1.0, 0.0, 0.6 + 0.1 * 0.5];
+        assert_eq!(mn, want_m);
+        let want_w: Vec<f32> = (0..4)
+            .map(|i| [0.5f32, 1.0, 0.25, 0.0][i] * want_m[i] * [2.0f32, 0.5, 1.0, 4.0][i])
+            .collect();
+        assert_eq!(w.to_vec().unwrap(), want_w);
+        // Absent factors count as ones; without alignment the meta weights pass unchanged.
+        let (w, mn) = bk
+            .dsr_weights(&DsrFactors {
+                n: 4,
+                conf: None,
+                meta: Some(&m),
+                align: None,
+                balance: None,
+            })
+            .unwrap();
+        assert_eq!(w.to_vec().unwrap(), m.to_vec().unwrap());
+        assert_eq!(mn.unwrap().to_vec().unwrap(), m.to_vec().unwrap());
+        let none = DsrFactors {
+            n: 3,
+            conf: None,
+            meta: None,
+            align: None,
+            balance: None,
+        };
+        let (w, mn) = bk.dsr_weights(&none).unwrap();
+        assert_eq!(w.to_vec().unwrap(), vec![1.0; 3]);
+        assert!(mn.is_none());
+        // A factor of the wrong length is an error naming it.
+        let e = bk
+            .dsr_weights(&DsrFactors {
+                conf: Some(&c),
+                ..none
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("confidence"), "{e}");
     }
 
     fn softmax(z: &[f32]) -> Vec<f32> {

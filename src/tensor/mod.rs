@@ -75,6 +75,15 @@ impl std::fmt::Debug for Tensor {
 }
 
 /// Number of elements of a shape.
+/// Reads several tensors of one device to the host together: on a GPU they are packed on the
+/// device and copied in one transfer, so the host waits for the device once.
+pub fn read_many(ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+    match ts.first() {
+        None => Ok(Vec::new()),
+        Some(t) => t.backend()?.to_host_many(ts),
+    }
+}
+
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }

@@ -88,7 +88,7 @@ pub fn save(
         q.labels.iter().map(|&l| l as f32).collect(),
         vec![q.capacity],
     ));
-    t.push(("queue.weights".into(), q.weights.clone(), vec![q.capacity]));
+    t.push(("queue.weights".into(), q.weights_host()?, vec![q.capacity]));
     t.push(("meta".into(), st.meta.clone(), vec![st.meta.len()]));
     // The running class prior of `--dsr-balance` and its update count (exact in f32 far beyond
     // the count that matters, which saturates in `ClassPrior::update`).
@@ -195,7 +195,7 @@ impl Checkpoint {
             .iter()
             .map(|&l| l as usize)
             .collect();
-        q.weights = self.tensors["queue.weights"].0.clone();
+        q.set_weights_host(&self.tensors["queue.weights"].0)?;
         q.ptr = self.state.queue_ptr;
         q.len = self.state.queue_len;
         let meta = &self.tensors["meta"].0;

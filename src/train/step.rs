@@ -145,7 +145,8 @@ pub fn train_step(
         mean_weight: 1.0,
         ..Default::default()
     };
-    let (loss, terms, enqueue) = match cfg.method {
+    // The DSR weights and the updated meta weights stay on the device until the end of the step.
+    let (loss, terms, dsr, enqueue) = match cfg.method {
         Method::Supervised => {
             let x = g.constant(batch.x_lab.clone());
             let o = st.student.forward(&mut g, &mut bind, x, true)?;
@@ -155,7 +156,7 @@ pub fn train_step(
                 cons: None,
                 pgc: None,
             };
-            (l, terms, None)
+            (l, terms, None, None)
         }
         Method::MeanTeacher | Method::Dsrpgc => {
             let dsrpgc = cfg.method == Method::Dsrpgc;
@@ -171,7 +172,7 @@ pub fn train_step(
             };
             let meta: Vec<f32> = unl_idx.iter().map(|&i| st.meta[i]).collect();
             let qv = if hp.pgc {
-                st.queue.view()
+                st.queue.view()?
             } else {
                 Default::default()
             };
@@ -186,26 +187,20 @@ pub fn train_step(
                 (hp.balance != DsrBalance::Off).then_some(&mut st.dsr_prior),
                 &hp,
             )?;
-            if let Some(m) = &o.meta_updated {
-                for (&i, &v) in unl_idx.iter().zip(m) {
-                    st.meta[i] = v;
-                }
-            }
-            let w = &o.weights_host;
-            stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
             stats.pseudo_labels = o.pseudo_labels.clone();
+            let dsr = Some((o.weights.clone(), o.meta_updated));
             let enqueue = hp
                 .pgc
-                .then_some((o.teacher_keys, o.pseudo_labels, o.weights_host));
-            (o.loss, o.terms, enqueue)
+                .then_some((o.teacher_keys, o.pseudo_labels, o.weights));
+            (o.loss, o.terms, dsr, enqueue)
         }
     };
-    // The loss and its terms are read only at the end, once the backward pass, the optimiser
-    // step, the teacher's EMA update and the queue write are queued as well (on a GPU the first
-    // read waits for the device, which then has the whole step's work in hand: the host does not
-    // leave it idle before the EMA and queue launches). A non-finite loss still stops the run
-    // before anything is written: the caller saves no checkpoint for a failed step, so the last
-    // good checkpoint stays intact.
+    // The loss, its terms, the DSR weights and the updated meta weights are read only at the end,
+    // together, once the backward pass, the optimiser step, the teacher's EMA update and the
+    // queue write are queued as well (on a GPU that one read waits for the device, which then has
+    // the whole step's work in hand). A non-finite loss still stops the run before anything is
+    // written: the caller saves no checkpoint for a failed step, so the last good checkpoint
+    // stays intact.
     let loss_value = g.value(loss).clone();
     g.backward(loss)?;
     let grads = bind.take_grads(&mut g);
@@ -236,8 +231,50 @@ pub fn train_step(
     if let Some((k, l, w)) = enqueue {
         st.queue.push(&k, &l, &w)?;
     }
-    stats.loss = loss_value.item()?;
-    (stats.loss_sup, stats.loss_cons, stats.loss_pgc) = terms.read()?;
+    let (w, m) = match &dsr {
+        Some((w, m)) => (Some(w), m.as_ref()),
+        None => (None, None),
+    };
+    let slots = [
+        Some(&loss_value),
+        Some(&terms.sup),
+        terms.cons.as_ref(),
+        terms.pgc.as_ref(),
+        w,
+        m,
+    ];
+    let wanted: Vec<&Tensor> = slots.iter().flatten().copied().collect();
+    let mut read = crate::tensor::read_many(&wanted)?.into_iter();
+    let [loss_v, sup, cons, pgc, w, m] = slots.map(|s| s.and_then(|_| read.next()));
+    // A term that is off reads 0; one that is on is a `[1]` tensor.
+    let scalar = |v: Option<Vec<f32>>| -> Result<f32> {
+        match v {
+            None => Ok(0.0),
+            Some(v) => match v[..] {
+                [x] => Ok(x),
+                _ => bail!("a loss term read back {} values", v.len()),
+            },
+        }
+    };
+    stats.loss = scalar(loss_v)?;
+    stats.loss_sup = scalar(sup)?;
+    stats.loss_cons = scalar(cons)?;
+    stats.loss_pgc = scalar(pgc)?;
+    if let Some(w) = w {
+        stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
+    }
+    if let Some(m) = m {
+        if m.len() != unl_idx.len() {
+            bail!(
+                "{} updated meta weights for {} unlabelled samples",
+                m.len(),
+                unl_idx.len()
+            );
+        }
+        for (&i, &v) in unl_idx.iter().zip(&m) {
+            st.meta[i] = v;
+        }
+    }
     if !stats.loss.is_finite() {
         let term = [
             ("supervised", stats.loss_sup),

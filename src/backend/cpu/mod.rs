@@ -15,7 +15,7 @@ pub mod ssl_losses;
 
 use crate::backend::shapes::{self, last_dim, nchw, rows2, same_shape};
 use crate::backend::{
-    AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
+    AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams, SgdParams,
 };
 use crate::error::Result;
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -445,6 +445,19 @@ impl Backend for CpuBackend {
         y.extend_from_slice(data(a)?);
         y.extend_from_slice(&data(b)?[..b_rows * e]);
         Ok(out(y, &[ra + b_rows, e]))
+    }
+    fn dsr_weights(&self, f: &DsrFactors<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        shapes::dsr_weights(f)?;
+        fn opt(t: Option<&Tensor>) -> Result<Option<&[f32]>> {
+            t.map(data).transpose()
+        }
+        let align = match f.align {
+            Some((a, beta)) => Some((data(a)?, beta)),
+            None => None,
+        };
+        let (w, m) =
+            ssl_losses::dsr_weights(f.n, opt(f.conf)?, opt(f.meta)?, align, opt(f.balance)?);
+        Ok((out(w, &[f.n]), m.map(|m| out(m, &[f.n]))))
     }
     fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()> {
         let (k, r, e) = shapes::ring_write_rows(dst, src, start)?;

@@ -170,6 +170,34 @@ pub fn pgc_loss_bwd(
     gq
 }
 
+/// DSR weights with the meta-weight update (see `Backend::dsr_weights`): returns `(w, m')`, `m'`
+/// only with `m`. Absent factors count as ones.
+pub fn dsr_weights(
+    n: usize,
+    c: Option<&[f32]>,
+    m: Option<&[f32]>,
+    align: Option<(&[f32], f32)>,
+    b: Option<&[f32]>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let m_new: Option<Vec<f32>> = m.map(|m| match align {
+        Some((a, beta)) => m
+            .iter()
+            .zip(a)
+            .map(|(&mi, &ai)| (mi + beta * ai).clamp(0.0, 1.0))
+            .collect(),
+        None => m.to_vec(),
+    });
+    let w = (0..n)
+        .map(|i| {
+            let ci = c.map_or(1.0, |c| c[i]);
+            let mi = m_new.as_ref().map_or(1.0, |m| m[i]);
+            let wi = ci * mi;
+            b.map_or(wi, |b| wi * b[i])
+        })
+        .collect();
+    (w, m_new)
+}
+
 /// `a_i = (1/B_l) Σ_j ((p_j − e_{y_j})·(p_i − e_{ŷ_i})) (f_j·f_i + 1)`, `p = softmax(W f + b)`.
 #[allow(clippy::too_many_arguments)]
 pub fn dsr_alignment(

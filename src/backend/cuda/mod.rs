@@ -50,7 +50,8 @@ use crate::backend::shapes;
 /// The shared validation, re-exported for the op-family files.
 pub(crate) use crate::backend::shapes::{nchw, rows2, rows_last, same_shape, scalar_grad};
 use crate::backend::{
-    AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, PoolParams, SgdParams,
+    AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams,
+    SgdParams,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -870,6 +871,38 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         Ok(out)
     }
+    fn to_host_many(&self, ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
+        if ts.len() < 2 {
+            return ts.iter().map(|t| self.to_host(t)).collect();
+        }
+        // Packed on the device by one multi-tensor copy launch, then one transfer: the host
+        // waits for the device once.
+        let total: usize = ts.iter().map(|t| t.numel()).sum();
+        if total == 0 {
+            for t in ts {
+                self.storage_of(t)?;
+            }
+            return Ok(vec![Vec::new(); ts.len()]);
+        }
+        let packed = self.buffer(total)?;
+        let mut copies = Vec::with_capacity(ts.len());
+        let mut at = packed.ptr();
+        for t in ts {
+            copies.push((at, self.p(t)?, t.numel()));
+            at += 4 * t.numel() as u64;
+        }
+        optim::copy_multi(self, &copies)?;
+        let all = self.to_host(&Tensor::from_storage(Storage::Cuda(packed), &[total]))?;
+        let mut rest = all.as_slice();
+        Ok(ts
+            .iter()
+            .map(|t| {
+                let (head, tail) = rest.split_at(t.numel());
+                rest = tail;
+                head.to_vec()
+            })
+            .collect())
+    }
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
         if value == 0.0 && value.is_sign_positive() {
             return self.zeros(shape);
@@ -1111,6 +1144,9 @@ impl Backend for CudaBackend {
     }
     fn concat_rows(&self, a: &Tensor, b: &Tensor, b_rows: usize) -> Result<Tensor> {
         ssl_losses::concat_rows(self, a, b, b_rows)
+    }
+    fn dsr_weights(&self, f: &DsrFactors<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        ssl_losses::dsr_weights(self, f)
     }
     fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()> {
         ssl_losses::ring_write_rows(self, dst, src, start)

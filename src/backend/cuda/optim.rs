@@ -202,6 +202,19 @@ pub(super) fn add_assign_multi(
     launch_multi(be, "op_add_mt", &[], &items)
 }
 
+/// Copies `n` floats from `src` to `dst` for each `(dst, src, n)` (device addresses; the ranges
+/// do not overlap), in one launch per `MT_MAX` copies: the packing of `to_host_many`.
+pub(super) fn copy_multi(be: &CudaBackend, copies: &[(u64, u64, usize)]) -> Result<()> {
+    let items: Vec<MtItem> = copies
+        .iter()
+        .map(|&(dst, src, n)| MtItem {
+            n,
+            ptrs: [dst, src, 0, 0],
+        })
+        .collect();
+    launch_multi(be, "op_copy_mt", &[], &items)
+}
+
 pub(super) fn ema_update_multi(
     be: &CudaBackend,
     pairs: &mut [(&mut Tensor, &Tensor)],

@@ -5,7 +5,7 @@
 
 use super::gemm::{linear_fwd, Gemm};
 use super::{cfg_lin, cfg_rows, ci, reduce, rows2, scalar_grad, CudaBackend, CudaStorage, A};
-use crate::backend::shapes;
+use crate::backend::{shapes, DsrFactors};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -266,6 +266,40 @@ pub(super) fn dsr_alignment(
         ],
     )?;
     Ok(out)
+}
+
+/// DSR weights and updated meta weights in one launch (kernels/ssl_losses.cu
+/// `ssl_dsr_weights`; an absent factor is passed as a null pointer).
+pub(super) fn dsr_weights(
+    be: &CudaBackend,
+    f: &DsrFactors<'_>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    shapes::dsr_weights(f)?;
+    let w = be.empty(&[f.n])?;
+    let m_new = f.meta.map(|_| be.empty(&[f.n])).transpose()?;
+    if f.n == 0 {
+        return Ok((w, m_new));
+    }
+    let p = |t: Option<&Tensor>| -> Result<u64> { t.map_or(Ok(0), |t| be.p(t)) };
+    let (a, beta) = match f.align {
+        Some((a, beta)) => (Some(a), beta),
+        None => (None, 0.0),
+    };
+    be.launch(
+        "ssl_dsr_weights",
+        cfg_lin(f.n),
+        &[
+            A::I(ci(f.n)?),
+            A::P(p(f.conf)?),
+            A::P(p(f.meta)?),
+            A::P(p(a)?),
+            A::F(beta),
+            A::P(p(f.balance)?),
+            A::P(be.p(&w)?),
+            A::P(p(m_new.as_ref())?),
+        ],
+    )?;
+    Ok((w, m_new))
 }
 
 /// `[a; b[..b_rows]]` (kernels/ssl_losses.cu `q_concat_rows`).
