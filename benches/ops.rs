@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
-use medssl::backend::{self, AdamParams, Backend, ConvParams};
+use medssl::backend::{self, label_tensor, AdamParams, Backend, ConvParams};
 use medssl::nn::{MedFuseNet, ModelConfig};
 use medssl::{Device, Tensor};
 
@@ -286,8 +286,8 @@ fn bench_shared(c: &mut Criterion, dev: &str, be: &dyn Backend) {
     );
 
     // PGC loss: 36 queries against the 4096-key queue plus the batch, dim 128.
-    let ql = labels(BATCH, 0);
-    let kl = labels(nk, 3);
+    let ql = label_tensor(be, &labels(BATCH, 0)).expect("labels");
+    let kl = label_tensor(be, &labels(nk, 3)).expect("labels");
     let qw = rand_weights(be, &mut g, BATCH);
     let kw = rand_weights(be, &mut g, nk);
     let g1 = be.full(&[1], 1.0).expect("full");

@@ -4,8 +4,27 @@
 // logit-based ops, queries for PGC, unlabelled samples for the DSR alignment). Products such as
 // q K^T and the DSR Gram matrices are computed by cuBLAS before these kernels. Per-row results are
 // reduced to the scalar loss by red_sum_scaled (fixed order, no atomics); scalar upstream
-// gradients are read from device memory (g[0]).
+// gradients are read from device memory (g[0]). Class labels are float vectors holding the class
+// index (exact below 2^24); they are only compared, never used as an index, so a label out of
+// range cannot make a kernel read or write outside its buffers.
 #include "common.cuh"
+
+// Pseudo-labels: out[r] = the first index of the largest element of row r of z [rows, n]
+// (strictly greater replaces, so NaN never wins; 0 for a row of NaN or -inf), as a float.
+// One thread per row (grid-stride): n is the class count, a handful of elements.
+extern "C" __global__ void ssl_argmax_rows(int rows, int n, const float* z, float* out) {
+    GRID_LOOP(r, rows) {
+        const float* zr = z + (size_t)r * n;
+        int best = 0;
+        float bv = -INFINITY;
+        for (int j = 0; j < n; ++j)
+            if (zr[j] > bv) {
+                bv = zr[j];
+                best = j;
+            }
+        out[r] = (float)best;
+    }
+}
 
 // c = 1 - H(softmax(z)) / ln(n) (1 when n == 1), H = -sum p log p with log p = z - lse.
 extern "C" __global__ void ssl_entropy_weight(int rows, int n, const float* z, float* c) {
@@ -65,14 +84,14 @@ extern "C" __global__ void ssl_wcons_bwd(int rows, int n, const float* zs, const
 // PGC per-query term. L [Bq, Nk] holds q_i.K_a / tau. Positives P(i) = {a : klab[a] == qlab[i]},
 // Wp = sum_{a in P} kw[a];
 // out[i] = qw[i] * ( -sum_{a in P} (kw[a]/Wp) (L_ia - lse_i) ), or 0 when P(i) is empty or Wp == 0.
-extern "C" __global__ void ssl_pgc_rows(int Bq, int Nk, const float* L, const int* qlab,
-                                        const float* qw, const int* klab, const float* kw,
+extern "C" __global__ void ssl_pgc_rows(int Bq, int Nk, const float* L, const float* qlab,
+                                        const float* qw, const float* klab, const float* kw,
                                         float* out) {
     const int r = WARP_ROW();
     if (r >= Bq) return;
     const float* lr = L + (size_t)r * Nk;
     const float lse = warp_row_lse(lr, Nk);
-    const int y = qlab[r];
+    const float y = qlab[r];
     float wp = 0.f, acc = 0.f;
     for (int a = LANE(); a < Nk; a += 32)
         if (klab[a] == y) {
@@ -86,14 +105,14 @@ extern "C" __global__ void ssl_pgc_rows(int Bq, int Nk, const float* L, const in
 
 // dLoss/dL_ia = g[0] * scale * qw[i] * (softmax_a(L_i) - [a in P(i)] kw[a]/Wp), scale = 1/B; rows
 // with no (weighted) positives get zeros. The caller multiplies by K/tau with cuBLAS.
-extern "C" __global__ void ssl_pgc_grad_logits(int Bq, int Nk, const float* L, const int* qlab,
-                                               const float* qw, const int* klab, const float* kw,
+extern "C" __global__ void ssl_pgc_grad_logits(int Bq, int Nk, const float* L, const float* qlab,
+                                               const float* qw, const float* klab, const float* kw,
                                                const float* g, float scale, float* G) {
     const int r = WARP_ROW();
     if (r >= Bq) return;
     const float* lr = L + (size_t)r * Nk;
     float* gr = G + (size_t)r * Nk;
-    const int y = qlab[r];
+    const float y = qlab[r];
     float wp = 0.f;
     for (int a = LANE(); a < Nk; a += 32)
         if (klab[a] == y) wp += kw[a];
@@ -112,14 +131,14 @@ extern "C" __global__ void ssl_pgc_grad_logits(int Bq, int Nk, const float* L, c
 
 // out[r, :] = softmax(z_r) - onehot(label_r) (DSR: gradient of CE w.r.t. the logits).
 extern "C" __global__ void ssl_prob_minus_onehot(int rows, int n, const float* z,
-                                                 const int* labels, float* out) {
+                                                 const float* labels, float* out) {
     const int r = WARP_ROW();
     if (r >= rows) return;
     const float* zr = z + (size_t)r * n;
     const float lse = warp_row_lse(zr, n);
-    const int y = labels[r];
+    const float y = labels[r];
     for (int j = LANE(); j < n; j += 32)
-        out[(size_t)r * n + j] = expf(zr[j] - lse) - (j == y ? 1.f : 0.f);
+        out[(size_t)r * n + j] = expf(zr[j] - lse) - ((float)j == y ? 1.f : 0.f);
 }
 
 // a_i = inv_bl * sum_j RS[i, j] * (FF[i, j] + 1), RS = S_u R_l^T and FF = F_u F_l^T, [Bu, Bl].

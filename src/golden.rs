@@ -100,6 +100,11 @@ impl SafeFile {
     }
 
     /// Non-negative integer labels.
+    /// An integer tensor as a label tensor on `dev` (see [`crate::backend::label_tensor`]).
+    pub fn label_tensor(&self, name: &str, dev: Device) -> Result<Tensor> {
+        crate::backend::label_tensor(crate::backend::get(dev)?, &self.labels(name)?)
+    }
+
     pub fn labels(&self, name: &str) -> Result<Vec<usize>> {
         self.i64(name)?
             .into_iter()
@@ -485,10 +490,10 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
             let q = g.leaf(f.tensor("in.queries", dev)?, true);
             let l = g.pgc_loss(
                 q,
-                &f.labels("in.query_labels")?,
+                &f.label_tensor("in.query_labels", dev)?,
                 &f.tensor("in.query_weights", dev)?,
                 &f.tensor("in.keys", dev)?,
-                &f.labels("in.key_labels")?,
+                &f.label_tensor("in.key_labels", dev)?,
                 &f.tensor("in.key_weights", dev)?,
                 tau,
             )?;
@@ -502,7 +507,7 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 &fl,
                 &f.labels("in.y_lab")?,
                 &f.tensor("in.feat_unl", dev)?,
-                &f.labels("in.pseudo_labels")?,
+                &f.label_tensor("in.pseudo_labels", dev)?,
                 &f.tensor("in.fc_weight", dev)?,
                 &f.tensor("in.fc_bias", dev)?,
             )?;
@@ -621,27 +626,25 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
                 ..ssl::LossConfig::default()
             };
             let labels = f.labels("in.queue_labels")?;
-            let queue = ssl::QueueView {
-                keys: if labels.is_empty() {
-                    None
-                } else {
-                    Some(f.tensor("in.queue_keys", dev)?)
-                },
-                weights: if labels.is_empty() {
-                    None
-                } else {
-                    let w = f.f32("in.queue_weights")?.0;
-                    if w.len() != labels.len() {
-                        bail!(
-                            "{}: {} queue weights for {} queue labels",
-                            f.path,
-                            w.len(),
-                            labels.len()
-                        );
-                    }
-                    Some(crate::backend::get(dev)?.from_host(&w, &[w.len()])?)
-                },
-                labels,
+            let queue = if labels.is_empty() {
+                ssl::QueueView::default()
+            } else {
+                let bk = crate::backend::get(dev)?;
+                let w = f.f32("in.queue_weights")?.0;
+                if w.len() != labels.len() {
+                    bail!(
+                        "{}: {} queue weights for {} queue labels",
+                        f.path,
+                        w.len(),
+                        labels.len()
+                    );
+                }
+                ssl::QueueView {
+                    len: labels.len(),
+                    keys: Some(f.tensor("in.queue_keys", dev)?),
+                    labels: Some(crate::backend::label_tensor(bk, &labels)?),
+                    weights: Some(bk.from_host(&w, &[w.len()])?),
+                }
             };
             let meta = if f.has("in.meta_weights") {
                 Some(f.f32("in.meta_weights")?.0)
@@ -673,9 +676,7 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
             put(&mut p, "out.loss_cons", &Tensor::scalar(cons))?;
             put(&mut p, "out.loss_pgc", &Tensor::scalar(pgc))?;
             put(&mut p, "out.weights", &o.weights)?;
-            let pl: Vec<f32> = o.pseudo_labels.iter().map(|&v| v as f32).collect();
-            let n = pl.len();
-            p.insert("out.pseudo_labels".into(), (pl, vec![n]));
+            put(&mut p, "out.pseudo_labels", &o.pseudo_labels)?;
             g.backward(o.loss)?;
             for (i, gr) in bind.take_grads(&mut g) {
                 put(

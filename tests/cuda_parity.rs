@@ -11,7 +11,8 @@
 use medssl::backend::cpu::CpuBackend;
 use medssl::backend::cuda::{self as cu, CudaBackend};
 use medssl::backend::{
-    AdamParams, Backend, BnAct, ConvParams, DsrFactors, OptSlot, PoolParams, SgdParams,
+    label_tensor, AdamParams, Backend, BnAct, ConvParams, DsrFactors, OptSlot, PoolParams,
+    SgdParams,
 };
 use medssl::Tensor;
 
@@ -1031,14 +1032,23 @@ fn pgc_loss() {
         let (kc, kg) = pair(g, &kv, &[nk, e]);
         let ql = rng.labels(b, classes + 1); // label `classes` may have no positive key
         let kl = rng.labels(nk, classes);
+        let (qlc, qlg) = (
+            label_tensor(cpu(), &ql).unwrap(),
+            label_tensor(g, &ql).unwrap(),
+        );
+        let (klc, klg) = (
+            label_tensor(cpu(), &kl).unwrap(),
+            label_tensor(g, &kl).unwrap(),
+        );
         let (qwc, qwg) = pair(g, &rng.pos(b), &[b]);
         let (kwc, kwg) = pair(g, &rng.pos(nk), &[nk]);
         let what = format!("pgc B={b} Nk={nk} E={e}");
         close(
             &what,
-            &g.pgc_loss_fwd(&qg, &ql, &qwg, &kg, &kl, &kwg, 0.1).unwrap(),
+            &g.pgc_loss_fwd(&qg, &qlg, &qwg, &kg, &klg, &kwg, 0.1)
+                .unwrap(),
             &cpu()
-                .pgc_loss_fwd(&qc, &ql, &qwc, &kc, &kl, &kwc, 0.1)
+                .pgc_loss_fwd(&qc, &qlc, &qwc, &kc, &klc, &kwc, 0.1)
                 .unwrap(),
             1e-4,
             1e-5,
@@ -1046,10 +1056,10 @@ fn pgc_loss() {
         let (sc, sg) = scalar_pair(g, 0.5);
         close(
             &format!("{what} bwd"),
-            &g.pgc_loss_bwd(&qg, &ql, &qwg, &kg, &kl, &kwg, 0.1, &sg)
+            &g.pgc_loss_bwd(&qg, &qlg, &qwg, &kg, &klg, &kwg, 0.1, &sg)
                 .unwrap(),
             &cpu()
-                .pgc_loss_bwd(&qc, &ql, &qwc, &kc, &kl, &kwc, 0.1, &sc)
+                .pgc_loss_bwd(&qc, &qlc, &qwc, &kc, &klc, &kwc, 0.1, &sc)
                 .unwrap(),
             1e-3,
             1e-5,
@@ -1069,11 +1079,51 @@ fn dsr_alignment() {
         let (yl, yu) = (rng.labels(bl, c), rng.labels(bu, c));
         close(
             "dsr_alignment",
-            &g.dsr_alignment(&flg, &yl, &fug, &yu, &wg, &bg).unwrap(),
-            &cpu().dsr_alignment(&flc, &yl, &fuc, &yu, &wc, &bc).unwrap(),
+            &g.dsr_alignment(&flg, &yl, &fug, &label_tensor(g, &yu).unwrap(), &wg, &bg)
+                .unwrap(),
+            &cpu()
+                .dsr_alignment(
+                    &flc,
+                    &yl,
+                    &fuc,
+                    &label_tensor(cpu(), &yu).unwrap(),
+                    &wc,
+                    &bc,
+                )
+                .unwrap(),
             1e-3,
             1e-4 * (d as f32).sqrt(),
         );
+    }
+}
+
+/// Pseudo-labels on the device (tol: none, equal labels): ties (the first index wins), NaN (never
+/// wins), rows of −∞ or NaN (label 0), one class, no rows, and a grid past one block.
+#[test]
+fn argmax_rows_labels() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(16);
+    for (rows, c) in [(0usize, 7usize), (1, 1), (5, 7), (36, 7), (1029, 3)] {
+        let mut z = rng.vec(rows * c, 3.0);
+        if rows >= 5 && c >= 3 {
+            z[..2 * c].fill(-5.0);
+            (z[0], z[1], z[2]) = (2.0, 5.0, 5.0); // tie: 1
+            (z[c], z[c + 1], z[c + 2]) = (f32::NAN, 1.0, 0.5); // NaN skipped: 1
+            z[2 * c..3 * c].fill(f32::NEG_INFINITY); // 0
+            z[3 * c..4 * c].fill(f32::NAN); // 0
+            (z[4 * c], z[4 * c + 1]) = (f32::INFINITY, f32::INFINITY); // 0
+        }
+        let (zc, zg) = pair(g, &z, &[rows, c]);
+        let got = g.argmax_rows(&zg).unwrap();
+        assert_eq!(got.shape(), &[rows]);
+        let (got, want) = (
+            got.to_vec().unwrap(),
+            cpu().argmax_rows(&zc).unwrap().to_vec().unwrap(),
+        );
+        assert_eq!(got, want, "argmax_rows [{rows}, {c}]");
+        if rows >= 5 && c >= 3 {
+            assert_eq!(&got[..5], &[1.0, 1.0, 0.0, 0.0, 0.0]);
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 use std::cell::Cell;
 
 use medssl::autograd::{Act, Graph, Var};
-use medssl::backend::{self, AdamParams, Backend, ConvParams, PoolParams, SgdParams};
+use medssl::backend::{self, label_tensor, AdamParams, Backend, ConvParams, PoolParams, SgdParams};
 use medssl::nn::{Binding, Kind, MedFuseNet, ModelConfig};
 use medssl::rng::stream;
 use medssl::{Device, Tensor};
@@ -510,7 +510,7 @@ fn negative_controls_are_rejected() {
     // A smooth op scaled by 1.1 with the smallest rtol headroom still fails (pgc, tau 0.1).
     let q = unit_rows(&mut rng, 3, 4);
     let k = unit_rows(&mut rng, 5, 4);
-    let (ql, kl) = (vec![0, 1, 0], vec![0, 1, 1, 0, 2]);
+    let (ql, kl) = (t(vec![0., 1., 0.], &[3]), t(vec![0., 1., 1., 0., 2.], &[5]));
     let (qw, kw) = (t(vec![1.0, 0.7, 0.4], &[3]), t(vec![1.0; 5], &[5]));
     let pgc = |g: &mut Graph, v: &[Var]| g.pgc_loss(v[0], &ql, &qw, &k, &kl, &kw, 0.1).unwrap();
     let o = Opts {
@@ -884,7 +884,11 @@ fn pgc_loss_gradients() {
         }
         let qw = t(qw, &[bq]);
         let kw = rand_t(&mut rng, &[nk], 0.2, 1.0);
-        let f = |g: &mut Graph, v: &[Var]| g.pgc_loss(v[0], &ql, &qw, &k, &kl, &kw, tau).unwrap();
+        let (qlt, klt) = (
+            label_tensor(cpu(), &ql).unwrap(),
+            label_tensor(cpu(), &kl).unwrap(),
+        );
+        let f = |g: &mut Graph, v: &[Var]| g.pgc_loss(v[0], &qlt, &qw, &k, &klt, &kw, tau).unwrap();
         let o = Opts {
             h: if tau < 0.2 { 5e-3 } else { 1e-2 },
             ..Opts::default()
@@ -1415,7 +1419,7 @@ fn dsr_alignment_matches_reference_and_gradient_inner_product() {
                 &t(fl.clone(), &[bl, d]),
                 &yl,
                 &t(fu.clone(), &[bu, d]),
-                &yu,
+                &label_tensor(bk, &yu).unwrap(),
                 &t(w.clone(), &[c, d]),
                 &t(b.clone(), &[c]),
             )

@@ -638,15 +638,16 @@ impl Graph {
         ))
     }
 
-    /// PGC loss (SPEC §1.5) → `[1]`; keys, labels and weights are constants.
+    /// PGC loss (SPEC §1.5) → `[1]`; keys, labels (label tensors, see
+    /// [`crate::backend::label_tensor`]) and weights are constants.
     #[allow(clippy::too_many_arguments)]
     pub fn pgc_loss(
         &mut self,
         queries: Var,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_weights: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_weights: &Tensor,
         tau: f32,
     ) -> Result<Var> {
@@ -654,10 +655,10 @@ impl Graph {
         let bk = be(&q)?;
         let y = bk.pgc_loss_fwd(&q, q_labels, q_weights, keys, k_labels, k_weights, tau)?;
         let (ql, qw, k, kl, kw) = (
-            q_labels.to_vec(),
+            q_labels.clone(),
             q_weights.clone(),
             keys.clone(),
-            k_labels.to_vec(),
+            k_labels.clone(),
             k_weights.clone(),
         );
         Ok(self.push(

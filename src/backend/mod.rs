@@ -7,7 +7,9 @@
 //!
 //! Conventions: all tensors are contiguous row-major f32; images are NCHW; "rows" are the leading
 //! dimensions of a tensor viewed as `[rows, last_dim]`. Integer labels are passed as host slices
-//! (`&[usize]`); a device backend uploads them itself. Scalar losses are `[1]` tensors and the
+//! (`&[usize]`), which a device backend uploads itself, except where the training step produces
+//! them on the device (pseudo-labels, the key queue's labels): there they are label tensors, `[n]`
+//! f32 tensors holding each class index as a value (see [`label_tensor`]). Scalar losses are `[1]` tensors and the
 //! upstream gradient of a scalar loss is a `[1]` tensor on the same device (no host sync).
 
 pub mod cpu;
@@ -115,6 +117,35 @@ pub struct DsrFactors<'a> {
     pub align: Option<(&'a Tensor, f32)>,
     /// Class-balance factors `b` (`--dsr-balance class`).
     pub balance: Option<&'a Tensor>,
+}
+
+/// Largest class index a label tensor holds exactly (f32 integers are exact below 2^24).
+pub const LABEL_MAX: usize = 1 << 24;
+
+/// `labels` as a label tensor on `bk`'s device: `[n]`, each class index as an f32 value.
+pub fn label_tensor(bk: &dyn Backend, labels: &[usize]) -> Result<Tensor> {
+    if let Some(&l) = labels.iter().find(|&&l| l >= LABEL_MAX) {
+        crate::bail!(
+            "label {l} does not fit a label tensor (at most {})",
+            LABEL_MAX - 1
+        );
+    }
+    let v: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    bk.from_host(&v, &[labels.len()])
+}
+
+/// The class indices held by the values of a label tensor (`what` names it in errors).
+pub fn label_values(v: &[f32], what: &str) -> Result<Vec<usize>> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if x >= 0.0 && x < LABEL_MAX as f32 && x.fract() == 0.0 {
+                Ok(x as usize)
+            } else {
+                crate::bail!("{what}: element {i} is {x}, not a class index")
+            }
+        })
+        .collect()
 }
 
 /// The primitive ops. Every method allocates its outputs on the backend's device.
@@ -329,15 +360,18 @@ pub trait Backend: Send + Sync {
         w: &Tensor,
         g: &Tensor,
     ) -> Result<Tensor>;
-    /// Pseudo-label guided contrastive loss (SPEC §1.5) → `[1]`.
+    /// Pseudo-labels: the index of the first largest element of each row of `z [B, C]` (NaN never
+    /// wins) → a `[B]` label tensor.
+    fn argmax_rows(&self, z: &Tensor) -> Result<Tensor>;
+    /// Pseudo-label guided contrastive loss (SPEC §1.5) → `[1]`; labels are label tensors.
     #[allow(clippy::too_many_arguments)]
     fn pgc_loss_fwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
     ) -> Result<Tensor>;
@@ -346,10 +380,10 @@ pub trait Backend: Send + Sync {
     fn pgc_loss_bwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
         g: &Tensor,
@@ -365,14 +399,14 @@ pub trait Backend: Send + Sync {
     /// ring `dst [K, E]`; `R ≤ K` (a larger batch would overwrite its own rows).
     fn ring_write_rows(&self, dst: &mut Tensor, src: &Tensor, start: usize) -> Result<()>;
     /// DSR alignment `a_i = (1/B_l) Σ_j ((p_j − e_{y_j})·(p_i − e_{ŷ_i})) (f_j·f_i + 1)` with
-    /// `p = softmax(fc(f))` → `[B_u]`.
+    /// `p = softmax(fc(f))` → `[B_u]`; the pseudo-labels `ŷ` are a label tensor.
     #[allow(clippy::too_many_arguments)]
     fn dsr_alignment(
         &self,
         feat_lab: &Tensor,
         y_lab: &[usize],
         feat_unl: &Tensor,
-        pseudo: &[usize],
+        pseudo: &Tensor,
         fc_w: &Tensor,
         fc_b: &Tensor,
     ) -> Result<Tensor>;
@@ -468,5 +502,27 @@ pub fn get(device: Device) -> Result<&'static dyn Backend> {
         Device::Cuda(_) => Err(crate::error::Error::msg(
             "this build has no CUDA support: rebuild with `--features cuda`",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_tensors_hold_class_indices_as_values() {
+        let bk = get(Device::Cpu).unwrap();
+        let t = label_tensor(bk, &[0, 6, 3, LABEL_MAX - 1]).unwrap();
+        assert_eq!(t.shape(), &[4]);
+        let v = t.to_vec().unwrap();
+        assert_eq!(v, vec![0.0, 6.0, 3.0, (LABEL_MAX - 1) as f32]);
+        assert_eq!(label_values(&v, "t").unwrap(), vec![0, 6, 3, LABEL_MAX - 1]);
+        assert!(label_tensor(bk, &[LABEL_MAX]).is_err());
+        for bad in [-1.0, 0.5, f32::NAN, f32::INFINITY, LABEL_MAX as f32] {
+            let e = label_values(&[1.0, bad], "queue labels")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("queue labels") && e.contains("element 1"), "{e}");
+        }
     }
 }

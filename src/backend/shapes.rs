@@ -415,39 +415,41 @@ pub fn consistency(zs: &Tensor, zt: &Tensor, w: &Tensor) -> Result<(usize, usize
     Ok((b, c))
 }
 
-/// PGC loss: queries `[B, E]` with `B` labels and weights, keys `[Nk, E]` with `Nk` labels and
-/// weights; returns the embedding size `E` (`B`, `Nk` are the label counts).
+/// PGC loss: queries `[B, E]` with `[B]` labels and weights, keys `[Nk, E]` with `[Nk]` labels
+/// and weights; returns `(B, Nk, E)`.
 pub fn pgc(
     q: &Tensor,
-    ql: &[usize],
+    ql: &Tensor,
     qw: &Tensor,
     k: &Tensor,
-    kl: &[usize],
+    kl: &Tensor,
     kw: &Tensor,
-) -> Result<usize> {
+) -> Result<(usize, usize, usize)> {
     let (b, e) = rows2(q, "pgc_loss queries")?;
     let (nk, ek) = rows2(k, "pgc_loss keys")?;
-    if e != ek || ql.len() != b || qw.shape() != [b] || kl.len() != nk || kw.shape() != [nk] {
+    if e != ek || ql.shape() != [b] || qw.shape() != [b] || kl.shape() != [nk] || kw.shape() != [nk]
+    {
         bail!(
-            "pgc_loss: queries {:?} ({} labels, weights {:?}) and keys {:?} ({} labels, weights {:?}) disagree",
+            "pgc_loss: queries {:?} (labels {:?}, weights {:?}) and keys {:?} (labels {:?}, weights {:?}) disagree",
             q.shape(),
-            ql.len(),
+            ql.shape(),
             qw.shape(),
             k.shape(),
-            kl.len(),
+            kl.shape(),
             kw.shape()
         );
     }
-    Ok(e)
+    Ok((b, nk, e))
 }
 
-/// DSR alignment: labelled/unlabelled features `[bl, d]`/`[bu, d]`, fc `[c, d]` + `[c]`, and
-/// one label `< c` per row of each.
+/// DSR alignment: labelled/unlabelled features `[bl, d]`/`[bu, d]`, fc `[c, d]` + `[c]`, one
+/// label `< c` per labelled row and a `[bu]` pseudo-label tensor (its values are checked where
+/// they are read: on the CPU).
 pub fn dsr_alignment(
     feat_lab: &Tensor,
     y_lab: &[usize],
     feat_unl: &Tensor,
-    pseudo: &[usize],
+    pseudo: &Tensor,
     fc_w: &Tensor,
     fc_b: &Tensor,
 ) -> Result<DsrGeom> {
@@ -462,7 +464,12 @@ pub fn dsr_alignment(
         );
     }
     labels(y_lab, bl, c, "dsr_alignment labels")?;
-    labels(pseudo, bu, c, "dsr_alignment pseudo-labels")?;
+    if pseudo.shape() != [bu] {
+        bail!(
+            "dsr_alignment: pseudo-labels {:?} for {bu} unlabelled rows",
+            pseudo.shape()
+        );
+    }
     Ok(DsrGeom { bl, bu, d, c })
 }
 

@@ -2,7 +2,8 @@
 //! guided contrastive loss over a FIFO queue of teacher keys, and their ramped sum.
 
 use crate::autograd::{Graph, Var};
-use crate::backend::DsrFactors;
+use crate::backend::cpu::ssl_losses::argmax_rows;
+use crate::backend::{label_tensor, DsrFactors};
 use crate::bail;
 use crate::error::Result;
 use crate::nn::{Binding, MedFuseNet};
@@ -226,28 +227,30 @@ pub struct Batch {
     pub u_strong: Tensor,
 }
 
-/// The valid entries of the key queue: keys and weights on the model's device, labels on the
-/// host.
+/// The valid entries of the key queue, on the model's device.
 #[derive(Clone, Debug, Default)]
 pub struct QueueView {
-    /// `[rows ≥ labels.len(), E]`: the first `labels.len()` rows are the valid keys (the queue's
-    /// ring in slot order); `None` when there are none.
+    /// Number of valid entries: the first `len` rows of each field, in the queue's slot order.
+    pub len: usize,
+    /// `[rows ≥ len, E]`; `None` when there are no entries.
     pub keys: Option<Tensor>,
-    pub labels: Vec<usize>,
-    /// `[rows ≥ labels.len()]`, in the keys' order; `None` when there are no entries.
+    /// Pseudo-labels, a `[rows ≥ len]` label tensor (see [`crate::backend::label_tensor`]).
+    pub labels: Option<Tensor>,
+    /// DSR weights `[rows ≥ len]`.
     pub weights: Option<Tensor>,
 }
 
-/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8). Keys and weights
-/// live on the model's device (enqueued there by `ring_write_rows`, so they never cross to the
-/// host during training); the pseudo-labels, which the host computes, live on the host.
+/// FIFO ring of teacher keys with their pseudo-labels and weights (SPEC §1.8), all on the
+/// model's device (enqueued there by `ring_write_rows`, so none of it crosses to the host during
+/// training).
 #[derive(Clone, Debug)]
 pub struct Queue {
     pub capacity: usize,
     pub dim: usize,
     /// `[capacity, dim]`; `None` when `capacity` or `dim` is 0.
     keys: Option<Tensor>,
-    pub labels: Vec<usize>,
+    /// `[capacity, 1]` label tensor; `None` when `capacity` is 0.
+    labels: Option<Tensor>,
     /// `[capacity, 1]`; `None` when `capacity` is 0.
     weights: Option<Tensor>,
     /// Next slot to overwrite.
@@ -264,31 +267,34 @@ impl Queue {
         } else {
             None
         };
-        let weights = if capacity > 0 {
-            Some(bk.full(&[capacity, 1], 0.0)?)
-        } else {
-            None
+        let column = || -> Result<Option<Tensor>> {
+            Ok(if capacity > 0 {
+                Some(bk.full(&[capacity, 1], 0.0)?)
+            } else {
+                None
+            })
         };
         Ok(Queue {
             capacity,
             dim,
             keys,
-            labels: vec![0; capacity],
-            weights,
+            labels: column()?,
+            weights: column()?,
             ptr: 0,
             len: 0,
         })
     }
 
-    /// Enqueues a batch (`keys [R, dim]` and `weights [R]` on the queue's device), overwriting
-    /// the oldest entries. Of a batch larger than the queue only its last `capacity` rows stay,
-    /// as with one-by-one enqueueing.
-    pub fn push(&mut self, keys: &Tensor, labels: &[usize], weights: &Tensor) -> Result<()> {
-        let r = labels.len();
-        if keys.shape() != [r, self.dim] || weights.shape() != [r] {
+    /// Enqueues a batch (`keys [R, dim]`, a `[R]` label tensor and `weights [R]`, on the queue's
+    /// device), overwriting the oldest entries. Of a batch larger than the queue only its last
+    /// `capacity` rows stay, as with one-by-one enqueueing.
+    pub fn push(&mut self, keys: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<()> {
+        let r = keys.shape().first().copied().unwrap_or(0);
+        if keys.shape() != [r, self.dim] || labels.shape() != [r] || weights.shape() != [r] {
             bail!(
-                "queue push: keys {:?}, {r} labels, weights {:?} for a [{}, {}] queue",
+                "queue push: keys {:?}, labels {:?}, weights {:?} for a [{}, {}] queue",
                 keys.shape(),
+                labels.shape(),
                 weights.shape(),
                 self.capacity,
                 self.dim
@@ -313,11 +319,11 @@ impl Queue {
         if let Some(q) = self.keys.as_mut() {
             write(q, keys, self.dim)?;
         }
+        if let Some(q) = self.labels.as_mut() {
+            write(q, labels, 1)?;
+        }
         if let Some(q) = self.weights.as_mut() {
             write(q, weights, 1)?;
-        }
-        for (i, &l) in labels.iter().enumerate().skip(skip) {
-            self.labels[(self.ptr + i) % self.capacity] = l;
         }
         self.ptr = (self.ptr + r) % self.capacity;
         self.len = (self.len + r).min(self.capacity);
@@ -329,64 +335,69 @@ impl Queue {
         if self.len == 0 {
             return Ok(QueueView::default());
         }
+        let flat = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            t.as_ref().map(|t| t.reshape(&[self.capacity])).transpose()
+        };
         Ok(QueueView {
+            len: self.len,
             keys: self.keys.clone(),
-            labels: self.labels[..self.len].to_vec(),
-            weights: match &self.weights {
-                Some(w) => Some(w.reshape(&[self.capacity])?),
-                None => None,
-            },
+            labels: flat(&self.labels)?,
+            weights: flat(&self.weights)?,
         })
+    }
+
+    /// All `capacity` pseudo-labels in slot order (for checkpoints).
+    pub fn labels_host(&self) -> Result<Vec<usize>> {
+        crate::backend::label_values(&ring_host(&self.labels)?, "queue labels")
     }
 
     /// All `capacity · dim` key values, row-major (for checkpoints).
     pub fn keys_host(&self) -> Result<Vec<f32>> {
-        match &self.keys {
-            Some(k) => k.to_vec(),
-            None => Ok(Vec::new()),
-        }
+        ring_host(&self.keys)
     }
 
     /// All `capacity` weights in slot order (for checkpoints).
     pub fn weights_host(&self) -> Result<Vec<f32>> {
-        match &self.weights {
-            Some(w) => w.to_vec(),
-            None => Ok(Vec::new()),
+        ring_host(&self.weights)
+    }
+
+    /// Replaces all pseudo-labels (from a checkpoint) on the queue's device.
+    pub fn set_labels_host(&mut self, labels: &[usize]) -> Result<()> {
+        if let Some(&l) = labels.iter().find(|&&l| l >= crate::backend::LABEL_MAX) {
+            bail!("queue labels: label {l} is out of range");
         }
+        let v: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+        set_ring(&mut self.labels, &v, [self.capacity, 1], "labels")
     }
 
     /// Replaces all key values (from a checkpoint) on the queue's device.
     pub fn set_keys_host(&mut self, keys: &[f32]) -> Result<()> {
-        if keys.len() != self.capacity * self.dim {
-            bail!(
-                "queue keys: {} values for a [{}, {}] queue",
-                keys.len(),
-                self.capacity,
-                self.dim
-            );
-        }
-        if let Some(k) = &self.keys {
-            let bk = k.backend()?;
-            self.keys = Some(bk.from_host(keys, &[self.capacity, self.dim])?);
-        }
-        Ok(())
+        set_ring(&mut self.keys, keys, [self.capacity, self.dim], "keys")
     }
 
     /// Replaces all weights (from a checkpoint) on the queue's device.
     pub fn set_weights_host(&mut self, weights: &[f32]) -> Result<()> {
-        if weights.len() != self.capacity {
-            bail!(
-                "queue weights: {} values for a queue of {}",
-                weights.len(),
-                self.capacity
-            );
-        }
-        if let Some(w) = &self.weights {
-            let bk = w.backend()?;
-            self.weights = Some(bk.from_host(weights, &[self.capacity, 1])?);
-        }
-        Ok(())
+        set_ring(&mut self.weights, weights, [self.capacity, 1], "weights")
     }
+}
+
+/// The values of one of the queue's rings (none when it has no storage).
+fn ring_host(ring: &Option<Tensor>) -> Result<Vec<f32>> {
+    match ring {
+        Some(t) => t.to_vec(),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Replaces the values of one of the queue's rings (`shape` `[capacity, e]`) on its device.
+fn set_ring(ring: &mut Option<Tensor>, v: &[f32], shape: [usize; 2], what: &str) -> Result<()> {
+    if v.len() != shape[0] * shape[1] {
+        bail!("queue {what}: {} values for a {:?} ring", v.len(), shape);
+    }
+    if let Some(t) = ring {
+        *ring = Some(t.backend()?.from_host(v, &shape)?);
+    }
+    Ok(())
 }
 
 /// Everything one evaluation of the objective produces.
@@ -397,8 +408,8 @@ pub struct LossOut {
     pub terms: Terms,
     /// DSR weights `w` `[B_u]` (constants) on the device.
     pub weights: Tensor,
-    /// Teacher pseudo-labels.
-    pub pseudo_labels: Vec<usize>,
+    /// Teacher pseudo-labels, a `[B_u]` label tensor on the device.
+    pub pseudo_labels: Tensor,
     /// Teacher keys `[B_u, E]` (to enqueue).
     pub teacher_keys: Tensor,
     /// Updated meta weights `[B_u]` of the batch's unlabelled samples, on the device (when
@@ -485,23 +496,6 @@ pub fn balance_teacher(
     })
 }
 
-fn argmax_rows(v: &[f32], c: usize) -> Vec<usize> {
-    v.chunks(c)
-        .map(|r| {
-            r.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-                    if x > bv {
-                        (i, x)
-                    } else {
-                        (bi, bv)
-                    }
-                })
-                .0
-        })
-        .collect()
-}
-
 /// One evaluation of the DSRPGC objective: teacher pass (no gradient, train-mode BN), student
 /// passes on the labelled batch and on the strong views (separately, so BN statistics are per
 /// pass), DSR weights, the three losses and their weighted sum. `meta` holds the current meta
@@ -532,19 +526,24 @@ pub fn dsrpgc_loss(
     })?;
     // `--dsr-balance`: under `align` the aligned log-probabilities stand for the teacher logits
     // from here on (pseudo-labels, entropy confidence, consistency target); `off` keeps SPEC §1.
-    // The one host read of the objective (on CUDA it waits for the device): the teacher logits,
-    // for the pseudo-labels (and `--dsr-balance`). Everything after it stays on the device: the
-    // DSR weights and meta-weight update, the key set and its weights; the caller reads the loss
-    // terms, the weights and the updated meta weights together at the end of the step.
-    let zt_host = zt.to_vec()?;
-    let BalancedTeacher {
-        logits: aligned,
-        pseudo,
-        factors: balance,
-    } = balance_teacher(&zt_host, classes, hp.balance, prior)?;
-    let zt = match aligned {
-        Some(za) => bk.from_host(&za, zt.shape())?,
-        None => zt,
+    // Pseudo-labels. SPEC §1 (`--dsr-balance off`) computes them on the device, so the objective
+    // never waits for it: pseudo-labels, DSR weights, meta-weight update, key set, labels and
+    // weights all stay there, and the caller reads what it needs together at the end of the
+    // step. `--dsr-balance` keeps its running prior on the host and reads the teacher logits
+    // here (on CUDA, one wait for the device).
+    let (pseudo, zt, balance) = if hp.balance == DsrBalance::Off {
+        (bk.argmax_rows(&zt)?, zt, None)
+    } else {
+        let BalancedTeacher {
+            logits: aligned,
+            pseudo,
+            factors,
+        } = balance_teacher(&zt.to_vec()?, classes, hp.balance, prior)?;
+        let zt = match aligned {
+            Some(za) => bk.from_host(&za, zt.shape())?,
+            None => zt,
+        };
+        (label_tensor(bk, &pseudo)?, zt, factors)
     };
 
     // DSR entropy confidence (from the teacher alone).
@@ -597,25 +596,30 @@ pub fn dsrpgc_loss(
     }
     let mut loss_pgc = None;
     if hp.pgc {
-        // Key set [batch keys; queue] and its weights, assembled on the device.
-        let n = queue.labels.len();
-        let (kt, kw) = match (&queue.keys, &queue.weights) {
-            (Some(qk), Some(qw)) if n > 0 => {
-                let col = |t: &Tensor| t.reshape(&[t.numel(), 1]);
-                let kw = bk.concat_rows(&col(&weights)?, &col(qw)?, n)?;
-                (bk.concat_rows(&keys, qk, n)?, kw.reshape(&[bu + n])?)
+        // Key set [batch keys; queue] with its labels and weights, assembled on the device.
+        let n = queue.len;
+        let (kt, kl, kw) = match (&queue.keys, &queue.labels, &queue.weights) {
+            (Some(qk), Some(ql), Some(qw)) if n > 0 => {
+                // A vector [rows] stacked as a column [rows, 1].
+                let stack = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                    let col = |t: &Tensor| t.reshape(&[t.numel(), 1]);
+                    bk.concat_rows(&col(a)?, &col(b)?, n)?.reshape(&[bu + n])
+                };
+                (
+                    bk.concat_rows(&keys, qk, n)?,
+                    stack(&pseudo, ql)?,
+                    stack(&weights, qw)?,
+                )
             }
-            (_, _) if n > 0 => bail!("the key queue has {n} labels but no keys or weights"),
-            _ => (keys.clone(), weights.clone()),
+            _ if n > 0 => bail!("the key queue has {n} entries but no keys, labels or weights"),
+            _ => (keys.clone(), pseudo.clone(), weights.clone()),
         };
-        let mut all_labels = pseudo.clone();
-        all_labels.extend_from_slice(&queue.labels);
         let pgc = g.pgc_loss(
             os.embedding,
             &pseudo,
             &weights,
             &kt,
-            &all_labels,
+            &kl,
             &kw,
             hp.temperature,
         )?;
@@ -653,41 +657,54 @@ mod tests {
     fn queue_is_a_fifo_ring() {
         let k = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len() / 2, 2]).unwrap();
         let w = |v: &[f32]| Tensor::from_vec(v.to_vec(), &[v.len()]).unwrap();
+        let bk = crate::backend::get(Device::Cpu).unwrap();
+        let l = |v: &[usize]| label_tensor(bk, v).unwrap();
+        // The valid labels and weights of a view.
+        let valid = |v: &QueueView| {
+            let n = v.len;
+            let lab = v.labels.as_ref().unwrap().to_vec().unwrap()[..n].to_vec();
+            let wt = v.weights.as_ref().unwrap().to_vec().unwrap()[..n].to_vec();
+            (lab, wt)
+        };
         let mut q = Queue::new(3, 2, Device::Cpu).unwrap();
         let v = q.view().unwrap();
-        assert!(v.keys.is_none() && v.weights.is_none() && v.labels.is_empty());
-        q.push(&k(&[1., 1., 2., 2.]), &[1, 2], &w(&[0.1, 0.2]))
+        assert!(v.keys.is_none() && v.weights.is_none() && v.labels.is_none() && v.len == 0);
+        q.push(&k(&[1., 1., 2., 2.]), &l(&[1, 2]), &w(&[0.1, 0.2]))
             .unwrap();
-        assert_eq!(q.view().unwrap().labels, vec![1, 2]);
-        q.push(&k(&[3., 3., 4., 4.]), &[3, 4], &w(&[0.3, 0.4]))
+        assert_eq!(valid(&q.view().unwrap()).0, vec![1., 2.]);
+        q.push(&k(&[3., 3., 4., 4.]), &l(&[3, 4]), &w(&[0.3, 0.4]))
             .unwrap();
         let v = q.view().unwrap();
-        assert_eq!(v.labels, vec![4, 2, 3]);
-        assert_eq!(v.weights.unwrap().to_vec().unwrap(), vec![0.4, 0.2, 0.3]);
+        assert_eq!(valid(&v), (vec![4., 2., 3.], vec![0.4, 0.2, 0.3]));
         assert_eq!(
-            v.keys.unwrap().to_vec().unwrap(),
+            v.keys.as_ref().unwrap().to_vec().unwrap(),
             vec![4., 4., 2., 2., 3., 3.]
         );
         assert_eq!(q.ptr, 1);
+        // A view shares the rings' storage, so the queue refuses to write while one is alive.
+        assert!(q.push(&k(&[1., 1.]), &l(&[1]), &w(&[0.1])).is_err());
+        drop(v);
         // A batch larger than the queue keeps its last rows, as one-by-one enqueueing would.
         q.push(
             &k(&[5., 5., 6., 6., 7., 7., 8., 8.]),
-            &[5, 6, 7, 8],
+            &l(&[5, 6, 7, 8]),
             &w(&[0.5, 0.6, 0.7, 0.8]),
         )
         .unwrap();
-        assert_eq!(q.view().unwrap().labels, vec![7, 8, 6]);
+        assert_eq!(q.labels_host().unwrap(), vec![7, 8, 6]);
         assert_eq!(q.keys_host().unwrap(), vec![7., 7., 8., 8., 6., 6.]);
         assert_eq!(q.weights_host().unwrap(), vec![0.7, 0.8, 0.6]);
         assert_eq!(q.ptr, 2);
-        assert!(q.push(&k(&[1., 1.]), &[1, 2], &w(&[0.1, 0.2])).is_err());
-        assert!(q.push(&k(&[1., 1.]), &[1], &w(&[0.1, 0.2])).is_err());
-        // Checkpoint round trip of the weights; a wrong length is refused.
+        assert!(q.push(&k(&[1., 1.]), &l(&[1, 2]), &w(&[0.1, 0.2])).is_err());
+        assert!(q.push(&k(&[1., 1.]), &l(&[1]), &w(&[0.1, 0.2])).is_err());
+        // Checkpoint round trips; a wrong length is refused.
         q.set_weights_host(&[0.9, 0.8, 0.7]).unwrap();
         assert_eq!(q.weights_host().unwrap(), vec![0.9, 0.8, 0.7]);
         assert!(q.set_weights_host(&[0.9]).is_err());
+        q.set_labels_host(&[2, 0, 1]).unwrap();
+        assert_eq!(q.labels_host().unwrap(), vec![2, 0, 1]);
+        assert!(q.set_labels_host(&[1]).is_err());
         // The key set of the PGC loss: batch keys, then the valid queue rows.
-        let bk = crate::backend::get(Device::Cpu).unwrap();
         let set = bk
             .concat_rows(&k(&[9., 9.]), &q.keys.clone().unwrap(), 2)
             .unwrap();

@@ -85,7 +85,7 @@ pub fn save(
     t.push(("queue.keys".into(), q.keys_host()?, vec![q.capacity, q.dim]));
     t.push((
         "queue.labels".into(),
-        q.labels.iter().map(|&l| l as f32).collect(),
+        q.labels_host()?.iter().map(|&l| l as f32).collect(),
         vec![q.capacity],
     ));
     t.push(("queue.weights".into(), q.weights_host()?, vec![q.capacity]));
@@ -190,11 +190,10 @@ impl Checkpoint {
             );
         }
         q.set_keys_host(keys)?;
-        q.labels = self.tensors["queue.labels"]
-            .0
-            .iter()
-            .map(|&l| l as usize)
-            .collect();
+        q.set_labels_host(&crate::backend::label_values(
+            &self.tensors["queue.labels"].0,
+            "checkpoint queue.labels",
+        )?)?;
         q.set_weights_host(&self.tensors["queue.weights"].0)?;
         q.ptr = self.state.queue_ptr;
         q.len = self.state.queue_len;

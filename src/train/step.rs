@@ -145,7 +145,8 @@ pub fn train_step(
         mean_weight: 1.0,
         ..Default::default()
     };
-    // The DSR weights and the updated meta weights stay on the device until the end of the step.
+    // The DSR weights, updated meta weights and pseudo-labels stay on the device until the end of
+    // the step.
     let (loss, terms, dsr, enqueue) = match cfg.method {
         Method::Supervised => {
             let x = g.constant(batch.x_lab.clone());
@@ -187,15 +188,15 @@ pub fn train_step(
                 (hp.balance != DsrBalance::Off).then_some(&mut st.dsr_prior),
                 &hp,
             )?;
-            stats.pseudo_labels = o.pseudo_labels.clone();
-            let dsr = Some((o.weights.clone(), o.meta_updated));
+            let dsr = Some((o.weights.clone(), o.meta_updated, o.pseudo_labels.clone()));
             let enqueue = hp
                 .pgc
                 .then_some((o.teacher_keys, o.pseudo_labels, o.weights));
             (o.loss, o.terms, dsr, enqueue)
         }
     };
-    // The loss, its terms, the DSR weights and the updated meta weights are read only at the end,
+    // The loss, its terms, the DSR weights, the updated meta weights and the pseudo-labels are
+    // read only at the end,
     // together, once the backward pass, the optimiser step, the teacher's EMA update and the
     // queue write are queued as well (on a GPU that one read waits for the device, which then has
     // the whole step's work in hand). A non-finite loss still stops the run before anything is
@@ -231,9 +232,9 @@ pub fn train_step(
     if let Some((k, l, w)) = enqueue {
         st.queue.push(&k, &l, &w)?;
     }
-    let (w, m) = match &dsr {
-        Some((w, m)) => (Some(w), m.as_ref()),
-        None => (None, None),
+    let (w, m, pl) = match &dsr {
+        Some((w, m, pl)) => (Some(w), m.as_ref(), Some(pl)),
+        None => (None, None, None),
     };
     let slots = [
         Some(&loss_value),
@@ -242,10 +243,11 @@ pub fn train_step(
         terms.pgc.as_ref(),
         w,
         m,
+        pl,
     ];
     let wanted: Vec<&Tensor> = slots.iter().flatten().copied().collect();
     let mut read = crate::tensor::read_many(&wanted)?.into_iter();
-    let [loss_v, sup, cons, pgc, w, m] = slots.map(|s| s.and_then(|_| read.next()));
+    let [loss_v, sup, cons, pgc, w, m, pl] = slots.map(|s| s.and_then(|_| read.next()));
     // A term that is off reads 0; one that is on is a `[1]` tensor.
     let scalar = |v: Option<Vec<f32>>| -> Result<f32> {
         match v {
@@ -260,6 +262,9 @@ pub fn train_step(
     stats.loss_sup = scalar(sup)?;
     stats.loss_cons = scalar(cons)?;
     stats.loss_pgc = scalar(pgc)?;
+    if let Some(pl) = pl {
+        stats.pseudo_labels = crate::backend::label_values(&pl, "pseudo-labels")?;
+    }
     if let Some(w) = w {
         stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
     }

@@ -15,7 +15,8 @@ pub mod ssl_losses;
 
 use crate::backend::shapes::{self, last_dim, nchw, rows2, same_shape};
 use crate::backend::{
-    AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams, SgdParams,
+    label_values, AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams,
+    SgdParams,
 };
 use crate::error::Result;
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -390,23 +391,34 @@ impl Backend for CpuBackend {
             zs.shape(),
         ))
     }
+    fn argmax_rows(&self, z: &Tensor) -> Result<Tensor> {
+        let (b, c) = rows2(z, "argmax_rows")?;
+        let v = if c == 0 {
+            vec![0; b]
+        } else {
+            ssl_losses::argmax_rows(data(z)?, c)
+        };
+        Ok(out(v.iter().map(|&l| l as f32).collect(), &[b]))
+    }
     fn pgc_loss_fwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
     ) -> Result<Tensor> {
-        let e = shapes::pgc(q, q_labels, q_w, keys, k_labels, k_w)?;
+        let (_, _, e) = shapes::pgc(q, q_labels, q_w, keys, k_labels, k_w)?;
+        let ql = label_values(data(q_labels)?, "pgc_loss query labels")?;
+        let kl = label_values(data(k_labels)?, "pgc_loss key labels")?;
         Ok(Tensor::scalar(ssl_losses::pgc_loss_fwd(
             data(q)?,
-            q_labels,
+            &ql,
             data(q_w)?,
             data(keys)?,
-            k_labels,
+            &kl,
             data(k_w)?,
             e,
             tau,
@@ -415,22 +427,24 @@ impl Backend for CpuBackend {
     fn pgc_loss_bwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
         g: &Tensor,
     ) -> Result<Tensor> {
-        let e = shapes::pgc(q, q_labels, q_w, keys, k_labels, k_w)?;
+        let (_, _, e) = shapes::pgc(q, q_labels, q_w, keys, k_labels, k_w)?;
+        let ql = label_values(data(q_labels)?, "pgc_loss query labels")?;
+        let kl = label_values(data(k_labels)?, "pgc_loss key labels")?;
         Ok(out(
             ssl_losses::pgc_loss_bwd(
                 data(q)?,
-                q_labels,
+                &ql,
                 data(q_w)?,
                 data(keys)?,
-                k_labels,
+                &kl,
                 data(k_w)?,
                 e,
                 tau,
@@ -474,18 +488,20 @@ impl Backend for CpuBackend {
         feat_lab: &Tensor,
         y_lab: &[usize],
         feat_unl: &Tensor,
-        pseudo: &[usize],
+        pseudo: &Tensor,
         fc_w: &Tensor,
         fc_b: &Tensor,
     ) -> Result<Tensor> {
         let shapes::DsrGeom { bu, d, c, .. } =
             shapes::dsr_alignment(feat_lab, y_lab, feat_unl, pseudo, fc_w, fc_b)?;
+        let pseudo = label_values(data(pseudo)?, "dsr_alignment pseudo-labels")?;
+        shapes::labels(&pseudo, bu, c, "dsr_alignment pseudo-labels")?;
         Ok(out(
             ssl_losses::dsr_alignment(
                 data(feat_lab)?,
                 y_lab,
                 data(feat_unl)?,
-                pseudo,
+                &pseudo,
                 data(fc_w)?,
                 data(fc_b)?,
                 d,

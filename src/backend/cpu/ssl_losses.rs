@@ -170,6 +170,25 @@ pub fn pgc_loss_bwd(
     gq
 }
 
+/// The first index of the largest element of each row of `z [rows, c]` (strictly greater
+/// replaces, so NaN never wins; 0 for a row of NaN or −∞).
+pub fn argmax_rows(z: &[f32], c: usize) -> Vec<usize> {
+    z.chunks(c.max(1))
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+                    if x > bv {
+                        (i, x)
+                    } else {
+                        (bi, bv)
+                    }
+                })
+                .0
+        })
+        .collect()
+}
+
 /// DSR weights with the meta-weight update (see `Backend::dsr_weights`): returns `(w, m')`, `m'`
 /// only with `m`. Absent factors count as ones.
 pub fn dsr_weights(

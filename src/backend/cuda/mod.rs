@@ -1117,13 +1117,16 @@ impl Backend for CudaBackend {
     ) -> Result<Tensor> {
         ssl_losses::weighted_consistency_bwd(self, zs, zt, w, g)
     }
+    fn argmax_rows(&self, z: &Tensor) -> Result<Tensor> {
+        ssl_losses::argmax_rows(self, z)
+    }
     fn pgc_loss_fwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
     ) -> Result<Tensor> {
@@ -1132,10 +1135,10 @@ impl Backend for CudaBackend {
     fn pgc_loss_bwd(
         &self,
         q: &Tensor,
-        q_labels: &[usize],
+        q_labels: &Tensor,
         q_w: &Tensor,
         keys: &Tensor,
-        k_labels: &[usize],
+        k_labels: &Tensor,
         k_w: &Tensor,
         tau: f32,
         g: &Tensor,
@@ -1156,7 +1159,7 @@ impl Backend for CudaBackend {
         feat_lab: &Tensor,
         y_lab: &[usize],
         feat_unl: &Tensor,
-        pseudo: &[usize],
+        pseudo: &Tensor,
         fc_w: &Tensor,
         fc_b: &Tensor,
     ) -> Result<Tensor> {

@@ -5,26 +5,44 @@
 
 use super::gemm::{linear_fwd, Gemm};
 use super::{cfg_lin, cfg_rows, ci, reduce, rows2, scalar_grad, CudaBackend, CudaStorage, A};
-use crate::backend::{shapes, DsrFactors};
+use cudarc::driver::LaunchConfig;
+
+use crate::backend::{label_tensor, shapes, DsrFactors};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-pub(super) fn entropy_weight(be: &CudaBackend, logits: &Tensor) -> Result<Tensor> {
-    let (b, c) = rows2(logits, "entropy_weight")?;
+/// One value per row of `z [B, C]` → `[B]`, by `kernel(B, C, z, out)` launched with `cfg(B)`.
+fn per_row(
+    be: &CudaBackend,
+    kernel: &'static str,
+    cfg: fn(usize) -> LaunchConfig,
+    z: &Tensor,
+) -> Result<Tensor> {
+    let (b, c) = rows2(z, kernel)?;
     let out = be.empty(&[b])?;
     if b > 0 {
         be.launch(
-            "ssl_entropy_weight",
-            cfg_rows(b),
+            kernel,
+            cfg(b),
             &[
                 A::I(ci(b)?),
                 A::I(ci(c)?),
-                A::P(be.p(logits)?),
+                A::P(be.p(z)?),
                 A::P(be.p(&out)?),
             ],
         )?;
     }
     Ok(out)
+}
+
+/// Warp per row (kernels/ssl_losses.cu `ssl_entropy_weight`).
+pub(super) fn entropy_weight(be: &CudaBackend, logits: &Tensor) -> Result<Tensor> {
+    per_row(be, "ssl_entropy_weight", cfg_rows, logits)
+}
+
+/// Pseudo-labels as a label tensor, thread per row (kernels/ssl_losses.cu `ssl_argmax_rows`).
+pub(super) fn argmax_rows(be: &CudaBackend, z: &Tensor) -> Result<Tensor> {
+    per_row(be, "ssl_argmax_rows", cfg_lin, z)
 }
 
 pub(super) fn weighted_consistency_fwd(
@@ -83,33 +101,23 @@ pub(super) fn weighted_consistency_bwd(
     Ok(gz)
 }
 
-/// Validated PGC inputs: `(B, Nk, E)` plus the uploaded label buffers.
+/// Validated PGC inputs: `(B, Nk, E)`.
 struct Pgc {
     b: usize,
     nk: usize,
     e: usize,
-    ql: CudaStorage,
-    kl: CudaStorage,
 }
 
 fn pgc_prepare(
-    be: &CudaBackend,
     q: &Tensor,
-    ql: &[usize],
+    ql: &Tensor,
     qw: &Tensor,
     k: &Tensor,
-    kl: &[usize],
+    kl: &Tensor,
     kw: &Tensor,
 ) -> Result<Pgc> {
-    let e = shapes::pgc(q, ql, qw, k, kl, kw)?;
-    let (b, nk) = (ql.len(), kl.len());
-    Ok(Pgc {
-        b,
-        nk,
-        e,
-        ql: be.upload_ints(ql)?,
-        kl: be.upload_ints(kl)?,
-    })
+    let (b, nk, e) = shapes::pgc(q, ql, qw, k, kl, kw)?;
+    Ok(Pgc { b, nk, e })
 }
 
 /// `L = q·Kᵀ/τ` `[B, Nk]`.
@@ -125,14 +133,14 @@ fn pgc_logits(be: &CudaBackend, s: &Pgc, q: &Tensor, k: &Tensor, tau: f32) -> Re
 pub(super) fn pgc_loss_fwd(
     be: &CudaBackend,
     q: &Tensor,
-    q_labels: &[usize],
+    q_labels: &Tensor,
     q_w: &Tensor,
     keys: &Tensor,
-    k_labels: &[usize],
+    k_labels: &Tensor,
     k_w: &Tensor,
     tau: f32,
 ) -> Result<Tensor> {
-    let s = pgc_prepare(be, q, q_labels, q_w, keys, k_labels, k_w)?;
+    let s = pgc_prepare(q, q_labels, q_w, keys, k_labels, k_w)?;
     let out = be.empty(&[1])?;
     let rows = be.buffer(s.b)?;
     if s.b > 0 && s.nk > 0 {
@@ -144,9 +152,9 @@ pub(super) fn pgc_loss_fwd(
                 A::I(ci(s.b)?),
                 A::I(ci(s.nk)?),
                 A::P(l.ptr()),
-                A::P(s.ql.ptr()),
+                A::P(be.p(q_labels)?),
                 A::P(be.p(q_w)?),
-                A::P(s.kl.ptr()),
+                A::P(be.p(k_labels)?),
                 A::P(be.p(k_w)?),
                 A::P(rows.ptr()),
             ],
@@ -162,16 +170,16 @@ pub(super) fn pgc_loss_fwd(
 pub(super) fn pgc_loss_bwd(
     be: &CudaBackend,
     q: &Tensor,
-    q_labels: &[usize],
+    q_labels: &Tensor,
     q_w: &Tensor,
     keys: &Tensor,
-    k_labels: &[usize],
+    k_labels: &Tensor,
     k_w: &Tensor,
     tau: f32,
     g: &Tensor,
 ) -> Result<Tensor> {
     scalar_grad(g, "pgc_loss backward")?;
-    let s = pgc_prepare(be, q, q_labels, q_w, keys, k_labels, k_w)?;
+    let s = pgc_prepare(q, q_labels, q_w, keys, k_labels, k_w)?;
     if s.b == 0 || s.nk == 0 {
         return be.zeros(q.shape());
     }
@@ -185,9 +193,9 @@ pub(super) fn pgc_loss_bwd(
             A::I(ci(s.b)?),
             A::I(ci(s.nk)?),
             A::P(l.ptr()),
-            A::P(s.ql.ptr()),
+            A::P(be.p(q_labels)?),
             A::P(be.p(q_w)?),
-            A::P(s.kl.ptr()),
+            A::P(be.p(k_labels)?),
             A::P(be.p(k_w)?),
             A::P(be.p(g)?),
             A::F(1.0 / s.b as f32),
@@ -201,10 +209,12 @@ pub(super) fn pgc_loss_bwd(
     Ok(gq)
 }
 
-/// `softmax(z) − onehot(labels)` for `z [rows, c]`.
-fn residual(be: &CudaBackend, z: &Tensor, labels: &[usize], what: &str) -> Result<Tensor> {
+/// `softmax(z) − onehot(labels)` for `z [rows, c]` and a `[rows]` label tensor.
+fn residual(be: &CudaBackend, z: &Tensor, labels: &Tensor, what: &str) -> Result<Tensor> {
     let (rows, c) = rows2(z, what)?;
-    let lab = be.labels(labels, rows, c, what)?;
+    if labels.shape() != [rows] {
+        crate::bail!("{what}: labels {:?} for {rows} rows", labels.shape());
+    }
     let out = be.empty(z.shape())?;
     if rows > 0 {
         be.launch(
@@ -214,7 +224,7 @@ fn residual(be: &CudaBackend, z: &Tensor, labels: &[usize], what: &str) -> Resul
                 A::I(ci(rows)?),
                 A::I(ci(c)?),
                 A::P(be.p(z)?),
-                A::P(lab.ptr()),
+                A::P(be.p(labels)?),
                 A::P(be.p(&out)?),
             ],
         )?;
@@ -227,7 +237,7 @@ pub(super) fn dsr_alignment(
     feat_lab: &Tensor,
     y_lab: &[usize],
     feat_unl: &Tensor,
-    pseudo: &[usize],
+    pseudo: &Tensor,
     fc_w: &Tensor,
     fc_b: &Tensor,
 ) -> Result<Tensor> {
@@ -236,7 +246,7 @@ pub(super) fn dsr_alignment(
     let rl = residual(
         be,
         &linear_fwd(be, feat_lab, fc_w, Some(fc_b))?,
-        y_lab,
+        &label_tensor(be, y_lab)?,
         "dsr_alignment labels",
     )?;
     let ru = residual(

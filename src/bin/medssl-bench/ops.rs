@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use medssl::backend::{AdamParams, Backend, ConvParams, OptSlot, PoolParams};
+use medssl::backend::{label_tensor, AdamParams, Backend, ConvParams, OptSlot, PoolParams};
 use medssl::nn::{Kind as ParamKind, MedFuseNet, ModelConfig};
 use medssl::tensor::{Device, Tensor};
 use rand::Rng;
@@ -758,6 +758,7 @@ fn run_case(
             let classes = 7;
             let ql: Vec<usize> = (0..*n).map(|i| i % classes).collect();
             let kl: Vec<usize> = (0..*keys).map(|i| (i * 3) % classes).collect();
+            let (ql, kl) = (label_tensor(bk, &ql)?, label_tensor(bk, &kl)?);
             let qw = g.rand(&[*n], 0.0, 1.0)?;
             let kw = g.rand(&[*keys], 0.0, 1.0)?;
             let one = bk.full(&[1], 1.0)?;
