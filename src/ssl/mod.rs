@@ -417,9 +417,9 @@ pub struct LossOut {
     pub meta_updated: Option<Tensor>,
 }
 
-/// The unweighted loss terms as scalar tensors on the device; a term that is off is `None`. They
-/// are read (a host synchronisation on a GPU) only by [`Terms::read`], which the trainer calls
-/// once at the end of the step.
+/// The unweighted loss terms as scalar tensors on the device; a term that is off is `None`. The
+/// trainer reads them (a host synchronisation on a GPU) once, at the end of the step, packed with
+/// its other device results; [`Terms::read`] reads them alone.
 #[derive(Clone, Debug)]
 pub struct Terms {
     pub sup: Tensor,
@@ -498,8 +498,9 @@ pub fn balance_teacher(
 
 /// One evaluation of the DSRPGC objective: teacher pass (no gradient, train-mode BN), student
 /// passes on the labelled batch and on the strong views (separately, so BN statistics are per
-/// pass), DSR weights, the three losses and their weighted sum. `meta` holds the current meta
-/// weights `m_i` of the batch's unlabelled samples; without it `m = 1` and nothing is updated.
+/// pass), DSR weights, the three losses and their weighted sum, all left on the device. `meta`
+/// holds the current meta weights `m_i` of the batch's unlabelled samples; without it `m = 1` and
+/// nothing is updated.
 /// With `hp.balance` other than `Off`, `prior` is the running estimate it needs (updated here).
 #[allow(clippy::too_many_arguments)]
 pub fn dsrpgc_loss(

@@ -196,12 +196,11 @@ pub fn train_step(
         }
     };
     // The loss, its terms, the DSR weights, the updated meta weights and the pseudo-labels are
-    // read only at the end,
-    // together, once the backward pass, the optimiser step, the teacher's EMA update and the
-    // queue write are queued as well (on a GPU that one read waits for the device, which then has
-    // the whole step's work in hand). A non-finite loss still stops the run before anything is
-    // written: the caller saves no checkpoint for a failed step, so the last good checkpoint
-    // stays intact.
+    // read only at the end, together, once the backward pass, the optimiser step, the teacher's
+    // EMA update and the queue write are queued as well (on a GPU that one read waits for the
+    // device, which then has the whole step's work in hand). A non-finite loss still stops the
+    // run before anything is written: the caller saves no checkpoint for a failed step, so the
+    // last good checkpoint stays intact.
     let loss_value = g.value(loss).clone();
     g.backward(loss)?;
     let grads = bind.take_grads(&mut g);
