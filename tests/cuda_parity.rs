@@ -1504,6 +1504,7 @@ fn training_steps_match_cpu() {
     let cases = [
         (Method::Dsrpgc, DsrBalance::Off),
         (Method::Dsrpgc, DsrBalance::Align),
+        (Method::Dsrpgc, DsrBalance::Class),
         (Method::MeanTeacher, DsrBalance::Off),
         (Method::Supervised, DsrBalance::Off),
     ];
