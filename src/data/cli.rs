@@ -18,7 +18,7 @@ use super::split::{partition, write_partition, Labeled, LabeledProtocol, Partiti
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Dataset: a raw directory (meta.json + images.u8), a .npz file, an ISIC CSV (or a directory
-    /// of them), or an image folder root/<class>/*.png|jpg.
+    /// of them), or an image folder `root/<class>/*.png|jpg`.
     pub path: PathBuf,
     /// Data format (detected from the path when omitted).
     #[arg(long, value_enum)]

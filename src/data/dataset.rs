@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
-    /// medssl raw arrays: `images.u8` [N,H,W,C], `labels.u8`, `split.u8`, `meta.json`.
+    /// medssl raw arrays: `images.u8` `[N,H,W,C]`, `labels.u8`, `split.u8`, `meta.json`.
     Raw,
     /// MedMNIST `.npz`: `train_images`, `train_labels`, `val_*`, `test_*`.
     Npz,
