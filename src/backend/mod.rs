@@ -122,16 +122,20 @@ pub struct DsrFactors<'a> {
 /// Largest class index a label tensor holds exactly (f32 integers are exact below 2^24).
 pub const LABEL_MAX: usize = 1 << 24;
 
-/// `labels` as a label tensor on `bk`'s device: `[n]`, each class index as an f32 value.
-pub fn label_tensor(bk: &dyn Backend, labels: &[usize]) -> Result<Tensor> {
+/// The values of a label tensor holding `labels`: each class index as an f32 value.
+pub fn label_floats(labels: &[usize]) -> Result<Vec<f32>> {
     if let Some(&l) = labels.iter().find(|&&l| l >= LABEL_MAX) {
         crate::bail!(
             "label {l} does not fit a label tensor (at most {})",
             LABEL_MAX - 1
         );
     }
-    let v: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-    bk.from_host(&v, &[labels.len()])
+    Ok(labels.iter().map(|&l| l as f32).collect())
+}
+
+/// `labels` as a label tensor on `bk`'s device: `[n]`, each class index as an f32 value.
+pub fn label_tensor(bk: &dyn Backend, labels: &[usize]) -> Result<Tensor> {
+    bk.from_host(&label_floats(labels)?, &[labels.len()])
 }
 
 /// The class indices held by the values of a label tensor (`what` names it in errors).

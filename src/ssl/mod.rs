@@ -363,10 +363,7 @@ impl Queue {
 
     /// Replaces all pseudo-labels (from a checkpoint) on the queue's device.
     pub fn set_labels_host(&mut self, labels: &[usize]) -> Result<()> {
-        if let Some(&l) = labels.iter().find(|&&l| l >= crate::backend::LABEL_MAX) {
-            bail!("queue labels: label {l} is out of range");
-        }
-        let v: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+        let v = crate::backend::label_floats(labels)?;
         set_ring(&mut self.labels, &v, [self.capacity, 1], "labels")
     }
 
