@@ -16,11 +16,19 @@ pub enum Error {
     /// A CUDA driver / library failure.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A training step did not match the CUDA graph recorded for it (nothing of the step ran;
+    /// the caller runs it again without the graph).
+    #[error("CUDA graph: the step differs from the recorded one: {0}")]
+    GraphDiverged(String),
 }
 
 impl Error {
     pub fn msg(s: impl Into<String>) -> Error {
         Error::Msg(s.into())
+    }
+    /// Whether this is a [`Error::GraphDiverged`].
+    pub fn is_graph_divergence(&self) -> bool {
+        matches!(self, Error::GraphDiverged(_))
     }
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Error {
         Error::Io {

@@ -34,6 +34,25 @@ fn gpu() -> Option<&'static dyn Backend> {
     }
 }
 
+/// `batch_norm_train_fwd_running` (momentum 0.1, eps 1e-5) on copies of `rm` and `rv`: the output
+/// and the updated running statistics (the originals stay as they are).
+fn bn_running(
+    b: &dyn Backend,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    rm: &Tensor,
+    rv: &Tensor,
+    act: BnAct<'_>,
+) -> (medssl::backend::BnTrainOut, Tensor, Tensor) {
+    let copy = |t: &Tensor| b.from_host(&t.to_vec().unwrap(), t.shape()).unwrap();
+    let (mut m, mut v) = (copy(rm), copy(rv));
+    let o = b
+        .batch_norm_train_fwd_running(x, gamma, beta, 1e-5, &mut m, &mut v, 0.1, act)
+        .unwrap();
+    (o, m, v)
+}
+
 fn cpu() -> &'static dyn Backend {
     CpuBackend::get()
 }
@@ -515,16 +534,21 @@ fn batch_norm_train_and_eval() {
         let (rvc, rvg) = pair(g, &rng.pos(c), &[c]);
         // The forward pass with the running-statistics update (fused into the statistics kernel
         // on CUDA): same outputs, and the updated running mean and variance.
-        let (oc2, rmc2, rvc2) = cpu()
-            .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1, BnAct::None)
-            .unwrap();
-        let (og2, rmg2, rvg2) = g
-            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, BnAct::None)
-            .unwrap();
+        let (oc2, rmc2, rvc2) = bn_running(cpu(), &xc, &gmc, &btc, &rmc, &rvc, BnAct::None);
+        let (og2, rmg2, rvg2) = bn_running(g, &xg, &gmg, &btg, &rmg, &rvg, BnAct::None);
         close("bn_train_running y", &og2.y, &oc2.y, 1e-4, 1e-4);
         close("bn_train_running y = bn_train y", &og2.y, &og.y, 0.0, 0.0);
         close("bn running_mean", &rmg2, &rmc2, 1e-4, 1e-5);
         close("bn running_var", &rvg2, &rvc2, 1e-4, 1e-5);
+        // Running statistics whose storage is shared (here with rmg/rvg) cannot be updated in
+        // place: they are replaced by new tensors, and the other holder keeps the old values.
+        let (mut sm, mut sv) = (rmg.clone(), rvg.clone());
+        g.batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &mut sm, &mut sv, 0.1, BnAct::None)
+            .unwrap();
+        close("bn shared running_mean", &sm, &rmc2, 1e-4, 1e-5);
+        close("bn shared running_var", &sv, &rvc2, 1e-4, 1e-5);
+        close("bn shared running_mean kept", &rmg, &rmc, 0.0, 0.0);
+        close("bn shared running_var kept", &rvg, &rvc, 0.0, 0.0);
         close(
             "bn_eval y",
             &g.batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5)
@@ -573,19 +597,13 @@ fn batch_norm_fused_activation() {
         let (rc, rg) = rand_pair(g, &mut rng, &shape, 1.0);
         let (gyc, gyg) = rand_pair(g, &mut rng, &shape, 1.0);
         let m = (shape[0] * shape[2] * shape[3]) as f32;
-        let plain = g
-            .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, BnAct::None)
-            .unwrap();
+        let plain = bn_running(g, &xg, &gmg, &btg, &rmg, &rvg, BnAct::None);
         for (name, actc, actg) in [
             ("relu", BnAct::Relu, BnAct::Relu),
             ("add_relu", BnAct::AddRelu(&rc), BnAct::AddRelu(&rg)),
         ] {
-            let (oc, rmc2, rvc2) = cpu()
-                .batch_norm_train_fwd_running(&xc, &gmc, &btc, 1e-5, &rmc, &rvc, 0.1, actc)
-                .unwrap();
-            let (og, rmg2, rvg2) = g
-                .batch_norm_train_fwd_running(&xg, &gmg, &btg, 1e-5, &rmg, &rvg, 0.1, actg)
-                .unwrap();
+            let (oc, rmc2, rvc2) = bn_running(cpu(), &xc, &gmc, &btc, &rmc, &rvc, actc);
+            let (og, rmg2, rvg2) = bn_running(g, &xg, &gmg, &btg, &rmg, &rvg, actg);
             close(&format!("bn+{name} y"), &og.y, &oc.y, 1e-4, 1e-4);
             close(&format!("bn+{name} running_mean"), &rmg2, &rmc2, 1e-4, 1e-5);
             close(&format!("bn+{name} running_var"), &rvg2, &rvc2, 1e-4, 1e-5);
@@ -692,9 +710,7 @@ impl BnCase {
     /// gx, gγ, gβ of the eval-mode backward.
     fn outputs(&self, b: &dyn Backend) -> [Tensor; 16] {
         let [x, gamma, beta, rm, rv, r, gy] = &self.t;
-        let (o, nrm, nrv) = b
-            .batch_norm_train_fwd_running(x, gamma, beta, 1e-5, rm, rv, 0.1, BnAct::AddRelu(r))
-            .unwrap();
+        let (o, nrm, nrv) = bn_running(b, x, gamma, beta, rm, rv, BnAct::AddRelu(r));
         let k = b
             .batch_norm_train_relu_bwd(x, gamma, &o.mean, &o.invstd, &o.y, gy, true)
             .unwrap();
@@ -1771,4 +1787,186 @@ fn device_profile_records_what_ran() {
         p.busy_ns,
         p.span_ns
     );
+}
+
+/// Training steps replayed from a CUDA graph (`StepConfig::cuda_graph`, `--cuda-graph`) give the
+/// results of the same steps run eagerly: every logged value, every pseudo-label and, at the end,
+/// every tensor of the training state (student, teacher, Adam moments, key queue, meta weights),
+/// over steps whose batch, learning rate and loss ramps all change, for each method and for a
+/// DSR balancing mode that reads the device midway through the step (only the part before the
+/// read is replayed). The graph must actually be used: captured once, replayed on every step
+/// after the warm-up, never abandoned. A last run changes the labelled batch size in one step:
+/// that step no longer matches the graph, runs eagerly from its own start, and the run still
+/// gives the eager results. Bitwise on the emulated device (the same kernels in the same order);
+/// within 1e-6 relative on a GPU (cuDNN may pick another algorithm per call).
+#[test]
+fn graph_steps_match_eager_steps() {
+    use medssl::nn::ModelConfig;
+    use medssl::optim::OptimKind;
+    use medssl::ssl::{Batch, DsrBalance, DsrMode};
+    use medssl::train::step::{train_step, Method, StepConfig, StepStats, TrainState};
+
+    let Some(g) = gpu() else { return };
+    let exact = g.name().contains("emulation");
+    let model = ModelConfig {
+        in_ch: 3,
+        width: 4,
+        d: 8,
+        emb: 8,
+        classes: 5,
+        small_stem: true,
+        fusion: true,
+    };
+    // The queue (16 keys) is full after two steps of 8; then 3 steps fill the graph's arena and
+    // capture it, and the remaining 4 replay it.
+    let (bl, bu, hw, queue, steps) = (4usize, 8usize, 12usize, 16usize, 9usize);
+    let n_unl = 24;
+    let mut rng = Rng::new(23);
+    type HostBatch = (Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>, Vec<usize>);
+    let batches: Vec<HostBatch> = (0..steps)
+        .map(|s| {
+            (
+                rng.vec(bl * 3 * hw * hw, 1.0),
+                rng.labels(bl, 5),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+                (0..bu).map(|i| (s * 5 + i * 3) % n_unl).collect(),
+            )
+        })
+        .collect();
+    // (method, balancing, the step whose labelled batch has one image fewer)
+    let cases = [
+        (Method::Dsrpgc, DsrBalance::Off, None),
+        (Method::Dsrpgc, DsrBalance::Align, None),
+        (Method::MeanTeacher, DsrBalance::Off, None),
+        (Method::Supervised, DsrBalance::Off, None),
+        (Method::Dsrpgc, DsrBalance::Off, Some(6)),
+    ];
+    type Run = (
+        Vec<StepStats>,
+        Vec<(String, Vec<f32>)>,
+        medssl::backend::GraphStats,
+    );
+    for (method, balance, short) in cases {
+        let run = |graph: bool| -> Run {
+            let scfg = StepConfig {
+                method,
+                dsr: DsrMode::Both,
+                balance,
+                ramp_steps: 6,
+                cuda_graph: graph,
+                ..Default::default()
+            };
+            let mut st =
+                TrainState::new(model, 5, g.device(), OptimKind::adam(), 5e-4, queue, n_unl)
+                    .unwrap();
+            let before = g.step_graph_stats().unwrap_or_default();
+            let mut stats = Vec::new();
+            for (s, (xl, yl, uw, us, idx)) in batches.iter().enumerate() {
+                let nl = if short == Some(s) { bl - 1 } else { bl };
+                let batch = Batch {
+                    x_lab: g
+                        .from_host(&xl[..nl * 3 * hw * hw], &[nl, 3, hw, hw])
+                        .unwrap(),
+                    y_lab: yl[..nl].to_vec(),
+                    u_weak: g.from_host(uw, &[bu, 3, hw, hw]).unwrap(),
+                    u_strong: g.from_host(us, &[bu, 3, hw, hw]).unwrap(),
+                };
+                let lr = 1e-3 * (1.0 - 0.07 * s as f32);
+                stats.push(train_step(&mut st, &batch, idx, &scfg, lr).unwrap());
+            }
+            let after = g.step_graph_stats().unwrap_or_default();
+            let gs = medssl::backend::GraphStats {
+                captures: after.captures - before.captures,
+                replays: after.replays - before.replays,
+                node_updates: after.node_updates - before.node_updates,
+                divergences: after.divergences - before.divergences,
+                warm_steps: after.warm_steps - before.warm_steps,
+                nodes: after.nodes,
+            };
+            let mut state: Vec<(String, Vec<f32>)> = Vec::new();
+            for (n, v, _) in st.student.store.to_named("student.").unwrap() {
+                state.push((n, v));
+            }
+            for (n, v, _) in st.teacher.store.to_named("teacher.").unwrap() {
+                state.push((n, v));
+            }
+            for (n, v, _) in st.opt.state_named(&st.student.store).unwrap() {
+                state.push((n, v));
+            }
+            state.push(("queue.keys".into(), st.queue.keys_host().unwrap()));
+            state.push(("queue.weights".into(), st.queue.weights_host().unwrap()));
+            let labels = st.queue.labels_host().unwrap();
+            state.push((
+                "queue.labels".into(),
+                labels.iter().map(|&l| l as f32).collect(),
+            ));
+            state.push(("meta".into(), st.meta.clone()));
+            (stats, state, gs)
+        };
+        let what = format!("{method:?}/{balance:?}/short batch at {short:?}");
+        let (se, te, _) = run(false);
+        let (sg, tg, gs) = run(true);
+        println!("{what}: graph {gs:?}");
+        if let Some(k) = short {
+            // Steps 2-3 (from 0) warm up, 4 captures, 5 replays, the short step diverges and
+            // runs eagerly, and the steps after it warm up a new graph.
+            assert_eq!(gs.divergences, 1, "{what}: {gs:?}");
+            assert_eq!(gs.replays, (k - 4) as u64, "{what}: {gs:?}");
+        } else {
+            assert_eq!(
+                gs.captures, 1,
+                "{what}: the graph is captured once ({gs:?})"
+            );
+            assert_eq!(
+                gs.divergences, 0,
+                "{what}: no step differs from the graph ({gs:?})"
+            );
+        }
+        // DSRPGC's queue is full after 2 steps; then at most 3 eager steps fill the arena (the
+        // first also creates the Adam state), the next captures, and every later one replays.
+        let unstable = if method == Method::Dsrpgc { 2 } else { 0 };
+        if short.is_none() {
+            assert!(gs.warm_steps <= 3, "{what}: {gs:?}");
+            assert_eq!(
+                gs.replays + gs.warm_steps + unstable,
+                steps as u64,
+                "{what}: every step after the warm-up runs from the graph ({gs:?})"
+            );
+        }
+        assert!(
+            gs.node_updates > 0,
+            "{what}: the changing scalars update nodes ({gs:?})"
+        );
+        let close = |a: f32, b: f32| {
+            if exact {
+                a.to_bits() == b.to_bits()
+            } else {
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0)
+            }
+        };
+        for (s, (e, r)) in se.iter().zip(&sg).enumerate() {
+            for (name, a, b) in [
+                ("loss", e.loss, r.loss),
+                ("loss_sup", e.loss_sup, r.loss_sup),
+                ("loss_cons", e.loss_cons, r.loss_cons),
+                ("loss_pgc", e.loss_pgc, r.loss_pgc),
+                ("mean_weight", e.mean_weight, r.mean_weight),
+                ("lambda_cons", e.lambda_cons, r.lambda_cons),
+            ] {
+                assert!(close(a, b), "{what} step {s}: {name} eager {a} graph {b}");
+            }
+            assert_eq!(
+                e.pseudo_labels, r.pseudo_labels,
+                "{what} step {s}: pseudo-labels"
+            );
+        }
+        assert_eq!(te.len(), tg.len());
+        for ((n, a), (_, b)) in te.iter().zip(&tg) {
+            assert_eq!(a.len(), b.len(), "{what}: {n}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(close(*x, *y), "{what}: {n}[{i}] eager {x} graph {y}");
+            }
+        }
+    }
 }

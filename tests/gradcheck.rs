@@ -684,20 +684,30 @@ fn fused_batch_norm_activation_matches_separate_nodes() {
                     .iter()
                     .map(|t| g.leaf((*t).clone(), true))
                     .collect();
-                let (y, nrm, nrv) = if fused {
+                // Updated in place: copies, so that both runs start from the same statistics.
+                let (mut nrm, mut nrv) = (rm.clone(), rv.clone());
+                let y = if fused {
                     let act = if join { Act::AddRelu(v[3]) } else { Act::Relu };
-                    g.batch_norm_train_running(v[0], v[1], v[2], 1e-5, &rm, &rv, 0.1, act)
+                    g.batch_norm_train_running(v[0], v[1], v[2], 1e-5, &mut nrm, &mut nrv, 0.1, act)
                         .unwrap()
                 } else {
-                    let (h, nrm, nrv) = g
-                        .batch_norm_train_running(v[0], v[1], v[2], 1e-5, &rm, &rv, 0.1, Act::None)
+                    let h = g
+                        .batch_norm_train_running(
+                            v[0],
+                            v[1],
+                            v[2],
+                            1e-5,
+                            &mut nrm,
+                            &mut nrv,
+                            0.1,
+                            Act::None,
+                        )
                         .unwrap();
-                    let y = if join {
+                    if join {
                         g.add_relu(h, v[3]).unwrap()
                     } else {
                         g.relu(h).unwrap()
-                    };
-                    (y, nrm, nrv)
+                    }
                 };
                 g.backward_with(y, gy.clone()).unwrap();
                 let mut out = vec![g.value(y).to_vec().unwrap(), nrm.to_vec().unwrap()];

@@ -4,7 +4,7 @@
 Reads the JSON lines of `medssl-bench step --profile --json` and `tools/torch_peer.py --profile
 --json` (as tools/gpu-run.sh writes them: OUTDIR/bench_cuda.jsonl and OUTDIR/torch_peer.jsonl),
 pairs the records of the same workload (method, width, image size, labelled and unlabelled batch,
-queue, TF32) that both carry a `profile`, and prints for each pair: wall time, device busy time
+queue and whether it starts full, TF32) that both carry a `profile`, and prints for each pair: wall time, device busy time
 and its share of the wall time, items per step, then the top kernels of each side with their
 device time per step.
 
@@ -33,7 +33,7 @@ def records(path):
 
 def key(r):
     return (r.get("method"), r.get("width"), r.get("image_size"), r.get("batch_l"), r.get("batch_u"),
-            r.get("queue"), bool(r.get("tf32")))
+            r.get("queue"), bool(r.get("queue_filled")), bool(r.get("tf32")))
 
 
 def short(name, n=70):
@@ -42,8 +42,10 @@ def short(name, n=70):
 
 def table(ours, peer, top):
     po, pp = ours["profile"], peer["profile"]
-    method, width, size, bl, bu, queue, tf32 = key(ours)
-    lines = [f"### {method}, width {width}, {size} px, {bl} + {bu}, queue {queue}{', TF32' if tf32 else ''}", ""]
+    method, width, size, bl, bu, queue, filled, tf32 = key(ours)
+    notes = (", full queue" if filled else "") + (", TF32" if tf32 else "")
+    notes += ", medssl from a CUDA graph" if ours.get("cuda_graph") else ""
+    lines = [f"### {method}, width {width}, {size} px, {bl} + {bu}, queue {queue}{notes}", ""]
     lines += ["| | medssl | PyTorch eager |", "|---|---|---|"]
     for label, k, fmt in [
         ("wall ms per step (profiled steps)", "wall_ms_per_step", "{:.2f}"),

@@ -241,6 +241,15 @@ class Peer:
         self.qw = torch.zeros(a.queue, device=dev)
         self.qptr = 0
         self.qlen = 0
+        if a.fill_queue and a.queue > 0:
+            # A full queue from the start (random unit keys, labels, weights 1), as medssl-bench
+            # --fill-queue / --cuda-graph: the PGC term then runs over all queue keys every step.
+            g = torch.Generator(device="cpu").manual_seed(0)
+            k = torch.rand(a.queue, a.emb, generator=g) * 2 - 1
+            self.qk.copy_(torch.nn.functional.normalize(k, dim=1).to(dev))
+            self.ql.copy_(torch.randint(0, a.classes, (a.queue,), generator=g).to(dev))
+            self.qw.fill_(1.0)
+            self.qlen = a.queue
         self.meta = torch.ones(1000, device=dev)  # persistent meta weights (n_unl = 1000 as the bench)
         self.unl_idx = torch.arange(a.batch_u, device=dev)
         self.t = 0
@@ -513,6 +522,8 @@ def main():
     ap.add_argument("--batch-l", type=int, default=12)
     ap.add_argument("--batch-u", type=int, default=36)
     ap.add_argument("--queue", type=int, default=4096)
+    ap.add_argument("--fill-queue", action="store_true",
+                    help="start with a full key queue (as medssl-bench --fill-queue and --cuda-graph)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: RAYON_NUM_THREADS or torch default)")
@@ -608,6 +619,7 @@ def main():
         "batch_l": a.batch_l,
         "batch_u": a.batch_u,
         "queue": a.queue,
+        "queue_filled": bool(a.fill_queue),
         "threads": torch.get_num_threads(),
         "repeats": a.repeats,
         "median_ms": med * 1e3,

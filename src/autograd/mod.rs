@@ -445,9 +445,8 @@ impl Graph {
         Ok(self.push_batch_norm_train(bk, (x, gamma, beta), o))
     }
 
-    /// Train-mode batch norm followed by `act`, one node; also returns the updated running
-    /// statistics `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer
-    /// does. The activation's backward is part of the node's (on CUDA, inside the batch-norm
+    /// Train-mode batch norm followed by `act`, one node; also updates the running statistics
+    /// to `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer does. The activation's backward is part of the node's (on CUDA, inside the batch-norm
     /// kernels for `Relu`).
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_train_running(
@@ -456,18 +455,18 @@ impl Graph {
         gamma: Var,
         beta: Var,
         eps: f32,
-        running_mean: &Tensor,
-        running_var: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
         momentum: f32,
         act: Act,
-    ) -> Result<(Var, Tensor, Tensor)> {
+    ) -> Result<Var> {
         let bk = be(self.value(x))?;
         let bact = match act {
             Act::None => BnAct::None,
             Act::Relu => BnAct::Relu,
             Act::AddRelu(r) => BnAct::AddRelu(self.value(r)),
         };
-        let (o, rm, rv) = bk.batch_norm_train_fwd_running(
+        let o = bk.batch_norm_train_fwd_running(
             self.value(x),
             self.value(gamma),
             self.value(beta),
@@ -479,7 +478,7 @@ impl Graph {
         )?;
         if act == Act::None {
             let (y, _, _) = self.push_batch_norm_train(bk, (x, gamma, beta), o);
-            return Ok((y, rm, rv));
+            return Ok(y);
         }
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
         let (mean, invstd, ys) = (o.mean, o.invstd, o.y.clone());
@@ -501,7 +500,7 @@ impl Graph {
                 Ok(grads)
             }),
         );
-        Ok((y, rm, rv))
+        Ok(y)
     }
 
     /// Records a train-mode batch-norm forward `o` of `x` computed by `bk` (its backward uses the

@@ -153,6 +153,23 @@ pub fn label_values(v: &[f32], what: &str) -> Result<Vec<usize>> {
 }
 
 /// The primitive ops. Every method allocates its outputs on the backend's device.
+/// Counters of a backend's whole-step device graphs on the calling thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GraphStats {
+    /// Graphs captured.
+    pub captures: u64,
+    /// Steps launched from a graph (each capture step included).
+    pub replays: u64,
+    /// Kernel nodes whose scalar arguments were updated before a replay.
+    pub node_updates: u64,
+    /// Steps that did not match their graph (run again without it).
+    pub divergences: u64,
+    /// Steps run eagerly to fill the graph's memory arena.
+    pub warm_steps: u64,
+    /// Work items in the current graph.
+    pub nodes: u64,
+}
+
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda:0`).
     fn name(&self) -> String;
@@ -182,6 +199,31 @@ pub trait Backend: Send + Sync {
     }
     /// Starts a new [`Backend::memory_peak`] window at the bytes in use now.
     fn reset_memory_peak(&self) {}
+
+    // ---- whole-step device graphs (CUDA; no-ops elsewhere) ----
+    /// Starts a training step that the backend may capture once and replay as one device graph
+    /// (see `backend/cuda/graph.rs`). `owner` identifies the training loop; `stable`: the step
+    /// has the shapes of the steps that follow. Every such step ends with
+    /// [`Backend::step_graph_end`], or [`Backend::step_graph_abort`] after an error; an
+    /// [`Error::GraphDiverged`](crate::Error::GraphDiverged) from the step means that it did not
+    /// match its graph, nothing of it ran, and it must be run again without the graph.
+    fn step_graph_begin(&self, _owner: u64, _stable: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Ends a step begun by [`Backend::step_graph_begin`].
+    fn step_graph_end(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Abandons a step begun by [`Backend::step_graph_begin`] after an error (`diverged`: an
+    /// `Error::GraphDiverged`) and drops its graph. Returns whether none of the step's device
+    /// work was issued, i.e. whether the step may be run again without the graph.
+    fn step_graph_abort(&self, _diverged: bool) -> bool {
+        false
+    }
+    /// The calling thread's step-graph counters (`None`: no graphs on this backend).
+    fn step_graph_stats(&self) -> Option<GraphStats> {
+        None
+    }
 
     // ---- elementwise (elementwise.rs / elementwise.cu) ----
     /// `a·x + b·y` (same shapes).
@@ -250,8 +292,9 @@ pub trait Backend: Send + Sync {
         beta: &Tensor,
         eps: f32,
     ) -> Result<BnTrainOut>;
-    /// [`Backend::batch_norm_train_fwd`] plus PyTorch's running-statistics update, returned as new
-    /// tensors: `(1 − m)·running_mean + m·μ` and `(1 − m)·running_var + m·σ²_unbiased`, and the
+    /// [`Backend::batch_norm_train_fwd`] plus PyTorch's running-statistics update of
+    /// `running_mean` and `running_var`: `(1 − m)·running_mean + m·μ` and
+    /// `(1 − m)·running_var + m·σ²_unbiased` (the CUDA backend updates them in place), and the
     /// activation `act` applied to the output (`BnTrainOut::y` is then the activation's output).
     /// The default is the forward pass, two `axpby` and `relu_fwd` / `add_relu_fwd(y, r)`; the
     /// CUDA backend does the update inside its statistics kernel and the activation inside its
@@ -263,11 +306,11 @@ pub trait Backend: Send + Sync {
         gamma: &Tensor,
         beta: &Tensor,
         eps: f32,
-        running_mean: &Tensor,
-        running_var: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
         momentum: f32,
         act: BnAct<'_>,
-    ) -> Result<(BnTrainOut, Tensor, Tensor)> {
+    ) -> Result<BnTrainOut> {
         let mut o = self.batch_norm_train_fwd(x, gamma, beta, eps)?;
         let m = momentum;
         let rm = self.axpby(1.0 - m, running_mean, m, &o.mean)?;
@@ -277,7 +320,9 @@ pub trait Backend: Send + Sync {
             BnAct::Relu => self.relu_fwd(&o.y)?,
             BnAct::AddRelu(r) => self.add_relu_fwd(&o.y, r)?,
         };
-        Ok((o, rm, rv))
+        *running_mean = rm;
+        *running_var = rv;
+        Ok(o)
     }
     /// Gradients `(gx, gγ, gβ)` of the train-mode forward (batch statistics depend on x).
     fn batch_norm_train_bwd(

@@ -70,6 +70,16 @@ struct StepArgs {
     batch_u: usize,
     #[arg(long, default_value_t = 4096)]
     queue: usize,
+    /// Start with a full key queue (random unit keys, labels and weights), as in training after
+    /// the first `queue / batch-u` steps; by default the queue starts empty and fills during the
+    /// run (the PyTorch peer has the same flag).
+    #[arg(long)]
+    fill_queue: bool,
+    /// Replay the step from a CUDA graph (`medssl train --cuda-graph`). The warm-up then also
+    /// fills the graph's arena and captures it (at least 3 steps), and the DSRPGC queue starts
+    /// full (as with --fill-queue), since the step's shapes settle only once the queue is full.
+    #[arg(long)]
+    cuda_graph: bool,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -347,7 +357,31 @@ fn step(a: &StepArgs) -> Result<()> {
         method,
         dsr: DsrMode::Both,
         ramp_steps: 100,
+        cuda_graph: a.cuda_graph,
         ..Default::default()
+    };
+    let fill_queue = a.fill_queue || a.cuda_graph;
+    if fill_queue && a.queue > 0 {
+        let mut rng = medssl::rng::stream(0, "bench-queue");
+        let mut keys = Vec::with_capacity(a.queue * a.emb);
+        for _ in 0..a.queue {
+            let row: Vec<f32> = (0..a.emb).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+            keys.extend(row.iter().map(|v| v / norm));
+        }
+        let labels: Vec<usize> = (0..a.queue)
+            .map(|_| rng.random_range(0..a.classes))
+            .collect();
+        st.queue.set_keys_host(&keys)?;
+        st.queue.set_labels_host(&labels)?;
+        st.queue.set_weights_host(&vec![1.0; a.queue])?;
+        st.queue.len = a.queue;
+    }
+    // Warm-up: a graph needs two steps to fill its arena and one to capture.
+    let warmup = if a.cuda_graph {
+        a.warmup.max(3)
+    } else {
+        a.warmup
     };
     let mut rng = medssl::rng::stream(0, "bench");
     let px = a.channels * a.image_size * a.image_size;
@@ -362,9 +396,10 @@ fn step(a: &StepArgs) -> Result<()> {
         u_strong: rand_images(a.batch_u)?,
     };
     let unl_idx: Vec<usize> = (0..a.batch_u).collect();
-    for _ in 0..a.warmup {
+    for _ in 0..warmup {
         train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
     }
+    let graph_before = bk.step_graph_stats().filter(|_| a.cuda_graph);
     bk.synchronize()?;
     let peak_kind = reset_peak_mem(bk);
     reset_launch_counts(dev);
@@ -376,6 +411,26 @@ fn step(a: &StepArgs) -> Result<()> {
         times.push(s.elapsed().as_secs_f64());
     }
     let peak_mem_mb = peak_mem_bytes(bk).map(|b| b as f64 / (1u64 << 20) as f64);
+    // How many timed steps ran from the graph (all of them, unless a step diverged).
+    let graph = graph_before.map(|b| {
+        let n = bk.step_graph_stats().unwrap_or_default();
+        serde_json::json!({
+            "replayed_steps": n.replays - b.replays,
+            "timed_steps": a.repeats.max(1),
+            "divergences": n.divergences,
+            "captures": n.captures,
+            "nodes": n.nodes,
+            "node_updates_per_step": (n.node_updates - b.node_updates) as f64 / a.repeats.max(1) as f64,
+        })
+    });
+    if let Some(g) = &graph {
+        if g["replayed_steps"].as_u64() != Some(a.repeats.max(1) as u64) && !a.json {
+            eprintln!(
+                "warning: --cuda-graph: only {} of the timed steps ran from the graph ({g})",
+                g["replayed_steps"]
+            );
+        }
+    }
     let launches = launch_counts_per_step(dev, a.repeats.max(1));
     let profile = if a.profile {
         Some(profile_steps(
@@ -432,6 +487,8 @@ fn step(a: &StepArgs) -> Result<()> {
         "batch_l": a.batch_l,
         "batch_u": a.batch_u,
         "queue": a.queue,
+        "queue_filled": fill_queue,
+        "cuda_graph": graph,
         "threads": threads,
         "repeats": a.repeats,
         "median_ms": med * 1e3,

@@ -74,6 +74,17 @@ impl ParamStore {
     pub fn value(&self, i: usize) -> &Tensor {
         &self.entries[i].value
     }
+    /// The values of two different entries, both mutable.
+    pub fn pair_mut(&mut self, i: usize, j: usize) -> (&mut Tensor, &mut Tensor) {
+        assert_ne!(i, j, "pair_mut needs two different entries");
+        if i < j {
+            let (a, b) = self.entries.split_at_mut(j);
+            (&mut a[i].value, &mut b[0].value)
+        } else {
+            let (a, b) = self.entries.split_at_mut(i);
+            (&mut b[0].value, &mut a[j].value)
+        }
+    }
     pub fn set(&mut self, i: usize, t: Tensor) {
         self.entries[i].value = t;
     }
@@ -289,19 +300,8 @@ impl BatchNorm2d {
         let w = bind.var(g, store, self.weight);
         let b = bind.var(g, store, self.bias);
         if train {
-            let (y, rm, rv) = g.batch_norm_train_running(
-                x,
-                w,
-                b,
-                BN_EPS,
-                store.value(self.running_mean),
-                store.value(self.running_var),
-                BN_MOMENTUM,
-                act,
-            )?;
-            store.set(self.running_mean, rm);
-            store.set(self.running_var, rv);
-            Ok(y)
+            let (rm, rv) = store.pair_mut(self.running_mean, self.running_var);
+            g.batch_norm_train_running(x, w, b, BN_EPS, rm, rv, BN_MOMENTUM, act)
         } else {
             let y = g.batch_norm_eval(
                 x,

@@ -26,6 +26,14 @@ impl OptimKind {
     }
 }
 
+/// See [`Optimizer::snapshot`].
+#[derive(Clone, Debug)]
+pub struct OptimizerSnapshot {
+    step: u64,
+    has_m: Vec<bool>,
+    has_v: Vec<bool>,
+}
+
 /// Per-parameter optimiser state, indexed like the parameter store.
 pub struct Optimizer {
     pub kind: OptimKind,
@@ -46,6 +54,31 @@ impl Optimizer {
             step: 0,
             m: vec![None; store.len()],
             v: vec![None; store.len()],
+        }
+    }
+
+    /// The step counter and which parameters have state, to undo a step that never ran (a
+    /// training step that did not match its device graph, see `train::step`).
+    pub fn snapshot(&self) -> OptimizerSnapshot {
+        OptimizerSnapshot {
+            step: self.step,
+            has_m: self.m.iter().map(Option::is_some).collect(),
+            has_v: self.v.iter().map(Option::is_some).collect(),
+        }
+    }
+
+    /// Restores the step counter and drops state created since `s` was taken.
+    pub fn restore(&mut self, s: &OptimizerSnapshot) {
+        self.step = s.step;
+        for (m, &had) in self.m.iter_mut().zip(&s.has_m) {
+            if !had {
+                *m = None;
+            }
+        }
+        for (v, &had) in self.v.iter_mut().zip(&s.has_v) {
+            if !had {
+                *v = None;
+            }
         }
     }
 

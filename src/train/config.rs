@@ -67,6 +67,10 @@ pub struct TrainConfig {
     // ---- run ----
     pub seed: u64,
     pub device: String,
+    /// Replay each training step from a CUDA graph once its shapes have settled (CUDA devices;
+    /// the results are those of the plain step).
+    #[serde(default)]
+    pub cuda_graph: bool,
     /// Loader threads.
     pub workers: usize,
     pub eval_batch: usize,
@@ -117,6 +121,7 @@ impl TrainConfig {
             eval_batch: 256,
             srcmt_threshold: 0.18,
             log_every: 0,
+            cuda_graph: false,
         };
         Ok(match name {
             "fast" => fast,

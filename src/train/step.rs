@@ -48,6 +48,8 @@ pub struct StepConfig {
     pub ema_alpha: f32,
     /// Ramp length `T` in steps.
     pub ramp_steps: u64,
+    /// Replay the step from a device graph once its shapes have settled (CUDA; `--cuda-graph`).
+    pub cuda_graph: bool,
 }
 
 impl Default for StepConfig {
@@ -63,6 +65,7 @@ impl Default for StepConfig {
             meta_beta: 0.1,
             ema_alpha: 0.99,
             ramp_steps: 1,
+            cuda_graph: false,
         }
     }
 }
@@ -80,6 +83,8 @@ pub struct TrainState {
     pub dsr_prior: ClassPrior,
     /// Optimiser steps taken.
     pub step: u64,
+    /// Identifies this training loop to the backend's step graph (`StepConfig::cuda_graph`).
+    pub graph_owner: u64,
 }
 
 impl TrainState {
@@ -105,6 +110,7 @@ impl TrainState {
             meta: vec![1.0; n_unlabeled],
             dsr_prior: ClassPrior::uniform(cfg.classes),
             step: 0,
+            graph_owner: next_graph_owner(),
         })
     }
 }
@@ -125,8 +131,102 @@ pub struct StepStats {
     pub pseudo_labels: Vec<usize>,
 }
 
+fn next_graph_owner() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The host state a step changes before its end, to undo a step that never ran.
+struct HostSnapshot {
+    opt: crate::optim::OptimizerSnapshot,
+    queue: (usize, usize),
+    prior: ClassPrior,
+}
+
+impl HostSnapshot {
+    fn take(st: &TrainState) -> HostSnapshot {
+        HostSnapshot {
+            opt: st.opt.snapshot(),
+            queue: (st.queue.ptr, st.queue.len),
+            prior: st.dsr_prior.clone(),
+        }
+    }
+    fn restore(self, st: &mut TrainState) {
+        st.opt.restore(&self.opt);
+        (st.queue.ptr, st.queue.len) = self.queue;
+        st.dsr_prior = self.prior;
+    }
+}
+
 /// One optimiser step. `unl_idx` are the unlabelled-set indices of the batch (for meta weights).
+///
+/// With `cfg.cuda_graph` on a CUDA device the backend records the step once its shapes have
+/// settled (the key queue is full) and then replays it from a device graph, checking each step's
+/// work against the recording (see `backend/cuda/graph.rs`); a step that differs runs as usual.
+/// The results are those of the plain step.
 pub fn train_step(
+    st: &mut TrainState,
+    batch: &Batch,
+    unl_idx: &[usize],
+    cfg: &StepConfig,
+    lr: f32,
+) -> Result<StepStats> {
+    let bk = batch.x_lab.backend()?;
+    if !cfg.cuda_graph || bk.device() == Device::Cpu {
+        return run_step(st, batch, unl_idx, cfg, lr);
+    }
+    let queue_in_use = cfg.method == Method::Dsrpgc && cfg.pgc && st.queue.capacity > 0;
+    let stable = !queue_in_use || st.queue.len == st.queue.capacity;
+    let snap = HostSnapshot::take(st);
+    if let Err(e) = bk.step_graph_begin(st.graph_owner, stable) {
+        // The graph is off for the rest of the run (see `step_graph_abort`); the step runs as
+        // usual.
+        eprintln!(
+            "cuda graph: step {} runs without the graph: {e}",
+            st.step + 1
+        );
+        return run_step(st, batch, unl_idx, cfg, lr);
+    }
+    // The step's images are copied into the step's own buffers by a kernel first: a new batch
+    // then changes only that kernel's source pointer (an updated graph node), not the pointers
+    // of the convolutions that read the images.
+    let staged = (|| -> Result<Batch> {
+        let unlabelled = |t: &Tensor| match cfg.method {
+            Method::Supervised => Ok(t.clone()),
+            _ => bk.scale(t, 1.0),
+        };
+        Ok(Batch {
+            x_lab: bk.scale(&batch.x_lab, 1.0)?,
+            y_lab: batch.y_lab.clone(),
+            u_weak: unlabelled(&batch.u_weak)?,
+            u_strong: unlabelled(&batch.u_strong)?,
+        })
+    })();
+    let result = staged.and_then(|b| run_step(st, &b, unl_idx, cfg, lr));
+    let result = result.and_then(|stats| bk.step_graph_end().map(|()| stats));
+    match result {
+        Ok(stats) => Ok(stats),
+        Err(e) => {
+            let diverged = e.is_graph_divergence();
+            if !bk.step_graph_abort(diverged) {
+                return Err(e);
+            }
+            // Nothing of the step ran on the device: undo its host-side changes and run it
+            // without the graph (after a divergence the next steps capture a new one; after a
+            // failed capture the run goes on without graphs).
+            snap.restore(st);
+            if !diverged || std::env::var_os("MEDSSL_CUDA_GRAPH_LOG").is_some() {
+                eprintln!(
+                    "cuda graph: step {} runs without the graph: {e}",
+                    st.step + 1
+                );
+            }
+            run_step(st, batch, unl_idx, cfg, lr)
+        }
+    }
+}
+
+fn run_step(
     st: &mut TrainState,
     batch: &Batch,
     unl_idx: &[usize],

@@ -18,6 +18,7 @@ use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::CudaStream;
 
 use super::gemm::Gemm;
+use super::graph::Hook::Skip;
 use super::switches::{self, CudnnAlgo};
 use super::{cfg_lin, ci, elementwise, lock, reduce, CudaBackend, A};
 use crate::backend::shapes::{self, ConvGeom as Shape};
@@ -730,6 +731,28 @@ fn ws_ptr(ws: &Option<super::CudaStorage>) -> *mut std::ffi::c_void {
         .map_or(std::ptr::null_mut(), |w| w.ptr() as *mut std::ffi::c_void)
 }
 
+/// A cuDNN call's arguments for the step graph's comparison (see `graph.rs`): the plan (one
+/// per shape, so it stands for every descriptor), the algorithm, the three tensors and the
+/// workspace.
+fn call_sig(
+    plan: &Arc<Plan>,
+    algo: u64,
+    tensors: [u64; 3],
+    ws: &Option<super::CudaStorage>,
+    ws_bytes: usize,
+) -> Vec<u64> {
+    let ws = ws.as_ref().map_or(0, |w| w.ptr());
+    vec![
+        Arc::as_ptr(plan) as u64,
+        algo,
+        tensors[0],
+        tensors[1],
+        tensors[2],
+        ws,
+        ws_bytes as u64,
+    ]
+}
+
 fn vp(p: u64) -> *const std::ffi::c_void {
     p as *const std::ffi::c_void
 }
@@ -760,26 +783,35 @@ pub(super) fn conv2d_fwd(
             let ws = workspace(be, plan.fwd.1)?;
             let (alpha, beta) = (1.0f32, 0.0f32);
             be.count("cudnn_conv_fwd");
+            let sig = call_sig(
+                &plan,
+                plan.fwd.0 as u64,
+                [be.p(x)?, be.p(w)?, be.p(&y)?],
+                &ws,
+                plan.fwd.1,
+            );
             // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are live
             // on the stream the handle is bound to.
-            unsafe {
-                dnn::convolution_forward(
-                    h.0,
-                    &alpha as *const f32 as *const _,
-                    plan.x,
-                    vp(be.p(x)?),
-                    plan.w,
-                    vp(be.p(w)?),
-                    plan.conv,
-                    plan.fwd.0,
-                    ws_ptr(&ws),
-                    plan.fwd.1,
-                    &beta as *const f32 as *const _,
-                    plan.y,
-                    be.p(&y)? as *mut _,
-                )
+            if be.graph_lib("cudnn_conv_fwd", sig, None)? != Skip {
+                unsafe {
+                    dnn::convolution_forward(
+                        h.0,
+                        &alpha as *const f32 as *const _,
+                        plan.x,
+                        vp(be.p(x)?),
+                        plan.w,
+                        vp(be.p(w)?),
+                        plan.conv,
+                        plan.fwd.0,
+                        ws_ptr(&ws),
+                        plan.fwd.1,
+                        &beta as *const f32 as *const _,
+                        plan.y,
+                        be.p(&y)? as *mut _,
+                    )
+                }
+                .map_err(dnn_err("convolution forward"))?;
             }
-            .map_err(dnn_err("convolution forward"))?;
         }
         None => im2col_fwd(be, &s, x, w, &y)?,
     }
@@ -835,47 +867,65 @@ pub(super) fn conv2d_bwd(
             if let Some(gx) = &gx {
                 let ws = workspace(be, plan.bwd_data.1)?;
                 be.count("cudnn_conv_bwd_data");
+                let sig = call_sig(
+                    &plan,
+                    plan.bwd_data.0 as u64,
+                    [be.p(w)?, be.p(gy)?, be.p(gx)?],
+                    &ws,
+                    plan.bwd_data.1,
+                );
                 // SAFETY: as in the forward pass.
-                unsafe {
-                    dnn::convolution_backward_data(
-                        h.0,
-                        &alpha as *const f32 as *const _,
-                        plan.w,
-                        vp(be.p(w)?),
-                        plan.y,
-                        vp(be.p(gy)?),
-                        plan.conv,
-                        plan.bwd_data.0,
-                        ws_ptr(&ws),
-                        plan.bwd_data.1,
-                        &beta as *const f32 as *const _,
-                        plan.x,
-                        be.p(gx)? as *mut _,
-                    )
+                if be.graph_lib("cudnn_conv_bwd_data", sig, None)? != Skip {
+                    unsafe {
+                        dnn::convolution_backward_data(
+                            h.0,
+                            &alpha as *const f32 as *const _,
+                            plan.w,
+                            vp(be.p(w)?),
+                            plan.y,
+                            vp(be.p(gy)?),
+                            plan.conv,
+                            plan.bwd_data.0,
+                            ws_ptr(&ws),
+                            plan.bwd_data.1,
+                            &beta as *const f32 as *const _,
+                            plan.x,
+                            be.p(gx)? as *mut _,
+                        )
+                    }
+                    .map_err(dnn_err("convolution backward data"))?;
                 }
-                .map_err(dnn_err("convolution backward data"))?;
             }
             let ws = workspace(be, plan.bwd_filter.1)?;
             be.count("cudnn_conv_bwd_filter");
+            let sig = call_sig(
+                &plan,
+                plan.bwd_filter.0 as u64,
+                [be.p(x)?, be.p(gy)?, be.p(&gw)?],
+                &ws,
+                plan.bwd_filter.1,
+            );
             // SAFETY: as in the forward pass.
-            unsafe {
-                dnn::convolution_backward_filter(
-                    h.0,
-                    &alpha as *const f32 as *const _,
-                    plan.x,
-                    vp(be.p(x)?),
-                    plan.y,
-                    vp(be.p(gy)?),
-                    plan.conv,
-                    plan.bwd_filter.0,
-                    ws_ptr(&ws),
-                    plan.bwd_filter.1,
-                    &beta as *const f32 as *const _,
-                    plan.w,
-                    be.p(&gw)? as *mut _,
-                )
+            if be.graph_lib("cudnn_conv_bwd_filter", sig, None)? != Skip {
+                unsafe {
+                    dnn::convolution_backward_filter(
+                        h.0,
+                        &alpha as *const f32 as *const _,
+                        plan.x,
+                        vp(be.p(x)?),
+                        plan.y,
+                        vp(be.p(gy)?),
+                        plan.conv,
+                        plan.bwd_filter.0,
+                        ws_ptr(&ws),
+                        plan.bwd_filter.1,
+                        &beta as *const f32 as *const _,
+                        plan.w,
+                        be.p(&gw)? as *mut _,
+                    )
+                }
+                .map_err(dnn_err("convolution backward filter"))?;
             }
-            .map_err(dnn_err("convolution backward filter"))?;
         }
         None => im2col_bwd(be, &s, x, w, gy, &gw, gx.as_ref())?,
     }

@@ -137,6 +137,28 @@ impl Drop for HostBuf {
     }
 }
 
+/// Writes `data` at device address `p` of the emulated device (the start of, or a place
+/// inside, one live buffer): the step graph's deferred uploads and recorded zero-fills.
+pub(crate) fn write_at(p: u64, data: &[f32]) -> Result<()> {
+    let map = lock(live());
+    let Some((start, len, _)) = containing(&map, p) else {
+        return Err(Error::Cuda(format!(
+            "emulated copy to {p:#x}: not inside any live device buffer"
+        )));
+    };
+    let at = ((p - start) / 4) as usize;
+    if at + data.len() > len {
+        return Err(Error::Cuda(format!(
+            "emulated copy of {} elements to element {at} of a {len}-element buffer",
+            data.len()
+        )));
+    }
+    // SAFETY: in bounds of a live buffer (checked above, registry lock held); no reference to
+    // the memory exists (kernels run synchronously on this thread).
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p as *mut f32, data.len()) };
+    Ok(())
+}
+
 /// The live buffer containing address `p` (its data address and length), if any.
 fn containing(map: &BTreeMap<u64, (usize, u64)>, p: u64) -> Option<(u64, usize, u64)> {
     let (&start, &(len, base)) = map.range(..=p).next_back()?;

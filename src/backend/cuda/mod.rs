@@ -24,6 +24,8 @@ mod elementwise;
 pub mod emu;
 mod fusion;
 mod gemm;
+mod graph;
+pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{bn_fused_max_m, bn_split, set_bn_fused_max_m, set_bn_split};
@@ -38,7 +40,7 @@ pub use switches::{CudnnAlgo, Switches};
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{
@@ -153,6 +155,20 @@ impl Pool {
         }
     }
 
+    /// Device address of a buffer of this pool.
+    fn addr(&self, b: &Buf) -> u64 {
+        match b {
+            Buf::Dev(s) => {
+                let stream = self.stream.as_ref().expect("device buffers have a stream");
+                // Event tracking is disabled for our contexts (single stream), so the returned
+                // guard records nothing.
+                let (p, _guard) = s.device_ptr(stream);
+                p
+            }
+            Buf::Emu(h) => h.addr(),
+        }
+    }
+
     fn give(&self, s: Buf) {
         self.in_use.fetch_sub(s.len() * 4, Ordering::Relaxed);
         lock(&self.free).entry(s.len()).or_default().push(s);
@@ -190,6 +206,8 @@ pub struct CudaStorage {
     len: usize,
     ordinal: usize,
     pool: Arc<Pool>,
+    /// The step-graph arena the buffer came from, and its address (see [`graph`]).
+    home: Option<(Arc<graph::Arena>, u64)>,
 }
 
 impl CudaStorage {
@@ -206,19 +224,25 @@ impl CudaStorage {
     }
     /// Raw device address, for kernel arguments and library calls on the owning stream.
     pub(crate) fn ptr(&self) -> u64 {
-        match self.slice.as_ref().expect("live CudaStorage has a buffer") {
-            Buf::Dev(s) => {
-                let stream = self
-                    .pool
-                    .stream
-                    .as_ref()
-                    .expect("device buffers have a stream");
-                // Event tracking is disabled for our contexts (single stream), so the returned
-                // guard records nothing.
-                let (p, _guard) = s.device_ptr(stream);
-                p
+        if let Some((_, a)) = &self.home {
+            return *a;
+        }
+        self.pool
+            .addr(self.slice.as_ref().expect("live CudaStorage has a buffer"))
+    }
+}
+
+impl CudaStorage {
+    /// Swaps in another buffer of the same length from a step arena (the old one goes back where
+    /// it came from). Only for a fresh storage whose address no work has seen yet.
+    fn replace_buffer(&mut self, b: Buf, arena: Arc<graph::Arena>, addr: u64) {
+        let old = self.slice.replace(b);
+        let old_home = self.home.replace((arena, addr));
+        if let Some(o) = old {
+            match old_home {
+                Some((a, p)) => a.give(o, p),
+                None => self.pool.give(o),
             }
-            Buf::Emu(h) => h.addr(),
         }
     }
 }
@@ -226,7 +250,10 @@ impl CudaStorage {
 impl Drop for CudaStorage {
     fn drop(&mut self) {
         if let Some(s) = self.slice.take() {
-            self.pool.give(s);
+            match self.home.take() {
+                Some((arena, addr)) => arena.give(s, addr),
+                None => self.pool.give(s),
+            }
         }
     }
 }
@@ -321,6 +348,8 @@ pub struct CudaBackend {
     /// may still count in it). One set for the device's stream; on the emulated device one per
     /// host thread (see [`CudaBackend::counters`]).
     counters: Mutex<HashMap<Option<std::thread::ThreadId>, Vec<CudaStorage>>>,
+    /// A step graph's capture is open on the stream (real devices; see [`graph`]).
+    capturing: AtomicBool,
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -334,7 +363,13 @@ struct Driver {
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     funcs: Mutex<HashMap<&'static str, CudaFunction>>,
     blas: Mutex<cudarc::cublas::CudaBlas>,
+    /// cuBLAS's workspace, set explicitly so that cuBLAS allocates nothing while a step graph is
+    /// being captured (kept alive here for the handle's lifetime).
+    _blas_workspace: CudaSlice<u8>,
 }
+
+/// Bytes of the cuBLAS workspace (cuBLAS's own recommendation for Hopper GPUs).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 static BACKENDS: OnceLock<Mutex<HashMap<usize, &'static CudaBackend>>> = OnceLock::new();
 
@@ -437,6 +472,7 @@ impl CudaBackend {
             counts: Mutex::new(HashMap::new()),
             sms: EMULATED_SMS,
             counters: Mutex::new(HashMap::new()),
+            capturing: AtomicBool::new(false),
         }
     }
 
@@ -482,6 +518,22 @@ impl CudaBackend {
         unsafe { cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), math) }
             .result()
             .map_err(cuda_err("setting the cuBLAS math mode"))?;
+        // SAFETY: raw device memory that only cuBLAS uses, as its scratch space.
+        let ws = unsafe { stream.alloc::<u8>(BLAS_WORKSPACE) }
+            .map_err(cuda_err("allocating the cuBLAS workspace"))?;
+        {
+            let (p, _g) = ws.device_ptr(&stream);
+            // SAFETY: valid handle; the workspace outlives it (both live in `Driver`).
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    p as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE,
+                )
+            }
+            .result()
+            .map_err(cuda_err("setting the cuBLAS workspace"))?;
+        }
         let pool = Arc::new(Pool {
             ordinal,
             stream: Some(stream.clone()),
@@ -505,12 +557,14 @@ impl CudaBackend {
                 modules,
                 funcs: Mutex::new(HashMap::new()),
                 blas: Mutex::new(blas),
+                _blas_workspace: ws,
             }),
             pool,
             conv,
             counts: Mutex::new(HashMap::new()),
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             counters: Mutex::new(HashMap::new()),
+            capturing: AtomicBool::new(false),
         })
     }
 
@@ -556,6 +610,7 @@ impl CudaBackend {
     pub fn copy_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let src = self.storage_of(t)?;
         let n = t.numel();
+        self.graph_before_read()?;
         let mut dst = self.buffer(n)?;
         if n > 0 {
             self.count("memcpy_dtod");
@@ -634,6 +689,10 @@ impl CudaBackend {
     /// Launches kernel `name` on this device's stream.
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
         self.count(name);
+        let hook = self.graph_kernel(name, &cfg, args, None)?;
+        if hook == graph::Hook::Skip {
+            return Ok(());
+        }
         let Some(d) = &self.drv else {
             return profile::host_timed(name, || emu::launch(name, &cfg, args, None));
         };
@@ -643,6 +702,9 @@ impl CudaBackend {
         // SAFETY: every kernel's argument list is matched by its single call site in the
         // op-family files, and buffers are sized by the shapes validated there.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
+        if hook == graph::Hook::Capture {
+            self.graph_node_captured()?;
+        }
         Ok(())
     }
 
@@ -656,9 +718,15 @@ impl CudaBackend {
         table: &T,
     ) -> Result<()> {
         self.count(name);
+        let p = (table as *const T).cast::<u8>();
+        // SAFETY: `T` is a `#[repr(C)]` plain-data table of `size_of::<T>()` bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(p, std::mem::size_of::<T>()) };
+        let hook = self.graph_kernel(name, &cfg, args, Some(bytes))?;
+        if hook == graph::Hook::Skip {
+            return Ok(());
+        }
         let Some(d) = &self.drv else {
-            let p = (table as *const T).cast::<std::ffi::c_void>();
-            let table = Some((p, std::mem::size_of::<T>()));
+            let table = Some((p.cast::<std::ffi::c_void>(), bytes.len()));
             return profile::host_timed(name, || emu::launch(name, &cfg, args, table));
         };
         let f = Self::func(d, name)?;
@@ -667,6 +735,9 @@ impl CudaBackend {
         b.arg(table);
         // SAFETY: as in `launch`; `T` is `#[repr(C)]` and mirrors the kernel's struct parameter.
         unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
+        if hook == graph::Hook::Capture {
+            self.graph_node_captured()?;
+        }
         Ok(())
     }
 
@@ -693,20 +764,37 @@ impl CudaBackend {
                 return Ok(b.ptr());
             }
         }
-        let mut b = self.buffer(n.max(1024))?;
+        let mut b = self.buffer_outside_step(n.max(1024))?;
         self.write(&mut b, &[])?;
         let p = b.ptr();
         kept.push(b);
         Ok(p)
     }
 
-    /// A pooled, uninitialised buffer of `len` f32.
+    /// A pooled, uninitialised buffer of `len` f32 (inside a step-graph step: from the step's
+    /// arena, see [`graph`]).
     pub(crate) fn buffer(&self, len: usize) -> Result<CudaStorage> {
+        if let Some((arena, strict)) = graph::step_arena(self.ordinal) {
+            let (b, addr) = arena.take(len, strict)?;
+            return Ok(CudaStorage {
+                slice: Some(b),
+                len,
+                ordinal: self.ordinal,
+                pool: self.pool.clone(),
+                home: Some((arena, addr)),
+            });
+        }
+        self.buffer_outside_step(len)
+    }
+
+    /// A pooled buffer that may outlive the step that asks for it (never from a step arena).
+    pub(crate) fn buffer_outside_step(&self, len: usize) -> Result<CudaStorage> {
         Ok(CudaStorage {
             slice: Some(self.pool.take(len)?),
             len,
             ordinal: self.ordinal,
             pool: self.pool.clone(),
+            home: None,
         })
     }
 
@@ -788,6 +876,14 @@ impl CudaBackend {
         } else {
             "memcpy_htod"
         });
+        let hook = if data.is_empty() {
+            self.graph_memset(s.ptr(), s.len)?
+        } else {
+            self.graph_upload(s, data)?
+        };
+        if hook == graph::Hook::Skip {
+            return Ok(());
+        }
         let buf = s.slice.as_mut().expect("fresh buffer");
         match (buf, &self.drv) {
             (Buf::Dev(slice), Some(d)) if data.is_empty() => d
@@ -853,6 +949,7 @@ impl Backend for CudaBackend {
         let s = self.storage_of(t)?;
         let n = t.numel();
         let mut out = vec![0.0f32; n];
+        self.graph_before_read()?;
         if n > 0 {
             self.count("memcpy_dtoh");
             match (s.slice.as_ref().expect("live buffer"), &self.drv) {
@@ -912,6 +1009,7 @@ impl Backend for CudaBackend {
         Ok(y)
     }
     fn synchronize(&self) -> Result<()> {
+        self.graph_before_read()?;
         match &self.drv {
             Some(d) => d
                 .stream
@@ -926,6 +1024,18 @@ impl Backend for CudaBackend {
     fn reset_memory_peak(&self) {
         let now = self.pool.in_use.load(Ordering::Relaxed);
         self.pool.peak.store(now, Ordering::Relaxed);
+    }
+    fn step_graph_begin(&self, owner: u64, stable: bool) -> Result<()> {
+        self.graph_step_begin(owner, stable)
+    }
+    fn step_graph_end(&self) -> Result<()> {
+        self.graph_step_end()
+    }
+    fn step_graph_abort(&self, diverged: bool) -> bool {
+        self.graph_step_abort(diverged)
+    }
+    fn step_graph_stats(&self) -> Option<GraphStats> {
+        Some(self.graph_stats())
     }
 
     fn axpby(&self, a: f32, x: &Tensor, b: f32, y: &Tensor) -> Result<Tensor> {
@@ -1007,11 +1117,11 @@ impl Backend for CudaBackend {
         gamma: &Tensor,
         beta: &Tensor,
         eps: f32,
-        running_mean: &Tensor,
-        running_var: &Tensor,
+        running_mean: &mut Tensor,
+        running_var: &mut Tensor,
         momentum: f32,
         act: BnAct<'_>,
-    ) -> Result<(BnTrainOut, Tensor, Tensor)> {
+    ) -> Result<BnTrainOut> {
         norm::batch_norm_train_fwd_running(
             self,
             x,

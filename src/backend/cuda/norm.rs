@@ -2,7 +2,7 @@
 
 use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
 use crate::backend::{shapes, BnAct, BnTrainOut};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 use cudarc::driver::LaunchConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,27 +104,49 @@ pub(super) fn batch_norm_train_fwd(
     beta: &Tensor,
     eps: f32,
 ) -> Result<BnTrainOut> {
-    Ok(train_fwd(be, x, gamma, beta, eps, None, BnAct::None)?.0)
+    train_fwd(be, x, gamma, beta, eps, NO_UPDATE, BnAct::None)
 }
 
-/// The forward pass with the running-statistics update fused into the statistics kernel and the
-/// activation `act` into the normalising pass.
+/// `bn_store_stats`'s running-statistics arguments for no update: momentum, rm, rv, rm_out,
+/// rv_out (null pointers).
+const NO_UPDATE: [A; 5] = [A::F(0.0), A::P(0), A::P(0), A::P(0), A::P(0)];
+
+/// The forward pass with the running-statistics update fused into the statistics kernel (in
+/// place: each channel's thread reads its running value, then writes it; a running tensor whose
+/// storage is shared gets a new one instead) and the activation `act` into the normalising pass.
+/// Updating in place keeps the running statistics at fixed addresses, which a step graph needs
+/// (see `graph.rs`).
 pub(super) fn batch_norm_train_fwd_running(
     be: &CudaBackend,
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
-    running: (&Tensor, &Tensor, f32),
+    running: (&mut Tensor, &mut Tensor, f32),
     act: BnAct<'_>,
-) -> Result<(BnTrainOut, Tensor, Tensor)> {
-    let (o, r) = train_fwd(be, x, gamma, beta, eps, Some(running), act)?;
-    let (rm, rv) = r.ok_or_else(|| Error::msg("batch_norm2d: running statistics missing"))?;
-    Ok((o, rm, rv))
+) -> Result<BnTrainOut> {
+    let (rm, rv, m) = running;
+    shapes::same_shape(rm, gamma, "batch_norm2d running_mean")?;
+    shapes::same_shape(rv, gamma, "batch_norm2d running_var")?;
+    let (pm, pv) = (be.p(rm)?, be.p(rv)?);
+    let in_place = rm.storage_mut().is_ok() && rv.storage_mut().is_ok();
+    if in_place {
+        let upd = [A::F(m), A::P(pm), A::P(pv), A::P(pm), A::P(pv)];
+        return train_fwd(be, x, gamma, beta, eps, upd, act);
+    }
+    let (rm_out, rv_out) = (be.empty(gamma.shape())?, be.empty(gamma.shape())?);
+    let upd = [
+        A::F(m),
+        A::P(pm),
+        A::P(pv),
+        A::P(be.p(&rm_out)?),
+        A::P(be.p(&rv_out)?),
+    ];
+    let o = train_fwd(be, x, gamma, beta, eps, upd, act)?;
+    *rm = rm_out;
+    *rv = rv_out;
+    Ok(o)
 }
-
-/// Running `(mean, var)` after the update, when `running` was given.
-type Updated = Option<(Tensor, Tensor)>;
 
 fn train_fwd(
     be: &CudaBackend,
@@ -132,30 +154,12 @@ fn train_fwd(
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
-    running: Option<(&Tensor, &Tensor, f32)>,
+    upd: [A; 5],
     act: BnAct<'_>,
-) -> Result<(BnTrainOut, Updated)> {
+) -> Result<BnTrainOut> {
     let (n, c, h, w) = shapes::batch_norm_train_fwd(x, gamma, beta)?;
     // The epilogue of bn_apply: residual pointer (null: none) and ReLU flag.
     let epilogue = act_args(be, x, act)?;
-    // The updated running statistics, and the kernel arguments of the update: momentum, rm, rv,
-    // rm_out, rv_out (null pointers: no update).
-    let (updated, upd): (Updated, [A; 5]) = match running {
-        Some((rm, rv, m)) => {
-            shapes::same_shape(rm, gamma, "batch_norm2d running_mean")?;
-            shapes::same_shape(rv, gamma, "batch_norm2d running_var")?;
-            let (rm_out, rv_out) = (be.empty(&[c])?, be.empty(&[c])?);
-            let args = [
-                A::F(m),
-                A::P(be.p(rm)?),
-                A::P(be.p(rv)?),
-                A::P(be.p(&rm_out)?),
-                A::P(be.p(&rv_out)?),
-            ];
-            (Some((rm_out, rv_out)), args)
-        }
-        None => (None, [A::F(0.0), A::P(0), A::P(0), A::P(0), A::P(0)]),
-    };
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
@@ -206,13 +210,12 @@ fn train_fwd(
             apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
         }
     }
-    let o = BnTrainOut {
+    Ok(BnTrainOut {
         y,
         mean,
         invstd,
         var_unbiased: var,
-    };
-    Ok((o, updated))
+    })
 }
 
 /// `bn_apply`: `y = γ (x − mean)·invstd + β` and the epilogue, elementwise.

@@ -1,0 +1,937 @@
+//! Whole training steps replayed from a CUDA graph (`medssl train --cuda-graph`,
+//! `medssl-bench step --cuda-graph`).
+//!
+//! A training step issues a few hundred small launches; at the model's small sizes the GPU then
+//! waits on the host. A CUDA graph launches the whole step at once. The difficulty is that a
+//! graph bakes in every launch argument, while a step's learning rate, Adam bias corrections,
+//! loss ramps, queue slot and batch change from step to step. This module keeps the step's own
+//! Rust code in charge and checks it against the graph every time:
+//!
+//! 1. **Warm** steps run eagerly while the step's temporaries come from a private arena (see
+//!    [`Arena`]), until a step allocates nothing new (cuDNN's algorithm search, the optimiser's
+//!    state and every buffer size have been seen).
+//! 2. The **capture** step records every device work item in order (the real device captures
+//!    its stream; the emulated device records the items), until the step's first read from the
+//!    device, which ends the graph: the graph is instantiated, the step's uploads are copied,
+//!    the graph is launched, and the read proceeds.
+//! 3. Every later step is a **shadow** step: its Rust code runs as usual (the same shape checks,
+//!    the same allocations from the arena, so the same addresses), but each work item is only
+//!    compared with the recorded one at the same position. A kernel of ours whose arguments
+//!    differ (learning rate, bias corrections, ramps, queue slot, the batch's input buffers) gets
+//!    its graph node updated; any other difference (another kernel or launch geometry, a cuBLAS
+//!    or cuDNN call with other arguments, a zero-fill elsewhere, or a buffer the arena did not
+//!    have) is a *divergence*: nothing of the step has run, the caller restores its host state
+//!    and runs the step eagerly, and the graph is captured anew.
+//!    Uploads (batch labels, meta weights) are copied just before the graph launch, into arena
+//!    buffers that are not reused within the step.
+//!
+//! Work issued after the step's first read runs eagerly in every mode, so a step that reads the
+//! device midway (`--dsr-balance class|align`) replays the part before the read.
+//!
+//! State is per thread and device: one training loop per thread owns one graph. On a real device
+//! the other threads' work waits while a capture is open (it would be captured otherwise).
+//!
+//! Which steps can be captured at all is the caller's knowledge (`stable`): the DSRPGC step's
+//! key set grows with the queue until the queue is full, so its shapes settle only then.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cudarc::driver::{sys, LaunchConfig};
+
+use super::gemm::BlasCall;
+use super::{cuda_err, emu, lock, Buf, CudaBackend, Pool, A};
+pub use crate::backend::GraphStats;
+use crate::error::{Error, Result};
+
+/// Steps that must fill the arena without a new allocation before the capture.
+const MAX_WARM: u64 = 8;
+/// Divergences after which the graph is given up for the rest of the run.
+const MAX_DIVERGENCES: u64 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// The arena
+// ---------------------------------------------------------------------------------------------
+
+/// The step's private buffers. A step takes and returns buffers in the same order every time,
+/// so per-size LIFO lists that start each step sorted by address hand out the same addresses
+/// every step, which is what lets a recorded graph stand for the step. Uploads get buffers of
+/// their own, used for nothing else in the step: all uploads land before the graph runs, so
+/// their buffers must not be temporaries of any work before or after them.
+pub(crate) struct Arena {
+    pool: Arc<Pool>,
+    inner: Mutex<ArenaInner>,
+}
+
+#[derive(Default)]
+struct ArenaInner {
+    free: HashMap<usize, Vec<(u64, Buf)>>,
+    /// Upload buffers, free and (until the step ends) used.
+    up_free: HashMap<usize, Vec<(u64, Buf)>>,
+    up_held: Vec<(u64, Buf)>,
+    /// Addresses of the upload buffers.
+    up_addrs: std::collections::HashSet<u64>,
+    /// Buffers handed out and not yet returned.
+    out: usize,
+    /// `out` when the step began (state created by earlier steps, e.g. the optimiser's, stays
+    /// out for good).
+    out_at_begin: usize,
+    /// Requests this step that the arena could not serve.
+    misses: usize,
+    /// The graph is gone: buffers returned from now on go to the pool.
+    dissolved: bool,
+}
+
+impl Arena {
+    fn new(pool: Arc<Pool>) -> Arena {
+        Arena {
+            pool,
+            inner: Mutex::new(ArenaInner::default()),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, ArenaInner> {
+        lock(&self.inner)
+    }
+
+    /// A buffer of `len` f32 from the arena (`strict`: a miss is an error instead of a new
+    /// allocation) with its address.
+    pub(crate) fn take(&self, len: usize, strict: bool) -> Result<(Buf, u64)> {
+        self.take_from(len, strict, false)
+    }
+
+    /// Like [`Arena::take`], a buffer for an upload (from the upload buffers).
+    fn take_upload(&self, len: usize, strict: bool) -> Result<(Buf, u64)> {
+        self.take_from(len, strict, true)
+    }
+
+    fn take_from(&self, len: usize, strict: bool, upload: bool) -> Result<(Buf, u64)> {
+        let len = len.max(1);
+        let mut g = self.inner();
+        let list = if upload { &mut g.up_free } else { &mut g.free };
+        if let Some((addr, mut b)) = list.get_mut(&len).and_then(|v| v.pop()) {
+            g.out += 1;
+            if let Buf::Emu(h) = &mut b {
+                h.poison();
+            }
+            return Ok((b, addr));
+        }
+        g.misses += 1;
+        if strict {
+            return Err(diverged(format!(
+                "the step asked for a {len}-element buffer the graph's arena does not have"
+            )));
+        }
+        drop(g);
+        let b = self.pool.take(len)?;
+        let addr = self.pool.addr(&b);
+        let mut g = self.inner();
+        g.out += 1;
+        if upload {
+            g.up_addrs.insert(addr);
+        }
+        Ok((b, addr))
+    }
+
+    /// Returns a buffer taken from this arena.
+    pub(crate) fn give(&self, b: Buf, addr: u64) {
+        let mut g = self.inner();
+        g.out = g.out.saturating_sub(1);
+        if g.dissolved {
+            drop(g);
+            self.pool.give(b);
+        } else if g.up_addrs.contains(&addr) {
+            g.up_held.push((addr, b));
+        } else {
+            g.free.entry(b.len()).or_default().push((addr, b));
+        }
+    }
+
+    /// Starts a step: held buffers back, every list sorted (lowest address handed out first),
+    /// counters cleared.
+    fn begin_step(&self) {
+        let mut g = self.inner();
+        let held = std::mem::take(&mut g.up_held);
+        for (a, b) in held {
+            g.up_free.entry(b.len()).or_default().push((a, b));
+        }
+        let g = &mut *g;
+        for v in g.free.values_mut().chain(g.up_free.values_mut()) {
+            v.sort_by_key(|(a, _)| std::cmp::Reverse(*a));
+        }
+        g.misses = 0;
+        g.out_at_begin = g.out;
+    }
+
+    /// `(buffers the step took and kept, misses)`.
+    fn step_counts(&self) -> (isize, usize) {
+        let g = self.inner();
+        (g.out as isize - g.out_at_begin as isize, g.misses)
+    }
+
+    /// Gives every buffer back to the pool; buffers still out follow when dropped.
+    fn dissolve(&self) {
+        let mut g = self.inner();
+        g.dissolved = true;
+        let mut all: Vec<Buf> = g
+            .free
+            .drain()
+            .flat_map(|(_, v)| v)
+            .map(|(_, b)| b)
+            .collect();
+        all.extend(g.up_free.drain().flat_map(|(_, v)| v).map(|(_, b)| b));
+        all.extend(g.up_held.drain(..).map(|(_, b)| b));
+        drop(g);
+        for b in all {
+            self.pool.give(b);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recorded work
+// ---------------------------------------------------------------------------------------------
+
+/// One work item of the step, as issued.
+enum Rec {
+    Kernel {
+        name: &'static str,
+        cfg: LaunchConfig,
+        args: Vec<A>,
+        table: Option<Vec<u8>>,
+        /// The captured graph node (real device).
+        node: sys::CUgraphNode,
+    },
+    /// A cuBLAS or cuDNN call, by its full argument list (`blas` for the emulated replay).
+    Lib {
+        what: &'static str,
+        sig: Vec<u64>,
+        blas: Option<BlasCall>,
+    },
+    Memset {
+        ptr: u64,
+        len: usize,
+    },
+}
+
+impl Rec {
+    fn describe(&self) -> String {
+        match self {
+            Rec::Kernel { name, cfg, .. } => format!(
+                "kernel {name} (grid {:?}, block {:?})",
+                cfg.grid_dim, cfg.block_dim
+            ),
+            Rec::Lib { what, .. } => (*what).to_string(),
+            Rec::Memset { len, .. } => format!("zero-fill of {len} elements"),
+        }
+    }
+}
+
+fn same_arg(a: &A, b: &A) -> bool {
+    match (a, b) {
+        (A::P(x), A::P(y)) => x == y,
+        (A::I(x), A::I(y)) => x == y,
+        (A::F(x), A::F(y)) => x.to_bits() == y.to_bits(),
+        _ => false,
+    }
+}
+
+fn same_cfg(a: &LaunchConfig, b: &LaunchConfig) -> bool {
+    a.grid_dim == b.grid_dim
+        && a.block_dim == b.block_dim
+        && a.shared_mem_bytes == b.shared_mem_bytes
+}
+
+/// The error a shadow step returns when it does not match the graph.
+fn diverged(what: String) -> Error {
+    Error::GraphDiverged(what)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread state
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Eager steps from the arena; the count of them so far.
+    Warming(u64),
+    /// The next step captures.
+    Capture,
+    /// A graph is ready: steps shadow it.
+    Ready,
+    /// Given up for this run (eager steps, no arena).
+    Disabled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Warm,
+    Capture,
+    Shadow,
+}
+
+struct Active {
+    mode: Mode,
+    /// Next recorded item to compare (shadow steps).
+    pos: usize,
+    /// Uploads of the step, copied just before the graph launch.
+    uploads: Vec<(u64, Vec<f32>)>,
+    /// Recorded kernels whose arguments changed in this step.
+    patched: Vec<usize>,
+    /// The graph has been launched; later work runs eagerly.
+    ended: bool,
+}
+
+struct StepGraph {
+    owner: u64,
+    phase: Phase,
+    arena: Option<Arc<Arena>>,
+    recs: Vec<Rec>,
+    exec: Option<cudarc::driver::CudaGraph>,
+    active: Option<Active>,
+    stats: GraphStats,
+}
+
+impl StepGraph {
+    fn new(owner: u64) -> StepGraph {
+        StepGraph {
+            owner,
+            phase: Phase::Warming(0),
+            arena: None,
+            recs: Vec::new(),
+            exec: None,
+            active: None,
+            stats: GraphStats::default(),
+        }
+    }
+
+    /// Drops the graph and its arena; the next step starts warming again.
+    fn discard(&mut self) {
+        self.recs.clear();
+        self.exec = None;
+        self.active = None;
+        if let Some(a) = self.arena.take() {
+            a.dissolve();
+        }
+        self.stats.nodes = 0;
+    }
+}
+
+thread_local! {
+    static GRAPHS: RefCell<HashMap<usize, StepGraph>> = RefCell::new(HashMap::new());
+}
+
+fn with<T>(ordinal: usize, f: impl FnOnce(Option<&mut StepGraph>) -> T) -> T {
+    GRAPHS.with(|g| f(g.borrow_mut().get_mut(&ordinal)))
+}
+
+/// What the backend does with a work item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hook {
+    /// Issue it as usual (no graph step, a warm step, or after the graph's end).
+    Eager,
+    /// Issue it on the capturing stream (real device, capture step), then call
+    /// [`CudaBackend::graph_node_captured`] for a kernel.
+    Capture,
+    /// Recorded or matched: do not issue it.
+    Skip,
+}
+
+/// The arena of the step running on this thread, if any (`strict` in shadow and capture
+/// steps, where a new allocation would break the graph).
+pub(crate) fn step_arena(ordinal: usize) -> Option<(Arc<Arena>, bool)> {
+    with(ordinal, |g| {
+        let g = g?;
+        let a = g.active.as_ref()?;
+        if a.ended && a.mode != Mode::Warm {
+            // Temporaries after the graph's end are ordinary eager work.
+            return None;
+        }
+        Some((g.arena.clone()?, a.mode != Mode::Warm))
+    })
+}
+
+impl CudaBackend {
+    /// Starts a training step of the graph owned by `owner` (one per training loop). `stable`:
+    /// the step has the shapes of the steps that follow (false while the key queue fills up);
+    /// an unstable step runs eagerly and drops any graph.
+    pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<()> {
+        let ordinal = self.ordinal;
+        let pool = self.pool.clone();
+        let mut begin_capture = false;
+        GRAPHS.with(|all| -> Result<()> {
+            let mut all = all.borrow_mut();
+            let g = all.entry(ordinal).or_insert_with(|| StepGraph::new(owner));
+            if g.owner != owner {
+                // Another training loop: a fresh graph (the counters run on, per thread).
+                g.discard();
+                let stats = g.stats;
+                *g = StepGraph::new(owner);
+                g.stats = stats;
+            }
+            if g.active.is_some() {
+                return Err(Error::Cuda(
+                    "a graph step began before the previous one ended".into(),
+                ));
+            }
+            if !stable {
+                if g.phase != Phase::Disabled {
+                    g.discard();
+                    g.phase = Phase::Warming(0);
+                }
+                return Ok(());
+            }
+            let mode = match g.phase {
+                Phase::Disabled => return Ok(()),
+                Phase::Warming(_) => Mode::Warm,
+                Phase::Capture => Mode::Capture,
+                Phase::Ready => Mode::Shadow,
+            };
+            let arena = g
+                .arena
+                .get_or_insert_with(|| Arc::new(Arena::new(pool)))
+                .clone();
+            arena.begin_step();
+            if mode == Mode::Capture {
+                g.recs.clear();
+                g.exec = None;
+                begin_capture = !self.is_emulated();
+            }
+            g.active = Some(Active {
+                mode,
+                pos: 0,
+                uploads: Vec::new(),
+                patched: Vec::new(),
+                ended: false,
+            });
+            Ok(())
+        })?;
+        if begin_capture {
+            let r = (|| -> Result<()> {
+                let d = self.drv.as_ref().expect("real device");
+                d.stream
+                    .synchronize()
+                    .map_err(cuda_err("synchronising before the step graph's capture"))?;
+                self.capturing.store(true, Ordering::SeqCst);
+                d.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                    .map_err(cuda_err("beginning the step graph's capture"))
+            })();
+            if let Err(e) = r {
+                self.graph_step_abort(false);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a training step begun with [`CudaBackend::graph_step_begin`] (after its final read):
+    /// launches the graph if the step did not read the device, and moves the phase on.
+    pub fn graph_step_end(&self) -> Result<()> {
+        let still_open = with(self.ordinal, |g| {
+            g.and_then(|g| g.active.as_ref())
+                .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
+        });
+        if still_open {
+            self.graph_region_end()?;
+        }
+        with(self.ordinal, |g| -> Result<()> {
+            let Some(g) = g else { return Ok(()) };
+            let Some(a) = g.active.take() else {
+                return Ok(());
+            };
+            let (out, misses) = g.arena.as_ref().map_or((0, 0), |a| a.step_counts());
+            if std::env::var_os("MEDSSL_CUDA_GRAPH_LOG").is_some() {
+                eprintln!(
+                    "cuda graph: {:?} step ended ({} items recorded, {misses} new buffers, {out} kept)",
+                    a.mode,
+                    g.recs.len()
+                );
+            }
+            match a.mode {
+                Mode::Warm => {
+                    g.stats.warm_steps += 1;
+                    let n = match g.phase {
+                        Phase::Warming(n) => n + 1,
+                        _ => 1,
+                    };
+                    g.phase = if misses == 0 && out == 0 {
+                        Phase::Capture
+                    } else if n >= MAX_WARM {
+                        eprintln!(
+                            "cuda graph: the step still allocates new buffers after {n} steps \
+                             ({misses} this step, {out} kept past its end); running eagerly"
+                        );
+                        g.discard();
+                        Phase::Disabled
+                    } else {
+                        Phase::Warming(n)
+                    };
+                }
+                Mode::Capture | Mode::Shadow => {
+                    if out != 0 {
+                        // A buffer outlives the step: the next step cannot get the same
+                        // addresses. Capture again once it is back.
+                        g.discard();
+                        g.phase = Phase::Warming(0);
+                    } else {
+                        g.phase = Phase::Ready;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Abandons the current step after an error (`diverged`: the step did not match the graph):
+    /// ends an open capture, drops the graph and its arena. Returns whether none of the step's
+    /// device work was issued (a capture or shadow step before its graph launch), so that the
+    /// caller may run the step again eagerly. A capture that failed otherwise than by diverging
+    /// (e.g. a library call that cannot be captured), or [`MAX_DIVERGENCES`] divergences, turn
+    /// the graphs off for the rest of the run.
+    pub fn graph_step_abort(&self, diverged: bool) -> bool {
+        let capturing = self.capturing.swap(false, Ordering::SeqCst);
+        let (was_capture, unrun) = with(self.ordinal, |g| {
+            g.and_then(|g| g.active.as_ref())
+                .map_or((false, false), |a| {
+                    (
+                        a.mode == Mode::Capture && !a.ended,
+                        a.mode != Mode::Warm && !a.ended,
+                    )
+                })
+        });
+        if capturing && was_capture {
+            if let Some(d) = &self.drv {
+                // The partial graph is discarded; an invalidated capture reports an error here,
+                // which changes nothing.
+                let _ = d.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            }
+        }
+        with(self.ordinal, |g| {
+            if let Some(g) = g {
+                g.discard();
+                if diverged {
+                    g.stats.divergences += 1;
+                }
+                g.phase = if g.stats.divergences >= MAX_DIVERGENCES || (was_capture && !diverged) {
+                    Phase::Disabled
+                } else {
+                    Phase::Warming(0)
+                };
+            }
+        });
+        unrun
+    }
+
+    /// The calling thread's graph counters on this device.
+    pub fn graph_stats(&self) -> GraphStats {
+        with(self.ordinal, |g| g.map(|g| g.stats).unwrap_or_default())
+    }
+
+    /// The common path of every work item before it is issued: eager outside a capture or
+    /// shadow step (and after its graph launch); in a capture step `new()` is recorded; in a
+    /// shadow step `check` compares the item with the recorded one at the same position (none
+    /// past the end) and says whether it updated that record (its node is then updated before
+    /// the launch).
+    fn graph_item(
+        &self,
+        new: impl FnOnce() -> Rec,
+        check: impl FnOnce(usize, Option<&mut Rec>) -> Result<bool>,
+    ) -> Result<Hook> {
+        self.wait_for_foreign_capture();
+        let emulated = self.is_emulated();
+        with(self.ordinal, |g| {
+            let Some(g) = g else { return Ok(Hook::Eager) };
+            let Some(a) = g.active.as_mut() else {
+                return Ok(Hook::Eager);
+            };
+            if a.ended || a.mode == Mode::Warm {
+                return Ok(Hook::Eager);
+            }
+            if a.mode == Mode::Capture {
+                g.recs.push(new());
+                return Ok(if emulated { Hook::Skip } else { Hook::Capture });
+            }
+            let i = a.pos;
+            a.pos += 1;
+            if check(i, g.recs.get_mut(i))? && !a.patched.contains(&i) {
+                a.patched.push(i);
+            }
+            Ok(Hook::Skip)
+        })
+    }
+
+    /// Called for every kernel launch before it is issued.
+    pub(crate) fn graph_kernel(
+        &self,
+        name: &'static str,
+        cfg: &LaunchConfig,
+        args: &[A],
+        table: Option<&[u8]>,
+    ) -> Result<Hook> {
+        let new = || Rec::Kernel {
+            name,
+            cfg: *cfg,
+            args: args.to_vec(),
+            table: table.map(<[u8]>::to_vec),
+            node: std::ptr::null_mut(),
+        };
+        self.graph_item(new, |i, rec| {
+            let Some(Rec::Kernel {
+                name: rn,
+                cfg: rc,
+                args: ra,
+                table: rt,
+                ..
+            }) = rec
+            else {
+                return Err(diverged(format!(
+                    "item {i}: the step launches kernel {name}, the graph has {}",
+                    rec.map_or("nothing more".into(), |r| r.describe())
+                )));
+            };
+            if *rn != name || !same_cfg(rc, cfg) || ra.len() != args.len() {
+                return Err(diverged(format!(
+                    "item {i}: the step launches kernel {name} (grid {:?}, block {:?}), the graph \
+                     has {rn} (grid {:?}, block {:?})",
+                    cfg.grid_dim, cfg.block_dim, rc.grid_dim, rc.block_dim
+                )));
+            }
+            // Any argument of one of our kernels may change (the node is updated): the graph
+            // runs the step's items in the step's order with the step's arguments, which is
+            // what running them eagerly does. Kinds must match.
+            let mut changed = rt.as_deref() != table;
+            for (k, (x, y)) in ra.iter().zip(args).enumerate() {
+                if same_arg(x, y) {
+                    continue;
+                }
+                if std::mem::discriminant(x) != std::mem::discriminant(y) {
+                    return Err(diverged(format!(
+                        "item {i}: kernel {name} argument {k} is {y:?}, the graph has {x:?}"
+                    )));
+                }
+                changed = true;
+            }
+            if rt.as_ref().map(Vec::len) != table.map(<[u8]>::len) {
+                return Err(diverged(format!(
+                    "item {i}: kernel {name}'s table parameter differs in size"
+                )));
+            }
+            if changed {
+                *ra = args.to_vec();
+                *rt = table.map(<[u8]>::to_vec);
+            }
+            Ok(changed)
+        })
+    }
+
+    /// After a kernel was issued under [`Hook::Capture`]: remembers its graph node (the capture's
+    /// current dependency), so that its arguments can be updated later.
+    pub(crate) fn graph_node_captured(&self) -> Result<()> {
+        let d = self.drv.as_ref().expect("real device");
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let mut id: sys::cuuint64_t = 0;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        let mut deps: *const sys::CUgraphNode = std::ptr::null();
+        let mut edges: *const sys::CUgraphEdgeData = std::ptr::null();
+        let mut n: usize = 0;
+        // SAFETY: valid stream; out-pointers are locals.
+        unsafe {
+            sys::cuStreamGetCaptureInfo_v3(
+                d.stream.cu_stream(),
+                &mut status,
+                &mut id,
+                &mut graph,
+                &mut deps,
+                &mut edges,
+                &mut n,
+            )
+        }
+        .result()
+        .map_err(cuda_err("reading the step graph's capture state"))?;
+        if status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE || n != 1 {
+            return Err(Error::Cuda(format!(
+                "the step graph's capture is {status:?} with {n} open nodes after a launch"
+            )));
+        }
+        // SAFETY: the driver returned one node.
+        let node = unsafe { *deps };
+        with(self.ordinal, |g| {
+            if let Some(Rec::Kernel { node: slot, .. }) = g.and_then(|g| g.recs.last_mut()) {
+                *slot = node;
+            }
+        });
+        Ok(())
+    }
+
+    /// Called for every cuBLAS / cuDNN call before it is issued; `sig` is its whole argument
+    /// list (pointers, sizes, algorithm, scalars as bits), `blas` the product for the emulated
+    /// replay. Only an identical call matches (library nodes are not updated).
+    pub(crate) fn graph_lib(
+        &self,
+        what: &'static str,
+        sig: Vec<u64>,
+        blas: Option<BlasCall>,
+    ) -> Result<Hook> {
+        let new = || Rec::Lib {
+            what,
+            sig: sig.clone(),
+            blas,
+        };
+        self.graph_item(new, |i, rec| match rec {
+            Some(Rec::Lib {
+                what: w, sig: s, ..
+            }) if *w == what && *s == sig => Ok(false),
+            other => Err(diverged(format!(
+                "item {i}: the step calls {what} {sig:?}, the graph has {}",
+                other.map_or("nothing more".into(), |r| match r {
+                    Rec::Lib { what, sig, .. } => format!("{what} {sig:?}"),
+                    r => r.describe(),
+                })
+            ))),
+        })
+    }
+
+    /// Called for a zero-fill before it is issued (only the same fill matches).
+    pub(crate) fn graph_memset(&self, ptr: u64, len: usize) -> Result<Hook> {
+        self.graph_item(
+            || Rec::Memset { ptr, len },
+            |i, rec| match rec {
+                Some(Rec::Memset { ptr: p, len: l }) if *p == ptr && *l == len => Ok(false),
+                other => Err(diverged(format!(
+                    "item {i}: the step zero-fills {len} elements at {ptr:#x}, the graph has {}",
+                    other.map_or("nothing more".into(), |r| r.describe())
+                ))),
+            },
+        )
+    }
+
+    /// Called for a host-to-device copy into the fresh buffer `s` (not yet seen by any work):
+    /// inside a step its buffer is exchanged for an upload buffer of the arena (warm steps too,
+    /// so that they use buffers as the graph steps do), and in capture and shadow steps the copy
+    /// waits until just before the graph launch.
+    pub(crate) fn graph_upload(&self, s: &mut super::CudaStorage, data: &[f32]) -> Result<Hook> {
+        self.wait_for_foreign_capture();
+        let Some((arena, strict)) = step_arena(self.ordinal) else {
+            return Ok(Hook::Eager);
+        };
+        let (b, addr) = arena.take_upload(s.len, strict)?;
+        s.replace_buffer(b, arena, addr);
+        with(self.ordinal, |g| {
+            let Some(a) = g.and_then(|g| g.active.as_mut()) else {
+                return Ok(Hook::Eager);
+            };
+            if a.mode == Mode::Warm || a.ended {
+                return Ok(Hook::Eager);
+            }
+            a.uploads.push((addr, data.to_vec()));
+            Ok(Hook::Skip)
+        })
+    }
+
+    /// Called before a device-to-host copy or a synchronisation: the step's graph (if one is
+    /// open) must have run first.
+    pub(crate) fn graph_before_read(&self) -> Result<()> {
+        let open = with(self.ordinal, |g| {
+            g.and_then(|g| g.active.as_ref())
+                .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
+        });
+        if open {
+            self.graph_region_end()?;
+        }
+        Ok(())
+    }
+
+    /// Ends the graph part of the step: instantiates a capture, or checks a shadow step against
+    /// the graph and updates the changed nodes; then copies the step's uploads and launches.
+    fn graph_region_end(&self) -> Result<()> {
+        let ordinal = self.ordinal;
+        // Taken out of the thread-local state while the driver runs (no borrow across calls).
+        let (mode, uploads, patched, mut recs, exec) = with(ordinal, |g| -> Result<_> {
+            let g = g.expect("open step");
+            let a = g.active.as_mut().expect("open step");
+            a.ended = true;
+            if a.mode == Mode::Shadow && a.pos != g.recs.len() {
+                return Err(diverged(format!(
+                    "the step read the device after {} work items, the graph has {}",
+                    a.pos,
+                    g.recs.len()
+                )));
+            }
+            Ok((
+                a.mode,
+                std::mem::take(&mut a.uploads),
+                std::mem::take(&mut a.patched),
+                std::mem::take(&mut g.recs),
+                g.exec.take(),
+            ))
+        })?;
+        let r = self.run_region(mode, &uploads, &patched, &mut recs, exec);
+        let (exec, r) = match r {
+            Ok(e) => (e, Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        with(ordinal, |g| {
+            let g = g.expect("open step");
+            g.stats.nodes = recs.len() as u64;
+            g.recs = recs;
+            g.exec = exec;
+            if r.is_ok() {
+                g.stats.replays += 1;
+                g.stats.node_updates += patched.len() as u64;
+                if mode == Mode::Capture {
+                    g.stats.captures += 1;
+                }
+            }
+        });
+        r
+    }
+
+    fn run_region(
+        &self,
+        mode: Mode,
+        uploads: &[(u64, Vec<f32>)],
+        patched: &[usize],
+        recs: &mut [Rec],
+        exec: Option<cudarc::driver::CudaGraph>,
+    ) -> Result<Option<cudarc::driver::CudaGraph>> {
+        let Some(d) = &self.drv else {
+            // The emulated device: copy the uploads, then run the recorded items in order.
+            for (p, data) in uploads {
+                emu::write_at(*p, data)?;
+            }
+            self.count("cuda_graph_launch");
+            for _ in patched {
+                self.count("cuda_graph_node_update");
+            }
+            for r in recs.iter() {
+                match r {
+                    Rec::Kernel {
+                        name,
+                        cfg,
+                        args,
+                        table,
+                        ..
+                    } => {
+                        let t = table
+                            .as_ref()
+                            .map(|t| (t.as_ptr().cast::<std::ffi::c_void>(), t.len()));
+                        emu::launch(name, cfg, args, t)?;
+                    }
+                    Rec::Lib { what, blas, .. } => {
+                        let call = blas.as_ref().ok_or_else(|| {
+                            Error::Cuda(format!("{what} cannot be replayed on the emulated device"))
+                        })?;
+                        emu::cublas_sgemm(call).map_err(|e| Error::Cuda(format!("{what}: {e}")))?;
+                    }
+                    Rec::Memset { ptr, len } => emu::write_at(*ptr, &vec![0.0; *len])?,
+                }
+            }
+            return Ok(None);
+        };
+        let exec = match mode {
+            Mode::Capture => {
+                self.capturing.store(false, Ordering::SeqCst);
+                let g = d
+                    .stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(cuda_err("ending the step graph's capture"))?
+                    .ok_or_else(|| Error::Cuda("the step graph's capture is empty".into()))?;
+                Some(g)
+            }
+            _ => exec,
+        };
+        let exec = exec.ok_or_else(|| Error::Cuda("no step graph to launch".into()))?;
+        for &i in patched {
+            if let Rec::Kernel {
+                args,
+                table,
+                node,
+                name,
+                ..
+            } = &recs[i]
+            {
+                set_kernel_args(exec.cu_graph_exec(), *node, args, table.as_deref())
+                    .map_err(|e| Error::Cuda(format!("updating the graph node of {name}: {e}")))?;
+                self.count("cuda_graph_node_update");
+            }
+        }
+        d.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
+        for (p, data) in uploads {
+            // SAFETY: `p` is an arena buffer of at least `data.len()` f32 (the upload's own
+            // buffer), pinned for the step; the copy is ordered before the graph on the stream.
+            unsafe {
+                sys::cuMemcpyHtoDAsync_v2(
+                    *p,
+                    data.as_ptr().cast(),
+                    std::mem::size_of_val(data.as_slice()),
+                    d.stream.cu_stream(),
+                )
+            }
+            .result()
+            .map_err(cuda_err("copying the step's uploads"))?;
+        }
+        self.count("cuda_graph_launch");
+        exec.launch()
+            .map_err(cuda_err("launching the step graph"))?;
+        Ok(Some(exec))
+    }
+
+    /// On a real device, work from a thread other than the capturing one waits until the
+    /// capture has ended (it would be captured into the other thread's graph otherwise).
+    fn wait_for_foreign_capture(&self) {
+        if self.drv.is_none() || !self.capturing.load(Ordering::SeqCst) {
+            return;
+        }
+        let mine = with(self.ordinal, |g| g.is_some_and(|g| g.active.is_some()));
+        while !mine && self.capturing.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+}
+
+/// Replaces the argument values of a kernel node of an instantiated graph.
+fn set_kernel_args(
+    exec: sys::CUgraphExec,
+    node: sys::CUgraphNode,
+    args: &[A],
+    table: Option<&[u8]>,
+) -> std::result::Result<(), String> {
+    if node.is_null() {
+        return Err("the node was not recorded during the capture".into());
+    }
+    let mut vals: Vec<u64> = args
+        .iter()
+        .map(|a| match *a {
+            A::P(p) => p,
+            A::I(i) => u64::from(i as u32),
+            A::F(x) => u64::from(x.to_bits()),
+        })
+        .collect();
+    let mut ptrs: Vec<*mut std::ffi::c_void> = vals
+        .iter_mut()
+        .map(|v| (v as *mut u64).cast::<std::ffi::c_void>())
+        .collect();
+    let mut tbl = table.map(<[u8]>::to_vec);
+    if let Some(t) = tbl.as_mut() {
+        ptrs.push(t.as_mut_ptr().cast());
+    }
+    // SAFETY: `node` is a kernel node of the graph `exec` was instantiated from; the parameter
+    // array points at values laid out as the kernel's parameters (4-byte scalars read from the
+    // low bytes of each 8-byte slot, little-endian, as the emulation does), alive during the call.
+    unsafe {
+        let mut p: sys::CUDA_KERNEL_NODE_PARAMS = std::mem::zeroed();
+        sys::cuGraphKernelNodeGetParams_v2(node, &mut p)
+            .result()
+            .map_err(|e| format!("{e:?}"))?;
+        p.kernelParams = ptrs.as_mut_ptr();
+        p.extra = std::ptr::null_mut();
+        sys::cuGraphExecKernelNodeSetParams_v2(exec, node, &p)
+            .result()
+            .map_err(|e| format!("{e:?}"))
+    }
+}
