@@ -734,6 +734,7 @@ impl CudaBackend {
     /// Called before a device-to-host copy or a synchronisation: the step's graph (if one is
     /// open) must have run first.
     pub(crate) fn graph_before_read(&self) -> Result<()> {
+        self.wait_for_foreign_capture();
         let open = with(self.ordinal, |g| {
             g.and_then(|g| g.active.as_ref())
                 .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
@@ -881,9 +882,10 @@ impl CudaBackend {
         Ok(Some(exec))
     }
 
-    /// On a real device, work from a thread other than the capturing one waits until the
-    /// capture has ended (it would be captured into the other thread's graph otherwise).
-    fn wait_for_foreign_capture(&self) {
+    /// On a real device, work, reads and allocations from a thread other than the capturing one
+    /// wait until the capture has ended (they would be captured into the other thread's graph,
+    /// or break the capture, otherwise).
+    pub(crate) fn wait_for_foreign_capture(&self) {
         if self.drv.is_none() || !self.capturing.load(Ordering::SeqCst) {
             return;
         }

@@ -637,6 +637,7 @@ impl CudaBackend {
 
     /// Frees all cached (unused) device buffers.
     pub fn empty_cache(&self) {
+        self.wait_for_foreign_capture();
         self.pool.trim();
     }
 
@@ -789,6 +790,7 @@ impl CudaBackend {
 
     /// A pooled buffer that may outlive the step that asks for it (never from a step arena).
     pub(crate) fn buffer_outside_step(&self, len: usize) -> Result<CudaStorage> {
+        self.wait_for_foreign_capture();
         Ok(CudaStorage {
             slice: Some(self.pool.take(len)?),
             len,
