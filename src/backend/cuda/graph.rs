@@ -389,10 +389,17 @@ impl CudaBackend {
                 Phase::Capture => Mode::Capture,
                 Phase::Ready => Mode::Shadow,
             };
-            let arena = g
-                .arena
-                .get_or_insert_with(|| Arc::new(Arena::new(pool)))
-                .clone();
+            let arena = match &g.arena {
+                Some(a) => a.clone(),
+                None => {
+                    // The step's working set moves to the new arena: the pool's cached buffers
+                    // (from the eager steps before) would only sit beside it.
+                    pool.trim();
+                    let a = Arc::new(Arena::new(pool));
+                    g.arena = Some(a.clone());
+                    a
+                }
+            };
             arena.begin_step();
             if mode == Mode::Capture {
                 g.recs.clear();
