@@ -358,9 +358,11 @@ impl CudaBackend {
     /// the step has the shapes of the steps that follow (false while the key queue fills up);
     /// an unstable step runs eagerly and drops any graph.
     pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<()> {
+        self.wait_for_foreign_capture();
         let ordinal = self.ordinal;
         let pool = self.pool.clone();
         let mut begin_capture = false;
+        let mut stale = false;
         GRAPHS.with(|all| -> Result<()> {
             let mut all = all.borrow_mut();
             let g = all.entry(ordinal).or_insert_with(|| StepGraph::new(owner));
@@ -372,9 +374,10 @@ impl CudaBackend {
                 g.stats = stats;
             }
             if g.active.is_some() {
-                return Err(Error::Cuda(
-                    "a graph step began before the previous one ended".into(),
-                ));
+                // The previous step neither ended nor was abandoned (it panicked): drop its
+                // graph below.
+                stale = true;
+                return Ok(());
             }
             if !stable {
                 if g.phase != Phase::Disabled {
@@ -415,13 +418,27 @@ impl CudaBackend {
             });
             Ok(())
         })?;
+        if stale {
+            self.graph_step_abort(false);
+            return Err(Error::Cuda(
+                "a graph step began before the previous one ended; its graph is dropped".into(),
+            ));
+        }
         if begin_capture {
+            // One capture at a time on the device's stream: the flag is this thread's until its
+            // capture ends (other threads' work waits on it meanwhile).
+            while self
+                .capturing
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
             let r = (|| -> Result<()> {
                 let d = self.drv.as_ref().expect("real device");
                 d.stream
                     .synchronize()
                     .map_err(cuda_err("synchronising before the step graph's capture"))?;
-                self.capturing.store(true, Ordering::SeqCst);
                 d.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                     .map_err(cuda_err("beginning the step graph's capture"))
@@ -499,7 +516,6 @@ impl CudaBackend {
     /// (e.g. a library call that cannot be captured), or [`MAX_DIVERGENCES`] divergences, turn
     /// the graphs off for the rest of the run.
     pub fn graph_step_abort(&self, diverged: bool) -> bool {
-        let capturing = self.capturing.swap(false, Ordering::SeqCst);
         let (was_capture, unrun) = with(self.ordinal, |g| {
             g.and_then(|g| g.active.as_ref())
                 .map_or((false, false), |a| {
@@ -509,7 +525,8 @@ impl CudaBackend {
                     )
                 })
         });
-        if capturing && was_capture {
+        // Only this thread's capture is ended (the flag is this thread's while it captures).
+        if was_capture && self.capturing.swap(false, Ordering::SeqCst) {
             if let Some(d) = &self.drv {
                 // The partial graph is discarded; an invalidated capture reports an error here,
                 // which changes nothing.
@@ -760,7 +777,6 @@ impl CudaBackend {
         let (mode, uploads, patched, mut recs, exec) = with(ordinal, |g| -> Result<_> {
             let g = g.expect("open step");
             let a = g.active.as_mut().expect("open step");
-            a.ended = true;
             if a.mode == Mode::Shadow && a.pos != g.recs.len() {
                 return Err(diverged(format!(
                     "the step read the device after {} work items, the graph has {}",
@@ -768,6 +784,7 @@ impl CudaBackend {
                     g.recs.len()
                 )));
             }
+            a.ended = true;
             Ok((
                 a.mode,
                 std::mem::take(&mut a.uploads),
@@ -777,12 +794,19 @@ impl CudaBackend {
             ))
         })?;
         let r = self.run_region(mode, &uploads, &patched, &mut recs, exec);
-        let (exec, r) = match r {
-            Ok(e) => (e, Ok(())),
-            Err(e) => (None, Err(e)),
+        let (exec, r, launched) = match r {
+            Ok(e) => (e, Ok(()), true),
+            Err((e, launched)) => (None, Err(e), launched),
         };
         with(ordinal, |g| {
             let g = g.expect("open step");
+            if !launched {
+                // Nothing of the step ran (instantiation, a node update or the launch itself
+                // failed): the caller may run it again without the graph.
+                if let Some(a) = g.active.as_mut() {
+                    a.ended = false;
+                }
+            }
             g.stats.nodes = recs.len() as u64;
             g.recs = recs;
             g.exec = exec;
@@ -804,11 +828,13 @@ impl CudaBackend {
         patched: &[usize],
         recs: &mut [Rec],
         exec: Option<cudarc::driver::CudaGraph>,
-    ) -> Result<Option<cudarc::driver::CudaGraph>> {
+    ) -> std::result::Result<Option<cudarc::driver::CudaGraph>, (Error, bool)> {
+        // Errors carry whether any of the step's work may have run.
+        let before = |e: Error| (e, false);
         let Some(d) = &self.drv else {
             // The emulated device: copy the uploads, then run the recorded items in order.
             for (p, data) in uploads {
-                emu::write_at(*p, data)?;
+                emu::write_at(*p, data).map_err(before)?;
             }
             self.count("cuda_graph_launch");
             for _ in patched {
@@ -826,32 +852,40 @@ impl CudaBackend {
                         let t = table
                             .as_ref()
                             .map(|t| (t.as_ptr().cast::<std::ffi::c_void>(), t.len()));
-                        emu::launch(name, cfg, args, t)?;
+                        emu::launch(name, cfg, args, t).map_err(|e| (e, true))?;
                     }
                     Rec::Lib { what, blas, .. } => {
                         let call = blas.as_ref().ok_or_else(|| {
-                            Error::Cuda(format!("{what} cannot be replayed on the emulated device"))
+                            let e = format!("{what} cannot be replayed on the emulated device");
+                            (Error::Cuda(e), true)
                         })?;
-                        emu::cublas_sgemm(call).map_err(|e| Error::Cuda(format!("{what}: {e}")))?;
+                        emu::cublas_sgemm(call)
+                            .map_err(|e| (Error::Cuda(format!("{what}: {e}")), true))?;
                     }
-                    Rec::Memset { ptr, len } => emu::write_at(*ptr, &vec![0.0; *len])?,
+                    Rec::Memset { ptr, len } => {
+                        emu::write_at(*ptr, &vec![0.0; *len]).map_err(|e| (e, true))?
+                    }
                 }
             }
             return Ok(None);
         };
         let exec = match mode {
             Mode::Capture => {
+                let g = d.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                // The stream is no longer capturing (even when the capture failed): other
+                // threads may go on.
                 self.capturing.store(false, Ordering::SeqCst);
-                let g = d
-                    .stream
-                    .end_capture(sys::CUgraphInstantiate_flags(0))
-                    .map_err(cuda_err("ending the step graph's capture"))?
-                    .ok_or_else(|| Error::Cuda("the step graph's capture is empty".into()))?;
+                let g = g
+                    .map_err(cuda_err("ending the step graph's capture"))
+                    .map_err(before)?
+                    .ok_or_else(|| {
+                        before(Error::Cuda("the step graph's capture is empty".into()))
+                    })?;
                 Some(g)
             }
             _ => exec,
         };
-        let exec = exec.ok_or_else(|| Error::Cuda("no step graph to launch".into()))?;
+        let exec = exec.ok_or_else(|| before(Error::Cuda("no step graph to launch".into())))?;
         for &i in patched {
             if let Rec::Kernel {
                 args,
@@ -861,14 +895,20 @@ impl CudaBackend {
                 ..
             } = &recs[i]
             {
-                set_kernel_args(exec.cu_graph_exec(), *node, args, table.as_deref())
-                    .map_err(|e| Error::Cuda(format!("updating the graph node of {name}: {e}")))?;
+                set_kernel_args(exec.cu_graph_exec(), *node, args, table.as_deref()).map_err(
+                    |e| {
+                        before(Error::Cuda(format!(
+                            "updating the graph node of {name}: {e}"
+                        )))
+                    },
+                )?;
                 self.count("cuda_graph_node_update");
             }
         }
         d.ctx
             .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
+            .map_err(cuda_err("binding the CUDA context"))
+            .map_err(before)?;
         for (p, data) in uploads {
             // SAFETY: `p` is an arena buffer of at least `data.len()` f32 (the upload's own
             // buffer), pinned for the step; the copy is ordered before the graph on the stream.
@@ -881,11 +921,14 @@ impl CudaBackend {
                 )
             }
             .result()
-            .map_err(cuda_err("copying the step's uploads"))?;
+            .map_err(cuda_err("copying the step's uploads"))
+            .map_err(before)?;
         }
         self.count("cuda_graph_launch");
+        // A failed launch runs nothing of the graph.
         exec.launch()
-            .map_err(cuda_err("launching the step graph"))?;
+            .map_err(cuda_err("launching the step graph"))
+            .map_err(before)?;
         Ok(Some(exec))
     }
 
