@@ -16,7 +16,7 @@
 #     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
 #     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
 #     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
-#     --no-eval --set width=4 --out /tmp/rehearsal/train" PROFILE_PEER_CONFIGS= \
+#     --no-eval --set width=4 --out /tmp/rehearsal/train" TRAIN_GRAPH_ARGS= PROFILE_PEER_CONFIGS= \
 #     PROFILE_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 --batch-u 8 --queue 64 \
 #     --repeats 1 --warmup 0 --calib 0 --profile" bash .gpu/gpu-run.sh /tmp/rehearsal
 # (every device name in the results then reads "cuda:0 (CPU emulation)").
@@ -25,7 +25,7 @@
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS /
 #      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
-#      VAR=value words) / TRAIN_ARGS   override the workloads below
+#      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS   override the workloads below
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
@@ -105,7 +105,12 @@ OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1
 PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-graph --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
-TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --out $OUTDIR/train"}"
+# (A 1024-key queue, full after 29 of the epoch's 104 steps.)
+TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --out $OUTDIR/train"}"
+# The same run with every step after the queue has filled (and 2-3 steps that fill the graph's
+# memory arena) replayed from a CUDA graph; the summary says whether its last checkpoint equals
+# the plain run's, tensor by tensor and bit for bit (train_graph_vs_plain).
+TRAIN_GRAPH_ARGS="${TRAIN_GRAPH_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --cuda-graph --out $OUTDIR/train_graph"}"
 # -------------------------------------------------------------------------------------------------
 
 json_str() { # JSON-escapes $1
@@ -240,6 +245,10 @@ else
         if [ -n "$TRAIN_ARGS" ]; then
             # shellcheck disable=SC2086
             step train_cuda "$HERE/bin/medssl" $TRAIN_ARGS
+            if [ -n "$TRAIN_GRAPH_ARGS" ]; then
+                # shellcheck disable=SC2086
+                step train_cuda_graph env MEDSSL_CUDA_GRAPH_LOG=1 "$HERE/bin/medssl" $TRAIN_GRAPH_ARGS
+            fi
         else
             skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
         fi
@@ -325,14 +334,30 @@ for s in steps:
             summ = [r for r in rows if r.get("summary")]
             s["conformance"] = summ[-1] if summ else None
             s["failed_cases"] = [r.get("op") for r in rows if not r.get("summary") and not r.get("pass", True)]
+def tensors(path):
+    import struct
+    b = open(path, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n])
+    h.pop("__metadata__", None)
+    return {k: b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]] for k, v in h.items()}
+graph_vs_plain = None
+pa, pb = os.path.join(out, "train", "last.safetensors"), os.path.join(out, "train_graph", "last.safetensors")
+if os.path.exists(pa) and os.path.exists(pb):
+    try:
+        a, b = tensors(pa), tensors(pb)
+        graph_vs_plain = {"tensors": len(a), "bitwise_different": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
+    except Exception as e:
+        graph_vs_plain = {"error": str(e)}
 summary = {
     "gpu": open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else None,
+    "train_graph_vs_plain": graph_vs_plain,
     "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
     "all_ok": all(s.get("rc") in (0, None) for s in steps),
     "steps": steps,
 }
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
-print(json.dumps({k: summary[k] for k in ("gpu", "all_ok")}))
+print(json.dumps({k: summary[k] for k in ("gpu", "all_ok", "train_graph_vs_plain")}))
 for s in steps:
     extra = s.get("tests") or s.get("conformance") or s.get("skipped") or ""
     print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
