@@ -360,6 +360,9 @@ fn step(a: &StepArgs) -> Result<()> {
         cuda_graph: a.cuda_graph,
         ..Default::default()
     };
+    if a.cuda_graph && dev == Device::Cpu {
+        anyhow::bail!("--cuda-graph needs a CUDA device (--device cuda or cuda:N)");
+    }
     let fill_queue = a.fill_queue || a.cuda_graph;
     if fill_queue && a.queue > 0 {
         let mut rng = medssl::rng::stream(0, "bench-queue");

@@ -246,7 +246,13 @@ impl TrainConfig {
         if self.lr <= 0.0 || !self.lr.is_finite() {
             bail!("lr {} must be positive", self.lr);
         }
-        crate::tensor::Device::parse(&self.device)?;
+        let device = crate::tensor::Device::parse(&self.device)?;
+        if self.cuda_graph && device == crate::tensor::Device::Cpu {
+            bail!(
+                "cuda_graph = true (--cuda-graph) needs a CUDA device; device is '{}'",
+                self.device
+            );
+        }
         Ok(())
     }
 
@@ -280,6 +286,25 @@ mod tests {
         assert_eq!((c.lr, c.schedule.as_str(), c.epochs), (1e-4, "step", 100));
         let back: TrainConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn cuda_graph_defaults_off_and_needs_a_cuda_device() {
+        assert!(!TrainConfig::preset("fast").unwrap().cuda_graph);
+        let e = TrainConfig::resolve("fast", None, &["cuda_graph=true".into()]).unwrap_err();
+        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
+        let c = TrainConfig::resolve(
+            "fast",
+            None,
+            &["cuda_graph=true".into(), "device=cuda:1".into()],
+        )
+        .unwrap();
+        assert!(c.cuda_graph);
+        // A config written before the setting existed reads as off.
+        let mut t: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+        t.remove("cuda_graph");
+        let back: TrainConfig = toml::from_str(&toml::to_string(&t).unwrap()).unwrap();
+        assert!(!back.cuda_graph);
     }
 
     #[test]
