@@ -1875,15 +1875,7 @@ fn graph_steps_match_eager_steps() {
                 let lr = 1e-3 * (1.0 - 0.07 * s as f32);
                 stats.push(train_step(&mut st, &batch, idx, &scfg, lr).unwrap());
             }
-            let after = g.step_graph_stats().unwrap_or_default();
-            let gs = medssl::backend::GraphStats {
-                captures: after.captures - before.captures,
-                replays: after.replays - before.replays,
-                node_updates: after.node_updates - before.node_updates,
-                divergences: after.divergences - before.divergences,
-                warm_steps: after.warm_steps - before.warm_steps,
-                nodes: after.nodes,
-            };
+            let gs = g.step_graph_stats().unwrap_or_default().since(&before);
             let mut state: Vec<(String, Vec<f32>)> = Vec::new();
             for (n, v, _) in st.student.store.to_named("student.").unwrap() {
                 state.push((n, v));

@@ -170,6 +170,20 @@ pub struct GraphStats {
     pub nodes: u64,
 }
 
+impl GraphStats {
+    /// The counts since `before` (an earlier reading on the same thread); `nodes` as now.
+    pub fn since(&self, before: &GraphStats) -> GraphStats {
+        GraphStats {
+            captures: self.captures - before.captures,
+            replays: self.replays - before.replays,
+            node_updates: self.node_updates - before.node_updates,
+            divergences: self.divergences - before.divergences,
+            warm_steps: self.warm_steps - before.warm_steps,
+            nodes: self.nodes,
+        }
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda:0`).
     fn name(&self) -> String;

@@ -422,13 +422,14 @@ fn step(a: &StepArgs) -> Result<()> {
     // How many timed steps ran from the graph (all of them, unless a step diverged).
     let graph = graph_before.map(|b| {
         let n = bk.step_graph_stats().unwrap_or_default();
+        let timed = n.since(&b);
         serde_json::json!({
-            "replayed_steps": n.replays - b.replays,
+            "replayed_steps": timed.replays,
             "timed_steps": a.repeats.max(1),
             "divergences": n.divergences,
             "captures": n.captures,
             "nodes": n.nodes,
-            "node_updates_per_step": (n.node_updates - b.node_updates) as f64 / a.repeats.max(1) as f64,
+            "node_updates_per_step": timed.node_updates as f64 / a.repeats.max(1) as f64,
         })
     });
     if let Some(g) = &graph {

@@ -731,26 +731,33 @@ fn ws_ptr(ws: &Option<super::CudaStorage>) -> *mut std::ffi::c_void {
         .map_or(std::ptr::null_mut(), |w| w.ptr() as *mut std::ffi::c_void)
 }
 
-/// A cuDNN call's arguments for the step graph's comparison (see `graph.rs`): the plan (one
-/// per shape, so it stands for every descriptor), the algorithm, the three tensors and the
-/// workspace.
-fn call_sig(
+/// One cuDNN convolution pass `what` (`desc` in errors) with algorithm `algo` on `tensors`
+/// (its three device addresses): takes its workspace, counts it, checks it against a step graph
+/// (see `graph.rs`; the plan, one per shape, stands for every descriptor), then issues
+/// `call(workspace)` unless the step is being compared with its graph.
+fn dnn_pass(
+    be: &CudaBackend,
+    (what, desc): (&'static str, &str),
     plan: &Arc<Plan>,
-    algo: u64,
+    (algo, ws_bytes): (u64, usize),
     tensors: [u64; 3],
-    ws: &Option<super::CudaStorage>,
-    ws_bytes: usize,
-) -> Vec<u64> {
-    let ws = ws.as_ref().map_or(0, |w| w.ptr());
-    vec![
+    call: impl FnOnce(*mut std::ffi::c_void) -> std::result::Result<(), dnn::CudnnError>,
+) -> Result<()> {
+    let ws = workspace(be, ws_bytes)?;
+    be.count(what);
+    let sig = vec![
         Arc::as_ptr(plan) as u64,
         algo,
         tensors[0],
         tensors[1],
         tensors[2],
-        ws,
+        ws.as_ref().map_or(0, |w| w.ptr()),
         ws_bytes as u64,
-    ]
+    ];
+    if be.graph_lib(what, sig, None)? == Skip {
+        return Ok(());
+    }
+    call(ws_ptr(&ws)).map_err(dnn_err(desc))
 }
 
 fn vp(p: u64) -> *const std::ffi::c_void {
@@ -780,38 +787,31 @@ pub(super) fn conv2d_fwd(
             be.bind()?;
             let h = lock(&d.handle);
             let plan = d.plan(h.0, &s)?;
-            let ws = workspace(be, plan.fwd.1)?;
             let (alpha, beta) = (1.0f32, 0.0f32);
-            be.count("cudnn_conv_fwd");
-            let sig = call_sig(
-                &plan,
-                plan.fwd.0 as u64,
-                [be.p(x)?, be.p(w)?, be.p(&y)?],
-                &ws,
-                plan.fwd.1,
-            );
-            // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are live
-            // on the stream the handle is bound to.
-            if be.graph_lib("cudnn_conv_fwd", sig, None)? != Skip {
+            let (px, pw, py) = (be.p(x)?, be.p(w)?, be.p(&y)?);
+            let pass = ("cudnn_conv_fwd", "convolution forward");
+            let algo = (plan.fwd.0 as u64, plan.fwd.1);
+            dnn_pass(be, pass, &plan, algo, [px, pw, py], |ws| {
+                // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are
+                // live on the stream the handle is bound to.
                 unsafe {
                     dnn::convolution_forward(
                         h.0,
                         &alpha as *const f32 as *const _,
                         plan.x,
-                        vp(be.p(x)?),
+                        vp(px),
                         plan.w,
-                        vp(be.p(w)?),
+                        vp(pw),
                         plan.conv,
                         plan.fwd.0,
-                        ws_ptr(&ws),
+                        ws,
                         plan.fwd.1,
                         &beta as *const f32 as *const _,
                         plan.y,
-                        be.p(&y)? as *mut _,
+                        py as *mut _,
                     )
                 }
-                .map_err(dnn_err("convolution forward"))?;
-            }
+            })?;
         }
         None => im2col_fwd(be, &s, x, w, &y)?,
     }
@@ -865,67 +865,53 @@ pub(super) fn conv2d_bwd(
             let plan = d.plan(h.0, &s)?;
             let (alpha, beta) = (1.0f32, 0.0f32);
             if let Some(gx) = &gx {
-                let ws = workspace(be, plan.bwd_data.1)?;
-                be.count("cudnn_conv_bwd_data");
-                let sig = call_sig(
-                    &plan,
-                    plan.bwd_data.0 as u64,
-                    [be.p(w)?, be.p(gy)?, be.p(gx)?],
-                    &ws,
-                    plan.bwd_data.1,
-                );
-                // SAFETY: as in the forward pass.
-                if be.graph_lib("cudnn_conv_bwd_data", sig, None)? != Skip {
+                let (pw, pgy, pgx) = (be.p(w)?, be.p(gy)?, be.p(gx)?);
+                let pass = ("cudnn_conv_bwd_data", "convolution backward data");
+                let algo = (plan.bwd_data.0 as u64, plan.bwd_data.1);
+                dnn_pass(be, pass, &plan, algo, [pw, pgy, pgx], |ws| {
+                    // SAFETY: as in the forward pass.
                     unsafe {
                         dnn::convolution_backward_data(
                             h.0,
                             &alpha as *const f32 as *const _,
                             plan.w,
-                            vp(be.p(w)?),
+                            vp(pw),
                             plan.y,
-                            vp(be.p(gy)?),
+                            vp(pgy),
                             plan.conv,
                             plan.bwd_data.0,
-                            ws_ptr(&ws),
+                            ws,
                             plan.bwd_data.1,
                             &beta as *const f32 as *const _,
                             plan.x,
-                            be.p(gx)? as *mut _,
+                            pgx as *mut _,
                         )
                     }
-                    .map_err(dnn_err("convolution backward data"))?;
-                }
+                })?;
             }
-            let ws = workspace(be, plan.bwd_filter.1)?;
-            be.count("cudnn_conv_bwd_filter");
-            let sig = call_sig(
-                &plan,
-                plan.bwd_filter.0 as u64,
-                [be.p(x)?, be.p(gy)?, be.p(&gw)?],
-                &ws,
-                plan.bwd_filter.1,
-            );
-            // SAFETY: as in the forward pass.
-            if be.graph_lib("cudnn_conv_bwd_filter", sig, None)? != Skip {
+            let (px, pgy, pgw) = (be.p(x)?, be.p(gy)?, be.p(&gw)?);
+            let pass = ("cudnn_conv_bwd_filter", "convolution backward filter");
+            let algo = (plan.bwd_filter.0 as u64, plan.bwd_filter.1);
+            dnn_pass(be, pass, &plan, algo, [px, pgy, pgw], |ws| {
+                // SAFETY: as in the forward pass.
                 unsafe {
                     dnn::convolution_backward_filter(
                         h.0,
                         &alpha as *const f32 as *const _,
                         plan.x,
-                        vp(be.p(x)?),
+                        vp(px),
                         plan.y,
-                        vp(be.p(gy)?),
+                        vp(pgy),
                         plan.conv,
                         plan.bwd_filter.0,
-                        ws_ptr(&ws),
+                        ws,
                         plan.bwd_filter.1,
                         &beta as *const f32 as *const _,
                         plan.w,
-                        be.p(&gw)? as *mut _,
+                        pgw as *mut _,
                     )
                 }
-                .map_err(dnn_err("convolution backward filter"))?;
-            }
+            })?;
         }
         None => im2col_bwd(be, &s, x, w, gy, &gw, gx.as_ref())?,
     }

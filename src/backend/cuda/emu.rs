@@ -190,12 +190,12 @@ pub(crate) fn launch(
     let mut kinds: Vec<c_char> = Vec::with_capacity(n);
     let mut sizes: Vec<usize> = Vec::with_capacity(n);
     for a in args {
-        let (slot, kind, size) = match *a {
-            A::P(p) => (p, b'P', 8),
-            A::I(i) => (u64::from(i as u32), b'I', 4),
-            A::F(x) => (u64::from(x.to_bits()), b'F', 4),
+        let (kind, size) = match *a {
+            A::P(_) => (b'P', 8),
+            A::I(_) => (b'I', 4),
+            A::F(_) => (b'F', 4),
         };
-        slots.push(slot);
+        slots.push(a.slot());
         kinds.push(kind as c_char);
         sizes.push(size);
     }

@@ -454,13 +454,8 @@ impl CudaBackend {
     /// Ends a training step begun with [`CudaBackend::graph_step_begin`] (after its final read):
     /// launches the graph if the step did not read the device, and moves the phase on.
     pub fn graph_step_end(&self) -> Result<()> {
-        let still_open = with(self.ordinal, |g| {
-            g.and_then(|g| g.active.as_ref())
-                .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
-        });
-        if still_open {
-            self.graph_region_end()?;
-        }
+        // A step that never read the device still has its graph to run.
+        self.graph_before_read()?;
         with(self.ordinal, |g| -> Result<()> {
             let Some(g) = g else { return Ok(()) };
             let Some(a) = g.active.take() else {
@@ -956,14 +951,7 @@ fn set_kernel_args(
     if node.is_null() {
         return Err("the node was not recorded during the capture".into());
     }
-    let mut vals: Vec<u64> = args
-        .iter()
-        .map(|a| match *a {
-            A::P(p) => p,
-            A::I(i) => u64::from(i as u32),
-            A::F(x) => u64::from(x.to_bits()),
-        })
-        .collect();
+    let mut vals: Vec<u64> = args.iter().map(A::slot).collect();
     let mut ptrs: Vec<*mut std::ffi::c_void> = vals
         .iter_mut()
         .map(|v| (v as *mut u64).cast::<std::ffi::c_void>())

@@ -276,6 +276,18 @@ pub(crate) enum A {
     F(f32),
 }
 
+impl A {
+    /// The argument's bytes in an 8-byte parameter slot: a pointer whole, an `int` or `float` in
+    /// the low 4 bytes (little-endian), which is what a kernel reads from a 4-byte parameter.
+    pub(crate) fn slot(&self) -> u64 {
+        match *self {
+            A::P(p) => p,
+            A::I(i) => u64::from(i as u32),
+            A::F(x) => u64::from(x.to_bits()),
+        }
+    }
+}
+
 /// Appends `args` to a kernel launch, in order.
 fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
     for a in args {
