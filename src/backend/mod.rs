@@ -220,9 +220,11 @@ pub trait Backend: Send + Sync {
     /// has the shapes of the steps that follow. Every such step ends with
     /// [`Backend::step_graph_end`], or [`Backend::step_graph_abort`] after an error; an
     /// [`Error::GraphDiverged`](crate::Error::GraphDiverged) from the step means that it did not
-    /// match its graph, nothing of it ran, and it must be run again without the graph.
-    fn step_graph_begin(&self, _owner: u64, _stable: bool) -> Result<()> {
-        Ok(())
+    /// match its graph, nothing of it ran, and it must be run again without the graph. Returns
+    /// whether the step runs under the graph; `false`: an ordinary step, with nothing to end or
+    /// abandon.
+    fn step_graph_begin(&self, _owner: u64, _stable: bool) -> Result<bool> {
+        Ok(false)
     }
     /// Ends a step begun by [`Backend::step_graph_begin`].
     fn step_graph_end(&self) -> Result<()> {

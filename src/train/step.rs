@@ -178,14 +178,20 @@ pub fn train_step(
     let queue_in_use = cfg.method == Method::Dsrpgc && cfg.pgc && st.queue.capacity > 0;
     let stable = !queue_in_use || st.queue.len == st.queue.capacity;
     let snap = HostSnapshot::take(st);
-    if let Err(e) = bk.step_graph_begin(st.graph_owner, stable) {
-        // The graph is off for the rest of the run (see `step_graph_abort`); the step runs as
-        // usual.
-        eprintln!(
-            "cuda graph: step {} runs without the graph: {e}",
-            st.step + 1
-        );
-        return run_step(st, batch, unl_idx, cfg, lr);
+    match bk.step_graph_begin(st.graph_owner, stable) {
+        Ok(true) => {}
+        // Not a graph step (the queue is still filling, or the graph is off): as usual, without
+        // the staging copies below.
+        Ok(false) => return run_step(st, batch, unl_idx, cfg, lr),
+        Err(e) => {
+            // The graph is off for the rest of the run (see `step_graph_abort`); the step runs
+            // as usual.
+            eprintln!(
+                "cuda graph: step {} runs without the graph: {e}",
+                st.step + 1
+            );
+            return run_step(st, batch, unl_idx, cfg, lr);
+        }
     }
     // The step's images are copied into the step's own buffers by a kernel first: a new batch
     // then changes only that kernel's source pointer (an updated graph node), not the pointers

@@ -784,6 +784,9 @@ pub(super) fn conv2d_fwd(
     let y = be.empty(&out)?;
     match be.conv.dnn_for(&s) {
         Some(d) => {
+            // One turn for the pass and, the first time a shape is seen, the algorithm search
+            // (which runs convolutions on the stream).
+            let _turn = be.turn();
             be.bind()?;
             let h = lock(&d.handle);
             let plan = d.plan(h.0, &s)?;
@@ -860,6 +863,9 @@ pub(super) fn conv2d_bwd(
     };
     match be.conv.dnn_for(&s) {
         Some(d) => {
+            // One turn for the pass and, the first time a shape is seen, the algorithm search
+            // (which runs convolutions on the stream).
+            let _turn = be.turn();
             be.bind()?;
             let h = lock(&d.handle);
             let plan = d.plan(h.0, &s)?;

@@ -180,6 +180,7 @@ impl Gemm {
         } else {
             "cublas_sgemm_strided_batched"
         };
+        let _turn = be.turn();
         be.count(name);
         let call = g.blas_call(a, b, c);
         if be.graph_lib(name, call.signature(), Some(call))? == super::graph::Hook::Skip {

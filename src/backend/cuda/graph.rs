@@ -28,15 +28,17 @@
 //! Work issued after the step's first read runs eagerly in every mode, so a step that reads the
 //! device midway (`--dsr-balance class|align`) replays the part before the read.
 //!
-//! State is per thread and device: one training loop per thread owns one graph. On a real device
-//! the other threads' work waits while a capture is open (it would be captured otherwise).
+//! State is per thread and device: one training loop per thread owns one graph. While a capture
+//! is open, the other threads' device work waits (it would be captured otherwise), and a capture
+//! begins only after the other threads' work in progress has been issued (see
+//! [`CudaBackend::turn`]).
 //!
 //! Which steps can be captured at all is the caller's knowledge (`stable`): the DSRPGC step's
 //! key set grows with the queue until the queue is full, so its shapes settle only then.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::driver::{sys, LaunchConfig};
@@ -321,6 +323,9 @@ impl StepGraph {
 
 thread_local! {
     static GRAPHS: RefCell<HashMap<usize, StepGraph>> = RefCell::new(HashMap::new());
+    /// The backends this thread holds a turn on (see [`CudaBackend::turn`]), with how deeply
+    /// the turns nest.
+    static TURNS: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn with<T>(ordinal: usize, f: impl FnOnce(Option<&mut StepGraph>) -> T) -> T {
@@ -356,14 +361,16 @@ pub(crate) fn step_arena(ordinal: usize) -> Option<(Arc<Arena>, bool)> {
 impl CudaBackend {
     /// Starts a training step of the graph owned by `owner` (one per training loop). `stable`:
     /// the step has the shapes of the steps that follow (false while the key queue fills up);
-    /// an unstable step runs eagerly and drops any graph.
-    pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<()> {
-        self.wait_for_foreign_capture();
+    /// an unstable step runs eagerly and drops any graph. Returns whether the step runs under
+    /// the graph (warm, capture or shadow step); `false`: an ordinary eager step, with nothing
+    /// to end or abandon.
+    pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<bool> {
+        let turn = self.turn();
         let ordinal = self.ordinal;
         let pool = self.pool.clone();
         let mut begin_capture = false;
         let mut stale = false;
-        GRAPHS.with(|all| -> Result<()> {
+        let active = GRAPHS.with(|all| -> Result<bool> {
             let mut all = all.borrow_mut();
             let g = all.entry(ordinal).or_insert_with(|| StepGraph::new(owner));
             if g.owner != owner {
@@ -377,17 +384,17 @@ impl CudaBackend {
                 // The previous step neither ended nor was abandoned (it panicked): drop its
                 // graph below.
                 stale = true;
-                return Ok(());
+                return Ok(false);
             }
             if !stable {
                 if g.phase != Phase::Disabled {
                     g.discard();
                     g.phase = Phase::Warming(0);
                 }
-                return Ok(());
+                return Ok(false);
             }
             let mode = match g.phase {
-                Phase::Disabled => return Ok(()),
+                Phase::Disabled => return Ok(false),
                 Phase::Warming(_) => Mode::Warm,
                 Phase::Capture => Mode::Capture,
                 Phase::Ready => Mode::Shadow,
@@ -407,7 +414,7 @@ impl CudaBackend {
             if mode == Mode::Capture {
                 g.recs.clear();
                 g.exec = None;
-                begin_capture = !self.is_emulated();
+                begin_capture = true;
             }
             g.active = Some(Active {
                 mode,
@@ -416,7 +423,7 @@ impl CudaBackend {
                 patched: Vec::new(),
                 ended: false,
             });
-            Ok(())
+            Ok(true)
         })?;
         if stale {
             self.graph_step_abort(false);
@@ -424,36 +431,38 @@ impl CudaBackend {
                 "a graph step began before the previous one ended; its graph is dropped".into(),
             ));
         }
+        drop(turn);
         if begin_capture {
-            // One capture at a time on the device's stream: the flag is this thread's until its
-            // capture ends (other threads' work waits on it meanwhile).
-            while self
-                .capturing
-                .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-                .is_err()
-            {
-                std::thread::sleep(std::time::Duration::from_micros(100));
-            }
-            let r = (|| -> Result<()> {
-                let d = self.drv.as_ref().expect("real device");
-                d.stream
+            // The stream is this thread's until the capture ends (one capture at a time; other
+            // threads' work waits meanwhile). The emulated device records instead of capturing,
+            // but claims the stream all the same, so that the handshake runs in its tests.
+            self.claim_stream();
+            if let Some(d) = &self.drv {
+                let r = d
+                    .stream
                     .synchronize()
-                    .map_err(cuda_err("synchronising before the step graph's capture"))?;
-                d.stream
-                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-                    .map_err(cuda_err("beginning the step graph's capture"))
-            })();
-            if let Err(e) = r {
-                self.graph_step_abort(false);
-                return Err(e);
+                    .map_err(cuda_err("synchronising before the step graph's capture"))
+                    .and_then(|()| {
+                        d.stream
+                            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                            .map_err(cuda_err("beginning the step graph's capture"))
+                    });
+                if let Err(e) = r {
+                    // Nothing was captured: release the stream before the abort, which would
+                    // otherwise end a capture that never began.
+                    self.release_stream();
+                    self.graph_step_abort(false);
+                    return Err(e);
+                }
             }
         }
-        Ok(())
+        Ok(active)
     }
 
     /// Ends a training step begun with [`CudaBackend::graph_step_begin`] (after its final read):
     /// launches the graph if the step did not read the device, and moves the phase on.
     pub fn graph_step_end(&self) -> Result<()> {
+        let _turn = self.turn();
         // A step that never read the device still has its graph to run.
         self.graph_before_read()?;
         with(self.ordinal, |g| -> Result<()> {
@@ -520,8 +529,8 @@ impl CudaBackend {
                     )
                 })
         });
-        // Only this thread's capture is ended (the flag is this thread's while it captures).
-        if was_capture && self.capturing.swap(false, Ordering::SeqCst) {
+        // Only this thread's capture is ended (the stream is this thread's while it captures).
+        if was_capture && self.release_stream() {
             if let Some(d) = &self.drv {
                 // The partial graph is discarded; an invalidated capture reports an error here,
                 // which changes nothing.
@@ -559,7 +568,7 @@ impl CudaBackend {
         new: impl FnOnce() -> Rec,
         check: impl FnOnce(usize, Option<&mut Rec>) -> Result<bool>,
     ) -> Result<Hook> {
-        self.wait_for_foreign_capture();
+        let _turn = self.turn();
         let emulated = self.is_emulated();
         with(self.ordinal, |g| {
             let Some(g) = g else { return Ok(Hook::Eager) };
@@ -732,7 +741,7 @@ impl CudaBackend {
     /// so that they use buffers as the graph steps do), and in capture and shadow steps the copy
     /// waits until just before the graph launch.
     pub(crate) fn graph_upload(&self, s: &mut super::CudaStorage, data: &[f32]) -> Result<Hook> {
-        self.wait_for_foreign_capture();
+        let _turn = self.turn();
         let Some((arena, strict)) = step_arena(self.ordinal) else {
             return Ok(Hook::Eager);
         };
@@ -753,7 +762,7 @@ impl CudaBackend {
     /// Called before a device-to-host copy or a synchronisation: the step's graph (if one is
     /// open) must have run first.
     pub(crate) fn graph_before_read(&self) -> Result<()> {
-        self.wait_for_foreign_capture();
+        let _turn = self.turn();
         let open = with(self.ordinal, |g| {
             g.and_then(|g| g.active.as_ref())
                 .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
@@ -789,6 +798,10 @@ impl CudaBackend {
             ))
         })?;
         let r = self.run_region(mode, &uploads, &patched, &mut recs, exec);
+        if mode == Mode::Capture {
+            // The capture is over (the real device released the stream as it ended it).
+            self.release_stream();
+        }
         let (exec, r, launched) = match r {
             Ok(e) => (e, Ok(()), true),
             Err((e, launched)) => (None, Err(e), launched),
@@ -869,7 +882,7 @@ impl CudaBackend {
                 let g = d.stream.end_capture(sys::CUgraphInstantiate_flags(0));
                 // The stream is no longer capturing (even when the capture failed): other
                 // threads may go on.
-                self.capturing.store(false, Ordering::SeqCst);
+                self.release_stream();
                 let g = g
                     .map_err(cuda_err("ending the step graph's capture"))
                     .map_err(before)?
@@ -927,18 +940,109 @@ impl CudaBackend {
         Ok(Some(exec))
     }
 
-    /// On a real device, work, reads and allocations from a thread other than the capturing one
-    /// wait until the capture has ended (they would be captured into the other thread's graph,
-    /// or break the capture, otherwise).
-    pub(crate) fn wait_for_foreign_capture(&self) {
-        if self.drv.is_none() || !self.capturing.load(Ordering::SeqCst) {
-            return;
+    /// This thread's turn to issue device work on the stream (launches, library calls, copies,
+    /// reads, allocations and frees), held until the returned guard drops. A thread other than
+    /// the one capturing a step graph waits here until the capture has ended (its work would be
+    /// captured into the other thread's graph, or break the capture, otherwise); and a capture
+    /// begins only once every turn of another thread has ended ([`CudaBackend::claim_stream`]).
+    /// Turns nest: a thread that holds one already gets the next at once.
+    ///
+    /// The handshake: a turn counts itself in `in_flight` and then looks at `capture_thread`;
+    /// a capture sets `capture_thread` and then waits for `in_flight` to drain. Both are
+    /// sequentially consistent, so of a turn and a claim racing, at least one sees the other:
+    /// the turn backs off (uncounts, waits for the capture to end, tries again) or the claim
+    /// waits for the turn to end.
+    pub(crate) fn turn(&self) -> Turn<'_> {
+        let key = self.turn_key();
+        let nested = TURNS.with(|t| {
+            let mut t = t.borrow_mut();
+            let held = t.iter_mut().find(|e| e.0 == key);
+            held.map(|e| e.1 += 1).is_some()
+        });
+        if !nested {
+            let me = thread_key();
+            loop {
+                self.in_flight.fetch_add(1, Ordering::SeqCst);
+                let c = self.capture_thread.load(Ordering::SeqCst);
+                if c == 0 || c == me {
+                    break;
+                }
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                while self.capture_thread.load(Ordering::SeqCst) != 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+            TURNS.with(|t| t.borrow_mut().push((key, 1)));
         }
-        let mine = with(self.ordinal, |g| g.is_some_and(|g| g.active.is_some()));
-        while !mine && self.capturing.load(Ordering::SeqCst) {
+        Turn { be: self }
+    }
+
+    /// Identifies this backend in a thread's list of turns.
+    fn turn_key(&self) -> usize {
+        self as *const CudaBackend as usize
+    }
+
+    /// Gives this thread the stream to itself, for a capture: waits until no other thread
+    /// captures, claims the stream (new turns of other threads then wait), and waits until the
+    /// other threads' turns have ended. Released by [`CudaBackend::release_stream`].
+    fn claim_stream(&self) {
+        let me = thread_key();
+        while self
+            .capture_thread
+            .compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
+        // This thread's own turn, if it holds one, is counted once in `in_flight`.
+        let key = self.turn_key();
+        let own = TURNS.with(|t| t.borrow().iter().any(|e| e.0 == key)) as usize;
+        while self.in_flight.load(Ordering::SeqCst) > own {
+            std::thread::yield_now();
+        }
     }
+
+    /// Ends this thread's claim of the stream (false: it had none).
+    fn release_stream(&self) -> bool {
+        self.capture_thread
+            .compare_exchange(thread_key(), 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+}
+
+/// A host thread's turn to issue device work ([`CudaBackend::turn`]); ends when dropped.
+pub(crate) struct Turn<'a> {
+    be: &'a CudaBackend,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let key = self.be.turn_key();
+        let last = TURNS.with(|t| {
+            let mut t = t.borrow_mut();
+            let Some(i) = t.iter().position(|e| e.0 == key) else {
+                return false;
+            };
+            t[i].1 -= 1;
+            let last = t[i].1 == 0;
+            if last {
+                t.swap_remove(i);
+            }
+            last
+        });
+        if last {
+            self.be.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A number for the calling thread, unique in the process and never 0.
+pub(crate) fn thread_key() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
 }
 
 /// Replaces the argument values of a kernel node of an instantiated graph.
@@ -973,5 +1077,92 @@ fn set_kernel_args(
         sys::cuGraphExecKernelNodeSetParams_v2(exec, node, &p)
             .result()
             .map_err(|e| format!("{e:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn in_flight(be: &CudaBackend) -> usize {
+        be.in_flight.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn turns_nest_and_count_their_thread_once() {
+        let be = CudaBackend::create_emulated(0);
+        {
+            let _outer = be.turn();
+            assert_eq!(in_flight(&be), 1);
+            {
+                let _inner = be.turn();
+                assert_eq!(in_flight(&be), 1, "a nested turn is not counted again");
+            }
+            assert_eq!(in_flight(&be), 1, "the outer turn is still held");
+        }
+        assert_eq!(in_flight(&be), 0);
+    }
+
+    #[test]
+    fn a_claimed_stream_holds_other_threads_off_until_released() {
+        let be = CudaBackend::create_emulated(0);
+        be.claim_stream();
+        {
+            // The capturing thread's own work goes on.
+            let _own = be.turn();
+            assert_eq!(in_flight(&be), 1);
+        }
+        let (tx, rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let be = &be;
+            s.spawn(move || {
+                assert!(!be.release_stream(), "only the claiming thread releases");
+                let _t = be.turn();
+                tx.send(()).unwrap();
+            });
+            assert!(
+                rx.recv_timeout(Duration::from_millis(150)).is_err(),
+                "another thread issued work while the stream was claimed"
+            );
+            assert!(be.release_stream());
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("the other thread goes on after the release");
+        });
+        assert_eq!(in_flight(&be), 0);
+    }
+
+    #[test]
+    fn a_claim_waits_until_other_threads_turns_end() {
+        let be = CudaBackend::create_emulated(0);
+        let (held_tx, held_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (claimed_tx, claimed_rx) = mpsc::channel();
+        std::thread::scope(|s| {
+            let be = &be;
+            s.spawn(move || {
+                let _t = be.turn();
+                held_tx.send(()).unwrap();
+                // Bounded, so that a failing check below ends the test instead of hanging it.
+                let _ = go_rx.recv_timeout(Duration::from_secs(20));
+            });
+            held_rx.recv().unwrap();
+            s.spawn(move || {
+                be.claim_stream();
+                claimed_tx.send(()).unwrap();
+                assert!(be.release_stream());
+            });
+            assert!(
+                claimed_rx.recv_timeout(Duration::from_millis(150)).is_err(),
+                "a capture began while another thread was issuing work"
+            );
+            go_tx.send(()).unwrap();
+            claimed_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the claim goes through once the other turn has ended");
+        });
+        assert_eq!(in_flight(&be), 0);
+        assert_eq!(be.capture_thread.load(Ordering::SeqCst), 0);
     }
 }

@@ -40,7 +40,7 @@ pub use switches::{CudnnAlgo, Switches};
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{
@@ -360,8 +360,11 @@ pub struct CudaBackend {
     /// may still count in it). One set for the device's stream; on the emulated device one per
     /// host thread (see [`CudaBackend::counters`]).
     counters: Mutex<HashMap<Option<std::thread::ThreadId>, Vec<CudaStorage>>>,
-    /// A step graph's capture is open on the stream (real devices; see [`graph`]).
-    capturing: AtomicBool,
+    /// The host thread that has the stream to itself for a step graph's capture (its
+    /// [`graph::thread_key`]; 0: none), and the host threads issuing device work now (each
+    /// counted once, see [`CudaBackend::turn`]).
+    capture_thread: AtomicU64,
+    in_flight: AtomicUsize,
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -484,7 +487,8 @@ impl CudaBackend {
             counts: Mutex::new(HashMap::new()),
             sms: EMULATED_SMS,
             counters: Mutex::new(HashMap::new()),
-            capturing: AtomicBool::new(false),
+            capture_thread: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -576,7 +580,8 @@ impl CudaBackend {
             counts: Mutex::new(HashMap::new()),
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             counters: Mutex::new(HashMap::new()),
-            capturing: AtomicBool::new(false),
+            capture_thread: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -622,6 +627,7 @@ impl CudaBackend {
     pub fn copy_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let src = self.storage_of(t)?;
         let n = t.numel();
+        let _turn = self.turn();
         self.graph_before_read()?;
         let mut dst = self.buffer(n)?;
         if n > 0 {
@@ -649,7 +655,7 @@ impl CudaBackend {
 
     /// Frees all cached (unused) device buffers.
     pub fn empty_cache(&self) {
-        self.wait_for_foreign_capture();
+        let _turn = self.turn();
         self.pool.trim();
     }
 
@@ -701,6 +707,7 @@ impl CudaBackend {
 
     /// Launches kernel `name` on this device's stream.
     pub(crate) fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[A]) -> Result<()> {
+        let _turn = self.turn();
         self.count(name);
         let hook = self.graph_kernel(name, &cfg, args, None)?;
         if hook == graph::Hook::Skip {
@@ -730,6 +737,7 @@ impl CudaBackend {
         args: &[A],
         table: &T,
     ) -> Result<()> {
+        let _turn = self.turn();
         self.count(name);
         let p = (table as *const T).cast::<u8>();
         // SAFETY: `T` is a `#[repr(C)]` plain-data table of `size_of::<T>()` bytes.
@@ -802,7 +810,7 @@ impl CudaBackend {
 
     /// A pooled buffer that may outlive the step that asks for it (never from a step arena).
     pub(crate) fn buffer_outside_step(&self, len: usize) -> Result<CudaStorage> {
-        self.wait_for_foreign_capture();
+        let _turn = self.turn();
         Ok(CudaStorage {
             slice: Some(self.pool.take(len)?),
             len,
@@ -885,6 +893,7 @@ impl CudaBackend {
     /// Copies `data` into the start of `s`, or zero-fills all of `s` when `data` is empty (stream
     /// ordered).
     fn write(&self, s: &mut CudaStorage, data: &[f32]) -> Result<()> {
+        let _turn = self.turn();
         self.count(if data.is_empty() {
             "memset_zeros"
         } else {
@@ -963,6 +972,7 @@ impl Backend for CudaBackend {
         let s = self.storage_of(t)?;
         let n = t.numel();
         let mut out = vec![0.0f32; n];
+        let _turn = self.turn();
         self.graph_before_read()?;
         if n > 0 {
             self.count("memcpy_dtoh");
@@ -1023,6 +1033,7 @@ impl Backend for CudaBackend {
         Ok(y)
     }
     fn synchronize(&self) -> Result<()> {
+        let _turn = self.turn();
         self.graph_before_read()?;
         match &self.drv {
             Some(d) => d
@@ -1039,7 +1050,7 @@ impl Backend for CudaBackend {
         let now = self.pool.in_use.load(Ordering::Relaxed);
         self.pool.peak.store(now, Ordering::Relaxed);
     }
-    fn step_graph_begin(&self, owner: u64, stable: bool) -> Result<()> {
+    fn step_graph_begin(&self, owner: u64, stable: bool) -> Result<bool> {
         self.graph_step_begin(owner, stable)
     }
     fn step_graph_end(&self) -> Result<()> {
