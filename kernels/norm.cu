@@ -112,8 +112,26 @@ extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, const
 }
 
 // invstd[c] = 1/sqrt(running_var[c] + eps) (eval mode).
+__device__ __forceinline__ float bn_eval_is(const float* rv, float eps, int c) {
+    return 1.f / sqrtf(rv[c] + eps);
+}
+
 extern "C" __global__ void bn_eval_invstd(int C, float eps, const float* rv, float* invstd) {
-    GRID_LOOP(c, C) invstd[c] = 1.f / sqrtf(rv[c] + eps);
+    GRID_LOOP(c, C) invstd[c] = bn_eval_is(rv, eps, c);
+}
+
+// Eval-mode forward in one launch: y = gamma * (x - rm) * invstd + beta with bn_out's optional
+// epilogue, invstd formed per element from the running variance (as bn_eval_invstd does, so the
+// result has the bits of bn_eval_invstd + bn_apply + ReLU / residual join). One thread per
+// element.
+extern "C" __global__ void bn_eval_apply(int n, int C, int HW, float eps, const float* x,
+                                         const float* rm, const float* rv, const float* gamma,
+                                         const float* beta, const float* res, int relu,
+                                         float* y) {
+    GRID_LOOP(i, n) {
+        const int c = (i / HW) % C;
+        y[i] = bn_out(x[i], rm[c], bn_eval_is(rv, eps, c), gamma[c], beta[c], res, relu, i);
+    }
 }
 
 // y = gamma * (x - mean) * invstd + beta with bn_out's optional epilogue, one thread per element.

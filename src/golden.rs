@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::autograd::Graph;
+use crate::autograd::{Act, Graph};
 use crate::backend::{AdamParams, ConvParams, PoolParams, SgdParams};
 use crate::bail;
 use crate::error::{Error, Result};
@@ -434,7 +434,7 @@ fn run_op(f: &SafeFile, op: &str, params: &Value, dev: Device) -> Result<Produce
             } else {
                 put(&mut p, "out.running_mean", &rm)?;
                 put(&mut p, "out.running_var", &rv)?;
-                g.batch_norm_eval(x, w, b, &rm, &rv, eps)?
+                g.batch_norm_eval(x, w, b, &rm, &rv, eps, Act::None)?
             };
             put(&mut p, "out.y", g.value(y))?;
             g.backward_with(y, f.tensor("grad_out.y", dev)?)?;

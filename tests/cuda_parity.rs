@@ -551,10 +551,10 @@ fn batch_norm_train_and_eval() {
         close("bn shared running_var kept", &rvg, &rvc, 0.0, 0.0);
         close(
             "bn_eval y",
-            &g.batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5)
+            &g.batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5, BnAct::None)
                 .unwrap(),
             &cpu()
-                .batch_norm_eval_fwd(&xc, &gmc, &btc, &rmc, &rvc, 1e-5)
+                .batch_norm_eval_fwd(&xc, &gmc, &btc, &rmc, &rvc, 1e-5, BnAct::None)
                 .unwrap(),
             1e-5,
             1e-5,
@@ -612,6 +612,34 @@ fn batch_norm_fused_activation() {
                 _ => g.relu_fwd(&plain.0.y).unwrap(),
             };
             close(&format!("bn+{name} y = unfused"), &og.y, &unfused, 0.0, 0.0);
+            // Eval mode: one launch, against the CPU (separate ops there) and bit for bit against
+            // the unfused CUDA ops.
+            let ec = cpu()
+                .batch_norm_eval_fwd(&xc, &gmc, &btc, &rmc, &rvc, 1e-5, actc)
+                .unwrap();
+            let eg = g
+                .batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5, actg)
+                .unwrap();
+            close(&format!("bn_eval+{name} y"), &eg, &ec, 1e-5, 1e-5);
+            let eplain = g
+                .batch_norm_eval_fwd(&xg, &gmg, &btg, &rmg, &rvg, 1e-5, BnAct::None)
+                .unwrap();
+            let eunfused = match actg {
+                BnAct::AddRelu(r) => g.add_relu_fwd(&eplain, r).unwrap(),
+                _ => g.relu_fwd(&eplain).unwrap(),
+            };
+            close(
+                &format!("bn_eval+{name} y = unfused"),
+                &eg,
+                &eunfused,
+                0.0,
+                0.0,
+            );
+            let zeros = eg.to_vec().unwrap().iter().filter(|v| **v == 0.0).count();
+            assert!(
+                zeros > 0 && zeros < eg.numel(),
+                "eval {name} {shape:?}: the ReLU should clip some outputs and pass others"
+            );
             let zeros = og.y.to_vec().unwrap().iter().filter(|v| **v == 0.0).count();
             assert!(
                 zeros > 0 && zeros < og.y.numel(),

@@ -646,8 +646,10 @@ fn batch_norm_gradients() {
         );
         let rm = rand_t(&mut rng, &[c], -1.0, 1.0);
         let rv = rand_t(&mut rng, &[c], 0.3, 2.0);
-        let eval =
-            |g: &mut Graph, v: &[Var]| g.batch_norm_eval(v[0], v[1], v[2], &rm, &rv, 1e-5).unwrap();
+        let eval = |g: &mut Graph, v: &[Var]| {
+            g.batch_norm_eval(v[0], v[1], v[2], &rm, &rv, 1e-5, Act::None)
+                .unwrap()
+        };
         check_op(
             &format!("batch_norm_eval {shape:?}"),
             &[x, gamma, beta],
@@ -658,11 +660,11 @@ fn batch_norm_gradients() {
     }
 }
 
-/// `batch_norm_train_running` with a fused activation (one node) gives the same values, running
-/// statistics and gradients as the separate nodes `batch_norm_train` → `relu` / `add_relu`. On
-/// CPU the arithmetic is the same, so the comparison is exact; finite differences at the ReLU's
-/// kink would be unreliable (the batch norm puts many outputs near 0). The separate ops have their
-/// own gradient checks above.
+/// `batch_norm_train_running` and `batch_norm_eval` with a fused activation (one node) give the
+/// same values, running statistics and gradients as the separate nodes (the norm, then `relu` /
+/// `add_relu`). On CPU the arithmetic is the same, so the comparison is exact; finite differences
+/// at the ReLU's kink would be unreliable (the batch norm puts many outputs near 0). The separate
+/// ops have their own gradient checks above.
 #[test]
 fn fused_batch_norm_activation_matches_separate_nodes() {
     let mut rng = stream(5, "bn_act");
@@ -677,7 +679,7 @@ fn fused_batch_norm_activation_matches_separate_nodes() {
             rand_t(&mut rng, &[c], -1.0, 1.0),
             rand_t(&mut rng, &[c], 0.3, 2.0),
         );
-        for join in [false, true] {
+        for (train, join) in [(true, false), (true, true), (false, false), (false, true)] {
             let run = |fused: bool| {
                 let mut g = Graph::new();
                 let v: Vec<Var> = [&x, &gamma, &beta, &r]
@@ -686,23 +688,20 @@ fn fused_batch_norm_activation_matches_separate_nodes() {
                     .collect();
                 // Updated in place: copies, so that both runs start from the same statistics.
                 let (mut nrm, mut nrv) = (rm.clone(), rv.clone());
-                let y = if fused {
-                    let act = if join { Act::AddRelu(v[3]) } else { Act::Relu };
-                    g.batch_norm_train_running(v[0], v[1], v[2], 1e-5, &mut nrm, &mut nrv, 0.1, act)
-                        .unwrap()
-                } else {
-                    let h = g
-                        .batch_norm_train_running(
-                            v[0],
-                            v[1],
-                            v[2],
-                            1e-5,
-                            &mut nrm,
-                            &mut nrv,
-                            0.1,
-                            Act::None,
+                let mut norm = |g: &mut Graph, act: Act| {
+                    if train {
+                        g.batch_norm_train_running(
+                            v[0], v[1], v[2], 1e-5, &mut nrm, &mut nrv, 0.1, act,
                         )
-                        .unwrap();
+                    } else {
+                        g.batch_norm_eval(v[0], v[1], v[2], &rm, &rv, 1e-5, act)
+                    }
+                    .unwrap()
+                };
+                let y = if fused {
+                    norm(&mut g, if join { Act::AddRelu(v[3]) } else { Act::Relu })
+                } else {
+                    let h = norm(&mut g, Act::None);
                     if join {
                         g.add_relu(h, v[3]).unwrap()
                     } else {
@@ -722,11 +721,11 @@ fn fused_batch_norm_activation_matches_separate_nodes() {
             };
             let (fused, separate) = (run(true), run(false));
             assert_eq!(fused.len(), if join { 7 } else { 6 });
-            assert_eq!(fused, separate, "{shape:?} join {join}");
+            assert_eq!(fused, separate, "{shape:?} train {train} join {join}");
             let zeros = fused[0].iter().filter(|v| **v == 0.0).count();
             assert!(
                 zeros > 0 && zeros < fused[0].len(),
-                "{shape:?}: ReLU clips none or all"
+                "{shape:?} train {train}: ReLU clips none or all"
             );
         }
     }

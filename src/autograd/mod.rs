@@ -23,8 +23,8 @@ impl Var {
     }
 }
 
-/// What [`Graph::batch_norm_train_running`] applies to the normalised output in the same node
-/// (see [`BnAct`]); the residual of `AddRelu` is a node of the graph.
+/// What [`Graph::batch_norm_train_running`] and [`Graph::batch_norm_eval`] apply to the normalised
+/// output in the same node (see [`BnAct`]); the residual of `AddRelu` is a node of the graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {
     None,
@@ -524,7 +524,9 @@ impl Graph {
         (y, o.mean, o.var_unbiased)
     }
 
-    /// Eval-mode batch norm with running statistics (constants).
+    /// Eval-mode batch norm with running statistics (constants), followed by `act`, one node
+    /// (on CUDA one launch). Its backward is the ReLU mask (when `act` has one), then the norm's.
+    #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_eval(
         &mut self,
         x: Var,
@@ -533,17 +535,38 @@ impl Graph {
         running_mean: &Tensor,
         running_var: &Tensor,
         eps: f32,
+        act: Act,
     ) -> Result<Var> {
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
         let (rm, rv) = (running_mean.clone(), running_var.clone());
         let bk = be(&xt)?;
-        let y = bk.batch_norm_eval_fwd(&xt, &gt, self.value(beta), &rm, &rv, eps)?;
+        let bact = match act {
+            Act::None => BnAct::None,
+            Act::Relu => BnAct::Relu,
+            Act::AddRelu(r) => BnAct::AddRelu(self.value(r)),
+        };
+        let y = bk.batch_norm_eval_fwd(&xt, &gt, self.value(beta), &rm, &rv, eps, bact)?;
+        let ys = (act != Act::None).then(|| y.clone());
+        let parents = match act {
+            Act::AddRelu(r) => vec![x, gamma, beta, r],
+            _ => vec![x, gamma, beta],
+        };
         Ok(self.push(
             y,
-            &[x, gamma, beta],
+            &parents,
             Box::new(move |g, _| {
-                let (gx, gg, gb) = bk.batch_norm_eval_bwd(&xt, &gt, &rm, &rv, eps, g)?;
-                Ok(vec![Some(gx), Some(gg), Some(gb)])
+                // d relu(bn(x) [+ r]): the masked gradient goes through the norm (and to r).
+                let gm = match &ys {
+                    Some(ys) => Some(bk.relu_bwd(ys, g)?),
+                    None => None,
+                };
+                let gn = gm.as_ref().unwrap_or(g);
+                let (gx, gg, gb) = bk.batch_norm_eval_bwd(&xt, &gt, &rm, &rv, eps, gn)?;
+                let mut grads = vec![Some(gx), Some(gg), Some(gb)];
+                if matches!(act, Act::AddRelu(_)) {
+                    grads.push(gm);
+                }
+                Ok(grads)
             }),
         ))
     }

@@ -369,7 +369,9 @@ pub trait Backend: Send + Sync {
         let (gx, gg, gb) = self.batch_norm_train_bwd(x, gamma, mean, invstd, &gm)?;
         Ok((gx, gg, gb, keep_masked.then_some(gm)))
     }
-    /// Eval-mode batch norm with running statistics.
+    /// Eval-mode batch norm with running statistics, followed by `act` (the CUDA backend applies
+    /// it in the same launch, with the bits of a separate `relu_fwd` / `add_relu_fwd`).
+    #[allow(clippy::too_many_arguments)]
     fn batch_norm_eval_fwd(
         &self,
         x: &Tensor,
@@ -378,6 +380,7 @@ pub trait Backend: Send + Sync {
         running_mean: &Tensor,
         running_var: &Tensor,
         eps: f32,
+        act: BnAct<'_>,
     ) -> Result<Tensor>;
     /// Gradients `(gx, gγ, gβ)` of the eval-mode forward (statistics are constants).
     fn batch_norm_eval_bwd(

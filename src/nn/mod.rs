@@ -285,8 +285,7 @@ impl BatchNorm2d {
         }
     }
     /// Train mode normalises with batch statistics and updates the running ones in `store`.
-    /// `act` follows the norm: in train mode inside the same node (fused on CUDA), in eval mode
-    /// as its own `relu` / `add_relu` node.
+    /// `act` follows the norm inside the same node (fused on CUDA) in both modes.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -303,19 +302,15 @@ impl BatchNorm2d {
             let (rm, rv) = store.pair_mut(self.running_mean, self.running_var);
             g.batch_norm_train_running(x, w, b, BN_EPS, rm, rv, BN_MOMENTUM, act)
         } else {
-            let y = g.batch_norm_eval(
+            g.batch_norm_eval(
                 x,
                 w,
                 b,
                 store.value(self.running_mean),
                 store.value(self.running_var),
                 BN_EPS,
-            )?;
-            match act {
-                Act::None => Ok(y),
-                Act::Relu => g.relu(y),
-                Act::AddRelu(r) => g.add_relu(y, r),
-            }
+                act,
+            )
         }
     }
 }

@@ -15,8 +15,8 @@ pub mod ssl_losses;
 
 use crate::backend::shapes::{self, last_dim, nchw, rows2, same_shape};
 use crate::backend::{
-    label_values, AdamParams, Backend, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams,
-    SgdParams,
+    label_values, AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, DsrFactors,
+    PoolParams, SgdParams,
 };
 use crate::error::Result;
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -245,9 +245,10 @@ impl Backend for CpuBackend {
         rm: &Tensor,
         rv: &Tensor,
         eps: f32,
+        act: BnAct<'_>,
     ) -> Result<Tensor> {
         let (_, c, h, w) = shapes::batch_norm_eval_fwd(x, gamma, beta, rm, rv)?;
-        Ok(out(
+        let y = out(
             norm::batch_norm_eval_fwd(
                 data(x)?,
                 c,
@@ -259,7 +260,12 @@ impl Backend for CpuBackend {
                 eps,
             ),
             x.shape(),
-        ))
+        );
+        match act {
+            BnAct::None => Ok(y),
+            BnAct::Relu => self.relu_fwd(&y),
+            BnAct::AddRelu(r) => self.add_relu_fwd(&y, r),
+        }
     }
     fn batch_norm_eval_bwd(
         &self,

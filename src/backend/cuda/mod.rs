@@ -1190,8 +1190,10 @@ impl Backend for CudaBackend {
         running_mean: &Tensor,
         running_var: &Tensor,
         eps: f32,
+        act: BnAct<'_>,
     ) -> Result<Tensor> {
-        norm::batch_norm_eval_fwd(self, x, gamma, beta, running_mean, running_var, eps)
+        let (rm, rv) = (running_mean, running_var);
+        norm::batch_norm_eval_fwd(self, x, gamma, beta, rm, rv, eps, act)
     }
     fn batch_norm_eval_bwd(
         &self,

@@ -413,6 +413,8 @@ fn eval_invstd(be: &CudaBackend, rv: &Tensor, c: usize, eps: f32) -> Result<Tens
     Ok(inv)
 }
 
+/// Eval-mode forward with `act` after it, in one launch (`bn_eval_apply`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn batch_norm_eval_fwd(
     be: &CudaBackend,
     x: &Tensor,
@@ -421,12 +423,32 @@ pub(super) fn batch_norm_eval_fwd(
     rm: &Tensor,
     rv: &Tensor,
     eps: f32,
+    act: BnAct<'_>,
 ) -> Result<Tensor> {
     let (_, c, h, w) = shapes::batch_norm_eval_fwd(x, gamma, beta, rm, rv)?;
-    let inv = eval_invstd(be, rv, c, eps)?;
+    let epilogue = act_args(be, x, act)?;
     let y = be.empty(x.shape())?;
-    let none = act_args(be, x, BnAct::None)?;
-    apply(be, x, (rm, &inv, gamma, beta), none, &y, (c, h * w))?;
+    let total = x.numel();
+    if total > 0 {
+        be.launch(
+            "bn_eval_apply",
+            cfg_lin(total),
+            &[
+                A::I(ci(total)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::F(eps),
+                A::P(be.p(x)?),
+                A::P(be.p(rm)?),
+                A::P(be.p(rv)?),
+                A::P(be.p(gamma)?),
+                A::P(be.p(beta)?),
+                epilogue[0],
+                epilogue[1],
+                A::P(be.p(&y)?),
+            ],
+        )?;
+    }
     Ok(y)
 }
 
