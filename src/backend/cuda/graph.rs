@@ -326,6 +326,21 @@ thread_local! {
     /// The backends this thread holds a turn on (see [`CudaBackend::turn`]), with how deeply
     /// the turns nest.
     static TURNS: RefCell<Vec<(usize, usize)>> = const { RefCell::new(Vec::new()) };
+    /// The stream claims this thread holds (see [`CudaBackend::claim_stream`]).
+    static CLAIMS: Claims = const { Claims(RefCell::new(Vec::new())) };
+}
+
+/// A thread's stream claims: each backend's claim word and the thread's key in it. A thread that
+/// ends while it holds a claim (a panic during a capture) releases it as it ends, so that other
+/// threads' device work does not wait for it forever.
+struct Claims(RefCell<Vec<(Arc<AtomicU64>, u64)>>);
+
+impl Drop for Claims {
+    fn drop(&mut self) {
+        for (word, key) in self.0.borrow().iter() {
+            let _ = word.compare_exchange(*key, 0, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
 }
 
 fn with<T>(ordinal: usize, f: impl FnOnce(Option<&mut StepGraph>) -> T) -> T {
@@ -520,6 +535,7 @@ impl CudaBackend {
     /// (e.g. a library call that cannot be captured), or [`MAX_DIVERGENCES`] divergences, turn
     /// the graphs off for the rest of the run.
     pub fn graph_step_abort(&self, diverged: bool) -> bool {
+        let _turn = self.turn();
         let (was_capture, unrun) = with(self.ordinal, |g| {
             g.and_then(|g| g.active.as_ref())
                 .map_or((false, false), |a| {
@@ -945,7 +961,8 @@ impl CudaBackend {
     /// the one capturing a step graph waits here until the capture has ended (its work would be
     /// captured into the other thread's graph, or break the capture, otherwise); and a capture
     /// begins only once every turn of another thread has ended ([`CudaBackend::claim_stream`]).
-    /// Turns nest: a thread that holds one already gets the next at once.
+    /// Turns nest: a thread that holds one already gets the next at once. A turn is taken before
+    /// any lock that a capturing thread may also take (a thread that waits here must hold none).
     ///
     /// The handshake: a turn counts itself in `in_flight` and then looks at `capture_thread`;
     /// a capture sets `capture_thread` and then waits for `in_flight` to drain. Both are
@@ -994,6 +1011,7 @@ impl CudaBackend {
         {
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
+        CLAIMS.with(|c| c.0.borrow_mut().push((self.capture_thread.clone(), me)));
         // This thread's own turn, if it holds one, is counted once in `in_flight`.
         let key = self.turn_key();
         let own = TURNS.with(|t| t.borrow().iter().any(|e| e.0 == key)) as usize;
@@ -1004,6 +1022,10 @@ impl CudaBackend {
 
     /// Ends this thread's claim of the stream (false: it had none).
     fn release_stream(&self) -> bool {
+        CLAIMS.with(|c| {
+            c.0.borrow_mut()
+                .retain(|(word, _)| !Arc::ptr_eq(word, &self.capture_thread))
+        });
         self.capture_thread
             .compare_exchange(thread_key(), 0, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
@@ -1131,6 +1153,22 @@ mod tests {
                 .expect("the other thread goes on after the release");
         });
         assert_eq!(in_flight(&be), 0);
+    }
+
+    #[test]
+    fn a_thread_that_ends_with_a_claim_releases_it() {
+        let be = CudaBackend::create_emulated(0);
+        std::thread::scope(|s| {
+            let be = &be;
+            let r = s.spawn(move || {
+                be.claim_stream();
+                panic!("a capture step failed");
+            });
+            assert!(r.join().is_err());
+        });
+        assert_eq!(be.capture_thread.load(Ordering::SeqCst), 0);
+        // This thread's work goes on at once.
+        let _t = be.turn();
     }
 
     #[test]

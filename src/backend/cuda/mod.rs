@@ -363,7 +363,7 @@ pub struct CudaBackend {
     /// The host thread that has the stream to itself for a step graph's capture (its
     /// [`graph::thread_key`]; 0: none), and the host threads issuing device work now (each
     /// counted once, see [`CudaBackend::turn`]).
-    capture_thread: AtomicU64,
+    capture_thread: Arc<AtomicU64>,
     in_flight: AtomicUsize,
 }
 
@@ -487,7 +487,7 @@ impl CudaBackend {
             counts: Mutex::new(HashMap::new()),
             sms: EMULATED_SMS,
             counters: Mutex::new(HashMap::new()),
-            capture_thread: AtomicU64::new(0),
+            capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
         }
     }
@@ -580,7 +580,7 @@ impl CudaBackend {
             counts: Mutex::new(HashMap::new()),
             sms: usize::try_from(sms).unwrap_or(1).max(1),
             counters: Mutex::new(HashMap::new()),
-            capture_thread: AtomicU64::new(0),
+            capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
         })
     }
@@ -777,6 +777,9 @@ impl CudaBackend {
     /// on that thread as they are made (the parity tests run in parallel), so there each thread
     /// gets its own set.
     pub(crate) fn counters(&self, n: usize) -> Result<u64> {
+        // The turn before the lock: a thread that waits for another's capture must not hold a
+        // lock that the capturing thread takes.
+        let _turn = self.turn();
         let key = self.drv.is_none().then(|| std::thread::current().id());
         let mut all = lock(&self.counters);
         let kept = all.entry(key).or_default();
@@ -795,6 +798,8 @@ impl CudaBackend {
     /// A pooled, uninitialised buffer of `len` f32 (inside a step-graph step: from the step's
     /// arena, see [`graph`]).
     pub(crate) fn buffer(&self, len: usize) -> Result<CudaStorage> {
+        // A new buffer is allocated on the stream (stream-ordered allocation).
+        let _turn = self.turn();
         if let Some((arena, strict)) = graph::step_arena(self.ordinal) {
             let (b, addr) = arena.take(len, strict)?;
             return Ok(CudaStorage {
