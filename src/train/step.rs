@@ -177,7 +177,6 @@ pub fn train_step(
     }
     let queue_in_use = cfg.method == Method::Dsrpgc && cfg.pgc && st.queue.capacity > 0;
     let stable = !queue_in_use || st.queue.len == st.queue.capacity;
-    let snap = HostSnapshot::take(st);
     match bk.step_graph_begin(st.graph_owner, stable) {
         Ok(true) => {}
         // Not a graph step (the queue is still filling, or the graph is off): as usual, without
@@ -193,6 +192,7 @@ pub fn train_step(
             return run_step(st, batch, unl_idx, cfg, lr);
         }
     }
+    let snap = HostSnapshot::take(st);
     // The step's images are copied into the step's own buffers by a kernel first: a new batch
     // then changes only that kernel's source pointer (an updated graph node), not the pointers
     // of the convolutions that read the images.
