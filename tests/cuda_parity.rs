@@ -698,6 +698,39 @@ fn batch_norm_fused_activation() {
     }
 }
 
+/// Device work for a second host thread while `graph_steps_match_eager_steps` runs: a split
+/// batch norm (arrival counters), a product (cuBLAS) and reads, repeated until `stop`; every
+/// round's results must equal the first round's bit for bit. Returns the number of rounds.
+fn other_thread_work(g: &dyn Backend, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let mut rng = Rng(99);
+    let shape = [4, 3, 48, 48];
+    let x = g.from_host(&rng.vec(numel(&shape), 1.0), &shape).unwrap();
+    let (gamma, beta) = (
+        g.from_host(&rng.pos(3), &[3]).unwrap(),
+        g.from_host(&rng.vec(3, 0.5), &[3]).unwrap(),
+    );
+    let (a, b) = (
+        g.from_host(&rng.vec(24 * 40, 1.0), &[24, 40]).unwrap(),
+        g.from_host(&rng.vec(40 * 16, 1.0), &[40, 16]).unwrap(),
+    );
+    let round = || {
+        let y = g.batch_norm_train_fwd(&x, &gamma, &beta, 1e-5).unwrap().y;
+        let c = g.matmul(&a, &b, false, false).unwrap();
+        (y.to_vec().unwrap(), c.to_vec().unwrap())
+    };
+    let first = round();
+    let mut rounds = 1;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            round() == first,
+            "round {rounds} of the other thread's work differs"
+        );
+        rounds += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    rounds
+}
+
 /// The inputs of one batch norm with every option: `x`, `gamma`, `beta`, running mean and
 /// variance, the residual of a `relu(bn(x) + r)` join, and the output gradient.
 struct BnCase {
@@ -1926,8 +1959,17 @@ fn graph_steps_match_eager_steps() {
         };
         let what = format!("{method:?}/{balance:?}/short batch at {short:?}");
         let (se, te, _) = run(false);
-        let (sg, tg, gs) = run(true);
-        println!("{what}: graph {gs:?}");
+        // The graph run with another host thread issuing device work all along (it waits while
+        // a capture is open, and a capture waits for its work in progress): neither thread's
+        // results may change.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let ((sg, tg, gs), rounds) = std::thread::scope(|s| {
+            let other = s.spawn(|| other_thread_work(g, &stop));
+            let r = run(true);
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (r, other.join().expect("the other thread's work"))
+        });
+        println!("{what}: graph {gs:?}; the other thread ran {rounds} rounds");
         if let Some(k) = short {
             // Steps 2-3 (from 0) warm up, 4 captures, 5 replays, the short step diverges and
             // runs eagerly, and the steps after it warm up a new graph.
