@@ -234,7 +234,7 @@ impl<A: AlgoCode> Perf for Found<A> {
     }
 }
 
-/// Whether [`pick`] prefers deterministic algorithms: yes unless `MEDSSL_CUDNN_DETERMINISTIC=0`
+/// Whether `pick` prefers deterministic algorithms: yes unless `MEDSSL_CUDNN_DETERMINISTIC=0`
 /// (then the fastest usable one, deterministic or not, as PyTorch's `cudnn.benchmark = True`
 /// with `cudnn.deterministic = False` does).
 pub fn deterministic_first() -> bool {

@@ -532,7 +532,7 @@ impl CudaBackend {
     /// ends an open capture, drops the graph and its arena. Returns whether none of the step's
     /// device work was issued (a capture or shadow step before its graph launch), so that the
     /// caller may run the step again eagerly. A capture that failed otherwise than by diverging
-    /// (e.g. a library call that cannot be captured), or [`MAX_DIVERGENCES`] divergences, turn
+    /// (e.g. a library call that cannot be captured), or `MAX_DIVERGENCES` divergences, turn
     /// the graphs off for the rest of the run.
     pub fn graph_step_abort(&self, diverged: bool) -> bool {
         let _turn = self.turn();

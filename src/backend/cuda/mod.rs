@@ -5,7 +5,7 @@
 //! Layers: this file owns every `unsafe` driver interaction (context, stream, module loading,
 //! kernel launch, the caching allocator, raw device pointers); the op-family files
 //! (`elementwise.rs`, `reduce.rs`, ... named like their CPU twins and their `.cu` files) only
-//! validate shapes and call [`CudaBackend::launch`] / [`gemm`] / [`conv`] helpers.
+//! validate shapes and call `CudaBackend::launch` / `gemm` / `conv` helpers.
 //!
 //! Libraries are loaded at run time (cudarc `dynamic-loading`): `libcuda.so` comes from the
 //! driver, `libcublas.so*` / `libcublasLt.so*` / `libcudnn.so*` are searched by the dynamic loader

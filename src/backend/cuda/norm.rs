@@ -21,7 +21,7 @@ pub(super) const FUSED_MAX_M: usize = 65536;
 static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// The limit in force: [`set_bn_fused_max_m`]'s value, else `MEDSSL_CUDA_BN_FUSED_MAX_M` when
-/// set (0: always two launches; see [`super::switches`]), else [`FUSED_MAX_M`].
+/// set (0: always two launches; see [`super::switches`]), else `FUSED_MAX_M`.
 pub fn bn_fused_max_m() -> usize {
     match FUSED_LIMIT.load(Ordering::Relaxed) {
         usize::MAX => {
@@ -53,7 +53,7 @@ thread_local! {
 
 /// Blocks per channel of the batch-norm reductions in force on the calling thread:
 /// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]); 0 is
-/// automatic (see [`split_count`]).
+/// automatic (see `split_count`).
 pub fn bn_split() -> usize {
     SPLIT_HERE
         .with(|s| s.get())

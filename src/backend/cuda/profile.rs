@@ -4,14 +4,14 @@
 //!
 //! On a GPU the records come from CUPTI's activity API (`libcupti.so`, loaded at run time like the
 //! other CUDA libraries; the `nvidia/cuda_cupti/lib` folder of a PyTorch pip environment has it):
-//! CUPTI fills host buffers it asks for through [`buffer_requested`] and hands them back full
-//! through [`buffer_completed`], where the records are read. Records are read through their
+//! CUPTI fills host buffers it asks for through `buffer_requested` and hands them back full
+//! through `buffer_completed`, where the records are read. Records are read through their
 //! leading fields only (kind; start and end at bytes 16 and 24; a kernel's name pointer), which
 //! every CUPTI version since CUDA 9 lays out the same, so the profile does not depend on the
 //! CUPTI version the node provides.
 //!
 //! On the emulated device there is no device clock: each emulated kernel launch is timed on the
-//! host instead ([`host_timed`]), which exercises the same bookkeeping but says nothing about a
+//! host instead (`host_timed`), which exercises the same bookkeeping but says nothing about a
 //! GPU (the profile's `source` says which).
 
 use std::collections::HashMap;
