@@ -152,7 +152,6 @@ pub fn label_values(v: &[f32], what: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// The primitive ops. Every method allocates its outputs on the backend's device.
 /// Counters of a backend's whole-step device graphs on the calling thread.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphStats {
@@ -184,6 +183,7 @@ impl GraphStats {
     }
 }
 
+/// The primitive ops. Every method allocates its outputs on the backend's device.
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda:0`).
     fn name(&self) -> String;

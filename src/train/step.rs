@@ -172,25 +172,25 @@ pub fn train_step(
     lr: f32,
 ) -> Result<StepStats> {
     let bk = batch.x_lab.backend()?;
-    if !cfg.cuda_graph || bk.device() == Device::Cpu {
+    if !cfg.cuda_graph {
         return run_step(st, batch, unl_idx, cfg, lr);
     }
     let queue_in_use = cfg.method == Method::Dsrpgc && cfg.pgc && st.queue.capacity > 0;
     let stable = !queue_in_use || st.queue.len == st.queue.capacity;
-    match bk.step_graph_begin(st.graph_owner, stable) {
-        Ok(true) => {}
-        // Not a graph step (the queue is still filling, or the graph is off): as usual, without
-        // the staging copies below.
-        Ok(false) => return run_step(st, batch, unl_idx, cfg, lr),
-        Err(e) => {
-            // The graph is off for the rest of the run (see `step_graph_abort`); the step runs
-            // as usual.
+    let graph_step = bk
+        .step_graph_begin(st.graph_owner, stable)
+        .unwrap_or_else(|e| {
+            // The graph is off for the rest of the run (see `step_graph_abort`).
             eprintln!(
                 "cuda graph: step {} runs without the graph: {e}",
                 st.step + 1
             );
-            return run_step(st, batch, unl_idx, cfg, lr);
-        }
+            false
+        });
+    if !graph_step {
+        // Not a graph step (a backend without graphs, the queue still filling, or the graph
+        // off): as usual, without the staging copies below.
+        return run_step(st, batch, unl_idx, cfg, lr);
     }
     let snap = HostSnapshot::take(st);
     // The step's images are copied into the step's own buffers by a kernel first: a new batch

@@ -477,9 +477,8 @@ impl CudaBackend {
     /// Ends a training step begun with [`CudaBackend::graph_step_begin`] (after its final read):
     /// launches the graph if the step did not read the device, and moves the phase on.
     pub fn graph_step_end(&self) -> Result<()> {
-        let _turn = self.turn();
         // A step that never read the device still has its graph to run.
-        self.graph_before_read()?;
+        let _turn = self.graph_before_read()?;
         with(self.ordinal, |g| -> Result<()> {
             let Some(g) = g else { return Ok(()) };
             let Some(a) = g.active.take() else {
@@ -776,9 +775,9 @@ impl CudaBackend {
     }
 
     /// Called before a device-to-host copy or a synchronisation: the step's graph (if one is
-    /// open) must have run first.
-    pub(crate) fn graph_before_read(&self) -> Result<()> {
-        let _turn = self.turn();
+    /// open) must have run first. Returns the turn under which the caller issues the read.
+    pub(crate) fn graph_before_read(&self) -> Result<Turn<'_>> {
+        let turn = self.turn();
         let open = with(self.ordinal, |g| {
             g.and_then(|g| g.active.as_ref())
                 .is_some_and(|a| a.mode != Mode::Warm && !a.ended)
@@ -786,7 +785,7 @@ impl CudaBackend {
         if open {
             self.graph_region_end()?;
         }
-        Ok(())
+        Ok(turn)
     }
 
     /// Ends the graph part of the step: instantiates a capture, or checks a shadow step against

@@ -230,9 +230,7 @@ impl CudaStorage {
         self.pool
             .addr(self.slice.as_ref().expect("live CudaStorage has a buffer"))
     }
-}
 
-impl CudaStorage {
     /// Swaps in another buffer of the same length from a step arena (the old one goes back where
     /// it came from). Only for a fresh storage whose address no work has seen yet.
     fn replace_buffer(&mut self, b: Buf, arena: Arc<graph::Arena>, addr: u64) {
@@ -627,8 +625,7 @@ impl CudaBackend {
     pub fn copy_tensor(&self, t: &Tensor) -> Result<Tensor> {
         let src = self.storage_of(t)?;
         let n = t.numel();
-        let _turn = self.turn();
-        self.graph_before_read()?;
+        let _turn = self.graph_before_read()?;
         let mut dst = self.buffer(n)?;
         if n > 0 {
             self.count("memcpy_dtod");
@@ -977,8 +974,7 @@ impl Backend for CudaBackend {
         let s = self.storage_of(t)?;
         let n = t.numel();
         let mut out = vec![0.0f32; n];
-        let _turn = self.turn();
-        self.graph_before_read()?;
+        let _turn = self.graph_before_read()?;
         if n > 0 {
             self.count("memcpy_dtoh");
             match (s.slice.as_ref().expect("live buffer"), &self.drv) {
@@ -1038,8 +1034,7 @@ impl Backend for CudaBackend {
         Ok(y)
     }
     fn synchronize(&self) -> Result<()> {
-        let _turn = self.turn();
-        self.graph_before_read()?;
+        let _turn = self.graph_before_read()?;
         match &self.drv {
             Some(d) => d
                 .stream

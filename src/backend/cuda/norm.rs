@@ -130,21 +130,20 @@ pub(super) fn batch_norm_train_fwd_running(
     shapes::same_shape(rv, gamma, "batch_norm2d running_var")?;
     let (pm, pv) = (be.p(rm)?, be.p(rv)?);
     let in_place = rm.storage_mut().is_ok() && rv.storage_mut().is_ok();
-    if in_place {
-        let upd = [A::F(m), A::P(pm), A::P(pv), A::P(pm), A::P(pv)];
-        return train_fwd(be, x, gamma, beta, eps, upd, act);
-    }
-    let (rm_out, rv_out) = (be.empty(gamma.shape())?, be.empty(gamma.shape())?);
-    let upd = [
-        A::F(m),
-        A::P(pm),
-        A::P(pv),
-        A::P(be.p(&rm_out)?),
-        A::P(be.p(&rv_out)?),
-    ];
+    let fresh = match in_place {
+        true => None,
+        false => Some((be.empty(gamma.shape())?, be.empty(gamma.shape())?)),
+    };
+    let (om, ov) = match &fresh {
+        Some((a, b)) => (be.p(a)?, be.p(b)?),
+        None => (pm, pv),
+    };
+    let upd = [A::F(m), A::P(pm), A::P(pv), A::P(om), A::P(ov)];
     let o = train_fwd(be, x, gamma, beta, eps, upd, act)?;
-    *rm = rm_out;
-    *rv = rv_out;
+    if let Some((a, b)) = fresh {
+        *rm = a;
+        *rv = b;
+    }
     Ok(o)
 }
 
