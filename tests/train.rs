@@ -58,6 +58,21 @@ fn student_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     v
 }
 
+/// The student tensors of two runs' `last` checkpoints, asserted equal bit for bit (`what` names
+/// the comparison in the failure message); returns the first run's.
+fn assert_same_last(a: &Path, b: &Path, what: &str) -> Vec<(String, Vec<f32>)> {
+    let (ta, tb) = (
+        student_tensors(&a.join("last.safetensors")),
+        student_tensors(&b.join("last.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
+        assert_eq!(ka, kb);
+        assert!(va == vb, "{what}: tensor {ka} differs");
+    }
+    ta
+}
+
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let (a, b) = (tmp("straight"), tmp("resumed"));
@@ -67,16 +82,8 @@ fn resume_reproduces_the_uninterrupted_run() {
     assert_eq!(o, Outcome::StepLimit);
     let (o, _) = train(tiny(&[]), &opts(&b, true, 7)).unwrap();
     assert_eq!(o, Outcome::StepLimit);
-    let (ta, tb) = (
-        student_tensors(&a.join("last.safetensors")),
-        student_tensors(&b.join("last.safetensors")),
-    );
-    assert_eq!(ta.len(), tb.len());
+    let ta = assert_same_last(&a, &b, "straight and resumed");
     assert!(ta.iter().any(|(k, _)| k.starts_with("opt.m.")) && ta.iter().any(|(k, _)| k == "meta"));
-    for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
-        assert_eq!(ka, kb);
-        assert!(va == vb, "tensor {ka} differs after resume");
-    }
     // The straight run really moved away from the initial weights.
     let c = tmp("init");
     train(tiny(&[]), &opts(&c, false, 1)).unwrap();
@@ -90,6 +97,27 @@ fn resume_reproduces_the_uninterrupted_run() {
     };
     assert_ne!(w(&ta), w(&tc));
     for d in [a, b, c] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// The CPU arithmetic does not depend on the rayon thread count: a run started on one thread and
+/// resumed on three writes the checkpoint of a straight run on two, bit for bit.
+#[test]
+fn resume_on_another_thread_count_continues_exactly() {
+    let (a, b) = (tmp("threads-straight"), tmp("threads-resumed"));
+    for (threads, out, resume, steps) in [(2, &a, false, 5), (1, &b, false, 2), (3, &b, true, 5)] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (o, _) = pool
+            .install(|| train(tiny(&[]), &opts(out, resume, steps)))
+            .unwrap();
+        assert_eq!(o, Outcome::StepLimit);
+    }
+    assert_same_last(&a, &b, "thread counts 2 and 1 + 3");
+    for d in [a, b] {
         let _ = std::fs::remove_dir_all(d);
     }
 }
@@ -119,15 +147,7 @@ fn resume_is_exact_with_dsr_balance() {
             train(cfg(), &opts(&b, true, 6)).unwrap().0,
             Outcome::StepLimit
         );
-        let (ta, tb) = (
-            student_tensors(&a.join("last.safetensors")),
-            student_tensors(&b.join("last.safetensors")),
-        );
-        assert_eq!(ta.len(), tb.len());
-        for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
-            assert_eq!(ka, kb);
-            assert!(va == vb, "{mode}: tensor {ka} differs after resume");
-        }
+        let ta = assert_same_last(&a, &b, &format!("{mode}, straight and resumed"));
         let get = |k: &str| ta.iter().find(|(n, _)| n == k).unwrap().1.clone();
         assert_eq!(get("dsr_balance.updates"), vec![6.0], "{mode}");
         let prior = get("dsr_balance.prior");

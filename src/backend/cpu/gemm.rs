@@ -193,4 +193,44 @@ mod tests {
             }
         }
     }
+
+    /// The GEMM's arithmetic must not depend on how many threads run it: only the shape picks
+    /// the blocking along `k` (which fixes each element's summation order), so the CPU backend's
+    /// results are the same for every rayon thread count.
+    #[test]
+    fn sgemm_bits_do_not_depend_on_the_thread_count() {
+        // Shapes through the crate's small-matrix path, its m, n ≤ 64 path with k > 512, and
+        // its blocked path with k > 512 (several `kc` blocks).
+        for (m, n, k) in [
+            (9, 13, 700),
+            (48, 64, 1300),
+            (64, 576, 784),
+            (300, 257, 1500),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919 % 1009) as f32).sin())
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729 % 997) as f32).cos())
+                .collect();
+            let mut want = vec![0.0; m * n];
+            sgemm(m, n, k, &a, false, &b, true, &mut want, false, false);
+            for threads in [1, 2, 3, 8] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![0.0; m * n];
+                pool.install(|| sgemm(m, n, k, &a, false, &b, true, &mut got, false, true));
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(
+                    same,
+                    "{m}x{n}x{k} on {threads} threads differs from one thread"
+                );
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The CPU reference backend: plain loops, f64 accumulation where a sum decides accuracy, a fast
-//! GEMM for products, rayon for threads. Deterministic for a given thread count.
+//! GEMM for products, rayon for threads. Deterministic, and the same bits for every thread count:
+//! parallel work is cut by the data's shape alone.
 
 pub mod conv;
 pub mod elementwise;

@@ -46,6 +46,16 @@ pub fn give(v: Vec<f32>) {
     });
 }
 
+/// A [`take`]n buffer that goes back to the pool when dropped (for buffers made per job inside
+/// rayon's `*_init` loops).
+pub struct Taken(pub Vec<f32>);
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
