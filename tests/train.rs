@@ -254,6 +254,44 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_medssl")
 }
 
+/// A `RAYON_NUM_THREADS` that rayon would quietly ignore is an error naming it, in both binaries.
+#[test]
+fn an_unparsable_thread_count_is_an_error() {
+    for (exe, args) in [
+        (bin(), &["eval", "--checkpoint", "no-such.safetensors"][..]),
+        (
+            env!("CARGO_BIN_EXE_medssl-bench"),
+            &["gemm", "--n", "8"][..],
+        ),
+    ] {
+        for bad in ["two", "2 "] {
+            let out = Command::new(exe)
+                .args(args)
+                .env("RAYON_NUM_THREADS", bad)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{exe} ran with RAYON_NUM_THREADS='{bad}'"
+            );
+            assert!(
+                err.contains(&format!(
+                    "RAYON_NUM_THREADS='{bad}' is not a number of threads"
+                )),
+                "{exe}: {err}"
+            );
+        }
+        let ok = Command::new(exe)
+            .args(args)
+            .env("RAYON_NUM_THREADS", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&ok.stderr);
+        assert!(!err.contains("RAYON_NUM_THREADS"), "{exe}: {err}");
+    }
+}
+
 #[test]
 fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
     let d = tmp("sigterm");

@@ -570,7 +570,9 @@ fn step(a: &StepArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    medssl::backend::cpu::check_thread_env()?;
+    match cli.cmd {
         Cmd::Step(a) => step(&a),
         Cmd::Ops(a) => ops::run(&a),
         Cmd::Data(a) => medssl::data::cli::run_bench(&a),

@@ -33,6 +33,24 @@ impl CpuBackend {
     }
 }
 
+/// Checks `RAYON_NUM_THREADS` before the thread pool reads it. rayon quietly falls back to one
+/// thread per core on a value it cannot parse (`two`, `2 `), which would hide a typo in a job
+/// script; the binaries call this first so such a value is an error naming the variable. Unset,
+/// empty and `0` mean one thread per core, as in rayon.
+pub fn check_thread_env() -> Result<()> {
+    match std::env::var("RAYON_NUM_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) if v.is_empty() || v.parse::<usize>().is_ok() => Ok(()),
+        Ok(v) => crate::bail!(
+            "RAYON_NUM_THREADS='{v}' is not a number of threads (a whole number; 0 or unset: one \
+             per core)"
+        ),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            crate::bail!("RAYON_NUM_THREADS={v:?} is not a number of threads")
+        }
+    }
+}
+
 fn data(t: &Tensor) -> Result<&[f32]> {
     t.cpu_data()
 }
