@@ -446,8 +446,9 @@ impl Graph {
     }
 
     /// Train-mode batch norm followed by `act`, one node; also updates the running statistics
-    /// to `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer does. The activation's backward is part of the node's (on CUDA, inside the batch-norm
-    /// kernels for `Relu`).
+    /// to `(1 − m)·running + m·batch` (mean, and unbiased variance), as PyTorch's layer does.
+    /// The activation's backward is part of the node's (on CUDA, inside the batch-norm kernels
+    /// for `Relu`).
     #[allow(clippy::too_many_arguments)]
     pub fn batch_norm_train_running(
         &mut self,
@@ -461,11 +462,7 @@ impl Graph {
         act: Act,
     ) -> Result<Var> {
         let bk = be(self.value(x))?;
-        let bact = match act {
-            Act::None => BnAct::None,
-            Act::Relu => BnAct::Relu,
-            Act::AddRelu(r) => BnAct::AddRelu(self.value(r)),
-        };
+        let (bact, parents) = self.bn_act(act, [x, gamma, beta]);
         let o = bk.batch_norm_train_fwd_running(
             self.value(x),
             self.value(gamma),
@@ -483,10 +480,7 @@ impl Graph {
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
         let (mean, invstd, ys) = (o.mean, o.invstd, o.y.clone());
         // d relu(bn(x) [+ r]): the masked gradient goes through the norm (and to r).
-        let (parents, join) = match act {
-            Act::AddRelu(r) => (vec![x, gamma, beta, r], true),
-            _ => (vec![x, gamma, beta], false),
-        };
+        let join = matches!(act, Act::AddRelu(_));
         let y = self.push(
             o.y,
             &parents,
@@ -501,6 +495,21 @@ impl Graph {
             }),
         );
         Ok(y)
+    }
+
+    /// The backend's form of a batch norm's `act`, and the node's parents: the norm's `x, gamma,
+    /// beta`, then the residual of an `AddRelu`.
+    fn bn_act(&self, act: Act, norm: [Var; 3]) -> (BnAct<'_>, Vec<Var>) {
+        let mut parents = norm.to_vec();
+        let bact = match act {
+            Act::None => BnAct::None,
+            Act::Relu => BnAct::Relu,
+            Act::AddRelu(r) => {
+                parents.push(r);
+                BnAct::AddRelu(self.value(r))
+            }
+        };
+        (bact, parents)
     }
 
     /// Records a train-mode batch-norm forward `o` of `x` computed by `bk` (its backward uses the
@@ -540,17 +549,10 @@ impl Graph {
         let (xt, gt) = (self.value(x).clone(), self.value(gamma).clone());
         let (rm, rv) = (running_mean.clone(), running_var.clone());
         let bk = be(&xt)?;
-        let bact = match act {
-            Act::None => BnAct::None,
-            Act::Relu => BnAct::Relu,
-            Act::AddRelu(r) => BnAct::AddRelu(self.value(r)),
-        };
+        let (bact, parents) = self.bn_act(act, [x, gamma, beta]);
         let y = bk.batch_norm_eval_fwd(&xt, &gt, self.value(beta), &rm, &rv, eps, bact)?;
         let ys = (act != Act::None).then(|| y.clone());
-        let parents = match act {
-            Act::AddRelu(r) => vec![x, gamma, beta, r],
-            _ => vec![x, gamma, beta],
-        };
+        let join = matches!(act, Act::AddRelu(_));
         Ok(self.push(
             y,
             &parents,
@@ -563,7 +565,7 @@ impl Graph {
                 let gn = gm.as_ref().unwrap_or(g);
                 let (gx, gg, gb) = bk.batch_norm_eval_bwd(&xt, &gt, &rm, &rv, eps, gn)?;
                 let mut grads = vec![Some(gx), Some(gg), Some(gb)];
-                if matches!(act, Act::AddRelu(_)) {
+                if join {
                     grads.push(gm);
                 }
                 Ok(grads)
