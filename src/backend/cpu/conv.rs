@@ -372,17 +372,35 @@ fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The per-part weight gradients added in part order (element ranges in parallel; every element
-/// sums the parts in the same order whatever the thread count).
-fn sum_partials(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
-    let mut gw = vec![0.0f32; len];
-    gw.par_chunks_mut(CHUNK).enumerate().for_each(|(c, g)| {
-        for p in partials {
-            g.iter_mut()
-                .zip(&p[c * CHUNK..])
-                .for_each(|(a, b)| *a += *b);
-        }
-    });
+/// `parts` buffers of `len` floats each, side by side in one scratch block taken on the calling
+/// thread (which gives it back in [`sum_partials`]): rayon jobs may run on any thread, so buffers
+/// taken inside them would end up in another thread's pool and be allocated (and faulted in)
+/// afresh on every call.
+fn partial_buffers(parts: usize, len: usize) -> Vec<f32> {
+    scratch::take(parts * len)
+}
+
+/// The per-part weight gradients, `len` floats each side by side in `partials` (from
+/// [`partial_buffers`], returned to the pool here), added in part order into a fresh vector:
+/// element ranges in parallel, every element summing the parts in the same order whatever the
+/// thread count.
+fn sum_partials(partials: Vec<f32>, parts: usize, len: usize) -> Vec<f32> {
+    // SAFETY: chunk `c` covers elements `c·CHUNK ..` of every part; each is written once.
+    let gw = unsafe {
+        par_fill(len, CHUNK, |c, g| {
+            let n = g.len();
+            let part = |p: usize| &partials[p * len + c * CHUNK..][..n];
+            g.iter_mut().zip(part(0)).for_each(|(a, b)| {
+                a.write(*b);
+            });
+            // SAFETY: every element was just initialised.
+            let g = &mut *(g as *mut [MaybeUninit<f32>] as *mut [f32]);
+            for p in 1..parts {
+                g.iter_mut().zip(part(p)).for_each(|(a, b)| *a += *b);
+            }
+        })
+    };
+    scratch::give(partials);
     gw
 }
 
@@ -408,14 +426,16 @@ fn pointwise_bwd(
         }
     });
     let parts = split(s.n, MAX_PARTS);
-    let par_gemm = inner_parallel(parts.len());
-    let partials: Vec<Vec<f32>> = parts
-        .into_par_iter()
+    let (np, len) = (parts.len(), s.cout * s.cin);
+    let par_gemm = inner_parallel(np);
+    let mut partials = partial_buffers(np, len);
+    partials[..np * len]
+        .par_chunks_mut(len)
+        .zip(parts)
         .with_max_len(1)
-        .map(|r| {
-            let (lo, hi) = (r.start, r.end);
-            let mut gw = vec![0.0f32; s.cout * s.cin];
-            for i in lo..hi {
+        .for_each(|(gw, r)| {
+            // Written by the first image's GEMM (which does not accumulate) before any read.
+            for i in r.clone() {
                 let (gyi, xi) = (&gy[i * ys..(i + 1) * ys], &x[i * xs..(i + 1) * xs]);
                 sgemm(
                     s.cout,
@@ -425,15 +445,13 @@ fn pointwise_bwd(
                     false,
                     xi,
                     true,
-                    &mut gw,
-                    i > lo,
+                    gw,
+                    i > r.start,
                     par_gemm,
                 );
             }
-            gw
-        })
-        .collect();
-    let gw = sum_partials(&partials, s.cout * s.cin);
+        });
+    let gw = sum_partials(partials, np, len);
     let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, hw));
     (gx, gw, gb)
 }
@@ -476,13 +494,16 @@ pub fn conv2d_bwd(
         Some(g) => g.chunks_mut(per_part * cap * xs).map(Some).collect(),
         None => (0..parts.len()).map(|_| None).collect(),
     };
-    // Each part sums its weight gradient into its own buffer; the buffers are added in order.
-    let partials: Vec<Vec<f32>> = gx_parts
+    // Each part sums its weight gradient into its own buffer (written by the part's first GEMM,
+    // which does not accumulate, before any read); the buffers are added in order.
+    let (np, len) = (parts.len(), s.cout * kd);
+    let mut partials = partial_buffers(np, len);
+    gx_parts
         .into_par_iter()
+        .zip(partials[..np * len].par_chunks_mut(len))
         .zip(parts.par_iter())
         .with_max_len(1)
-        .map(|(mut gxg, part)| {
-            let mut gw = vec![0.0f32; s.cout * kd];
+        .for_each(|((mut gxg, gw), part)| {
             let glo = part[0].start;
             let mut col = scratch::take(kd * cap * howo);
             let mut xp = padded_scratch(s);
@@ -515,7 +536,7 @@ pub fn conv2d_bwd(
                     false,
                     &col[..kd * ld],
                     true,
-                    &mut gw,
+                    gw,
                     ci > 0,
                     par,
                 );
@@ -558,10 +579,8 @@ pub fn conv2d_bwd(
             scratch::give(xp);
             scratch::give(gxp);
             scratch::give(gyt);
-            gw
-        })
-        .collect();
-    let gw = sum_partials(&partials, s.cout * kd);
+        });
+    let gw = sum_partials(partials, np, len);
     let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, howo));
     (gx, gw, gb)
 }
