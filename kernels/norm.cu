@@ -11,10 +11,86 @@
 // normalise is "warp per row".
 #include "common.cuh"
 
+// Count, mean and sum of squared deviations from the mean (M2) of a set of values.
+struct Moments {
+    int n;
+    float mean, m2;
+};
+
+// a (+) b, the pairwise update of Chan et al.: n = na + nb, d = mean_b - mean_a,
+// mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n (either side may be empty).
+__device__ __forceinline__ Moments moments_merge(Moments a, Moments b) {
+    if (b.n == 0) return a;
+    if (a.n == 0) return b;
+    const int n = a.n + b.n;
+    const float d = b.mean - a.mean, wb = (float)b.n / (float)n;
+    return Moments{n, fmaf(d, wb, a.mean), a.m2 + b.m2 + d * d * ((float)a.n * wb)};
+}
+
+// The moments of a whole warp, in lane 0 (a fixed butterfly: lane 0 merges lane 16, then lane 8,
+// which holds lanes 8 and 24, and so on; the other lanes end with partial results).
+__device__ __forceinline__ Moments warp_moments(Moments v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const Moments u{__shfl_xor_sync(FULL_MASK, v.n, o), __shfl_xor_sync(FULL_MASK, v.mean, o),
+                        __shfl_xor_sync(FULL_MASK, v.m2, o)};
+        v = moments_merge(v, u);
+    }
+    return v;
+}
+
+// The moments of the whole block (blockDim.x a multiple of 32), every thread gets them: warps
+// first, then warp 0 merges the warps' results in the same fixed tree (deterministic). Safe to
+// call repeatedly in one kernel, as block_sum.
+__device__ __forceinline__ Moments block_moments(Moments v) {
+    __shared__ int sn[32];
+    __shared__ float smean[32], sm2[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = warp_moments(v);
+    __syncthreads();
+    if (lane == 0) {
+        sn[warp] = v.n;
+        smean[warp] = v.mean;
+        sm2[warp] = v.m2;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        Moments r = lane < nwarps ? Moments{sn[lane], smean[lane], sm2[lane]} : Moments{0, 0.f, 0.f};
+        r = warp_moments(r);
+        if (lane == 0) {
+            sn[0] = r.n;
+            smean[0] = r.mean;
+            sm2[0] = r.m2;
+        }
+    }
+    __syncthreads();
+    return Moments{sn[0], smean[0], sm2[0]};
+}
+
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
-// block (every thread gets them; lo < hi): two passes, for accuracy.
-__device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi,
+// block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the
+// squared deviations from it), or with welford != 0 one: each thread keeps Welford's running
+// mean and M2 of its own elements (mean += d/k, M2 += d*(x - mean) with d = x - old mean, at its
+// k-th element), and the threads' results are merged by block_moments. One pass reads x once
+// from memory instead of twice, at about the same accuracy (both avoid the cancellation of the
+// sum-of-squares formula).
+__device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
+    if (welford) {
+        Moments v{0, 0.f, 0.f};
+        for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+            const int nn = j / HW, i = j - nn * HW;
+            const float xv = x[((size_t)nn * C + c) * HW + i];
+            v.n += 1;
+            const float d = xv - v.mean;
+            v.mean = fmaf(d, 1.f / (float)v.n, v.mean);
+            v.m2 = fmaf(d, xv - v.mean, v.m2);
+        }
+        v = block_moments(v);
+        *mu_out = v.mean;
+        *m2_out = v.m2;
+        return;
+    }
     float s = 0.f;
     for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
         const int nn = j / HW, i = j - nn * HW;
@@ -32,12 +108,12 @@ __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int
 }
 
 // Statistics of channel c over its M = N*HW elements, by one block (every thread gets them): the
-// mean, then the biased variance from squared deviations (two passes, for accuracy).
-__device__ __forceinline__ void bn_channel_stats(int N, int C, int HW, int c, const float* x,
-                                                 float* mu_out, float* var_out) {
+// mean and the biased variance M2 / M (see bn_range_stats for welford).
+__device__ __forceinline__ void bn_channel_stats(int N, int C, int HW, int c, int welford,
+                                                 const float* x, float* mu_out, float* var_out) {
     const int M = N * HW;
     float m2;
-    bn_range_stats(C, HW, c, 0, M, x, mu_out, &m2);
+    bn_range_stats(C, HW, c, 0, M, welford, x, mu_out, &m2);
     *var_out = m2 / (float)M;
 }
 
@@ -76,13 +152,13 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
 }
 
 // Batch statistics of every channel (one block per channel), see bn_store_stats.
-extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float* x, float* mean,
-                                    float* invstd, float* var_unbiased, float momentum,
-                                    const float* rm, const float* rv, float* rm_out,
-                                    float* rv_out) {
+extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, int welford, const float* x,
+                                    float* mean, float* invstd, float* var_unbiased,
+                                    float momentum, const float* rm, const float* rv,
+                                    float* rm_out, float* rv_out) {
     const int c = blockIdx.x;
     float mu, var;
-    bn_channel_stats(N, C, HW, c, x, &mu, &var);
+    bn_channel_stats(N, C, HW, c, welford, x, &mu, &var);
     bn_store_stats(N * HW, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
                    rv_out);
 }
@@ -91,16 +167,16 @@ extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, const float
 // normalises its own elements faster than a second launch would (the host picks it by M = N*HW):
 // the block of channel c computes and stores the statistics as bn_stats does, then writes the
 // channel's outputs as bn_apply does (same arithmetic, same bits).
-extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, const float* x,
-                                          float* mean, float* invstd, float* var_unbiased,
-                                          float momentum, const float* rm, const float* rv,
-                                          float* rm_out, float* rv_out, const float* gamma,
-                                          const float* beta, const float* res, int relu,
-                                          float* y) {
+extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, int welford,
+                                          const float* x, float* mean, float* invstd,
+                                          float* var_unbiased, float momentum, const float* rm,
+                                          const float* rv, float* rm_out, float* rv_out,
+                                          const float* gamma, const float* beta, const float* res,
+                                          int relu, float* y) {
     const int c = blockIdx.x;
     const int M = N * HW;
     float mu, var;
-    bn_channel_stats(N, C, HW, c, x, &mu, &var);
+    bn_channel_stats(N, C, HW, c, welford, x, &mu, &var);
     bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
                    rv_out);
     const float is = 1.f / sqrtf(var + eps), g = gamma[c], b = beta[c];
@@ -276,15 +352,15 @@ __device__ __forceinline__ bool bn_split_publish(float* part, unsigned* count, i
 // combined by the channel's last block with the pairwise update of Chan et al. (n = na + nb,
 // d = mean_b - mean_a, mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n), then stored as
 // bn_stats does (running statistics included).
-extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps, const float* x,
-                                          float* part, unsigned* count, float* mean,
-                                          float* invstd, float* var_unbiased, float momentum,
-                                          const float* rm, const float* rv, float* rm_out,
-                                          float* rv_out) {
+extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps, int welford,
+                                          const float* x, float* part, unsigned* count,
+                                          float* mean, float* invstd, float* var_unbiased,
+                                          float momentum, const float* rm, const float* rv,
+                                          float* rm_out, float* rv_out) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float mu_s = 0.f, m2_s = 0.f;
-    if (k.lo < k.hi) bn_range_stats(C, HW, c, k.lo, k.hi, x, &mu_s, &m2_s);
+    if (k.lo < k.hi) bn_range_stats(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s);
     if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
     const volatile float* p = part + (size_t)c * S * 2;
     double n = 0.0, mu = 0.0, m2 = 0.0;

@@ -823,6 +823,102 @@ fn batch_norm_one_launch_equals_two_launches() {
     }
 }
 
+/// Tolerances (name, relative, absolute) of [`BnCase::outputs`] against the CPU reference, for
+/// channels of `m` elements (the gradient sums' absolute error grows with their length).
+fn bn_tolerances(m: f32) -> [(&'static str, f32, f32); 16] {
+    let sum_abs = 1e-5 * m.sqrt() * 4.0;
+    [
+        ("y", 1e-4, 1e-4),
+        ("mean", 1e-4, 1e-5),
+        ("invstd", 1e-4, 1e-5),
+        ("var_unbiased", 1e-4, 1e-5),
+        ("running_mean", 1e-4, 1e-5),
+        ("running_var", 1e-4, 1e-5),
+        ("relu gx", 1e-3, 1e-4),
+        ("relu ggamma", 1e-4, sum_abs),
+        ("relu gbeta", 1e-4, sum_abs),
+        ("masked gy", 0.0, 0.0),
+        ("gx", 1e-3, 1e-4),
+        ("ggamma", 1e-4, sum_abs),
+        ("gbeta", 1e-4, sum_abs),
+        ("eval gx", 1e-5, 1e-5),
+        ("eval ggamma", 1e-4, sum_abs),
+        ("eval gbeta", 1e-4, sum_abs),
+    ]
+}
+
+/// One-pass batch-norm statistics (`MEDSSL_CUDA_BN_STATS=welford`, set per thread here) on every
+/// statistics kernel: `bn_train_fused` (small channels), `bn_stats` (one block per channel over
+/// more than the one-launch limit) and `bn_stats_split` (2-7 blocks per channel), on odd shapes
+/// and batch 1, and on data far from zero mean (mean 100, spread 1, where a sum-of-squares
+/// formula would lose most digits of the variance): every output against the CPU reference at
+/// the batch-norm tolerances, the same bits on a second call, and not the two-pass bits (the
+/// switch takes effect).
+#[test]
+fn batch_norm_one_pass_statistics() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(29);
+    let run = |welford: bool, blocks: usize, case: &BnCase| {
+        let (old_w, old_s) = (
+            cu::set_bn_welford(Some(welford)),
+            cu::set_bn_split(Some(blocks)),
+        );
+        let out = case.outputs(g);
+        cu::set_bn_welford(old_w);
+        cu::set_bn_split(old_s);
+        out
+    };
+    let mut differs = 0;
+    for (shape, blocks, offset) in [
+        ([2, 3, 5, 7], 1, 0.0),
+        ([1, 4, 3, 3], 1, 0.0),
+        ([8, 16, 1, 1], 1, 0.0),
+        ([12, 64, 14, 14], 1, 100.0),
+        ([2, 3, 200, 200], 1, 0.0),
+        ([1, 2, 260, 260], 1, 100.0),
+        ([3, 5, 11, 13], 7, 0.0),
+        ([1, 2, 64, 80], 5, 100.0),
+        ([4, 3, 9, 9], 2, 0.0),
+    ] {
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        let mut cpu_case = BnCase::random(&mut rng, &shape);
+        if offset != 0.0 {
+            let x = &cpu_case.t[0];
+            let v: Vec<f32> = x
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|v| v * 0.5 + offset)
+                .collect();
+            cpu_case.t[0] = Tensor::from_vec(v, &shape).unwrap();
+        }
+        let case = cpu_case.on(g);
+        let want = cpu_case.outputs(cpu());
+        let got = run(true, blocks, &case);
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(bn_tolerances(m)) {
+            close(
+                &format!("bn one-pass {shape:?} blocks {blocks} offset {offset} {name}"),
+                gt,
+                ct,
+                rel,
+                abs,
+            );
+        }
+        let bits = |o: [Tensor; 16]| o.map(|t| t.to_vec().unwrap());
+        let got = bits(got);
+        assert_eq!(
+            got,
+            bits(run(true, blocks, &case)),
+            "{shape:?}: one-pass outputs differ between two calls"
+        );
+        differs += usize::from(got != bits(run(false, blocks, &case)));
+    }
+    assert!(
+        differs > 0,
+        "one-pass statistics gave the two-pass bits on every shape"
+    );
+}
+
 /// The split batch-norm reductions (several blocks per channel, partial results combined by the
 /// channel's last block): forced to 2-9 blocks per channel on odd shapes (chunks of unequal
 /// length, chunks of one element, batch 1), against the CPU reference at the batch-norm
@@ -852,26 +948,7 @@ fn batch_norm_split_reductions() {
         let case = cpu_case.on(g);
         let want = cpu_case.outputs(cpu());
         let got = split(forced, &case);
-        let sum_abs = 1e-5 * m.sqrt() * 4.0;
-        let tol = [
-            ("y", 1e-4, 1e-4),
-            ("mean", 1e-4, 1e-5),
-            ("invstd", 1e-4, 1e-5),
-            ("var_unbiased", 1e-4, 1e-5),
-            ("running_mean", 1e-4, 1e-5),
-            ("running_var", 1e-4, 1e-5),
-            ("relu gx", 1e-3, 1e-4),
-            ("relu ggamma", 1e-4, sum_abs),
-            ("relu gbeta", 1e-4, sum_abs),
-            ("masked gy", 0.0, 0.0),
-            ("gx", 1e-3, 1e-4),
-            ("ggamma", 1e-4, sum_abs),
-            ("gbeta", 1e-4, sum_abs),
-            ("eval gx", 1e-5, 1e-5),
-            ("eval ggamma", 1e-4, sum_abs),
-            ("eval gbeta", 1e-4, sum_abs),
-        ];
-        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(bn_tolerances(m)) {
             close(
                 &format!("bn split {forced} {shape:?} {name}"),
                 gt,

@@ -77,8 +77,9 @@ STEPS="$OUTDIR/steps.jsonl"
 # MEDSSL_CUDA_CONV1X1=cudnn row what the cuBLAS path for 1x1 convolutions gains over cuDNN, the
 # MEDSSL_CUDA_BN_FUSED_MAX_M=0 rows what one batch-norm launch per pass gains over two, the
 # MEDSSL_CUDA_BN_SPLIT=1 rows what the split batch-norm reductions (several blocks per channel for
-# the few-channel full-resolution layers, the default) gain over one block per channel, and the
-# MEDSSL_CUDNN_DETERMINISTIC=0 rows what allowing non-deterministic cuDNN algorithms gains (the
+# the few-channel full-resolution layers, the default) gain over one block per channel, the
+# MEDSSL_CUDA_BN_STATS=welford rows what one-pass batch-norm statistics gain (or lose) against
+# the default two passes, and the MEDSSL_CUDNN_DETERMINISTIC=0 rows what allowing non-deterministic cuDNN algorithms gains (the
 # peer, PyTorch with cudnn.benchmark and its default cudnn.deterministic = False, allows them).
 # The two supervised width-64 rows log each convolution shape's chosen cuDNN algorithms with their
 # timed milliseconds (MEDSSL_CUDNN_LOG=1, in logs/bench_cuda_*.log): at 28 px the width-64 step
@@ -88,14 +89,15 @@ STEPS="$OUTDIR/steps.jsonl"
 # DSRPGC ones start with a full key queue (as training does after its first queue/batch steps),
 # so they pair with the --fill-queue rows (the same step without the graph) and the peer's
 # --fill-queue rows. Each graph row's JSON says how many timed steps ran from the graph.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 16 --cuda-graph|--device cuda --width 64 --fill-queue|--device cuda --width 64 --cuda-graph|--device cuda --width 16 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 64 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 16 --cuda-graph|--device cuda --width 64 --fill-queue|--device cuda --width 64 --cuda-graph|--device cuda --width 16 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 64 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 16|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
 PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 64 --fill-queue|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
 # a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor),
 # each rated against the device's streaming bandwidth measured in the same invocation (batch norm
-# also with one block per channel, MEDSSL_CUDA_BN_SPLIT=1, against the default split).
-OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm"}"
+# also with one block per channel, MEDSSL_CUDA_BN_SPLIT=1, and with one-pass statistics,
+# MEDSSL_CUDA_BN_STATS=welford, against the defaults).
+OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm"}"
 # Device profiles, run last with a short timeout each (PROFILE_TIMEOUT, default 90 s): they list
 # what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
 # times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from

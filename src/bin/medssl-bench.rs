@@ -174,6 +174,8 @@ struct CudaChoices {
     bn_fused_max_m: usize,
     /// `MEDSSL_CUDA_BN_SPLIT` (0: automatic).
     bn_split: usize,
+    /// `MEDSSL_CUDA_BN_STATS`: `two-pass` or `welford`.
+    bn_stats: &'static str,
     /// Streaming multiprocessors of the device (the automatic split follows them).
     sms: usize,
 }
@@ -190,6 +192,11 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
             cudnn_deterministic_first: cuda::cudnn_deterministic_first(),
             bn_fused_max_m: cuda::bn_fused_max_m(),
             bn_split: cuda::bn_split(),
+            bn_stats: if cuda::bn_welford() {
+                "welford"
+            } else {
+                "two-pass"
+            },
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
                 Device::Cpu => 0,
@@ -521,6 +528,7 @@ fn step(a: &StepArgs) -> Result<()> {
         "cudnn_deterministic_first": choices.as_ref().map(|c| c.cudnn_deterministic_first),
         "bn_fused_max_m": choices.as_ref().map(|c| c.bn_fused_max_m),
         "bn_split": choices.as_ref().map(|c| c.bn_split),
+        "bn_stats": choices.as_ref().map(|c| c.bn_stats),
         "sms": choices.as_ref().map(|c| c.sms),
         // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
         "profile": profile,

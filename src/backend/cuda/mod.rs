@@ -28,7 +28,9 @@ mod graph;
 pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
-pub use norm::{bn_fused_max_m, bn_split, set_bn_fused_max_m, set_bn_split};
+pub use norm::{
+    bn_fused_max_m, bn_split, bn_welford, set_bn_fused_max_m, set_bn_split, set_bn_welford,
+};
 mod optim;
 mod pool;
 pub mod profile;

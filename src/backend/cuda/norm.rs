@@ -46,27 +46,50 @@ pub fn set_bn_fused_max_m(m: usize) -> usize {
 /// cost more in partial results and arrival counting than they gain in spread.
 pub(super) const SPLIT_MIN_CHUNK: usize = 4096;
 
+/// A switch's setting for the calling thread only (`None`: the environment's), which tests and
+/// benchmarks set to compare paths: being per thread, it cannot change the bits of another
+/// thread's ops midway.
+type Here<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;
+
 thread_local! {
-    /// [`set_bn_split`]'s setting for the calling thread, if any.
+    /// [`set_bn_split`]'s setting.
     static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_welford`]'s setting.
+    static WELFORD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// The calling thread's setting of `key`, else `env()`.
+fn here<T: Copy>(key: &'static Here<T>, env: impl FnOnce() -> T) -> T {
+    key.with(|s| s.get()).unwrap_or_else(env)
 }
 
 /// Blocks per channel of the batch-norm reductions in force on the calling thread:
 /// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]); 0 is
 /// automatic (see `split_count`).
 pub fn bn_split() -> usize {
-    SPLIT_HERE
-        .with(|s| s.get())
-        .unwrap_or_else(|| super::switches::current().bn_split)
+    here(&SPLIT_HERE, || super::switches::current().bn_split)
 }
 
 /// Sets the blocks per channel of the batch-norm reductions for the ops the calling thread
 /// issues (`Some(0)`: automatic, `Some(1)`: one block per channel, `Some(n)`: n blocks, at most
-/// one per element; `None`: back to `MEDSSL_CUDA_BN_SPLIT`); returns the previous setting. For
-/// tests and benchmarks that compare the paths: being per thread, it cannot change the bits of
-/// another thread's ops midway.
+/// one per element; `None`: back to `MEDSSL_CUDA_BN_SPLIT`); returns the previous setting.
 pub fn set_bn_split(n: Option<usize>) -> Option<usize> {
     SPLIT_HERE.with(|s| s.replace(n))
+}
+
+/// Whether the batch-norm statistics kernels in force on the calling thread make one pass over
+/// each channel (Welford's update per thread, merged by Chan et al.'s) rather than two (the mean,
+/// then the squared deviations): [`set_bn_welford`]'s setting, else `MEDSSL_CUDA_BN_STATS`
+/// (see [`super::switches`]).
+pub fn bn_welford() -> bool {
+    here(&WELFORD_HERE, || super::switches::current().bn_welford)
+}
+
+/// Sets the statistics pass count for the batch norms the calling thread issues (`Some(true)`:
+/// one pass, `Some(false)`: two, `None`: back to `MEDSSL_CUDA_BN_STATS`); returns the previous
+/// setting.
+pub fn set_bn_welford(on: Option<bool>) -> Option<bool> {
+    WELFORD_HERE.with(|s| s.replace(on))
 }
 
 /// How many blocks share the reduction of each of `c` channels of `m` elements on a device of
@@ -163,6 +186,7 @@ fn train_fwd(
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
     let split = split_count(c, n * hw, be.sm_count(), bn_split());
+    let welford = i32::from(bn_welford());
     if c == 0 {
         // Nothing to normalise.
     } else if split > 1 {
@@ -173,6 +197,7 @@ fn train_fwd(
             A::I(ci(hw)?),
             A::I(ci(split)?),
             A::F(eps),
+            A::I(welford),
             A::P(be.p(x)?),
             A::P(part.ptr()),
             A::P(be.counters(c)?),
@@ -189,6 +214,7 @@ fn train_fwd(
             A::I(ci(c)?),
             A::I(ci(hw)?),
             A::F(eps),
+            A::I(welford),
             A::P(be.p(x)?),
             A::P(be.p(&mean)?),
             A::P(be.p(&invstd)?),
@@ -265,9 +291,9 @@ fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
 /// `(gγ, gβ)` per channel for statistics `mean`/`invstd` (batch or running) by `bn_bwd_reduce`
 /// (`bn_bwd_split` when [`split_count`] gives the channels more than one block each);
 /// `ry` is the output of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm`
-/// receives the masked gradient, or is 0. With `fused = Some((gamma, gx))` (callers pass it only
-/// for unsplit channels), `bn_bwd_fused` also writes the train-mode input gradient into `gx` in
-/// the same launch.
+/// receives the masked gradient, or is 0. With `fuse = Some((gamma, gx))`, channels that are
+/// unsplit and small enough (see [`FUSED_MAX_M`]) go to `bn_bwd_fused`, which also writes the
+/// train-mode input gradient into `gx` in the same launch; the third value says whether it did.
 #[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
@@ -277,15 +303,16 @@ fn bwd_reduce(
     mean: u64,
     invstd: u64,
     gm: u64,
-    fused: Option<(u64, u64)>,
-) -> Result<(Tensor, Tensor)> {
+    fuse: Option<(u64, u64)>,
+) -> Result<(Tensor, Tensor, bool)> {
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
     if c == 0 {
-        return Ok((gg, gb));
+        return Ok((gg, gb, false));
     }
     let split = split_count(c, n * h * w, be.sm_count(), bn_split());
-    if fused.is_none() && split > 1 {
+    let fused = fuse.filter(|_| split == 1 && n * h * w <= bn_fused_max_m());
+    if split > 1 {
         let part = be.buffer(c * split * 2)?;
         let args = [
             A::I(ci(n)?),
@@ -304,7 +331,7 @@ fn bwd_reduce(
             A::P(gm),
         ];
         be.launch("bn_bwd_split", cfg_split(split, c), &args)?;
-        return Ok((gg, gb));
+        return Ok((gg, gb, false));
     }
     let mut args = vec![
         A::I(ci(n)?),
@@ -328,7 +355,7 @@ fn bwd_reduce(
         None => "bn_bwd_reduce",
     };
     be.launch(name, cfg_blocks(c, RED_THREADS), &args)?;
-    Ok((gg, gb))
+    Ok((gg, gb, fused.is_some()))
 }
 
 /// Train-mode gradients: `bn_bwd_fused` for small unsplit channels (see [`FUSED_MAX_M`] and
@@ -363,13 +390,11 @@ pub(super) fn batch_norm_train_bwd(
     let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
-    let unsplit = split_count(c, n * h * w, be.sm_count(), bn_split()) == 1;
-    if unsplit && n * h * w <= bn_fused_max_m() {
-        let fused = Some((be.p(gamma)?, be.p(&gx)?));
-        let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fused)?;
+    let fuse = Some((be.p(gamma)?, be.p(&gx)?));
+    let (gg, gb, fused) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse)?;
+    if fused {
         return Ok((gx, gg, gb, gm));
     }
-    let (gg, gb) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, None)?;
     // bn_train_dx reads the masked gradient where bn_bwd_reduce wrote it.
     let (gy_p, ry) = match &gm {
         Some(t) => (be.p(t)?, 0),
@@ -462,7 +487,7 @@ pub(super) fn batch_norm_eval_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
-    let (gg, gb) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None)?;
+    let (gg, gb, _) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {

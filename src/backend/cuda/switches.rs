@@ -13,6 +13,7 @@
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
+//! | `MEDSSL_CUDA_BN_STATS` | `two-pass` (mean, then squared deviations), `welford` (one pass) | `two-pass` |
 //!
 //! An empty value counts as unset.
 
@@ -54,6 +55,8 @@ pub struct Switches {
     pub bn_fused_max_m: usize,
     /// Blocks per channel of the batch-norm reductions; 0: automatic.
     pub bn_split: usize,
+    /// `MEDSSL_CUDA_BN_STATS=welford`: batch-norm statistics in one pass over the data.
+    pub bn_welford: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -120,6 +123,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         bn_fused_max_m,
         bn_split,
+        bn_welford: !choice("MEDSSL_CUDA_BN_STATS", ["two-pass", "welford"])?,
     })
 }
 
@@ -163,6 +167,7 @@ mod tests {
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, 0);
+        assert!(!d.bn_welford);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -175,6 +180,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
+            ("MEDSSL_CUDA_BN_STATS", "welford"),
         ])
         .unwrap();
         assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
@@ -182,6 +188,7 @@ mod tests {
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
+        assert!(s.bn_welford);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
@@ -192,6 +199,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "auto"),
+            ("MEDSSL_CUDA_BN_STATS", "two-pass"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -230,6 +238,11 @@ mod tests {
                 "MEDSSL_CUDA_BN_SPLIT",
                 "many",
                 "auto (the default) or a whole number >= 1",
+            ),
+            (
+                "MEDSSL_CUDA_BN_STATS",
+                "one-pass",
+                "two-pass (the default) or welford",
             ),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
