@@ -178,7 +178,13 @@ impl TrainConfig {
                     .parse::<toml::Table>()
                     .ok()
                     .and_then(|mut t| t.remove("x"))
-                    .ok_or_else(|| Error::msg(format!("--set '{s}': cannot parse value")))?,
+                    .ok_or_else(|| {
+                        Error::msg(format!(
+                            "--set '{s}': '{}' is not a value for '{k}', which takes {}",
+                            v.trim(),
+                            value_kind(old)
+                        ))
+                    })?,
             };
             table.insert(k, parsed);
         }
@@ -261,6 +267,17 @@ impl TrainConfig {
     }
 }
 
+/// What a setting whose current value is `v` takes, for `--set` errors.
+fn value_kind(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::Integer(_) => "a whole number (e.g. 3)",
+        toml::Value::Float(_) => "a number (e.g. 0.001)",
+        toml::Value::Boolean(_) => "true or false",
+        toml::Value::Array(_) => "a TOML array (e.g. [1, 2])",
+        _ => "a TOML value",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +297,20 @@ mod tests {
         assert_eq!((c.epochs, c.method.as_str(), c.lr), (3, "supervised", 0.01));
         let e = TrainConfig::resolve("fast", None, &["epoch=3".into()]).unwrap_err();
         assert!(e.to_string().contains("unknown setting 'epoch'"), "{e}");
+        for (set, takes) in [
+            (
+                "lr=abc",
+                "'abc' is not a value for 'lr', which takes a number",
+            ),
+            (
+                "width=",
+                "'' is not a value for 'width', which takes a whole number",
+            ),
+            ("cuda_graph=yes", "which takes true or false"),
+        ] {
+            let e = TrainConfig::resolve("fast", None, &[set.into()]).unwrap_err();
+            assert!(e.to_string().contains(takes), "{set}: {e}");
+        }
         let e = TrainConfig::resolve("fast", None, &["method=magic".into()]).unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
         let c = TrainConfig::resolve("srcmt-isic2018", None, &[]).unwrap();
