@@ -79,8 +79,9 @@ STEPS="$OUTDIR/steps.jsonl"
 # MEDSSL_CUDA_BN_SPLIT=1 rows what the split batch-norm reductions (several blocks per channel for
 # the few-channel full-resolution layers, the default) gain over one block per channel, the
 # MEDSSL_CUDA_BN_STATS=welford rows what one-pass batch-norm statistics gain (or lose) against
-# the default two passes, and the MEDSSL_CUDNN_DETERMINISTIC=0 rows what allowing non-deterministic cuDNN algorithms gains (the
-# peer, PyTorch with cudnn.benchmark and its default cudnn.deterministic = False, allows them).
+# the default two passes, and the MEDSSL_CUDNN_DETERMINISTIC=0 rows what allowing
+# non-deterministic cuDNN algorithms gains (the peer, PyTorch with cudnn.benchmark and its
+# default cudnn.deterministic = False, allows them).
 # The two supervised width-64 rows log each convolution shape's chosen cuDNN algorithms with their
 # timed milliseconds (MEDSSL_CUDNN_LOG=1, in logs/bench_cuda_*.log): at 28 px the width-64 step
 # costs far more than width 16 although 112 px costs little more than 28 px, so the wide
