@@ -2,8 +2,8 @@
 //
 // Indexing: the per-channel reductions (bn_stats, bn_bwd_reduce, and the one-launch variants
 // bn_train_fused, bn_bwd_fused that also write the channel's elements) use one block per channel c;
-// thread t strides over the flattened j = n*HW + i of that channel, element x[(n*C + c)*HW + i],
-// then a fixed block tree (deterministic). When there are too few channels to fill the device with
+// thread t strides over the flattened j = n*HW + i of that channel, element x[(n*C + c)*HW + i]
+// (BnWalk: no division per element), then a fixed block tree (deterministic). When there are too few channels to fill the device with
 // one block each, the split reductions (bn_stats_split, bn_bwd_split) give each channel S blocks
 // on a grid (S, C): block (s, c) owns the s-th chunk of that channel's j range, and the block that
 // finishes last combines the S partial results in chunk order (deterministic too). The elementwise
@@ -67,44 +67,114 @@ __device__ __forceinline__ Moments block_moments(Moments v) {
     return Moments{sn[0], smean[0], sm2[0]};
 }
 
+// Thread t's walk over channel c's elements j in [lo, hi): j = lo + t, lo + t + blockDim.x, ...,
+// element j = n*HW + i at offset k = (n*C + c)*HW + i. The offset advances by the stride's own
+// quotient and remainder (dk, then wrap when i passes HW), so a thread divides once, not once
+// per element: two divisions per element cost about as much as the memory traffic itself at
+// the bandwidth-bound sizes.
+struct BnWalk {
+    int j, hi, step, i, HW, di;
+    size_t k, dk, wrap;
+};
+__device__ __forceinline__ BnWalk bn_walk(int C, int HW, int c, int lo, int hi) {
+    BnWalk w;
+    w.j = lo + (int)threadIdx.x;
+    w.hi = hi;
+    w.step = (int)blockDim.x;
+    w.HW = HW;
+    const int n = w.j / HW, dn = w.step / HW;
+    w.i = w.j - n * HW;
+    w.di = w.step - dn * HW;
+    w.k = ((size_t)n * C + c) * HW + w.i;
+    w.dk = (size_t)dn * C * HW + w.di;
+    w.wrap = (size_t)(C - 1) * HW;
+    return w;
+}
+// Whether the element `ahead` strides on is still in the range.
+__device__ __forceinline__ bool bn_has(const BnWalk& w, int ahead) {
+    return w.j + ahead * w.step < w.hi;
+}
+// The current offset, then a stride on.
+__device__ __forceinline__ size_t bn_next(BnWalk& w) {
+    const size_t r = w.k;
+    w.j += w.step;
+    w.i += w.di;
+    w.k += w.dk;
+    if (w.i >= w.HW) {
+        w.i -= w.HW;
+        w.k += w.wrap;
+    }
+    return r;
+}
+
+// Welford's update of v by one more value xv.
+__device__ __forceinline__ void welford_add(Moments& v, float xv) {
+    v.n += 1;
+    const float d = xv - v.mean;
+    v.mean = fmaf(d, 1.f / (float)v.n, v.mean);
+    v.m2 = fmaf(d, xv - v.mean, v.m2);
+}
+
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
 // block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the
 // squared deviations from it), or with welford != 0 one: each thread keeps Welford's running
 // mean and M2 of its own elements (mean += d/k, M2 += d*(x - mean) with d = x - old mean, at its
 // k-th element), and the threads' results are merged by block_moments. One pass reads x once
 // from memory instead of twice, at about the same accuracy (both avoid the cancellation of the
-// sum-of-squares formula).
+// sum-of-squares formula). Each thread takes its elements four strides at a time into four
+// accumulators (the four loads in flight together: one load at a time per thread leaves the
+// memory system idle), combined in a fixed order at the end.
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
-        Moments v{0, 0.f, 0.f};
-        for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-            const int nn = j / HW, i = j - nn * HW;
-            const float xv = x[((size_t)nn * C + c) * HW + i];
-            v.n += 1;
-            const float d = xv - v.mean;
-            v.mean = fmaf(d, 1.f / (float)v.n, v.mean);
-            v.m2 = fmaf(d, xv - v.mean, v.m2);
+        Moments v[4] = {{0, 0.f, 0.f}, {0, 0.f, 0.f}, {0, 0.f, 0.f}, {0, 0.f, 0.f}};
+        for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+            if (bn_has(w, 3)) {
+                size_t k[4];
+                float xv[4];
+                for (int q = 0; q < 4; ++q) k[q] = bn_next(w);
+                for (int q = 0; q < 4; ++q) xv[q] = x[k[q]];
+                for (int q = 0; q < 4; ++q) welford_add(v[q], xv[q]);
+            } else {
+                welford_add(v[0], x[bn_next(w)]);
+            }
         }
-        v = block_moments(v);
-        *mu_out = v.mean;
-        *m2_out = v.m2;
+        const Moments r = block_moments(moments_merge(moments_merge(v[0], v[1]),
+                                                      moments_merge(v[2], v[3])));
+        *mu_out = r.mean;
+        *m2_out = r.m2;
         return;
     }
-    float s = 0.f;
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        s += x[((size_t)nn * C + c) * HW + i];
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+        if (bn_has(w, 3)) {
+            const size_t k0 = bn_next(w), k1 = bn_next(w), k2 = bn_next(w), k3 = bn_next(w);
+            const float a = x[k0], b = x[k1], e = x[k2], f = x[k3];
+            s[0] += a;
+            s[1] += b;
+            s[2] += e;
+            s[3] += f;
+        } else {
+            s[0] += x[bn_next(w)];
+        }
     }
-    const float mu = block_sum(s) / (float)(hi - lo);
-    float q = 0.f;
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        const float d = x[((size_t)nn * C + c) * HW + i] - mu;
-        q = fmaf(d, d, q);
+    const float mu = block_sum((s[0] + s[1]) + (s[2] + s[3])) / (float)(hi - lo);
+    float q[4] = {0.f, 0.f, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+        if (bn_has(w, 3)) {
+            const size_t k0 = bn_next(w), k1 = bn_next(w), k2 = bn_next(w), k3 = bn_next(w);
+            const float a = x[k0] - mu, b = x[k1] - mu, e = x[k2] - mu, f = x[k3] - mu;
+            q[0] = fmaf(a, a, q[0]);
+            q[1] = fmaf(b, b, q[1]);
+            q[2] = fmaf(e, e, q[2]);
+            q[3] = fmaf(f, f, q[3]);
+        } else {
+            const float d = x[bn_next(w)] - mu;
+            q[0] = fmaf(d, d, q[0]);
+        }
     }
     *mu_out = mu;
-    *m2_out = block_sum(q);
+    *m2_out = block_sum((q[0] + q[1]) + (q[2] + q[3]));
 }
 
 // Statistics of channel c over its M = N*HW elements, by one block (every thread gets them): the
@@ -180,9 +250,8 @@ extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, int w
     bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
                    rv_out);
     const float is = 1.f / sqrtf(var + eps), g = gamma[c], b = beta[c];
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        const size_t k = ((size_t)nn * C + c) * HW + i;
+    for (BnWalk w = bn_walk(C, HW, c, 0, M); bn_has(w, 0);) {
+        const size_t k = bn_next(w);
         y[k] = bn_out(x[k], mu, is, g, b, res, relu, k);
     }
 }
@@ -234,17 +303,33 @@ __device__ __forceinline__ void bn_range_grad_sums(int C, int HW, int c, int lo,
                                                    const float* x, const float* gy,
                                                    const float* ry, float mu, float is, float* gm,
                                                    float* sg_out, float* sgx_out) {
-    float sg = 0.f, sgx = 0.f;
-    for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        const size_t k = ((size_t)nn * C + c) * HW + i;
-        const float g = bn_gy(gy, ry, k);
-        if (gm) gm[k] = g;
-        sg += g;
-        sgx = fmaf(g * (x[k] - mu), is, sgx);
+    // Four strides at a time as in bn_range_stats, all loads before the stores to gm (a buffer
+    // of its own, never one of the inputs).
+    float sg[4] = {0.f, 0.f, 0.f, 0.f}, sgx[4] = {0.f, 0.f, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+        if (bn_has(w, 3)) {
+            size_t k[4];
+            float g[4], xv[4];
+            for (int q = 0; q < 4; ++q) k[q] = bn_next(w);
+            for (int q = 0; q < 4; ++q) {
+                g[q] = bn_gy(gy, ry, k[q]);
+                xv[q] = x[k[q]];
+            }
+            for (int q = 0; q < 4; ++q) {
+                if (gm) gm[k[q]] = g[q];
+                sg[q] += g[q];
+                sgx[q] = fmaf(g[q] * (xv[q] - mu), is, sgx[q]);
+            }
+        } else {
+            const size_t k = bn_next(w);
+            const float g = bn_gy(gy, ry, k);
+            if (gm) gm[k] = g;
+            sg[0] += g;
+            sgx[0] = fmaf(g * (x[k] - mu), is, sgx[0]);
+        }
     }
-    *sg_out = block_sum(sg);
-    *sgx_out = block_sum(sgx);
+    *sg_out = block_sum((sg[0] + sg[1]) + (sg[2] + sg[3]));
+    *sgx_out = block_sum((sgx[0] + sgx[1]) + (sgx[2] + sgx[3]));
 }
 
 // The same over the whole channel (M = N*HW elements).
@@ -304,9 +389,8 @@ extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, co
         gbeta[c] = sg;
         ggamma[c] = sgx;
     }
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
-        const int nn = j / HW, i = j - nn * HW;
-        const size_t k = ((size_t)nn * C + c) * HW + i;
+    for (BnWalk w = bn_walk(C, HW, c, 0, M); bn_has(w, 0);) {
+        const size_t k = bn_next(w);
         gx[k] = bn_dx(bn_gy(gy, ry, k), x[k], mu, is, gam, sg, sgx, M);
     }
 }
