@@ -42,6 +42,12 @@ pub struct OpsArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 10)]
     pub repeats: usize,
+    /// Calls per timed sample: each sample times this many back-to-back calls and one
+    /// synchronisation, divided by their number. 0 (the default): enough calls for a sample of
+    /// about 1 ms, at most 200, from the time of one call; 1: each call with its own
+    /// synchronisation, whose round trip to the device (about 10 µs) then counts against the op.
+    #[arg(long, default_value_t = 0)]
+    pub calls: usize,
     /// Only ops whose name contains one of these comma-separated substrings.
     #[arg(long)]
     pub op: Option<String>,
@@ -532,29 +538,60 @@ impl Gen {
     }
 }
 
-/// `(median, min)` seconds of `f` after `warmup` untimed calls; `synchronize` before each stop.
+/// Seconds a sample of `--calls 0` aims at, and the most calls it makes.
+const SAMPLE_S: f64 = 1e-3;
+const MAX_CALLS: usize = 200;
+
+/// `(median, min)` seconds per call of `f` over `repeats` samples, after `warmup` untimed calls,
+/// and the calls per sample: each sample times `calls` back-to-back calls and one
+/// `synchronize` (`calls` 0: as many as fill about [`SAMPLE_S`], at most [`MAX_CALLS`], judged by
+/// one more timed call). Back-to-back calls give the device's time per call, not the host's
+/// launch and synchronisation round trip, which is what the bandwidth and FLOP rates are for.
 fn time(
     bk: &dyn Backend,
     warmup: usize,
     repeats: usize,
+    calls: usize,
     mut f: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64)> {
+) -> Result<Timing> {
     for _ in 0..warmup {
         f()?;
     }
     bk.synchronize()?;
+    let calls = match calls {
+        0 => {
+            let s = Instant::now();
+            f()?;
+            bk.synchronize()?;
+            let one = s.elapsed().as_secs_f64().max(1e-9);
+            ((SAMPLE_S / one).ceil() as usize).clamp(1, MAX_CALLS)
+        }
+        n => n,
+    };
     let mut t = Vec::with_capacity(repeats.max(1));
     for _ in 0..repeats.max(1) {
         let s = Instant::now();
-        f()?;
+        for _ in 0..calls {
+            f()?;
+        }
         bk.synchronize()?;
-        t.push(s.elapsed().as_secs_f64());
+        t.push(s.elapsed().as_secs_f64() / calls as f64);
     }
     let min = t.iter().cloned().fold(f64::INFINITY, f64::min);
-    Ok((median(&mut t), min))
+    Ok(Timing {
+        median: median(&mut t),
+        min,
+        calls,
+    })
 }
 
-type Timing = (f64, f64);
+/// Seconds per call (median and fastest sample) and the calls per sample (see [`time`]).
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    median: f64,
+    min: f64,
+    calls: usize,
+}
 
 /// Times the forward (or update) and, where the op has one, the backward call of one case.
 fn run_case(
@@ -562,9 +599,10 @@ fn run_case(
     g: &mut Gen,
     warmup: usize,
     repeats: usize,
+    calls: usize,
 ) -> Result<(Timing, Option<Timing>)> {
     let bk = g.bk;
-    let t = |f: &mut dyn FnMut() -> Result<()>| time(bk, warmup, repeats, f);
+    let t = |f: &mut dyn FnMut() -> Result<()>| time(bk, warmup, repeats, calls, f);
     Ok(match &case.op {
         Op::Conv {
             x,
@@ -853,10 +891,11 @@ fn host_copy_gbps(mib: usize, repeats: usize) -> f64 {
 pub fn device_gemm_gflops(bk: &'static dyn Backend, n: usize) -> Result<f64> {
     let x = bk.full(&[n, n], 0.01)?;
     let y = bk.full(&[n, n], 0.02)?;
-    let (med, _) = time(bk, 2, 5, || {
+    let med = time(bk, 2, 5, 0, || {
         bk.matmul(&x, &y, false, false)?;
         Ok(())
-    })?;
+    })?
+    .median;
     Ok(2.0 * (n as f64).powi(3) / med / 1e9)
 }
 
@@ -893,10 +932,11 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
         let bytes = 2.0 * (len * 4) as f64;
         #[cfg(feature = "cuda")]
         if let Some(cb) = super::cuda_backend(bk.device()) {
-            let (med, _) = time(bk, 2, 10, || {
+            let med = time(bk, 2, 10, 0, || {
                 cb.copy_tensor(&x)?;
                 Ok(())
-            })?;
+            })?
+            .median;
             let kind = format!("memcpy_dtod_{mib}MiB");
             return Ok((
                 compute,
@@ -906,10 +946,11 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
                 }),
             ));
         }
-        let (med, _) = time(bk, 2, 10, || {
+        let med = time(bk, 2, 10, 0, || {
             bk.scale(&x, 1.0001)?;
             Ok(())
-        })?;
+        })?
+        .median;
         Some(Peak {
             kind: format!("scale_{mib}MiB"),
             value: bytes / med / 1e9,
@@ -922,8 +963,7 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
 struct Row<'c> {
     case: &'c Case,
     dir: &'static str,
-    median: f64,
-    min: f64,
+    t: Timing,
     /// `(is_flops, amount)`.
     work: (bool, f64),
 }
@@ -1001,7 +1041,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     for c in &cases {
-        let (f, b) = run_case(c, &mut g, a.warmup, a.repeats)
+        let (f, b) = run_case(c, &mut g, a.warmup, a.repeats, a.calls)
             .with_context(|| format!("{} {}", c.name, c.op.shape()))?;
         let work = |flops: Option<f64>, bytes: Option<f64>| match (flops, bytes) {
             (Some(f), _) => (true, f),
@@ -1011,16 +1051,14 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         rows.push(Row {
             case: c,
             dir: c.op.fwd_dir(),
-            median: f.0,
-            min: f.1,
+            t: f,
             work: work(c.op.fwd_flops(), c.op.fwd_bytes()),
         });
         if let Some(b) = b {
             rows.push(Row {
                 case: c,
                 dir: "bwd",
-                median: b.0,
-                min: b.1,
+                t: b,
                 work: work(c.op.bwd_flops(), c.op.bwd_bytes()),
             });
         }
@@ -1034,7 +1072,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     if a.json {
         for r in &rows {
             let peak = if r.work.0 { &compute } else { &memory };
-            let rate = r.work.1 / r.median / 1e9;
+            let rate = r.work.1 / r.t.median / 1e9;
             let mut o = serde_json::json!({
                 "bench": "ops",
                 "engine": "medssl",
@@ -1048,8 +1086,9 @@ pub fn run(a: &OpsArgs) -> Result<()> {
                 "image_size": a.image_size,
                 "batch": a.batch,
                 "repeats": a.repeats.max(1),
-                "median_ms": r.median * 1e3,
-                "min_ms": r.min * 1e3,
+                "calls_per_sample": r.t.calls,
+                "median_ms": r.t.median * 1e3,
+                "min_ms": r.t.min * 1e3,
                 "peak_kind": peak.as_ref().map(|p| p.kind.clone()),
                 "peak_value": peak.as_ref().map(|p| p.value),
                 "pct_of_peak": peak.as_ref().map(|p| 100.0 * rate / p.value),
@@ -1070,7 +1109,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         let sum = |dir: &str| -> f64 {
             rows.iter()
                 .filter(|r| r.dir == dir)
-                .map(|r| r.median * r.case.layers.len() as f64)
+                .map(|r| r.t.median * r.case.layers.len() as f64)
                 .sum::<f64>()
                 * 1e3
         };
@@ -1114,7 +1153,7 @@ fn print_header(
 }
 
 fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>) {
-    let rate = r.work.1 / r.median / 1e9;
+    let rate = r.work.1 / r.t.median / 1e9;
     let peak = if r.work.0 { compute } else { memory };
     println!(
         "{:<21} {:<3} {:<52} {:>4} {:>10.3} {:>10.3} {:>16} {:>7}",
@@ -1122,8 +1161,8 @@ fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>) {
         r.dir,
         r.case.op.shape(),
         r.case.layers.len(),
-        r.median * 1e3,
-        r.min * 1e3,
+        r.t.median * 1e3,
+        r.t.min * 1e3,
         format!("{rate:.2} {}", if r.work.0 { "GFLOP/s" } else { "GB/s" }),
         peak.as_ref()
             .map(|p| format!("{:.1}", 100.0 * rate / p.value))
