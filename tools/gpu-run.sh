@@ -27,6 +27,15 @@
 #      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
 #      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS   override the workloads below
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
+#      DEADLINE       seconds after the script's start past which no further step is started
+#                     (each is recorded as skipped) and a running step's timeout is cut to what
+#                     is left, so that the summary and the archive are still written inside a
+#                     device command's limit (default: none)
+#
+# A device command brings back only a few files (8), so at the end (outside TABLE mode) OUTDIR
+# keeps summary.json, profile.md and the benchmarks' JSON lines (bench_cuda, bench_cpu, ops_cuda,
+# torch_peer), 7 files, and everything else (logs/, steps.jsonl, gpu.txt, libs.txt, the profile
+# rows, conformance and training-run files, no checkpoints) goes into OUTDIR/gpu-run.tar.gz.
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
 # tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
@@ -66,6 +75,8 @@ STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
 PY="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 STEPS="$OUTDIR/steps.jsonl"
 : >"$STEPS"
+T_START=$(date +%s)
+DEADLINE="${DEADLINE:-}"
 
 # ---------------------------------------------------------------- workloads ----
 # medssl-bench runs, one per '|'-separated entry (CUDA and CPU in the same session, so ratios
@@ -108,7 +119,11 @@ OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1
 PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-graph --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
-# (A 1024-key queue, full after 29 of the epoch's 104 steps.)
+# (A 1024-key queue, full after 29 of the epoch's 104 steps.) Both training runs take cuDNN's
+# heuristic algorithm choice (MEDSSL_CUDNN_ALGO=heuristic): the default choice times the
+# algorithms, so two processes can pick different ones for a shape (the two runs of 2026-11-27's
+# first H100 run did, in 18 of their 132 choices) and then differ in the last bits from the first
+# step on, which would hide what the graph comparison below is for.
 TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --out $OUTDIR/train"}"
 # The same run with every step after the queue has filled (and 2-3 steps that fill the graph's
 # memory arena) replayed from a CUDA graph; the summary says whether its last checkpoint equals
@@ -126,10 +141,19 @@ step() {
     local name=$1
     shift
     local log="$OUTDIR/logs/$name.log"
+    local limit=$STEP_TIMEOUT
+    if [ -n "$DEADLINE" ]; then
+        local left=$((DEADLINE - ($(date +%s) - T_START)))
+        if [ "$left" -lt 5 ]; then
+            skip "$name" "DEADLINE of $DEADLINE s reached"
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "==== [$name] $*"
     local t0 t1 rc
     t0=$(date +%s.%N)
-    timeout --kill-after=10 "$STEP_TIMEOUT" "$@" >"$log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
     rc=$?
     t1=$(date +%s.%N)
     local secs
@@ -247,10 +271,11 @@ else
         step conformance_cpu sh -c "\"$HERE/bin/medssl\" conformance --golden \"$HERE/golden\" --device cpu --json > \"$OUTDIR/conformance_cpu.jsonl\""
         if [ -n "$TRAIN_ARGS" ]; then
             # shellcheck disable=SC2086
-            step train_cuda "$HERE/bin/medssl" $TRAIN_ARGS
+            step train_cuda env MEDSSL_CUDNN_ALGO=heuristic "$HERE/bin/medssl" $TRAIN_ARGS
             if [ -n "$TRAIN_GRAPH_ARGS" ]; then
                 # shellcheck disable=SC2086
-                step train_cuda_graph env MEDSSL_CUDA_GRAPH_LOG=1 "$HERE/bin/medssl" $TRAIN_GRAPH_ARGS
+                step train_cuda_graph env MEDSSL_CUDA_GRAPH_LOG=1 MEDSSL_CUDNN_ALGO=heuristic \
+                    "$HERE/bin/medssl" $TRAIN_GRAPH_ARGS
             fi
         else
             skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
@@ -387,6 +412,16 @@ if [ "$TABLE" = 1 ]; then
     rm -rf "$OUTDIR/gpu-run"
     echo "outputs in $OUTDIR: $(cd "$OUTDIR" && echo *) (table-runs.tar.gz: run files, logs)"
 else
-    echo "outputs in $OUTDIR (summary.json, steps.jsonl, logs/, profile.md)"
+    # Everything but the summary, the profile table and the benchmark JSON lines into one archive
+    # (checkpoints left out: summary.json already says whether the two training runs agree).
+    (cd "$OUTDIR" && find . -mindepth 1 -maxdepth 1 ! -name summary.json ! -name profile.md \
+        ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl ! -name ops_cuda.jsonl ! -name torch_peer.jsonl \
+        ! -name gpu-run.tar.gz -printf '%P\0' |
+        tar czf gpu-run.tar.gz --exclude='*.safetensors' --null -T - &&
+        find . -mindepth 1 -maxdepth 1 ! -name summary.json ! -name profile.md \
+            ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl ! -name ops_cuda.jsonl ! -name torch_peer.jsonl \
+            ! -name gpu-run.tar.gz -exec rm -rf {} +) ||
+        echo "gpu-run.tar.gz could not be written; the files stay in $OUTDIR"
+    echo "outputs in $OUTDIR: $(cd "$OUTDIR" && echo *) (gpu-run.tar.gz: logs/, steps.jsonl, run files)"
 fi
 exit 0
