@@ -107,6 +107,15 @@ __device__ __forceinline__ size_t bn_next(BnWalk& w) {
     return r;
 }
 
+// The moments of four values, exactly as two passes would give them: their mean, then the sum of
+// squared deviations from it (merged into a thread's running moments with one division per four
+// values, where Welford's update takes one per value).
+__device__ __forceinline__ Moments moments4(const float* v) {
+    const float m = ((v[0] + v[1]) + (v[2] + v[3])) * 0.25f;
+    const float d0 = v[0] - m, d1 = v[1] - m, d2 = v[2] - m, d3 = v[3] - m;
+    return Moments{4, m, fmaf(d0, d0, fmaf(d1, d1, fmaf(d2, d2, d3 * d3)))};
+}
+
 // Welford's update of v by one more value xv.
 __device__ __forceinline__ void welford_add(Moments& v, float xv) {
     v.n += 1;
@@ -117,30 +126,31 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
 
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
 // block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the
-// squared deviations from it), or with welford != 0 one: each thread keeps Welford's running
-// mean and M2 of its own elements (mean += d/k, M2 += d*(x - mean) with d = x - old mean, at its
-// k-th element), and the threads' results are merged by block_moments. One pass reads x once
-// from memory instead of twice, at about the same accuracy (both avoid the cancellation of the
-// sum-of-squares formula). Each thread takes its elements four strides at a time into four
-// accumulators (the four loads in flight together: one load at a time per thread leaves the
-// memory system idle), combined in a fixed order at the end.
+// squared deviations from it), or with welford != 0 one: each thread keeps the running moments
+// of its own elements, adding four at a time (their own mean and M2, moments4, merged in by Chan
+// et al.'s update) and any last ones by Welford's update (mean += d/k, M2 += d*(x - mean) with
+// d = x - old mean, at its k-th element); the threads' results are merged by block_moments. One
+// pass reads x once from memory instead of twice, at about the same accuracy (both avoid the
+// cancellation of the sum-of-squares formula). Either way each thread loads its elements four
+// strides at a time (the four loads in flight together: one load at a time per thread leaves
+// the memory system idle); two-pass sums them into four accumulators, combined in a fixed order
+// at the end.
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
-        Moments v[4] = {{0, 0.f, 0.f}, {0, 0.f, 0.f}, {0, 0.f, 0.f}, {0, 0.f, 0.f}};
+        Moments v{0, 0.f, 0.f};
         for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
             if (bn_has(w, 3)) {
                 size_t k[4];
                 float xv[4];
                 for (int q = 0; q < 4; ++q) k[q] = bn_next(w);
                 for (int q = 0; q < 4; ++q) xv[q] = x[k[q]];
-                for (int q = 0; q < 4; ++q) welford_add(v[q], xv[q]);
+                v = moments_merge(v, moments4(xv));
             } else {
-                welford_add(v[0], x[bn_next(w)]);
+                welford_add(v, x[bn_next(w)]);
             }
         }
-        const Moments r = block_moments(moments_merge(moments_merge(v[0], v[1]),
-                                                      moments_merge(v[2], v[3])));
+        const Moments r = block_moments(v);
         *mu_out = r.mean;
         *m2_out = r.m2;
         return;
