@@ -47,6 +47,19 @@ __device__ __forceinline__ float block_sum(float v) {
 #define GRID_LOOP(i, n) \
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
 
+// Four elements per thread per round, for the streaming elementwise kernels: thread t of a grid
+// of s threads takes elements i = t, t + s, t + 2s, t + 3s (each of the four accesses coalesced
+// across the warp), then i + 4s, and so on. The body loads the inputs of its four elements into
+// registers before it stores any output, so each thread has four loads in flight: at one element
+// per thread even a full multiprocessor keeps too few bytes in flight to stream at the memory's
+// rate. EW4_TAIL then takes this thread's last (fewer than four) elements one at a time. The host
+// launches ceil(n / 4) threads (cfg_lin4). `s` and `i` are declared by EW4_LOOP.
+#define EW4_LOOP(i, s, n)                                        \
+    const int s = blockDim.x * gridDim.x;                        \
+    int i = blockIdx.x * blockDim.x + threadIdx.x;               \
+    for (; i < (n) - 3 * s; i += 4 * s)
+#define EW4_TAIL(i, s, n) for (; i < (n); i += s)
+
 // Row maximum and log-sum-exp of x[0..n) computed by one warp (all lanes get the result).
 __device__ __forceinline__ float warp_row_lse(const float* x, int n) {
     const int lane = LANE();

@@ -1,7 +1,8 @@
 // Elementwise ops and broadcasts.
 //
 // Indexing: one thread per element of a flat contiguous buffer of n elements (grid-stride loop, so
-// any grid size is valid). Broadcast kernels recover the broadcast coordinate from the flat index:
+// any grid size is valid); ew_mul and the ReLU kernels, which stream the large activations, take
+// four elements per thread (EW4_LOOP, see common.cuh). Broadcast kernels recover the broadcast coordinate from the flat index:
 // for a tensor viewed as [outer, C, inner] the channel of element i is (i / inner) % C.
 #include "common.cuh"
 
@@ -19,26 +20,55 @@ extern "C" __global__ void ew_scale(int n, float s, const float* x, float* out) 
 }
 
 extern "C" __global__ void ew_mul(int n, const float* x, const float* y, float* out) {
-    GRID_LOOP(i, n) out[i] = x[i] * y[i];
+    EW4_LOOP(i, s, n) {
+        float a[4], b[4];
+        for (int q = 0; q < 4; ++q) {
+            a[q] = x[i + q * s];
+            b[q] = y[i + q * s];
+        }
+        for (int q = 0; q < 4; ++q) out[i + q * s] = a[q] * b[q];
+    }
+    EW4_TAIL(i, s, n) out[i] = x[i] * y[i];
 }
+
+// max(v, 0); NaN maps to 0 like Rust's f32::max.
+__device__ __forceinline__ float relu_of(float v) { return v > 0.f ? v : 0.f; }
 
 // y = relu(a + b): the residual join of a ResNet block in one pass (same arithmetic as ew_axpby
 // with a = b = 1 followed by ew_relu_fwd).
 extern "C" __global__ void ew_add_relu(int n, const float* a, const float* b, float* y) {
-    GRID_LOOP(i, n) {
-        const float s = a[i] + b[i];
-        y[i] = s > 0.f ? s : 0.f;
+    EW4_LOOP(i, s, n) {
+        float u[4], v[4];
+        for (int q = 0; q < 4; ++q) {
+            u[q] = a[i + q * s];
+            v[q] = b[i + q * s];
+        }
+        for (int q = 0; q < 4; ++q) y[i + q * s] = relu_of(u[q] + v[q]);
     }
+    EW4_TAIL(i, s, n) y[i] = relu_of(a[i] + b[i]);
 }
 
-// y = max(x, 0); NaN maps to 0 like Rust's f32::max.
+// y = max(x, 0).
 extern "C" __global__ void ew_relu_fwd(int n, const float* x, float* y) {
-    GRID_LOOP(i, n) y[i] = x[i] > 0.f ? x[i] : 0.f;
+    EW4_LOOP(i, s, n) {
+        float v[4];
+        for (int q = 0; q < 4; ++q) v[q] = x[i + q * s];
+        for (int q = 0; q < 4; ++q) y[i + q * s] = relu_of(v[q]);
+    }
+    EW4_TAIL(i, s, n) y[i] = relu_of(x[i]);
 }
 
 // gx = gy * [y > 0], using the forward output.
 extern "C" __global__ void ew_relu_bwd(int n, const float* y, const float* gy, float* gx) {
-    GRID_LOOP(i, n) gx[i] = y[i] > 0.f ? gy[i] : 0.f;
+    EW4_LOOP(i, s, n) {
+        float v[4], g[4];
+        for (int q = 0; q < 4; ++q) {
+            v[q] = y[i + q * s];
+            g[q] = gy[i + q * s];
+        }
+        for (int q = 0; q < 4; ++q) gx[i + q * s] = v[q] > 0.f ? g[q] : 0.f;
+    }
+    EW4_TAIL(i, s, n) gx[i] = y[i] > 0.f ? gy[i] : 0.f;
 }
 
 // acc += x (in place).

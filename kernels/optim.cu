@@ -3,8 +3,11 @@
 
 // The per-element updates, shared by the single-tensor and the multi-tensor kernels so both do
 // the same arithmetic.
+__device__ __forceinline__ float ema_of(float alpha, float t, float s) {
+    return alpha * t + (1.f - alpha) * s;
+}
 __device__ __forceinline__ void ema_el(float alpha, float* t, const float* s, int i) {
-    t[i] = alpha * t[i] + (1.f - alpha) * s[i];
+    t[i] = ema_of(alpha, t[i], s[i]);
 }
 
 __device__ __forceinline__ void sgd_el(float lr, float mu, float wd, int first, float* p,
@@ -93,8 +96,25 @@ extern "C" __global__ void op_copy_mt(const MtTable t) {
     MT_RANGE(t, k, i) t.a[k][i] = t.b[k][i];
 }
 
+// Four elements per thread per round (loads first, as EW4_LOOP in common.cuh: the EMA streams
+// two parameter sets and has too little arithmetic to hide one load at a time), then the tile's
+// last elements one at a time; same arithmetic as ema_el.
 extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
-    MT_RANGE(t, k, i) ema_el(alpha, t.a[k], t.b[k], i);
+    const int k = mt_tensor(t);
+    const int start = ((int)blockIdx.x - t.first[k]) * MT_TILE;
+    const int end = min(start + MT_TILE, t.n[k]), s = blockDim.x;
+    float* te = t.a[k];
+    const float* st = t.b[k];
+    int i = start + (int)threadIdx.x;
+    for (; i < end - 3 * s; i += 4 * s) {
+        float a[4], b[4];
+        for (int q = 0; q < 4; ++q) {
+            a[q] = te[i + q * s];
+            b[q] = st[i + q * s];
+        }
+        for (int q = 0; q < 4; ++q) te[i + q * s] = ema_of(alpha, a[q], b[q]);
+    }
+    for (; i < end; i += s) ema_el(alpha, te, st, i);
 }
 
 extern "C" __global__ void op_sgd_mt(float lr, float mu, float wd, int first, const MtTable t) {

@@ -1,6 +1,6 @@
 //! Elementwise ops and the channel/column bias broadcast (kernels/elementwise.cu).
 
-use super::{cfg_lin, ci, same_shape, CudaBackend, A};
+use super::{cfg_lin, cfg_lin4, ci, same_shape, CudaBackend, A};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -42,19 +42,21 @@ pub(super) fn add_bias(
     )
 }
 
+/// `name(n, x, y)`, a kernel that takes four elements per thread (see [`cfg_lin4`]).
 fn unary(be: &CudaBackend, name: &'static str, x: &Tensor) -> Result<Tensor> {
     let y = be.empty(x.shape())?;
     let n = x.numel();
     if n > 0 {
         be.launch(
             name,
-            cfg_lin(n),
+            cfg_lin4(n),
             &[A::I(ci(n)?), A::P(be.p(x)?), A::P(be.p(&y)?)],
         )?;
     }
     Ok(y)
 }
 
+/// `name(n, x, y, out)`, a kernel that takes four elements per thread (see [`cfg_lin4`]).
 fn binary(be: &CudaBackend, name: &'static str, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     same_shape(x, y, name)?;
     let out = be.empty(x.shape())?;
@@ -62,7 +64,7 @@ fn binary(be: &CudaBackend, name: &'static str, x: &Tensor, y: &Tensor) -> Resul
     if n > 0 {
         be.launch(
             name,
-            cfg_lin(n),
+            cfg_lin4(n),
             &[
                 A::I(ci(n)?),
                 A::P(be.p(x)?),

@@ -312,6 +312,12 @@ pub(crate) fn cfg_lin(n: usize) -> LaunchConfig {
     }
 }
 
+/// [`cfg_lin`] for the kernels that take four elements per thread (`EW4_LOOP` in
+/// `kernels/common.cuh`): `ceil(n / 4)` threads.
+pub(crate) fn cfg_lin4(n: usize) -> LaunchConfig {
+    cfg_lin(n.div_ceil(4))
+}
+
 /// One warp per row, 8 rows per block.
 pub(crate) fn cfg_rows(rows: usize) -> LaunchConfig {
     let per = (BLOCK / 32) as usize;
