@@ -80,10 +80,14 @@ __device__ __forceinline__ int mt_tensor(const MtTable& t) {
     return lo;
 }
 
-#define MT_RANGE(t, k, i)                                                   \
+// This block's tensor k and its tile [start, end) of that tensor's elements.
+#define MT_BOUNDS(t, k, start, end)                                         \
     const int k = mt_tensor(t);                                             \
-    const int mt_start_ = ((int)blockIdx.x - t.first[k]) * MT_TILE;        \
-    const int mt_end_ = min(mt_start_ + MT_TILE, t.n[k]);                   \
+    const int start = ((int)blockIdx.x - t.first[k]) * MT_TILE;            \
+    const int end = min(start + MT_TILE, t.n[k])
+
+#define MT_RANGE(t, k, i)                                                   \
+    MT_BOUNDS(t, k, mt_start_, mt_end_);                                    \
     for (int i = mt_start_ + (int)threadIdx.x; i < mt_end_; i += blockDim.x)
 
 // acc += x (gradient accumulation), the arithmetic of ew_add_assign.
@@ -100,9 +104,8 @@ extern "C" __global__ void op_copy_mt(const MtTable t) {
 // two parameter sets and has too little arithmetic to hide one load at a time), then the tile's
 // last elements one at a time; same arithmetic as ema_el.
 extern "C" __global__ void op_ema_mt(float alpha, const MtTable t) {
-    const int k = mt_tensor(t);
-    const int start = ((int)blockIdx.x - t.first[k]) * MT_TILE;
-    const int end = min(start + MT_TILE, t.n[k]), s = blockDim.x;
+    MT_BOUNDS(t, k, start, end);
+    const int s = blockDim.x;
     float* te = t.a[k];
     const float* st = t.b[k];
     int i = start + (int)threadIdx.x;

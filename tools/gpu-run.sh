@@ -414,14 +414,14 @@ if [ "$TABLE" = 1 ]; then
 else
     # Everything but the summary, the profile table and the benchmark JSON lines into one archive
     # (checkpoints left out: summary.json already says whether the two training runs agree).
-    (cd "$OUTDIR" && find . -mindepth 1 -maxdepth 1 ! -name summary.json ! -name profile.md \
-        ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl ! -name ops_cuda.jsonl ! -name torch_peer.jsonl \
-        ! -name gpu-run.tar.gz -printf '%P\0' |
-        tar czf gpu-run.tar.gz --exclude='*.safetensors' --null -T - &&
-        find . -mindepth 1 -maxdepth 1 ! -name summary.json ! -name profile.md \
-            ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl ! -name ops_cuda.jsonl ! -name torch_peer.jsonl \
-            ! -name gpu-run.tar.gz -exec rm -rf {} +) ||
-        echo "gpu-run.tar.gz could not be written; the files stay in $OUTDIR"
+    (
+        cd "$OUTDIR" &&
+            mapfile -d '' rest < <(find . -mindepth 1 -maxdepth 1 ! -name summary.json \
+                ! -name profile.md ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl \
+                ! -name ops_cuda.jsonl ! -name torch_peer.jsonl ! -name gpu-run.tar.gz -printf '%P\0') &&
+            tar czf gpu-run.tar.gz --exclude='*.safetensors' "${rest[@]}" &&
+            rm -rf "${rest[@]}"
+    ) || echo "gpu-run.tar.gz could not be written; the files stay in $OUTDIR"
     echo "outputs in $OUTDIR: $(cd "$OUTDIR" && echo *) (gpu-run.tar.gz: logs/, steps.jsonl, run files)"
 fi
 exit 0
