@@ -60,6 +60,48 @@ __device__ __forceinline__ float block_sum(float v) {
     for (; i < (n) - 3 * s; i += 4 * s)
 #define EW4_TAIL(i, s, n) for (; i < (n); i += s)
 
+// The channel c = (i / inner) % C of element i of a flat [outer, C, inner] buffer, followed
+// through an EW4 loop without a division per element: the walk keeps i's remainder r = i % inner
+// and its channel, and a stride of s elements adds s's own quotient and remainder (dq = s / inner,
+// dr = s % inner, dc = dq % C), plus one channel when r passes inner, wrapping at C (c + dc + 1
+// < 2C, so one subtraction does). Four divisions per thread, once.
+struct ChWalk {
+    int r, c, dr, dc, inner, C;
+};
+__device__ __forceinline__ ChWalk ch_walk(int i, int s, int C, int inner) {
+    ChWalk w;
+    const int q = i / inner, dq = s / inner;
+    w.r = i - q * inner;
+    w.c = q % C;
+    w.dr = s - dq * inner;
+    w.dc = dq % C;
+    w.inner = inner;
+    w.C = C;
+    return w;
+}
+// The current element's channel, then a stride on.
+__device__ __forceinline__ int ch_next(ChWalk& w) {
+    const int c = w.c;
+    w.r += w.dr;
+    int carry = 0;
+    if (w.r >= w.inner) {
+        w.r -= w.inner;
+        carry = 1;
+    }
+    w.c += w.dc + carry;
+    if (w.c >= w.C) w.c -= w.C;
+    return c;
+}
+
+// EW4_LOOP with a channel walk `w` (ChWalk) started at the thread's first element: the body
+// calls ch_next(w) once per element, in element order (i, i + s, i + 2s, i + 3s), and so does
+// the tail.
+#define EW4_CH_LOOP(i, s, n, w, C, inner)                        \
+    const int s = blockDim.x * gridDim.x;                        \
+    int i = blockIdx.x * blockDim.x + threadIdx.x;               \
+    ChWalk w = ch_walk(i, s, C, inner);                          \
+    for (; i < (n) - 3 * s; i += 4 * s)
+
 // Row maximum and log-sum-exp of x[0..n) computed by one warp (all lanes get the result).
 __device__ __forceinline__ float warp_row_lse(const float* x, int n) {
     const int lane = LANE();

@@ -2,8 +2,9 @@
 //
 // Indexing: one thread per element of a flat contiguous buffer of n elements (grid-stride loop, so
 // any grid size is valid); ew_mul and the ReLU kernels, which stream the large activations, take
-// four elements per thread (EW4_LOOP, see common.cuh). Broadcast kernels recover the broadcast coordinate from the flat index:
-// for a tensor viewed as [outer, C, inner] the channel of element i is (i / inner) % C.
+// four elements per thread (EW4_LOOP, see common.cuh). The bias broadcast recovers the broadcast
+// coordinate from the flat index: for a tensor viewed as [outer, C, inner] the channel of element
+// i is (i / inner) % C, followed incrementally by a ChWalk (EW4_CH_LOOP).
 #include "common.cuh"
 
 extern "C" __global__ void ew_fill(int n, float v, float* out) {
@@ -76,7 +77,17 @@ extern "C" __global__ void ew_add_assign(int n, float* acc, const float* x) {
     GRID_LOOP(i, n) acc[i] += x[i];
 }
 
-// y[i] += bias[(i / inner) % C]: conv bias (inner = H*W) and linear bias (inner = 1).
+// y[i] += bias[(i / inner) % C]: conv bias (inner = H*W) and linear bias (inner = 1), four
+// elements per thread with the channel followed by a ChWalk (EW4_CH_LOOP, no division per
+// element).
 extern "C" __global__ void ew_add_bias(int n, int C, int inner, const float* bias, float* y) {
-    GRID_LOOP(i, n) y[i] += bias[(i / inner) % C];
+    EW4_CH_LOOP(i, s, n, w, C, inner) {
+        float v[4], b[4];
+        for (int q = 0; q < 4; ++q) {
+            b[q] = bias[ch_next(w)];
+            v[q] = y[i + q * s];
+        }
+        for (int q = 0; q < 4; ++q) y[i + q * s] = v[q] + b[q];
+    }
+    EW4_TAIL(i, s, n) y[i] += bias[ch_next(w)];
 }

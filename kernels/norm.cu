@@ -7,8 +7,11 @@
 // one block each, the split reductions (bn_stats_split, bn_bwd_split) give each channel S blocks
 // on a grid (S, C): block (s, c) owns the s-th chunk of that channel's j range, and the block that
 // finishes last combines the S partial results in chunk order (deterministic too). The elementwise
-// passes use one thread per element of the flat NCHW buffer with channel c = (i / HW) % C. L2
-// normalise is "warp per row".
+// passes (bn_apply, bn_train_dx and the eval-mode kernels) take four elements of the flat NCHW
+// buffer per thread (EW4_CH_LOOP in common.cuh: elements i, i + s, i + 2s, i + 3s for a grid of s
+// threads, their loads issued together) and follow each element's channel c = (i / HW) % C with
+// a ChWalk, which divides once per thread rather than twice per element. L2 normalise is "warp
+// per row".
 #include "common.cuh"
 
 // Count, mean and sum of squared deviations from the mean (M2) of a set of values.
@@ -107,6 +110,48 @@ __device__ __forceinline__ size_t bn_next(BnWalk& w) {
     return r;
 }
 
+// The same walk backwards: thread t's elements of [lo, hi) (the j = lo + t + m*blockDim.x that
+// bn_walk visits) from its last one down to its first, the offset stepped back by the same
+// quotient and remainder (borrowing a plane when i drops below 0). A second pass over data just
+// read this way starts with what the first pass read last, which is what the cache still holds.
+struct BnRev {
+    int j, lo, step, i, HW, di;
+    size_t k, dk, wrap;
+};
+__device__ __forceinline__ BnRev bn_walk_rev(int C, int HW, int c, int lo, int hi) {
+    BnRev w;
+    w.lo = lo;
+    w.step = (int)blockDim.x;
+    w.HW = HW;
+    const int first = lo + (int)threadIdx.x;
+    // The thread's last element (or, with none, j = lo - 1: nothing to visit).
+    w.j = first < hi ? first + (hi - 1 - first) / w.step * w.step : lo - 1;
+    const int jj = first < hi ? w.j : lo;
+    const int n = jj / HW, dn = w.step / HW;
+    w.i = jj - n * HW;
+    w.di = w.step - dn * HW;
+    w.k = ((size_t)n * C + c) * HW + w.i;
+    w.dk = (size_t)dn * C * HW + w.di;
+    w.wrap = (size_t)(C - 1) * HW;
+    return w;
+}
+// Whether the element `ahead` strides back is still in the range.
+__device__ __forceinline__ bool bn_rhas(const BnRev& w, int ahead) {
+    return w.j - ahead * w.step >= w.lo;
+}
+// The current offset, then a stride back.
+__device__ __forceinline__ size_t bn_prev(BnRev& w) {
+    const size_t r = w.k;
+    w.j -= w.step;
+    w.i -= w.di;
+    w.k -= w.dk;
+    if (w.i < 0) {
+        w.i += w.HW;
+        w.k -= w.wrap;
+    }
+    return r;
+}
+
 // The moments of four values, exactly as two passes would give them: their mean, then the sum of
 // squared deviations from it (merged into a thread's running moments with one division per four
 // values, where Welford's update takes one per value).
@@ -126,7 +171,7 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
 
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
 // block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the
-// squared deviations from it), or with welford != 0 one: each thread keeps the running moments
+// squared deviations from it, walking backwards: bn_walk_rev), or with welford != 0 one: each thread keeps the running moments
 // of its own elements, adding four at a time (their own mean and M2, moments4, merged in by Chan
 // et al.'s update) and any last ones by Welford's update (mean += d/k, M2 += d*(x - mean) with
 // d = x - old mean, at its k-th element); the threads' results are merged by block_moments. One
@@ -169,17 +214,19 @@ __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int
         }
     }
     const float mu = block_sum((s[0] + s[1]) + (s[2] + s[3])) / (float)(hi - lo);
+    // The squared deviations walk backwards (bn_walk_rev): when the range is larger than the
+    // cache, its start is long evicted by the end of the first pass, but the end is still there.
     float q[4] = {0.f, 0.f, 0.f, 0.f};
-    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
-        if (bn_has(w, 3)) {
-            const size_t k0 = bn_next(w), k1 = bn_next(w), k2 = bn_next(w), k3 = bn_next(w);
+    for (BnRev w = bn_walk_rev(C, HW, c, lo, hi); bn_rhas(w, 0);) {
+        if (bn_rhas(w, 3)) {
+            const size_t k0 = bn_prev(w), k1 = bn_prev(w), k2 = bn_prev(w), k3 = bn_prev(w);
             const float a = x[k0] - mu, b = x[k1] - mu, e = x[k2] - mu, f = x[k3] - mu;
             q[0] = fmaf(a, a, q[0]);
             q[1] = fmaf(b, b, q[1]);
             q[2] = fmaf(e, e, q[2]);
             q[3] = fmaf(f, f, q[3]);
         } else {
-            const float d = x[bn_next(w)] - mu;
+            const float d = x[bn_prev(w)] - mu;
             q[0] = fmaf(d, d, q[0]);
         }
     }
@@ -223,12 +270,17 @@ __device__ __forceinline__ void bn_store_stats(int M, int c, float eps, float mu
 // The norm's kernels spell out every fused multiply-add (fmaf) so that the compiler's
 // contraction choices, which may differ between a loop and a hoisted loop invariant, cannot make
 // the one-launch and two-launch paths round differently.
-__device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, float b,
-                                        const float* res, int relu, size_t k) {
+__device__ __forceinline__ float bn_out_v(float xv, float mu, float is, float g, float b,
+                                          int has_res, float rv, int relu) {
     float v = fmaf(g, (xv - mu) * is, b);
-    if (res) v = v + res[k];
+    if (has_res) v = v + rv;
     if (relu) v = v > 0.f ? v : 0.f;
     return v;
+}
+// bn_out_v with the residual (if any) read from res[k].
+__device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, float b,
+                                        const float* res, int relu, size_t k) {
+    return bn_out_v(xv, mu, is, g, b, res != 0, res ? res[k] : 0.f, relu);
 }
 
 // Batch statistics of every channel (one block per channel), see bn_store_stats.
@@ -275,28 +327,55 @@ extern "C" __global__ void bn_eval_invstd(int C, float eps, const float* rv, flo
     GRID_LOOP(c, C) invstd[c] = bn_eval_is(rv, eps, c);
 }
 
+// y = gamma * (x - mean) * invstd + beta with bn_out's optional epilogue, four elements per
+// thread (EW4_CH_LOOP): every load of the four (x, the residual, the channel's parameters) before
+// any store, so the loads are in flight together. With `eval` != 0 (the eval-mode kernel) `mean`
+// is the running mean and invstd is formed per element from the running variance in `var` and
+// `eps` (as bn_eval_invstd does, so the result has the bits of bn_eval_invstd + bn_apply + ReLU /
+// residual join).
+__device__ __forceinline__ void bn_apply_body(int n, int C, int HW, int eval, float eps,
+                                              const float* x, const float* mean,
+                                              const float* var, const float* gamma,
+                                              const float* beta, const float* res, int relu,
+                                              float* y) {
+    const int has_res = res != 0;
+    EW4_CH_LOOP(i, s, n, w, C, HW) {
+        float xv[4], rv[4], mu[4], is[4], g[4], b[4];
+        for (int q = 0; q < 4; ++q) {
+            const int c = ch_next(w);
+            xv[q] = x[i + q * s];
+            rv[q] = has_res ? res[i + q * s] : 0.f;
+            mu[q] = mean[c];
+            is[q] = var[c];
+            g[q] = gamma[c];
+            b[q] = beta[c];
+        }
+        for (int q = 0; q < 4; ++q) {
+            if (eval) is[q] = bn_eval_is(is + q, eps, 0);
+            y[i + q * s] = bn_out_v(xv[q], mu[q], is[q], g[q], b[q], has_res, rv[q], relu);
+        }
+    }
+    EW4_TAIL(i, s, n) {
+        const int c = ch_next(w);
+        const float is = eval ? bn_eval_is(var, eps, c) : var[c];
+        y[i] = bn_out(x[i], mean[c], is, gamma[c], beta[c], res, relu, i);
+    }
+}
+
 // Eval-mode forward in one launch: y = gamma * (x - rm) * invstd + beta with bn_out's optional
-// epilogue, invstd formed per element from the running variance (as bn_eval_invstd does, so the
-// result has the bits of bn_eval_invstd + bn_apply + ReLU / residual join). One thread per
-// element.
+// epilogue, invstd formed per element from the running variance rv (see bn_apply_body).
 extern "C" __global__ void bn_eval_apply(int n, int C, int HW, float eps, const float* x,
                                          const float* rm, const float* rv, const float* gamma,
                                          const float* beta, const float* res, int relu,
                                          float* y) {
-    GRID_LOOP(i, n) {
-        const int c = (i / HW) % C;
-        y[i] = bn_out(x[i], rm[c], bn_eval_is(rv, eps, c), gamma[c], beta[c], res, relu, i);
-    }
+    bn_apply_body(n, C, HW, 1, eps, x, rm, rv, gamma, beta, res, relu, y);
 }
 
-// y = gamma * (x - mean) * invstd + beta with bn_out's optional epilogue, one thread per element.
+// y = gamma * (x - mean) * invstd + beta with bn_out's optional epilogue (see bn_apply_body).
 extern "C" __global__ void bn_apply(int n, int C, int HW, const float* x, const float* mean,
                                     const float* invstd, const float* gamma, const float* beta,
                                     const float* res, int relu, float* y) {
-    GRID_LOOP(i, n) {
-        const int c = (i / HW) % C;
-        y[i] = bn_out(x[i], mean[c], invstd[c], gamma[c], beta[c], res, relu, i);
-    }
+    bn_apply_body(n, C, HW, 0, 0.f, x, mean, invstd, gamma, beta, res, relu, y);
 }
 
 // The output gradient a batch norm receives: gy, or, when the norm was followed by a ReLU with
@@ -371,13 +450,29 @@ extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, c
     }
 }
 
-// Train-mode input gradient, one thread per element (gy masked by ry as in bn_bwd_reduce).
+// Train-mode input gradient (gy masked by ry as in bn_bwd_reduce), four elements per thread
+// with all their loads before the stores (EW4_CH_LOOP, as bn_apply_body).
 extern "C" __global__ void bn_train_dx(int n, int C, int HW, int M, const float* x,
                                        const float* gy, const float* ry, const float* mean,
                                        const float* invstd, const float* gamma,
                                        const float* ggamma, const float* gbeta, float* gx) {
-    GRID_LOOP(i, n) {
-        const int c = (i / HW) % C;
+    EW4_CH_LOOP(i, s, n, w, C, HW) {
+        float g[4], xv[4], mu[4], is[4], gam[4], sg[4], sgx[4];
+        for (int q = 0; q < 4; ++q) {
+            const int c = ch_next(w);
+            g[q] = bn_gy(gy, ry, i + q * s);
+            xv[q] = x[i + q * s];
+            mu[q] = mean[c];
+            is[q] = invstd[c];
+            gam[q] = gamma[c];
+            sg[q] = gbeta[c];
+            sgx[q] = ggamma[c];
+        }
+        for (int q = 0; q < 4; ++q)
+            gx[i + q * s] = bn_dx(g[q], xv[q], mu[q], is[q], gam[q], sg[q], sgx[q], M);
+    }
+    EW4_TAIL(i, s, n) {
+        const int c = ch_next(w);
         gx[i] = bn_dx(bn_gy(gy, ry, i), x[i], mean[c], invstd[c], gamma[c], gbeta[c], ggamma[c],
                       M);
     }
@@ -496,11 +591,22 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
     ggamma[c] = (float)sgx;
 }
 
-// Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants).
+// Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants), four elements
+// per thread (EW4_CH_LOOP).
 extern "C" __global__ void bn_eval_dx(int n, int C, int HW, const float* gy, const float* gamma,
                                       const float* invstd, float* gx) {
-    GRID_LOOP(i, n) {
-        const int c = (i / HW) % C;
+    EW4_CH_LOOP(i, s, n, w, C, HW) {
+        float g[4], gam[4], is[4];
+        for (int q = 0; q < 4; ++q) {
+            const int c = ch_next(w);
+            g[q] = gy[i + q * s];
+            gam[q] = gamma[c];
+            is[q] = invstd[c];
+        }
+        for (int q = 0; q < 4; ++q) gx[i + q * s] = g[q] * gam[q] * is[q];
+    }
+    EW4_TAIL(i, s, n) {
+        const int c = ch_next(w);
         gx[i] = gy[i] * gamma[c] * invstd[c];
     }
 }

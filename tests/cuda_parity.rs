@@ -501,6 +501,10 @@ fn batch_norm_train_and_eval() {
         [12, 64, 28, 28],
         // N·H·W = 70560: above the one-launch limit, so the two-launch kernels run.
         [40, 3, 42, 42],
+        // Large enough that the elementwise kernels' four-per-thread loop runs, with a thread
+        // stride (6912) that is no multiple of H·W (437) and whose quotient (15) is no multiple
+        // of C: their channel walk crosses planes and wraps channels at every step.
+        [9, 7, 23, 19],
     ] {
         let c = shape[1];
         let (xc, xg) = rand_pair(g, &mut rng, &shape, 2.0);
@@ -806,7 +810,16 @@ impl BnCase {
 fn batch_norm_one_launch_equals_two_launches() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(19);
-    for shape in [[2, 3, 5, 7], [8, 16, 1, 1], [12, 64, 14, 14]] {
+    // [9, 7, 23, 19] and [7, 5, 13, 11]: the two-launch elementwise kernels' channel walk
+    // (EW4_CH_LOOP) with strides that cross planes and wrap channels (see
+    // batch_norm_train_and_eval), through both the loop and its tail.
+    for shape in [
+        [2, 3, 5, 7],
+        [8, 16, 1, 1],
+        [12, 64, 14, 14],
+        [9, 7, 23, 19],
+        [7, 5, 13, 11],
+    ] {
         let case = BnCase::random(&mut rng, &shape).on(g);
         let run = || case.outputs(g).map(|t| t.to_vec().unwrap());
         let one = run();
@@ -987,6 +1000,58 @@ fn batch_norm_split_reductions() {
         1e-4,
         1e-4,
     );
+}
+
+/// Every batch-norm kernel reads only its own channel: inputs whose neighbouring channels lie
+/// 4 to 12 apart (channel c around 4·(c mod 4), spread ±1), so that a single element read from
+/// another channel moves that channel's variance by far more than the tolerance. On shapes whose
+/// walks (forward and backward over a channel, the elementwise channel walk) cross sample planes
+/// mid-walk: one launch per pass, one block per channel over more than the one-launch limit, 3
+/// blocks per channel; two-pass and one-pass statistics.
+#[test]
+fn batch_norm_reads_only_its_channel() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(31);
+    for (shape, blocks) in [
+        ([12, 64, 28, 28], 1),
+        ([9, 7, 23, 19], 1),
+        ([40, 3, 42, 42], 1),
+        ([7, 5, 13, 11], 3),
+        ([12, 64, 14, 14], 3),
+    ] {
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        let hw = shape[2] * shape[3];
+        let mut cpu_case = BnCase::random(&mut rng, &shape);
+        let x = cpu_case.t[0].to_vec().unwrap();
+        let v: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(k, v)| v * 0.5 + 4.0 * ((k / hw % shape[1]) % 4) as f32)
+            .collect();
+        cpu_case.t[0] = Tensor::from_vec(v, &shape).unwrap();
+        let case = cpu_case.on(g);
+        let want = cpu_case.outputs(cpu());
+        for welford in [false, true] {
+            let old = (
+                cu::set_bn_welford(Some(welford)),
+                cu::set_bn_split(Some(blocks)),
+            );
+            let got = case.outputs(g);
+            cu::set_bn_welford(old.0);
+            cu::set_bn_split(old.1);
+            for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(bn_tolerances(m)) {
+                close(
+                    &format!(
+                        "bn channels apart {shape:?} blocks {blocks} welford {welford} {name}"
+                    ),
+                    gt,
+                    ct,
+                    rel,
+                    abs,
+                );
+            }
+        }
+    }
 }
 
 fn numel(shape: &[usize]) -> usize {

@@ -31,7 +31,7 @@ pub(super) fn add_bias(
     }
     be.launch(
         "ew_add_bias",
-        cfg_lin(n),
+        cfg_lin4(n),
         &[
             A::I(ci(n)?),
             A::I(ci(c)?),

@@ -1,6 +1,8 @@
 //! Batch norm and row-wise L2 normalisation (kernels/norm.cu).
 
-use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A};
+use super::{
+    cfg_blocks, cfg_lin, cfg_lin4, cfg_rows, ci, nchw, rows_last, same_shape, CudaBackend, A,
+};
 use crate::backend::{shapes, BnAct, BnTrainOut};
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -258,7 +260,7 @@ fn apply(
     }
     be.launch(
         "bn_apply",
-        cfg_lin(total),
+        cfg_lin4(total),
         &[
             A::I(ci(total)?),
             A::I(ci(c)?),
@@ -404,7 +406,7 @@ pub(super) fn batch_norm_train_bwd(
     if total > 0 {
         be.launch(
             "bn_train_dx",
-            cfg_lin(total),
+            cfg_lin4(total),
             &[
                 A::I(ci(total)?),
                 A::I(ci(c)?),
@@ -456,7 +458,7 @@ pub(super) fn batch_norm_eval_fwd(
     if total > 0 {
         be.launch(
             "bn_eval_apply",
-            cfg_lin(total),
+            cfg_lin4(total),
             &[
                 A::I(ci(total)?),
                 A::I(ci(c)?),
@@ -493,7 +495,7 @@ pub(super) fn batch_norm_eval_bwd(
     if total > 0 {
         be.launch(
             "bn_eval_dx",
-            cfg_lin(total),
+            cfg_lin4(total),
             &[
                 A::I(ci(total)?),
                 A::I(ci(c)?),
