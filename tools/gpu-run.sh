@@ -12,7 +12,8 @@
 #
 # Rehearsal without a GPU (checks the packed folder and this script before spending device time;
 # about 2 minutes): the CPU emulation of the device with tiny workloads, e.g.
-#   MEDSSL_CUDA_EMULATE=1 PEER_CONFIGS= BENCH_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 \
+#   MEDSSL_CUDA_EMULATE=1 PEER_CONFIGS= PEER_OPS_CONFIGS= BENCH_CUDA_CONFIGS="--device cuda \
+#     --width 4 --batch-l 4 \
 #     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
 #     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
 #     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
@@ -23,7 +24,7 @@
 #
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
-#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS /
+#      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS / PEER_OPS_CONFIGS /
 #      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
 #      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS   override the workloads below
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
@@ -33,9 +34,11 @@
 #                     device command's limit (default: none)
 #
 # A device command brings back only a few files (8), so at the end (outside TABLE mode) OUTDIR
-# keeps summary.json, profile.md and the benchmarks' JSON lines (bench_cuda, bench_cpu, ops_cuda,
-# torch_peer), 7 files, and everything else (logs/, steps.jsonl, gpu.txt, libs.txt, the profile
-# rows, conformance and training-run files, no checkpoints) goes into OUTDIR/gpu-run.tar.gz.
+# keeps summary.json, profile.md, ops.md (medssl's memory-bound ops against PyTorch's,
+# tools/ops-table.py) and the benchmarks' JSON lines (bench_cuda, bench_cpu, ops_cuda,
+# torch_peer), 8 files with the archive, and everything else (logs/, steps.jsonl, gpu.txt,
+# libs.txt, the profile rows, the peer's ops rows ops_torch.jsonl, conformance and training-run
+# files, no checkpoints) goes into OUTDIR/gpu-run.tar.gz.
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
 # tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
@@ -129,6 +132,10 @@ TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda -
 # memory arena) replayed from a CUDA graph; the summary says whether its last checkpoint equals
 # the plain run's, tensor by tensor and bit for bit (train_graph_vs_plain).
 TRAIN_GRAPH_ARGS="${TRAIN_GRAPH_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --cuda-graph --out $OUTDIR/train_graph"}"
+# The PyTorch peer of the memory-bound ops rows above (tools/torch_ops_peer.py: cuDNN's batch norm,
+# PyTorch's ReLU kernels, torch.optim.Adam foreach and fused, the EMA by torch._foreach_lerp_) at
+# the same shapes, run right after them; OUTDIR/ops.md pairs the two (tools/ops-table.py).
+PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"--device cuda --width 64 --batch 256"}"
 # -------------------------------------------------------------------------------------------------
 
 json_str() { # JSON-escapes $1
@@ -306,6 +313,11 @@ else
         CONFIGS="$BENCH_CUDA_CONFIGS" run_configs bench_cuda "\"$HERE/bin/medssl-bench\" step"
         CONFIGS="$BENCH_CPU_CONFIGS" run_configs bench_cpu "\"$HERE/bin/medssl-bench\" step"
         CONFIGS="$OPS_CUDA_CONFIGS" run_configs ops_cuda "\"$HERE/bin/medssl-bench\" ops"
+        if [ -f "$HERE/torch_ops_peer.py" ]; then
+            CONFIGS="$PEER_OPS_CONFIGS" run_configs ops_torch "\"$PY\" \"$HERE/torch_ops_peer.py\""
+        else
+            skip ops_torch "torch_ops_peer.py not packed"
+        fi
     else
         skip bench "bin/medssl-bench missing"
     fi
@@ -397,6 +409,13 @@ if [ "$TABLE" != 1 ] && [ -f "$HERE/profile-table.py" ] && [ -s "$OUTDIR/bench_c
         >"$OUTDIR/profile.md" 2>>"$OUTDIR/logs/profile_table.log" ||
         echo "profile.md: no workload profiled on both sides (see logs/profile_table.log)"
 fi
+# medssl's memory-bound ops paired with the peer's (OUTDIR/ops.md).
+if [ "$TABLE" != 1 ] && [ -f "$HERE/ops-table.py" ] && [ -s "$OUTDIR/ops_cuda.jsonl" ] &&
+    [ -s "$OUTDIR/ops_torch.jsonl" ]; then
+    "$PY" "$HERE/ops-table.py" "$OUTDIR/ops_cuda.jsonl" "$OUTDIR/ops_torch.jsonl" \
+        >"$OUTDIR/ops.md" 2>>"$OUTDIR/logs/ops_table.log" ||
+        echo "ops.md: no op measured by both sides (see logs/ops_table.log)"
+fi
 if [ "$TABLE" = 1 ]; then
     # Few files come back from a device command: everything but the tables and summary.json goes
     # into one archive (run files without checkpoints, training logs, this script's logs).
@@ -417,7 +436,7 @@ else
     (
         cd "$OUTDIR" &&
             mapfile -d '' rest < <(find . -mindepth 1 -maxdepth 1 ! -name summary.json \
-                ! -name profile.md ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl \
+                ! -name profile.md ! -name ops.md ! -name bench_cuda.jsonl ! -name bench_cpu.jsonl \
                 ! -name ops_cuda.jsonl ! -name torch_peer.jsonl ! -name gpu-run.tar.gz -printf '%P\0') &&
             tar czf gpu-run.tar.gz --exclude='*.safetensors' "${rest[@]}" &&
             rm -rf "${rest[@]}"

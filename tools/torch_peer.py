@@ -509,6 +509,22 @@ def profile_steps(step, sync, steps, top):
     return summarize_profile(items, steps, wall, top, "torch.profiler")
 
 
+def open_device(name):
+    """(torch.device, is CUDA) for --device NAME; on CUDA the device is made current (its index
+    filled in) and cudnn.benchmark is on (cuDNN's algorithms timed per shape, as medssl does)."""
+    dev = torch.device(name)
+    cuda = dev.type == "cuda"
+    if cuda:
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False (CPU-only torch or no GPU)")
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
+        else:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.backends.cudnn.benchmark = True
+    return dev, cuda
+
+
 def main():
     ap = argparse.ArgumentParser(description="PyTorch peer of `medssl-bench step`")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -552,16 +568,8 @@ def main():
     if a.golden:
         sys.exit(golden(a.golden, torch.float64 if a.golden_f64 else torch.float32, a.verbose))
 
-    dev = torch.device(a.device)
-    cuda = dev.type == "cuda"
+    dev, cuda = open_device(a.device)
     if cuda:
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch.cuda.is_available() is False (CPU-only torch or no GPU)")
-        if dev.index is not None:
-            torch.cuda.set_device(dev)
-        else:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cudnn.benchmark = True
         # Set explicitly, both ways: PyTorch's default (TF32 convolutions, FP32 matmuls) matches
         # neither of medssl's modes.
         torch.backends.cudnn.allow_tf32 = a.tf32

@@ -207,6 +207,31 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
     None
 }
 
+/// The JSON fields of [`CudaChoices`] for a result row (each null on CPU), so that rows of runs
+/// with different switches can be told apart.
+fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
+    let c = cuda_choices(dev);
+    let c = c.as_ref();
+    let mut m = serde_json::Map::new();
+    m.insert("tf32".into(), serde_json::json!(c.map(|c| c.tf32)));
+    m.insert(
+        "cudnn_algo".into(),
+        serde_json::json!(c.map(|c| c.cudnn_algo)),
+    );
+    m.insert(
+        "cudnn_deterministic_first".into(),
+        serde_json::json!(c.map(|c| c.cudnn_deterministic_first)),
+    );
+    m.insert(
+        "bn_fused_max_m".into(),
+        serde_json::json!(c.map(|c| c.bn_fused_max_m)),
+    );
+    m.insert("bn_split".into(), serde_json::json!(c.map(|c| c.bn_split)));
+    m.insert("bn_stats".into(), serde_json::json!(c.map(|c| c.bn_stats)));
+    m.insert("sms".into(), serde_json::json!(c.map(|c| c.sms)));
+    m
+}
+
 /// Starts counting the device work items (kernel launches, library calls, copies) on CUDA.
 fn reset_launch_counts(dev: Device) {
     #[cfg(feature = "cuda")]
@@ -490,8 +515,7 @@ fn step(a: &StepArgs) -> Result<()> {
         (n, _) => Some(ops::device_gemm_gflops(bk, n)?),
     };
     let threads = rayon::current_num_threads();
-    let choices = cuda_choices(dev);
-    let rec = serde_json::json!({
+    let mut rec = serde_json::json!({
         "bench": "step",
         "engine": "medssl",
         "device": bk.name(),
@@ -521,18 +545,14 @@ fn step(a: &StepArgs) -> Result<()> {
         // Device work items per step (kernel launches, cuBLAS/cuDNN calls, copies); null on CPU.
         "launches_per_step": launches_total,
         "launches_by_kind": launches,
-        // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
-        // backend); null on CPU.
-        "tf32": choices.as_ref().map(|c| c.tf32),
-        "cudnn_algo": choices.as_ref().map(|c| c.cudnn_algo),
-        "cudnn_deterministic_first": choices.as_ref().map(|c| c.cudnn_deterministic_first),
-        "bn_fused_max_m": choices.as_ref().map(|c| c.bn_fused_max_m),
-        "bn_split": choices.as_ref().map(|c| c.bn_split),
-        "bn_stats": choices.as_ref().map(|c| c.bn_stats),
-        "sms": choices.as_ref().map(|c| c.sms),
         // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
         "profile": profile,
     });
+    // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
+    // backend); null on CPU.
+    rec.as_object_mut()
+        .expect("object")
+        .extend(choices_fields(dev));
     if a.json {
         println!("{rec}");
     } else {

@@ -1070,6 +1070,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         }
     }
     if a.json {
+        let choices = super::choices_fields(dev);
         for r in &rows {
             let peak = if r.work.0 { &compute } else { &memory };
             let rate = r.work.1 / r.t.median / 1e9;
@@ -1095,6 +1096,9 @@ pub fn run(a: &OpsArgs) -> Result<()> {
                 "threads": threads,
             });
             let m = o.as_object_mut().expect("object");
+            // The CUDA backend's switches (null on CPU): rows of runs with different
+            // MEDSSL_CUDA_BN_* settings are told apart by them.
+            m.extend(choices.clone());
             if r.work.0 {
                 m.insert("gflop".into(), (r.work.1 / 1e9).into());
                 m.insert("gflops".into(), rate.into());
