@@ -152,6 +152,12 @@ __device__ __forceinline__ size_t bn_prev(BnRev& w) {
     return r;
 }
 
+// Either walk, for code written once for both directions.
+__device__ __forceinline__ bool walk_has(const BnWalk& w, int ahead) { return bn_has(w, ahead); }
+__device__ __forceinline__ bool walk_has(const BnRev& w, int ahead) { return bn_rhas(w, ahead); }
+__device__ __forceinline__ size_t walk_step(BnWalk& w) { return bn_next(w); }
+__device__ __forceinline__ size_t walk_step(BnRev& w) { return bn_prev(w); }
+
 // The moments of four values, exactly as two passes would give them: their mean, then the sum of
 // squared deviations from it (merged into a thread's running moments with one division per four
 // values, where Welford's update takes one per value).
@@ -283,6 +289,31 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
     return bn_out_v(xv, mu, is, g, b, res != 0, res ? res[k] : 0.f, relu);
 }
 
+// Writes y = bn_out(x) for the elements a walk visits, with one channel's statistics and
+// parameters: four strides at a time, every load before the stores (as bn_range_stats).
+template <class Walk>
+__device__ __forceinline__ void bn_apply_walk(Walk w, float mu, float is, float g, float b,
+                                              const float* x, const float* res, int relu,
+                                              float* y) {
+    const int has_res = res != 0;
+    while (walk_has(w, 0)) {
+        if (walk_has(w, 3)) {
+            size_t o[4];
+            float xv[4], rv[4];
+            for (int q = 0; q < 4; ++q) o[q] = walk_step(w);
+            for (int q = 0; q < 4; ++q) {
+                xv[q] = x[o[q]];
+                rv[q] = has_res ? res[o[q]] : 0.f;
+            }
+            for (int q = 0; q < 4; ++q)
+                y[o[q]] = bn_out_v(xv[q], mu, is, g, b, has_res, rv[q], relu);
+        } else {
+            const size_t o = walk_step(w);
+            y[o] = bn_out(x[o], mu, is, g, b, res, relu, o);
+        }
+    }
+}
+
 // Batch statistics of every channel (one block per channel), see bn_store_stats.
 extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, int welford, const float* x,
                                     float* mean, float* invstd, float* var_unbiased,
@@ -298,7 +329,8 @@ extern "C" __global__ void bn_stats(int N, int C, int HW, float eps, int welford
 // bn_stats and bn_apply in one launch, for channels small enough that one block per channel
 // normalises its own elements faster than a second launch would (the host picks it by M = N*HW):
 // the block of channel c computes and stores the statistics as bn_stats does, then writes the
-// channel's outputs as bn_apply does (same arithmetic, same bits).
+// channel's outputs as bn_apply does (same arithmetic, same bits), starting where the statistics
+// ended (the start of the channel after two passes, the second backwards; its end after one).
 extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, int welford,
                                           const float* x, float* mean, float* invstd,
                                           float* var_unbiased, float momentum, const float* rm,
@@ -312,10 +344,10 @@ extern "C" __global__ void bn_train_fused(int N, int C, int HW, float eps, int w
     bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
                    rv_out);
     const float is = 1.f / sqrtf(var + eps), g = gamma[c], b = beta[c];
-    for (BnWalk w = bn_walk(C, HW, c, 0, M); bn_has(w, 0);) {
-        const size_t k = bn_next(w);
-        y[k] = bn_out(x[k], mu, is, g, b, res, relu, k);
-    }
+    if (welford)
+        bn_apply_walk(bn_walk_rev(C, HW, c, 0, M), mu, is, g, b, x, res, relu, y);
+    else
+        bn_apply_walk(bn_walk(C, HW, c, 0, M), mu, is, g, b, x, res, relu, y);
 }
 
 // invstd[c] = 1/sqrt(running_var[c] + eps) (eval mode).
@@ -437,6 +469,30 @@ __device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, fl
     return (gam * is) * t;
 }
 
+// Writes the train-mode input gradient gx = bn_dx(...) for the elements a walk visits, with one
+// channel's statistics, gamma and gradient sums: four strides at a time, every load before the
+// stores.
+template <class Walk>
+__device__ __forceinline__ void bn_dx_walk(Walk w, int M, float mu, float is, float gam,
+                                           float sg, float sgx, const float* x, const float* gy,
+                                           const float* ry, float* gx) {
+    while (walk_has(w, 0)) {
+        if (walk_has(w, 3)) {
+            size_t o[4];
+            float g[4], xv[4];
+            for (int q = 0; q < 4; ++q) o[q] = walk_step(w);
+            for (int q = 0; q < 4; ++q) {
+                g[q] = bn_gy(gy, ry, o[q]);
+                xv[q] = x[o[q]];
+            }
+            for (int q = 0; q < 4; ++q) gx[o[q]] = bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M);
+        } else {
+            const size_t o = walk_step(w);
+            gx[o] = bn_dx(bn_gy(gy, ry, o), x[o], mu, is, gam, sg, sgx, M);
+        }
+    }
+}
+
 // Per channel (one block each): gbeta = sum(gy), ggamma = sum(gy * xhat) (see bn_grad_sums).
 extern "C" __global__ void bn_bwd_reduce(int N, int C, int HW, const float* x, const float* gy,
                                          const float* ry, const float* mean, const float* invstd,
@@ -480,7 +536,8 @@ extern "C" __global__ void bn_train_dx(int n, int C, int HW, int M, const float*
 
 // bn_bwd_reduce and bn_train_dx in one launch for small channels (picked by the host as
 // bn_train_fused): the block of channel c forms its sums, stores gbeta/ggamma, then writes the
-// channel's input gradient (same arithmetic, same bits as the two-launch path).
+// channel's input gradient (same arithmetic, same bits as the two-launch path), walking
+// backwards from where the sums ended.
 extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, const float* gy,
                                         const float* ry, const float* mean, const float* invstd,
                                         const float* gamma, float* ggamma, float* gbeta,
@@ -494,10 +551,7 @@ extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, co
         gbeta[c] = sg;
         ggamma[c] = sgx;
     }
-    for (BnWalk w = bn_walk(C, HW, c, 0, M); bn_has(w, 0);) {
-        const size_t k = bn_next(w);
-        gx[k] = bn_dx(bn_gy(gy, ry, k), x[k], mu, is, gam, sg, sgx, M);
-    }
+    bn_dx_walk(bn_walk_rev(C, HW, c, 0, M), M, mu, is, gam, sg, sgx, x, gy, ry, gx);
 }
 
 // ---- split reductions: S blocks per channel (grid (S, C)) ----
@@ -589,6 +643,40 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
     count[c] = 0u;
     gbeta[c] = (float)sg;
     ggamma[c] = (float)sgx;
+}
+
+// ---- the elementwise pass of the two-launch path on the reduction's grid ----
+//
+// Where the statistics (or the gradient sums) took a launch of their own, the elementwise pass
+// that follows runs on the same grid (S, C) (S = 1 after bn_stats / bn_bwd_reduce): block (s, c)
+// writes chunk s of channel c (bn_chunk) with the channel's statistics and parameters loaded
+// once, walking the chunk in the direction that starts with what the reduction's block read
+// last: forwards after two-pass statistics (their second pass walked backwards), backwards after
+// one-pass statistics (`rev`) and after the gradient sums. Where the tensor is larger than the
+// cache, the part of each chunk still there is read from it. Same arithmetic as bn_apply and
+// bn_train_dx, same bits.
+
+extern "C" __global__ void bn_apply_chunks(int N, int C, int HW, int S, int rev, const float* x,
+                                           const float* mean, const float* invstd,
+                                           const float* gamma, const float* beta,
+                                           const float* res, int relu, float* y) {
+    const int c = blockIdx.y;
+    const BnChunk k = bn_chunk(N * HW, S, blockIdx.x);
+    const float mu = mean[c], is = invstd[c], g = gamma[c], b = beta[c];
+    if (rev)
+        bn_apply_walk(bn_walk_rev(C, HW, c, k.lo, k.hi), mu, is, g, b, x, res, relu, y);
+    else
+        bn_apply_walk(bn_walk(C, HW, c, k.lo, k.hi), mu, is, g, b, x, res, relu, y);
+}
+
+extern "C" __global__ void bn_dx_chunks(int N, int C, int HW, int S, const float* x,
+                                        const float* gy, const float* ry, const float* mean,
+                                        const float* invstd, const float* gamma,
+                                        const float* ggamma, const float* gbeta, float* gx) {
+    const int c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, blockIdx.x);
+    bn_dx_walk(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
+               ggamma[c], x, gy, ry, gx);
 }
 
 // Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants), four elements

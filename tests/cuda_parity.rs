@@ -805,7 +805,11 @@ impl BnCase {
 }
 
 /// Small channels run each batch-norm pass as one launch (`bn_train_fused`, `bn_bwd_fused`),
-/// large ones as two; forcing the two-launch path on the same small shapes gives the same bits.
+/// large ones as two; forcing the two-launch path on the same small shapes gives the same bits,
+/// with its elementwise pass on the reduction's grid (`bn_apply_chunks`, `bn_dx_chunks`, walking
+/// forwards or backwards) or over the flat tensor (`bn_apply`, `bn_train_dx`), with two-pass and
+/// one-pass statistics. With 3 blocks per channel (other statistics bits) the two elementwise
+/// passes agree too.
 #[test]
 fn batch_norm_one_launch_equals_two_launches() {
     let Some(g) = gpu() else { return };
@@ -821,16 +825,47 @@ fn batch_norm_one_launch_equals_two_launches() {
         [7, 5, 13, 11],
     ] {
         let case = BnCase::random(&mut rng, &shape).on(g);
-        let run = || case.outputs(g).map(|t| t.to_vec().unwrap());
-        let one = run();
-        let old = cu::set_bn_fused_max_m(0);
-        let two = run();
-        cu::set_bn_fused_max_m(old);
-        assert!(old >= 14 * 14 * 12, "default one-launch limit {old}");
-        for (i, (a, b)) in one.iter().zip(&two).enumerate() {
-            assert_eq!(
-                a, b,
-                "{shape:?}: output {i} differs between one and two launches"
+        // (one-pass statistics, blocks per channel, elementwise pass on the reduction's grid)
+        let run = |welford: bool, split: usize, chunks: bool| {
+            let old = (
+                cu::set_bn_welford(Some(welford)),
+                cu::set_bn_split(Some(split)),
+                cu::set_bn_apply_chunks(Some(chunks)),
+            );
+            let out = case.outputs(g).map(|t| t.to_vec().unwrap());
+            cu::set_bn_welford(old.0);
+            cu::set_bn_split(old.1);
+            cu::set_bn_apply_chunks(old.2);
+            out
+        };
+        let same = |a: &[Vec<f32>; 16], b: &[Vec<f32>; 16], what: &str| {
+            for (i, (a, b)) in a.iter().zip(b).enumerate() {
+                assert_eq!(a, b, "{shape:?}: output {i} differs: {what}");
+            }
+        };
+        for welford in [false, true] {
+            let one = run(welford, 1, true);
+            let old = cu::set_bn_fused_max_m(0);
+            let two = run(welford, 1, true);
+            let flat = run(welford, 1, false);
+            let split_chunks = run(welford, 3, true);
+            let split_flat = run(welford, 3, false);
+            cu::set_bn_fused_max_m(old);
+            assert!(old >= 14 * 14 * 12, "default one-launch limit {old}");
+            same(
+                &one,
+                &two,
+                &format!("one and two launches, welford {welford}"),
+            );
+            same(
+                &two,
+                &flat,
+                &format!("chunk and flat passes, welford {welford}"),
+            );
+            same(
+                &split_chunks,
+                &split_flat,
+                &format!("chunk and flat passes, 3 blocks, welford {welford}"),
             );
         }
     }

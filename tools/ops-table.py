@@ -4,10 +4,10 @@
     python3 tools/ops-table.py OUTDIR/ops_cuda.jsonl OUTDIR/ops_torch.jsonl
 
 Rows are paired by (op, dir, shape, batch, width). Of medssl's rows the first one measured with
-the CUDA backend's default batch-norm switches (bn_split 0 = automatic, bn_stats two-pass) is
-taken; rows of other settings (the variant runs of tools/gpu-run.sh) are left out. Each side is
-rated against its own device-to-device copy measured in its own invocation (the "% of copy"
-columns); "medssl faster" is the peer's time over medssl's (above 1: medssl takes less time).
+the CUDA backend's default batch-norm switches (bn_split 0 = automatic, bn_stats two-pass,
+bn_apply flat) is taken; rows of other settings (the variant runs of tools/gpu-run.sh) are
+left out. Each side is rated against its own device-to-device copy measured in its own
+invocation (the "% of copy" columns); "medssl faster" is the peer's time over medssl's (above 1: medssl takes less time).
 Exits 1 when no row pairs.
 """
 
@@ -36,7 +36,8 @@ def key(r):
 
 
 def default_switches(r):
-    return r.get("bn_split") in (0, None) and r.get("bn_stats") in ("two-pass", None)
+    return (r.get("bn_split") in (0, None) and r.get("bn_stats") in ("two-pass", None)
+            and r.get("bn_apply") in ("flat", None))
 
 
 def main():

@@ -176,6 +176,8 @@ struct CudaChoices {
     bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS`: `two-pass` or `welford`.
     bn_stats: &'static str,
+    /// `MEDSSL_CUDA_BN_APPLY`: `chunks` or `flat`.
+    bn_apply: &'static str,
     /// Streaming multiprocessors of the device (the automatic split follows them).
     sms: usize,
 }
@@ -196,6 +198,11 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                 "welford"
             } else {
                 "two-pass"
+            },
+            bn_apply: if cuda::bn_apply_chunks() {
+                "chunks"
+            } else {
+                "flat"
             },
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
@@ -228,6 +235,7 @@ fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
     );
     m.insert("bn_split".into(), serde_json::json!(c.map(|c| c.bn_split)));
     m.insert("bn_stats".into(), serde_json::json!(c.map(|c| c.bn_stats)));
+    m.insert("bn_apply".into(), serde_json::json!(c.map(|c| c.bn_apply)));
     m.insert("sms".into(), serde_json::json!(c.map(|c| c.sms)));
     m
 }

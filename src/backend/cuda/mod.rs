@@ -29,7 +29,8 @@ pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
-    bn_fused_max_m, bn_split, bn_welford, set_bn_fused_max_m, set_bn_split, set_bn_welford,
+    bn_apply_chunks, bn_fused_max_m, bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
+    set_bn_split, set_bn_welford,
 };
 mod optim;
 mod pool;

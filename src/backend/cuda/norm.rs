@@ -58,6 +58,8 @@ thread_local! {
     static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_welford`]'s setting.
     static WELFORD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_apply_chunks`]'s setting.
+    static CHUNKS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// The calling thread's setting of `key`, else `env()`.
@@ -92,6 +94,30 @@ pub fn bn_welford() -> bool {
 /// setting.
 pub fn set_bn_welford(on: Option<bool>) -> Option<bool> {
     WELFORD_HERE.with(|s| s.replace(on))
+}
+
+/// Whether the two-launch batch norm's elementwise pass (`bn_apply_chunks`, `bn_dx_chunks`) runs
+/// on the grid of the reduction before it, each block writing the chunk of a channel that the
+/// reduction's block read, starting with what it read last, rather than over the flat tensor
+/// (`bn_apply`, `bn_train_dx`, the default): [`set_bn_apply_chunks`]'s setting, else
+/// `MEDSSL_CUDA_BN_APPLY` (see [`super::switches`]). Both give the same bits. The chunk pass
+/// may reuse more of the L2 cache but has only the reduction's parallelism (S·C blocks, one
+/// walk per chunk), where the flat pass fills the device; which is faster is for a GPU run to
+/// say.
+pub fn bn_apply_chunks() -> bool {
+    here(&CHUNKS_HERE, || super::switches::current().bn_apply_chunks)
+}
+
+/// Sets [`bn_apply_chunks`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_APPLY`); returns the previous setting.
+pub fn set_bn_apply_chunks(on: Option<bool>) -> Option<bool> {
+    CHUNKS_HERE.with(|s| s.replace(on))
+}
+
+/// The grid of the reduction of `c` channels with `split` blocks each, when the elementwise pass
+/// after it runs on that grid ([`bn_apply_chunks`]; the grid has at most 65535 rows).
+fn chunk_grid(c: usize, split: usize) -> Option<LaunchConfig> {
+    (bn_apply_chunks() && c <= 65535).then(|| cfg_split(split, c))
 }
 
 /// How many blocks share the reduction of each of `c` channels of `m` elements on a device of
@@ -209,7 +235,8 @@ fn train_fwd(
         ];
         args.extend(upd);
         be.launch("bn_stats_split", cfg_split(split, c), &args)?;
-        apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
+        let stats = (&mean, &invstd, gamma, beta);
+        apply(be, x, stats, epilogue, &y, (n, c, hw, split, welford))?;
     } else {
         let mut args = vec![
             A::I(ci(n)?),
@@ -234,7 +261,8 @@ fn train_fwd(
             be.launch("bn_train_fused", cfg_blocks(c, RED_THREADS), &args)?;
         } else {
             be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
-            apply(be, x, (&mean, &invstd, gamma, beta), epilogue, &y, (c, hw))?;
+            let stats = (&mean, &invstd, gamma, beta);
+            apply(be, x, stats, epilogue, &y, (n, c, hw, 1, welford))?;
         }
     }
     Ok(BnTrainOut {
@@ -245,36 +273,51 @@ fn train_fwd(
     })
 }
 
-/// `bn_apply`: `y = γ (x − mean)·invstd + β` and the epilogue, elementwise.
+/// `y = γ (x − mean)·invstd + β` and the epilogue after a separate statistics launch of `split`
+/// blocks per channel (`welford`: one-pass statistics): `bn_apply_chunks` on that launch's grid
+/// (see [`bn_apply_chunks`]), else `bn_apply` over the flat tensor.
 fn apply(
     be: &CudaBackend,
     x: &Tensor,
     (mean, invstd, gamma, beta): (&Tensor, &Tensor, &Tensor, &Tensor),
     epilogue: [A; 2],
     y: &Tensor,
-    (c, hw): (usize, usize),
+    (n, c, hw, split, welford): (usize, usize, usize, usize, i32),
 ) -> Result<()> {
     let total = x.numel();
     if total == 0 {
         return Ok(());
     }
-    be.launch(
-        "bn_apply",
-        cfg_lin4(total),
-        &[
-            A::I(ci(total)?),
-            A::I(ci(c)?),
-            A::I(ci(hw)?),
-            A::P(be.p(x)?),
-            A::P(be.p(mean)?),
-            A::P(be.p(invstd)?),
-            A::P(be.p(gamma)?),
-            A::P(be.p(beta)?),
-            epilogue[0],
-            epilogue[1],
-            A::P(be.p(y)?),
-        ],
-    )?;
+    let tail = [
+        A::P(be.p(x)?),
+        A::P(be.p(mean)?),
+        A::P(be.p(invstd)?),
+        A::P(be.p(gamma)?),
+        A::P(be.p(beta)?),
+        epilogue[0],
+        epilogue[1],
+        A::P(be.p(y)?),
+    ];
+    let (name, cfg, mut args) = match chunk_grid(c, split) {
+        Some(cfg) => (
+            "bn_apply_chunks",
+            cfg,
+            vec![
+                A::I(ci(n)?),
+                A::I(ci(c)?),
+                A::I(ci(hw)?),
+                A::I(ci(split)?),
+                A::I(welford),
+            ],
+        ),
+        None => (
+            "bn_apply",
+            cfg_lin4(total),
+            vec![A::I(ci(total)?), A::I(ci(c)?), A::I(ci(hw)?)],
+        ),
+    };
+    args.extend(tail);
+    be.launch(name, cfg, &args)?;
     Ok(())
 }
 
@@ -403,27 +446,46 @@ pub(super) fn batch_norm_train_bwd(
         _ => (be.p(gy)?, ry),
     };
     let total = x.numel();
-    if total > 0 {
-        be.launch(
+    if total == 0 {
+        return Ok((gx, gg, gb, gm));
+    }
+    // On the grid of the reduction just launched (see `bn_apply_chunks`), else over the flat
+    // tensor.
+    let split = split_count(c, n * h * w, be.sm_count(), bn_split());
+    let (name, cfg, mut args) = match chunk_grid(c, split) {
+        Some(cfg) => (
+            "bn_dx_chunks",
+            cfg,
+            vec![
+                A::I(ci(n)?),
+                A::I(ci(c)?),
+                A::I(ci(h * w)?),
+                A::I(ci(split)?),
+            ],
+        ),
+        None => (
             "bn_train_dx",
             cfg_lin4(total),
-            &[
+            vec![
                 A::I(ci(total)?),
                 A::I(ci(c)?),
                 A::I(ci(h * w)?),
                 A::I(ci(n * h * w)?),
-                A::P(be.p(x)?),
-                A::P(gy_p),
-                A::P(ry),
-                A::P(mean_p),
-                A::P(invstd_p),
-                A::P(be.p(gamma)?),
-                A::P(be.p(&gg)?),
-                A::P(be.p(&gb)?),
-                A::P(be.p(&gx)?),
             ],
-        )?;
-    }
+        ),
+    };
+    args.extend([
+        A::P(be.p(x)?),
+        A::P(gy_p),
+        A::P(ry),
+        A::P(mean_p),
+        A::P(invstd_p),
+        A::P(be.p(gamma)?),
+        A::P(be.p(&gg)?),
+        A::P(be.p(&gb)?),
+        A::P(be.p(&gx)?),
+    ]);
+    be.launch(name, cfg, &args)?;
     Ok((gx, gg, gb, gm))
 }
 

@@ -14,6 +14,7 @@
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
 //! | `MEDSSL_CUDA_BN_STATS` | `two-pass` (mean, then squared deviations), `welford` (one pass) | `two-pass` |
+//! | `MEDSSL_CUDA_BN_APPLY` | `flat` (the elementwise pass after a separate reduction over the flat tensor), `chunks` (on the reduction's grid) | `flat` |
 //!
 //! An empty value counts as unset.
 
@@ -57,6 +58,9 @@ pub struct Switches {
     pub bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS=welford`: batch-norm statistics in one pass over the data.
     pub bn_welford: bool,
+    /// `MEDSSL_CUDA_BN_APPLY=chunks`: the two-launch batch norm's elementwise pass runs on its
+    /// reduction's grid (`flat`, the default: over the flat tensor).
+    pub bn_apply_chunks: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -124,6 +128,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_fused_max_m,
         bn_split,
         bn_welford: !choice("MEDSSL_CUDA_BN_STATS", ["two-pass", "welford"])?,
+        bn_apply_chunks: !choice("MEDSSL_CUDA_BN_APPLY", ["flat", "chunks"])?,
     })
 }
 
@@ -168,6 +173,7 @@ mod tests {
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, 0);
         assert!(!d.bn_welford);
+        assert!(!d.bn_apply_chunks);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -181,6 +187,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
+            ("MEDSSL_CUDA_BN_APPLY", "chunks"),
         ])
         .unwrap();
         assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
@@ -189,6 +196,7 @@ mod tests {
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
         assert!(s.bn_welford);
+        assert!(s.bn_apply_chunks);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
@@ -200,6 +208,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "auto"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
+            ("MEDSSL_CUDA_BN_APPLY", "flat"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -243,6 +252,11 @@ mod tests {
                 "MEDSSL_CUDA_BN_STATS",
                 "one-pass",
                 "two-pass (the default) or welford",
+            ),
+            (
+                "MEDSSL_CUDA_BN_APPLY",
+                "chunk",
+                "flat (the default) or chunks",
             ),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
