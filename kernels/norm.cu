@@ -3,15 +3,17 @@
 // Indexing: the per-channel reductions (bn_stats, bn_bwd_reduce, and the one-launch variants
 // bn_train_fused, bn_bwd_fused that also write the channel's elements) use one block per channel c;
 // thread t strides over the flattened j = n*HW + i of that channel, element x[(n*C + c)*HW + i]
-// (BnWalk: no division per element), then a fixed block tree (deterministic). When there are too few channels to fill the device with
-// one block each, the split reductions (bn_stats_split, bn_bwd_split) give each channel S blocks
-// on a grid (S, C): block (s, c) owns the s-th chunk of that channel's j range, and the block that
-// finishes last combines the S partial results in chunk order (deterministic too). The elementwise
-// passes (bn_apply, bn_train_dx and the eval-mode kernels) take four elements of the flat NCHW
-// buffer per thread (EW4_CH_LOOP in common.cuh: elements i, i + s, i + 2s, i + 3s for a grid of s
-// threads, their loads issued together) and follow each element's channel c = (i / HW) % C with
-// a ChWalk, which divides once per thread rather than twice per element. L2 normalise is "warp
-// per row".
+// (BnWalk: no division per element), then a fixed block tree (deterministic). When there are too
+// few channels to fill the device with one block each, the split reductions (bn_stats_split,
+// bn_bwd_split) give each channel S blocks on a grid (S, C): block (s, c) owns the s-th chunk of
+// that channel's j range, and the block that finishes last combines the S partial results in chunk
+// order (deterministic too). The elementwise passes (bn_apply, bn_train_dx and the eval-mode
+// kernels) take four elements of the flat NCHW buffer per thread (EW4_CH_LOOP in common.cuh:
+// elements i, i + s, i + 2s, i + 3s for a grid of s threads, their loads issued together) and
+// follow each element's channel c = (i / HW) % C with a ChWalk, which divides once per thread
+// rather than twice per element; with MEDSSL_CUDA_BN_APPLY=chunks the train-mode ones run instead
+// on the grid (S, C) of the reduction before them (bn_apply_chunks, bn_dx_chunks: block (s, c)
+// walks chunk s of channel c as the reduction's block did). L2 normalise is "warp per row".
 #include "common.cuh"
 
 // Count, mean and sum of squared deviations from the mean (M2) of a set of values.
@@ -58,7 +60,8 @@ __device__ __forceinline__ Moments block_moments(Moments v) {
     }
     __syncthreads();
     if (warp == 0) {
-        Moments r = lane < nwarps ? Moments{sn[lane], smean[lane], sm2[lane]} : Moments{0, 0.f, 0.f};
+        Moments r = lane < nwarps ? Moments{sn[lane], smean[lane], sm2[lane]}
+                                  : Moments{0, 0.f, 0.f};
         r = warp_moments(r);
         if (lane == 0) {
             sn[0] = r.n;
@@ -176,16 +179,16 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
 }
 
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
-// block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the
-// squared deviations from it, walking backwards: bn_walk_rev), or with welford != 0 one: each thread keeps the running moments
-// of its own elements, adding four at a time (their own mean and M2, moments4, merged in by Chan
-// et al.'s update) and any last ones by Welford's update (mean += d/k, M2 += d*(x - mean) with
-// d = x - old mean, at its k-th element); the threads' results are merged by block_moments. One
-// pass reads x once from memory instead of twice, at about the same accuracy (both avoid the
-// cancellation of the sum-of-squares formula). Either way each thread loads its elements four
-// strides at a time (the four loads in flight together: one load at a time per thread leaves
-// the memory system idle); two-pass sums them into four accumulators, combined in a fixed order
-// at the end.
+// block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the squared
+// deviations from it, walking backwards: bn_walk_rev), or with welford != 0 one: each thread keeps
+// the running moments of its own elements, adding four at a time (their own mean and M2, moments4,
+// merged in by Chan et al.'s update) and any last ones by Welford's update (mean += d/k, M2 +=
+// d*(x - mean) with d = x - old mean, at its k-th element); the threads' results are merged by
+// block_moments. One pass reads x once from memory instead of twice, at about the same accuracy
+// (both avoid the cancellation of the sum-of-squares formula). Either way each thread loads its
+// elements four strides at a time (the four loads in flight together: one load at a time per thread
+// leaves the memory system idle); two-pass sums them into four accumulators, combined in a fixed
+// order at the end.
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
