@@ -137,8 +137,10 @@ TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda -
 TRAIN_GRAPH_ARGS="${TRAIN_GRAPH_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --cuda-graph --out $OUTDIR/train_graph"}"
 # The PyTorch peer of the memory-bound ops rows above (tools/torch_ops_peer.py: cuDNN's batch norm,
 # PyTorch's ReLU kernels, torch.optim.Adam foreach and fused, the EMA by torch._foreach_lerp_) at
-# the same shapes, run right after them; OUTDIR/ops.md pairs the two (tools/ops-table.py).
-PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"--device cuda --width 64 --batch 256"}"
+# the same shapes, the bandwidth-bound size and the model's own (width 16, batch 36, where both
+# sides are mostly launch cost), run right after them; OUTDIR/ops.md pairs the two
+# (tools/ops-table.py).
+PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"--device cuda --width 64 --batch 256|--device cuda --width 16 --batch 36"}"
 # -------------------------------------------------------------------------------------------------
 
 json_str() { # JSON-escapes $1

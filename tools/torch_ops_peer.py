@@ -92,8 +92,9 @@ def shape_str(s):
 def main():
     ap = argparse.ArgumentParser(description="PyTorch peer of `medssl-bench ops` (memory-bound ops)")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=256)
+    # The defaults of `medssl-bench ops`: the same flags give the same shapes.
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=36)
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--classes", type=int, default=7)
