@@ -17,7 +17,8 @@
 #     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
 #     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
 #     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
-#     --no-eval --set width=4 --out /tmp/rehearsal/train" TRAIN_GRAPH_ARGS= PROFILE_PEER_CONFIGS= \
+#     --no-eval --set width=4 --out /tmp/rehearsal/train" TRAIN_GRAPH_ARGS= TRAIN_HAM_ARGS= \
+#     TRAIN_HAM_GRAPH_ARGS= PROFILE_PEER_CONFIGS= \
 #     PROFILE_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 --batch-u 8 --queue 64 \
 #     --repeats 1 --warmup 0 --calib 0 --profile" bash .gpu/gpu-run.sh /tmp/rehearsal
 # (every device name in the results then reads "cuda:0 (CPU emulation)").
@@ -26,7 +27,8 @@
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS / PEER_OPS_CONFIGS /
 #      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
-#      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS   override the workloads below
+#      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS / TRAIN_HAM_ARGS /
+#      TRAIN_HAM_GRAPH_ARGS   override the workloads below (an empty value skips the step)
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
 #      DEADLINE       seconds after the script's start past which no further step is started
 #                     (each is recorded as skipped) and a running step's timeout is cut to what
@@ -135,6 +137,17 @@ TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda -
 # memory arena) replayed from a CUDA graph; the summary says whether its last checkpoint equals
 # the plain run's, tensor by tensor and bit for bit (train_graph_vs_plain).
 TRAIN_GRAPH_ARGS="${TRAIN_GRAPH_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --cuda-graph --out $OUTDIR/train_graph"}"
+# The same pair on HAM10000 at 112 px (when it is packed), 120 steps without validation: whether
+# the graph gives the plain run's bits at the larger images too (train_ham_graph_vs_plain), and
+# the two runs' steps per second (train_runs in the summary), for the question whether
+# --cuda-graph should be on by default.
+if [ -f "$HERE/data/ham10000/images.u8" ]; then
+    HAM_COMMON="train --data $HERE/data/ham10000 --device cuda --max-steps 120 --no-eval --set image_size=112 --set queue=1024"
+else
+    HAM_COMMON=""
+fi
+TRAIN_HAM_ARGS="${TRAIN_HAM_ARGS-${HAM_COMMON:+$HAM_COMMON --out $OUTDIR/train_ham}}"
+TRAIN_HAM_GRAPH_ARGS="${TRAIN_HAM_GRAPH_ARGS-${HAM_COMMON:+$HAM_COMMON --cuda-graph --out $OUTDIR/train_ham_graph}}"
 # The PyTorch peer of the memory-bound ops rows above (tools/torch_ops_peer.py: cuDNN's batch norm,
 # PyTorch's ReLU kernels, torch.optim.Adam foreach and fused, the EMA by torch._foreach_lerp_) at
 # the same shapes, the bandwidth-bound size and the model's own (width 16, batch 36, where both
@@ -289,6 +302,15 @@ else
                 step train_cuda_graph env MEDSSL_CUDA_GRAPH_LOG=1 MEDSSL_CUDNN_ALGO=heuristic \
                     "$HERE/bin/medssl" $TRAIN_GRAPH_ARGS
             fi
+            if [ -n "$TRAIN_HAM_ARGS" ]; then
+                # shellcheck disable=SC2086
+                step train_ham_cuda env MEDSSL_CUDNN_ALGO=heuristic "$HERE/bin/medssl" $TRAIN_HAM_ARGS
+            fi
+            if [ -n "$TRAIN_HAM_GRAPH_ARGS" ]; then
+                # shellcheck disable=SC2086
+                step train_ham_cuda_graph env MEDSSL_CUDA_GRAPH_LOG=1 MEDSSL_CUDNN_ALGO=heuristic \
+                    "$HERE/bin/medssl" $TRAIN_HAM_GRAPH_ARGS
+            fi
         else
             skip train_cuda "TRAIN_ARGS not set (placeholder for the lead)"
         fi
@@ -386,23 +408,38 @@ def tensors(path):
     h = json.loads(b[8:8 + n])
     h.pop("__metadata__", None)
     return {k: b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]] for k, v in h.items()}
-graph_vs_plain = None
-pa, pb = os.path.join(out, "train", "last.safetensors"), os.path.join(out, "train_graph", "last.safetensors")
-if os.path.exists(pa) and os.path.exists(pb):
+def graph_vs_plain(plain, graph):
+    pa, pb = os.path.join(out, plain, "last.safetensors"), os.path.join(out, graph, "last.safetensors")
+    if not (os.path.exists(pa) and os.path.exists(pb)):
+        return None
     try:
         a, b = tensors(pa), tensors(pb)
-        graph_vs_plain = {"tensors": len(a), "bitwise_different": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
+        return {"tensors": len(a), "bitwise_different": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))}
     except Exception as e:
-        graph_vs_plain = {"error": str(e)}
+        return {"error": str(e)}
+# Steps, wall seconds and steps per second of each training run (its own summary.json).
+train_runs = {}
+for run in ("train", "train_graph", "train_ham", "train_ham_graph"):
+    p = os.path.join(out, run, "summary.json")
+    if os.path.exists(p):
+        try:
+            r = json.load(open(p))
+            wall = r.get("wall_seconds") or 0
+            train_runs[run] = {"steps": r.get("steps"), "wall_seconds": wall,
+                               "steps_per_s": r.get("steps", 0) / wall if wall else None}
+        except Exception as e:
+            train_runs[run] = {"error": str(e)}
 summary = {
     "gpu": open(os.path.join(out, "gpu.txt")).read().strip() if os.path.exists(os.path.join(out, "gpu.txt")) else None,
-    "train_graph_vs_plain": graph_vs_plain,
+    "train_graph_vs_plain": graph_vs_plain("train", "train_graph"),
+    "train_ham_graph_vs_plain": graph_vs_plain("train_ham", "train_ham_graph"),
+    "train_runs": train_runs,
     "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
     "all_ok": all(s.get("rc") in (0, None) for s in steps),
     "steps": steps,
 }
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
-print(json.dumps({k: summary[k] for k in ("gpu", "all_ok", "train_graph_vs_plain")}))
+print(json.dumps({k: summary[k] for k in ("gpu", "all_ok", "train_graph_vs_plain", "train_ham_graph_vs_plain", "train_runs")}))
 for s in steps:
     extra = s.get("tests") or s.get("conformance") or s.get("skipped") or ""
     print(f"  {s['step']:<32} rc={s.get('rc')}  {extra}")
