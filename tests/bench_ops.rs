@@ -234,6 +234,18 @@ fn ops_filter_and_bad_filter() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_op"));
+    // The device profiler is refused on the CPU before anything is measured.
+    let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
+        .args(["ops", "--profile", "--op", "relu", "--peak-gemm", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--profile needs a CUDA device"));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]

@@ -2031,6 +2031,68 @@ fn device_profile_records_what_ran() {
         p.busy_ns,
         p.span_ns
     );
+
+    // `medssl-bench ops --profile` on the same device (MEDSSL_BENCH_BIN where the binary is not
+    // where this test was built): every batch-norm row's profile lists the kernels of one call.
+    let bench = std::env::var("MEDSSL_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_medssl-bench").into());
+    let out = std::process::Command::new(&bench)
+        .args([
+            "ops",
+            "--device",
+            "cuda",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--op",
+            "batch_norm",
+            "--profile",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--calls",
+            "1",
+            "--peak-gemm",
+            "0",
+            "--peak-copy-mib",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running {bench}: {e}"));
+    assert!(
+        out.status.success(),
+        "{bench} ops --profile: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 8, "4 batch-norm shapes, forward and backward");
+    for r in &rows {
+        let p = &r["profile"];
+        assert_eq!(p["steps"], 1, "{r}");
+        let top = p["top"].as_array().unwrap();
+        // Small channels: one launch per call and pass (bn_train_fused, bn_bwd_fused), or the
+        // split path's two.
+        let items = p["items_per_step"].as_f64().unwrap();
+        assert!((1.0..=2.0).contains(&items), "{r}");
+        if emulated {
+            // The emulated kernels take most of a call's time, and the profile times the same
+            // calls as the row (the first call of a profile included).
+            let busy = p["busy_ms_per_step"].as_f64().unwrap();
+            assert!(busy >= 0.2 * r["median_ms"].as_f64().unwrap(), "{r}");
+        }
+        assert!(
+            top.iter()
+                .all(|e| e["name"].as_str().unwrap().starts_with("bn_")
+                    && e["us_per_step"].as_f64().unwrap() > 0.0),
+            "{r}"
+        );
+    }
 }
 
 /// Training steps replayed from a CUDA graph (`StepConfig::cuda_graph`, `--cuda-graph`) give the

@@ -13,21 +13,22 @@
 # Rehearsal without a GPU (checks the packed folder and this script before spending device time;
 # about 2 minutes): the CPU emulation of the device with tiny workloads, e.g.
 #   MEDSSL_CUDA_EMULATE=1 PEER_CONFIGS= PEER_OPS_CONFIGS= BENCH_CUDA_CONFIGS="--device cuda \
-#     --width 4 --batch-l 4 \
-#     --batch-u 8 --queue 64 --repeats 1 --warmup 0" BENCH_CPU_CONFIGS="--device cpu --width 4 \
-#     --repeats 1" OPS_CUDA_CONFIGS="--device cuda --width 4 --batch 4 --op relu,adam_step" \
-#     TRAIN_ARGS="train --data $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 \
-#     --no-eval --set width=4 --out /tmp/rehearsal/train" TRAIN_GRAPH_ARGS= TRAIN_HAM_ARGS= \
-#     TRAIN_HAM_GRAPH_ARGS= PROFILE_PEER_CONFIGS= \
-#     PROFILE_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 --batch-u 8 --queue 64 \
-#     --repeats 1 --warmup 0 --calib 0 --profile" bash .gpu/gpu-run.sh /tmp/rehearsal
+#     --width 4 --batch-l 4 --batch-u 8 --queue 64 --repeats 1 --warmup 0" \
+#     BENCH_CPU_CONFIGS="--device cpu --width 4 --repeats 1" OPS_CUDA_CONFIGS="--device cuda \
+#     --width 4 --batch 4 --op relu,adam_step" TRAIN_ARGS="train --data \
+#     $PWD/.gpu/data/pneumoniamnist --device cuda --max-steps 3 --no-eval --set width=4 \
+#     --out /tmp/rehearsal/train" TRAIN_GRAPH_ARGS= TRAIN_HAM_ARGS= TRAIN_HAM_GRAPH_ARGS= \
+#     PROFILE_PEER_CONFIGS= PROFILE_OPS_CONFIGS="--device cuda --width 4 --batch 4 --op relu \
+#     --repeats 1 --profile" PROFILE_CUDA_CONFIGS="--device cuda --width 4 --batch-l 4 \
+#     --batch-u 8 --queue 64 --repeats 1 --warmup 0 --calib 0 --profile" \
+#     bash .gpu/gpu-run.sh /tmp/rehearsal
 # (every device name in the results then reads "cuda:0 (CPU emulation)").
 #
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS / PEER_OPS_CONFIGS /
-#      PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets, each optionally led by
-#      VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS / TRAIN_HAM_ARGS /
+#      PROFILE_OPS_CONFIGS / PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets,
+#      each optionally led by VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS / TRAIN_HAM_ARGS /
 #      TRAIN_HAM_GRAPH_ARGS   override the workloads below (an empty value skips the step)
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
 #      DEADLINE       seconds after the script's start past which no further step is started
@@ -126,6 +127,10 @@ OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1
 # torch.profiler. They say whether a step is bound by the kernels or by the host, and which
 # kernels differ; OUTDIR/profile.md pairs them (tools/profile-table.py).
 PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-graph --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
+# The memory-bound ops at the bandwidth-bound size under the profiler too (medssl-bench ops
+# --profile): the device time of each kernel of one call, e.g. a batch norm's statistics against
+# its elementwise pass (flat and chunks), in OUTDIR/ops_cuda_profile.jsonl (in the archive).
+PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
 # (A 1024-key queue, full after 29 of the epoch's 104 steps.) Both training runs take cuDNN's
@@ -267,8 +272,9 @@ else
     export MEDSSL_GOLDEN="$HERE/golden"
     # The CUDA backend reports each convolution shape's cuDNN algorithm choice on stderr (logs/).
     export MEDSSL_CUDNN_LOG="${MEDSSL_CUDNN_LOG:-1}"
-    # The CUDA training-run test needs a dataset and the medssl binary from this folder.
-    export MEDSSL_TEST_DATA="$HERE/data" MEDSSL_BIN="$HERE/bin/medssl"
+    # The CUDA training-run test needs a dataset and the medssl binary from this folder, the
+    # profiler test the medssl-bench binary.
+    export MEDSSL_TEST_DATA="$HERE/data" MEDSSL_BIN="$HERE/bin/medssl" MEDSSL_BENCH_BIN="$HERE/bin/medssl-bench"
     for t in "$HERE"/tests/*; do
         [ -x "$t" ] || continue
         name="test_$(basename "$t")"
@@ -360,6 +366,8 @@ else
     if [ -x "$HERE/bin/medssl-bench" ] && [ "$PROFILER_OK" = 1 ]; then
         STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PROFILE_CUDA_CONFIGS" \
             run_configs bench_cuda_profile "\"$HERE/bin/medssl-bench\" step"
+        STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PROFILE_OPS_CONFIGS" \
+            run_configs ops_cuda_profile "\"$HERE/bin/medssl-bench\" ops"
     else
         skip bench_cuda_profile "the profiler's parity test did not pass (logs/test_cuda_parity_profiler.log)"
     fi

@@ -333,11 +333,12 @@ fn profile_steps(
     anyhow::bail!("--profile needs a CUDA device, and this build has no CUDA (--features cuda)")
 }
 
-/// Prints a `profile_steps` summary as a table.
-fn print_profile(p: &serde_json::Value) {
+/// Prints a `profile_steps` summary as a table; `unit` names what `f` ran ("step", or "call" for
+/// `ops --profile`).
+fn print_profile(p: &serde_json::Value, unit: &str) {
     let f = |k: &str| p[k].as_f64().unwrap_or(f64::NAN);
     println!(
-        "  profile ({}, {} steps): device busy {:.2} ms of {:.2} ms wall per step ({:.0}%), {:.0} items per step",
+        "  profile ({}, {} {unit}s): device busy {:.2} ms of {:.2} ms wall per {unit} ({:.0}%), {:.0} items per {unit}",
         p["source"].as_str().unwrap_or("?"),
         p["steps"],
         f("busy_ms_per_step"),
@@ -345,7 +346,12 @@ fn print_profile(p: &serde_json::Value) {
         f("busy_pct_of_wall"),
         f("items_per_step"),
     );
-    println!("  {:>9} {:>7} {:>6}  item", "us/step", "calls", "%busy");
+    println!(
+        "  {:>9} {:>7} {:>6}  item",
+        format!("us/{unit}"),
+        "calls",
+        "%busy"
+    );
     for e in p["top"].as_array().into_iter().flatten() {
         let name = e["name"].as_str().unwrap_or("?");
         let short: String = name.chars().take(100).collect();
@@ -599,7 +605,7 @@ fn step(a: &StepArgs) -> Result<()> {
             );
         }
         if let Some(p) = &profile {
-            print_profile(p);
+            print_profile(p, "step");
         }
     }
     Ok(())

@@ -146,6 +146,9 @@ pub fn start() -> Result<()> {
     }
     *COLLECTOR.lock().unwrap_or_else(|p| p.into_inner()) = Some(Collector::default());
     if emulated {
+        // The host timings' origin, set before the first recorded launch starts (set by that
+        // launch's end instead, it would put the launch's start before the origin: 0 ns long).
+        HOST_EPOCH.get_or_init(Instant::now);
         return Ok(());
     }
     let r = cupti::enable();

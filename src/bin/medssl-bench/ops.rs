@@ -61,6 +61,15 @@ pub struct OpsArgs {
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// CUDA only: after each op's timed samples, one sample's worth of calls again under the
+    /// device profiler (CUPTI, as `step --profile`), reporting the device time of each kernel or
+    /// library call per op call: which of an op's launches takes its time (`profile` in the
+    /// JSON, its "per step" fields per op call).
+    #[arg(long)]
+    pub profile: bool,
+    /// Items listed per op by `--profile`, most device time first (the rest are summed).
+    #[arg(long, default_value_t = 8)]
+    pub profile_top: usize,
 }
 
 /// One op at one shape, as the model calls it.
@@ -552,6 +561,7 @@ fn time(
     warmup: usize,
     repeats: usize,
     calls: usize,
+    prof: Option<Prof>,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<Timing> {
     for _ in 0..warmup {
@@ -578,19 +588,33 @@ fn time(
         t.push(s.elapsed().as_secs_f64() / calls as f64);
     }
     let min = t.iter().cloned().fold(f64::INFINITY, f64::min);
+    let profile = match prof {
+        Some(p) => Some(super::profile_steps(p.dev, bk, calls, p.top, &mut f)?),
+        None => None,
+    };
     Ok(Timing {
         median: median(&mut t),
         min,
         calls,
+        profile,
     })
 }
 
-/// Seconds per call (median and fastest sample) and the calls per sample (see [`time`]).
+/// `--profile`: the device and how many items to list.
 #[derive(Clone, Copy, Debug)]
+struct Prof {
+    dev: Device,
+    top: usize,
+}
+
+/// Seconds per call (median and fastest sample), the calls per sample (see [`time`]) and, with
+/// `--profile`, what the device ran in one sample's calls.
+#[derive(Clone, Debug)]
 struct Timing {
     median: f64,
     min: f64,
     calls: usize,
+    profile: Option<serde_json::Value>,
 }
 
 /// Times the forward (or update) and, where the op has one, the backward call of one case.
@@ -600,9 +624,10 @@ fn run_case(
     warmup: usize,
     repeats: usize,
     calls: usize,
+    prof: Option<Prof>,
 ) -> Result<(Timing, Option<Timing>)> {
     let bk = g.bk;
-    let t = |f: &mut dyn FnMut() -> Result<()>| time(bk, warmup, repeats, calls, f);
+    let t = |f: &mut dyn FnMut() -> Result<()>| time(bk, warmup, repeats, calls, prof, f);
     Ok(match &case.op {
         Op::Conv {
             x,
@@ -891,7 +916,7 @@ fn host_copy_gbps(mib: usize, repeats: usize) -> f64 {
 pub fn device_gemm_gflops(bk: &'static dyn Backend, n: usize) -> Result<f64> {
     let x = bk.full(&[n, n], 0.01)?;
     let y = bk.full(&[n, n], 0.02)?;
-    let med = time(bk, 2, 5, 0, || {
+    let med = time(bk, 2, 5, 0, None, || {
         bk.matmul(&x, &y, false, false)?;
         Ok(())
     })?
@@ -932,7 +957,7 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
         let bytes = 2.0 * (len * 4) as f64;
         #[cfg(feature = "cuda")]
         if let Some(cb) = super::cuda_backend(bk.device()) {
-            let med = time(bk, 2, 10, 0, || {
+            let med = time(bk, 2, 10, 0, None, || {
                 cb.copy_tensor(&x)?;
                 Ok(())
             })?
@@ -946,7 +971,7 @@ fn measure_peaks(bk: &'static dyn Backend, a: &OpsArgs) -> Result<(Option<Peak>,
                 }),
             ));
         }
-        let med = time(bk, 2, 10, 0, || {
+        let med = time(bk, 2, 10, 0, None, || {
             bk.scale(&x, 1.0001)?;
             Ok(())
         })?
@@ -1007,6 +1032,9 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     if a.batch == 0 || a.width == 0 || a.image_size == 0 {
         bail!("--batch, --width and --image-size must be positive");
     }
+    if a.profile && dev == Device::Cpu {
+        bail!("--profile needs a CUDA device (--device cuda)");
+    }
     let cfg = bench_model(
         a.channels,
         a.width,
@@ -1041,8 +1069,13 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     for c in &cases {
-        let (f, b) = run_case(c, &mut g, a.warmup, a.repeats, a.calls)
+        let prof = a.profile.then_some(Prof {
+            dev,
+            top: a.profile_top,
+        });
+        let (f, b) = run_case(c, &mut g, a.warmup, a.repeats, a.calls, prof)
             .with_context(|| format!("{} {}", c.name, c.op.shape()))?;
+        let measured = 1 + usize::from(b.is_some());
         let work = |flops: Option<f64>, bytes: Option<f64>| match (flops, bytes) {
             (Some(f), _) => (true, f),
             (None, Some(b)) => (false, b),
@@ -1064,8 +1097,11 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         }
         if !a.json {
             // Rows appear as they are measured.
-            for r in &rows[rows.len() - 1 - usize::from(b.is_some())..] {
+            for r in &rows[rows.len() - measured..] {
                 print_row(r, &compute, &memory);
+                if let Some(p) = &r.t.profile {
+                    super::print_profile(p, "call");
+                }
             }
         }
     }
@@ -1099,6 +1135,9 @@ pub fn run(a: &OpsArgs) -> Result<()> {
             // The CUDA backend's switches (null on CPU): rows of runs with different
             // MEDSSL_CUDA_BN_* settings are told apart by them.
             m.extend(choices.clone());
+            if let Some(p) = &r.t.profile {
+                m.insert("profile".into(), p.clone());
+            }
             if r.work.0 {
                 m.insert("gflop".into(), (r.work.1 / 1e9).into());
                 m.insert("gflops".into(), rate.into());
