@@ -1035,6 +1035,28 @@ fn batch_norm_split_reductions() {
         1e-4,
         1e-4,
     );
+    // One wave of blocks (MEDSSL_CUDA_BN_SPLIT=wave): the blocks the device runs at once over
+    // the channels, rounded down (on the emulation 16 / 3 = 5 where the automatic choice takes
+    // ceil(16 / 3) = 6), at least 4096 elements per block, and the bits of forcing that count.
+    let shape = [6, 3, 64, 64];
+    let m = 6 * 64 * 64;
+    let resident = CudaBackend::get_concrete(0)
+        .unwrap()
+        .split_resident_blocks();
+    assert!(
+        resident >= sms,
+        "{resident} resident blocks on {sms} multiprocessors"
+    );
+    let wave = (resident / 3).min(m / 4096).max(1);
+    let cpu_case = BnCase::random(&mut rng, &shape);
+    let case = cpu_case.on(g);
+    let w = split(cu::BN_SPLIT_WAVE, &case).map(|t| t.to_vec().unwrap());
+    assert_eq!(w, split(wave, &case).map(|t| t.to_vec().unwrap()));
+    let want = cpu_case.outputs(cpu());
+    for ((gt, ct), (name, rel, abs)) in w.iter().zip(&want).zip(bn_tolerances(m as f32)) {
+        let gt = g.from_host(gt, ct.shape()).unwrap();
+        close(&format!("bn wave split {name}"), &gt, ct, rel, abs);
+    }
 }
 
 /// Every batch-norm kernel reads only its own channel: inputs whose neighbouring channels lie

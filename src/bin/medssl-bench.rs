@@ -172,7 +172,7 @@ struct CudaChoices {
     cudnn_deterministic_first: bool,
     /// `MEDSSL_CUDA_BN_FUSED_MAX_M` (or the limit a caller set).
     bn_fused_max_m: usize,
-    /// `MEDSSL_CUDA_BN_SPLIT` (0: automatic).
+    /// `MEDSSL_CUDA_BN_SPLIT` (0: automatic, `BN_SPLIT_WAVE`: one wave).
     bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS`: `two-pass` or `welford`.
     bn_stats: &'static str,
@@ -233,7 +233,15 @@ fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
         "bn_fused_max_m".into(),
         serde_json::json!(c.map(|c| c.bn_fused_max_m)),
     );
-    m.insert("bn_split".into(), serde_json::json!(c.map(|c| c.bn_split)));
+    // A number (0: automatic, else forced), or "wave".
+    m.insert(
+        "bn_split".into(),
+        match c.map(|c| c.bn_split) {
+            #[cfg(feature = "cuda")]
+            Some(medssl::backend::cuda::BN_SPLIT_WAVE) => serde_json::json!("wave"),
+            s => serde_json::json!(s),
+        },
+    );
     m.insert("bn_stats".into(), serde_json::json!(c.map(|c| c.bn_stats)));
     m.insert("bn_apply".into(), serde_json::json!(c.map(|c| c.bn_apply)));
     m.insert("sms".into(), serde_json::json!(c.map(|c| c.sms)));

@@ -30,7 +30,7 @@ mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
     bn_apply_chunks, bn_fused_max_m, bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
-    set_bn_split, set_bn_welford,
+    set_bn_split, set_bn_welford, BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;
@@ -372,6 +372,9 @@ pub struct CudaBackend {
     /// counted once, see [`CudaBackend::turn`]).
     capture_thread: Arc<AtomicU64>,
     in_flight: AtomicUsize,
+    /// Blocks of the split batch-norm reductions the device holds at once (read once, see
+    /// [`CudaBackend::split_resident_blocks`]).
+    split_resident: std::sync::OnceLock<usize>,
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -496,6 +499,7 @@ impl CudaBackend {
             counters: Mutex::new(HashMap::new()),
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
+            split_resident: std::sync::OnceLock::new(),
         }
     }
 
@@ -589,6 +593,7 @@ impl CudaBackend {
             counters: Mutex::new(HashMap::new()),
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
+            split_resident: std::sync::OnceLock::new(),
         })
     }
 

@@ -48,6 +48,38 @@ pub fn set_bn_fused_max_m(m: usize) -> usize {
 /// cost more in partial results and arrival counting than they gain in spread.
 pub(super) const SPLIT_MIN_CHUNK: usize = 4096;
 
+/// The [`bn_split`] setting `MEDSSL_CUDA_BN_SPLIT=wave`: as many blocks per channel as fill the
+/// device once ([`CudaBackend::split_resident_blocks`] / channels, rounded down), where the
+/// automatic choice aims at about two blocks per multiprocessor rounded up, which can leave a
+/// second, mostly empty wave of blocks (64 channels on 132 multiprocessors: 5 blocks each, 320
+/// blocks where 264 fit at once).
+pub const BN_SPLIT_WAVE: usize = usize::MAX;
+
+impl CudaBackend {
+    /// How many blocks of the split batch-norm reductions (`bn_stats_split`, `bn_bwd_split`,
+    /// 512 threads each) the device runs at once: the driver's occupancy of the one that fits
+    /// fewer per multiprocessor, times the multiprocessors (2 per multiprocessor on the emulated
+    /// device, what a GPU gives their 48-56 registers per thread). Read once.
+    pub fn split_resident_blocks(&self) -> usize {
+        *self.split_resident.get_or_init(|| {
+            let per_sm = match &self.drv {
+                None => 2,
+                Some(d) => ["bn_stats_split", "bn_bwd_split"]
+                    .iter()
+                    .filter_map(|name| {
+                        Self::func(d, name)
+                            .ok()?
+                            .occupancy_max_active_blocks_per_multiprocessor(RED_THREADS, 0, None)
+                            .ok()
+                    })
+                    .min()
+                    .unwrap_or(2) as usize,
+            };
+            per_sm.max(1) * self.sms
+        })
+    }
+}
+
 /// A switch's setting for the calling thread only (`None`: the environment's), which tests and
 /// benchmarks set to compare paths: being per thread, it cannot change the bits of another
 /// thread's ops midway.
@@ -69,14 +101,15 @@ fn here<T: Copy>(key: &'static Here<T>, env: impl FnOnce() -> T) -> T {
 
 /// Blocks per channel of the batch-norm reductions in force on the calling thread:
 /// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]); 0 is
-/// automatic (see `split_count`).
+/// automatic, [`BN_SPLIT_WAVE`] one wave of blocks (see `split_count`).
 pub fn bn_split() -> usize {
     here(&SPLIT_HERE, || super::switches::current().bn_split)
 }
 
 /// Sets the blocks per channel of the batch-norm reductions for the ops the calling thread
-/// issues (`Some(0)`: automatic, `Some(1)`: one block per channel, `Some(n)`: n blocks, at most
-/// one per element; `None`: back to `MEDSSL_CUDA_BN_SPLIT`); returns the previous setting.
+/// issues (`Some(0)`: automatic, `Some(BN_SPLIT_WAVE)`: one wave of blocks, `Some(1)`: one
+/// block per channel, `Some(n)`: n blocks, at most one per element; `None`: back to
+/// `MEDSSL_CUDA_BN_SPLIT`); returns the previous setting.
 pub fn set_bn_split(n: Option<usize>) -> Option<usize> {
     SPLIT_HERE.with(|s| s.replace(n))
 }
@@ -121,22 +154,41 @@ fn chunk_grid(c: usize, split: usize) -> Option<LaunchConfig> {
 }
 
 /// How many blocks share the reduction of each of `c` channels of `m` elements on a device of
-/// `sms` multiprocessors. Automatic (`setting` 0): one per channel when the channels alone give
-/// every multiprocessor a block; otherwise about two blocks per multiprocessor in all, but no
-/// block under [`SPLIT_MIN_CHUNK`] elements. Forced (`setting` ≥ 1): that many, at most `m`.
-/// Either way reduced so that no chunk is empty (chunks are `ceil(m / s)` long), and 1 when
-/// the channels exceed the grid's 65535 rows.
-pub(super) fn split_count(c: usize, m: usize, sms: usize, setting: usize) -> usize {
+/// `sms` multiprocessors that runs `resident` blocks of the reduction at once. Automatic
+/// (`setting` 0): one per channel when the channels alone give every multiprocessor a block;
+/// otherwise about two blocks per multiprocessor in all, but no block under [`SPLIT_MIN_CHUNK`]
+/// elements. [`BN_SPLIT_WAVE`]: `resident / c` rounded down (one wave of blocks), with the same
+/// minimum chunk. Forced (`setting` ≥ 1): that many, at most `m`. Either way reduced so that no
+/// chunk is empty (chunks are `ceil(m / s)` long), and 1 when the channels exceed the grid's
+/// 65535 rows.
+pub(super) fn split_count(
+    c: usize,
+    m: usize,
+    sms: usize,
+    resident: usize,
+    setting: usize,
+) -> usize {
     if c == 0 || m == 0 || c > 65535 {
         return 1;
     }
     let s = match setting {
         0 if c >= sms => 1,
         0 => (2 * sms).div_ceil(c).min(m / SPLIT_MIN_CHUNK),
+        BN_SPLIT_WAVE => (resident / c).min(m / SPLIT_MIN_CHUNK),
         n => n,
     }
     .clamp(1, m);
     m.div_ceil(m.div_ceil(s))
+}
+
+/// [`split_count`] on `be` with the calling thread's setting.
+fn split_on(be: &CudaBackend, c: usize, m: usize) -> usize {
+    let setting = bn_split();
+    let resident = match setting {
+        BN_SPLIT_WAVE => be.split_resident_blocks(),
+        _ => 0,
+    };
+    split_count(c, m, be.sm_count(), resident, setting)
 }
 
 /// Launch shape of a split reduction: `s` blocks per channel (grid x), one grid row per channel.
@@ -213,7 +265,7 @@ fn train_fwd(
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
-    let split = split_count(c, n * hw, be.sm_count(), bn_split());
+    let split = split_on(be, c, n * hw);
     let welford = i32::from(bn_welford());
     if c == 0 {
         // Nothing to normalise.
@@ -355,7 +407,7 @@ fn bwd_reduce(
     if c == 0 {
         return Ok((gg, gb, false));
     }
-    let split = split_count(c, n * h * w, be.sm_count(), bn_split());
+    let split = split_on(be, c, n * h * w);
     let fused = fuse.filter(|_| split == 1 && n * h * w <= bn_fused_max_m());
     if split > 1 {
         let part = be.buffer(c * split * 2)?;
@@ -451,7 +503,7 @@ pub(super) fn batch_norm_train_bwd(
     }
     // On the grid of the reduction just launched (see `bn_apply_chunks`), else over the flat
     // tensor.
-    let split = split_count(c, n * h * w, be.sm_count(), bn_split());
+    let split = split_on(be, c, n * h * w);
     let (name, cfg, mut args) = match chunk_grid(c, split) {
         Some(cfg) => (
             "bn_dx_chunks",
@@ -612,7 +664,7 @@ pub(super) fn l2_normalize_bwd(be: &CudaBackend, x: &Tensor, gy: &Tensor) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::{split_count, SPLIT_MIN_CHUNK};
+    use super::{split_count, BN_SPLIT_WAVE, SPLIT_MIN_CHUNK};
 
     /// Chunks as the kernels cut them: `ceil(m / s)` long, the last one shorter.
     fn chunks(m: usize, s: usize) -> Vec<usize> {
@@ -626,23 +678,39 @@ mod tests {
         // 64 channels get 5 blocks each (320 in all), 16 channels 6 (not 17: chunks of at least
         // SPLIT_MIN_CHUNK elements); 256 channels fill the device alone.
         let m = 36 * 28 * 28;
-        assert_eq!(split_count(64, m, 132, 0), 5);
-        assert_eq!(split_count(16, m, 132, 0), m / SPLIT_MIN_CHUNK);
-        assert_eq!(split_count(256, 36 * 7 * 7, 132, 0), 1);
-        assert_eq!(split_count(132, m, 132, 0), 1);
+        assert_eq!(split_count(64, m, 132, 264, 0), 5);
+        assert_eq!(split_count(16, m, 132, 264, 0), m / SPLIT_MIN_CHUNK);
+        assert_eq!(split_count(256, 36 * 7 * 7, 132, 264, 0), 1);
+        assert_eq!(split_count(132, m, 132, 264, 0), 1);
         // Too few elements to split, empty tensors, too many channels for the grid.
-        assert_eq!(split_count(3, SPLIT_MIN_CHUNK * 2 - 1, 132, 0), 1);
-        assert_eq!(split_count(3, 0, 132, 0), 1);
-        assert_eq!(split_count(0, m, 132, 0), 1);
-        assert_eq!(split_count(70_000, m, 132, 5), 1);
+        assert_eq!(split_count(3, SPLIT_MIN_CHUNK * 2 - 1, 132, 264, 0), 1);
+        assert_eq!(split_count(3, 0, 132, 264, 0), 1);
+        assert_eq!(split_count(0, m, 132, 264, 0), 1);
+        assert_eq!(split_count(70_000, m, 132, 264, 5), 1);
         // Forced: the setting, at most one block per element, 1 keeps one block per channel.
-        assert_eq!(split_count(256, m, 132, 1), 1);
-        assert_eq!(split_count(256, m, 132, 7), 7);
-        assert_eq!(split_count(4, 3, 132, 8), 3);
+        assert_eq!(split_count(256, m, 132, 264, 1), 1);
+        assert_eq!(split_count(256, m, 132, 264, 7), 7);
+        assert_eq!(split_count(4, 3, 132, 264, 8), 3);
+        // One wave (264 blocks at once: two per multiprocessor): 64 channels 4 blocks each (256,
+        // where the automatic 5 make 320), 128 channels 2, 16 channels as automatic (the minimum
+        // chunk decides); as many channels as fit at once, or more, one block each.
+        assert_eq!(split_count(64, 256 * 784, 132, 264, BN_SPLIT_WAVE), 4);
+        assert_eq!(split_count(64, 256 * 784, 132, 264, 0), 5);
+        assert_eq!(split_count(128, 256 * 196, 132, 264, BN_SPLIT_WAVE), 2);
+        assert_eq!(
+            split_count(16, m, 132, 264, BN_SPLIT_WAVE),
+            m / SPLIT_MIN_CHUNK
+        );
+        assert_eq!(split_count(264, m, 132, 264, BN_SPLIT_WAVE), 1);
+        assert_eq!(split_count(300, m, 132, 264, BN_SPLIT_WAVE), 1);
+        assert_eq!(
+            split_count(3, SPLIT_MIN_CHUNK - 1, 132, 264, BN_SPLIT_WAVE),
+            1
+        );
         // Every (m, setting) gives non-empty chunks that cover m exactly.
         for m in 1..200 {
             for setting in 1..20 {
-                let s = split_count(2, m, 132, setting);
+                let s = split_count(2, m, 132, 264, setting);
                 assert!(
                     s >= 1 && s <= setting.min(m),
                     "m {m} setting {setting}: {s}"

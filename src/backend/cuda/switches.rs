@@ -12,7 +12,7 @@
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
-//! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
+//! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, `wave` (one wave of blocks), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
 //! | `MEDSSL_CUDA_BN_STATS` | `two-pass` (mean, then squared deviations), `welford` (one pass) | `two-pass` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `flat` (the elementwise pass after a separate reduction over the flat tensor), `chunks` (on the reduction's grid) | `flat` |
 //!
@@ -20,7 +20,7 @@
 
 use std::sync::OnceLock;
 
-use super::norm::FUSED_MAX_M;
+use super::norm::{BN_SPLIT_WAVE, FUSED_MAX_M};
 use crate::error::{Error, Result};
 
 /// How cuDNN convolution algorithms are chosen.
@@ -54,7 +54,8 @@ pub struct Switches {
     /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
     pub conv1x1_gemm: bool,
     pub bn_fused_max_m: usize,
-    /// Blocks per channel of the batch-norm reductions; 0: automatic.
+    /// Blocks per channel of the batch-norm reductions; 0: automatic, [`BN_SPLIT_WAVE`]: one
+    /// wave of blocks.
     pub bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS=welford`: batch-norm statistics in one pass over the data.
     pub bn_welford: bool,
@@ -100,19 +101,19 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
             )
         })?,
     };
-    let bn_split = match val("MEDSSL_CUDA_BN_SPLIT").as_deref() {
-        None | Some("auto") => 0,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if n >= 1 => n,
-            _ => {
-                return Err(bad(
+    let bn_split =
+        match val("MEDSSL_CUDA_BN_SPLIT").as_deref() {
+            None | Some("auto") => 0,
+            Some("wave") => BN_SPLIT_WAVE,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if n >= 1 && n != BN_SPLIT_WAVE => n,
+                _ => return Err(bad(
                     "MEDSSL_CUDA_BN_SPLIT",
                     v,
-                    "auto (the default) or a whole number >= 1 (1: one block per channel)",
-                ))
-            }
-        },
-    };
+                    "auto (the default), wave or a whole number >= 1 (1: one block per channel)",
+                )),
+            },
+        };
     Ok(Switches {
         emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
         tf32: flag("MEDSSL_TF32", false)?,
@@ -198,6 +199,10 @@ mod tests {
         assert!(s.bn_welford);
         assert!(s.bn_apply_chunks);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
+        assert_eq!(
+            with(&[("MEDSSL_CUDA_BN_SPLIT", "wave")]).unwrap().bn_split,
+            BN_SPLIT_WAVE
+        );
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
             ("MEDSSL_CUDA_EMULATE", "0"),
@@ -241,12 +246,12 @@ mod tests {
             (
                 "MEDSSL_CUDA_BN_SPLIT",
                 "0",
-                "auto (the default) or a whole number >= 1",
+                "auto (the default), wave or a whole number >= 1",
             ),
             (
                 "MEDSSL_CUDA_BN_SPLIT",
                 "many",
-                "auto (the default) or a whole number >= 1",
+                "auto (the default), wave or a whole number >= 1",
             ),
             (
                 "MEDSSL_CUDA_BN_STATS",
