@@ -111,16 +111,16 @@ DEADLINE="${DEADLINE:-}"
 BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 16 --cuda-graph|--device cuda --width 64 --fill-queue|--device cuda --width 64 --cuda-graph|--device cuda --width 16 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 64 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 16|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=wave --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
 PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 64 --fill-queue|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
-# medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at a
-# size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor), each
+# medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
+# a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor), each
 # rated against the device's streaming bandwidth measured in the same invocation (batch norm also
 # with one block per channel, MEDSSL_CUDA_BN_SPLIT=1, with one-pass statistics,
-# MEDSSL_CUDA_BN_STATS=welford, with the two-launch path's elementwise pass on the reduction's grid,
-# MEDSSL_CUDA_BN_APPLY=chunks (also at the model's shapes, where the 16-channel layers take the
-# split path), and with one wave of blocks, MEDSSL_CUDA_BN_SPLIT=wave (e.g. 4 blocks per channel, 256
-# in all, for the 64-channel layers where two 512-thread blocks per multiprocessor fit on a
-# 132-multiprocessor device and the automatic 5 give 320, 1.2 waves), and the chunk pass combined
-# with one-pass statistics and with one wave, against the defaults).
+# MEDSSL_CUDA_BN_STATS=welford, with the two-launch path's elementwise pass on the reduction's
+# grid, MEDSSL_CUDA_BN_APPLY=chunks (also at the model's shapes, where the 16-channel layers take
+# the split path), and with one wave of blocks, MEDSSL_CUDA_BN_SPLIT=wave (e.g. 4 blocks per
+# channel, 256 in all, for the 64-channel layers where two 512-thread blocks per multiprocessor fit
+# on a 132-multiprocessor device and the automatic 5 give 320, 1.2 waves), and the chunk pass
+# combined with one-pass statistics and with one wave, against the defaults).
 OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 16 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=wave --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=wave MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm"}"
 # Device profiles, run last with a short timeout each (PROFILE_TIMEOUT, default 90 s): they list
 # what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
