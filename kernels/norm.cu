@@ -73,42 +73,51 @@ __device__ __forceinline__ Moments block_moments(Moments v) {
     return Moments{sn[0], smean[0], sm2[0]};
 }
 
-// Thread t's walk over channel c's elements j in [lo, hi): j = lo + t, lo + t + blockDim.x, ...,
-// element j = n*HW + i at offset k = (n*C + c)*HW + i. The offset advances by the stride's own
-// quotient and remainder (dk, then wrap when i passes HW), so a thread divides once, not once
-// per element: two divisions per element cost about as much as the memory traffic itself at
-// the bandwidth-bound sizes.
-struct BnWalk {
-    int j, hi, step, i, HW, di;
+// Where a walk over channel c's elements stands: element j = n*HW + i at offset
+// k = (n*C + c)*HW + i, and one stride (blockDim.x elements) as its own quotient and remainder
+// (dk, di; a further plane, wrap, when i passes HW), so that a walk divides once, not once per
+// element: two divisions per element cost about as much as the memory traffic itself at the
+// bandwidth-bound sizes.
+struct BnPos {
+    int j, step, i, HW, di;
     size_t k, dk, wrap;
 };
+__device__ __forceinline__ BnPos bn_pos(int C, int HW, int c, int j) {
+    BnPos p;
+    p.j = j;
+    p.step = (int)blockDim.x;
+    p.HW = HW;
+    const int n = j / HW, dn = p.step / HW;
+    p.i = j - n * HW;
+    p.di = p.step - dn * HW;
+    p.k = ((size_t)n * C + c) * HW + p.i;
+    p.dk = (size_t)dn * C * HW + p.di;
+    p.wrap = (size_t)(C - 1) * HW;
+    return p;
+}
+
+// Thread t's walk over channel c's elements j in [lo, hi): j = lo + t, lo + t + blockDim.x, ...
+struct BnWalk {
+    BnPos p;
+    int hi;
+};
 __device__ __forceinline__ BnWalk bn_walk(int C, int HW, int c, int lo, int hi) {
-    BnWalk w;
-    w.j = lo + (int)threadIdx.x;
-    w.hi = hi;
-    w.step = (int)blockDim.x;
-    w.HW = HW;
-    const int n = w.j / HW, dn = w.step / HW;
-    w.i = w.j - n * HW;
-    w.di = w.step - dn * HW;
-    w.k = ((size_t)n * C + c) * HW + w.i;
-    w.dk = (size_t)dn * C * HW + w.di;
-    w.wrap = (size_t)(C - 1) * HW;
-    return w;
+    return BnWalk{bn_pos(C, HW, c, lo + (int)threadIdx.x), hi};
 }
 // Whether the element `ahead` strides on is still in the range.
 __device__ __forceinline__ bool bn_has(const BnWalk& w, int ahead) {
-    return w.j + ahead * w.step < w.hi;
+    return w.p.j + ahead * w.p.step < w.hi;
 }
 // The current offset, then a stride on.
 __device__ __forceinline__ size_t bn_next(BnWalk& w) {
-    const size_t r = w.k;
-    w.j += w.step;
-    w.i += w.di;
-    w.k += w.dk;
-    if (w.i >= w.HW) {
-        w.i -= w.HW;
-        w.k += w.wrap;
+    BnPos& p = w.p;
+    const size_t r = p.k;
+    p.j += p.step;
+    p.i += p.di;
+    p.k += p.dk;
+    if (p.i >= p.HW) {
+        p.i -= p.HW;
+        p.k += p.wrap;
     }
     return r;
 }
@@ -118,39 +127,31 @@ __device__ __forceinline__ size_t bn_next(BnWalk& w) {
 // quotient and remainder (borrowing a plane when i drops below 0). A second pass over data just
 // read this way starts with what the first pass read last, which is what the cache still holds.
 struct BnRev {
-    int j, lo, step, i, HW, di;
-    size_t k, dk, wrap;
+    BnPos p;
+    int lo;
 };
 __device__ __forceinline__ BnRev bn_walk_rev(int C, int HW, int c, int lo, int hi) {
-    BnRev w;
-    w.lo = lo;
-    w.step = (int)blockDim.x;
-    w.HW = HW;
-    const int first = lo + (int)threadIdx.x;
-    // The thread's last element (or, with none, j = lo - 1: nothing to visit).
-    w.j = first < hi ? first + (hi - 1 - first) / w.step * w.step : lo - 1;
-    const int jj = first < hi ? w.j : lo;
-    const int n = jj / HW, dn = w.step / HW;
-    w.i = jj - n * HW;
-    w.di = w.step - dn * HW;
-    w.k = ((size_t)n * C + c) * HW + w.i;
-    w.dk = (size_t)dn * C * HW + w.di;
-    w.wrap = (size_t)(C - 1) * HW;
+    const int first = lo + (int)threadIdx.x, step = (int)blockDim.x;
+    const bool any = first < hi;
+    // At the thread's last element; with none, j = lo - 1, before the range.
+    BnRev w{bn_pos(C, HW, c, any ? first + (hi - 1 - first) / step * step : lo), lo};
+    if (!any) w.p.j = lo - 1;
     return w;
 }
 // Whether the element `ahead` strides back is still in the range.
 __device__ __forceinline__ bool bn_rhas(const BnRev& w, int ahead) {
-    return w.j - ahead * w.step >= w.lo;
+    return w.p.j - ahead * w.p.step >= w.lo;
 }
 // The current offset, then a stride back.
 __device__ __forceinline__ size_t bn_prev(BnRev& w) {
-    const size_t r = w.k;
-    w.j -= w.step;
-    w.i -= w.di;
-    w.k -= w.dk;
-    if (w.i < 0) {
-        w.i += w.HW;
-        w.k -= w.wrap;
+    BnPos& p = w.p;
+    const size_t r = p.k;
+    p.j -= p.step;
+    p.i -= p.di;
+    p.k -= p.dk;
+    if (p.i < 0) {
+        p.i += p.HW;
+        p.k -= p.wrap;
     }
     return r;
 }

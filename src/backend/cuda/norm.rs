@@ -390,7 +390,8 @@ fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
 /// `ry` is the output of a ReLU that followed the norm (its mask applies to `gy`), or 0; `gm`
 /// receives the masked gradient, or is 0. With `fuse = Some((gamma, gx))`, channels that are
 /// unsplit and small enough (see [`FUSED_MAX_M`]) go to `bn_bwd_fused`, which also writes the
-/// train-mode input gradient into `gx` in the same launch; the third value says whether it did.
+/// train-mode input gradient into `gx` in the same launch. The third value is `None` when it
+/// did, else the blocks per channel of the reduction launched (the grid of `bn_dx_chunks`).
 #[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
@@ -401,11 +402,11 @@ fn bwd_reduce(
     invstd: u64,
     gm: u64,
     fuse: Option<(u64, u64)>,
-) -> Result<(Tensor, Tensor, bool)> {
+) -> Result<(Tensor, Tensor, Option<usize>)> {
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
     if c == 0 {
-        return Ok((gg, gb, false));
+        return Ok((gg, gb, Some(1)));
     }
     let split = split_on(be, c, n * h * w);
     let fused = fuse.filter(|_| split == 1 && n * h * w <= bn_fused_max_m());
@@ -428,7 +429,7 @@ fn bwd_reduce(
             A::P(gm),
         ];
         be.launch("bn_bwd_split", cfg_split(split, c), &args)?;
-        return Ok((gg, gb, false));
+        return Ok((gg, gb, Some(split)));
     }
     let mut args = vec![
         A::I(ci(n)?),
@@ -452,7 +453,7 @@ fn bwd_reduce(
         None => "bn_bwd_reduce",
     };
     be.launch(name, cfg_blocks(c, RED_THREADS), &args)?;
-    Ok((gg, gb, fused.is_some()))
+    Ok((gg, gb, fused.is_none().then_some(split)))
 }
 
 /// Train-mode gradients: `bn_bwd_fused` for small unsplit channels (see [`FUSED_MAX_M`] and
@@ -488,10 +489,11 @@ pub(super) fn batch_norm_train_bwd(
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
     let fuse = Some((be.p(gamma)?, be.p(&gx)?));
-    let (gg, gb, fused) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse)?;
-    if fused {
+    let (gg, gb, split) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse)?;
+    let Some(split) = split else {
+        // bn_bwd_fused wrote gx.
         return Ok((gx, gg, gb, gm));
-    }
+    };
     // bn_train_dx reads the masked gradient where bn_bwd_reduce wrote it.
     let (gy_p, ry) = match &gm {
         Some(t) => (be.p(t)?, 0),
@@ -503,7 +505,6 @@ pub(super) fn batch_norm_train_bwd(
     }
     // On the grid of the reduction just launched (see `bn_apply_chunks`), else over the flat
     // tensor.
-    let split = split_on(be, c, n * h * w);
     let (name, cfg, mut args) = match chunk_grid(c, split) {
         Some(cfg) => (
             "bn_dx_chunks",

@@ -1067,12 +1067,12 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     if !a.json {
         print_header(bk, a, threads, &compute, &memory);
     }
+    let prof = a.profile.then_some(Prof {
+        dev,
+        top: a.profile_top,
+    });
     let mut rows = Vec::new();
     for c in &cases {
-        let prof = a.profile.then_some(Prof {
-            dev,
-            top: a.profile_top,
-        });
         let (f, b) = run_case(c, &mut g, a.warmup, a.repeats, a.calls, prof)
             .with_context(|| format!("{} {}", c.name, c.op.shape()))?;
         let measured = 1 + usize::from(b.is_some());
