@@ -13,23 +13,13 @@ no row pairs.
 """
 
 import argparse
-import json
 import sys
+
+from jsonl import read_rows
 
 
 def rows(path):
-    out = []
-    for i, line in enumerate(open(path), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            sys.exit(f"{path}:{i}: not JSON ({e})")
-        if r.get("bench") == "ops":
-            out.append(r)
-    return out
+    return read_rows(path, lambda r: r.get("bench") == "ops")
 
 
 def key(r):

@@ -11,24 +11,13 @@ device time per step.
     python3 tools/profile-table.py OUTDIR/bench_cuda.jsonl OUTDIR/torch_peer.jsonl [--top 15]
 """
 import argparse
-import json
 import sys
+
+from jsonl import read_rows
 
 
 def records(path):
-    out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                sys.exit(f"{path}:{n}: not JSON ({e})")
-            if r.get("bench") == "step" and r.get("profile"):
-                out.append(r)
-    return out
+    return read_rows(path, lambda r: r.get("bench") == "step" and r.get("profile"))
 
 
 def key(r):

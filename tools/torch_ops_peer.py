@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover
     sys.stderr.write("torch_ops_peer.py needs PyTorch, which is not a dependency of medssl.\n")
     sys.exit(2)
 
-from torch_peer import MedFuseNet, open_device
+from torch_peer import MedFuseNet, add_model_args, open_device
 
 SAMPLE_S = 1e-3
 MAX_CALLS = 200
@@ -93,13 +93,8 @@ def main():
     ap = argparse.ArgumentParser(description="PyTorch peer of `medssl-bench ops` (memory-bound ops)")
     ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     # The defaults of `medssl-bench ops`: the same flags give the same shapes.
-    ap.add_argument("--width", type=int, default=16)
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=36)
-    ap.add_argument("--image-size", type=int, default=28)
-    ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--classes", type=int, default=7)
-    ap.add_argument("--fusion-dim", type=int, default=128)
-    ap.add_argument("--emb", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--calls", type=int, default=0, help="calls per sample (0: about 1 ms of calls, at most 200)")

@@ -509,6 +509,16 @@ def profile_steps(step, sync, steps, top):
     return summarize_profile(items, steps, wall, top, "torch.profiler")
 
 
+def add_model_args(ap):
+    """The model's shape flags, with medssl-bench's names and defaults."""
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=7)
+    ap.add_argument("--fusion-dim", type=int, default=128)
+    ap.add_argument("--emb", type=int, default=128)
+
+
 def open_device(name):
     """(torch.device, is CUDA) for --device NAME; on CUDA the device is made current (its index
     filled in) and cudnn.benchmark is on (cuDNN's algorithms timed per shape, as medssl does)."""
@@ -529,12 +539,7 @@ def main():
     ap = argparse.ArgumentParser(description="PyTorch peer of `medssl-bench step`")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--method", default="dsrpgc", choices=["dsrpgc", "supervised", "mean-teacher"])
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--image-size", type=int, default=28)
-    ap.add_argument("--channels", type=int, default=3)
-    ap.add_argument("--classes", type=int, default=7)
-    ap.add_argument("--fusion-dim", type=int, default=128)
-    ap.add_argument("--emb", type=int, default=128)
+    add_model_args(ap)
     ap.add_argument("--batch-l", type=int, default=12)
     ap.add_argument("--batch-u", type=int, default=36)
     ap.add_argument("--queue", type=int, default=4096)
