@@ -108,20 +108,18 @@ DEADLINE="${DEADLINE:-}"
 # DSRPGC ones start with a full key queue (as training does after its first queue/batch steps),
 # so they pair with the --fill-queue rows (the same step without the graph) and the peer's
 # --fill-queue rows. Each graph row's JSON says how many timed steps ran from the graph.
-BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 16 --cuda-graph|--device cuda --width 64 --fill-queue|--device cuda --width 64 --cuda-graph|--device cuda --width 16 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 64 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 16|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=wave --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
+BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 16 --cuda-graph|--device cuda --width 64 --fill-queue|--device cuda --width 64 --cuda-graph|--device cuda --width 16 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 64 --method supervised --batch-l 48 --cuda-graph|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16|MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 64|MEDSSL_CUDA_CONV1X1=cudnn --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 16|MEDSSL_CUDA_BN_FUSED_MAX_M=0 --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 16|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 16|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 --device cuda --width 64|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 64 --method supervised --batch-l 48|MEDSSL_TF32=1 --device cuda --width 64|MEDSSL_TF32=1 --device cuda --width 64 --method supervised --batch-l 48"}"
 BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-"--device cpu --width 16 --repeats 5"}"
 PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16 --fill-queue|--device cuda --width 64 --fill-queue|--device cuda --width 16|--device cuda --width 64|--device cuda --width 16 --method supervised --batch-l 48|--device cuda --width 64 --method supervised --batch-l 48|--device cuda --width 64 --image-size 112 --repeats 5|--device cuda --width 64 --tf32|--device cuda --width 64 --method supervised --batch-l 48 --tf32|--device cpu --width 16 --repeats 5"}"
 # medssl-bench ops on CUDA: every op at the model's shapes (width 16), and the memory-bound ops at
 # a size where they are bandwidth-bound (width 64, batch 256: 51 MiB per activation tensor), each
-# rated against the device's streaming bandwidth measured in the same invocation (batch norm also
-# with one block per channel, MEDSSL_CUDA_BN_SPLIT=1, with one-pass statistics,
-# MEDSSL_CUDA_BN_STATS=welford, with the two-launch path's elementwise pass on the reduction's
-# grid, MEDSSL_CUDA_BN_APPLY=chunks (also at the model's shapes, where the 16-channel layers take
-# the split path), and with one wave of blocks, MEDSSL_CUDA_BN_SPLIT=wave (e.g. 4 blocks per
-# channel, 256 in all, for the 64-channel layers where two 512-thread blocks per multiprocessor fit
-# on a 132-multiprocessor device and the automatic 5 give 320, 1.2 waves), and the chunk pass
-# combined with one-pass statistics and with one wave, against the defaults).
-OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 16 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=wave --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=wave MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm"}"
+# rated against the device's streaming bandwidth measured in the same invocation. Batch norm also
+# under its variant switches against the defaults (one wave of split blocks, the elementwise pass
+# on the reduction's grid, two-pass statistics): the former defaults (MEDSSL_CUDA_BN_SPLIT=auto
+# MEDSSL_CUDA_BN_APPLY=flat, also at the model's shapes, where the 16-channel layers take the
+# split path), each of the two alone, one block per channel (MEDSSL_CUDA_BN_SPLIT=1) and one-pass
+# statistics (MEDSSL_CUDA_BN_STATS=welford).
+OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 16 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm"}"
 # Device profiles, run last with a short timeout each (PROFILE_TIMEOUT, default 90 s): they list
 # what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
 # times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from
@@ -131,8 +129,9 @@ OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1
 PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-graph --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # The memory-bound ops at the bandwidth-bound size under the profiler too (medssl-bench ops
 # --profile): the device time of each kernel of one call, e.g. a batch norm's statistics against
-# its elementwise pass (flat and chunks), in OUTDIR/ops_cuda_profile.jsonl (in the archive).
-PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_APPLY=chunks --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile"}"
+# its elementwise pass (the defaults and the former ones), in OUTDIR/ops_cuda_profile.jsonl (in
+# the archive).
+PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
 # (A 1024-key queue, full after 29 of the epoch's 104 steps.) Both training runs take cuDNN's
@@ -140,21 +139,22 @@ PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-qu
 # algorithms, so two processes can pick different ones for a shape (the two runs of 2026-11-27's
 # first H100 run did, in 18 of their 132 choices) and then differ in the last bits from the first
 # step on, which would hide what the graph comparison below is for.
-TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --out $OUTDIR/train"}"
+TRAIN_ARGS="${TRAIN_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --no-cuda-graph --out $OUTDIR/train"}"
 # The same run with every step after the queue has filled (and 2-3 steps that fill the graph's
-# memory arena) replayed from a CUDA graph; the summary says whether its last checkpoint equals
-# the plain run's, tensor by tensor and bit for bit (train_graph_vs_plain).
+# memory arena) replayed from a CUDA graph (the default on CUDA; the run above has
+# --no-cuda-graph); the summary says whether its last checkpoint equals the plain run's, tensor by
+# tensor and bit for bit (train_graph_vs_plain).
 TRAIN_GRAPH_ARGS="${TRAIN_GRAPH_ARGS-"train --data $HERE/data/pneumoniamnist --device cuda --epochs 1 --set queue=1024 --cuda-graph --out $OUTDIR/train_graph"}"
 # The same pair on HAM10000 at 112 px (when it is packed), 120 steps without validation: whether
 # the graph gives the plain run's bits at the larger images too (train_ham_graph_vs_plain), and
-# the two runs' steps per second (train_runs in the summary), for the question whether
-# --cuda-graph should be on by default.
+# the two runs' steps per second (train_runs in the summary: the graph, on by default since
+# 2026-11-27's fourth H100 run measured it, against --no-cuda-graph).
 if [ -f "$HERE/data/ham10000/images.u8" ]; then
     HAM_COMMON="train --data $HERE/data/ham10000 --device cuda --max-steps 120 --no-eval --set image_size=112 --set queue=1024"
 else
     HAM_COMMON=""
 fi
-TRAIN_HAM_ARGS="${TRAIN_HAM_ARGS-${HAM_COMMON:+$HAM_COMMON --out $OUTDIR/train_ham}}"
+TRAIN_HAM_ARGS="${TRAIN_HAM_ARGS-${HAM_COMMON:+$HAM_COMMON --no-cuda-graph --out $OUTDIR/train_ham}}"
 TRAIN_HAM_GRAPH_ARGS="${TRAIN_HAM_GRAPH_ARGS-${HAM_COMMON:+$HAM_COMMON --cuda-graph --out $OUTDIR/train_ham_graph}}"
 # The PyTorch peer of the memory-bound ops rows above (tools/torch_ops_peer.py: cuDNN's batch norm,
 # PyTorch's ReLU kernels, torch.optim.Adam foreach and fused, the EMA by torch._foreach_lerp_) at

@@ -4,8 +4,9 @@
     python3 tools/ops-table.py OUTDIR/ops_cuda.jsonl OUTDIR/ops_torch.jsonl
 
 Rows are paired by (op, dir, shape, batch, width). Of medssl's rows the first one measured with
-the CUDA backend's default batch-norm switches (bn_split 0 = automatic, bn_stats two-pass,
-bn_apply flat) is taken; rows of other settings (the variant runs of tools/gpu-run.sh) are
+the CUDA backend's default batch-norm switches is taken (a row names its build's defaults in
+bn_defaults; rows without it are from builds whose defaults were bn_split 0 = auto, bn_stats
+two-pass, bn_apply flat); rows of other settings (the variant runs of tools/gpu-run.sh) are
 listed in the last column by what they change (e.g. "split 4 0.1047" ms). Each side is rated
 against its own device-to-device copy measured in its own invocation (the "% of copy" columns);
 "medssl faster" is the peer's time over medssl's (above 1: medssl takes less time). Exits 1 when
@@ -26,21 +27,24 @@ def key(r):
     return (r.get("op"), r.get("dir"), r.get("shape"), r.get("batch"), r.get("width"))
 
 
+# The batch-norm switches' defaults of builds whose rows do not name them.
+OLD_DEFAULTS = {"bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat"}
+
+
+def changed(r):
+    """The batch-norm switches of a medssl row that differ from its build's defaults."""
+    d = r.get("bn_defaults") or OLD_DEFAULTS
+    return [(k, r[k]) for k in ("bn_split", "bn_stats", "bn_apply")
+            if r.get(k) is not None and r[k] != d[k]]
+
+
 def default_switches(r):
-    return (r.get("bn_split") in (0, None) and r.get("bn_stats") in ("two-pass", None)
-            and r.get("bn_apply") in ("flat", None))
+    return not changed(r)
 
 
 def variant_label(r):
     """What a medssl row's switches change from the defaults, e.g. "split 4, welford"."""
-    parts = []
-    if r.get("bn_split") not in (0, None):
-        parts.append(f"split {r['bn_split']}")
-    if r.get("bn_stats") not in ("two-pass", None):
-        parts.append(str(r["bn_stats"]))
-    if r.get("bn_apply") not in ("flat", None):
-        parts.append(str(r["bn_apply"]))
-    return ", ".join(parts)
+    return ", ".join(f"split {v}" if k == "bn_split" else str(v) for k, v in changed(r))
 
 
 def main():

@@ -172,14 +172,47 @@ struct CudaChoices {
     cudnn_deterministic_first: bool,
     /// `MEDSSL_CUDA_BN_FUSED_MAX_M` (or the limit a caller set).
     bn_fused_max_m: usize,
-    /// `MEDSSL_CUDA_BN_SPLIT` (0: automatic, `BN_SPLIT_WAVE`: one wave).
+    /// `MEDSSL_CUDA_BN_SPLIT` (0: `auto`, `BN_SPLIT_WAVE`: one wave).
     bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS`: `two-pass` or `welford`.
     bn_stats: &'static str,
     /// `MEDSSL_CUDA_BN_APPLY`: `chunks` or `flat`.
     bn_apply: &'static str,
+    /// The three batch-norm switches above as they are by default (this build's defaults, so
+    /// that a table can tell a variant row from a default one across versions).
+    bn_defaults: (usize, &'static str, &'static str),
     /// Streaming multiprocessors of the device (the automatic split follows them).
     sms: usize,
+}
+
+/// `MEDSSL_CUDA_BN_STATS`'s name of one-pass (`true`) or two-pass statistics.
+#[cfg(feature = "cuda")]
+fn stats_name(welford: bool) -> &'static str {
+    if welford {
+        "welford"
+    } else {
+        "two-pass"
+    }
+}
+
+/// `MEDSSL_CUDA_BN_APPLY`'s name of the chunk (`true`) or flat elementwise pass.
+#[cfg(feature = "cuda")]
+fn apply_name(chunks: bool) -> &'static str {
+    if chunks {
+        "chunks"
+    } else {
+        "flat"
+    }
+}
+
+/// `MEDSSL_CUDA_BN_SPLIT`'s value for a setting: `auto` (0), `wave`, or the forced count.
+fn split_json(split: usize) -> serde_json::Value {
+    match split {
+        0 => serde_json::json!("auto"),
+        #[cfg(feature = "cuda")]
+        medssl::backend::cuda::BN_SPLIT_WAVE => serde_json::json!("wave"),
+        n => serde_json::json!(n),
+    }
 }
 
 /// [`CudaChoices`] of the CUDA device `dev`; None on CPU.
@@ -194,15 +227,11 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
             cudnn_deterministic_first: cuda::cudnn_deterministic_first(),
             bn_fused_max_m: cuda::bn_fused_max_m(),
             bn_split: cuda::bn_split(),
-            bn_stats: if cuda::bn_welford() {
-                "welford"
-            } else {
-                "two-pass"
-            },
-            bn_apply: if cuda::bn_apply_chunks() {
-                "chunks"
-            } else {
-                "flat"
+            bn_stats: stats_name(cuda::bn_welford()),
+            bn_apply: apply_name(cuda::bn_apply_chunks()),
+            bn_defaults: {
+                let (split, welford, chunks) = cuda::bn_defaults();
+                (split, stats_name(welford), apply_name(chunks))
             },
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
@@ -233,17 +262,20 @@ fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
         "bn_fused_max_m".into(),
         serde_json::json!(c.map(|c| c.bn_fused_max_m)),
     );
-    // A number (0: automatic, else forced), or "wave".
+    // "wave", "auto", or a forced count.
     m.insert(
         "bn_split".into(),
-        match c.map(|c| c.bn_split) {
-            #[cfg(feature = "cuda")]
-            Some(medssl::backend::cuda::BN_SPLIT_WAVE) => serde_json::json!("wave"),
-            s => serde_json::json!(s),
-        },
+        c.map_or(serde_json::Value::Null, |c| split_json(c.bn_split)),
     );
     m.insert("bn_stats".into(), serde_json::json!(c.map(|c| c.bn_stats)));
     m.insert("bn_apply".into(), serde_json::json!(c.map(|c| c.bn_apply)));
+    m.insert(
+        "bn_defaults".into(),
+        c.map_or(serde_json::Value::Null, |c| {
+            let (split, stats, apply) = c.bn_defaults;
+            serde_json::json!({"bn_split": split_json(split), "bn_stats": stats, "bn_apply": apply})
+        }),
+    );
     m.insert("sms".into(), serde_json::json!(c.map(|c| c.sms)));
     m
 }

@@ -169,9 +169,13 @@ struct TrainArgs {
     #[arg(long)]
     device: Option<String>,
     /// Replay each training step from a CUDA graph once its shapes have settled (the key queue
-    /// is full); same results, fewer launches (config key `cuda_graph`).
-    #[arg(long)]
+    /// is full); same results, fewer launches. The default on a CUDA device (config key
+    /// `cuda_graph`, `auto`); with this flag a CPU device is an error.
+    #[arg(long, conflicts_with = "no_cuda_graph")]
     cuda_graph: bool,
+    /// Run every training step plain, without a CUDA graph (`cuda_graph = off`).
+    #[arg(long)]
+    no_cuda_graph: bool,
     #[arg(long)]
     seed: Option<u64>,
     /// Continue the run in --out from its last checkpoint.
@@ -206,7 +210,8 @@ fn train(a: TrainArgs) -> Result<()> {
     flag("seed", a.seed.map(|v| v.to_string()));
     flag("fusion", a.no_fusion.then(|| "false".to_string()));
     flag("pgc", a.no_pgc.then(|| "false".to_string()));
-    flag("cuda_graph", a.cuda_graph.then(|| "true".to_string()));
+    flag("cuda_graph", a.cuda_graph.then(|| "on".to_string()));
+    flag("cuda_graph", a.no_cuda_graph.then(|| "off".to_string()));
     // A resumed run starts from its own saved settings; flags and --set change what may change.
     let saved = a.out.join("config.toml");
     let file = match (&a.config, a.resume) {

@@ -13,6 +13,78 @@ fn default_dsr_balance() -> String {
     "off".into()
 }
 
+/// Whether training steps replay from a CUDA graph (config key `cuda_graph`, written as
+/// `"auto"`, `"on"` or `"off"`; `true` and `false`, as settings files wrote it before `auto`
+/// existed, read as `on` and `off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CudaGraph {
+    /// On for a CUDA device, off on the CPU (which has no graphs).
+    #[default]
+    Auto,
+    /// On; a CPU device is then an error.
+    On,
+    /// Every step runs plain.
+    Off,
+}
+
+impl CudaGraph {
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaGraph::Auto => "auto",
+            CudaGraph::On => "on",
+            CudaGraph::Off => "off",
+        }
+    }
+
+    /// Whether steps on `device` replay from a graph.
+    pub fn enabled(self, device: crate::tensor::Device) -> bool {
+        match self {
+            CudaGraph::Auto => device != crate::tensor::Device::Cpu,
+            CudaGraph::On => true,
+            CudaGraph::Off => false,
+        }
+    }
+}
+
+impl std::str::FromStr for CudaGraph {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<CudaGraph> {
+        match s {
+            "auto" => Ok(CudaGraph::Auto),
+            "on" | "true" => Ok(CudaGraph::On),
+            "off" | "false" => Ok(CudaGraph::Off),
+            _ => Err(Error::msg(format!(
+                "cuda_graph '{s}': expected auto (on for a CUDA device), on or off"
+            ))),
+        }
+    }
+}
+
+impl Serialize for CudaGraph {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for CudaGraph {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<CudaGraph, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = CudaGraph;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("auto, on or off")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> std::result::Result<CudaGraph, E> {
+                Ok(if b { CudaGraph::On } else { CudaGraph::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<CudaGraph, E> {
+                s.parse().map_err(|e: Error| E::custom(e))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Every setting of a training run (flat; keys are the TOML keys and the `--set` names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,10 +139,10 @@ pub struct TrainConfig {
     // ---- run ----
     pub seed: u64,
     pub device: String,
-    /// Replay each training step from a CUDA graph once its shapes have settled (CUDA devices;
-    /// the results are those of the plain step).
+    /// Replay each training step from a CUDA graph once its shapes have settled (`auto`: on a
+    /// CUDA device; the results are those of the plain step).
     #[serde(default)]
-    pub cuda_graph: bool,
+    pub cuda_graph: CudaGraph,
     /// Loader threads.
     pub workers: usize,
     pub eval_batch: usize,
@@ -121,7 +193,7 @@ impl TrainConfig {
             eval_batch: 256,
             srcmt_threshold: 0.18,
             log_every: 0,
-            cuda_graph: false,
+            cuda_graph: CudaGraph::Auto,
         };
         Ok(match name {
             "fast" => fast,
@@ -253,9 +325,9 @@ impl TrainConfig {
             bail!("lr {} must be positive", self.lr);
         }
         let device = crate::tensor::Device::parse(&self.device)?;
-        if self.cuda_graph && device == crate::tensor::Device::Cpu {
+        if self.cuda_graph == CudaGraph::On && device == crate::tensor::Device::Cpu {
             bail!(
-                "cuda_graph = true (--cuda-graph) needs a CUDA device; device is '{}'",
+                "cuda_graph = on (--cuda-graph) needs a CUDA device; device is '{}'",
                 self.device
             );
         }
@@ -306,7 +378,10 @@ mod tests {
                 "width=",
                 "'' is not a value for 'width', which takes a whole number",
             ),
-            ("cuda_graph=yes", "which takes true or false"),
+            (
+                "cuda_graph=yes",
+                "expected auto (on for a CUDA device), on or off",
+            ),
         ] {
             let e = TrainConfig::resolve("fast", None, &[set.into()]).unwrap_err();
             assert!(e.to_string().contains(takes), "{set}: {e}");
@@ -320,22 +395,45 @@ mod tests {
     }
 
     #[test]
-    fn cuda_graph_defaults_off_and_needs_a_cuda_device() {
-        assert!(!TrainConfig::preset("fast").unwrap().cuda_graph);
-        let e = TrainConfig::resolve("fast", None, &["cuda_graph=true".into()]).unwrap_err();
-        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
-        let c = TrainConfig::resolve(
-            "fast",
-            None,
-            &["cuda_graph=true".into(), "device=cuda:1".into()],
-        )
-        .unwrap();
-        assert!(c.cuda_graph);
-        // A config written before the setting existed reads as off.
+    fn cuda_graph_defaults_to_auto_and_on_needs_a_cuda_device() {
+        use crate::tensor::Device;
+        let fast = TrainConfig::preset("fast").unwrap();
+        assert_eq!(fast.cuda_graph, CudaGraph::Auto);
+        // Auto: on for a CUDA device, off on the CPU (where the preset's device is valid).
+        assert!(CudaGraph::Auto.enabled(Device::parse("cuda:0").unwrap()));
+        assert!(!CudaGraph::Auto.enabled(Device::Cpu));
+        assert!(!CudaGraph::Off.enabled(Device::parse("cuda").unwrap()));
+        assert!(
+            fast.to_toml().contains("cuda_graph = \"auto\""),
+            "{}",
+            fast.to_toml()
+        );
+        for on in ["cuda_graph=true", "cuda_graph=on"] {
+            let e = TrainConfig::resolve("fast", None, &[on.into()]).unwrap_err();
+            assert!(e.to_string().contains("needs a CUDA device"), "{on}: {e}");
+            let c =
+                TrainConfig::resolve("fast", None, &[on.into(), "device=cuda:1".into()]).unwrap();
+            assert_eq!(c.cuda_graph, CudaGraph::On, "{on}");
+        }
+        for off in ["cuda_graph=false", "cuda_graph=off"] {
+            let c = TrainConfig::resolve("fast", None, &[off.into()]).unwrap();
+            assert_eq!(c.cuda_graph, CudaGraph::Off, "{off}");
+        }
+        // Settings files wrote booleans before `auto` existed; a file without the key is auto.
+        let c = TrainConfig::resolve("fast", None, &["device=cuda".into()]).unwrap();
         let mut t: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+        t.insert("cuda_graph".into(), toml::Value::Boolean(false));
+        let back: TrainConfig = toml::from_str(&toml::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back.cuda_graph, CudaGraph::Off);
+        t.insert("cuda_graph".into(), toml::Value::Boolean(true));
+        let back: TrainConfig = toml::from_str(&toml::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back.cuda_graph, CudaGraph::On);
         t.remove("cuda_graph");
         let back: TrainConfig = toml::from_str(&toml::to_string(&t).unwrap()).unwrap();
-        assert!(!back.cuda_graph);
+        assert_eq!(back.cuda_graph, CudaGraph::Auto);
+        t.insert("cuda_graph".into(), toml::Value::String("sometimes".into()));
+        let e = toml::from_str::<TrainConfig>(&toml::to_string(&t).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("cuda_graph 'sometimes'"), "{e}");
     }
 
     #[test]

@@ -147,7 +147,9 @@ fn step_config(cfg: &TrainConfig, steps_per_epoch: u64) -> Result<StepConfig> {
         meta_beta: cfg.meta_beta,
         ema_alpha: cfg.ema_alpha,
         ramp_steps: ramp,
-        cuda_graph: cfg.cuda_graph,
+        cuda_graph: cfg
+            .cuda_graph
+            .enabled(crate::tensor::Device::parse(&cfg.device)?),
     })
 }
 

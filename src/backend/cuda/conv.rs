@@ -310,20 +310,38 @@ fn choose<A: AlgoCode>(
     // MEDSSL_CUDNN_LOG=1: what the query returned (how many results, how many usable, how many
     // timed in the descriptor's math type), before the choice itself is logged.
     let slots = buf.len();
-    let log = |how: &str, found: &[Found<A>]| {
-        if switches::current().cudnn_log {
-            let usable = found.iter().filter(|p| p.usable()).count();
-            let same_math = found
-                .iter()
-                .filter(|p| p.usable() && p.math() == math as u32)
-                .count();
-            eprintln!(
+    let log =
+        |how: &str, found: &[Found<A>]| {
+            if switches::current().cudnn_log {
+                let usable = found.iter().filter(|p| p.usable()).count();
+                let same_math = found
+                    .iter()
+                    .filter(|p| p.usable() && p.math() == math as u32)
+                    .count();
+                eprintln!(
                 "cudnn {what} {how}: {} results in {slots} slots, {usable} usable, {same_math} \
                  of them in {math:?}",
                 found.len(),
             );
-        }
-    };
+                // Every result, in cuDNN's order: what the choice below was made from.
+                for f in found {
+                    let name = match f.algo {
+                        Some(a) => format!("{a:?}"),
+                        None => format!("algorithm code {}", f.raw.algo),
+                    };
+                    eprintln!(
+                    "cudnn {what} {how}:   {} {:.4} ms, workspace {} B, status {}, {}, math {}{}",
+                    name.trim_start_matches("CUDNN_CONVOLUTION_"),
+                    f.raw.time,
+                    f.raw.memory,
+                    f.raw.status,
+                    if f.deterministic() { "deterministic" } else { "non-deterministic" },
+                    f.raw.math_type,
+                    if f.usable() { "" } else { " (not usable)" },
+                );
+                }
+            }
+        };
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {

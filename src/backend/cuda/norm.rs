@@ -100,10 +100,18 @@ fn here<T: Copy>(key: &'static Here<T>, env: impl FnOnce() -> T) -> T {
 }
 
 /// Blocks per channel of the batch-norm reductions in force on the calling thread:
-/// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]); 0 is
-/// automatic, [`BN_SPLIT_WAVE`] one wave of blocks (see `split_count`).
+/// [`set_bn_split`]'s setting, else `MEDSSL_CUDA_BN_SPLIT` (see [`super::switches`]);
+/// [`BN_SPLIT_WAVE`] (the default) is one wave of blocks, 0 `auto` (see `split_count`).
 pub fn bn_split() -> usize {
     here(&SPLIT_HERE, || super::switches::current().bn_split)
+}
+
+/// The batch-norm switches as they are with none of their variables set: blocks per channel
+/// (as [`bn_split`]), one-pass statistics (as [`bn_welford`]), the chunk pass (as
+/// [`bn_apply_chunks`]).
+pub fn bn_defaults() -> (usize, bool, bool) {
+    let d = super::switches::parse(|_| None).expect("the defaults parse");
+    (d.bn_split, d.bn_welford, d.bn_apply_chunks)
 }
 
 /// Sets the blocks per channel of the batch-norm reductions for the ops the calling thread
@@ -132,11 +140,14 @@ pub fn set_bn_welford(on: Option<bool>) -> Option<bool> {
 /// Whether the two-launch batch norm's elementwise pass (`bn_apply_chunks`, `bn_dx_chunks`) runs
 /// on the grid of the reduction before it, each block writing the chunk of a channel that the
 /// reduction's block read, starting with what it read last, rather than over the flat tensor
-/// (`bn_apply`, `bn_train_dx`, the default): [`set_bn_apply_chunks`]'s setting, else
-/// `MEDSSL_CUDA_BN_APPLY` (see [`super::switches`]). Both give the same bits. The chunk pass
-/// may reuse more of the L2 cache but has only the reduction's parallelism (S·C blocks, one
-/// walk per chunk), where the flat pass fills the device; which is faster is for a GPU run to
-/// say.
+/// (`bn_apply`, `bn_train_dx`): [`set_bn_apply_chunks`]'s setting, else `MEDSSL_CUDA_BN_APPLY`
+/// (see [`super::switches`]; `chunks` by default). Both give the same bits. The chunk pass has
+/// only the reduction's parallelism (S·C blocks, one walk per chunk), where the flat pass fills
+/// the device, but with one wave of reduction blocks (`MEDSSL_CUDA_BN_SPLIT=wave`) every block
+/// ends its reduction at about the same time, so the end of every chunk is still in L2 when the
+/// chunk pass starts there: on an H100 at `[256,64,28,28]` the two together took the forward from
+/// 0.108 to 0.088 ms and the backward from 0.115 to 0.095 ms (bench/results/2026-11-27-h100.md,
+/// run 4), where either alone gained at most 0.011 ms.
 pub fn bn_apply_chunks() -> bool {
     here(&CHUNKS_HERE, || super::switches::current().bn_apply_chunks)
 }
@@ -154,7 +165,7 @@ fn chunk_grid(c: usize, split: usize) -> Option<LaunchConfig> {
 }
 
 /// How many blocks share the reduction of each of `c` channels of `m` elements on a device of
-/// `sms` multiprocessors that runs `resident` blocks of the reduction at once. Automatic
+/// `sms` multiprocessors that runs `resident` blocks of the reduction at once. `auto`
 /// (`setting` 0): one per channel when the channels alone give every multiprocessor a block;
 /// otherwise about two blocks per multiprocessor in all, but no block under [`SPLIT_MIN_CHUNK`]
 /// elements. [`BN_SPLIT_WAVE`]: `resident / c` rounded down (one wave of blocks), with the same

@@ -12,9 +12,9 @@
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
-//! | `MEDSSL_CUDA_BN_SPLIT` | `auto`, `wave` (one wave of blocks), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `auto` |
+//! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `two-pass` (mean, then squared deviations), `welford` (one pass) | `two-pass` |
-//! | `MEDSSL_CUDA_BN_APPLY` | `flat` (the elementwise pass after a separate reduction over the flat tensor), `chunks` (on the reduction's grid) | `flat` |
+//! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //!
 //! An empty value counts as unset.
 
@@ -54,13 +54,13 @@ pub struct Switches {
     /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
     pub conv1x1_gemm: bool,
     pub bn_fused_max_m: usize,
-    /// Blocks per channel of the batch-norm reductions; 0: automatic, [`BN_SPLIT_WAVE`]: one
-    /// wave of blocks.
+    /// Blocks per channel of the batch-norm reductions; [`BN_SPLIT_WAVE`] (the default): one
+    /// wave of blocks, 0: `auto`.
     pub bn_split: usize,
     /// `MEDSSL_CUDA_BN_STATS=welford`: batch-norm statistics in one pass over the data.
     pub bn_welford: bool,
-    /// `MEDSSL_CUDA_BN_APPLY=chunks`: the two-launch batch norm's elementwise pass runs on its
-    /// reduction's grid (`flat`, the default: over the flat tensor).
+    /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
+    /// runs on its reduction's grid (`flat`: over the flat tensor).
     pub bn_apply_chunks: bool,
 }
 
@@ -103,14 +103,14 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
     };
     let bn_split =
         match val("MEDSSL_CUDA_BN_SPLIT").as_deref() {
-            None | Some("auto") => 0,
-            Some("wave") => BN_SPLIT_WAVE,
+            None | Some("wave") => BN_SPLIT_WAVE,
+            Some("auto") => 0,
             Some(v) => match v.parse::<usize>() {
                 Ok(n) if n >= 1 && n != BN_SPLIT_WAVE => n,
                 _ => return Err(bad(
                     "MEDSSL_CUDA_BN_SPLIT",
                     v,
-                    "auto (the default), wave or a whole number >= 1 (1: one block per channel)",
+                    "wave (the default), auto or a whole number >= 1 (1: one block per channel)",
                 )),
             },
         };
@@ -129,7 +129,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_fused_max_m,
         bn_split,
         bn_welford: !choice("MEDSSL_CUDA_BN_STATS", ["two-pass", "welford"])?,
-        bn_apply_chunks: !choice("MEDSSL_CUDA_BN_APPLY", ["flat", "chunks"])?,
+        bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
     })
 }
 
@@ -172,9 +172,9 @@ mod tests {
         assert!(d.cudnn_deterministic_first && d.conv1x1_gemm);
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
-        assert_eq!(d.bn_split, 0);
+        assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(!d.bn_welford);
-        assert!(!d.bn_apply_chunks);
+        assert!(d.bn_apply_chunks);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -188,7 +188,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
-            ("MEDSSL_CUDA_BN_APPLY", "chunks"),
+            ("MEDSSL_CUDA_BN_APPLY", "flat"),
         ])
         .unwrap();
         assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
@@ -197,11 +197,11 @@ mod tests {
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
         assert!(s.bn_welford);
-        assert!(s.bn_apply_chunks);
+        assert!(!s.bn_apply_chunks);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
-            with(&[("MEDSSL_CUDA_BN_SPLIT", "wave")]).unwrap().bn_split,
-            BN_SPLIT_WAVE
+            with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
+            0
         );
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
@@ -211,9 +211,9 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "cudnn"),
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
-            ("MEDSSL_CUDA_BN_SPLIT", "auto"),
+            ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
-            ("MEDSSL_CUDA_BN_APPLY", "flat"),
+            ("MEDSSL_CUDA_BN_APPLY", "chunks"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -246,12 +246,12 @@ mod tests {
             (
                 "MEDSSL_CUDA_BN_SPLIT",
                 "0",
-                "auto (the default), wave or a whole number >= 1",
+                "wave (the default), auto or a whole number >= 1",
             ),
             (
                 "MEDSSL_CUDA_BN_SPLIT",
                 "many",
-                "auto (the default), wave or a whole number >= 1",
+                "wave (the default), auto or a whole number >= 1",
             ),
             (
                 "MEDSSL_CUDA_BN_STATS",
@@ -261,7 +261,7 @@ mod tests {
             (
                 "MEDSSL_CUDA_BN_APPLY",
                 "chunk",
-                "flat (the default) or chunks",
+                "chunks (the default) or flat",
             ),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
