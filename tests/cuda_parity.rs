@@ -2299,3 +2299,286 @@ fn graph_steps_match_eager_steps() {
         }
     }
 }
+
+// ---- empty tensors: every op with a zero-sized dimension gives the CPU's result (an empty
+// output, zeros, the NaN of a mean over nothing) or the CPU's error, never a launch error or a
+// different value ----
+
+/// `Ok` values (NaN equal to NaN) or `Err` messages of one op on both backends.
+fn same_outcome(
+    name: &str,
+    c: medssl::error::Result<Vec<Vec<f32>>>,
+    g: medssl::error::Result<Vec<Vec<f32>>>,
+) {
+    match (c, g) {
+        (Ok(c), Ok(g)) => {
+            let same = c.len() == g.len()
+                && c.iter().zip(&g).all(|(a, b)| {
+                    a.len() == b.len()
+                        && a.iter().zip(b).all(|(x, y)| {
+                            (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-6 * (1.0 + x.abs())
+                        })
+                });
+            assert!(same, "{name}: CPU {c:?}, CUDA {g:?}");
+        }
+        (Err(c), Err(g)) => assert_eq!(c.to_string(), g.to_string(), "{name}"),
+        (c, g) => panic!("{name}: CPU {c:?}, CUDA {g:?}"),
+    }
+}
+
+#[test]
+fn empty_tensors() {
+    let Some(gpu) = gpu() else { return };
+    let cpu = cpu();
+    let run = |name: &str, f: &dyn Fn(&dyn Backend) -> medssl::error::Result<Vec<Tensor>>| {
+        let h = |b: &dyn Backend| -> medssl::error::Result<Vec<Vec<f32>>> {
+            f(b)?.iter().map(|t| b.to_host(t)).collect()
+        };
+        same_outcome(name, h(cpu), h(gpu));
+    };
+    let z = |b: &dyn Backend, s: &[usize]| b.full(s, 0.5).unwrap();
+    run("axpby", &|b| {
+        Ok(vec![b.axpby(1.0, &z(b, &[0, 3]), 2.0, &z(b, &[0, 3]))?])
+    });
+    run("scale", &|b| Ok(vec![b.scale(&z(b, &[0]), 2.0)?]));
+    run("mul", &|b| Ok(vec![b.mul(&z(b, &[0, 4]), &z(b, &[0, 4]))?]));
+    run("relu_fwd", &|b| Ok(vec![b.relu_fwd(&z(b, &[0, 4]))?]));
+    run("relu_bwd", &|b| {
+        Ok(vec![b.relu_bwd(&z(b, &[0, 4]), &z(b, &[0, 4]))?])
+    });
+    run("add_relu_fwd", &|b| {
+        Ok(vec![b.add_relu_fwd(&z(b, &[0, 4]), &z(b, &[0, 4]))?])
+    });
+    run("add_assign", &|b| {
+        let mut a = z(b, &[0, 4]);
+        b.add_assign(&mut a, &z(b, &[0, 4]))?;
+        Ok(vec![a])
+    });
+    run("sum_all", &|b| Ok(vec![b.sum_all(&z(b, &[0, 4]))?]));
+    run("sum_rows", &|b| Ok(vec![b.sum_rows(&z(b, &[0, 4]), 4)?]));
+    run("gap_fwd n0", &|b| {
+        Ok(vec![b.global_avg_pool_fwd(&z(b, &[0, 3, 4, 4]))?])
+    });
+    run("gap_fwd hw0", &|b| {
+        Ok(vec![b.global_avg_pool_fwd(&z(b, &[2, 3, 0, 4]))?])
+    });
+    run("gap_bwd", &|b| {
+        Ok(vec![b.global_avg_pool_bwd(&z(b, &[0, 3]), &[0, 3, 4, 4])?])
+    });
+    run("matmul m0", &|b| {
+        Ok(vec![b.matmul(
+            &z(b, &[0, 3]),
+            &z(b, &[3, 5]),
+            false,
+            false,
+        )?])
+    });
+    run("matmul k0", &|b| {
+        Ok(vec![b.matmul(
+            &z(b, &[2, 0]),
+            &z(b, &[0, 5]),
+            false,
+            false,
+        )?])
+    });
+    run("linear n0", &|b| {
+        Ok(vec![b.linear_fwd(
+            &z(b, &[0, 3]),
+            &z(b, &[4, 3]),
+            Some(&z(b, &[4])),
+        )?])
+    });
+    let cp = ConvParams {
+        stride: 1,
+        padding: 1,
+    };
+    run("conv fwd n0", &|b| {
+        Ok(vec![b.conv2d_fwd(
+            &z(b, &[0, 3, 5, 5]),
+            &z(b, &[4, 3, 3, 3]),
+            Some(&z(b, &[4])),
+            cp,
+        )?])
+    });
+    run("conv bwd n0", &|b| {
+        let g = b.conv2d_bwd(
+            &z(b, &[0, 3, 5, 5]),
+            &z(b, &[4, 3, 3, 3]),
+            &z(b, &[0, 4, 5, 5]),
+            cp,
+            true,
+            true,
+        )?;
+        Ok(vec![g.x.unwrap(), g.weight, g.bias.unwrap()])
+    });
+    run("bn train fwd n0", &|b| {
+        let o = b.batch_norm_train_fwd(&z(b, &[0, 3, 4, 4]), &z(b, &[3]), &z(b, &[3]), 1e-5)?;
+        Ok(vec![o.y, o.mean, o.invstd])
+    });
+    run("bn train fwd running n0", &|b| {
+        let (mut rm, mut rv) = (z(b, &[3]), z(b, &[3]));
+        let o = b.batch_norm_train_fwd_running(
+            &z(b, &[0, 3, 4, 4]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            1e-5,
+            &mut rm,
+            &mut rv,
+            0.1,
+            BnAct::Relu,
+        )?;
+        Ok(vec![o.y, o.mean, o.invstd, rm, rv])
+    });
+    run("bn train bwd n0", &|b| {
+        let (a, c, d) = b.batch_norm_train_bwd(
+            &z(b, &[0, 3, 4, 4]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            &z(b, &[0, 3, 4, 4]),
+        )?;
+        Ok(vec![a, c, d])
+    });
+    run("bn eval fwd n0", &|b| {
+        Ok(vec![b.batch_norm_eval_fwd(
+            &z(b, &[0, 3, 4, 4]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            1e-5,
+            BnAct::None,
+        )?])
+    });
+    run("bn eval bwd n0", &|b| {
+        let (a, c, d) = b.batch_norm_eval_bwd(
+            &z(b, &[0, 3, 4, 4]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            &z(b, &[3]),
+            1e-5,
+            &z(b, &[0, 3, 4, 4]),
+        )?;
+        Ok(vec![a, c, d])
+    });
+    run("l2n fwd", &|b| {
+        Ok(vec![b.l2_normalize_fwd(&z(b, &[0, 8]))?])
+    });
+    run("l2n bwd", &|b| {
+        Ok(vec![b.l2_normalize_bwd(&z(b, &[0, 8]), &z(b, &[0, 8]))?])
+    });
+    let pp = PoolParams {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    run("maxpool fwd", &|b| {
+        Ok(vec![b.max_pool2d_fwd(&z(b, &[0, 3, 8, 8]), pp)?])
+    });
+    run("maxpool bwd", &|b| {
+        Ok(vec![b.max_pool2d_bwd(
+            &z(b, &[0, 3, 8, 8]),
+            &z(b, &[0, 3, 4, 4]),
+            pp,
+        )?])
+    });
+    run("softmax fwd", &|b| Ok(vec![b.softmax_fwd(&z(b, &[0, 7]))?]));
+    run("softmax bwd", &|b| {
+        Ok(vec![b.softmax_bwd(&z(b, &[0, 7]), &z(b, &[0, 7]))?])
+    });
+    run("logsoftmax fwd", &|b| {
+        Ok(vec![b.log_softmax_fwd(&z(b, &[0, 7]))?])
+    });
+    run("logsoftmax bwd", &|b| {
+        Ok(vec![b.log_softmax_bwd(&z(b, &[0, 7]), &z(b, &[0, 7]))?])
+    });
+    run("xent fwd", &|b| {
+        Ok(vec![b.cross_entropy_fwd(&z(b, &[0, 7]), &[])?])
+    });
+    run("xent bwd", &|b| {
+        Ok(vec![b.cross_entropy_bwd(
+            &z(b, &[0, 7]),
+            &[],
+            &z(b, &[]),
+        )?])
+    });
+    run("entropy_weight", &|b| {
+        Ok(vec![b.entropy_weight(&z(b, &[0, 7]))?])
+    });
+    run("wcons fwd", &|b| {
+        Ok(vec![b.weighted_consistency_fwd(
+            &z(b, &[0, 7]),
+            &z(b, &[0, 7]),
+            &z(b, &[0]),
+        )?])
+    });
+    run("argmax", &|b| Ok(vec![b.argmax_rows(&z(b, &[0, 7]))?]));
+    run("concat_rows", &|b| {
+        Ok(vec![b.concat_rows(&z(b, &[2, 4]), &z(b, &[3, 4]), 0)?])
+    });
+    run("concat_rows both0", &|b| {
+        Ok(vec![b.concat_rows(&z(b, &[0, 4]), &z(b, &[3, 4]), 0)?])
+    });
+    run("pgc fwd no keys", &|b| {
+        let q = z(b, &[2, 4]);
+        let ql = label_tensor(b, &[0, 1])?;
+        Ok(vec![b.pgc_loss_fwd(
+            &q,
+            &ql,
+            &z(b, &[2]),
+            &z(b, &[0, 4]),
+            &label_tensor(b, &[])?,
+            &z(b, &[0]),
+            0.1,
+        )?])
+    });
+    run("pgc fwd q0", &|b| {
+        let q = z(b, &[0, 4]);
+        let ql = label_tensor(b, &[])?;
+        Ok(vec![b.pgc_loss_fwd(
+            &q,
+            &ql,
+            &z(b, &[0]),
+            &z(b, &[3, 4]),
+            &label_tensor(b, &[0, 1, 1])?,
+            &z(b, &[3]),
+            0.1,
+        )?])
+    });
+    run("ring_write 0 rows", &|b| {
+        let mut d = z(b, &[4, 3]);
+        b.ring_write_rows(&mut d, &z(b, &[0, 3]), 2)?;
+        Ok(vec![d])
+    });
+    run("simfusion b0", &|b| {
+        Ok(vec![b.similarity_fusion_fwd(
+            &z(b, &[0, 4, 4, 4]),
+            &z(b, &[0, 4, 2, 2]),
+        )?])
+    });
+    run("dsr align bl0", &|b| {
+        Ok(vec![b.dsr_alignment(
+            &z(b, &[0, 4]),
+            &[],
+            &z(b, &[3, 4]),
+            &label_tensor(b, &[0, 1, 2])?,
+            &z(b, &[3, 4]),
+            &z(b, &[3]),
+        )?])
+    });
+    run("dsr align bu0", &|b| {
+        Ok(vec![b.dsr_alignment(
+            &z(b, &[2, 4]),
+            &[0, 1],
+            &z(b, &[0, 4]),
+            &label_tensor(b, &[])?,
+            &z(b, &[3, 4]),
+            &z(b, &[3]),
+        )?])
+    });
+    run("ema empty", &|b| {
+        let mut t = z(b, &[0]);
+        b.ema_update(&mut t, &z(b, &[0]), 0.9)?;
+        Ok(vec![t])
+    });
+}

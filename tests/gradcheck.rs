@@ -1491,3 +1491,40 @@ fn dsr_alignment_matches_reference_and_gradient_inner_product() {
         close(&got, &via_tape, 1e-4, 1e-5, &format!("{what} (tape)"));
     }
 }
+
+/// Zero-sized dimensions on the CPU reference: empty outputs where PyTorch gives them, the NaN
+/// of a mean over no rows, and a clear error where there is nothing to average (never a panic).
+/// (`tests/cuda_parity.rs`'s `empty_tensors` holds the CUDA backend to the same results.)
+#[test]
+fn empty_tensors_on_the_cpu() {
+    let b = cpu();
+    let y = b
+        .matmul(
+            &t(vec![], &[0, 3]),
+            &t(vec![1.0; 15], &[3, 5]),
+            false,
+            false,
+        )
+        .unwrap();
+    assert_eq!(y.shape(), &[0, 5]);
+    let y = b
+        .matmul(&t(vec![], &[2, 0]), &t(vec![], &[0, 5]), false, false)
+        .unwrap();
+    assert_eq!(b.to_host(&y).unwrap(), vec![0.0; 10]);
+    let e = b
+        .global_avg_pool_fwd(&t(vec![], &[2, 3, 0, 4]))
+        .unwrap_err();
+    assert!(e.to_string().contains("no spatial positions"), "{e}");
+    let e = b
+        .global_avg_pool_bwd(&t(vec![0.0; 6], &[2, 3]), &[2, 3, 4, 0])
+        .unwrap_err();
+    assert!(e.to_string().contains("no spatial positions"), "{e}");
+    assert_eq!(
+        b.global_avg_pool_fwd(&t(vec![], &[0, 3, 2, 2]))
+            .unwrap()
+            .shape(),
+        &[0, 3]
+    );
+    let l = b.cross_entropy_fwd(&t(vec![], &[0, 7]), &[]).unwrap();
+    assert!(b.to_host(&l).unwrap()[0].is_nan());
+}

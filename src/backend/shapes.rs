@@ -160,7 +160,23 @@ pub fn global_avg_pool_bwd(gy: &Tensor, x_shape: &[usize]) -> Result<usize> {
             gy.shape()
         );
     }
+    no_positions(x_shape, "global_avg_pool2d backward")?;
     Ok(x_shape[2] * x_shape[3])
+}
+
+/// `(N, C, H·W)` of a global average pool's NCHW input, which needs at least one position per
+/// channel (as PyTorch's adaptive average pool does; an empty batch is fine).
+pub fn global_avg_pool_fwd(x: &Tensor) -> Result<(usize, usize, usize)> {
+    let (n, c, h, w) = nchw(x, "global_avg_pool2d")?;
+    no_positions(x.shape(), "global_avg_pool2d")?;
+    Ok((n, c, h * w))
+}
+
+fn no_positions(shape: &[usize], op: &str) -> Result<()> {
+    if shape[2] * shape[3] == 0 {
+        bail!("{op}: input {shape:?} has no spatial positions to average over");
+    }
+    Ok(())
 }
 
 /// Matrix product of two 2-D or two 3-D (batched) tensors, optionally transposed.

@@ -14,7 +14,7 @@ pub mod scratch;
 pub mod softmax_xent;
 pub mod ssl_losses;
 
-use crate::backend::shapes::{self, last_dim, nchw, rows2, same_shape};
+use crate::backend::shapes::{self, last_dim, rows2, same_shape};
 use crate::backend::{
     label_values, AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, DsrFactors,
     PoolParams, SgdParams,
@@ -119,8 +119,8 @@ impl Backend for CpuBackend {
         Ok(out(reduce::sum_rows(data(x)?, n), &[n]))
     }
     fn global_avg_pool_fwd(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = nchw(x, "global_avg_pool2d")?;
-        Ok(out(reduce::global_avg_pool_fwd(data(x)?, h * w), &[n, c]))
+        let (n, c, hw) = shapes::global_avg_pool_fwd(x)?;
+        Ok(out(reduce::global_avg_pool_fwd(data(x)?, hw), &[n, c]))
     }
     fn global_avg_pool_bwd(&self, gy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
         let hw = shapes::global_avg_pool_bwd(gy, x_shape)?;
@@ -137,6 +137,9 @@ impl Backend for CpuBackend {
         } = shapes::matmul(a, b, trans_a, trans_b)?;
         let (ad, bd) = (data(a)?, data(b)?);
         let mut c = vec![0.0f32; batch * m * n];
+        if c.is_empty() {
+            return Ok(out(c, &out_shape));
+        }
         use rayon::prelude::*;
         let outer = batch >= rayon::current_num_threads();
         let body = |(i, ci): (usize, &mut [f32])| {

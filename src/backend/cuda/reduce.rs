@@ -3,7 +3,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{cfg_blocks, cfg_lin, cfg_rows, ci, nchw, CudaBackend, A};
+use super::{cfg_blocks, cfg_lin, cfg_rows, ci, CudaBackend, A};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -21,6 +21,17 @@ pub(super) fn sum_scaled_raw(
         cfg_blocks(1, 1024),
         &[A::I(ci(n)?), A::P(x), A::F(scale), A::P(out)],
     )
+}
+
+/// The scale of a mean over `rows` rows for [`sum_scaled_raw`]: `1/rows`, and NaN for no rows
+/// (the mean of nothing, as the CPU reference and PyTorch's `mean` give it; `red_sum_scaled`
+/// writes `scale · 0`).
+pub(super) fn mean_scale(rows: usize) -> f32 {
+    if rows == 0 {
+        f32::NAN
+    } else {
+        1.0 / rows as f32
+    }
 }
 
 pub(super) fn sum_all(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
@@ -79,7 +90,7 @@ pub(super) fn channel_sum_raw(
 }
 
 pub(super) fn global_avg_pool_fwd(be: &CudaBackend, x: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = nchw(x, "global_avg_pool2d")?;
+    let (n, c, hw) = shapes::global_avg_pool_fwd(x)?;
     let y = be.empty(&[n, c])?;
     let rows = n * c;
     if rows > 0 {
@@ -88,7 +99,7 @@ pub(super) fn global_avg_pool_fwd(be: &CudaBackend, x: &Tensor) -> Result<Tensor
             cfg_rows(rows),
             &[
                 A::I(ci(rows)?),
-                A::I(ci(h * w)?),
+                A::I(ci(hw)?),
                 A::P(be.p(x)?),
                 A::P(be.p(&y)?),
             ],

@@ -78,7 +78,7 @@ pub(super) fn cross_entropy_fwd(
             ],
         )?;
     }
-    reduce::sum_scaled_raw(be, b, rows.ptr(), 1.0 / b.max(1) as f32, be.p(&out)?)?;
+    reduce::sum_scaled_raw(be, b, rows.ptr(), reduce::mean_scale(b), be.p(&out)?)?;
     Ok(out)
 }
 

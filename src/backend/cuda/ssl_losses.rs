@@ -68,7 +68,7 @@ pub(super) fn weighted_consistency_fwd(
             ],
         )?;
     }
-    reduce::sum_scaled_raw(be, b, rows.ptr(), 1.0 / b.max(1) as f32, be.p(&out)?)?;
+    reduce::sum_scaled_raw(be, b, rows.ptr(), reduce::mean_scale(b), be.p(&out)?)?;
     Ok(out)
 }
 
@@ -161,7 +161,8 @@ pub(super) fn pgc_loss_fwd(
         )?;
         reduce::sum_scaled_raw(be, s.b, rows.ptr(), 1.0 / s.b as f32, be.p(&out)?)?;
     } else {
-        reduce::sum_scaled_raw(be, 0, rows.ptr(), 1.0, be.p(&out)?)?;
+        // No keys: 0 (no query has a positive); no queries: the mean of nothing, NaN.
+        reduce::sum_scaled_raw(be, 0, rows.ptr(), reduce::mean_scale(s.b), be.p(&out)?)?;
     }
     Ok(out)
 }
@@ -269,7 +270,7 @@ pub(super) fn dsr_alignment(
             A::I(ci(bl)?),
             A::P(rs.ptr()),
             A::P(ff.ptr()),
-            A::F(1.0 / bl.max(1) as f32),
+            A::F(reduce::mean_scale(bl)),
             A::P(be.p(&out)?),
         ],
     )?;
