@@ -27,7 +27,8 @@
 # Env: STEP_TIMEOUT   seconds per step (default 240)
 #      PYTHON         python with PyTorch (default: python3)
 #      BENCH_CUDA_CONFIGS / BENCH_CPU_CONFIGS / PEER_CONFIGS / OPS_CUDA_CONFIGS / PEER_OPS_CONFIGS /
-#      PROFILE_OPS_CONFIGS / PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS (|-separated flag sets,
+#      PROFILE_OPS_CONFIGS / PROFILE_CUDA_CONFIGS / PROFILE_PEER_CONFIGS / PEER_OPS_PROFILE_CONFIGS
+#      (|-separated flag sets,
 #      each optionally led by VAR=value words) / TRAIN_ARGS / TRAIN_GRAPH_ARGS / TRAIN_HAM_ARGS /
 #      TRAIN_HAM_GRAPH_ARGS   override the workloads below (an empty value skips the step)
 #      PROFILE_TIMEOUT  seconds per profiling step and for the profiler's parity test (default 90)
@@ -37,11 +38,12 @@
 #                     device command's limit (default: none)
 #
 # A device command brings back only a few files (8), so at the end (outside TABLE mode) OUTDIR
-# keeps summary.json, profile.md, ops.md (medssl's memory-bound ops against PyTorch's,
-# tools/ops-table.py) and the benchmarks' JSON lines (bench_cuda, bench_cpu, ops_cuda,
-# torch_peer), 8 files with the archive, and everything else (logs/, steps.jsonl, gpu.txt,
-# libs.txt, the profile rows, the peer's ops rows ops_torch.jsonl, conformance and training-run
-# files, no checkpoints) goes into OUTDIR/gpu-run.tar.gz.
+# keeps summary.json, profile.md, ops.md (medssl's ops against PyTorch's, wall time and, where
+# both were profiled, device time per call; tools/ops-table.py) and the benchmarks' JSON lines
+# (bench_cuda, bench_cpu, ops_cuda, torch_peer), 8 files with the archive, and everything else
+# (logs/, steps.jsonl, gpu.txt, libs.txt, the profile rows, the peer's ops rows ops_torch.jsonl
+# and ops_torch_profile.jsonl, conformance and training-run files, no checkpoints) goes into
+# OUTDIR/gpu-run.tar.gz.
 #
 # Results-table mode (TABLE=1 or --table): nvidia-smi, then only results-table.sh (packed from
 # tools/results-table.sh) with --device cuda: the 14 runs of the README table (HAM10000: 10,
@@ -130,8 +132,12 @@ PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-gr
 # The memory-bound ops at the bandwidth-bound size under the profiler too (medssl-bench ops
 # --profile): the device time of each kernel of one call, e.g. a batch norm's statistics against
 # its elementwise pass (the defaults and the former ones), in OUTDIR/ops_cuda_profile.jsonl (in
-# the archive).
-PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile"}"
+# the archive); and every convolution of the width-16 model at batch 36, with cuDNN's Find results
+# for each shape in its log (MEDSSL_CUDNN_LOG=1), against the same convolutions in PyTorch
+# (PEER_OPS_PROFILE_CONFIGS; the second table of OUTDIR/ops.md): which shapes make medssl's
+# convolutions take more device time per step than PyTorch's at width 16.
+PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
+PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|--device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.
 # (A 1024-key queue, full after 29 of the epoch's 104 steps.) Both training runs take cuDNN's
@@ -159,9 +165,9 @@ TRAIN_HAM_GRAPH_ARGS="${TRAIN_HAM_GRAPH_ARGS-${HAM_COMMON:+$HAM_COMMON --cuda-gr
 # The PyTorch peer of the memory-bound ops rows above (tools/torch_ops_peer.py: cuDNN's batch norm,
 # PyTorch's ReLU kernels, torch.optim.Adam foreach and fused, the EMA by torch._foreach_lerp_) at
 # the same shapes, the bandwidth-bound size and the model's own (width 16, batch 36, where both
-# sides are mostly launch cost), run right after them; OUTDIR/ops.md pairs the two
-# (tools/ops-table.py).
-PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"--device cuda --width 64 --batch 256|--device cuda --width 16 --batch 36"}"
+# sides are mostly launch cost; there also the convolutions), run right after them; OUTDIR/ops.md
+# pairs the two (tools/ops-table.py).
+PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"--device cuda --width 64 --batch 256|--device cuda --width 16 --batch 36 --op batch_norm,relu,adam_step,ema_update,conv2d"}"
 # -------------------------------------------------------------------------------------------------
 
 json_str() { # JSON-escapes $1
@@ -377,6 +383,10 @@ else
         STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PROFILE_PEER_CONFIGS" \
             run_configs torch_peer_profile "\"$PY\" \"$HERE/torch_peer.py\""
     fi
+    if [ -f "$HERE/torch_ops_peer.py" ]; then
+        STEP_TIMEOUT="${PROFILE_TIMEOUT:-90}" CONFIGS="$PEER_OPS_PROFILE_CONFIGS" \
+            run_configs ops_torch_profile "\"$PY\" \"$HERE/torch_ops_peer.py\""
+    fi
 fi
 
 # ---------------------------------------------------------------- summary ----
@@ -465,7 +475,12 @@ fi
 # medssl's memory-bound ops paired with the peer's (OUTDIR/ops.md).
 if [ "$TABLE" != 1 ] && [ -f "$HERE/ops-table.py" ] && [ -s "$OUTDIR/ops_cuda.jsonl" ] &&
     [ -s "$OUTDIR/ops_torch.jsonl" ]; then
+    PROFILES=()
+    if [ -s "$OUTDIR/ops_cuda_profile.jsonl" ] && [ -s "$OUTDIR/ops_torch_profile.jsonl" ]; then
+        PROFILES=(--profiles "$OUTDIR/ops_cuda_profile.jsonl" "$OUTDIR/ops_torch_profile.jsonl")
+    fi
     "$PY" "$HERE/ops-table.py" "$OUTDIR/ops_cuda.jsonl" "$OUTDIR/ops_torch.jsonl" \
+        ${PROFILES[@]+"${PROFILES[@]}"} \
         >"$OUTDIR/ops.md" 2>>"$OUTDIR/logs/ops_table.log" ||
         echo "ops.md: no op measured by both sides (see logs/ops_table.log)"
 fi

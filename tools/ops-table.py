@@ -9,8 +9,15 @@ bn_defaults; rows without it are from builds whose defaults were bn_split 0 = au
 two-pass, bn_apply flat); rows of other settings (the variant runs of tools/gpu-run.sh) are
 listed in the last column by what they change (e.g. "split 4 0.1047" ms). Each side is rated
 against its own device-to-device copy measured in its own invocation (the "% of copy" columns);
-"medssl faster" is the peer's time over medssl's (above 1: medssl takes less time). Exits 1 when
-no row pairs.
+"medssl faster" is the peer's time over medssl's (above 1: medssl takes less time); rows rated by
+FLOPs (the convolutions) show no "% of copy". Exits 1 when no row pairs.
+
+    python3 tools/ops-table.py OUTDIR/ops_cuda.jsonl OUTDIR/ops_torch.jsonl \
+        --profiles OUTDIR/ops_cuda_profile.jsonl OUTDIR/ops_torch_profile.jsonl
+
+adds a second table from the rows of `medssl-bench ops --profile` and `torch_ops_peer.py
+--profile`: each side's device time per call (CUPTI / torch.profiler) and its kernels, free of
+the host's cost per call.
 """
 
 import argparse
@@ -47,10 +54,46 @@ def variant_label(r):
     return ", ".join(f"split {v}" if k == "bn_split" else str(v) for k, v in changed(r))
 
 
+def pct(r):
+    """A row's "% of copy", or "–" for a row not rated against the copy (FLOPs, or a failure)."""
+    if not str(r.get("peak_kind", "")).startswith(("memcpy", "copy")) or "pct_of_peak" not in r:
+        return "–"
+    return f"{r['pct_of_peak']:.1f} %"
+
+
+def kernels(prof, n=3, width=44):
+    """The first `n` kernels of a profile record: "name µs; ..." (per call)."""
+    out = []
+    for k in prof.get("top", [])[:n]:
+        name = k["name"]
+        name = name if len(name) <= width else name[:width - 1] + "…"
+        out.append(f"`{name}` {k['us_per_step']:.1f}")
+    return "; ".join(out)
+
+
+def profile_table(medssl_path, peer_path):
+    """Markdown lines pairing the profiled rows of both sides (default switches on medssl's)."""
+    ours = {}
+    for r in rows(medssl_path):
+        if "profile" in r and default_switches(r):
+            ours.setdefault(key(r), r)
+    lines = []
+    for p in rows(peer_path):
+        m = ours.get(key(p))
+        if m is None or "profile" not in p:
+            continue
+        mu, pu = m["profile"]["busy_ms_per_step"] * 1e3, p["profile"]["busy_ms_per_step"] * 1e3
+        lines.append(f"| {p['op']} | {p['dir']} | `{p['shape']}` | {mu:.1f} | {kernels(m['profile'])} "
+                     f"| {pu:.1f} | {kernels(p['profile'])} | {pu / mu if mu > 0 else float('nan'):.2f}x |")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("medssl", help="JSON lines of medssl-bench ops --json")
     ap.add_argument("peer", help="JSON lines of tools/torch_ops_peer.py --json")
+    ap.add_argument("--profiles", nargs=2, metavar=("MEDSSL", "PEER"),
+                    help="JSON lines of medssl-bench ops --profile and torch_ops_peer.py --profile")
     a = ap.parse_args()
     ours, variants = {}, {}
     medssl_rows = rows(a.medssl)
@@ -70,11 +113,11 @@ def main():
         var = "; ".join(variants.get(key(p), []))
         if "median_ms" not in p:
             lines.append(f"| {p['op']} | {p['dir']} | `{p['shape']}` | {m['median_ms']:.4f} | "
-                         f"{m.get('pct_of_peak', float('nan')):.1f} % | failed: {p.get('error', '?')} | | | | {var} |")
+                         f"{pct(m)} | failed: {p.get('error', '?')} | | | | {var} |")
             continue
         lines.append(
-            f"| {p['op']} | {p['dir']} | `{p['shape']}` | {m['median_ms']:.4f} | {m.get('pct_of_peak', float('nan')):.1f} % "
-            f"| {p['median_ms']:.4f} | {p.get('pct_of_peak', float('nan')):.1f} % | {p.get('impl', '')} "
+            f"| {p['op']} | {p['dir']} | `{p['shape']}` | {m['median_ms']:.4f} | {pct(m)} "
+            f"| {p['median_ms']:.4f} | {pct(p)} | {p.get('impl', '')} "
             f"| {p['median_ms'] / m['median_ms']:.2f}x | {var} |"
         )
     if not lines:
@@ -82,7 +125,7 @@ def main():
         sys.exit(1)
     dev = next((p.get("device_name") for p in peer if p.get("device_name")), None)
     ver = next((p.get("torch_version") for p in peer if p.get("torch_version")), None)
-    print(f"### Memory-bound ops: medssl against PyTorch {ver or ''}" + (f" on {dev}" if dev else ""))
+    print(f"### Ops: medssl against PyTorch {ver or ''}" + (f" on {dev}" if dev else ""))
     emulated = sorted({r.get("device") for r in medssl_rows if "emulation" in str(r.get("device", ""))})
     if emulated:
         print()
@@ -93,6 +136,19 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     for line in lines:
         print(line)
+    if a.profiles:
+        prof = profile_table(*a.profiles)
+        print()
+        print("### Device time per call (medssl: CUPTI, PyTorch: torch.profiler; one sample's calls)")
+        print()
+        if not prof:
+            print("No op was profiled by both sides.")
+            return
+        print("| op | dir | shape | medssl µs | medssl kernels (µs per call) | PyTorch µs "
+              "| PyTorch kernels (µs per call) | medssl faster |")
+        print("|---|---|---|---|---|---|---|---|")
+        for line in prof:
+            print(line)
 
 
 if __name__ == "__main__":

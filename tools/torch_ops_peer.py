@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch peer of `medssl-bench ops` for the memory-bound ops, rated the same way.
+"""PyTorch peer of `medssl-bench ops` for the memory-bound ops and the convolutions, timed the same way.
 
 The same ops at the same shapes as `medssl-bench ops --width W --batch B` (the MedFuseNet-ResNet
 of tools/torch_peer.py, SPEC §2): training-mode batch norm forward and backward and ReLU forward
@@ -9,6 +9,15 @@ training step: `aten::cudnn_batch_norm` / `aten::cudnn_batch_norm_backward` on C
 op is missing, `F.batch_norm` and its autograd backward; the row's "impl" says which ran),
 `torch.relu` / `aten::threshold_backward`, `torch.optim.Adam` (its default multi-tensor
 "foreach" path, which tools/torch_peer.py's step uses, and `fused=True`) and `torch._foreach_lerp_`.
+With `--op conv2d` also every distinct convolution of the model (forward `F.conv2d`, backward
+`aten::convolution_backward` with the gradients medssl computes: no input gradient for the stem,
+the bias gradient where there is a bias), with cuDNN's algorithms timed per shape
+(`cudnn.benchmark`, as tools/torch_peer.py's step), rated by FLOPs ("gflop", "gflops") rather than
+bytes.
+
+`--profile` (CUDA): each row's calls of one sample again under torch.profiler, the device time per
+call by kernel in the row's "profile" (the record of `medssl-bench ops --profile`), so that
+tools/ops-table.py can pair the two sides' device time per call and kernels, free of the host.
 
 Timing and rating as `medssl-bench ops`: after warm-up calls, each sample times back-to-back
 calls and one synchronisation (`--calls 0`: as many as fill about 1 ms, at most 200), the median
@@ -41,7 +50,7 @@ except ImportError:  # pragma: no cover
     sys.stderr.write("torch_ops_peer.py needs PyTorch, which is not a dependency of medssl.\n")
     sys.exit(2)
 
-from torch_peer import MedFuseNet, add_model_args, open_device
+from torch_peer import MedFuseNet, add_model_args, open_device, profile_steps
 
 SAMPLE_S = 1e-3
 MAX_CALLS = 200
@@ -85,6 +94,34 @@ def bn_shapes(a):
     return [((a.batch,) + chw, layers) for chw, layers in seen.items()], model
 
 
+def conv_shapes(a):
+    """Distinct convolutions of the model at --batch: (input shape, weight shape, stride, padding,
+    bias, whether medssl computes the input gradient (not for the stem, whose input is the
+    image)), with the layers that have them, in model order."""
+    model = MedFuseNet(a.channels, a.width, a.fusion_dim, a.emb, a.classes, a.image_size <= 64)
+    seen = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, inp, _out, name=name):
+                k = (tuple(inp[0].shape[1:]), tuple(mod.weight.shape), mod.stride[0], mod.padding[0],
+                     mod.bias is not None, name != "conv1")
+                seen.setdefault(k, []).append(name)
+            hooks.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.zeros(2, a.channels, a.image_size, a.image_size))
+    for h in hooks:
+        h.remove()
+    return [((a.batch,) + chw, w, st, pd, bias, need_x, layers)
+            for (chw, w, st, pd, bias, need_x), layers in seen.items()]
+
+
+def conv_shape_str(x, w, stride, pad, bias):
+    """medssl-bench ops' shape of a convolution row."""
+    return (f"x=[{','.join(map(str, x))}] w=[{','.join(map(str, w))}] s={stride} p={pad}"
+            + (" bias" if bias else ""))
+
+
 def shape_str(s):
     return "x=[" + ",".join(str(v) for v in s) + "]"
 
@@ -100,15 +137,21 @@ def main():
     ap.add_argument("--calls", type=int, default=0, help="calls per sample (0: about 1 ms of calls, at most 200)")
     ap.add_argument("--peak-copy-mib", type=int, default=256)
     ap.add_argument("--op", default="batch_norm,relu,adam_step,ema_update",
-                    help="comma-separated: batch_norm, relu, adam_step, ema_update")
+                    help="comma-separated: batch_norm, relu, adam_step, ema_update, conv2d")
+    ap.add_argument("--profile", action="store_true",
+                    help="cuda: each row's calls of one sample again under torch.profiler (device time per "
+                         "call by kernel, in the row's 'profile')")
+    ap.add_argument("--profile-top", type=int, default=8, help="kernels listed per profiled row")
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     a = ap.parse_args()
     ops = {o.strip() for o in a.op.split(",") if o.strip()}
-    unknown = ops - {"batch_norm", "relu", "adam_step", "ema_update"}
+    unknown = ops - {"batch_norm", "relu", "adam_step", "ema_update", "conv2d"}
     if unknown:
         ap.error(f"--op: unknown op(s) {sorted(unknown)}")
 
     dev, cuda = open_device(a.device)
+    if a.profile and not cuda:
+        ap.error("--profile needs a CUDA device (the device time of each kernel)")
 
     def sync():
         if cuda:
@@ -143,20 +186,32 @@ def main():
         base["cudnn_version"] = torch.backends.cudnn.version()
     rows = []
 
-    def emit(op, d, shape, mbytes, t, impl, layers=None):
+    def emit(op, d, shape, mbytes, t, impl, layers=None, f=None, gflop=None):
+        """One row: rated by bytes against the copy (memory-bound ops), or by `gflop` (convolutions);
+        with --profile, `f`'s calls of one sample again under the profiler."""
         med, mn, calls = t
-        r = dict(base, op=op, dir=d, shape=shape, impl=impl, mbytes=mbytes / 1e6, median_ms=med * 1e3,
-                 min_ms=mn * 1e3, calls_per_sample=calls, gbps=mbytes / med / 1e9,
-                 pct_of_peak=100.0 * mbytes / med / 1e9 / peak)
+        r = dict(base, op=op, dir=d, shape=shape, impl=impl, median_ms=med * 1e3, min_ms=mn * 1e3,
+                 calls_per_sample=calls)
+        if gflop is None:
+            r.update(mbytes=mbytes / 1e6, gbps=mbytes / med / 1e9, pct_of_peak=100.0 * mbytes / med / 1e9 / peak)
+            rate = f"{r['gbps']:8.1f} GB/s {r['pct_of_peak']:5.1f} % of copy"
+        else:
+            r.update(gflop=gflop, gflops=gflop / med)
+            r.pop("peak_kind")
+            r.pop("peak_value")
+            rate = f"{r['gflops']:8.1f} GFLOP/s"
         if layers:
             r["layers"] = ",".join(layers)
             r["uses"] = len(layers)
+        if a.profile and f is not None:
+            r["profile"] = profile_steps(f, sync, calls, a.profile_top)
         rows.append(r)
         if a.json:
             print(json.dumps(r), flush=True)
         else:
-            print(f"{op:<18} {d:<4} {shape:<32} {med * 1e3:9.4f} ms {r['gbps']:8.1f} GB/s "
-                  f"{r['pct_of_peak']:5.1f} % of copy ({impl}, {calls} calls/sample)", flush=True)
+            dev_us = f", device {r['profile']['busy_ms_per_step'] * 1e3:.1f} us/call" if "profile" in r else ""
+            print(f"{op:<18} {d:<4} {shape:<40} {med * 1e3:9.4f} ms {rate} ({impl}, {calls} calls/sample"
+                  f"{dev_us})", flush=True)
 
     def failed(op, d, shape, e):
         r = dict(base, op=op, dir=d, shape=shape, error=f"{type(e).__name__}: {e}")
@@ -196,18 +251,42 @@ def main():
                 impl = "F.batch_norm + autograd"
             for d, f, nb in (("fwd", fwd, fb), ("bwd", bwd, bb)):
                 try:
-                    emit("batch_norm_train", d, shape_str(shape), nb, run(f), impl, layers)
+                    emit("batch_norm_train", d, shape_str(shape), nb, run(f), impl, layers, f)
                 except Exception as e:  # noqa: BLE001  (reported in the row)
                     failed("batch_norm_train", d, shape_str(shape), e)
         if "relu" in ops:
             y = torch.relu(x)
             try:
-                emit("relu", "fwd", shape_str(shape), 8.0 * numel, run(lambda: torch.relu(x)), "torch.relu")
-                emit("relu", "bwd", shape_str(shape), 12.0 * numel,
-                     run(lambda: torch.ops.aten.threshold_backward(gy, y, 0.0)), "aten::threshold_backward")
+                rf = lambda: torch.relu(x)  # noqa: E731
+                rb = lambda: torch.ops.aten.threshold_backward(gy, y, 0.0)  # noqa: E731
+                emit("relu", "fwd", shape_str(shape), 8.0 * numel, run(rf), "torch.relu", f=rf)
+                emit("relu", "bwd", shape_str(shape), 12.0 * numel, run(rb), "aten::threshold_backward", f=rb)
             except Exception as e:  # noqa: BLE001
                 failed("relu", "fwd/bwd", shape_str(shape), e)
         del x, gy
+
+    if "conv2d" in ops:
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        for x_shape, w_shape, st, pd, bias, need_x, layers in conv_shapes(a):
+            shape = conv_shape_str(x_shape, w_shape, st, pd, bias)
+            try:
+                x = torch.randn(x_shape, device=dev)
+                w = torch.randn(w_shape, device=dev) * (1.0 / math.prod(w_shape[1:])) ** 0.5
+                b = torch.randn(w_shape[0], device=dev) if bias else None
+                cf = lambda: F.conv2d(x, w, b, st, pd)  # noqa: E731
+                gy = torch.randn_like(cf())
+                cb = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+                    gy, x, w, [w_shape[0]] if bias else None, [st, st], [pd, pd], [1, 1], False, [0, 0], 1,
+                    [need_x, True, bias])
+                cb()
+                ho, wo = gy.shape[2], gy.shape[3]
+                gflop = 2.0 * x_shape[0] * w_shape[0] * ho * wo * w_shape[1] * w_shape[2] * w_shape[3] / 1e9
+                emit("conv2d", "fwd", shape, 0.0, run(cf), "F.conv2d", layers, cf, gflop)
+                emit("conv2d", "bwd", shape, 0.0, run(cb), "aten::convolution_backward", layers, cb,
+                     gflop * (2.0 if need_x else 1.0))
+            except Exception as e:  # noqa: BLE001  (reported in the row)
+                failed("conv2d", "fwd/bwd", shape, e)
 
     params = [p.to(dev) for p in model.parameters()]
     count = sum(p.numel() for p in params)
@@ -221,15 +300,15 @@ def main():
                 kw = {"fused": True} if fused else {}
                 opt = torch.optim.Adam(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=5e-4, **kw)
                 emit("adam_step", "upd", pshape, 4.0 * 7 * count, run(opt.step),
-                     "torch.optim.Adam(fused=True)" if fused else "torch.optim.Adam (foreach)")
+                     "torch.optim.Adam(fused=True)" if fused else "torch.optim.Adam (foreach)", f=opt.step)
             except Exception as e:  # noqa: BLE001
                 failed("adam_step", "upd", pshape, e)
     if "ema_update" in ops:
         t = [p.detach().clone() for p in params]
         s = [p.detach().clone() + 0.01 for p in params]
         try:
-            emit("ema_update", "upd", pshape, 4.0 * 3 * count, run(lambda: torch._foreach_lerp_(t, s, 1.0 - 0.99)),
-                 "torch._foreach_lerp_")
+            ef = lambda: torch._foreach_lerp_(t, s, 1.0 - 0.99)  # noqa: E731
+            emit("ema_update", "upd", pshape, 4.0 * 3 * count, run(ef), "torch._foreach_lerp_", f=ef)
         except Exception as e:  # noqa: BLE001
             failed("ema_update", "upd", pshape, e)
     if not a.json:
