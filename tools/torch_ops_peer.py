@@ -77,20 +77,28 @@ def timed(f, sync, warmup, repeats, calls):
     return statistics.median(t), min(t), calls
 
 
-def bn_shapes(a):
-    """Distinct batch-norm input shapes of the model at --batch, with the layers that have them."""
+def layer_inputs(a, kind, key):
+    """One forward pass of the model on two images: `key(module, name, input)` of every layer of
+    type `kind`, the distinct keys in model order, each with the names of the layers that give it.
+    Returns the dict and the model."""
     model = MedFuseNet(a.channels, a.width, a.fusion_dim, a.emb, a.classes, a.image_size <= 64)
     seen = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, kind):
             def hook(mod, inp, _out, name=name):
-                seen.setdefault(tuple(inp[0].shape[1:]), []).append(name)
+                seen.setdefault(key(mod, name, inp[0]), []).append(name)
             hooks.append(m.register_forward_hook(hook))
     with torch.no_grad():
         model(torch.zeros(2, a.channels, a.image_size, a.image_size))
     for h in hooks:
         h.remove()
+    return seen, model
+
+
+def bn_shapes(a):
+    """Distinct batch-norm input shapes of the model at --batch, with the layers that have them."""
+    seen, model = layer_inputs(a, nn.BatchNorm2d, lambda _m, _n, x: tuple(x.shape[1:]))
     return [((a.batch,) + chw, layers) for chw, layers in seen.items()], model
 
 
@@ -98,20 +106,9 @@ def conv_shapes(a):
     """Distinct convolutions of the model at --batch: (input shape, weight shape, stride, padding,
     bias, whether medssl computes the input gradient (not for the stem, whose input is the
     image)), with the layers that have them, in model order."""
-    model = MedFuseNet(a.channels, a.width, a.fusion_dim, a.emb, a.classes, a.image_size <= 64)
-    seen = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            def hook(mod, inp, _out, name=name):
-                k = (tuple(inp[0].shape[1:]), tuple(mod.weight.shape), mod.stride[0], mod.padding[0],
-                     mod.bias is not None, name != "conv1")
-                seen.setdefault(k, []).append(name)
-            hooks.append(m.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.zeros(2, a.channels, a.image_size, a.image_size))
-    for h in hooks:
-        h.remove()
+    seen, _ = layer_inputs(a, nn.Conv2d, lambda m, name, x: (
+        tuple(x.shape[1:]), tuple(m.weight.shape), m.stride[0], m.padding[0], m.bias is not None,
+        name != "conv1"))
     return [((a.batch,) + chw, w, st, pd, bias, need_x, layers)
             for (chw, w, st, pd, bias, need_x), layers in seen.items()]
 
