@@ -310,38 +310,23 @@ fn choose<A: AlgoCode>(
     // MEDSSL_CUDNN_LOG=1: what the query returned (how many results, how many usable, how many
     // timed in the descriptor's math type), before the choice itself is logged.
     let slots = buf.len();
-    let log =
-        |how: &str, found: &[Found<A>]| {
-            if switches::current().cudnn_log {
-                let usable = found.iter().filter(|p| p.usable()).count();
-                let same_math = found
-                    .iter()
-                    .filter(|p| p.usable() && p.math() == math as u32)
-                    .count();
-                eprintln!(
+    let log = |how: &str, found: &[Found<A>]| {
+        if switches::current().cudnn_log {
+            let usable = found.iter().filter(|p| p.usable()).count();
+            let same_math = found
+                .iter()
+                .filter(|p| p.usable() && p.math() == math as u32)
+                .count();
+            eprintln!(
                 "cudnn {what} {how}: {} results in {slots} slots, {usable} usable, {same_math} \
                  of them in {math:?}",
                 found.len(),
             );
-                // Every result, in cuDNN's order: what the choice below was made from.
-                for f in found {
-                    let name = match f.algo {
-                        Some(a) => format!("{a:?}"),
-                        None => format!("algorithm code {}", f.raw.algo),
-                    };
-                    eprintln!(
-                    "cudnn {what} {how}:   {} {:.4} ms, workspace {} B, status {}, {}, math {}{}",
-                    name.trim_start_matches("CUDNN_CONVOLUTION_"),
-                    f.raw.time,
-                    f.raw.memory,
-                    f.raw.status,
-                    if f.deterministic() { "deterministic" } else { "non-deterministic" },
-                    f.raw.math_type,
-                    if f.usable() { "" } else { " (not usable)" },
-                );
-                }
+            for f in found {
+                eprintln!("cudnn {what} {how}:   {}", describe(f));
             }
-        };
+        }
+    };
     if search == Search::Find
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
@@ -366,6 +351,29 @@ fn choose<A: AlgoCode>(
         )));
     }
     Ok((c, "heuristic"))
+}
+
+/// One query result for `MEDSSL_CUDNN_LOG=1`: algorithm, timed ms (0 from the heuristic),
+/// workspace, status, determinism and math type, and whether it may be chosen.
+fn describe<A: AlgoCode>(f: &Found<A>) -> String {
+    let name = match f.algo {
+        Some(a) => format!("{a:?}"),
+        None => format!("algorithm code {}", f.raw.algo),
+    };
+    format!(
+        "{} {:.4} ms, workspace {} B, status {}, {}, math {}{}",
+        name.trim_start_matches("CUDNN_CONVOLUTION_"),
+        f.raw.time,
+        f.raw.memory,
+        f.raw.status,
+        if f.deterministic() {
+            "deterministic"
+        } else {
+            "non-deterministic"
+        },
+        f.raw.math_type,
+        if f.usable() { "" } else { " (not usable)" },
+    )
 }
 
 /// The first candidate (best first) whose workspace size cuDNN reports under the descriptor's
@@ -1045,7 +1053,7 @@ fn im2col_bwd(
 #[cfg(test)]
 mod tests {
     use super::{
-        dnn, first_workable, pick, ranked, sys, AlgoCode, Found, Perf, RawPerf, Shape,
+        describe, dnn, first_workable, pick, ranked, sys, AlgoCode, Found, Perf, RawPerf, Shape,
         WORKSPACE_LIMIT,
     };
 
@@ -1185,6 +1193,20 @@ mod tests {
         ];
         let r = ranked(&found, sys::cudnnMathType_t::CUDNN_FMA_MATH, true);
         assert_eq!(r.len(), 1);
+        // MEDSSL_CUDNN_LOG=1's line per result, usable or not.
+        assert_eq!(
+            describe(&f),
+            "FWD_ALGO_WINOGRAD_NONFUSED 0.2500 ms, workspace 0 B, status 0, deterministic, math 3"
+        );
+        assert_eq!(
+            describe(&Found::<Fwd>::new(RawPerf {
+                algo: 4242,
+                determinism: 0,
+                ..ok
+            })),
+            "algorithm code 4242 0.2500 ms, workspace 0 B, status 0, non-deterministic, math 3 \
+             (not usable)"
+        );
         assert_eq!(
             r[0].algo(),
             Fwd::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
