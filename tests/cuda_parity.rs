@@ -1838,8 +1838,10 @@ fn training_steps_match_cpu() {
 }
 
 /// A training run on CUDA (the library's run loop: loader, steps, checkpoints on the device):
-/// resuming it reproduces the uninterrupted run, and its checkpoint gives the same test metrics
-/// and class probabilities with `medssl eval` / `medssl predict` on the CPU as on CUDA.
+/// by default (`cuda_graph = auto`) its steps replay from a CUDA graph once the key queue is full
+/// and give the bits of a `cuda_graph = off` run; resuming it (a new graph after the resume)
+/// reproduces the uninterrupted run, and its checkpoint gives the same test metrics and class
+/// probabilities with `medssl eval` / `medssl predict` on the CPU as on CUDA.
 #[test]
 fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     use medssl::train::checkpoint;
@@ -1848,12 +1850,14 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     use std::path::Path;
     use std::process::Command;
 
-    let Some(_) = gpu() else { return };
+    let Some(g) = gpu() else { return };
     // Packed for a GPU node (tools/gpu-pack.sh), this executable finds the data and the medssl
     // binary through these variables, which tools/gpu-run.sh sets.
     let root = std::env::var("MEDSSL_TEST_DATA").unwrap_or_else(|_| "../shared/data".into());
     let data = format!("{root}/pneumoniamnist");
-    let cfg = || {
+    // A 16-key queue is full after 2 steps of 8 unlabelled images, so that the default
+    // (cuda_graph = auto: on for CUDA) replays steps from a graph within the 9 steps.
+    let cfg = |graph: &str| {
         let sets: Vec<String> = [
             format!("data={data}"),
             "device=cuda".into(),
@@ -1862,9 +1866,10 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
             "emb=8".into(),
             "batch_labeled=4".into(),
             "batch_unlabeled=8".into(),
-            "queue=64".into(),
+            "queue=16".into(),
             "epochs=2".into(),
             "workers=1".into(),
+            format!("cuda_graph={graph}"),
         ]
         .to_vec();
         TrainConfig::resolve("fast", None, &sets).unwrap()
@@ -1881,18 +1886,36 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         let _ = std::fs::remove_dir_all(&d);
         d
     };
-    let (a, b) = (tmp("straight"), tmp("resumed"));
+    let (a, b, c) = (tmp("straight"), tmp("resumed"), tmp("plain"));
+    let before = g.step_graph_stats().unwrap_or_default();
     assert_eq!(
-        train(cfg(), &opts(&a, false, 5)).unwrap().0,
+        train(cfg("auto"), &opts(&a, false, 9)).unwrap().0,
+        Outcome::StepLimit
+    );
+    let graph = g.step_graph_stats().unwrap_or_default().since(&before);
+    println!("straight run, cuda_graph = auto: {graph:?}");
+    assert!(
+        graph.captures >= 1 && graph.replays >= 3 && graph.divergences == 0,
+        "the default run did not replay its steps from a graph: {graph:?}"
+    );
+    assert_eq!(
+        train(cfg("auto"), &opts(&b, false, 3)).unwrap().0,
         Outcome::StepLimit
     );
     assert_eq!(
-        train(cfg(), &opts(&b, false, 2)).unwrap().0,
+        train(cfg("auto"), &opts(&b, true, 9)).unwrap().0,
         Outcome::StepLimit
     );
+    let before = g.step_graph_stats().unwrap_or_default();
     assert_eq!(
-        train(cfg(), &opts(&b, true, 5)).unwrap().0,
+        train(cfg("off"), &opts(&c, false, 9)).unwrap().0,
         Outcome::StepLimit
+    );
+    let plain = g.step_graph_stats().unwrap_or_default().since(&before);
+    assert_eq!(
+        (plain.captures, plain.replays),
+        (0, 0),
+        "cuda_graph = off: {plain:?}"
     );
     let load = |d: &Path| {
         let mut v: Vec<(String, Vec<f32>)> = checkpoint::load(&d.join("last.safetensors"))
@@ -1904,7 +1927,17 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         v.sort_by(|x, y| x.0.cmp(&y.0));
         v
     };
-    let (ta, tb) = (load(&a), load(&b));
+    let (ta, tb, tc) = (load(&a), load(&b), load(&c));
+    // The graph's steps are the plain steps, bit for bit.
+    assert_eq!(ta.len(), tc.len());
+    for ((ka, va), (kc, vc)) in ta.iter().zip(&tc) {
+        assert_eq!(ka, kc);
+        let same = va.iter().zip(vc).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same,
+            "{ka}: the run from a CUDA graph differs from the plain run"
+        );
+    }
     assert_eq!(ta.len(), tb.len());
     let mut worst = 0.0f32;
     for ((ka, va), (kb, vb)) in ta.iter().zip(&tb) {
