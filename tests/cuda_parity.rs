@@ -2147,6 +2147,56 @@ fn device_profile_records_what_ran() {
                     && e["us_per_step"].as_f64().unwrap() > 0.0),
             "{r}"
         );
+        // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
+        let d = r["defaults"].as_object().unwrap();
+        assert_eq!(d.len(), 9, "{r}");
+        assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
+    }
+    // Switches set through the environment show in the row, beside the unchanged defaults.
+    let out = std::process::Command::new(&bench)
+        .env("MEDSSL_CUDA_CONV", "im2col")
+        .env("MEDSSL_CUDA_BN_SPLIT", "auto")
+        .env("MEDSSL_CUDA_BN_APPLY", "flat")
+        .args([
+            "ops",
+            "--device",
+            "cuda",
+            "--width",
+            "4",
+            "--batch",
+            "4",
+            "--op",
+            "relu",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--calls",
+            "1",
+            "--peak-copy-mib",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running {bench}: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    for (k, now, default) in [
+        ("conv", "im2col", "cudnn"),
+        ("bn_split", "auto", "wave"),
+        ("bn_apply", "flat", "chunks"),
+        ("conv1x1", "cublas", "cublas"),
+    ] {
+        assert_eq!(
+            (r[k].as_str(), r["defaults"][k].as_str()),
+            (Some(now), Some(default)),
+            "{r}"
+        );
     }
 }
 

@@ -120,8 +120,9 @@ PEER_CONFIGS="${PEER_CONFIGS-"--device cuda --width 16 --fill-queue|--device cud
 # on the reduction's grid, two-pass statistics): the former defaults (MEDSSL_CUDA_BN_SPLIT=auto
 # MEDSSL_CUDA_BN_APPLY=flat, also at the model's shapes, where the 16-channel layers take the
 # split path), each of the two alone, one block per channel (MEDSSL_CUDA_BN_SPLIT=1) and one-pass
-# statistics (MEDSSL_CUDA_BN_STATS=welford).
-OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 16 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm"}"
+# statistics (MEDSSL_CUDA_BN_STATS=welford); the width-16 convolutions also on the im2col +
+# cuBLAS engine (MEDSSL_CUDA_CONV=im2col).
+OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"--device cuda --width 16|MEDSSL_CUDA_CONV1X1=cudnn MEDSSL_CUDNN_ALGO=heuristic --device cuda --width 16 --op conv2d,similarity_fusion|--device cuda --width 64 --batch 256 --op relu,batch_norm,max_pool2d,global_avg_pool,adam_step,ema_update|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 16 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=auto --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_SPLIT=1 --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_BN_STATS=welford --device cuda --width 64 --batch 256 --op batch_norm|MEDSSL_CUDA_CONV=im2col --device cuda --width 16 --op conv2d"}"
 # Device profiles, run last with a short timeout each (PROFILE_TIMEOUT, default 90 s): they list
 # what the device ran in each step, by kernel (cuDNN/cuBLAS internals included) with device
 # times, and the device's busy time against the wall time: medssl through CUPTI (libcupti.so from
@@ -135,8 +136,10 @@ PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-gr
 # the archive); and every convolution of the width-16 model at batch 36, with cuDNN's Find results
 # for each shape in its log (MEDSSL_CUDNN_LOG=1), against the same convolutions in PyTorch
 # (PEER_OPS_PROFILE_CONFIGS; the second table of OUTDIR/ops.md): which shapes make medssl's
-# convolutions take more device time per step than PyTorch's at width 16.
-PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
+# convolutions take more device time per step than PyTorch's at width 16, and how much of that
+# the im2col + cuBLAS engine or cuDNN's non-deterministic algorithms (PyTorch's default) would
+# win back, shape by shape.
+PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDA_CONV=im2col --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
 PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|--device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.

@@ -4,10 +4,10 @@
     python3 tools/ops-table.py OUTDIR/ops_cuda.jsonl OUTDIR/ops_torch.jsonl
 
 Rows are paired by (op, dir, shape, batch, width). Of medssl's rows the first one measured with
-the CUDA backend's default batch-norm switches is taken (a row names its build's defaults in
-bn_defaults; rows without it are from builds whose defaults were bn_split 0 = auto, bn_stats
-two-pass, bn_apply flat); rows of other settings (the variant runs of tools/gpu-run.sh) are
-listed in the last column by what they change (e.g. "split 4 0.1047" ms). Each side is rated
+the CUDA backend's default switches is taken (a row names its build's defaults in "defaults";
+rows without it are from builds whose defaults were those of OLD_DEFAULTS below); rows of other
+settings (the variant runs of tools/gpu-run.sh) are listed in the last column by what they
+change (e.g. "split 4 0.1047" ms, "im2col 0.0210"). Each side is rated
 against its own device-to-device copy measured in its own invocation (the "% of copy" columns);
 "medssl faster" is the peer's time over medssl's (above 1: medssl takes less time); rows rated by
 FLOPs (the convolutions) show no "% of copy". Exits 1 when no row pairs.
@@ -34,15 +34,29 @@ def key(r):
     return (r.get("op"), r.get("dir"), r.get("shape"), r.get("batch"), r.get("width"))
 
 
-# The batch-norm switches' defaults of builds whose rows do not name them.
-OLD_DEFAULTS = {"bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat"}
+# The switches' defaults of builds whose rows do not name them (before "defaults" existed; those
+# rows do not record MEDSSL_CUDA_CONV or MEDSSL_CUDA_CONV1X1 either).
+OLD_DEFAULTS = {"tf32": False, "cudnn_algo": "find", "cudnn_deterministic_first": True,
+                "bn_fused_max_m": 65536, "bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat"}
+
+# How a variant row names a switch that differs from the default.
+LABELS = {
+    "tf32": lambda v: "tf32" if v else "no tf32",
+    "cudnn_algo": lambda v: f"cudnn {v}",
+    "cudnn_deterministic_first": lambda v: "deterministic cudnn" if v else "non-deterministic cudnn",
+    "conv": str,
+    "conv1x1": lambda v: f"1x1 {v}",
+    "bn_fused_max_m": lambda v: f"fused max {v}",
+    "bn_split": lambda v: f"split {v}",
+    "bn_stats": str,
+    "bn_apply": str,
+}
 
 
 def changed(r):
-    """The batch-norm switches of a medssl row that differ from its build's defaults."""
-    d = r.get("bn_defaults") or OLD_DEFAULTS
-    return [(k, r[k]) for k in ("bn_split", "bn_stats", "bn_apply")
-            if r.get(k) is not None and r[k] != d[k]]
+    """The switches of a medssl row that differ from its build's defaults, in LABELS' order."""
+    d = r.get("defaults") or OLD_DEFAULTS
+    return [(k, r[k]) for k in LABELS if k in d and r.get(k) is not None and r[k] != d[k]]
 
 
 def default_switches(r):
@@ -51,7 +65,7 @@ def default_switches(r):
 
 def variant_label(r):
     """What a medssl row's switches change from the defaults, e.g. "split 4, welford"."""
-    return ", ".join(f"split {v}" if k == "bn_split" else str(v) for k, v in changed(r))
+    return ", ".join(LABELS[k](v) for k, v in changed(r))
 
 
 def pct(r):
@@ -73,18 +87,25 @@ def kernels(prof, n=3, width=44):
 
 def profile_table(medssl_path, peer_path):
     """Markdown lines pairing the profiled rows of both sides (default switches on medssl's)."""
-    ours = {}
+    ours, variants = {}, {}
     for r in rows(medssl_path):
-        if "profile" in r and default_switches(r):
+        if "profile" not in r:
+            continue
+        if default_switches(r):
             ours.setdefault(key(r), r)
+        else:
+            us = r["profile"]["busy_ms_per_step"] * 1e3
+            variants.setdefault(key(r), []).append(f"{variant_label(r)} {us:.1f}")
     lines = []
     for p in rows(peer_path):
         m = ours.get(key(p))
         if m is None or "profile" not in p:
             continue
         mu, pu = m["profile"]["busy_ms_per_step"] * 1e3, p["profile"]["busy_ms_per_step"] * 1e3
+        var = "; ".join(variants.get(key(p), []))
         lines.append(f"| {p['op']} | {p['dir']} | `{p['shape']}` | {mu:.1f} | {kernels(m['profile'])} "
-                     f"| {pu:.1f} | {kernels(p['profile'])} | {pu / mu if mu > 0 else float('nan'):.2f}x |")
+                     f"| {pu:.1f} | {kernels(p['profile'])} | {pu / mu if mu > 0 else float('nan'):.2f}x "
+                     f"| {var} |")
     return lines
 
 
@@ -145,8 +166,8 @@ def main():
             print("No op was profiled by both sides.")
             return
         print("| op | dir | shape | medssl µs | medssl kernels (µs per call) | PyTorch µs "
-              "| PyTorch kernels (µs per call) | medssl faster |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| PyTorch kernels (µs per call) | medssl faster | medssl variants (µs) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for line in prof:
             print(line)
 

@@ -161,57 +161,66 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
     }
 }
 
-/// The CUDA backend's numerics and kernel-choice switches as it reads them
-/// (`backend::cuda::switches`).
+/// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
+/// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`).
+const SWITCH_KEYS: [&str; 9] = [
+    "tf32",
+    "cudnn_algo",
+    "cudnn_deterministic_first",
+    "conv",
+    "conv1x1",
+    "bn_fused_max_m",
+    "bn_split",
+    "bn_stats",
+    "bn_apply",
+];
+
+/// The CUDA backend's switches as it reads them, and as they are by default.
 struct CudaChoices {
-    /// `MEDSSL_TF32`.
-    tf32: bool,
-    /// `MEDSSL_CUDNN_ALGO`: `find` or `heuristic`.
-    cudnn_algo: &'static str,
-    /// `MEDSSL_CUDNN_DETERMINISTIC`.
-    cudnn_deterministic_first: bool,
-    /// `MEDSSL_CUDA_BN_FUSED_MAX_M` (or the limit a caller set).
-    bn_fused_max_m: usize,
-    /// `MEDSSL_CUDA_BN_SPLIT` (0: `auto`, `BN_SPLIT_WAVE`: one wave).
-    bn_split: usize,
-    /// `MEDSSL_CUDA_BN_STATS`: `two-pass` or `welford`.
-    bn_stats: &'static str,
-    /// `MEDSSL_CUDA_BN_APPLY`: `chunks` or `flat`.
-    bn_apply: &'static str,
-    /// The three batch-norm switches above as they are by default (this build's defaults, so
-    /// that a table can tell a variant row from a default one across versions).
-    bn_defaults: (usize, &'static str, &'static str),
+    /// [`SWITCH_KEYS`] in force, valued as the environment spells them (`bn_split`: "wave",
+    /// "auto" or a forced count).
+    now: serde_json::Map<String, serde_json::Value>,
+    /// The same with none of their variables set: this build's defaults, so that a table can
+    /// tell a variant row from a default one across versions.
+    defaults: serde_json::Map<String, serde_json::Value>,
     /// Streaming multiprocessors of the device (the automatic split follows them).
     sms: usize,
 }
 
-/// `MEDSSL_CUDA_BN_STATS`'s name of one-pass (`true`) or two-pass statistics.
-#[cfg(feature = "cuda")]
-fn stats_name(welford: bool) -> &'static str {
-    if welford {
-        "welford"
-    } else {
-        "two-pass"
-    }
-}
-
-/// `MEDSSL_CUDA_BN_APPLY`'s name of the chunk (`true`) or flat elementwise pass.
-#[cfg(feature = "cuda")]
-fn apply_name(chunks: bool) -> &'static str {
-    if chunks {
-        "chunks"
-    } else {
-        "flat"
-    }
-}
-
 /// `MEDSSL_CUDA_BN_SPLIT`'s value for a setting: `auto` (0), `wave`, or the forced count.
+#[cfg(feature = "cuda")]
 fn split_json(split: usize) -> serde_json::Value {
     match split {
         0 => serde_json::json!("auto"),
-        #[cfg(feature = "cuda")]
         medssl::backend::cuda::BN_SPLIT_WAVE => serde_json::json!("wave"),
         n => serde_json::json!(n),
+    }
+}
+
+/// [`SWITCH_KEYS`] of `s`, with the batch-norm and determinism settings given apart (a thread
+/// may have set its own; see `backend::cuda::set_bn_split` and friends).
+#[cfg(feature = "cuda")]
+fn switch_values(
+    s: &medssl::backend::cuda::switches::Switches,
+    deterministic_first: bool,
+    fused_max_m: usize,
+    (split, welford, chunks): (usize, bool, bool),
+) -> serde_json::Map<String, serde_json::Value> {
+    let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
+    let v = serde_json::json!({
+        "tf32": s.tf32,
+        "cudnn_algo": s.cudnn_algo.name(),
+        "cudnn_deterministic_first": deterministic_first,
+        "conv": pick(s.conv_im2col, "im2col", "cudnn"),
+        "conv1x1": pick(s.conv1x1_gemm, "cublas", "cudnn"),
+        "bn_fused_max_m": fused_max_m,
+        "bn_split": split_json(split),
+        "bn_stats": pick(welford, "welford", "two-pass"),
+        "bn_apply": pick(chunks, "chunks", "flat"),
+    });
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => unreachable!("a JSON object literal"),
     }
 }
 
@@ -221,18 +230,24 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
     if dev != Device::Cpu {
         use medssl::backend::cuda;
         let s = cuda::switches::get().ok()?;
+        let d = cuda::switches::parse(|_| None).expect("the defaults parse");
         return Some(CudaChoices {
-            tf32: s.tf32,
-            cudnn_algo: s.cudnn_algo.name(),
-            cudnn_deterministic_first: cuda::cudnn_deterministic_first(),
-            bn_fused_max_m: cuda::bn_fused_max_m(),
-            bn_split: cuda::bn_split(),
-            bn_stats: stats_name(cuda::bn_welford()),
-            bn_apply: apply_name(cuda::bn_apply_chunks()),
-            bn_defaults: {
-                let (split, welford, chunks) = cuda::bn_defaults();
-                (split, stats_name(welford), apply_name(chunks))
-            },
+            now: switch_values(
+                s,
+                cuda::cudnn_deterministic_first(),
+                cuda::bn_fused_max_m(),
+                (
+                    cuda::bn_split(),
+                    cuda::bn_welford(),
+                    cuda::bn_apply_chunks(),
+                ),
+            ),
+            defaults: switch_values(
+                &d,
+                d.cudnn_deterministic_first,
+                d.bn_fused_max_m,
+                (d.bn_split, d.bn_welford, d.bn_apply_chunks),
+            ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
                 Device::Cpu => 0,
@@ -244,39 +259,21 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
 }
 
 /// The JSON fields of [`CudaChoices`] for a result row (each null on CPU), so that rows of runs
-/// with different switches can be told apart.
+/// with different switches can be told apart: [`SWITCH_KEYS`], `defaults` (the same keys at
+/// this build's defaults) and `sms`.
 fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
     let c = cuda_choices(dev);
-    let c = c.as_ref();
     let mut m = serde_json::Map::new();
-    m.insert("tf32".into(), serde_json::json!(c.map(|c| c.tf32)));
+    for k in SWITCH_KEYS {
+        let v = c.as_ref().and_then(|c| c.now.get(k).cloned());
+        m.insert(k.into(), v.unwrap_or(serde_json::Value::Null));
+    }
     m.insert(
-        "cudnn_algo".into(),
-        serde_json::json!(c.map(|c| c.cudnn_algo)),
+        "defaults".into(),
+        c.as_ref()
+            .map_or(serde_json::Value::Null, |c| c.defaults.clone().into()),
     );
-    m.insert(
-        "cudnn_deterministic_first".into(),
-        serde_json::json!(c.map(|c| c.cudnn_deterministic_first)),
-    );
-    m.insert(
-        "bn_fused_max_m".into(),
-        serde_json::json!(c.map(|c| c.bn_fused_max_m)),
-    );
-    // "wave", "auto", or a forced count.
-    m.insert(
-        "bn_split".into(),
-        c.map_or(serde_json::Value::Null, |c| split_json(c.bn_split)),
-    );
-    m.insert("bn_stats".into(), serde_json::json!(c.map(|c| c.bn_stats)));
-    m.insert("bn_apply".into(), serde_json::json!(c.map(|c| c.bn_apply)));
-    m.insert(
-        "bn_defaults".into(),
-        c.map_or(serde_json::Value::Null, |c| {
-            let (split, stats, apply) = c.bn_defaults;
-            serde_json::json!({"bn_split": split_json(split), "bn_stats": stats, "bn_apply": apply})
-        }),
-    );
-    m.insert("sms".into(), serde_json::json!(c.map(|c| c.sms)));
+    m.insert("sms".into(), serde_json::json!(c.as_ref().map(|c| c.sms)));
     m
 }
 

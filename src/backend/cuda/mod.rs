@@ -29,8 +29,8 @@ pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
-    bn_apply_chunks, bn_defaults, bn_fused_max_m, bn_split, bn_welford, set_bn_apply_chunks,
-    set_bn_fused_max_m, set_bn_split, set_bn_welford, BN_SPLIT_WAVE,
+    bn_apply_chunks, bn_fused_max_m, bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
+    set_bn_split, set_bn_welford, BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;

@@ -106,14 +106,6 @@ pub fn bn_split() -> usize {
     here(&SPLIT_HERE, || super::switches::current().bn_split)
 }
 
-/// The batch-norm switches as they are with none of their variables set: blocks per channel
-/// (as [`bn_split`]), one-pass statistics (as [`bn_welford`]), the chunk pass (as
-/// [`bn_apply_chunks`]).
-pub fn bn_defaults() -> (usize, bool, bool) {
-    let d = super::switches::parse(|_| None).expect("the defaults parse");
-    (d.bn_split, d.bn_welford, d.bn_apply_chunks)
-}
-
 /// Sets the blocks per channel of the batch-norm reductions for the ops the calling thread
 /// issues (`Some(0)`: automatic, `Some(BN_SPLIT_WAVE)`: one wave of blocks, `Some(1)`: one
 /// block per channel, `Some(n)`: n blocks, at most one per element; `None`: back to
