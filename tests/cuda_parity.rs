@@ -2091,8 +2091,10 @@ fn device_profile_records_what_ran() {
     // where this test was built): every batch-norm row's profile lists the kernels of one call.
     let bench = std::env::var("MEDSSL_BENCH_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_medssl-bench").into());
-    let out = std::process::Command::new(&bench)
-        .args([
+    // `medssl-bench ops` on width 4, batch 4, one call per sample, with `env` and `extra` flags.
+    let ops = |env: &[(&str, &str)], extra: &[&str]| -> Vec<serde_json::Value> {
+        let mut cmd = std::process::Command::new(&bench);
+        cmd.envs(env.iter().copied()).args([
             "ops",
             "--device",
             "cuda",
@@ -2100,12 +2102,7 @@ fn device_profile_records_what_ran() {
             "4",
             "--batch",
             "4",
-            "--op",
-            "batch_norm",
-            "--profile",
             "--repeats",
-            "1",
-            "--warmup",
             "1",
             "--calls",
             "1",
@@ -2114,18 +2111,22 @@ fn device_profile_records_what_ran() {
             "--peak-copy-mib",
             "1",
             "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("running {bench}: {e}"));
-    assert!(
-        out.status.success(),
-        "{bench} ops --profile: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        ]);
+        let out = cmd
+            .args(extra)
+            .output()
+            .unwrap_or_else(|e| panic!("running {bench}: {e}"));
+        assert!(
+            out.status.success(),
+            "{bench} ops {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let rows = ops(&[], &["--op", "batch_norm", "--profile", "--warmup", "1"]);
     assert_eq!(rows.len(), 8, "4 batch-norm shapes, forward and backward");
     for r in &rows {
         let p = &r["profile"];
@@ -2153,39 +2154,12 @@ fn device_profile_records_what_ran() {
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
-    let out = std::process::Command::new(&bench)
-        .env("MEDSSL_CUDA_CONV", "im2col")
-        .env("MEDSSL_CUDA_BN_SPLIT", "auto")
-        .env("MEDSSL_CUDA_BN_APPLY", "flat")
-        .args([
-            "ops",
-            "--device",
-            "cuda",
-            "--width",
-            "4",
-            "--batch",
-            "4",
-            "--op",
-            "relu",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--calls",
-            "1",
-            "--peak-copy-mib",
-            "1",
-            "--json",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("running {bench}: {e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    let env = [
+        ("MEDSSL_CUDA_CONV", "im2col"),
+        ("MEDSSL_CUDA_BN_SPLIT", "auto"),
+        ("MEDSSL_CUDA_BN_APPLY", "flat"),
+    ];
+    let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
     for (k, now, default) in [
         ("conv", "im2col", "cudnn"),
         ("bn_split", "auto", "wave"),
