@@ -2150,7 +2150,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 9, "{r}");
+        assert_eq!(d.len(), 12, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2158,8 +2158,11 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_CONV", "im2col"),
         ("MEDSSL_CUDA_BN_SPLIT", "auto"),
         ("MEDSSL_CUDA_BN_APPLY", "flat"),
+        ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
+    assert_eq!(r["cudnn_fwd_algo"], "IMPLICIT_PRECOMP_GEMM", "{r}");
+    assert!(r["defaults"]["cudnn_fwd_algo"].is_null(), "{r}");
     for (k, now, default) in [
         ("conv", "im2col", "cudnn"),
         ("bn_split", "auto", "wave"),

@@ -137,9 +137,10 @@ PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"--device cuda --width 16 --cuda-gr
 # for each shape in its log (MEDSSL_CUDNN_LOG=1), against the same convolutions in PyTorch
 # (PEER_OPS_PROFILE_CONFIGS; the second table of OUTDIR/ops.md): which shapes make medssl's
 # convolutions take more device time per step than PyTorch's at width 16, and how much of that
-# the im2col + cuBLAS engine or cuDNN's non-deterministic algorithms (PyTorch's default) would
-# win back, shape by shape.
-PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDA_CONV=im2col --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
+# the im2col + cuBLAS engine, cuDNN's non-deterministic algorithms (PyTorch's default) or its
+# precomputed-index implicit GEMM forward (MEDSSL_CUDNN_FWD_ALGO=IMPLICIT_PRECOMP_GEMM, against
+# the implicit GEMM that its Find picks for most shapes) would win back, shape by shape.
+PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|MEDSSL_CUDA_BN_SPLIT=auto MEDSSL_CUDA_BN_APPLY=flat --device cuda --width 64 --batch 256 --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDA_CONV=im2col --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDNN_DETERMINISTIC=0 MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile|MEDSSL_CUDNN_FWD_ALGO=IMPLICIT_PRECOMP_GEMM MEDSSL_CUDNN_LOG=1 --device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
 PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-"--device cuda --width 64 --batch 256 --op batch_norm,relu,ema_update,adam_step --repeats 3 --profile|--device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"}"
 PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"--device cuda --width 16 --fill-queue --profile|--device cuda --width 16 --profile|--device cuda --width 64 --profile|--device cuda --width 64 --method supervised --batch-l 48 --profile"}"
 # A short training run on the packed PneumoniaMNIST.

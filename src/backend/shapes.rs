@@ -31,6 +31,13 @@ impl ConvGeom {
     pub fn out_shape(&self) -> [usize; 4] {
         [self.n, self.cout, self.ho(), self.wo()]
     }
+    /// `n36 c16 28x28 -> c32 k3 s2 p1`, as the cuDNN log names a shape.
+    pub fn describe(&self) -> String {
+        format!(
+            "n{} c{} {}x{} -> c{} k{} s{} p{}",
+            self.n, self.cin, self.h, self.w, self.cout, self.k, self.stride, self.pad
+        )
+    }
 }
 
 /// Validated max-pool geometry of one `[H, W]` plane.

@@ -162,11 +162,15 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 }
 
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
-/// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`).
-const SWITCH_KEYS: [&str; 9] = [
+/// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
+/// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
+const SWITCH_KEYS: [&str; 12] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
+    "cudnn_fwd_algo",
+    "cudnn_bwd_data_algo",
+    "cudnn_bwd_filter_algo",
     "conv",
     "conv1x1",
     "bn_fused_max_m",
@@ -211,6 +215,9 @@ fn switch_values(
         "tf32": s.tf32,
         "cudnn_algo": s.cudnn_algo.name(),
         "cudnn_deterministic_first": deterministic_first,
+        "cudnn_fwd_algo": s.cudnn_fwd_algo,
+        "cudnn_bwd_data_algo": s.cudnn_bwd_data_algo,
+        "cudnn_bwd_filter_algo": s.cudnn_bwd_filter_algo,
         "conv": pick(s.conv_im2col, "im2col", "cudnn"),
         "conv1x1": pick(s.conv1x1_gemm, "cublas", "cudnn"),
         "bn_fused_max_m": fused_max_m,

@@ -376,6 +376,43 @@ fn describe<A: AlgoCode>(f: &Found<A>) -> String {
     )
 }
 
+/// `candidates` with the one whose algorithm's name is `prefix` + the value of `switch`
+/// (`MEDSSL_CUDNN_*_ALGO`, `forced`) moved to the front (`how` becomes "forced"); unchanged when
+/// nothing is forced. A forced algorithm that is not among the usable candidates for this shape leaves the
+/// order as it is and says so on stderr, naming the shape.
+fn prefer<P: Perf>(
+    candidates: Vec<P>,
+    how: &'static str,
+    (switch, forced): (&str, &Option<String>),
+    what: &str,
+    shape: &Shape,
+    prefix: &str,
+) -> (Vec<P>, &'static str) {
+    let Some(name) = forced else {
+        return (candidates, how);
+    };
+    let full = format!("{prefix}{name}");
+    match candidates
+        .iter()
+        .position(|p| format!("{:?}", p.algo()) == full)
+    {
+        Some(i) => {
+            let mut c = candidates;
+            let p = c.remove(i);
+            c.insert(0, p);
+            (c, "forced")
+        }
+        None => {
+            eprintln!(
+                "cudnn {what} {}: {switch}={name} is not usable for this shape; taking the \
+                 {how} order",
+                shape.describe()
+            );
+            (candidates, how)
+        }
+    }
+}
+
 /// The first candidate (best first) whose workspace size cuDNN reports under the descriptor's
 /// math type, with that size; an algorithm that does not exist in that math type fails the
 /// query and the next one is tried. With `MEDSSL_CUDNN_LOG=1` the choice goes to stderr.
@@ -406,17 +443,10 @@ fn first_workable<P: Perf>(
 fn log_choice<P: Perf>(what: &str, shape: &Shape, p: &P, how: &str, skipped: usize) {
     if switches::current().cudnn_log {
         eprintln!(
-            "cudnn {what} n{} c{} {}x{} -> c{} k{} s{} p{}: {:?} ({how}{}, {})",
-            shape.n,
-            shape.cin,
-            shape.h,
-            shape.w,
-            shape.cout,
-            shape.k,
-            shape.stride,
-            shape.pad,
+            "cudnn {what} {}: {:?} ({how}{}, {})",
+            shape.describe(),
             p.algo(),
-            if how == "find" {
+            if p.time_ms() > 0.0 {
                 format!(" {:.4} ms", p.time_ms())
             } else {
                 String::new()
@@ -546,6 +576,15 @@ impl Plan {
                 )
             },
         )?;
+        let sw = switches::current();
+        let (cands, how) = prefer(
+            cands,
+            how,
+            ("MEDSSL_CUDNN_FWD_ALGO", &sw.cudnn_fwd_algo),
+            "forward",
+            s,
+            "CUDNN_CONVOLUTION_FWD_ALGO_",
+        );
         plan.fwd = first_workable("forward", s, &cands, how, |a| {
             dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, a)
         })?;
@@ -580,6 +619,14 @@ impl Plan {
                 )
             },
         )?;
+        let (cands, how) = prefer(
+            cands,
+            how,
+            ("MEDSSL_CUDNN_BWD_DATA_ALGO", &sw.cudnn_bwd_data_algo),
+            "backward-data",
+            s,
+            "CUDNN_CONVOLUTION_BWD_DATA_",
+        );
         plan.bwd_data = first_workable("backward-data", s, &cands, how, |a| {
             dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, a)
         })?;
@@ -618,6 +665,14 @@ impl Plan {
                 )
             },
         )?;
+        let (cands, how) = prefer(
+            cands,
+            how,
+            ("MEDSSL_CUDNN_BWD_FILTER_ALGO", &sw.cudnn_bwd_filter_algo),
+            "backward-filter",
+            s,
+            "CUDNN_CONVOLUTION_BWD_FILTER_",
+        );
         plan.bwd_filter = first_workable("backward-filter", s, &cands, how, |a| {
             dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, a)
         })?;
@@ -1053,8 +1108,8 @@ fn im2col_bwd(
 #[cfg(test)]
 mod tests {
     use super::{
-        describe, dnn, first_workable, pick, ranked, sys, AlgoCode, Found, Perf, RawPerf, Shape,
-        WORKSPACE_LIMIT,
+        describe, dnn, first_workable, pick, prefer, ranked, sys, AlgoCode, Found, Perf, RawPerf,
+        Shape, WORKSPACE_LIMIT,
     };
 
     /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
@@ -1119,9 +1174,9 @@ mod tests {
         assert_eq!(order(dflt, false), vec![1, 2, 3]);
     }
 
-    #[test]
-    fn a_candidate_without_a_workspace_in_this_math_type_is_skipped() {
-        let shape = Shape {
+    /// A 3×3 convolution of 2 images, 3 → 4 channels at 5×5.
+    fn small_shape() -> Shape {
+        Shape {
             n: 2,
             cin: 3,
             h: 5,
@@ -1130,7 +1185,12 @@ mod tests {
             k: 3,
             stride: 1,
             pad: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn a_candidate_without_a_workspace_in_this_math_type_is_skipped() {
+        let shape = small_shape();
         let cands = [
             R(4, true, true, false, 0),
             R(2, true, true, true, 0),
@@ -1150,6 +1210,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no candidate algorithm"), "{e}");
+    }
+
+    #[test]
+    fn a_forced_algorithm_goes_first_where_it_is_usable() {
+        let shape = small_shape();
+        let cands = vec![
+            R(1, true, true, true, 0),
+            R(2, true, true, true, 0),
+            R(3, true, true, true, 0),
+        ];
+        let ids = |c: &[R]| c.iter().map(|p| p.0).collect::<Vec<_>>();
+        // Nothing forced: the order and its name as they were.
+        let (c, how) = prefer(cands.clone(), "find", ("V", &None), "forward", &shape, "");
+        assert_eq!((ids(&c), how), (vec![1, 2, 3], "find"));
+        // Forced and usable: first, the rest in their order.
+        let three = Some("3".to_string());
+        let (c, how) = prefer(cands.clone(), "find", ("V", &three), "forward", &shape, "");
+        assert_eq!((ids(&c), how), (vec![3, 1, 2], "forced"));
+        // Forced but not among the candidates (not usable for this shape): unchanged.
+        let nine = Some("9".to_string());
+        let (c, how) = prefer(cands, "heuristic", ("V", &nine), "forward", &shape, "");
+        assert_eq!((ids(&c), how), (vec![1, 2, 3], "heuristic"));
+        // Every name a switch takes is one of the bindings' algorithms, and every algorithm
+        // has a name, once the direction's prefix is put back.
+        fn names<A: AlgoCode>(prefix: &str, short: &[&str]) -> (Vec<String>, Vec<String>) {
+            let mut all: Vec<String> = A::ALL.iter().map(|a| format!("{a:?}")).collect();
+            let mut named: Vec<String> = short.iter().map(|n| format!("{prefix}{n}")).collect();
+            all.sort();
+            named.sort();
+            (all, named)
+        }
+        use super::switches::{BWD_DATA_ALGOS, BWD_FILTER_ALGOS, FWD_ALGOS};
+        let (a, n) =
+            names::<sys::cudnnConvolutionFwdAlgo_t>("CUDNN_CONVOLUTION_FWD_ALGO_", &FWD_ALGOS);
+        assert_eq!(a, n);
+        let (a, n) = names::<sys::cudnnConvolutionBwdDataAlgo_t>(
+            "CUDNN_CONVOLUTION_BWD_DATA_",
+            &BWD_DATA_ALGOS,
+        );
+        assert_eq!(a, n);
+        let (a, n) = names::<sys::cudnnConvolutionBwdFilterAlgo_t>(
+            "CUDNN_CONVOLUTION_BWD_FILTER_",
+            &BWD_FILTER_ALGOS,
+        );
+        assert_eq!(a, n);
     }
 
     #[test]

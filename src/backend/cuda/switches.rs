@@ -9,6 +9,7 @@
 //! | `MEDSSL_CUDNN_ALGO` | `find` (time every algorithm), `heuristic` | `find` |
 //! | `MEDSSL_CUDNN_DETERMINISTIC` | `1` (deterministic algorithms first), `0` | `1` |
 //! | `MEDSSL_CUDNN_LOG` | `0`, `1`: log each shape's chosen algorithm to stderr | `0` |
+//! | `MEDSSL_CUDNN_FWD_ALGO`, `MEDSSL_CUDNN_BWD_DATA_ALGO`, `MEDSSL_CUDNN_BWD_FILTER_ALGO` | an algorithm's name (e.g. `IMPLICIT_PRECOMP_GEMM`, `ALGO_0`): taken first wherever it is usable, for experiments | unset |
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
@@ -41,6 +42,37 @@ impl CudnnAlgo {
     }
 }
 
+/// cuDNN's forward algorithms, named as after `CUDNN_CONVOLUTION_FWD_ALGO_`.
+pub const FWD_ALGOS: [&str; 8] = [
+    "IMPLICIT_GEMM",
+    "IMPLICIT_PRECOMP_GEMM",
+    "GEMM",
+    "DIRECT",
+    "FFT",
+    "FFT_TILING",
+    "WINOGRAD",
+    "WINOGRAD_NONFUSED",
+];
+/// cuDNN's data-gradient algorithms, named as after `CUDNN_CONVOLUTION_BWD_DATA_`.
+pub const BWD_DATA_ALGOS: [&str; 6] = [
+    "ALGO_0",
+    "ALGO_1",
+    "ALGO_FFT",
+    "ALGO_FFT_TILING",
+    "ALGO_WINOGRAD",
+    "ALGO_WINOGRAD_NONFUSED",
+];
+/// cuDNN's filter-gradient algorithms, named as after `CUDNN_CONVOLUTION_BWD_FILTER_`.
+pub const BWD_FILTER_ALGOS: [&str; 7] = [
+    "ALGO_0",
+    "ALGO_1",
+    "ALGO_FFT",
+    "ALGO_3",
+    "ALGO_WINOGRAD",
+    "ALGO_WINOGRAD_NONFUSED",
+    "ALGO_FFT_TILING",
+];
+
 /// Every switch, as parsed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Switches {
@@ -49,6 +81,13 @@ pub struct Switches {
     pub cudnn_algo: CudnnAlgo,
     pub cudnn_deterministic_first: bool,
     pub cudnn_log: bool,
+    /// `MEDSSL_CUDNN_FWD_ALGO`: a forward algorithm to take first where usable (its name after
+    /// `CUDNN_CONVOLUTION_FWD_ALGO_`, e.g. `IMPLICIT_PRECOMP_GEMM`).
+    pub cudnn_fwd_algo: Option<String>,
+    /// `MEDSSL_CUDNN_BWD_DATA_ALGO`: the same for the data gradient (e.g. `ALGO_1`, `FFT`).
+    pub cudnn_bwd_data_algo: Option<String>,
+    /// `MEDSSL_CUDNN_BWD_FILTER_ALGO`: the same for the filter gradient (e.g. `ALGO_0`).
+    pub cudnn_bwd_filter_algo: Option<String>,
     /// `MEDSSL_CUDA_CONV=im2col`: cuDNN is not used for convolutions.
     pub conv_im2col: bool,
     /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
@@ -91,6 +130,19 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
             )),
         }
     };
+    // An algorithm name of one direction: the part after `CUDNN_CONVOLUTION_<DIR>_ALGO_` (as
+    // in FWD_ALGO_FFT), any case, the full name also accepted; `ALGO_0`-style names of the
+    // gradient algorithms keep their `ALGO_`.
+    let algo = |name: &str, prefix: &str, names: &[&str]| -> std::result::Result<_, String> {
+        let Some(v) = val(name) else { return Ok(None) };
+        let up = v.to_ascii_uppercase();
+        let short = up.strip_prefix(prefix).unwrap_or(&up).to_string();
+        if names.contains(&short.as_str()) {
+            Ok(Some(short))
+        } else {
+            Err(bad(name, &v, &format!("one of {}", names.join(", "))))
+        }
+    };
     let bn_fused_max_m = match val("MEDSSL_CUDA_BN_FUSED_MAX_M") {
         None => FUSED_MAX_M,
         Some(v) => v.parse().map_err(|_| {
@@ -124,6 +176,21 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         },
         cudnn_deterministic_first: flag("MEDSSL_CUDNN_DETERMINISTIC", true)?,
         cudnn_log: flag("MEDSSL_CUDNN_LOG", false)?,
+        cudnn_fwd_algo: algo(
+            "MEDSSL_CUDNN_FWD_ALGO",
+            "CUDNN_CONVOLUTION_FWD_ALGO_",
+            &FWD_ALGOS,
+        )?,
+        cudnn_bwd_data_algo: algo(
+            "MEDSSL_CUDNN_BWD_DATA_ALGO",
+            "CUDNN_CONVOLUTION_BWD_DATA_",
+            &BWD_DATA_ALGOS,
+        )?,
+        cudnn_bwd_filter_algo: algo(
+            "MEDSSL_CUDNN_BWD_FILTER_ALGO",
+            "CUDNN_CONVOLUTION_BWD_FILTER_",
+            &BWD_FILTER_ALGOS,
+        )?,
         conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         bn_fused_max_m,
@@ -169,6 +236,14 @@ mod tests {
     fn defaults_and_values() {
         let d = with(&[]).unwrap();
         assert!(!d.emulate && !d.tf32 && !d.cudnn_log && !d.conv_im2col);
+        assert_eq!(
+            (
+                &d.cudnn_fwd_algo,
+                &d.cudnn_bwd_data_algo,
+                &d.cudnn_bwd_filter_algo
+            ),
+            (&None, &None, &None)
+        );
         assert!(d.cudnn_deterministic_first && d.conv1x1_gemm);
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
@@ -189,9 +264,18 @@ mod tests {
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
+            ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
+            (
+                "MEDSSL_CUDNN_BWD_DATA_ALGO",
+                "CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT",
+            ),
+            ("MEDSSL_CUDNN_BWD_FILTER_ALGO", "algo_0"),
         ])
         .unwrap();
         assert!(s.emulate && s.tf32 && s.cudnn_log && s.conv_im2col);
+        assert_eq!(s.cudnn_fwd_algo.as_deref(), Some("IMPLICIT_PRECOMP_GEMM"));
+        assert_eq!(s.cudnn_bwd_data_algo.as_deref(), Some("ALGO_FFT"));
+        assert_eq!(s.cudnn_bwd_filter_algo.as_deref(), Some("ALGO_0"));
         assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(s.bn_fused_max_m, 0);
@@ -263,6 +347,13 @@ mod tests {
                 "chunk",
                 "chunks (the default) or flat",
             ),
+            ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
+            (
+                "MEDSSL_CUDNN_BWD_FILTER_ALGO",
+                "ALGO_2",
+                "one of ALGO_0, ALGO_1",
+            ),
+            ("MEDSSL_CUDNN_BWD_DATA_ALGO", "0", "ALGO_WINOGRAD_NONFUSED"),
         ] {
             let e = with(&[(k, v)]).unwrap_err();
             assert!(
