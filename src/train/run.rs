@@ -338,9 +338,14 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
     let sched = schedule(&cfg, steps_per_epoch);
     let total_steps = cfg.epochs * steps_per_epoch;
     log(&format!(
-        "medssl train: {} on {} ({} images {}x{}x{}, {} classes; labelled {}, unlabelled {}, val {}, test {}), {} epochs x {} steps, device {}",
+        "medssl train: {} on {} ({} images {}x{}x{}, {} classes; labelled {}, unlabelled {}, val {}, test {}), {} epochs x {} steps, device {}{}",
         cfg.method, ds.source.display(), ds.len(), ds.height, ds.width, ds.channels, ds.classes.len(),
-        part.labeled.len(), part.unlabeled.len(), part.val.len(), part.test.len(), cfg.epochs, steps_per_epoch, bk.name()
+        part.labeled.len(), part.unlabeled.len(), part.val.len(), part.test.len(), cfg.epochs, steps_per_epoch, bk.name(),
+        if scfg.cuda_graph {
+            format!(", steps from a CUDA graph once their shapes settle (cuda_graph = {})", cfg.cuda_graph.name())
+        } else {
+            String::new()
+        }
     ));
 
     let stop = Arc::new(AtomicBool::new(false));
