@@ -540,8 +540,10 @@ extern "C" __global__ void bn_train_dx(int n, int C, int HW, int M, const float*
 
 // bn_bwd_reduce and bn_train_dx in one launch for small channels (picked by the host as
 // bn_train_fused): the block of channel c forms its sums, stores gbeta/ggamma, then writes the
-// channel's input gradient (same arithmetic, same bits as the two-launch path), walking
-// backwards from where the sums ended.
+// channel's input gradient (same arithmetic, same bits as the two-launch path), one element per
+// thread and step, forwards. (Written four at a time backwards from where the sums ended, as
+// bn_dx_chunks does, this kernel took 7-8 % longer on an H100: bench/results/2026-11-27-h100.md,
+// run 4.)
 extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, const float* gy,
                                         const float* ry, const float* mean, const float* invstd,
                                         const float* gamma, float* ggamma, float* gbeta,
@@ -555,7 +557,10 @@ extern "C" __global__ void bn_bwd_fused(int N, int C, int HW, const float* x, co
         gbeta[c] = sg;
         ggamma[c] = sgx;
     }
-    bn_dx_walk(bn_walk_rev(C, HW, c, 0, M), M, mu, is, gam, sg, sgx, x, gy, ry, gx);
+    for (BnWalk w = bn_walk(C, HW, c, 0, M); bn_has(w, 0);) {
+        const size_t k = bn_next(w);
+        gx[k] = bn_dx(bn_gy(gy, ry, k), x[k], mu, is, gam, sg, sgx, M);
+    }
 }
 
 // ---- split reductions: S blocks per channel (grid (S, C)) ----
