@@ -11,9 +11,10 @@
 // kernels) take four elements of the flat NCHW buffer per thread (EW4_CH_LOOP in common.cuh:
 // elements i, i + s, i + 2s, i + 3s for a grid of s threads, their loads issued together) and
 // follow each element's channel c = (i / HW) % C with a ChWalk, which divides once per thread
-// rather than twice per element; with MEDSSL_CUDA_BN_APPLY=chunks the train-mode ones run instead
-// on the grid (S, C) of the reduction before them (bn_apply_chunks, bn_dx_chunks: block (s, c)
-// walks chunk s of channel c as the reduction's block did). L2 normalise is "warp per row".
+// rather than twice per element; by default (MEDSSL_CUDA_BN_APPLY=chunks) the train-mode ones run
+// instead on the grid (S, C) of the reduction before them (bn_apply_chunks, bn_dx_chunks: block
+// (s, c) walks chunk s of channel c as the reduction's block did; =flat keeps the flat pass).
+// L2 normalise is "warp per row".
 #include "common.cuh"
 
 // Count, mean and sum of squared deviations from the mean (M2) of a set of values.
