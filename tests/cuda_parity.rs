@@ -1839,7 +1839,8 @@ fn training_steps_match_cpu() {
 
 /// A training run on CUDA (the library's run loop: loader, steps, checkpoints on the device):
 /// by default (`cuda_graph = auto`) its steps replay from a CUDA graph once the key queue is full
-/// and give the bits of a `cuda_graph = off` run; resuming it (a new graph after the resume)
+/// and give the bits of a `cuda_graph = off` run, across an epoch's end with its validation (last
+/// and best checkpoints compared); resuming it (a new graph after the resume)
 /// reproduces the uninterrupted run, and its checkpoint gives the same test metrics and class
 /// probabilities with `medssl eval` / `medssl predict` on the CPU as on CUDA.
 #[test]
@@ -1867,6 +1868,9 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
             "batch_labeled=4".into(),
             "batch_unlabeled=8".into(),
             "queue=16".into(),
+            // 99 % labelled: 47 unlabelled images, 5 steps per epoch, so that the 9 steps cross
+            // an epoch's end (validation, best checkpoint) with the graph in use.
+            "labeled_ratio=0.99".into(),
             "epochs=2".into(),
             "workers=1".into(),
             format!("cuda_graph={graph}"),
@@ -1878,7 +1882,7 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         out: out.to_path_buf(),
         resume,
         max_steps,
-        no_eval: true,
+        no_eval: false,
         quiet: true,
     };
     let tmp = |name: &str| {
@@ -1917,8 +1921,8 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         (0, 0),
         "cuda_graph = off: {plain:?}"
     );
-    let load = |d: &Path| {
-        let mut v: Vec<(String, Vec<f32>)> = checkpoint::load(&d.join("last.safetensors"))
+    let load_file = |d: &Path, file: &str| {
+        let mut v: Vec<(String, Vec<f32>)> = checkpoint::load(&d.join(file))
             .unwrap()
             .tensors
             .into_iter()
@@ -1927,16 +1931,21 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
         v.sort_by(|x, y| x.0.cmp(&y.0));
         v
     };
-    let (ta, tb, tc) = (load(&a), load(&b), load(&c));
-    // The graph's steps are the plain steps, bit for bit.
-    assert_eq!(ta.len(), tc.len());
-    for ((ka, va), (kc, vc)) in ta.iter().zip(&tc) {
-        assert_eq!(ka, kc);
-        let same = va.iter().zip(vc).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(
-            same,
-            "{ka}: the run from a CUDA graph differs from the plain run"
-        );
+    let load = |d: &Path| load_file(d, "last.safetensors");
+    let (ta, tb) = (load(&a), load(&b));
+    // The graph's steps are the plain steps, bit for bit: the last checkpoint, and the best one
+    // (after the first epoch's validation, which ran between graph steps).
+    for file in ["last.safetensors", "best.safetensors"] {
+        let (ga, gc) = (load_file(&a, file), load_file(&c, file));
+        assert_eq!(ga.len(), gc.len());
+        for ((ka, va), (kc, vc)) in ga.iter().zip(&gc) {
+            assert_eq!(ka, kc);
+            let same = va.iter().zip(vc).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{file} {ka}: the run from a CUDA graph differs from the plain run"
+            );
+        }
     }
     assert_eq!(ta.len(), tb.len());
     let mut worst = 0.0f32;
