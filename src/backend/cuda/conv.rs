@@ -101,6 +101,8 @@ trait Perf: Copy {
     /// The math type it was timed in, as cuDNN's raw `cudnnMathType_t` value.
     fn math(&self) -> u32;
     fn time_ms(&self) -> f32;
+    /// The workspace (bytes) it was timed with (a Find) or would take (the heuristic).
+    fn memory(&self) -> usize;
 }
 
 /// cuDNN's three `cudnnConvolution*AlgoPerf_t` result structs share this layout. cuDNN writes
@@ -231,6 +233,9 @@ impl<A: AlgoCode> Perf for Found<A> {
     }
     fn time_ms(&self) -> f32 {
         self.raw.time
+    }
+    fn memory(&self) -> usize {
+        self.raw.memory
     }
 }
 
@@ -414,8 +419,11 @@ fn prefer<P: Perf>(
 }
 
 /// The first candidate (best first) whose workspace size cuDNN reports under the descriptor's
-/// math type, with that size; an algorithm that does not exist in that math type fails the
-/// query and the next one is tried. With `MEDSSL_CUDNN_LOG=1` the choice goes to stderr.
+/// math type, with that size or the workspace its result names, whichever is larger (a Find
+/// times an algorithm with the workspace it reports; given less, cuDNN may run the algorithm in
+/// another, slower form than the one timed); an algorithm that does not exist in that math type
+/// fails the query and the next one is tried. With `MEDSSL_CUDNN_LOG=1` the choice goes to
+/// stderr.
 fn first_workable<P: Perf>(
     what: &str,
     shape: &Shape,
@@ -427,7 +435,8 @@ fn first_workable<P: Perf>(
     for (i, p) in candidates.iter().enumerate() {
         match workspace(p.algo()) {
             Ok(ws) => {
-                log_choice(what, shape, p, how, i);
+                let ws = ws.max(p.memory());
+                log_choice(what, shape, p, how, i, ws);
                 return Ok((p.algo(), ws));
             }
             Err(e) => last = Some((p.algo(), e)),
@@ -440,10 +449,10 @@ fn first_workable<P: Perf>(
 }
 
 /// `MEDSSL_CUDNN_LOG=1`: one line per shape and direction on stderr.
-fn log_choice<P: Perf>(what: &str, shape: &Shape, p: &P, how: &str, skipped: usize) {
+fn log_choice<P: Perf>(what: &str, shape: &Shape, p: &P, how: &str, skipped: usize, ws: usize) {
     if switches::current().cudnn_log {
         eprintln!(
-            "cudnn {what} {}: {:?} ({how}{}, {})",
+            "cudnn {what} {}: {:?} ({how}{}, {}, workspace {ws} B)",
             shape.describe(),
             p.algo(),
             if p.time_ms() > 0.0 {
@@ -1137,6 +1146,9 @@ mod tests {
         fn time_ms(&self) -> f32 {
             0.0
         }
+        fn memory(&self) -> usize {
+            self.4
+        }
     }
 
     #[test]
@@ -1206,6 +1218,18 @@ mod tests {
         };
         let got = first_workable("forward", &shape, &cands, "find", ws).unwrap();
         assert_eq!(got, (2, 200));
+        // The workspace a result was timed with, where it is larger than the query's.
+        let timed_with = [R(3, true, true, true, 1000)];
+        let got = first_workable("forward", &shape, &timed_with, "find", ws).unwrap();
+        assert_eq!(got, (3, 1000));
+        let got = first_workable(
+            "forward",
+            &shape,
+            &[R(3, true, true, true, 100)],
+            "find",
+            ws,
+        );
+        assert_eq!(got.unwrap(), (3, 300));
         let e = first_workable("forward", &shape, &cands, "find", |_| Err(not_supported()))
             .unwrap_err()
             .to_string();
