@@ -383,8 +383,8 @@ fn describe<A: AlgoCode>(f: &Found<A>) -> String {
 
 /// `candidates` with the one whose algorithm's name is `prefix` + the value of `switch`
 /// (`MEDSSL_CUDNN_*_ALGO`, `forced`) moved to the front (`how` becomes "forced"); unchanged when
-/// nothing is forced. A forced algorithm that is not among the usable candidates for this shape leaves the
-/// order as it is and says so on stderr, naming the shape.
+/// nothing is forced. A forced algorithm that is not among the usable candidates for this shape
+/// leaves the order as it is and says so on stderr, naming the shape.
 fn prefer<P: Perf>(
     candidates: Vec<P>,
     how: &'static str,
