@@ -23,7 +23,7 @@ the host's cost per call.
 import argparse
 import sys
 
-from jsonl import read_rows
+from jsonl import default_switches, read_rows, variant_label
 
 
 def rows(path):
@@ -32,43 +32,6 @@ def rows(path):
 
 def key(r):
     return (r.get("op"), r.get("dir"), r.get("shape"), r.get("batch"), r.get("width"))
-
-
-# The switches' defaults of builds whose rows do not name them (before "defaults" existed; those
-# rows do not record MEDSSL_CUDA_CONV or MEDSSL_CUDA_CONV1X1 either).
-OLD_DEFAULTS = {"tf32": False, "cudnn_algo": "find", "cudnn_deterministic_first": True,
-                "bn_fused_max_m": 65536, "bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat"}
-
-# How a variant row names a switch that differs from the default.
-LABELS = {
-    "tf32": lambda v: "tf32" if v else "no tf32",
-    "cudnn_algo": lambda v: f"cudnn {v}",
-    "cudnn_deterministic_first": lambda v: "deterministic cudnn" if v else "non-deterministic cudnn",
-    "cudnn_fwd_algo": lambda v: f"fwd {v}",
-    "cudnn_bwd_data_algo": lambda v: f"data grad {v}",
-    "cudnn_bwd_filter_algo": lambda v: f"filter grad {v}",
-    "conv": str,
-    "conv1x1": lambda v: f"1x1 {v}",
-    "bn_fused_max_m": lambda v: f"fused max {v}",
-    "bn_split": lambda v: f"split {v}",
-    "bn_stats": str,
-    "bn_apply": str,
-}
-
-
-def changed(r):
-    """The switches of a medssl row that differ from its build's defaults, in LABELS' order."""
-    d = r.get("defaults") or OLD_DEFAULTS
-    return [(k, r[k]) for k in LABELS if k in d and r.get(k) is not None and r[k] != d[k]]
-
-
-def default_switches(r):
-    return not changed(r)
-
-
-def variant_label(r):
-    """What a medssl row's switches change from the defaults, e.g. "split 4, welford"."""
-    return ", ".join(LABELS[k](v) for k, v in changed(r))
 
 
 def pct(r):
