@@ -12,7 +12,7 @@ op is missing, `F.batch_norm` and its autograd backward; the row's "impl" says w
 With `--op conv2d` also every distinct convolution of the model (forward `F.conv2d`, backward
 `aten::convolution_backward` with the gradients medssl computes: no input gradient for the stem,
 the bias gradient where there is a bias), with cuDNN's algorithms timed per shape
-(`cudnn.benchmark`, as tools/torch_peer.py's step), rated by FLOPs ("gflop", "gflops") rather than
+(`cudnn.benchmark`, as tools/torch_peer.py's step) in full FP32 (TF32 off), rated by FLOPs ("gflop", "gflops") rather than
 bytes.
 
 `--profile` (CUDA): each row's calls of one sample again under torch.profiler, the device time per
@@ -149,6 +149,10 @@ def main():
     dev, cuda = open_device(a.device)
     if a.profile and not cuda:
         ap.error("--profile needs a CUDA device (the device time of each kernel)")
+    if cuda:
+        # Full FP32, as medssl by default (PyTorch lets cuDNN use TF32 unless told not to).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
     def sync():
         if cuda:

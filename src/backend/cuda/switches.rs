@@ -14,7 +14,7 @@
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
-//! | `MEDSSL_CUDA_BN_STATS` | `two-pass` (mean, then squared deviations), `welford` (one pass) | `two-pass` |
+//! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //!
 //! An empty value counts as unset.
@@ -96,7 +96,8 @@ pub struct Switches {
     /// Blocks per channel of the batch-norm reductions; [`BN_SPLIT_WAVE`] (the default): one
     /// wave of blocks, 0: `auto`.
     pub bn_split: usize,
-    /// `MEDSSL_CUDA_BN_STATS=welford`: batch-norm statistics in one pass over the data.
+    /// `MEDSSL_CUDA_BN_STATS=welford` (the default): batch-norm statistics in one pass over the
+    /// data (`two-pass`: the mean, then the squared deviations).
     pub bn_welford: bool,
     /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
     /// runs on its reduction's grid (`flat`: over the flat tensor).
@@ -195,7 +196,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         bn_fused_max_m,
         bn_split,
-        bn_welford: !choice("MEDSSL_CUDA_BN_STATS", ["two-pass", "welford"])?,
+        bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
     })
 }
@@ -248,7 +249,7 @@ mod tests {
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
-        assert!(!d.bn_welford);
+        assert!(d.bn_welford);
         assert!(d.bn_apply_chunks);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
@@ -262,7 +263,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
-            ("MEDSSL_CUDA_BN_STATS", "welford"),
+            ("MEDSSL_CUDA_BN_STATS", "two-pass"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
@@ -280,7 +281,7 @@ mod tests {
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
-        assert!(s.bn_welford);
+        assert!(!s.bn_welford);
         assert!(!s.bn_apply_chunks);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
@@ -296,7 +297,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
-            ("MEDSSL_CUDA_BN_STATS", "two-pass"),
+            ("MEDSSL_CUDA_BN_STATS", "welford"),
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
         ])
         .unwrap();
@@ -340,7 +341,7 @@ mod tests {
             (
                 "MEDSSL_CUDA_BN_STATS",
                 "one-pass",
-                "two-pass (the default) or welford",
+                "welford (the default) or two-pass",
             ),
             (
                 "MEDSSL_CUDA_BN_APPLY",
