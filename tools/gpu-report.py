@@ -28,7 +28,7 @@ import os
 import sys
 import tarfile
 
-from jsonl import parse_rows, variant_label
+from jsonl import parse_rows, variant_label, workload
 
 
 class Run:
@@ -58,12 +58,12 @@ class Run:
 
 
 def step_key(r):
+    """`workload(r)` led by the device kind (cpu or cuda)."""
     dev = "cpu" if str(r.get("device", "")).startswith("cpu") else "cuda"
-    return (dev, r.get("method"), r.get("width"), r.get("image_size"), r.get("batch_l"),
-            r.get("batch_u"), r.get("queue"), bool(r.get("queue_filled")), bool(r.get("tf32")))
+    return (dev,) + workload(r)
 
 
-def workload(k):
+def describe(k):
     dev, method, width, size, bl, bu, queue, filled, tf32 = k
     s = f"{method}, width {width}, {size} px, {bl} + {bu}"
     if method != "supervised":
@@ -128,7 +128,7 @@ def steps_table(run):
             p = next((v for kk, v in peer.items() if kk[:7] == k[:7] and kk[8] == k[8]), None)
         mode = "CUDA graph" if r.get("cuda_graph") else "plain"
         ratio = f"{p['median_ms'] / r['median_ms']:.2f}×" if p else ""
-        out.append(f"| {workload(k)} | {mode} | {variant_label(r)} | {ms(r)} | "
+        out.append(f"| {describe(k)} | {mode} | {variant_label(r)} | {ms(r)} | "
                    f"{ms(p) if p else ''} | {ratio} |")
     return out
 
@@ -162,7 +162,7 @@ def profiles(run):
         peer_busy = f"{p['profile']['busy_ms_per_step']:.2f}" if p else ""
         ours_bn = per_call(r["profile"], lambda n: n.startswith("bn_"))
         peer_bn = per_call(p["profile"], lambda n: "bn_fw" in n or "bn_bw" in n) if p else ""
-        out.append(f"| {workload(k)} | {mode} | {r['profile']['busy_ms_per_step']:.2f} | {peer_busy} "
+        out.append(f"| {describe(k)} | {mode} | {r['profile']['busy_ms_per_step']:.2f} | {peer_busy} "
                    f"| {ours_bn} | {peer_bn} |")
     return out
 

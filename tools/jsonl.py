@@ -28,6 +28,13 @@ def parse_rows(text, name, keep):
     return out
 
 
+def workload(r):
+    """What a `step` row measured, as both sides' rows name it: (method, width, image size,
+    labelled batch, unlabelled batch, queue, whether the queue started full, TF32)."""
+    return (r.get("method"), r.get("width"), r.get("image_size"), r.get("batch_l"), r.get("batch_u"),
+            r.get("queue"), bool(r.get("queue_filled")), bool(r.get("tf32")))
+
+
 # The switches' defaults of builds whose rows do not name them (before "defaults" existed; those
 # rows do not record MEDSSL_CUDA_CONV or MEDSSL_CUDA_CONV1X1 either).
 OLD_DEFAULTS = {"tf32": False, "cudnn_algo": "find", "cudnn_deterministic_first": True,

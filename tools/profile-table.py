@@ -13,16 +13,13 @@ device time per step.
 import argparse
 import sys
 
-from jsonl import read_rows
+from jsonl import read_rows, workload as key
 
 
 def records(path):
     return read_rows(path, lambda r: r.get("bench") == "step" and r.get("profile"))
 
 
-def key(r):
-    return (r.get("method"), r.get("width"), r.get("image_size"), r.get("batch_l"), r.get("batch_u"),
-            r.get("queue"), bool(r.get("queue_filled")), bool(r.get("tf32")))
 
 
 def short(name, n=70):
