@@ -39,6 +39,24 @@ __device__ __forceinline__ float block_sum(float v) {
     return r;
 }
 
+// Member functions of device-side structs (in the emulation `__device__` means `static`, which a
+// member function cannot be).
+#ifdef MEDSSL_EMU
+#define DEVICE_MEMBER inline
+#else
+#define DEVICE_MEMBER __device__ __forceinline__
+#endif
+
+// The launch's dynamic shared memory (LaunchConfig::shared_mem_bytes) as floats.
+#ifdef MEDSSL_EMU
+__device__ __forceinline__ float* dyn_shared_f32() { return ::emu::dyn_shared(); }
+#else
+__device__ __forceinline__ float* dyn_shared_f32() {
+    extern __shared__ float medssl_dyn_shared[];
+    return medssl_dyn_shared;
+}
+#endif
+
 // Global index of the row owned by this warp in a "warp per row" launch, and the lane.
 #define WARP_ROW() ((int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)))
 #define LANE() ((int)(threadIdx.x & 31))

@@ -14,6 +14,9 @@
 // rather than twice per element; by default (MEDSSL_CUDA_BN_APPLY=chunks) the train-mode ones run
 // instead on the grid (S, C) of the reduction before them (bn_apply_chunks, bn_dx_chunks: block
 // (s, c) walks chunk s of channel c as the reduction's block did; =flat keeps the flat pass).
+// With MEDSSL_CUDA_BN_FWD=resident the two-launch forward is one cooperative launch on the same
+// kind of grid (bn_fwd_resident: its blocks wait for the other blocks of their channel, then write
+// the chunk they read, mostly from shared memory).
 // L2 normalise is "warp per row".
 #include "common.cuh"
 
@@ -180,6 +183,49 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
     v.m2 = fmaf(d, xv - v.mean, v.m2);
 }
 
+// How the one-pass statistics read an element: load(a, p) reads the element at address a, the
+// p-th of the range in walk order (p = j - lo), keep(p, v) is told its value after the group's
+// loads. BnLoad reads plainly and keeps nothing; BnStage (the resident forward) also keeps the
+// first `cap` elements of the range in shared memory.
+struct BnLoad {
+    DEVICE_MEMBER float load(const float* a, int p) const {
+        (void)p;
+        return *a;
+    }
+    DEVICE_MEMBER void keep(int p, float v) const {
+        (void)p;
+        (void)v;
+    }
+};
+
+// The one-pass moments of channel c's elements j in [lo, hi) by one block (every thread gets
+// them; see bn_range_stats), each element read through `ld` (BnLoad, BnStage).
+template <class Ld>
+__device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo, int hi,
+                                                    const float* x, const Ld& ld) {
+    Moments v{0, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+        if (bn_has(w, 3)) {
+            size_t k[4];
+            int p[4];
+            float xv[4];
+            for (int q = 0; q < 4; ++q) {
+                p[q] = w.p.j - lo;
+                k[q] = bn_next(w);
+            }
+            for (int q = 0; q < 4; ++q) xv[q] = ld.load(x + k[q], p[q]);
+            for (int q = 0; q < 4; ++q) ld.keep(p[q], xv[q]);
+            v = moments_merge(v, moments4(xv));
+        } else {
+            const int p = w.p.j - lo;
+            const float xv = ld.load(x + bn_next(w), p);
+            ld.keep(p, xv);
+            welford_add(v, xv);
+        }
+    }
+    return block_moments(v);
+}
+
 // Mean and sum of squared deviations from it (M2) of channel c's elements j in [lo, hi), by one
 // block (every thread gets them; lo < hi). Two passes over the elements (the mean, then the squared
 // deviations from it, walking backwards: bn_walk_rev), or with welford != 0 one: each thread keeps
@@ -194,19 +240,7 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
-        Moments v{0, 0.f, 0.f};
-        for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
-            if (bn_has(w, 3)) {
-                size_t k[4];
-                float xv[4];
-                for (int q = 0; q < 4; ++q) k[q] = bn_next(w);
-                for (int q = 0; q < 4; ++q) xv[q] = x[k[q]];
-                v = moments_merge(v, moments4(xv));
-            } else {
-                welford_add(v, x[bn_next(w)]);
-            }
-        }
-        const Moments r = block_moments(v);
+        const Moments r = bn_range_moments(C, HW, c, lo, hi, x, BnLoad());
         *mu_out = r.mean;
         *m2_out = r.m2;
         return;
@@ -296,27 +330,49 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
 
 // Writes y = bn_out(x) for the elements a walk visits, with one channel's statistics and
 // parameters: four strides at a time, every load before the stores (as bn_range_stats).
-template <class Walk>
-__device__ __forceinline__ void bn_apply_walk(Walk w, float mu, float is, float g, float b,
-                                              const float* x, const float* res, int relu,
-                                              float* y) {
+// ... the same with x's element at offset o, the walk's j, given by src(o, j).
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, float g, float b,
+                                                   const Src& src, const float* res, int relu,
+                                                   float* y) {
     const int has_res = res != 0;
     while (walk_has(w, 0)) {
         if (walk_has(w, 3)) {
             size_t o[4];
+            int j[4];
             float xv[4], rv[4];
-            for (int q = 0; q < 4; ++q) o[q] = walk_step(w);
             for (int q = 0; q < 4; ++q) {
-                xv[q] = x[o[q]];
+                j[q] = w.p.j;
+                o[q] = walk_step(w);
+            }
+            for (int q = 0; q < 4; ++q) {
+                xv[q] = src(o[q], j[q]);
                 rv[q] = has_res ? res[o[q]] : 0.f;
             }
             for (int q = 0; q < 4; ++q)
                 y[o[q]] = bn_out_v(xv[q], mu, is, g, b, has_res, rv[q], relu);
         } else {
+            const int j = w.p.j;
             const size_t o = walk_step(w);
-            y[o] = bn_out(x[o], mu, is, g, b, res, relu, o);
+            y[o] = bn_out(src(o, j), mu, is, g, b, res, relu, o);
         }
     }
+}
+
+// x's elements read from memory.
+struct BnFromX {
+    const float* x;
+    DEVICE_MEMBER float operator()(size_t o, int j) const {
+        (void)j;
+        return x[o];
+    }
+};
+
+template <class Walk>
+__device__ __forceinline__ void bn_apply_walk(Walk w, float mu, float is, float g, float b,
+                                              const float* x, const float* res, int relu,
+                                              float* y) {
+    bn_apply_walk_from(w, mu, is, g, b, BnFromX{x}, res, relu, y);
 }
 
 // Batch statistics of every channel (one block per channel), see bn_store_stats.
@@ -601,6 +657,25 @@ __device__ __forceinline__ bool bn_split_publish(float* part, unsigned* count, i
     return true;
 }
 
+// Channel c's mean and biased variance from the partial moments (mean, M2) of its S chunks in
+// part[(c*S + t)*2 ..], combined in chunk order in double (see bn_stats_split).
+__device__ __forceinline__ void bn_split_combine(const float* part, int M, int c, int S,
+                                                 float* mu_out, float* var_out) {
+    const volatile float* p = part + (size_t)c * S * 2;
+    double n = 0.0, mu = 0.0, m2 = 0.0;
+    for (int t = 0; t < S; ++t) {
+        const BnChunk kt = bn_chunk(M, S, t);
+        if (kt.lo >= kt.hi) continue;
+        const double nb = (double)(kt.hi - kt.lo), d = (double)p[2 * t] - mu;
+        const double nn = n + nb;
+        mu += d * (nb / nn);
+        m2 += (double)p[2 * t + 1] + d * d * (n * nb / nn);
+        n = nn;
+    }
+    *mu_out = (float)mu;
+    *var_out = (float)(m2 / (double)M);
+}
+
 // Batch statistics with S blocks per channel: partials (mean, M2) of each chunk (bn_range_stats),
 // combined by the channel's last block with the pairwise update of Chan et al. (n = na + nb,
 // d = mean_b - mean_a, mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n), then stored as
@@ -615,20 +690,11 @@ extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps
     float mu_s = 0.f, m2_s = 0.f;
     if (k.lo < k.hi) bn_range_stats(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s);
     if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
-    const volatile float* p = part + (size_t)c * S * 2;
-    double n = 0.0, mu = 0.0, m2 = 0.0;
-    for (int t = 0; t < S; ++t) {
-        const BnChunk kt = bn_chunk(M, S, t);
-        if (kt.lo >= kt.hi) continue;
-        const double nb = (double)(kt.hi - kt.lo), d = (double)p[2 * t] - mu;
-        const double nn = n + nb;
-        mu += d * (nb / nn);
-        m2 += (double)p[2 * t + 1] + d * d * (n * nb / nn);
-        n = nn;
-    }
+    float mu, var;
+    bn_split_combine(part, M, c, S, &mu, &var);
     count[c] = 0u;
-    bn_store_stats(M, c, eps, (float)mu, (float)(m2 / (double)M), mean, invstd, var_unbiased,
-                   momentum, rm, rv, rm_out, rv_out);
+    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
+                   rv_out);
 }
 
 // gbeta = sum(gy), ggamma = sum(gy * xhat) with S blocks per channel: partial sums of each chunk
@@ -687,6 +753,85 @@ extern "C" __global__ void bn_dx_chunks(int N, int C, int HW, int S, const float
     const BnChunk k = bn_chunk(M, S, blockIdx.x);
     bn_dx_walk(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
                ggamma[c], x, gy, ry, gx);
+}
+
+// ---- the one-launch forward for activations larger than the cache (MEDSSL_CUDA_BN_FWD=resident) ----
+//
+// The two-launch forward (bn_stats_split, bn_apply_chunks) reads x from memory twice when x does
+// not fit in L2, so at best it moves three tensors' worth for x and y. This kernel reads x once:
+// its grid (S, C) is one wave of blocks, all resident together (a cooperative launch; the host
+// sizes the grid and `cap` by the device's occupancy), and block (s, c) owns chunk s of channel c
+// as in bn_stats_split. While computing the chunk's moments it keeps the chunk's first `cap`
+// elements in walk order (p = j - lo < cap, at shared[p]: consecutive threads, consecutive
+// banks) in shared memory, loading them evict-first so that L2 keeps the rest. Thread 0 then
+// publishes the partial moments in part[(c*S + s)*2 ..], counts the block in count[c] and waits
+// until all S blocks of the channel have arrived. Every block of the channel combines the S
+// partials in chunk order (bn_split_combine, as bn_stats_split's last block: the same statistics
+// bit for bit), block 0 stores them (running statistics included), and each block writes its chunk
+// walking backwards (bn_walk_rev): first the elements it did not keep, read last and so the ones
+// still in L2, then the kept ones from shared memory. Same arithmetic as bn_apply_chunks, same
+// bits. count[C + c] counts the blocks past the wait; the last one sets both counters back to 0.
+
+// BnLoad that also keeps the range's first `cap` elements in shared memory `sh`.
+struct BnStage {
+    float* sh;
+    int cap;
+    DEVICE_MEMBER float load(const float* a, int p) const {
+        return p < cap ? __ldcs(a) : *a;
+    }
+    DEVICE_MEMBER void keep(int p, float v) const {
+        if (p < cap) sh[p] = v;
+    }
+};
+
+// x's element from shared memory where the block kept it (walk position p = j - lo < cap), else
+// from memory.
+struct BnFromKept {
+    const float* x;
+    const float* sh;
+    int lo, cap;
+    DEVICE_MEMBER float operator()(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? sh[p] : x[o];
+    }
+};
+
+extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap, float eps,
+                                           const float* x, float* part, unsigned* count,
+                                           float* mean, float* invstd, float* var_unbiased,
+                                           float momentum, const float* rm, const float* rv,
+                                           float* rm_out, float* rv_out, const float* gamma,
+                                           const float* beta, const float* res, int relu,
+                                           float* y) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, s);
+    float* sh = dyn_shared_f32();
+    Moments r{0, 0.f, 0.f};
+    if (k.lo < k.hi) r = bn_range_moments(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
+    __shared__ float stat[2];
+    if (threadIdx.x == 0) {
+        part[((size_t)c * S + s) * 2] = r.mean;
+        part[((size_t)c * S + s) * 2 + 1] = r.m2;
+        __threadfence();
+        atomicAdd(&count[c], 1u);
+        while (atomicAdd(&count[c], 0u) < (unsigned)S) __nanosleep(64);
+        __threadfence();
+        float mu, var;
+        bn_split_combine(part, M, c, S, &mu, &var);
+        if (atomicAdd(&count[C + c], 1u) == (unsigned)(S - 1)) {
+            count[c] = 0u;
+            count[C + c] = 0u;
+        }
+        if (s == 0)
+            bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv,
+                           rm_out, rv_out);
+        stat[0] = mu;
+        stat[1] = 1.f / sqrtf(var + eps);
+    }
+    __syncthreads();
+    if (k.lo < k.hi)
+        bn_apply_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
+                           BnFromKept{x, sh, k.lo, cap}, res, relu, y);
 }
 
 // Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants), four elements

@@ -1059,6 +1059,108 @@ fn batch_norm_split_reductions() {
     }
 }
 
+/// Launches of `bn_fwd_resident` so far in this process (only this test's thread turns it on).
+fn resident_launches() -> u64 {
+    let b = CudaBackend::get_concrete(0).unwrap();
+    b.launch_counts()
+        .iter()
+        .find(|(k, _)| *k == "bn_fwd_resident")
+        .map_or(0, |(_, n)| *n)
+}
+
+/// The one-launch resident forward (`MEDSSL_CUDA_BN_FWD=resident`, set per thread here;
+/// `bn_fwd_resident`, a cooperative launch whose blocks wait for the other blocks of their
+/// channel): on odd shapes, batch 1 and a channel count above what the emulated device holds at
+/// once (which must fall back to two launches), with each block keeping all, part or none of its
+/// chunk in shared memory. Every output against the CPU reference at the batch-norm tolerances
+/// (forward with running statistics and each epilogue, and the backward after it), and bit for bit
+/// the two-launch forward with as many blocks per channel (same statistics, same outputs);
+/// counted launches show which path ran.
+#[test]
+fn batch_norm_resident_forward() {
+    let Some(g) = gpu() else { return };
+    let be = CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(41);
+    let bits = |o: [Tensor; 16]| o.map(|t| t.to_vec().unwrap());
+    let outputs = |case: &BnCase, resident: bool, split: usize, keep: Option<usize>| {
+        let old = (
+            cu::set_bn_resident(Some(resident)),
+            cu::set_bn_split(Some(split)),
+            cu::set_bn_welford(Some(true)),
+            cu::set_bn_fused_max_m(0),
+            cu::set_bn_resident_keep(keep),
+        );
+        let out = case.outputs(g);
+        // The forward's other epilogues (y only).
+        let [x, gamma, beta, rm, rv, ..] = &case.t;
+        let ys =
+            [BnAct::None, BnAct::Relu].map(|act| bn_running(g, x, gamma, beta, rm, rv, act).0.y);
+        cu::set_bn_resident(old.0);
+        cu::set_bn_split(old.1);
+        cu::set_bn_welford(old.2);
+        cu::set_bn_fused_max_m(old.3);
+        cu::set_bn_resident_keep(old.4);
+        (out, ys)
+    };
+    let mut ran = 0;
+    for shape in [
+        [2, 3, 5, 7],
+        [1, 4, 3, 3],
+        [3, 5, 11, 13],
+        [9, 7, 23, 19],
+        [1, 2, 64, 80],
+        [4, 16, 9, 9],
+        [2, 300, 2, 3],
+    ] {
+        let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
+        let cpu_case = BnCase::random(&mut rng, &shape);
+        let case = cpu_case.on(g);
+        let want = cpu_case.outputs(cpu());
+        let plan = be.bn_resident_split(c, m);
+        let s = plan.unwrap_or(1);
+        let before = resident_launches();
+        let (got, ys) = outputs(&case, true, s, None);
+        let launched = resident_launches() - before;
+        match plan {
+            // One forward per output set: with the add-ReLU epilogue, plain and with ReLU.
+            Some(_) => assert_eq!(launched, 3, "{shape:?}: resident forwards launched"),
+            None => assert_eq!(launched, 0, "{shape:?}: {c} channels cannot be resident"),
+        }
+        ran += usize::from(plan.is_some());
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(bn_tolerances(m as f32)) {
+            close(
+                &format!("bn resident {shape:?} ({s} blocks per channel) {name}"),
+                gt,
+                ct,
+                rel,
+                abs,
+            );
+        }
+        let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
+        for (act, y) in [BnAct::None, BnAct::Relu].into_iter().zip(&ys) {
+            let want = bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y;
+            close(&format!("bn resident {shape:?} y"), y, &want, 1e-4, 1e-4);
+        }
+        // The two-launch forward with as many blocks per channel gives the same bits, and so
+        // does the resident one keeping none or an odd part of each chunk, or called again
+        // (its arrival counters are back to zero).
+        let got = (bits(got), ys.map(|t| t.to_vec().unwrap()));
+        let bits_of =
+            |(o, ys): ([Tensor; 16], [Tensor; 2])| (bits(o), ys.map(|t| t.to_vec().unwrap()));
+        assert!(
+            got == bits_of(outputs(&case, false, s, None)),
+            "{shape:?}: resident and two-launch forwards differ ({s} blocks per channel)"
+        );
+        for keep in [Some(0), Some(37), None] {
+            assert!(
+                got == bits_of(outputs(&case, true, s, keep)),
+                "{shape:?}: resident forward keeping {keep:?} differs"
+            );
+        }
+    }
+    assert!(ran >= 6, "the resident forward ran on only {ran} shapes");
+}
+
 /// Every batch-norm kernel reads only its own channel: inputs whose neighbouring channels lie
 /// 4 to 12 apart (channel c around 4·(c mod 4), spread ±1), so that a single element read from
 /// another channel moves that channel's variance by far more than the tolerance. On shapes whose
@@ -2159,7 +2261,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 12, "{r}");
+        assert_eq!(d.len(), 13, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2167,6 +2269,7 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_CONV", "im2col"),
         ("MEDSSL_CUDA_BN_SPLIT", "auto"),
         ("MEDSSL_CUDA_BN_APPLY", "flat"),
+        ("MEDSSL_CUDA_BN_FWD", "resident"),
         ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
@@ -2176,6 +2279,7 @@ fn device_profile_records_what_ran() {
         ("conv", "im2col", "cudnn"),
         ("bn_split", "auto", "wave"),
         ("bn_apply", "flat", "chunks"),
+        ("bn_fwd", "resident", "split"),
         ("conv1x1", "cublas", "cublas"),
     ] {
         assert_eq!(

@@ -54,6 +54,7 @@ LABELS = {
     "bn_split": lambda v: f"split {v}",
     "bn_stats": str,
     "bn_apply": str,
+    "bn_fwd": lambda v: f"bn fwd {v}",
 }
 
 

@@ -79,15 +79,34 @@ static inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int lane_mask,
     return ::emu::shfl_xor_bits(mask, v, lane_mask);
 }
 
-// Memory fence and atomics. Blocks run one after another on one OS thread and the fibers of a
-// block switch only at barriers and shuffles, so a plain read-modify-write is atomic here and
-// every write is already visible to the blocks that run later.
-static inline void __threadfence() {}
+// Memory fence and atomics. The blocks of an ordinary launch run one after another on one OS
+// thread; those of a cooperative launch (medssl_emu_launch's `cooperative`) run at once, one OS
+// thread each, as the device keeps them resident together, so fences and atomics are real ones.
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) {
-    const unsigned old = *p;
-    *p = old + v;
-    return old;
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
+
+// A load that the device marks evict-first in its caches (the emulation has none).
+static inline float __ldcs(const float* p) { return *p; }
+
+namespace emu {
+// One round of a wait for other blocks (yields the OS thread); a block that has waited more than
+// 20 s in all is a fault (blocks waiting for one that never comes: a grid-wide wait in an
+// ordinary launch, or a block that failed).
+void spin_pause();
+// The launch's dynamic shared memory (LaunchConfig::shared_mem_bytes) of the running block,
+// filled with NaN at the block's start (the device leaves it undefined).
+float* dyn_shared();
+}  // namespace emu
+
+static inline void __nanosleep(unsigned ns) {
+    (void)ns;
+    ::emu::spin_pause();
+}
+
+// Marks the emulated build for the few helpers that differ (dynamic shared memory).
+#define MEDSSL_EMU 1
 
 // The integer and float min/max overloads that device code gets from the CUDA headers.
 static inline int min(int a, int b) { return a < b ? a : b; }

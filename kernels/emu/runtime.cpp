@@ -3,15 +3,19 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
 
+#include <chrono>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "registry.h"
@@ -150,6 +154,11 @@ struct Block {
 };
 
 thread_local Block* cur_block_state = nullptr;
+// The running block's dynamic shared memory, and when its current wait for other blocks began
+// (spin_pause; reset at the block's start).
+thread_local std::vector<float> dyn_smem;
+thread_local unsigned spins = 0;
+thread_local std::chrono::steady_clock::time_point spin_since;
 thread_local std::vector<std::unique_ptr<char[]>> stacks;
 thread_local std::vector<Fiber> fiber_pool;
 
@@ -280,6 +289,38 @@ void syncthreads() {
     wait_on(cur_block_state->bar, 1);
 }
 
+float* dyn_shared() { return dyn_smem.data(); }
+
+void spin_pause() {
+    if (spins++ == 0) spin_since = std::chrono::steady_clock::now();
+    sched_yield();
+    if ((spins & 1023) == 0 &&
+        std::chrono::steady_clock::now() - spin_since > std::chrono::seconds(20)) {
+        char msg[200];
+        snprintf(msg, sizeof msg,
+                 "block (%u,%u,%u) waited over 20 s for other blocks (a grid-wide wait that "
+                 "never ends: an ordinary launch of a kernel that needs a cooperative one, or a "
+                 "block that failed)",
+                 cur_block_idx.x, cur_block_idx.y, cur_block_idx.z);
+        throw Fault(msg);
+    }
+}
+
+// Runs block `idx` of a launch on this OS thread.
+void run_block(const Kernel& k, void* const* args, uint3 idx, uint3 block, uint3 grid,
+               size_t shared_floats) {
+    cur_block_idx = idx;
+    cur_block_dim = block;
+    cur_grid_dim = grid;
+    dyn_smem.assign(shared_floats, NAN);
+    spins = 0;
+    const unsigned nthreads = block.x * block.y * block.z;
+    if (k.direct)
+        run_block_direct(k, args, nthreads);
+    else
+        run_block_fibers(k, args, nthreads);
+}
+
 uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask) {
     Block* b = cur_block_state;
     if (!b)
@@ -314,7 +355,8 @@ extern "C" void medssl_emu_register_all();
 // value). Returns 0, or 1 with a message in `err`.
 extern "C" int medssl_emu_launch(const char* name, const unsigned* grid, const unsigned* block,
                                  void* const* args, const char* kinds, const size_t* sizes,
-                                 int nargs, char* err, size_t err_len) {
+                                 int nargs, size_t shared_bytes, int cooperative, char* err,
+                                 size_t err_len) {
     static std::once_flag once;
     std::call_once(once, medssl_emu_register_all);
     emu::Kernel k;
@@ -338,22 +380,48 @@ extern "C" int medssl_emu_launch(const char* name, const unsigned* grid, const u
         snprintf(err, err_len, "invalid grid (%u,%u,%u)", grid[0], grid[1], grid[2]);
         return 1;
     }
-    emu::cur_block_dim = uint3{block[0], block[1], block[2]};
-    emu::cur_grid_dim = uint3{grid[0], grid[1], grid[2]};
-    try {
-        for (unsigned z = 0; z < grid[2]; ++z)
-            for (unsigned y = 0; y < grid[1]; ++y)
-                for (unsigned x = 0; x < grid[0]; ++x) {
-                    emu::cur_block_idx = uint3{x, y, z};
-                    if (k.direct)
-                        emu::run_block_direct(k, args, nthreads);
-                    else
-                        emu::run_block_fibers(k, args, nthreads);
-                }
-    } catch (const std::exception& e) {
-        snprintf(err, err_len, "%s", e.what());
-        emu::cur_thread = nullptr;
+    const uint3 bd{block[0], block[1], block[2]}, gd{grid[0], grid[1], grid[2]};
+    const size_t blocks = (size_t)grid[0] * grid[1] * grid[2];
+    const size_t shared_floats = (shared_bytes + 3) / 4;
+    if (!cooperative) {
+        try {
+            for (unsigned z = 0; z < grid[2]; ++z)
+                for (unsigned y = 0; y < grid[1]; ++y)
+                    for (unsigned x = 0; x < grid[0]; ++x)
+                        emu::run_block(k, args, uint3{x, y, z}, bd, gd, shared_floats);
+        } catch (const std::exception& e) {
+            snprintf(err, err_len, "%s", e.what());
+            emu::cur_thread = nullptr;
+            return 1;
+        }
+        return 0;
+    }
+    // Cooperative: every block at once, one OS thread each (the device guarantees that all
+    // blocks are resident together, so blocks may wait for each other).
+    if (blocks > 256) {
+        snprintf(err, err_len,
+                 "cooperative grid of %zu blocks: the emulation runs at most 256 at once", blocks);
         return 1;
     }
+    std::vector<std::string> errors(blocks);
+    std::vector<std::thread> threads;
+    threads.reserve(blocks);
+    size_t b = 0;
+    for (unsigned z = 0; z < grid[2]; ++z)
+        for (unsigned y = 0; y < grid[1]; ++y)
+            for (unsigned x = 0; x < grid[0]; ++x, ++b)
+                threads.emplace_back([&, x, y, z, b] {
+                    try {
+                        emu::run_block(k, args, uint3{x, y, z}, bd, gd, shared_floats);
+                    } catch (const std::exception& e) {
+                        errors[b] = e.what();
+                    }
+                });
+    for (auto& t : threads) t.join();
+    for (const auto& e : errors)
+        if (!e.empty()) {
+            snprintf(err, err_len, "%s", e.c_str());
+            return 1;
+        }
     return 0;
 }

@@ -164,7 +164,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 12] = [
+const SWITCH_KEYS: [&str; 13] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -177,6 +177,7 @@ const SWITCH_KEYS: [&str; 12] = [
     "bn_split",
     "bn_stats",
     "bn_apply",
+    "bn_fwd",
 ];
 
 /// The CUDA backend's switches as it reads them, and as they are by default.
@@ -208,7 +209,7 @@ fn switch_values(
     s: &medssl::backend::cuda::switches::Switches,
     deterministic_first: bool,
     fused_max_m: usize,
-    (split, welford, chunks): (usize, bool, bool),
+    (split, welford, chunks, resident): (usize, bool, bool, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -224,6 +225,7 @@ fn switch_values(
         "bn_split": split_json(split),
         "bn_stats": pick(welford, "welford", "two-pass"),
         "bn_apply": pick(chunks, "chunks", "flat"),
+        "bn_fwd": pick(resident, "resident", "split"),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -247,13 +249,14 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_split(),
                     cuda::bn_welford(),
                     cuda::bn_apply_chunks(),
+                    cuda::bn_resident(),
                 ),
             ),
             defaults: switch_values(
                 &d,
                 d.cudnn_deterministic_first,
                 d.bn_fused_max_m,
-                (d.bn_split, d.bn_welford, d.bn_apply_chunks),
+                (d.bn_split, d.bn_welford, d.bn_apply_chunks, d.bn_resident),
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),

@@ -52,6 +52,8 @@ extern "C" {
         kinds: *const c_char,
         sizes: *const usize,
         nargs: c_int,
+        shared_bytes: usize,
+        cooperative: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -176,7 +178,9 @@ fn guards_intact(base: u64, len: usize) -> bool {
 }
 
 /// Runs kernel `name` on the emulated device. `table` is an optional by-value struct parameter
-/// after `args` (its bytes).
+/// after `args` (its bytes). The kernels that [`super::cooperative`] names run every block at
+/// once, each on an OS thread of its own, as a cooperative launch keeps them all resident on the
+/// device; the others run block after block.
 pub(crate) fn launch(
     name: &str,
     cfg: &LaunchConfig,
@@ -246,6 +250,8 @@ pub(crate) fn launch(
             kinds.as_ptr(),
             sizes.as_ptr(),
             n as c_int,
+            cfg.shared_mem_bytes as usize,
+            c_int::from(super::cooperative(name)),
             err.as_mut_ptr() as *mut c_char,
             err.len(),
         )

@@ -29,8 +29,9 @@ pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
-    bn_apply_chunks, bn_fused_max_m, bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
-    set_bn_split, set_bn_welford, BN_SPLIT_WAVE,
+    bn_apply_chunks, bn_fused_max_m, bn_resident, bn_split, bn_welford, set_bn_apply_chunks,
+    set_bn_fused_max_m, set_bn_resident, set_bn_resident_keep, set_bn_split, set_bn_welford,
+    BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;
@@ -300,6 +301,16 @@ fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
     }
 }
 
+/// Kernels whose blocks wait for one another, so that all of them must be resident at once:
+/// launched as cooperative kernels (the driver refuses a grid larger than one wave), and run
+/// with every block at once on the emulated device.
+const COOPERATIVE: [&str; 1] = ["bn_fwd_resident"];
+
+/// Whether kernel `name` is launched cooperatively (see [`COOPERATIVE`]).
+pub(crate) fn cooperative(name: &str) -> bool {
+    COOPERATIVE.contains(&name)
+}
+
 /// Threads per block of elementwise and warp-per-row kernels.
 pub(crate) const BLOCK: u32 = 256;
 
@@ -375,6 +386,9 @@ pub struct CudaBackend {
     /// Blocks of the split batch-norm reductions the device holds at once (read once, see
     /// [`CudaBackend::split_resident_blocks`]).
     split_resident: std::sync::OnceLock<usize>,
+    /// Launch limits of the resident batch-norm forward (read once, see
+    /// [`CudaBackend::resident_limits`]).
+    resident: std::sync::OnceLock<Option<norm::ResidentLimits>>,
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -500,6 +514,7 @@ impl CudaBackend {
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
             split_resident: std::sync::OnceLock::new(),
+            resident: std::sync::OnceLock::new(),
         }
     }
 
@@ -594,6 +609,7 @@ impl CudaBackend {
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
             split_resident: std::sync::OnceLock::new(),
+            resident: std::sync::OnceLock::new(),
         })
     }
 
@@ -731,8 +747,17 @@ impl CudaBackend {
         let mut b = d.stream.launch_builder(&f);
         push_args(&mut b, args);
         // SAFETY: every kernel's argument list is matched by its single call site in the
-        // op-family files, and buffers are sized by the shapes validated there.
-        unsafe { b.launch(cfg) }.map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
+        // op-family files, and buffers are sized by the shapes validated there. A cooperative
+        // kernel's grid is sized by the device's occupancy for it (one wave), which the driver
+        // checks.
+        unsafe {
+            if cooperative(name) {
+                b.launch_cooperative(cfg)
+            } else {
+                b.launch(cfg)
+            }
+        }
+        .map_err(|e| Error::Cuda(format!("launching {name}: {e:?}")))?;
         if hook == graph::Hook::Capture {
             self.graph_node_captured()?;
         }

@@ -6,8 +6,8 @@ use super::{
 use crate::backend::{shapes, BnAct, BnTrainOut};
 use crate::error::Result;
 use crate::tensor::Tensor;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::LaunchConfig;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Threads per block of the per-channel reductions.
 const RED_THREADS: u32 = 512;
@@ -19,28 +19,21 @@ const RED_THREADS: u32 = 512;
 /// elementwise pass is better spread over the device.
 pub(super) const FUSED_MAX_M: usize = 65536;
 
-/// The batch-norm one-launch limit of this process (`usize::MAX`: not read yet).
-static FUSED_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
-
-/// The limit in force: [`set_bn_fused_max_m`]'s value, else `MEDSSL_CUDA_BN_FUSED_MAX_M` when
-/// set (0: always two launches; see [`super::switches`]), else `FUSED_MAX_M`.
+/// The one-launch limit in force on the calling thread: [`set_bn_fused_max_m`]'s setting, else
+/// `MEDSSL_CUDA_BN_FUSED_MAX_M` when set (0: always two launches; see [`super::switches`]), else
+/// `FUSED_MAX_M`.
 pub fn bn_fused_max_m() -> usize {
-    match FUSED_LIMIT.load(Ordering::Relaxed) {
-        usize::MAX => {
-            let v = super::switches::current().bn_fused_max_m;
-            FUSED_LIMIT.store(v, Ordering::Relaxed);
-            v
-        }
-        v => v,
-    }
+    here(&FUSED_HERE, || super::switches::current().bn_fused_max_m)
 }
 
-/// Sets the largest N·H·W whose batch norm runs as one launch per pass (0: always two), for
-/// this process and every CUDA device; returns the previous limit. For tests and benchmarks that
-/// compare the two paths.
+/// Sets the largest N·H·W whose batch norm runs as one launch per pass (0: always two) for the
+/// batch norms the calling thread issues, on every CUDA device; returns the previous limit. For
+/// tests and benchmarks that compare the two paths; being per thread, like the other switches'
+/// setters, it cannot change the path of another thread's batch norms midway (a training run
+/// replaying a step graph on another thread would see its step diverge from the graph).
 pub fn set_bn_fused_max_m(m: usize) -> usize {
     let old = bn_fused_max_m();
-    FUSED_LIMIT.store(m, Ordering::Relaxed);
+    FUSED_HERE.with(|s| s.set(Some(m)));
     old
 }
 
@@ -80,18 +73,117 @@ impl CudaBackend {
     }
 }
 
+/// What the resident batch-norm forward (`bn_fwd_resident`, [`bn_resident`]) may use on a
+/// device: how many of its blocks the device holds at once (its grid is at most that: one wave)
+/// and how many elements each block can keep in shared memory.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ResidentLimits {
+    pub blocks: usize,
+    pub keep: usize,
+}
+
+/// Elements a block of the resident forward keeps on the emulated device (small, so that the
+/// parity tests' shapes cover chunks kept whole and chunks kept in part).
+const EMULATED_KEEP: usize = 1024;
+
+impl CudaBackend {
+    /// [`ResidentLimits`] of this device, read once: `None` where the device cannot launch
+    /// cooperative kernels or its attributes cannot be read (the forward then stays on two
+    /// launches). On a device: shared memory for two blocks of [`RED_THREADS`] per
+    /// multiprocessor (one where the registers allow only one), less what the driver reserves
+    /// per block and the kernel's own; the kernel is allowed that much dynamic shared memory,
+    /// and the driver's occupancy for it gives the blocks. On the emulated device: two blocks
+    /// per multiprocessor, [`EMULATED_KEEP`] elements each.
+    pub(super) fn resident_limits(&self) -> Option<ResidentLimits> {
+        *self.resident.get_or_init(|| match &self.drv {
+            None => Some(ResidentLimits {
+                blocks: 2 * self.sms,
+                keep: EMULATED_KEEP,
+            }),
+            Some(d) => device_resident_limits(d, self.sms).ok().flatten(),
+        })
+    }
+
+    /// Blocks per channel of the resident batch-norm forward for `c` channels of `m` elements
+    /// (the most that fit in one wave, and no chunk empty), or `None` where it cannot run: more
+    /// channels than the device holds blocks, or where the device cannot launch it cooperatively.
+    pub fn bn_resident_split(&self, c: usize, m: usize) -> Option<usize> {
+        let lim = self.resident_limits()?;
+        if c == 0 || m == 0 || c > lim.blocks || c > 65535 {
+            return None;
+        }
+        let s = (lim.blocks / c).clamp(1, m);
+        Some(m.div_ceil(m.div_ceil(s)))
+    }
+}
+
+/// [`CudaBackend::resident_limits`] on a device.
+fn device_resident_limits(d: &super::Driver, sms: usize) -> Result<Option<ResidentLimits>> {
+    let attr = |a: CUdevice_attribute| -> Result<usize> {
+        let v = d
+            .ctx
+            .attribute(a)
+            .map_err(super::cuda_err("reading a device attribute"))?;
+        Ok(usize::try_from(v).unwrap_or(0))
+    };
+    if attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH)? == 0 {
+        return Ok(None);
+    }
+    let per_sm =
+        attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
+    let optin = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+    let reserved = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)?;
+    let f = CudaBackend::func(d, "bn_fwd_resident")?;
+    let own = f
+        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .map_err(super::cuda_err("reading bn_fwd_resident's shared memory"))?;
+    let own = usize::try_from(own).unwrap_or(0);
+    for per_block in [2usize, 1] {
+        let bytes = (per_sm / per_block)
+            .saturating_sub(reserved + own)
+            .min(optin.saturating_sub(own))
+            / 16
+            * 16;
+        let b = i32::try_from(bytes).unwrap_or(0);
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            b,
+        )
+        .map_err(super::cuda_err(
+            "allowing bn_fwd_resident its shared memory",
+        ))?;
+        let fit = f
+            .occupancy_max_active_blocks_per_multiprocessor(RED_THREADS, bytes, None)
+            .map_err(super::cuda_err("reading bn_fwd_resident's occupancy"))?
+            as usize;
+        if fit >= per_block || (per_block == 1 && fit == 1) {
+            return Ok(Some(ResidentLimits {
+                blocks: fit.min(per_block) * sms,
+                keep: bytes / 4,
+            }));
+        }
+    }
+    Ok(None)
+}
+
 /// A switch's setting for the calling thread only (`None`: the environment's), which tests and
 /// benchmarks set to compare paths: being per thread, it cannot change the bits of another
 /// thread's ops midway.
 type Here<T> = std::thread::LocalKey<std::cell::Cell<Option<T>>>;
 
 thread_local! {
+    /// [`set_bn_fused_max_m`]'s setting.
+    static FUSED_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_split`]'s setting.
     static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_welford`]'s setting.
     static WELFORD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_apply_chunks`]'s setting.
     static CHUNKS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_resident`]'s setting.
+    static RESIDENT_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_resident_keep`]'s setting.
+    static KEEP_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The calling thread's setting of `key`, else `env()`.
@@ -148,6 +240,31 @@ pub fn bn_apply_chunks() -> bool {
 /// `MEDSSL_CUDA_BN_APPLY`); returns the previous setting.
 pub fn set_bn_apply_chunks(on: Option<bool>) -> Option<bool> {
     CHUNKS_HERE.with(|s| s.replace(on))
+}
+
+/// Whether the train-mode batch-norm forward that would take two launches (statistics, then the
+/// normalising pass) takes one instead, `bn_fwd_resident`: one wave of blocks, all resident at
+/// once (a cooperative launch), reads x once, keeping what shared memory holds of it, combines
+/// the channel's statistics across its blocks and writes y (see kernels/norm.cu). Same bits as
+/// the two-launch forward with as many blocks per channel. One-pass statistics only (with
+/// `MEDSSL_CUDA_BN_STATS=two-pass` the forward stays on two launches), and only where the
+/// device holds a block per channel at once. [`set_bn_resident`]'s setting, else
+/// `MEDSSL_CUDA_BN_FWD` (see [`super::switches`]; `split` by default: not yet timed on a GPU).
+pub fn bn_resident() -> bool {
+    here(&RESIDENT_HERE, || super::switches::current().bn_resident)
+}
+
+/// Sets [`bn_resident`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_FWD`); returns the previous setting.
+pub fn set_bn_resident(on: Option<bool>) -> Option<bool> {
+    RESIDENT_HERE.with(|s| s.replace(on))
+}
+
+/// Limits the elements each block of the resident forward keeps in shared memory to `n` for the
+/// batch norms the calling thread issues (tests: `Some(0)` keeps none, so every element is read
+/// twice; `None`: as many as the device allows); returns the previous setting.
+pub fn set_bn_resident_keep(n: Option<usize>) -> Option<usize> {
+    KEEP_HERE.with(|s| s.replace(n))
 }
 
 /// The grid of the reduction of `c` channels with `split` blocks each, when the elementwise pass
@@ -270,8 +387,47 @@ fn train_fwd(
     let y = be.empty(x.shape())?;
     let split = split_on(be, c, n * hw);
     let welford = i32::from(bn_welford());
+    let m = n * hw;
+    let resident = match welford != 0 && bn_resident() && (split > 1 || m > bn_fused_max_m()) {
+        true => be.bn_resident_split(c, m),
+        false => None,
+    };
     if c == 0 {
         // Nothing to normalise.
+    } else if let Some(s) = resident {
+        let keep = be
+            .resident_limits()
+            .map_or(0, |l| l.keep)
+            .min(m.div_ceil(s))
+            .min(here(&KEEP_HERE, || usize::MAX));
+        let part = be.buffer(c * s * 2)?;
+        let mut args = vec![
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(hw)?),
+            A::I(ci(s)?),
+            A::I(ci(keep)?),
+            A::F(eps),
+            A::P(be.p(x)?),
+            A::P(part.ptr()),
+            A::P(be.counters(2 * c)?),
+            A::P(be.p(&mean)?),
+            A::P(be.p(&invstd)?),
+            A::P(be.p(&var)?),
+        ];
+        args.extend(upd);
+        args.extend([
+            A::P(be.p(gamma)?),
+            A::P(be.p(beta)?),
+            epilogue[0],
+            epilogue[1],
+            A::P(be.p(&y)?),
+        ]);
+        let cfg = LaunchConfig {
+            shared_mem_bytes: u32::try_from(4 * keep).unwrap_or(u32::MAX),
+            ..cfg_split(s, c)
+        };
+        be.launch("bn_fwd_resident", cfg, &args)?;
     } else if split > 1 {
         let part = be.buffer(c * split * 2)?;
         let mut args = vec![

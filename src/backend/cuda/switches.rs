@@ -16,6 +16,7 @@
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
+//! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //!
 //! An empty value counts as unset.
 
@@ -102,6 +103,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
     /// runs on its reduction's grid (`flat`: over the flat tensor).
     pub bn_apply_chunks: bool,
+    /// `MEDSSL_CUDA_BN_FWD=resident`: the two-launch batch-norm forward runs as one cooperative
+    /// launch that reads x once (`split`, the default: two launches).
+    pub bn_resident: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -198,6 +202,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
+        bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
     })
 }
 
@@ -251,6 +256,7 @@ mod tests {
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(d.bn_welford);
         assert!(d.bn_apply_chunks);
+        assert!(!d.bn_resident);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -265,6 +271,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
+            ("MEDSSL_CUDA_BN_FWD", "resident"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
                 "MEDSSL_CUDNN_BWD_DATA_ALGO",
@@ -283,6 +290,7 @@ mod tests {
         assert_eq!(s.bn_split, 1);
         assert!(!s.bn_welford);
         assert!(!s.bn_apply_chunks);
+        assert!(s.bn_resident);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
@@ -299,6 +307,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
+            ("MEDSSL_CUDA_BN_FWD", "split"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -347,6 +356,11 @@ mod tests {
                 "MEDSSL_CUDA_BN_APPLY",
                 "chunk",
                 "chunks (the default) or flat",
+            ),
+            (
+                "MEDSSL_CUDA_BN_FWD",
+                "fused",
+                "split (the default) or resident",
             ),
             ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
             (
