@@ -1,6 +1,8 @@
 //! 2-D convolution: cuDNN (forward, backward data, backward filter; descriptors and algorithms
 //! chosen once per shape and cached: by timing every algorithm, like PyTorch's
-//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`); 1×1 stride-1
+//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`, or with
+//! `MEDSSL_CUDNN_ALGO=time` by medssl's own timing of Find's algorithms and of the im2col engine,
+//! per direction, so that one direction of a shape may run on im2col + cuBLAS); 1×1 stride-1
 //! unpadded convolutions (the fusion projections, most of the small-width model's conv time)
 //! as strided-batched cuBLAS products on the tensors in place (`MEDSSL_CUDA_CONV1X1=cudnn` gives
 //! them to cuDNN too) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
@@ -38,15 +40,38 @@ struct Handle(sys::cudnnHandle_t);
 // stream, with that device's context bound.
 unsafe impl Send for Handle {}
 
-/// Descriptors and algorithms for one convolution shape. Immutable after creation.
+/// How one direction of a convolution shape runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Pass<A> {
+    /// A cuDNN algorithm, with the workspace (bytes) it runs with.
+    Dnn(A, usize),
+    /// medssl's im2col + cuBLAS engine (deterministic), where `MEDSSL_CUDNN_ALGO=time` timed it
+    /// faster than every cuDNN candidate.
+    Im2col,
+}
+
+type FwdAlgo = sys::cudnnConvolutionFwdAlgo_t;
+type DataAlgo = sys::cudnnConvolutionBwdDataAlgo_t;
+type FilterAlgo = sys::cudnnConvolutionBwdFilterAlgo_t;
+
+/// Descriptors and algorithms for one convolution shape. Immutable once in the plan cache.
 struct Plan {
     x: sys::cudnnTensorDescriptor_t,
     y: sys::cudnnTensorDescriptor_t,
     w: sys::cudnnFilterDescriptor_t,
     conv: sys::cudnnConvolutionDescriptor_t,
-    fwd: (sys::cudnnConvolutionFwdAlgo_t, usize),
-    bwd_data: (sys::cudnnConvolutionBwdDataAlgo_t, usize),
-    bwd_filter: (sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+    fwd: Pass<FwdAlgo>,
+    bwd_data: Pass<DataAlgo>,
+    bwd_filter: Pass<FilterAlgo>,
+}
+
+/// The cuDNN algorithms `MEDSSL_CUDNN_ALGO=time` times for one shape, per direction, each with
+/// its workspace (see [`timing_candidates`]).
+#[derive(Default)]
+struct Candidates {
+    fwd: Vec<(FwdAlgo, usize)>,
+    data: Vec<(DataAlgo, usize)>,
+    filter: Vec<(FilterAlgo, usize)>,
 }
 // SAFETY: descriptors are plain configuration objects, never mutated after `Plan::new`, and only
 // passed to cuDNN calls made under the handle mutex.
@@ -81,6 +106,9 @@ enum Search {
     Find,
     /// cuDNN's heuristic order, nothing run (`cudnnGet*Algorithm_v7`): `MEDSSL_CUDNN_ALGO=heuristic`.
     Heuristic,
+    /// Find, then medssl times Find's candidates and the im2col engine itself
+    /// (`MEDSSL_CUDNN_ALGO=time`, see [`time_plan`]).
+    Time,
 }
 
 impl Search {
@@ -88,6 +116,7 @@ impl Search {
         match switches::current().cudnn_algo {
             CudnnAlgo::Heuristic => Search::Heuristic,
             CudnnAlgo::Find => Search::Find,
+            CudnnAlgo::Time => Search::Time,
         }
     }
 }
@@ -145,7 +174,7 @@ same_layout!(sys::cudnnConvolutionBwdFilterAlgoPerf_t);
 
 /// An algorithm enum of one direction, built from cuDNN's raw code only when the code is one of
 /// the listed algorithms (the `*_COUNT` sentinels are not algorithms).
-trait AlgoCode: Copy + std::fmt::Debug + 'static {
+trait AlgoCode: Copy + PartialEq + std::fmt::Debug + 'static {
     const ALL: &'static [Self];
     fn from_raw(code: u32) -> Option<Self>;
 }
@@ -332,7 +361,7 @@ fn choose<A: AlgoCode>(
             }
         }
     };
-    if search == Search::Find
+    if search != Search::Heuristic
         && guarded(find, &mut buf, &mut count) == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
     {
         let found = filled(count, &buf);
@@ -448,6 +477,46 @@ fn first_workable<P: Perf>(
     )))
 }
 
+/// The candidates `MEDSSL_CUDNN_ALGO=time` times for one direction: every algorithm of
+/// `candidates` (best first, see [`ranked`]) that has a workspace under the descriptor's math
+/// type, once each, with that workspace or the one its result names, whichever is larger (as
+/// [`first_workable`]); with `deterministic_only`, only deterministic ones where there are any.
+fn timing_candidates<P: Perf>(
+    candidates: &[P],
+    workspace: impl Fn(P::Algo) -> std::result::Result<usize, dnn::CudnnError>,
+    deterministic_only: bool,
+) -> Vec<(P::Algo, usize)>
+where
+    P::Algo: PartialEq,
+{
+    let any_det = candidates.iter().any(|p| p.deterministic());
+    let mut out: Vec<(P::Algo, usize)> = Vec::new();
+    for p in candidates {
+        if (deterministic_only && any_det && !p.deterministic())
+            || out.iter().any(|(a, _)| *a == p.algo())
+        {
+            continue;
+        }
+        if let Ok(ws) = workspace(p.algo()) {
+            out.push((p.algo(), ws.max(p.memory())));
+        }
+    }
+    out
+}
+
+/// The fastest of the timed candidates of one direction (µs per call; `None`: it failed),
+/// the earlier one on a tie; `None` when every one failed.
+fn fastest<A: Copy>(timed: &[(Pass<A>, Option<f64>)]) -> Option<Pass<A>> {
+    timed
+        .iter()
+        .filter_map(|(p, t)| t.map(|t| (*p, t)))
+        .fold(None, |best: Option<(Pass<A>, f64)>, (p, t)| match best {
+            Some((_, bt)) if bt <= t => best,
+            _ => Some((p, t)),
+        })
+        .map(|(p, _)| p)
+}
+
 /// `MEDSSL_CUDNN_LOG=1`: one line per shape and direction on stderr.
 fn log_choice<P: Perf>(what: &str, shape: &Shape, p: &P, how: &str, skipped: usize, ws: usize) {
     if switches::current().cudnn_log {
@@ -501,8 +570,11 @@ unsafe fn max_count(
 }
 
 impl Plan {
+    /// The plan of shape `s` with the first workable candidate of each direction, and (for
+    /// `Search::Time`) every candidate to time.
+    ///
     /// SAFETY: `h` is a live cuDNN handle, used under its mutex with the context bound.
-    unsafe fn new(h: sys::cudnnHandle_t, s: &Shape) -> Result<Plan> {
+    unsafe fn new(h: sys::cudnnHandle_t, s: &Shape) -> Result<(Plan, Candidates)> {
         let f32t = sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let x = dnn::create_tensor_descriptor().map_err(dnn_err("tensor descriptor"))?;
@@ -515,19 +587,11 @@ impl Plan {
             y,
             w,
             conv,
-            fwd: (
-                sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
-                0,
-            ),
-            bwd_data: (
-                sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
-                0,
-            ),
-            bwd_filter: (
-                sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
-                0,
-            ),
+            fwd: Pass::Im2col,
+            bwd_data: Pass::Im2col,
+            bwd_filter: Pass::Im2col,
         };
+        let mut timed = Candidates::default();
         dnn::set_tensor4d_descriptor(x, nchw, f32t, [c(s.n)?, c(s.cin)?, c(s.h)?, c(s.w)?])
             .map_err(dnn_err("input descriptor"))?;
         dnn::set_tensor4d_descriptor(y, nchw, f32t, [c(s.n)?, c(s.cout)?, c(s.ho())?, c(s.wo())?])
@@ -555,6 +619,7 @@ impl Plan {
         dnn::set_convolution_math_type(conv, math).map_err(dnn_err("math type"))?;
 
         let search = Search::from_env();
+        let time = search == Search::Time;
         let (cands, how) = choose(
             search,
             math,
@@ -594,9 +659,12 @@ impl Plan {
             s,
             "CUDNN_CONVOLUTION_FWD_ALGO_",
         );
-        plan.fwd = first_workable("forward", s, &cands, how, |a| {
-            dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, a)
-        })?;
+        let ws = |a| dnn::get_convolution_forward_workspace_size(h, x, w, conv, y, a);
+        let (a, b) = first_workable("forward", s, &cands, how, ws)?;
+        plan.fwd = Pass::Dnn(a, b);
+        if time {
+            timed.fwd = timing_candidates(&cands, ws, deterministic_first());
+        }
 
         let (cands, how) = choose(
             search,
@@ -636,9 +704,12 @@ impl Plan {
             s,
             "CUDNN_CONVOLUTION_BWD_DATA_",
         );
-        plan.bwd_data = first_workable("backward-data", s, &cands, how, |a| {
-            dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, a)
-        })?;
+        let ws = |a| dnn::get_convolution_backward_data_workspace_size(h, w, y, conv, x, a);
+        let (a, b) = first_workable("backward-data", s, &cands, how, ws)?;
+        plan.bwd_data = Pass::Dnn(a, b);
+        if time {
+            timed.data = timing_candidates(&cands, ws, deterministic_first());
+        }
 
         let (cands, how) = choose(
             search,
@@ -682,10 +753,13 @@ impl Plan {
             s,
             "CUDNN_CONVOLUTION_BWD_FILTER_",
         );
-        plan.bwd_filter = first_workable("backward-filter", s, &cands, how, |a| {
-            dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, a)
-        })?;
-        Ok(plan)
+        let ws = |a| dnn::get_convolution_backward_filter_workspace_size(h, x, y, conv, w, a);
+        let (a, b) = first_workable("backward-filter", s, &cands, how, ws)?;
+        plan.bwd_filter = Pass::Dnn(a, b);
+        if time {
+            timed.filter = timing_candidates(&cands, ws, deterministic_first());
+        }
+        Ok((plan, timed))
     }
 }
 
@@ -797,15 +871,158 @@ impl ConvEngine {
 }
 
 impl Dnn {
-    fn plan(&self, h: sys::cudnnHandle_t, s: &Shape) -> Result<Arc<Plan>> {
+    /// The plan of shape `s`, made the first time the shape is seen. With
+    /// `MEDSSL_CUDNN_ALGO=time` its candidates are timed then ([`time_plan`]), except inside
+    /// a step that is being captured into (or compared with) a step graph, where the work would
+    /// become part of the graph: there Find's choice stands.
+    fn plan(&self, be: &CudaBackend, h: sys::cudnnHandle_t, s: &Shape) -> Result<Arc<Plan>> {
         if let Some(p) = lock(&self.plans).get(s) {
             return Ok(p.clone());
         }
         // SAFETY: called with the handle lock held and the context bound.
-        let p = Arc::new(unsafe { Plan::new(h, s) }?);
+        let (mut p, timed) = unsafe { Plan::new(h, s) }?;
+        let strict = super::graph::step_arena(be.ordinal).is_some_and(|(_, strict)| strict);
+        if Search::from_env() == Search::Time && !strict {
+            time_plan(be, h, &mut p, s, &timed)?;
+        }
+        let p = Arc::new(p);
         lock(&self.plans).insert(*s, p.clone());
         Ok(p)
     }
+}
+
+/// Calls per timing round of [`time_us`], and rounds (the fastest round counts).
+const TIME_CALLS: usize = 2;
+const TIME_ROUNDS: usize = 3;
+
+/// Device time per call of `run` in µs: one call to warm up, then [`TIME_ROUNDS`] rounds of
+/// [`TIME_CALLS`] calls between two CUDA events; the fastest round. `None` when a call fails
+/// (that candidate is then not chosen).
+fn time_us(be: &CudaBackend, mut run: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+    let d = be.drv.as_ref().expect("cuDNN runs on a real device");
+    if run().is_err() {
+        return Ok(None);
+    }
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut best = f64::INFINITY;
+    for _ in 0..TIME_ROUNDS {
+        let a = d
+            .stream
+            .record_event(flags)
+            .map_err(super::cuda_err("recording a timing event"))?;
+        for _ in 0..TIME_CALLS {
+            if run().is_err() {
+                return Ok(None);
+            }
+        }
+        let b = d
+            .stream
+            .record_event(flags)
+            .map_err(super::cuda_err("recording a timing event"))?;
+        let ms = a
+            .elapsed_ms(&b)
+            .map_err(super::cuda_err("reading a timing event"))?;
+        best = best.min(f64::from(ms) * 1000.0 / TIME_CALLS as f64);
+    }
+    Ok(Some(best))
+}
+
+/// `MEDSSL_CUDNN_ALGO=time`: times each direction's cuDNN candidates (`timed`, from Find) and
+/// the im2col + cuBLAS engine on zero-filled tensors of shape `s` ([`time_us`]) and sets each
+/// direction of `plan` to the fastest. Find's own timings at small sizes are several times the
+/// kernels' device time and can rank algorithms wrongly (bench/results/2026-11-27-h100.md, run 5);
+/// this times what runs, as it runs. With `MEDSSL_CUDNN_LOG=1` every timing goes to stderr.
+fn time_plan(
+    be: &CudaBackend,
+    h: sys::cudnnHandle_t,
+    plan: &mut Plan,
+    s: &Shape,
+    timed: &Candidates,
+) -> Result<()> {
+    let x = be.zeros(&[s.n, s.cin, s.h, s.w])?;
+    let w = be.zeros(&[s.cout, s.cin, s.k, s.k])?;
+    let y = be.zeros(&s.out_shape())?;
+    let (gx, gw) = (be.zeros(x.shape())?, be.zeros(w.shape())?);
+    let most = timed
+        .fwd
+        .iter()
+        .map(|c| c.1)
+        .chain(timed.data.iter().map(|c| c.1))
+        .chain(timed.filter.iter().map(|c| c.1))
+        .max()
+        .unwrap_or(0);
+    let ws = workspace(be, most)?;
+    let wp = ws_ptr(&ws);
+    let (px, pw, py, pgx, pgw) = (be.p(&x)?, be.p(&w)?, be.p(&y)?, be.p(&gx)?, be.p(&gw)?);
+    let err = |what: &'static str| dnn_err(what);
+    let mut fwd = Vec::new();
+    for &(a, b) in &timed.fwd {
+        // SAFETY: the descriptors of `plan` match the tensors made above for shape `s`; the
+        // workspace holds `most` >= `b` bytes.
+        let t = time_us(be, || {
+            unsafe { run_fwd(h, plan, a, (wp, b), [px, pw, py]) }.map_err(err("timing"))
+        })?;
+        fwd.push((Pass::Dnn(a, b), t));
+    }
+    fwd.push((Pass::Im2col, time_us(be, || im2col_fwd(be, s, &x, &w, &y))?));
+    let mut data = Vec::new();
+    for &(a, b) in &timed.data {
+        // SAFETY: as above (y stands for the output gradient).
+        let t = time_us(be, || {
+            unsafe { run_bwd_data(h, plan, a, (wp, b), [pw, py, pgx]) }.map_err(err("timing"))
+        })?;
+        data.push((Pass::Dnn(a, b), t));
+    }
+    data.push((
+        Pass::Im2col,
+        time_us(be, || im2col_bwd_data(be, s, &w, &y, &gx))?,
+    ));
+    let mut filter = Vec::new();
+    for &(a, b) in &timed.filter {
+        // SAFETY: as above.
+        let t = time_us(be, || {
+            unsafe { run_bwd_filter(h, plan, a, (wp, b), [px, py, pgw]) }.map_err(err("timing"))
+        })?;
+        filter.push((Pass::Dnn(a, b), t));
+    }
+    filter.push((
+        Pass::Im2col,
+        time_us(be, || im2col_bwd_filter(be, s, &x, &y, &gw))?,
+    ));
+    log_timed("forward", s, &fwd);
+    log_timed("backward-data", s, &data);
+    log_timed("backward-filter", s, &filter);
+    // im2col is always timed, so a failure of everything leaves Find's choice.
+    plan.fwd = fastest(&fwd).unwrap_or(plan.fwd);
+    plan.bwd_data = fastest(&data).unwrap_or(plan.bwd_data);
+    plan.bwd_filter = fastest(&filter).unwrap_or(plan.bwd_filter);
+    Ok(())
+}
+
+/// `MEDSSL_CUDNN_LOG=1`: the timings of one direction and the choice, on stderr.
+fn log_timed<A: std::fmt::Debug + Copy>(what: &str, s: &Shape, timed: &[(Pass<A>, Option<f64>)]) {
+    if !switches::current().cudnn_log {
+        return;
+    }
+    let name = |p: &Pass<A>| match p {
+        Pass::Dnn(a, _) => format!("{a:?}")
+            .trim_start_matches("CUDNN_CONVOLUTION_")
+            .to_string(),
+        Pass::Im2col => "im2col+cublas".to_string(),
+    };
+    let all: Vec<String> = timed
+        .iter()
+        .map(|(p, t)| match t {
+            Some(t) => format!("{} {t:.1} us", name(p)),
+            None => format!("{} failed", name(p)),
+        })
+        .collect();
+    let chosen = fastest(timed).map_or("none".to_string(), |p| name(&p));
+    eprintln!(
+        "cudnn {what} {} timed: {} -> {chosen}",
+        s.describe(),
+        all.join(", ")
+    );
 }
 
 fn workspace(be: &CudaBackend, bytes: usize) -> Result<Option<super::CudaStorage>> {
@@ -854,6 +1071,90 @@ fn vp(p: u64) -> *const std::ffi::c_void {
     p as *const std::ffi::c_void
 }
 
+/// A workspace: its address and size in bytes.
+type Ws = (*mut std::ffi::c_void, usize);
+
+/// cuDNN's forward `y = conv(x, w)` with `algo` on `[x, w, y]`.
+///
+/// SAFETY: `h` is live and bound to the device's stream; the plan's descriptors match the three
+/// buffers, which are live, and the workspace holds its stated size.
+unsafe fn run_fwd(
+    h: sys::cudnnHandle_t,
+    plan: &Plan,
+    algo: FwdAlgo,
+    (ws, ws_bytes): Ws,
+    [px, pw, py]: [u64; 3],
+) -> std::result::Result<(), dnn::CudnnError> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    dnn::convolution_forward(
+        h,
+        &alpha as *const f32 as *const _,
+        plan.x,
+        vp(px),
+        plan.w,
+        vp(pw),
+        plan.conv,
+        algo,
+        ws,
+        ws_bytes,
+        &beta as *const f32 as *const _,
+        plan.y,
+        py as *mut _,
+    )
+}
+
+/// cuDNN's data gradient `gx` from `[w, gy, gx]` with `algo` (SAFETY: as [`run_fwd`]).
+unsafe fn run_bwd_data(
+    h: sys::cudnnHandle_t,
+    plan: &Plan,
+    algo: DataAlgo,
+    (ws, ws_bytes): Ws,
+    [pw, pgy, pgx]: [u64; 3],
+) -> std::result::Result<(), dnn::CudnnError> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    dnn::convolution_backward_data(
+        h,
+        &alpha as *const f32 as *const _,
+        plan.w,
+        vp(pw),
+        plan.y,
+        vp(pgy),
+        plan.conv,
+        algo,
+        ws,
+        ws_bytes,
+        &beta as *const f32 as *const _,
+        plan.x,
+        pgx as *mut _,
+    )
+}
+
+/// cuDNN's filter gradient `gw` from `[x, gy, gw]` with `algo` (SAFETY: as [`run_fwd`]).
+unsafe fn run_bwd_filter(
+    h: sys::cudnnHandle_t,
+    plan: &Plan,
+    algo: FilterAlgo,
+    (ws, ws_bytes): Ws,
+    [px, pgy, pgw]: [u64; 3],
+) -> std::result::Result<(), dnn::CudnnError> {
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    dnn::convolution_backward_filter(
+        h,
+        &alpha as *const f32 as *const _,
+        plan.x,
+        vp(px),
+        plan.y,
+        vp(pgy),
+        plan.conv,
+        algo,
+        ws,
+        ws_bytes,
+        &beta as *const f32 as *const _,
+        plan.w,
+        pgw as *mut _,
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // The ops
 // ---------------------------------------------------------------------------------------------
@@ -872,41 +1173,32 @@ pub(super) fn conv2d_fwd(
         return be.zeros(&out);
     }
     let y = be.empty(&out)?;
-    match be.conv.dnn_for(&s) {
+    let pass = match be.conv.dnn_for(&s) {
         Some(d) => {
             // One turn for the pass and, the first time a shape is seen, the algorithm search
             // (which runs convolutions on the stream).
             let _turn = be.turn();
             be.bind()?;
             let h = lock(&d.handle);
-            let plan = d.plan(h.0, &s)?;
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            let (px, pw, py) = (be.p(x)?, be.p(w)?, be.p(&y)?);
-            let pass = ("cudnn_conv_fwd", "convolution forward");
-            let algo = (plan.fwd.0 as u64, plan.fwd.1);
-            dnn_pass(be, pass, &plan, algo, [px, pw, py], |ws| {
-                // SAFETY: descriptors match the validated shapes of x, w and y; all buffers are
-                // live on the stream the handle is bound to.
-                unsafe {
-                    dnn::convolution_forward(
-                        h.0,
-                        &alpha as *const f32 as *const _,
-                        plan.x,
-                        vp(px),
-                        plan.w,
-                        vp(pw),
-                        plan.conv,
-                        plan.fwd.0,
-                        ws,
-                        plan.fwd.1,
-                        &beta as *const f32 as *const _,
-                        plan.y,
-                        py as *mut _,
-                    )
+            let plan = d.plan(be, h.0, &s)?;
+            match plan.fwd {
+                Pass::Dnn(a, ws_bytes) => {
+                    let t = [be.p(x)?, be.p(w)?, be.p(&y)?];
+                    let pass = ("cudnn_conv_fwd", "convolution forward");
+                    dnn_pass(be, pass, &plan, (a as u64, ws_bytes), t, |ws| {
+                        // SAFETY: descriptors match the validated shapes of x, w and y; all
+                        // buffers are live on the stream the handle is bound to.
+                        unsafe { run_fwd(h.0, &plan, a, (ws, ws_bytes), t) }
+                    })?;
+                    None
                 }
-            })?;
+                Pass::Im2col => Some(()),
+            }
         }
-        None => im2col_fwd(be, &s, x, w, &y)?,
+        None => Some(()),
+    };
+    if pass.is_some() {
+        im2col_fwd(be, &s, x, w, &y)?;
     }
     if let Some(b) = b {
         elementwise::add_bias(be, &y, b, s.cout, s.ho() * s.wo())?;
@@ -951,65 +1243,43 @@ pub(super) fn conv2d_bwd(
     } else {
         None
     };
-    match be.conv.dnn_for(&s) {
+    // Which directions run on the im2col engine (all of them without cuDNN).
+    let (data_im2col, filter_im2col) = match be.conv.dnn_for(&s) {
         Some(d) => {
             // One turn for the pass and, the first time a shape is seen, the algorithm search
             // (which runs convolutions on the stream).
             let _turn = be.turn();
             be.bind()?;
             let h = lock(&d.handle);
-            let plan = d.plan(h.0, &s)?;
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            if let Some(gx) = &gx {
-                let (pw, pgy, pgx) = (be.p(w)?, be.p(gy)?, be.p(gx)?);
+            let plan = d.plan(be, h.0, &s)?;
+            if let (Some(gx), Pass::Dnn(a, ws_bytes)) = (&gx, plan.bwd_data) {
+                let t = [be.p(w)?, be.p(gy)?, be.p(gx)?];
                 let pass = ("cudnn_conv_bwd_data", "convolution backward data");
-                let algo = (plan.bwd_data.0 as u64, plan.bwd_data.1);
-                dnn_pass(be, pass, &plan, algo, [pw, pgy, pgx], |ws| {
+                dnn_pass(be, pass, &plan, (a as u64, ws_bytes), t, |ws| {
                     // SAFETY: as in the forward pass.
-                    unsafe {
-                        dnn::convolution_backward_data(
-                            h.0,
-                            &alpha as *const f32 as *const _,
-                            plan.w,
-                            vp(pw),
-                            plan.y,
-                            vp(pgy),
-                            plan.conv,
-                            plan.bwd_data.0,
-                            ws,
-                            plan.bwd_data.1,
-                            &beta as *const f32 as *const _,
-                            plan.x,
-                            pgx as *mut _,
-                        )
-                    }
+                    unsafe { run_bwd_data(h.0, &plan, a, (ws, ws_bytes), t) }
                 })?;
             }
-            let (px, pgy, pgw) = (be.p(x)?, be.p(gy)?, be.p(&gw)?);
-            let pass = ("cudnn_conv_bwd_filter", "convolution backward filter");
-            let algo = (plan.bwd_filter.0 as u64, plan.bwd_filter.1);
-            dnn_pass(be, pass, &plan, algo, [px, pgy, pgw], |ws| {
-                // SAFETY: as in the forward pass.
-                unsafe {
-                    dnn::convolution_backward_filter(
-                        h.0,
-                        &alpha as *const f32 as *const _,
-                        plan.x,
-                        vp(px),
-                        plan.y,
-                        vp(pgy),
-                        plan.conv,
-                        plan.bwd_filter.0,
-                        ws,
-                        plan.bwd_filter.1,
-                        &beta as *const f32 as *const _,
-                        plan.w,
-                        pgw as *mut _,
-                    )
-                }
-            })?;
+            if let Pass::Dnn(a, ws_bytes) = plan.bwd_filter {
+                let t = [be.p(x)?, be.p(gy)?, be.p(&gw)?];
+                let pass = ("cudnn_conv_bwd_filter", "convolution backward filter");
+                dnn_pass(be, pass, &plan, (a as u64, ws_bytes), t, |ws| {
+                    // SAFETY: as in the forward pass.
+                    unsafe { run_bwd_filter(h.0, &plan, a, (ws, ws_bytes), t) }
+                })?;
+            }
+            (
+                plan.bwd_data == Pass::Im2col,
+                plan.bwd_filter == Pass::Im2col,
+            )
         }
-        None => im2col_bwd(be, &s, x, w, gy, &gw, gx.as_ref())?,
+        None => (true, true),
+    };
+    if let (Some(gx), true) = (&gx, data_im2col) {
+        im2col_bwd_data(be, &s, w, gy, gx)?;
+    }
+    if filter_im2col {
+        im2col_bwd_filter(be, &s, x, gy, &gw)?;
     }
     Ok(ConvGrads {
         x: gx,
@@ -1070,36 +1340,46 @@ fn im2col_fwd(be: &CudaBackend, s: &Shape, x: &Tensor, w: &Tensor, y: &Tensor) -
         .run(be, be.p(w)?, col, be.p(y)?)
 }
 
-fn im2col_bwd(
+/// The data gradient `gx` on the im2col engine.
+fn im2col_bwd_data(
     be: &CudaBackend,
     s: &Shape,
-    x: &Tensor,
     w: &Tensor,
     gy: &Tensor,
-    gw: &Tensor,
-    gx: Option<&Tensor>,
+    gx: &Tensor,
 ) -> Result<()> {
     let ckk = s.cin * s.k * s.k;
     let ohw = s.ho() * s.wo();
-    if let (Some(gx), true) = (gx, is_pointwise(s)) {
+    if is_pointwise(s) {
         // Pointwise: gx_n [Cin, HW] = Wᵀ · gy_n directly.
-        Gemm::new(true, false, ckk, ohw, s.cout)
+        return Gemm::new(true, false, ckk, ohw, s.cout)
             .batched(s.n)
             .strides(0, s.cout * ohw, ckk * ohw)
-            .run(be, be.p(w)?, be.p(gy)?, be.p(gx)?)?;
-    } else if let Some(gx) = gx {
-        // gcol_n [CKK, OHW] = Wᵀ · gy_n, then a gather back to image positions.
-        let gcol = be.buffer(s.n * ckk * ohw)?;
-        Gemm::new(true, false, ckk, ohw, s.cout)
-            .batched(s.n)
-            .strides(0, s.cout * ohw, ckk * ohw)
-            .run(be, be.p(w)?, be.p(gy)?, gcol.ptr())?;
-        let total = gx.numel();
-        let mut args = vec![A::I(ci(total)?)];
-        args.extend(geometry(s)?);
-        args.extend([A::P(gcol.ptr()), A::P(be.p(gx)?)]);
-        be.launch("cv_col2im", cfg_lin(total), &args)?;
+            .run(be, be.p(w)?, be.p(gy)?, be.p(gx)?);
     }
+    // gcol_n [CKK, OHW] = Wᵀ · gy_n, then a gather back to image positions.
+    let gcol = be.buffer(s.n * ckk * ohw)?;
+    Gemm::new(true, false, ckk, ohw, s.cout)
+        .batched(s.n)
+        .strides(0, s.cout * ohw, ckk * ohw)
+        .run(be, be.p(w)?, be.p(gy)?, gcol.ptr())?;
+    let total = gx.numel();
+    let mut args = vec![A::I(ci(total)?)];
+    args.extend(geometry(s)?);
+    args.extend([A::P(gcol.ptr()), A::P(be.p(gx)?)]);
+    be.launch("cv_col2im", cfg_lin(total), &args)
+}
+
+/// The filter gradient `gw` on the im2col engine.
+fn im2col_bwd_filter(
+    be: &CudaBackend,
+    s: &Shape,
+    x: &Tensor,
+    gy: &Tensor,
+    gw: &Tensor,
+) -> Result<()> {
+    let ckk = s.cin * s.k * s.k;
+    let ohw = s.ho() * s.wo();
     // gW = Σ_n gy_n [Cout, OHW] · col_nᵀ: per-image products, then a fixed-order batch sum.
     let (col, _keep) = columns(be, s, x)?;
     let per = s.cout * ckk;
@@ -1117,8 +1397,8 @@ fn im2col_bwd(
 #[cfg(test)]
 mod tests {
     use super::{
-        describe, dnn, first_workable, pick, prefer, ranked, sys, AlgoCode, Found, Perf, RawPerf,
-        Shape, WORKSPACE_LIMIT,
+        describe, dnn, fastest, first_workable, pick, prefer, ranked, sys, timing_candidates,
+        AlgoCode, Found, Pass, Perf, RawPerf, Shape, WORKSPACE_LIMIT,
     };
 
     /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
@@ -1184,6 +1464,50 @@ mod tests {
         assert_eq!(order(fma, false), vec![1, 3, 2]);
         assert_eq!(order(dflt, true), vec![2, 3, 1]);
         assert_eq!(order(dflt, false), vec![1, 2, 3]);
+    }
+
+    /// `MEDSSL_CUDNN_ALGO=time` times each algorithm once (a Find lists an algorithm once per math
+    /// type), only those with a workspace under the descriptor's math type, each with the larger
+    /// of the two workspaces, deterministic ones only unless allowed otherwise (or unless there
+    /// are none); then takes the fastest timing, im2col included, the earlier on a tie, never a
+    /// failed one.
+    #[test]
+    fn own_timing_candidates_and_choice() {
+        let found = [
+            R(1, true, false, true, 64),
+            R(3, true, true, true, 128),
+            R(3, true, true, false, 0),
+            R(2, true, true, true, 0),
+            R(5, true, true, true, 0),
+        ];
+        // Algorithm 5 has no workspace in this math type; 3 reports less than its result.
+        let ws = |a: u32| -> Result<usize, dnn::CudnnError> {
+            match a {
+                5 => Err(dnn::CudnnError(
+                    sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED,
+                )),
+                3 => Ok(16),
+                _ => Ok(32),
+            }
+        };
+        assert_eq!(timing_candidates(&found, ws, true), vec![(3, 128), (2, 32)]);
+        assert_eq!(
+            timing_candidates(&found, ws, false),
+            vec![(1, 64), (3, 128), (2, 32)]
+        );
+        let nd = [R(6, true, false, true, 0), R(7, true, false, true, 8)];
+        assert_eq!(timing_candidates(&nd, ws, true), vec![(6, 32), (7, 32)]);
+
+        let t = |v: &[(Pass<u32>, Option<f64>)]| fastest(v);
+        let (a, b, i) = (Pass::Dnn(1, 0), Pass::Dnn(2, 64), Pass::Im2col);
+        assert_eq!(
+            t(&[(a, Some(20.0)), (b, Some(9.5)), (i, Some(12.0))]),
+            Some(b)
+        );
+        assert_eq!(t(&[(a, Some(20.0)), (b, None), (i, Some(12.0))]), Some(i));
+        assert_eq!(t(&[(a, Some(12.0)), (i, Some(12.0))]), Some(a), "a tie");
+        assert_eq!(t(&[(a, None), (i, None)]), None);
+        assert_eq!(t(&[]), None);
     }
 
     /// A 3×3 convolution of 2 images, 3 → 4 channels at 5×5.

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `MEDSSL_CUDA_EMULATE` | `0`, `1`: CPU emulation of the device | `0` |
 //! | `MEDSSL_TF32` | `0`, `1`: TF32 tensor-core math in cuBLAS and cuDNN | `0` |
-//! | `MEDSSL_CUDNN_ALGO` | `find` (time every algorithm), `heuristic` | `find` |
+//! | `MEDSSL_CUDNN_ALGO` | `find` (cuDNN times every algorithm), `heuristic`, `time` (medssl times Find's algorithms and its im2col engine per direction) | `find` |
 //! | `MEDSSL_CUDNN_DETERMINISTIC` | `1` (deterministic algorithms first), `0` | `1` |
 //! | `MEDSSL_CUDNN_LOG` | `0`, `1`: log each shape's chosen algorithm to stderr | `0` |
 //! | `MEDSSL_CUDNN_FWD_ALGO`, `MEDSSL_CUDNN_BWD_DATA_ALGO`, `MEDSSL_CUDNN_BWD_FILTER_ALGO` | an algorithm's name (e.g. `IMPLICIT_PRECOMP_GEMM`, `ALGO_0`): taken first wherever it is usable, for experiments | unset |
@@ -32,6 +32,10 @@ pub enum CudnnAlgo {
     Find,
     /// cuDNN's heuristic order, nothing run.
     Heuristic,
+    /// Find's usable algorithms (deterministic ones only, unless `MEDSSL_CUDNN_DETERMINISTIC=0`)
+    /// and medssl's im2col + cuBLAS engine, each timed by medssl with CUDA events on the
+    /// device, per direction: the fastest runs.
+    Time,
 }
 
 impl CudnnAlgo {
@@ -39,6 +43,7 @@ impl CudnnAlgo {
         match self {
             CudnnAlgo::Find => "find",
             CudnnAlgo::Heuristic => "heuristic",
+            CudnnAlgo::Time => "time",
         }
     }
 }
@@ -174,10 +179,17 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
     Ok(Switches {
         emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
         tf32: flag("MEDSSL_TF32", false)?,
-        cudnn_algo: if choice("MEDSSL_CUDNN_ALGO", ["find", "heuristic"])? {
-            CudnnAlgo::Find
-        } else {
-            CudnnAlgo::Heuristic
+        cudnn_algo: match val("MEDSSL_CUDNN_ALGO").as_deref() {
+            None | Some("find") => CudnnAlgo::Find,
+            Some("heuristic") => CudnnAlgo::Heuristic,
+            Some("time") => CudnnAlgo::Time,
+            Some(v) => {
+                return Err(bad(
+                    "MEDSSL_CUDNN_ALGO",
+                    v,
+                    "find (the default), heuristic or time",
+                ))
+            }
         },
         cudnn_deterministic_first: flag("MEDSSL_CUDNN_DETERMINISTIC", true)?,
         cudnn_log: flag("MEDSSL_CUDNN_LOG", false)?,
@@ -286,6 +298,10 @@ mod tests {
         assert_eq!(s.cudnn_bwd_filter_algo.as_deref(), Some("ALGO_0"));
         assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
+        assert_eq!(
+            with(&[("MEDSSL_CUDNN_ALGO", "time")]).unwrap().cudnn_algo,
+            CudnnAlgo::Time
+        );
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
         assert!(!s.bn_welford);
@@ -323,7 +339,7 @@ mod tests {
             (
                 "MEDSSL_CUDNN_ALGO",
                 "fastest",
-                "find (the default) or heuristic",
+                "find (the default), heuristic or time",
             ),
             (
                 "MEDSSL_CUDA_CONV",
