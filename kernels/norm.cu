@@ -199,13 +199,27 @@ struct BnLoad {
 };
 
 // The one-pass moments of channel c's elements j in [lo, hi) by one block (every thread gets
-// them; see bn_range_stats), each element read through `ld` (BnLoad, BnStage).
-template <class Ld>
+// them; see bn_range_stats), each element read through `ld` (BnLoad, BnStage). Each thread loads
+// G groups of four strides at a time (G*4 loads in flight), then merges the groups' moments in
+// order: the same arithmetic, so the same bits, for any G; a larger G keeps more bytes in flight
+// where fewer threads share a multiprocessor (the resident forward runs 1024 per multiprocessor).
+template <int G, class Ld>
 __device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo, int hi,
                                                     const float* x, const Ld& ld) {
     Moments v{0, 0.f, 0.f};
     for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
-        if (bn_has(w, 3)) {
+        if (bn_has(w, 4 * G - 1)) {
+            size_t k[4 * G];
+            int p[4 * G];
+            float xv[4 * G];
+            for (int q = 0; q < 4 * G; ++q) {
+                p[q] = w.p.j - lo;
+                k[q] = bn_next(w);
+            }
+            for (int q = 0; q < 4 * G; ++q) xv[q] = ld.load(x + k[q], p[q]);
+            for (int q = 0; q < 4 * G; ++q) ld.keep(p[q], xv[q]);
+            for (int g = 0; g < G; ++g) v = moments_merge(v, moments4(xv + 4 * g));
+        } else if (G > 1 && bn_has(w, 3)) {
             size_t k[4];
             int p[4];
             float xv[4];
@@ -240,7 +254,7 @@ __device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
-        const Moments r = bn_range_moments(C, HW, c, lo, hi, x, BnLoad());
+        const Moments r = bn_range_moments<1>(C, HW, c, lo, hi, x, BnLoad());
         *mu_out = r.mean;
         *m2_out = r.m2;
         return;
@@ -807,7 +821,7 @@ extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap,
     const BnChunk k = bn_chunk(M, S, s);
     float* sh = dyn_shared_f32();
     Moments r{0, 0.f, 0.f};
-    if (k.lo < k.hi) r = bn_range_moments(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
+    if (k.lo < k.hi) r = bn_range_moments<2>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
     __shared__ float stat[2];
     if (threadIdx.x == 0) {
         part[((size_t)c * S + s) * 2] = r.mean;
