@@ -343,8 +343,9 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
 }
 
 // Writes y = bn_out(x) for the elements a walk visits, with one channel's statistics and
-// parameters: four strides at a time, every load before the stores (as bn_range_stats).
-// ... the same with x's element at offset o, the walk's j, given by src(o, j).
+// parameters: four strides at a time, every load before the stores (as bn_range_stats). The
+// element of x at offset o (the walk's j) is src(o, j): BnFromX reads x[o] (bn_apply_walk),
+// BnFromKept the resident forward's shared memory where it kept the element.
 template <class Walk, class Src>
 __device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, float g, float b,
                                                    const Src& src, const float* res, int relu,
@@ -382,6 +383,7 @@ struct BnFromX {
     }
 };
 
+// bn_apply_walk_from with x read from memory.
 template <class Walk>
 __device__ __forceinline__ void bn_apply_walk(Walk w, float mu, float is, float g, float b,
                                               const float* x, const float* res, int relu,

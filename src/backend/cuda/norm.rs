@@ -89,7 +89,7 @@ const EMULATED_KEEP: usize = 1024;
 impl CudaBackend {
     /// [`ResidentLimits`] of this device, read once: `None` where the device cannot launch
     /// cooperative kernels or its attributes cannot be read (the forward then stays on two
-    /// launches). On a device: shared memory for two blocks of [`RED_THREADS`] per
+    /// launches, which stderr says once). On a device: shared memory for two blocks of [`RED_THREADS`] per
     /// multiprocessor (one where the registers allow only one), less what the driver reserves
     /// per block and the kernel's own; the kernel is allowed that much dynamic shared memory,
     /// and the driver's occupancy for it gives the blocks. On the emulated device: two blocks
@@ -100,7 +100,24 @@ impl CudaBackend {
                 blocks: 2 * self.sms,
                 keep: EMULATED_KEEP,
             }),
-            Some(d) => device_resident_limits(d, self.sms).ok().flatten(),
+            Some(d) => match device_resident_limits(d, self.sms) {
+                Ok(Some(l)) => Some(l),
+                Ok(None) => {
+                    eprintln!(
+                        "MEDSSL_CUDA_BN_FWD=resident: this device cannot keep the resident \
+                         forward's blocks resident together (no cooperative launch, or not one \
+                         block per multiprocessor); batch-norm forwards stay on two launches"
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!(
+                        "MEDSSL_CUDA_BN_FWD=resident: {e}; batch-norm forwards stay on two \
+                         launches"
+                    );
+                    None
+                }
+            },
         })
     }
 
@@ -156,7 +173,7 @@ fn device_resident_limits(d: &super::Driver, sms: usize) -> Result<Option<Reside
             .occupancy_max_active_blocks_per_multiprocessor(RED_THREADS, bytes, None)
             .map_err(super::cuda_err("reading bn_fwd_resident's occupancy"))?
             as usize;
-        if fit >= per_block || (per_block == 1 && fit == 1) {
+        if fit >= per_block {
             return Ok(Some(ResidentLimits {
                 blocks: fit.min(per_block) * sms,
                 keep: bytes / 4,
