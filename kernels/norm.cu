@@ -14,9 +14,10 @@
 // rather than twice per element; by default (MEDSSL_CUDA_BN_APPLY=chunks) the train-mode ones run
 // instead on the grid (S, C) of the reduction before them (bn_apply_chunks, bn_dx_chunks: block
 // (s, c) walks chunk s of channel c as the reduction's block did; =flat keeps the flat pass).
-// With MEDSSL_CUDA_BN_FWD=resident the two-launch forward is one cooperative launch on the same
-// kind of grid (bn_fwd_resident: its blocks wait for the other blocks of their channel, then write
-// the chunk they read, mostly from shared memory).
+// With MEDSSL_CUDA_BN_FWD=resident (MEDSSL_CUDA_BN_BWD=resident) the two-launch forward
+// (backward) is one cooperative launch on the same kind of grid (bn_fwd_resident, bn_bwd_resident:
+// their blocks wait for the other blocks of their channel, then write the chunk they read, what
+// they kept of it from shared memory).
 // L2 normalise is "warp per row".
 #include "common.cuh"
 
@@ -493,41 +494,83 @@ __device__ __forceinline__ float bn_gy(const float* gy, const float* ry, size_t 
     return (ry && !(ry[k] > 0.f)) ? 0.f : gy[k];
 }
 
+// How the gradient sums read an element at offset k, the p-th of the range in walk order: its
+// masked output gradient g(k, p) (bn_gy) and input x(k, p); keep(p, g, x) is told both after the
+// group's loads. BnGradLoad reads plainly and keeps nothing; BnGradStage (the resident
+// backward) also keeps the range's first `cap` pairs in shared memory.
+struct BnGradLoad {
+    const float *x, *gy, *ry;
+    DEVICE_MEMBER float g(size_t k, int p) const {
+        (void)p;
+        return bn_gy(gy, ry, k);
+    }
+    DEVICE_MEMBER float xv(size_t k, int p) const {
+        (void)p;
+        return x[k];
+    }
+    DEVICE_MEMBER void keep(int p, float g, float v) const {
+        (void)p;
+        (void)g;
+        (void)v;
+    }
+};
+
 // The gradient sums of channel c's elements j in [lo, hi) by one block (every thread gets them):
 // sg = sum(gy) and sgx = sum(gy * xhat), xhat = (x - mean) * invstd, with gy masked by the
-// following ReLU's output ry when ry is not null (see bn_gy). When gm is not null, the masked
-// gradient is also written there (a residual join's other input needs it).
+// following ReLU's output ry when ry is not null (see bn_gy), each element read through `ld`
+// (BnGradLoad, BnGradStage). When gm is not null, the masked gradient is also written there (a
+// residual join's other input needs it). G groups of four strides at a time, their sums added
+// group after group into the same four accumulators: the same bits for any G (as
+// bn_range_moments).
+// One group of NQ strides of bn_range_grad_sums_g: every load, then the stores to gm (a buffer of
+// its own, never one of the inputs) and the sums, element q into accumulator q mod 4.
+template <int NQ, class Ld>
+__device__ __forceinline__ void bn_grad_group(BnWalk& w, int lo, float mu, float is, float* gm,
+                                              const Ld& ld, float* sg, float* sgx) {
+    size_t k[NQ];
+    int p[NQ];
+    float g[NQ], xv[NQ];
+    for (int q = 0; q < NQ; ++q) {
+        p[q] = w.p.j - lo;
+        k[q] = bn_next(w);
+    }
+    for (int q = 0; q < NQ; ++q) {
+        g[q] = ld.g(k[q], p[q]);
+        xv[q] = ld.xv(k[q], p[q]);
+    }
+    for (int q = 0; q < NQ; ++q) ld.keep(p[q], g[q], xv[q]);
+    for (int q = 0; q < NQ; ++q) {
+        if (gm) gm[k[q]] = g[q];
+        sg[q & 3] += g[q];
+        sgx[q & 3] = fmaf(g[q] * (xv[q] - mu), is, sgx[q & 3]);
+    }
+}
+
+template <int G, class Ld>
+__device__ __forceinline__ void bn_range_grad_sums_g(int C, int HW, int c, int lo, int hi,
+                                                     float mu, float is, float* gm, const Ld& ld,
+                                                     float* sg_out, float* sgx_out) {
+    float sg[4] = {0.f, 0.f, 0.f, 0.f}, sgx[4] = {0.f, 0.f, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
+        // Groups of G*4 while there are that many, then of 4, then single elements.
+        if (bn_has(w, 4 * G - 1))
+            bn_grad_group<4 * G>(w, lo, mu, is, gm, ld, sg, sgx);
+        else if (G > 1 && bn_has(w, 3))
+            bn_grad_group<4>(w, lo, mu, is, gm, ld, sg, sgx);
+        else
+            bn_grad_group<1>(w, lo, mu, is, gm, ld, sg, sgx);
+    }
+    *sg_out = block_sum((sg[0] + sg[1]) + (sg[2] + sg[3]));
+    *sgx_out = block_sum((sgx[0] + sgx[1]) + (sgx[2] + sgx[3]));
+}
+
+// bn_range_grad_sums_g reading plainly, four strides at a time.
 __device__ __forceinline__ void bn_range_grad_sums(int C, int HW, int c, int lo, int hi,
                                                    const float* x, const float* gy,
                                                    const float* ry, float mu, float is, float* gm,
                                                    float* sg_out, float* sgx_out) {
-    // Four strides at a time as in bn_range_stats, all loads before the stores to gm (a buffer
-    // of its own, never one of the inputs).
-    float sg[4] = {0.f, 0.f, 0.f, 0.f}, sgx[4] = {0.f, 0.f, 0.f, 0.f};
-    for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
-        if (bn_has(w, 3)) {
-            size_t k[4];
-            float g[4], xv[4];
-            for (int q = 0; q < 4; ++q) k[q] = bn_next(w);
-            for (int q = 0; q < 4; ++q) {
-                g[q] = bn_gy(gy, ry, k[q]);
-                xv[q] = x[k[q]];
-            }
-            for (int q = 0; q < 4; ++q) {
-                if (gm) gm[k[q]] = g[q];
-                sg[q] += g[q];
-                sgx[q] = fmaf(g[q] * (xv[q] - mu), is, sgx[q]);
-            }
-        } else {
-            const size_t k = bn_next(w);
-            const float g = bn_gy(gy, ry, k);
-            if (gm) gm[k] = g;
-            sg[0] += g;
-            sgx[0] = fmaf(g * (x[k] - mu), is, sgx[0]);
-        }
-    }
-    *sg_out = block_sum((sg[0] + sg[1]) + (sg[2] + sg[3]));
-    *sgx_out = block_sum((sgx[0] + sgx[1]) + (sgx[2] + sgx[3]));
+    bn_range_grad_sums_g<1>(C, HW, c, lo, hi, mu, is, gm, BnGradLoad{x, gy, ry}, sg_out,
+                            sgx_out);
 }
 
 // The same over the whole channel (M = N*HW elements).
@@ -548,26 +591,40 @@ __device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, fl
 
 // Writes the train-mode input gradient gx = bn_dx(...) for the elements a walk visits, with one
 // channel's statistics, gamma and gradient sums: four strides at a time, every load before the
-// stores.
+// stores. The masked output gradient and the input at offset o (the walk's j) come from
+// src.g(o, j) and src.xv(o, j): BnGradLoad reads memory (bn_dx_walk), BnDxFromKept the resident
+// backward's shared memory where it kept them.
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_dx_walk_from(Walk w, int M, float mu, float is, float gam,
+                                                float sg, float sgx, const Src& src, float* gx) {
+    while (walk_has(w, 0)) {
+        if (walk_has(w, 3)) {
+            size_t o[4];
+            int j[4];
+            float g[4], xv[4];
+            for (int q = 0; q < 4; ++q) {
+                j[q] = w.p.j;
+                o[q] = walk_step(w);
+            }
+            for (int q = 0; q < 4; ++q) {
+                g[q] = src.g(o[q], j[q]);
+                xv[q] = src.xv(o[q], j[q]);
+            }
+            for (int q = 0; q < 4; ++q) gx[o[q]] = bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M);
+        } else {
+            const int j = w.p.j;
+            const size_t o = walk_step(w);
+            gx[o] = bn_dx(src.g(o, j), src.xv(o, j), mu, is, gam, sg, sgx, M);
+        }
+    }
+}
+
+// bn_dx_walk_from reading memory.
 template <class Walk>
 __device__ __forceinline__ void bn_dx_walk(Walk w, int M, float mu, float is, float gam,
                                            float sg, float sgx, const float* x, const float* gy,
                                            const float* ry, float* gx) {
-    while (walk_has(w, 0)) {
-        if (walk_has(w, 3)) {
-            size_t o[4];
-            float g[4], xv[4];
-            for (int q = 0; q < 4; ++q) o[q] = walk_step(w);
-            for (int q = 0; q < 4; ++q) {
-                g[q] = bn_gy(gy, ry, o[q]);
-                xv[q] = x[o[q]];
-            }
-            for (int q = 0; q < 4; ++q) gx[o[q]] = bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M);
-        } else {
-            const size_t o = walk_step(w);
-            gx[o] = bn_dx(bn_gy(gy, ry, o), x[o], mu, is, gam, sg, sgx, M);
-        }
-    }
+    bn_dx_walk_from(w, M, mu, is, gam, sg, sgx, BnGradLoad{x, gy, ry}, gx);
 }
 
 // Per channel (one block each): gbeta = sum(gy), ggamma = sum(gy * xhat) (see bn_grad_sums).
@@ -848,6 +905,100 @@ extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap,
     if (k.lo < k.hi)
         bn_apply_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
                            BnFromKept{x, sh, k.lo, cap}, res, relu, y);
+}
+
+// ---- the one-launch backward for activations larger than the cache (MEDSSL_CUDA_BN_BWD=resident) ----
+//
+// The two-launch backward (bn_bwd_split, bn_dx_chunks) reads x and gy (and the ReLU output ry
+// where the norm's ReLU is fused) twice. This kernel is bn_fwd_resident's counterpart: one wave of
+// blocks on the grid (S, C), block (s, c) owning chunk s of channel c; while it sums the chunk's
+// gradient terms (bn_range_grad_sums_g, eight loads in flight per thread) it keeps the chunk's
+// first `cap` masked gradients and inputs in shared memory (the gradients at shared[p], the
+// inputs at shared[cap + p]), loaded evict-first; thread 0 publishes the partial sums, counts the
+// block in and waits for the channel's other blocks; every block adds the S partials in chunk
+// order in double, as bn_bwd_split's last block does (the same sums bit for bit), block 0 stores
+// gbeta and ggamma, and each block writes its chunk's input gradient walking backwards, what it
+// did not keep first (read last, so still in L2), then what it kept. Same arithmetic as
+// bn_dx_chunks, same bits. Counters as in bn_fwd_resident.
+
+// BnGradLoad that also keeps the range's first `cap` masked gradients and inputs in `shg`, `shx`.
+struct BnGradStage {
+    const float *x, *gy, *ry;
+    float *shg, *shx;
+    int cap;
+    DEVICE_MEMBER float g(size_t k, int p) const {
+        if (p >= cap) return bn_gy(gy, ry, k);
+        return (ry && !(__ldcs(ry + k) > 0.f)) ? 0.f : __ldcs(gy + k);
+    }
+    DEVICE_MEMBER float xv(size_t k, int p) const { return p < cap ? __ldcs(x + k) : x[k]; }
+    DEVICE_MEMBER void keep(int p, float g, float v) const {
+        if (p < cap) {
+            shg[p] = g;
+            shx[p] = v;
+        }
+    }
+};
+
+// The masked output gradient and the input from shared memory where the block kept them (walk
+// position p = j - lo < cap), else from memory.
+struct BnDxFromKept {
+    const float *x, *gy, *ry, *shg, *shx;
+    int lo, cap;
+    DEVICE_MEMBER float g(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? shg[p] : bn_gy(gy, ry, o);
+    }
+    DEVICE_MEMBER float xv(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? shx[p] : x[o];
+    }
+};
+
+// At most 64 registers per thread (72 unbounded, which would leave one block per multiprocessor;
+// none spill): two blocks of 512 threads per multiprocessor keep twice the loads in flight.
+extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident(int N, int C, int HW, int S, int cap, const float* x,
+                                           const float* gy, const float* ry, const float* mean,
+                                           const float* invstd, const float* gamma, float* part,
+                                           unsigned* count, float* ggamma, float* gbeta,
+                                           float* gm, float* gx) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, s);
+    float* shg = dyn_shared_f32();
+    float* shx = shg + cap;
+    const float mu = mean[c], is = invstd[c];
+    float sg_s = 0.f, sgx_s = 0.f;
+    if (k.lo < k.hi)
+        bn_range_grad_sums_g<2>(C, HW, c, k.lo, k.hi, mu, is, gm,
+                                BnGradStage{x, gy, ry, shg, shx, cap}, &sg_s, &sgx_s);
+    __shared__ float sums[2];
+    if (threadIdx.x == 0) {
+        part[((size_t)c * S + s) * 2] = sg_s;
+        part[((size_t)c * S + s) * 2 + 1] = sgx_s;
+        __threadfence();
+        atomicAdd(&count[c], 1u);
+        while (atomicAdd(&count[c], 0u) < (unsigned)S) __nanosleep(64);
+        __threadfence();
+        const volatile float* p = part + (size_t)c * S * 2;
+        double sg = 0.0, sgx = 0.0;
+        for (int t = 0; t < S; ++t) {
+            sg += (double)p[2 * t];
+            sgx += (double)p[2 * t + 1];
+        }
+        if (atomicAdd(&count[C + c], 1u) == (unsigned)(S - 1)) {
+            count[c] = 0u;
+            count[C + c] = 0u;
+        }
+        sums[0] = (float)sg;
+        sums[1] = (float)sgx;
+        if (s == 0) {
+            gbeta[c] = sums[0];
+            ggamma[c] = sums[1];
+        }
+    }
+    __syncthreads();
+    if (k.lo < k.hi)
+        bn_dx_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
+                        BnDxFromKept{x, gy, ry, shg, shx, k.lo, cap}, gx);
 }
 
 // Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants), four elements

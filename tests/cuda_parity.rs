@@ -1059,32 +1059,39 @@ fn batch_norm_split_reductions() {
     }
 }
 
-/// Launches of `bn_fwd_resident` so far in this process (only this test's thread turns it on).
-fn resident_launches() -> u64 {
+/// Launches of kernel `name` so far in this process (only one test's thread turns the resident
+/// batch-norm kernels on).
+fn launches_of(name: &str) -> u64 {
     let b = CudaBackend::get_concrete(0).unwrap();
     b.launch_counts()
         .iter()
-        .find(|(k, _)| *k == "bn_fwd_resident")
+        .find(|(k, _)| *k == name)
         .map_or(0, |(_, n)| *n)
 }
 
-/// The one-launch resident forward (`MEDSSL_CUDA_BN_FWD=resident`, set per thread here;
-/// `bn_fwd_resident`, a cooperative launch whose blocks wait for the other blocks of their
-/// channel): on odd shapes, batch 1 and a channel count above what the emulated device holds at
-/// once (which must fall back to two launches), with each block keeping all, part or none of its
-/// chunk in shared memory, and chunks long enough for its eight-load groups. Every output against the CPU reference at the batch-norm tolerances
-/// (forward with running statistics and each epilogue, and the backward after it), and bit for bit
-/// the two-launch forward with as many blocks per channel (same statistics, same outputs);
-/// counted launches show which path ran.
+/// The one-launch resident batch-norm kernels (`MEDSSL_CUDA_BN_FWD=resident` /
+/// `MEDSSL_CUDA_BN_BWD=resident`, set per thread here; `bn_fwd_resident`, `bn_bwd_resident`:
+/// cooperative launches whose blocks wait for the other blocks of their channel): on odd shapes,
+/// batch 1 and a channel count above what the emulated device holds at once (which must fall back
+/// to two launches), with each block keeping all, part or none of its chunk in shared memory, and
+/// chunks long enough for their eight-load groups. Every output against the CPU reference at the
+/// batch-norm tolerances (forward with running statistics and each epilogue; backward plain and
+/// through the fused ReLU with the masked gradient kept), and bit for bit the two-launch kernels
+/// with as many blocks per channel; counted launches show which path ran.
 #[test]
-fn batch_norm_resident_forward() {
+fn batch_norm_resident_kernels() {
     let Some(g) = gpu() else { return };
     let be = CudaBackend::get_concrete(0).unwrap();
     let mut rng = Rng::new(41);
-    let bits = |o: [Tensor; 16]| o.map(|t| t.to_vec().unwrap());
-    let outputs = |case: &BnCase, resident: bool, split: usize, keep: Option<usize>| {
+    type Out = ([Vec<f32>; 16], [Vec<f32>; 2]);
+    // Every output, with the forward (fwd) or backward (bwd) resident, `split` blocks per
+    // channel for the two-launch kernels.
+    let outputs = |case: &BnCase, (fwd, bwd): (bool, bool), split: usize, keep: Option<usize>| {
         let old = (
-            cu::set_bn_resident(Some(resident)),
+            (
+                cu::set_bn_resident(Some(fwd)),
+                cu::set_bn_resident_bwd(Some(bwd)),
+            ),
             cu::set_bn_split(Some(split)),
             cu::set_bn_welford(Some(true)),
             cu::set_bn_fused_max_m(0),
@@ -1095,14 +1102,21 @@ fn batch_norm_resident_forward() {
         let [x, gamma, beta, rm, rv, ..] = &case.t;
         let ys =
             [BnAct::None, BnAct::Relu].map(|act| bn_running(g, x, gamma, beta, rm, rv, act).0.y);
-        cu::set_bn_resident(old.0);
+        cu::set_bn_resident(old.0 .0);
+        cu::set_bn_resident_bwd(old.0 .1);
         cu::set_bn_split(old.1);
         cu::set_bn_welford(old.2);
         cu::set_bn_fused_max_m(old.3);
         cu::set_bn_resident_keep(old.4);
         (out, ys)
     };
-    let mut ran = 0;
+    let bits = |(o, ys): ([Tensor; 16], [Tensor; 2])| -> Out {
+        (
+            o.map(|t| t.to_vec().unwrap()),
+            ys.map(|t| t.to_vec().unwrap()),
+        )
+    };
+    let mut ran = [0; 2];
     for shape in [
         [2, 3, 5, 7],
         [1, 4, 3, 3],
@@ -1118,49 +1132,53 @@ fn batch_norm_resident_forward() {
         let cpu_case = BnCase::random(&mut rng, &shape);
         let case = cpu_case.on(g);
         let want = cpu_case.outputs(cpu());
-        let plan = be.bn_resident_split(c, m);
-        let s = plan.unwrap_or(1);
-        let before = resident_launches();
-        let (got, ys) = outputs(&case, true, s, None);
-        let launched = resident_launches() - before;
-        match plan {
-            // One forward per output set: with the add-ReLU epilogue, plain and with ReLU.
-            Some(_) => assert_eq!(launched, 3, "{shape:?}: resident forwards launched"),
-            None => assert_eq!(launched, 0, "{shape:?}: {c} channels cannot be resident"),
-        }
-        ran += usize::from(plan.is_some());
-        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(bn_tolerances(m as f32)) {
-            close(
-                &format!("bn resident {shape:?} ({s} blocks per channel) {name}"),
-                gt,
-                ct,
-                rel,
-                abs,
-            );
-        }
         let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
-        for (act, y) in [BnAct::None, BnAct::Relu].into_iter().zip(&ys) {
-            let want = bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y;
-            close(&format!("bn resident {shape:?} y"), y, &want, 1e-4, 1e-4);
-        }
-        // The two-launch forward with as many blocks per channel gives the same bits, and so
-        // does the resident one keeping none or an odd part of each chunk, or called again
-        // (its arrival counters are back to zero).
-        let got = (bits(got), ys.map(|t| t.to_vec().unwrap()));
-        let bits_of =
-            |(o, ys): ([Tensor; 16], [Tensor; 2])| (bits(o), ys.map(|t| t.to_vec().unwrap()));
-        assert!(
-            got == bits_of(outputs(&case, false, s, None)),
-            "{shape:?}: resident and two-launch forwards differ ({s} blocks per channel)"
-        );
-        for keep in [Some(0), Some(37), None] {
+        let want_ys = [BnAct::None, BnAct::Relu]
+            .map(|act| bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y);
+        // (kind, kernel, the switches, launches per output set: the forward with each of its
+        // three epilogues; the backward through the ReLU and the plain one)
+        for (kind, kernel, on, per_set, r) in [
+            (cu::Resident::Fwd, "bn_fwd_resident", (true, false), 3, 0),
+            (cu::Resident::Bwd, "bn_bwd_resident", (false, true), 2, 1),
+        ] {
+            let plan = be.bn_resident_split(kind, c, m);
+            let s = plan.unwrap_or(1);
+            let before = launches_of(kernel);
+            let (got, ys) = outputs(&case, on, s, None);
+            let launched = launches_of(kernel) - before;
+            match plan {
+                Some(_) => assert_eq!(launched, per_set, "{shape:?}: {kernel} launches"),
+                None => assert_eq!(launched, 0, "{shape:?}: {c} channels cannot be resident"),
+            }
+            ran[r] += usize::from(plan.is_some());
+            let tol = bn_tolerances(m as f32);
+            for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
+                let what = format!("{kernel} {shape:?} ({s} blocks per channel) {name}");
+                close(&what, gt, ct, rel, abs);
+            }
+            for (y, want) in ys.iter().zip(&want_ys) {
+                close(&format!("{kernel} {shape:?} y"), y, want, 1e-4, 1e-4);
+            }
+            // The two-launch kernels with as many blocks per channel give the same bits, and so
+            // does the resident one keeping none or an odd part of each chunk, or called again
+            // (its arrival counters are back to zero).
+            let got = bits((got, ys));
             assert!(
-                got == bits_of(outputs(&case, true, s, keep)),
-                "{shape:?}: resident forward keeping {keep:?} differs"
+                got == bits(outputs(&case, (false, false), s, None)),
+                "{shape:?}: {kernel} and the two-launch kernels differ ({s} blocks per channel)"
             );
+            for keep in [Some(0), Some(37), None] {
+                assert!(
+                    got == bits(outputs(&case, on, s, keep)),
+                    "{shape:?}: {kernel} keeping {keep:?} differs"
+                );
+            }
         }
     }
-    assert!(ran >= 7, "the resident forward ran on only {ran} shapes");
+    assert!(
+        ran.iter().all(|&n| n >= 7),
+        "the resident kernels ran on only {ran:?} shapes"
+    );
 }
 
 /// Every batch-norm kernel reads only its own channel: inputs whose neighbouring channels lie
@@ -2263,7 +2281,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 13, "{r}");
+        assert_eq!(d.len(), 14, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2272,6 +2290,7 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_BN_SPLIT", "auto"),
         ("MEDSSL_CUDA_BN_APPLY", "flat"),
         ("MEDSSL_CUDA_BN_FWD", "resident"),
+        ("MEDSSL_CUDA_BN_BWD", "resident"),
         ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
@@ -2282,6 +2301,7 @@ fn device_profile_records_what_ran() {
         ("bn_split", "auto", "wave"),
         ("bn_apply", "flat", "chunks"),
         ("bn_fwd", "resident", "split"),
+        ("bn_bwd", "resident", "split"),
         ("conv1x1", "cublas", "cublas"),
     ] {
         assert_eq!(

@@ -55,6 +55,7 @@ LABELS = {
     "bn_stats": str,
     "bn_apply": str,
     "bn_fwd": lambda v: f"bn fwd {v}",
+    "bn_bwd": lambda v: f"bn bwd {v}",
 }
 
 

@@ -28,6 +28,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __shared__ static thread_local
 #define __restrict__ __restrict
+#define __launch_bounds__(...)
 
 struct uint3 {
     unsigned x, y, z;

@@ -164,7 +164,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 13] = [
+const SWITCH_KEYS: [&str; 14] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -178,6 +178,7 @@ const SWITCH_KEYS: [&str; 13] = [
     "bn_stats",
     "bn_apply",
     "bn_fwd",
+    "bn_bwd",
 ];
 
 /// The CUDA backend's switches as it reads them, and as they are by default.
@@ -209,7 +210,7 @@ fn switch_values(
     s: &medssl::backend::cuda::switches::Switches,
     deterministic_first: bool,
     fused_max_m: usize,
-    (split, welford, chunks, resident): (usize, bool, bool, bool),
+    (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -226,6 +227,7 @@ fn switch_values(
         "bn_stats": pick(welford, "welford", "two-pass"),
         "bn_apply": pick(chunks, "chunks", "flat"),
         "bn_fwd": pick(resident, "resident", "split"),
+        "bn_bwd": pick(resident_bwd, "resident", "split"),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -250,13 +252,20 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_welford(),
                     cuda::bn_apply_chunks(),
                     cuda::bn_resident(),
+                    cuda::bn_resident_bwd(),
                 ),
             ),
             defaults: switch_values(
                 &d,
                 d.cudnn_deterministic_first,
                 d.bn_fused_max_m,
-                (d.bn_split, d.bn_welford, d.bn_apply_chunks, d.bn_resident),
+                (
+                    d.bn_split,
+                    d.bn_welford,
+                    d.bn_apply_chunks,
+                    d.bn_resident,
+                    d.bn_resident_bwd,
+                ),
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),

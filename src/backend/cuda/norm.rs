@@ -73,69 +73,134 @@ impl CudaBackend {
     }
 }
 
-/// What the resident batch-norm forward (`bn_fwd_resident`, [`bn_resident`]) may use on a
-/// device: how many of its blocks the device holds at once (its grid is at most that: one wave)
-/// and how many elements each block can keep in shared memory.
+/// The resident batch-norm kernels: one cooperative launch of one wave of blocks, each block
+/// keeping what shared memory holds of its chunk (see kernels/norm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resident {
+    /// `bn_fwd_resident` ([`bn_resident`], `MEDSSL_CUDA_BN_FWD=resident`): keeps x.
+    Fwd,
+    /// `bn_bwd_resident` ([`bn_resident_bwd`], `MEDSSL_CUDA_BN_BWD=resident`): keeps the
+    /// masked output gradient and x.
+    Bwd,
+}
+
+impl Resident {
+    fn kernel(self) -> &'static str {
+        match self {
+            Resident::Fwd => "bn_fwd_resident",
+            Resident::Bwd => "bn_bwd_resident",
+        }
+    }
+
+    /// The switch that asks for it, and what runs otherwise (for messages).
+    fn switch(self) -> (&'static str, &'static str) {
+        match self {
+            Resident::Fwd => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
+            Resident::Bwd => ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards"),
+        }
+    }
+
+    /// Tensors whose elements a block keeps (each gets the same number of elements).
+    fn arrays(self) -> usize {
+        match self {
+            Resident::Fwd => 1,
+            Resident::Bwd => 2,
+        }
+    }
+}
+
+/// What a resident batch-norm kernel may use on a device: how many of its blocks the device holds
+/// at once (its grid is at most that: one wave) and how many elements of each kept tensor each
+/// block can keep in shared memory.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ResidentLimits {
     pub blocks: usize,
     pub keep: usize,
 }
 
-/// Elements a block of the resident forward keeps on the emulated device (small, so that the
-/// parity tests' shapes cover chunks kept whole and chunks kept in part).
+/// Elements of each kept tensor a block of a resident kernel keeps on the emulated device (small,
+/// so that the parity tests' shapes cover chunks kept whole and chunks kept in part).
 const EMULATED_KEEP: usize = 1024;
 
 impl CudaBackend {
-    /// [`ResidentLimits`] of this device, read once: `None` where the device cannot launch
-    /// cooperative kernels or its attributes cannot be read (the forward then stays on two
-    /// launches, which stderr says once). On a device: shared memory for two blocks of [`RED_THREADS`] per
-    /// multiprocessor (one where the registers allow only one), less what the driver reserves
-    /// per block and the kernel's own; the kernel is allowed that much dynamic shared memory,
-    /// and the driver's occupancy for it gives the blocks. On the emulated device: two blocks
-    /// per multiprocessor, [`EMULATED_KEEP`] elements each.
-    pub(super) fn resident_limits(&self) -> Option<ResidentLimits> {
-        *self.resident.get_or_init(|| match &self.drv {
+    /// [`ResidentLimits`] of `kind` on this device, read once: `None` where the device cannot
+    /// launch it cooperatively or its attributes cannot be read (the batch norm then stays on two
+    /// launches, which stderr says once). On a device: shared memory for two blocks of
+    /// [`RED_THREADS`] per multiprocessor (one where the kernel's registers allow only one), less
+    /// what the driver reserves per block and the kernel's own; the kernel is allowed that much
+    /// dynamic shared memory, and the driver's occupancy for it gives the blocks. On the emulated
+    /// device: two blocks per multiprocessor, [`EMULATED_KEEP`] elements each.
+    pub(super) fn resident_limits(&self, kind: Resident) -> Option<ResidentLimits> {
+        *self.resident[kind as usize].get_or_init(|| match &self.drv {
             None => Some(ResidentLimits {
                 blocks: 2 * self.sms,
                 keep: EMULATED_KEEP,
             }),
-            Some(d) => match device_resident_limits(d, self.sms) {
-                Ok(Some(l)) => Some(l),
-                Ok(None) => {
-                    eprintln!(
-                        "MEDSSL_CUDA_BN_FWD=resident: this device cannot keep the resident \
-                         forward's blocks resident together (no cooperative launch, or not one \
-                         block per multiprocessor); batch-norm forwards stay on two launches"
-                    );
-                    None
+            Some(d) => {
+                let (switch, others) = kind.switch();
+                match device_resident_limits(d, self.sms, kind) {
+                    Ok(Some(l)) => Some(l),
+                    Ok(None) => {
+                        eprintln!(
+                            "{switch}=resident: this device cannot keep {}'s blocks resident \
+                             together (no cooperative launch, or not one block per \
+                             multiprocessor); {others} stay on two launches",
+                            kind.kernel()
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        eprintln!("{switch}=resident: {e}; {others} stay on two launches");
+                        None
+                    }
                 }
-                Err(e) => {
-                    eprintln!(
-                        "MEDSSL_CUDA_BN_FWD=resident: {e}; batch-norm forwards stay on two \
-                         launches"
-                    );
-                    None
-                }
-            },
+            }
         })
     }
 
-    /// Blocks per channel of the resident batch-norm forward for `c` channels of `m` elements
-    /// (the most that fit in one wave, and no chunk empty), or `None` where it cannot run: more
-    /// channels than the device holds blocks, or where the device cannot launch it cooperatively.
-    pub fn bn_resident_split(&self, c: usize, m: usize) -> Option<usize> {
-        let lim = self.resident_limits()?;
+    /// Blocks per channel of the resident kernel `kind` for `c` channels of `m` elements (the most
+    /// that fit in one wave, and no chunk empty), or `None` where it cannot run: more channels
+    /// than the device holds blocks, or where the device cannot launch it cooperatively.
+    pub fn bn_resident_split(&self, kind: Resident, c: usize, m: usize) -> Option<usize> {
+        let lim = self.resident_limits(kind)?;
         if c == 0 || m == 0 || c > lim.blocks || c > 65535 {
             return None;
         }
         let s = (lim.blocks / c).clamp(1, m);
         Some(m.div_ceil(m.div_ceil(s)))
     }
+
+    /// The launch of resident kernel `kind` for `c` channels of `m` elements in `s` blocks per
+    /// channel: the elements of each kept tensor a block keeps (at most the device's limit, the
+    /// chunk's length and [`set_bn_resident_keep`]'s setting) and the grid, with the shared
+    /// memory they take.
+    fn resident_launch(
+        &self,
+        kind: Resident,
+        c: usize,
+        m: usize,
+        s: usize,
+    ) -> (usize, LaunchConfig) {
+        let keep = self
+            .resident_limits(kind)
+            .map_or(0, |l| l.keep)
+            .min(m.div_ceil(s))
+            .min(here(&KEEP_HERE, || usize::MAX));
+        let bytes = 4 * kind.arrays() * keep;
+        let cfg = LaunchConfig {
+            shared_mem_bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
+            ..cfg_split(s, c)
+        };
+        (keep, cfg)
+    }
 }
 
 /// [`CudaBackend::resident_limits`] on a device.
-fn device_resident_limits(d: &super::Driver, sms: usize) -> Result<Option<ResidentLimits>> {
+fn device_resident_limits(
+    d: &super::Driver,
+    sms: usize,
+    kind: Resident,
+) -> Result<Option<ResidentLimits>> {
     let attr = |a: CUdevice_attribute| -> Result<usize> {
         let v = d
             .ctx
@@ -150,33 +215,34 @@ fn device_resident_limits(d: &super::Driver, sms: usize) -> Result<Option<Reside
         attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
     let optin = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
     let reserved = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_RESERVED_SHARED_MEMORY_PER_BLOCK)?;
-    let f = CudaBackend::func(d, "bn_fwd_resident")?;
+    let name = kind.kernel();
+    let f = CudaBackend::func(d, name)?;
     let own = f
         .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-        .map_err(super::cuda_err("reading bn_fwd_resident's shared memory"))?;
+        .map_err(super::cuda_err("reading a resident kernel's shared memory"))?;
     let own = usize::try_from(own).unwrap_or(0);
     for per_block in [2usize, 1] {
         let bytes = (per_sm / per_block)
             .saturating_sub(reserved + own)
             .min(optin.saturating_sub(own))
-            / 16
-            * 16;
+            / (16 * kind.arrays())
+            * (16 * kind.arrays());
         let b = i32::try_from(bytes).unwrap_or(0);
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             b,
         )
         .map_err(super::cuda_err(
-            "allowing bn_fwd_resident its shared memory",
+            "allowing a resident kernel its shared memory",
         ))?;
         let fit = f
             .occupancy_max_active_blocks_per_multiprocessor(RED_THREADS, bytes, None)
-            .map_err(super::cuda_err("reading bn_fwd_resident's occupancy"))?
+            .map_err(super::cuda_err("reading a resident kernel's occupancy"))?
             as usize;
         if fit >= per_block {
             return Ok(Some(ResidentLimits {
-                blocks: fit.min(per_block) * sms,
-                keep: bytes / 4,
+                blocks: per_block * sms,
+                keep: bytes / 4 / kind.arrays(),
             }));
         }
     }
@@ -199,6 +265,8 @@ thread_local! {
     static CHUNKS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_resident`]'s setting.
     static RESIDENT_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_resident_bwd`]'s setting.
+    static RESIDENT_BWD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_resident_keep`]'s setting.
     static KEEP_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
@@ -277,9 +345,28 @@ pub fn set_bn_resident(on: Option<bool>) -> Option<bool> {
     RESIDENT_HERE.with(|s| s.replace(on))
 }
 
-/// Limits the elements each block of the resident forward keeps in shared memory to `n` for the
-/// batch norms the calling thread issues (tests: `Some(0)` keeps none, so every element is read
-/// twice; `None`: as many as the device allows); returns the previous setting.
+/// Whether the train-mode batch-norm backward that would take two launches (gradient sums, then
+/// the input gradient) takes one instead, `bn_bwd_resident`, the backward counterpart of
+/// [`bn_resident`]: it reads x and the output gradient (and the fused ReLU's output) once, keeping
+/// what shared memory holds of them. Same bits as the two-launch backward with as many blocks per
+/// channel. [`set_bn_resident_bwd`]'s setting, else `MEDSSL_CUDA_BN_BWD` (see
+/// [`super::switches`]; `split` by default: not yet timed on a GPU).
+pub fn bn_resident_bwd() -> bool {
+    here(&RESIDENT_BWD_HERE, || {
+        super::switches::current().bn_resident_bwd
+    })
+}
+
+/// Sets [`bn_resident_bwd`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_BWD`); returns the previous setting.
+pub fn set_bn_resident_bwd(on: Option<bool>) -> Option<bool> {
+    RESIDENT_BWD_HERE.with(|s| s.replace(on))
+}
+
+/// Limits the elements (of each kept tensor) each block of the resident kernels keeps in shared
+/// memory to `n` for the batch norms the calling thread issues (tests: `Some(0)` keeps none, so
+/// every element is read twice; `None`: as many as the device allows); returns the previous
+/// setting.
 pub fn set_bn_resident_keep(n: Option<usize>) -> Option<usize> {
     KEEP_HERE.with(|s| s.replace(n))
 }
@@ -406,17 +493,13 @@ fn train_fwd(
     let welford = i32::from(bn_welford());
     let m = n * hw;
     let resident = match welford != 0 && bn_resident() && (split > 1 || m > bn_fused_max_m()) {
-        true => be.bn_resident_split(c, m),
+        true => be.bn_resident_split(Resident::Fwd, c, m),
         false => None,
     };
     if c == 0 {
         // Nothing to normalise.
     } else if let Some(s) = resident {
-        let keep = be
-            .resident_limits()
-            .map_or(0, |l| l.keep)
-            .min(m.div_ceil(s))
-            .min(here(&KEEP_HERE, || usize::MAX));
+        let (keep, cfg) = be.resident_launch(Resident::Fwd, c, m, s);
         let part = be.buffer(c * s * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -440,10 +523,6 @@ fn train_fwd(
             epilogue[1],
             A::P(be.p(&y)?),
         ]);
-        let cfg = LaunchConfig {
-            shared_mem_bytes: u32::try_from(4 * keep).unwrap_or(u32::MAX),
-            ..cfg_split(s, c)
-        };
         be.launch("bn_fwd_resident", cfg, &args)?;
     } else if split > 1 {
         let part = be.buffer(c * split * 2)?;
@@ -664,6 +743,39 @@ pub(super) fn batch_norm_train_bwd(
     let gm_p = gm.as_ref().map(|t| be.p(t)).transpose()?.unwrap_or(0);
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
+    let m = n * h * w;
+    let resident = match c > 0 && bn_resident_bwd() {
+        true if split_on(be, c, m) > 1 || m > bn_fused_max_m() => {
+            be.bn_resident_split(Resident::Bwd, c, m)
+        }
+        _ => None,
+    };
+    if let Some(s) = resident {
+        let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
+        let (keep, cfg) = be.resident_launch(Resident::Bwd, c, m, s);
+        let part = be.buffer(c * s * 2)?;
+        let args = [
+            A::I(ci(n)?),
+            A::I(ci(c)?),
+            A::I(ci(h * w)?),
+            A::I(ci(s)?),
+            A::I(ci(keep)?),
+            A::P(be.p(x)?),
+            A::P(be.p(gy)?),
+            A::P(ry),
+            A::P(mean_p),
+            A::P(invstd_p),
+            A::P(be.p(gamma)?),
+            A::P(part.ptr()),
+            A::P(be.counters(2 * c)?),
+            A::P(be.p(&gg)?),
+            A::P(be.p(&gb)?),
+            A::P(gm_p),
+            A::P(be.p(&gx)?),
+        ];
+        be.launch("bn_bwd_resident", cfg, &args)?;
+        return Ok((gx, gg, gb, gm));
+    }
     let fuse = Some((be.p(gamma)?, be.p(&gx)?));
     let (gg, gb, split) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse)?;
     let Some(split) = split else {

@@ -17,6 +17,7 @@
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
+//! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
 //!
 //! An empty value counts as unset.
 
@@ -111,6 +112,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_FWD=resident`: the two-launch batch-norm forward runs as one cooperative
     /// launch that reads x once (`split`, the default: two launches).
     pub bn_resident: bool,
+    /// `MEDSSL_CUDA_BN_BWD=resident`: the two-launch batch-norm backward runs as one cooperative
+    /// launch that reads its inputs once (`split`, the default: two launches).
+    pub bn_resident_bwd: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -215,6 +219,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
         bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
+        bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
     })
 }
 
@@ -268,7 +273,7 @@ mod tests {
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(d.bn_welford);
         assert!(d.bn_apply_chunks);
-        assert!(!d.bn_resident);
+        assert!(!d.bn_resident && !d.bn_resident_bwd);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -284,6 +289,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
             ("MEDSSL_CUDA_BN_FWD", "resident"),
+            ("MEDSSL_CUDA_BN_BWD", "resident"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
                 "MEDSSL_CUDNN_BWD_DATA_ALGO",
@@ -306,7 +312,7 @@ mod tests {
         assert_eq!(s.bn_split, 1);
         assert!(!s.bn_welford);
         assert!(!s.bn_apply_chunks);
-        assert!(s.bn_resident);
+        assert!(s.bn_resident && s.bn_resident_bwd);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
@@ -324,6 +330,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_STATS", "welford"),
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
             ("MEDSSL_CUDA_BN_FWD", "split"),
+            ("MEDSSL_CUDA_BN_BWD", "split"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -376,6 +383,11 @@ mod tests {
             (
                 "MEDSSL_CUDA_BN_FWD",
                 "fused",
+                "split (the default) or resident",
+            ),
+            (
+                "MEDSSL_CUDA_BN_BWD",
+                "one",
                 "split (the default) or resident",
             ),
             ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
