@@ -770,6 +770,20 @@ extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps
                    rv_out);
 }
 
+// Channel c's gradient sums from the partial sums of its S chunks in part[(c*S + t)*2 ..], added
+// in chunk order in double.
+__device__ __forceinline__ void bn_split_sums(const float* part, int c, int S, float* sg_out,
+                                              float* sgx_out) {
+    const volatile float* p = part + (size_t)c * S * 2;
+    double sg = 0.0, sgx = 0.0;
+    for (int t = 0; t < S; ++t) {
+        sg += (double)p[2 * t];
+        sgx += (double)p[2 * t + 1];
+    }
+    *sg_out = (float)sg;
+    *sgx_out = (float)sgx;
+}
+
 // gbeta = sum(gy), ggamma = sum(gy * xhat) with S blocks per channel: partial sums of each chunk
 // (bn_range_grad_sums, gm written as bn_bwd_reduce does), added by the channel's last block.
 extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float* x,
@@ -783,15 +797,11 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
         bn_range_grad_sums(C, HW, c, k.lo, k.hi, x, gy, ry, mean[c], invstd[c], gm, &sg_s,
                            &sgx_s);
     if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
-    const volatile float* p = part + (size_t)c * S * 2;
-    double sg = 0.0, sgx = 0.0;
-    for (int t = 0; t < S; ++t) {
-        sg += (double)p[2 * t];
-        sgx += (double)p[2 * t + 1];
-    }
+    float sg, sgx;
+    bn_split_sums(part, c, S, &sg, &sgx);
     count[c] = 0u;
-    gbeta[c] = (float)sg;
-    ggamma[c] = (float)sgx;
+    gbeta[c] = sg;
+    ggamma[c] = sgx;
 }
 
 // ---- the elementwise pass of the two-launch path on the reduction's grid ----
@@ -845,6 +855,29 @@ extern "C" __global__ void bn_dx_chunks(int N, int C, int HW, int S, const float
 // still in L2, then the kept ones from shared memory. Same arithmetic as bn_apply_chunks, same
 // bits. count[C + c] counts the blocks past the wait; the last one sets both counters back to 0.
 
+// Thread 0 of block s of channel c in a resident kernel: publishes the block's partial pair (a, b)
+// in part[(c*S + s)*2 ..], counts the block in count[c] and waits until all S blocks of the
+// channel have arrived (they are all resident: a cooperative launch), after which every partial
+// of the channel is visible to it.
+__device__ __forceinline__ void bn_channel_arrive(float* part, unsigned* count, int c, int S,
+                                                  int s, float a, float b) {
+    part[((size_t)c * S + s) * 2] = a;
+    part[((size_t)c * S + s) * 2 + 1] = b;
+    __threadfence();
+    atomicAdd(&count[c], 1u);
+    while (atomicAdd(&count[c], 0u) < (unsigned)S) __nanosleep(64);
+    __threadfence();
+}
+
+// ... and once it has read the partials: counts the block out in count[C + c]; the last block
+// out (every block is past its wait by then) sets both counters back to 0 for the next launch.
+__device__ __forceinline__ void bn_channel_depart(unsigned* count, int C, int c, int S) {
+    if (atomicAdd(&count[C + c], 1u) == (unsigned)(S - 1)) {
+        count[c] = 0u;
+        count[C + c] = 0u;
+    }
+}
+
 // BnLoad that also keeps the range's first `cap` elements in shared memory `sh`.
 struct BnStage {
     float* sh;
@@ -883,18 +916,10 @@ extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap,
     if (k.lo < k.hi) r = bn_range_moments<2>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
     __shared__ float stat[2];
     if (threadIdx.x == 0) {
-        part[((size_t)c * S + s) * 2] = r.mean;
-        part[((size_t)c * S + s) * 2 + 1] = r.m2;
-        __threadfence();
-        atomicAdd(&count[c], 1u);
-        while (atomicAdd(&count[c], 0u) < (unsigned)S) __nanosleep(64);
-        __threadfence();
+        bn_channel_arrive(part, count, c, S, s, r.mean, r.m2);
         float mu, var;
         bn_split_combine(part, M, c, S, &mu, &var);
-        if (atomicAdd(&count[C + c], 1u) == (unsigned)(S - 1)) {
-            count[c] = 0u;
-            count[C + c] = 0u;
-        }
+        bn_channel_depart(count, C, c, S);
         if (s == 0)
             bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv,
                            rm_out, rv_out);
@@ -972,24 +997,9 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident(int N, int 
                                 BnGradStage{x, gy, ry, shg, shx, cap}, &sg_s, &sgx_s);
     __shared__ float sums[2];
     if (threadIdx.x == 0) {
-        part[((size_t)c * S + s) * 2] = sg_s;
-        part[((size_t)c * S + s) * 2 + 1] = sgx_s;
-        __threadfence();
-        atomicAdd(&count[c], 1u);
-        while (atomicAdd(&count[c], 0u) < (unsigned)S) __nanosleep(64);
-        __threadfence();
-        const volatile float* p = part + (size_t)c * S * 2;
-        double sg = 0.0, sgx = 0.0;
-        for (int t = 0; t < S; ++t) {
-            sg += (double)p[2 * t];
-            sgx += (double)p[2 * t + 1];
-        }
-        if (atomicAdd(&count[C + c], 1u) == (unsigned)(S - 1)) {
-            count[c] = 0u;
-            count[C + c] = 0u;
-        }
-        sums[0] = (float)sg;
-        sums[1] = (float)sgx;
+        bn_channel_arrive(part, count, c, S, s, sg_s, sgx_s);
+        bn_split_sums(part, c, S, &sums[0], &sums[1]);
+        bn_channel_depart(count, C, c, S);
         if (s == 0) {
             gbeta[c] = sums[0];
             ggamma[c] = sums[1];
