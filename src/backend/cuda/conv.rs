@@ -992,7 +992,7 @@ fn time_plan(
     log_timed("forward", s, &fwd);
     log_timed("backward-data", s, &data);
     log_timed("backward-filter", s, &filter);
-    // im2col is always timed, so a failure of everything leaves Find's choice.
+    // A direction whose every timing failed (im2col included) keeps Find's choice.
     plan.fwd = fastest(&fwd).unwrap_or(plan.fwd);
     plan.bwd_data = fastest(&data).unwrap_or(plan.bwd_data);
     plan.bwd_filter = fastest(&filter).unwrap_or(plan.bwd_filter);
