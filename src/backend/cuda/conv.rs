@@ -955,40 +955,27 @@ fn time_plan(
     let wp = ws_ptr(&ws);
     let (px, pw, py, pgx, pgw) = (be.p(&x)?, be.p(&w)?, be.p(&y)?, be.p(&gx)?, be.p(&gw)?);
     let err = |what: &'static str| dnn_err(what);
-    let mut fwd = Vec::new();
-    for &(a, b) in &timed.fwd {
-        // SAFETY: the descriptors of `plan` match the tensors made above for shape `s`; the
-        // workspace holds `most` >= `b` bytes.
-        let t = time_us(be, || {
-            unsafe { run_fwd(h, plan, a, (wp, b), [px, pw, py]) }.map_err(err("timing"))
-        })?;
-        fwd.push((Pass::Dnn(a, b), t));
-    }
-    fwd.push((Pass::Im2col, time_us(be, || im2col_fwd(be, s, &x, &w, &y))?));
-    let mut data = Vec::new();
-    for &(a, b) in &timed.data {
-        // SAFETY: as above (y stands for the output gradient).
-        let t = time_us(be, || {
-            unsafe { run_bwd_data(h, plan, a, (wp, b), [pw, py, pgx]) }.map_err(err("timing"))
-        })?;
-        data.push((Pass::Dnn(a, b), t));
-    }
-    data.push((
-        Pass::Im2col,
-        time_us(be, || im2col_bwd_data(be, s, &w, &y, &gx))?,
-    ));
-    let mut filter = Vec::new();
-    for &(a, b) in &timed.filter {
-        // SAFETY: as above.
-        let t = time_us(be, || {
-            unsafe { run_bwd_filter(h, plan, a, (wp, b), [px, py, pgw]) }.map_err(err("timing"))
-        })?;
-        filter.push((Pass::Dnn(a, b), t));
-    }
-    filter.push((
-        Pass::Im2col,
-        time_us(be, || im2col_bwd_filter(be, s, &x, &y, &gw))?,
-    ));
+    // SAFETY (the three cuDNN calls): the descriptors of `plan` match the tensors made above for
+    // shape `s` (y stands for the output gradient too); the workspace holds `most` bytes, at
+    // least each candidate's.
+    let fwd = time_direction(
+        be,
+        &timed.fwd,
+        |a, b| unsafe { run_fwd(h, plan, a, (wp, b), [px, pw, py]) }.map_err(err("timing")),
+        || im2col_fwd(be, s, &x, &w, &y),
+    )?;
+    let data = time_direction(
+        be,
+        &timed.data,
+        |a, b| unsafe { run_bwd_data(h, plan, a, (wp, b), [pw, py, pgx]) }.map_err(err("timing")),
+        || im2col_bwd_data(be, s, &w, &y, &gx),
+    )?;
+    let filter = time_direction(
+        be,
+        &timed.filter,
+        |a, b| unsafe { run_bwd_filter(h, plan, a, (wp, b), [px, py, pgw]) }.map_err(err("timing")),
+        || im2col_bwd_filter(be, s, &x, &y, &gw),
+    )?;
     log_timed("forward", s, &fwd);
     log_timed("backward-data", s, &data);
     log_timed("backward-filter", s, &filter);
@@ -997,6 +984,22 @@ fn time_plan(
     plan.bwd_data = fastest(&data).unwrap_or(plan.bwd_data);
     plan.bwd_filter = fastest(&filter).unwrap_or(plan.bwd_filter);
     Ok(())
+}
+
+/// One direction's timings ([`time_us`]): each cuDNN candidate `(algorithm, workspace)` run by
+/// `dnn`, then the im2col engine.
+fn time_direction<A: Copy>(
+    be: &CudaBackend,
+    candidates: &[(A, usize)],
+    dnn: impl Fn(A, usize) -> Result<()>,
+    mut im2col: impl FnMut() -> Result<()>,
+) -> Result<Vec<(Pass<A>, Option<f64>)>> {
+    let mut out = Vec::with_capacity(candidates.len() + 1);
+    for &(a, b) in candidates {
+        out.push((Pass::Dnn(a, b), time_us(be, || dnn(a, b))?));
+    }
+    out.push((Pass::Im2col, time_us(be, &mut im2col)?));
+    Ok(out)
 }
 
 /// `MEDSSL_CUDNN_LOG=1`: the timings of one direction and the choice, on stderr.
