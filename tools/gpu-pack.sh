@@ -4,7 +4,8 @@
 #   .gpu/tests/<name>                           test executables (cuda_parity + any named in GPU_TESTS)
 #   .gpu/golden/                                ../shared/golden
 #   .gpu/data/pneumoniamnist, .gpu/data/ham10000 raw datasets (ham10000 only while under the size cap)
-#   .gpu/gpu-run.sh, .gpu/results-table.sh, .gpu/profile-table.py, .gpu/ops-table.py (both
+#   .gpu/gpu-run.sh, .gpu/gpu-focus.sh (gpu-run.sh with only the measurements not yet made on a
+#   GPU), .gpu/results-table.sh, .gpu/profile-table.py, .gpu/ops-table.py (both
 #   read JSON lines through .gpu/jsonl.py),
 #   .gpu/torch_peer.py and .gpu/torch_ops_peer.py (the PyTorch peers), .gpu/MANIFEST.txt
 # Then: copy .gpu/ anywhere and run `bash .gpu/gpu-run.sh OUTDIR` on the node
@@ -76,11 +77,12 @@ cp -r "$SHARED/golden" "$DEST/golden"
 chmod -R u+w "$DEST/golden"
 
 cp "$ROOT/tools/gpu-run.sh" "$DEST/gpu-run.sh"
+cp "$ROOT/tools/gpu-focus.sh" "$DEST/gpu-focus.sh"
 cp "$ROOT/tools/results-table.sh" "$DEST/results-table.sh"
 cp "$ROOT/tools/profile-table.py" "$DEST/profile-table.py"
 cp "$ROOT/tools/ops-table.py" "$DEST/ops-table.py"
 cp "$ROOT/tools/jsonl.py" "$DEST/jsonl.py"
-chmod +x "$DEST/gpu-run.sh" "$DEST/results-table.sh"
+chmod +x "$DEST/gpu-run.sh" "$DEST/gpu-focus.sh" "$DEST/results-table.sh"
 # The PyTorch peers (torch_ops_peer.py imports the model from torch_peer.py beside it).
 cp "$ROOT/tools/torch_peer.py" "$DEST/torch_peer.py"
 cp "$ROOT/tools/torch_ops_peer.py" "$DEST/torch_ops_peer.py"
