@@ -9,7 +9,7 @@
 #   - medssl's own convolution timing (MEDSSL_CUDNN_ALGO=time): the step at widths 16 and 64, and
 #     the width-16 convolutions under the profiler with every timing logged, against the default
 #     and PyTorch's convolutions.
-#   bash .gpu/gpu-focus.sh OUTDIR      (about 150 s of steps on an H100, an estimate)
+#   bash .gpu/gpu-focus.sh OUTDIR      (about 200 s of steps on an H100, an estimate from run 4)
 # Each variable below can still be overridden from the environment, as in gpu-run.sh.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RES="MEDSSL_CUDA_BN_FWD=resident MEDSSL_CUDA_BN_BWD=resident"
