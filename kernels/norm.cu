@@ -199,6 +199,26 @@ struct BnLoad {
     }
 };
 
+// One group of NQ strides of bn_range_moments: every load, then the kept values, then the
+// moments: those of each four (moments4) merged in order, or for a single element Welford's update.
+template <int NQ, class Ld>
+__device__ __forceinline__ void bn_moments_group(BnWalk& w, int lo, const float* x, const Ld& ld,
+                                                 Moments& v) {
+    size_t k[NQ];
+    int p[NQ];
+    float xv[NQ];
+    for (int q = 0; q < NQ; ++q) {
+        p[q] = w.p.j - lo;
+        k[q] = bn_next(w);
+    }
+    for (int q = 0; q < NQ; ++q) xv[q] = ld.load(x + k[q], p[q]);
+    for (int q = 0; q < NQ; ++q) ld.keep(p[q], xv[q]);
+    if (NQ == 1)
+        welford_add(v, xv[0]);
+    else
+        for (int g = 0; g < NQ / 4; ++g) v = moments_merge(v, moments4(xv + 4 * g));
+}
+
 // The one-pass moments of channel c's elements j in [lo, hi) by one block (every thread gets
 // them; see bn_range_stats), each element read through `ld` (BnLoad, BnStage). Each thread loads
 // G groups of four strides at a time (G*4 loads in flight), then merges the groups' moments in
@@ -209,34 +229,13 @@ __device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo
                                                     const float* x, const Ld& ld) {
     Moments v{0, 0.f, 0.f};
     for (BnWalk w = bn_walk(C, HW, c, lo, hi); bn_has(w, 0);) {
-        if (bn_has(w, 4 * G - 1)) {
-            size_t k[4 * G];
-            int p[4 * G];
-            float xv[4 * G];
-            for (int q = 0; q < 4 * G; ++q) {
-                p[q] = w.p.j - lo;
-                k[q] = bn_next(w);
-            }
-            for (int q = 0; q < 4 * G; ++q) xv[q] = ld.load(x + k[q], p[q]);
-            for (int q = 0; q < 4 * G; ++q) ld.keep(p[q], xv[q]);
-            for (int g = 0; g < G; ++g) v = moments_merge(v, moments4(xv + 4 * g));
-        } else if (G > 1 && bn_has(w, 3)) {
-            size_t k[4];
-            int p[4];
-            float xv[4];
-            for (int q = 0; q < 4; ++q) {
-                p[q] = w.p.j - lo;
-                k[q] = bn_next(w);
-            }
-            for (int q = 0; q < 4; ++q) xv[q] = ld.load(x + k[q], p[q]);
-            for (int q = 0; q < 4; ++q) ld.keep(p[q], xv[q]);
-            v = moments_merge(v, moments4(xv));
-        } else {
-            const int p = w.p.j - lo;
-            const float xv = ld.load(x + bn_next(w), p);
-            ld.keep(p, xv);
-            welford_add(v, xv);
-        }
+        // Groups of G*4 while there are that many, then of 4, then single elements.
+        if (bn_has(w, 4 * G - 1))
+            bn_moments_group<4 * G>(w, lo, x, ld, v);
+        else if (G > 1 && bn_has(w, 3))
+            bn_moments_group<4>(w, lo, x, ld, v);
+        else
+            bn_moments_group<1>(w, lo, x, ld, v);
     }
     return block_moments(v);
 }

@@ -37,6 +37,13 @@ pub fn set_bn_fused_max_m(m: usize) -> usize {
     old
 }
 
+/// Whether a train-mode batch-norm pass over channels of `m` elements, reduced by `split` blocks
+/// each, runs as one launch (`bn_train_fused`, `bn_bwd_fused`: one block per channel and at most
+/// [`bn_fused_max_m`] elements); otherwise it takes two, or one resident launch where asked.
+fn one_launch(split: usize, m: usize) -> bool {
+    split == 1 && m <= bn_fused_max_m()
+}
+
 /// Fewest elements a block of a split reduction is given: below it, more blocks per channel
 /// cost more in partial results and arrival counting than they gain in spread.
 pub(super) const SPLIT_MIN_CHUNK: usize = 4096;
@@ -492,7 +499,7 @@ fn train_fwd(
     let split = split_on(be, c, n * hw);
     let welford = i32::from(bn_welford());
     let m = n * hw;
-    let resident = match welford != 0 && bn_resident() && (split > 1 || m > bn_fused_max_m()) {
+    let resident = match welford != 0 && bn_resident() && !one_launch(split, m) {
         true => be.bn_resident_split(Resident::Fwd, c, m),
         false => None,
     };
@@ -557,7 +564,7 @@ fn train_fwd(
             A::P(be.p(&var)?),
         ];
         args.extend(upd);
-        if n * hw <= bn_fused_max_m() {
+        if one_launch(split, m) {
             args.extend([
                 A::P(be.p(gamma)?),
                 A::P(be.p(beta)?),
@@ -664,7 +671,7 @@ fn bwd_reduce(
         return Ok((gg, gb, Some(1)));
     }
     let split = split_on(be, c, n * h * w);
-    let fused = fuse.filter(|_| split == 1 && n * h * w <= bn_fused_max_m());
+    let fused = fuse.filter(|_| one_launch(split, n * h * w));
     if split > 1 {
         let part = be.buffer(c * split * 2)?;
         let args = [
@@ -745,9 +752,7 @@ pub(super) fn batch_norm_train_bwd(
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
     let m = n * h * w;
     let resident = match c > 0 && bn_resident_bwd() {
-        true if split_on(be, c, m) > 1 || m > bn_fused_max_m() => {
-            be.bn_resident_split(Resident::Bwd, c, m)
-        }
+        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(Resident::Bwd, c, m),
         _ => None,
     };
     if let Some(s) = resident {
