@@ -930,6 +930,8 @@ fn similarity_fusion_gradients() {
         (2, 3, (4, 4), (1, 3)),
         (2, 4, (3, 3), (1, 1)),
         (1, 2, (6, 5), (3, 2)),
+        // Rows of 35 pixels: the softmax's 16-lane maximum and the 8-lane sums with tails.
+        (2, 3, (5, 7), (2, 2)),
     ] {
         let low = normal_t(&mut rng, &[b, d, lo.0, lo.1], 0.8);
         let high = normal_t(&mut rng, &[b, d, hi.0, hi.1], 0.8);

@@ -1,38 +1,53 @@
 //! MedFuseNet similarity fusion, per image:
 //! `P̂ [d,Np]`, `Q̂ [d,Nq]`, `A = P̂ᵀQ̂/√d [Np,Nq]`, `S = softmax over i (columns of A)`,
 //! `y = Q̂ + P̂·S [d,Nq]`.
+//!
+//! Everything is computed on the transposes `Aᵀ`, `Sᵀ [Nq,Np]`, whose rows are the softmax's
+//! columns: each softmax is then a contiguous row, and the products that take `P̂` keep its
+//! `Np` pixels as the long side, which the `gemm` crate tiles with its widest kernel (the
+//! `[Np,Nq]` orientation ran through a 16-row edge kernel for most of the op's time).
 
 use rayon::prelude::*;
 
+use super::elementwise::sum8;
 use super::gemm::{sgemm, sgemm_uninit};
 
-/// Column softmax of `a [np, nq]` in place (each column `j` normalised over rows `i`).
-fn column_softmax(a: &mut [f32], np: usize, nq: usize) {
-    // Row sweeps (cache-friendly); each column still reduces over `i` in order.
-    let mut m = vec![f32::NEG_INFINITY; nq];
-    for row in a.chunks(nq).take(np) {
-        m.iter_mut().zip(row).for_each(|(m, v)| *m = m.max(*v));
-    }
-    let mut s = vec![0.0f32; nq];
-    for row in a.chunks_mut(nq).take(np) {
-        for ((v, m), s) in row.iter_mut().zip(&m).zip(s.iter_mut()) {
-            *v = (*v - m).exp();
-            *s += *v;
+/// Softmax of each row of `a [nq, np]` in place, `a` scaled by `r > 0` first. The row's
+/// maximum and sum run over independent lanes (a single running value would make each row one
+/// long chain of dependent operations); the sum in f64.
+fn row_softmax(a: &mut [f32], np: usize, r: f32) {
+    for row in a.chunks_mut(np) {
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        let mut it = row.chunks_exact(16);
+        for c in &mut it {
+            lanes.iter_mut().zip(c).for_each(|(m, v)| *m = m.max(*v));
         }
-    }
-    for row in a.chunks_mut(nq).take(np) {
-        row.iter_mut().zip(&s).for_each(|(v, s)| *v /= s);
+        let m = (lanes.iter().chain(it.remainder())).fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        row.iter_mut().for_each(|v| *v = ((*v - m) * r).exp());
+        let inv = (1.0 / sum8(row, |v| v as f64)) as f32;
+        row.iter_mut().for_each(|v| *v *= inv);
     }
 }
 
-/// `S` for one image.
-fn similarity(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize) -> Vec<f32> {
-    let mut s = vec![0.0f32; np * nq];
-    sgemm(np, nq, d, p, true, q, false, &mut s, false, false);
-    let r = 1.0 / (d as f32).sqrt();
-    s.iter_mut().for_each(|v| *v *= r);
-    column_softmax(&mut s, np, nq);
-    s
+/// `Σ a_i·b_i` over eight independent f64 lanes.
+fn dot8(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = (ac.remainder().iter().zip(bc.remainder()))
+        .map(|(x, y)| *x as f64 * *y as f64)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += *x as f64 * *y as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `Sᵀ [nq, np]` for one image, in `st`.
+fn similarity_t(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize, st: &mut [f32]) {
+    sgemm(nq, np, d, q, true, p, false, st, false, false);
+    row_softmax(st, np, 1.0 / (d as f32).sqrt());
 }
 
 pub fn similarity_fusion_fwd(
@@ -46,13 +61,15 @@ pub fn similarity_fusion_fwd(
     y.par_chunks_mut(d * nq).enumerate().for_each(|(n, yn)| {
         let p = &low[n * d * np..(n + 1) * d * np];
         let q = &high[n * d * nq..(n + 1) * d * nq];
-        let s = similarity(p, q, d, np, nq);
-        sgemm(d, nq, np, p, false, &s, false, yn, true, false);
+        let mut st = vec![0.0f32; nq * np];
+        similarity_t(p, q, d, np, nq, &mut st);
+        sgemm(d, nq, np, p, false, &st, true, yn, true, false);
     });
     y
 }
 
-/// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`, `gS = P̂ᵀ·gy`.
+/// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`, `gS = P̂ᵀ·gy`
+/// (all on the transposes: `gSᵀ = gyᵀ·P̂`, row sums).
 pub fn similarity_fusion_bwd(
     low: &[f32],
     high: &[f32],
@@ -73,34 +90,26 @@ pub fn similarity_fusion_bwd(
             let p = &low[n * d * np..(n + 1) * d * np];
             let q = &high[n * d * nq..(n + 1) * d * nq];
             let g = &gy[n * d * nq..(n + 1) * d * nq];
-            let s = similarity(p, q, d, np, nq);
-            let mut gs = vec![0.0f32; np * nq];
-            sgemm(np, nq, d, p, true, g, false, &mut gs, false, false);
-            let mut dot = vec![0.0f32; nq];
-            for (gr, sr) in gs.chunks(nq).zip(s.chunks(nq)) {
-                for ((d, g), s) in dot.iter_mut().zip(gr).zip(sr) {
-                    *d += g * s;
-                }
+            // [Sᵀ; gAᵀ/√d] stacked [2Nq, Np]: the right operand of gP̂'s product.
+            let mut b2 = vec![0.0f32; 2 * nq * np];
+            let (st, gat) = b2.split_at_mut(nq * np);
+            similarity_t(p, q, d, np, nq, st);
+            sgemm(nq, np, d, g, true, p, false, gat, false, false);
+            for (gr, sr) in gat.chunks_mut(np).zip(st.chunks(np)) {
+                let dot = dot8(gr, sr) as f32;
+                gr.iter_mut()
+                    .zip(sr)
+                    .for_each(|(g, s)| *g = s * (*g - dot) * r);
             }
-            for (gr, sr) in gs.chunks_mut(nq).zip(s.chunks(nq)) {
-                for ((g, s), d) in gr.iter_mut().zip(sr).zip(&dot) {
-                    *g = s * (*g - d) * r;
-                }
-            }
-            // gs now holds gA/√d. gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d is one product with the inner
-            // dimension doubled, [gy | Q̂] [d, 2Nq] · [S | gA/√d]ᵀ, so gP̂ is written once.
+            // gat now holds gAᵀ/√d. gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d is one product with the inner
+            // dimension doubled, [gy | Q̂] [d, 2Nq] · [Sᵀ; gAᵀ/√d], so gP̂ is written once.
             let mut a2 = vec![0.0f32; d * 2 * nq];
             for ((row, gr), qr) in a2.chunks_mut(2 * nq).zip(g.chunks(nq)).zip(q.chunks(nq)) {
                 row[..nq].copy_from_slice(gr);
                 row[nq..].copy_from_slice(qr);
             }
-            let mut b2 = vec![0.0f32; np * 2 * nq];
-            for ((row, sr), gr) in b2.chunks_mut(2 * nq).zip(s.chunks(nq)).zip(gs.chunks(nq)) {
-                row[..nq].copy_from_slice(sr);
-                row[nq..].copy_from_slice(gr);
-            }
-            sgemm_uninit(d, np, 2 * nq, &a2, false, &b2, true, gp, false);
-            sgemm(d, nq, np, p, false, &gs, false, gq, true, false);
+            sgemm_uninit(d, np, 2 * nq, &a2, false, &b2, false, gp, false);
+            sgemm(d, nq, np, p, false, &b2[nq * np..], true, gq, true, false);
         });
     // SAFETY: the first `low.len()` elements were written, image by image, by `sgemm_uninit`.
     unsafe { glow.set_len(low.len()) };
