@@ -381,15 +381,23 @@ pub fn conv2d_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec
     let chunks = s.chunks();
     let par = inner_parallel(chunks.len());
     // SAFETY: output chunk `c` is the images of `chunks[c]` (all of equal length but the last);
-    // each of its images is copied out of `yt` in full (all `Cout·howo` values).
+    // each of its images is copied out of `yt` in full (all `Cout·howo` values), or for a
+    // single image written whole by `image_gemm`.
     unsafe {
         par_fill(s.n * ys, chunks[0].len() * ys, |c, yc| {
             let (lo, nb) = (chunks[c].start, chunks[c].len());
             let ld = nb * howo;
             let mut col = scratch::take(kd * ld);
             let mut xp = padded_scratch(s);
-            let mut yt = scratch::take(s.cout * ld);
             build_col(s, x, (lo, nb), &mut col[..kd * ld], &mut xp, par);
+            if nb == 1 {
+                // The image's output is the product itself: no copy.
+                image_gemm(yc, w, &col[..kd * ld], (s.cout, ld, kd), b, par);
+                scratch::give(col);
+                scratch::give(xp);
+                return;
+            }
+            let mut yt = scratch::take(s.cout * ld);
             sgemm(
                 s.cout,
                 ld,
@@ -433,20 +441,34 @@ fn pointwise_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<
     unsafe {
         par_fill(s.n * ys, ys, |i, yi| {
             let xi = &x[i * xs..(i + 1) * xs];
-            match b {
-                None => sgemm_uninit(s.cout, hw, s.cin, w, false, xi, false, yi, false),
-                Some(b) => {
-                    for (row, bv) in yi.chunks_mut(hw).zip(b) {
-                        row.iter_mut().for_each(|v| {
-                            v.write(*bv);
-                        });
-                    }
-                    // SAFETY: every element was just initialised.
-                    let yi = &mut *(yi as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]);
-                    sgemm(s.cout, hw, s.cin, w, false, xi, false, yi, true, false);
-                }
-            }
+            image_gemm(yi, w, xi, (s.cout, hw, s.cin), b, false);
         })
+    }
+}
+
+/// `y_i [m, n] = W [m, k] · B [k, n] (+ b)` written straight into an image's uninitialised
+/// output: without a bias the GEMM writes all of it, with one every row is first set to its
+/// bias and the GEMM then accumulates into it.
+fn image_gemm(
+    yi: &mut [MaybeUninit<f32>],
+    w: &[f32],
+    bm: &[f32],
+    (m, n, k): (usize, usize, usize),
+    b: Option<&[f32]>,
+    par: bool,
+) {
+    match b {
+        None => sgemm_uninit(m, n, k, w, false, bm, false, yi, par),
+        Some(b) => {
+            for (row, bv) in yi.chunks_mut(n).zip(b) {
+                row.iter_mut().for_each(|v| {
+                    v.write(*bv);
+                });
+            }
+            // SAFETY: every element was just initialised.
+            let yi = unsafe { &mut *(yi as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            sgemm(m, n, k, w, false, bm, false, yi, true, par);
+        }
     }
 }
 
@@ -658,20 +680,25 @@ pub fn conv2d_bwd(
             for (ci, r) in part.iter().enumerate() {
                 let (lo, nb) = (r.start, r.len());
                 let ld = nb * howo;
-                // gY' [Cout, nb·howo].
-                let gyt_cols = ImageColumns::new(&mut gyt[..s.cout * ld], s.cout, ld, howo);
-                let pack = |j: usize| {
-                    let gyi = &gy[(lo + j) * ys..(lo + j + 1) * ys];
-                    for (co, row) in gyi.chunks(howo).enumerate() {
-                        // SAFETY: image `j`'s columns, written by this call alone.
-                        unsafe { gyt_cols.row(j, co) }.copy_from_slice(row);
-                    }
-                };
-                if par {
-                    (0..nb).into_par_iter().for_each(pack);
+                // gY' [Cout, nb·howo]: a single image's gradient as it is, else packed.
+                let gyc: &[f32] = if nb == 1 {
+                    &gy[lo * ys..(lo + 1) * ys]
                 } else {
-                    (0..nb).for_each(pack);
-                }
+                    let gyt_cols = ImageColumns::new(&mut gyt[..s.cout * ld], s.cout, ld, howo);
+                    let pack = |j: usize| {
+                        let gyi = &gy[(lo + j) * ys..(lo + j + 1) * ys];
+                        for (co, row) in gyi.chunks(howo).enumerate() {
+                            // SAFETY: image `j`'s columns, written by this call alone.
+                            unsafe { gyt_cols.row(j, co) }.copy_from_slice(row);
+                        }
+                    };
+                    if par {
+                        (0..nb).into_par_iter().for_each(pack);
+                    } else {
+                        (0..nb).for_each(pack);
+                    }
+                    &gyt[..s.cout * ld]
+                };
                 build_col(s, x, (lo, nb), &mut col[..kd * ld], &mut xp, par);
                 if gw_transposed {
                     // gWᵀ [kd, Cout] = col · gY'ᵀ.
@@ -681,7 +708,7 @@ pub fn conv2d_bwd(
                         ld,
                         &col[..kd * ld],
                         false,
-                        &gyt[..s.cout * ld],
+                        gyc,
                         true,
                         gw,
                         ci > 0,
@@ -692,7 +719,7 @@ pub fn conv2d_bwd(
                         s.cout,
                         kd,
                         ld,
-                        &gyt[..s.cout * ld],
+                        gyc,
                         false,
                         &col[..kd * ld],
                         true,
@@ -709,7 +736,7 @@ pub fn conv2d_bwd(
                         s.cout,
                         w,
                         true,
-                        &gyt[..s.cout * ld],
+                        gyc,
                         false,
                         &mut col[..kd * ld],
                         false,
