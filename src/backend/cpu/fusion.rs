@@ -11,18 +11,14 @@ use rayon::prelude::*;
 
 use super::elementwise::sum8;
 use super::gemm::{sgemm, sgemm_uninit};
+use super::softmax_xent::row_max;
 
 /// Softmax of each row of `a [nq, np]` in place, `a` scaled by `r > 0` first. The row's
-/// maximum and sum run over independent lanes (a single running value would make each row one
-/// long chain of dependent operations); the sum in f64.
+/// maximum and sum run over independent lanes ([`row_max`], [`sum8`]; a single running value
+/// would make each row one long chain of dependent operations); the sum in f64.
 fn row_softmax(a: &mut [f32], np: usize, r: f32) {
     for row in a.chunks_mut(np) {
-        let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut it = row.chunks_exact(16);
-        for c in &mut it {
-            lanes.iter_mut().zip(c).for_each(|(m, v)| *m = m.max(*v));
-        }
-        let m = (lanes.iter().chain(it.remainder())).fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let m = row_max(row);
         row.iter_mut().for_each(|v| *v = ((*v - m) * r).exp());
         let inv = (1.0 / sum8(row, |v| v as f64)) as f32;
         row.iter_mut().for_each(|v| *v *= inv);
