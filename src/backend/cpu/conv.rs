@@ -108,8 +108,8 @@ fn copy_row(dst: &mut [f32], src: &[f32]) {
 /// wide feature maps (28 and 14 at 28 px; 56 and 112 at larger sizes): each output row's segment
 /// is a straight-line vector copy, without the per-segment loop and tests of [`copy_row`] (im2col
 /// was bound by them, not by memory: width 16's first two stages at batch 48 1.07–1.12× faster
-/// with it). Returns false, writing nothing, for other widths and strides; the 7 and 4 wide maps
-/// of the last stages were slower this way.
+/// with it). Returns false, writing nothing, for other widths and strides (the 7- and 4-wide maps
+/// of the last stages were no faster with fixed-width copies).
 ///
 /// # Safety
 /// As [`im2col_padded`].
