@@ -2,55 +2,89 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::{par_fill, sum8};
+use super::elementwise::par_fill;
 
-/// `(Σ g, Σ g·h(x))` over paired slices, like [`sum8`].
+/// `(Σ g, Σ g·h(x))` over the planes of one channel (`x`, `g` the whole `[n, c, hw]` tensors), in
+/// f64 over eight lanes that run on across the planes: the last stages' planes hold only 16–49
+/// elements, too few to pay for a reduction of the lanes each.
 #[inline(always)]
-fn sum8_pair(xs: &[f32], gs: &[f32], h: impl Fn(f32) -> f32) -> (f64, f64) {
+fn channel_sums(
+    (xs, gs): (&[f32], &[f32]),
+    (n, c, hw, ch): (usize, usize, usize, usize),
+    h: impl Fn(f32) -> f64,
+) -> (f64, f64) {
     let (mut a, mut b) = ([0.0f64; 8], [0.0f64; 8]);
-    let (mut xi, mut gi) = (xs.chunks_exact(8), gs.chunks_exact(8));
-    for (xc, gc) in (&mut xi).zip(&mut gi) {
-        for k in 0..8 {
-            a[k] += gc[k] as f64;
-            b[k] += gc[k] as f64 * h(xc[k]) as f64;
-        }
-    }
     let (mut ta, mut tb) = (0.0f64, 0.0f64);
-    for (x, g) in xi.remainder().iter().zip(gi.remainder()) {
-        ta += *g as f64;
-        tb += *g as f64 * h(*x) as f64;
+    for i in 0..n {
+        let o = (i * c + ch) * hw;
+        let (mut xi, mut gi) = (xs[o..o + hw].chunks_exact(8), gs[o..o + hw].chunks_exact(8));
+        for (xc, gc) in (&mut xi).zip(&mut gi) {
+            for k in 0..8 {
+                a[k] += gc[k] as f64;
+                b[k] += gc[k] as f64 * h(xc[k]);
+            }
+        }
+        for (x, g) in xi.remainder().iter().zip(gi.remainder()) {
+            ta += *g as f64;
+            tb += *g as f64 * h(*x);
+        }
     }
     (a.iter().sum::<f64>() + ta, b.iter().sum::<f64>() + tb)
 }
 
-/// Per-channel `(mean, biased var)` of `x [n, c, hw]`, accumulated in f64.
+/// `Σ f(x)` over the planes of one channel, as [`channel_sums`].
+#[inline(always)]
+fn channel_sum(
+    xs: &[f32],
+    (n, c, hw, ch): (usize, usize, usize, usize),
+    f: impl Fn(f32) -> f64,
+) -> f64 {
+    let mut a = [0.0f64; 8];
+    let mut t = 0.0f64;
+    for i in 0..n {
+        let mut xi = xs[(i * c + ch) * hw..][..hw].chunks_exact(8);
+        for xc in &mut xi {
+            for k in 0..8 {
+                a[k] += f(xc[k]);
+            }
+        }
+        t += xi.remainder().iter().map(|v| f(*v)).sum::<f64>();
+    }
+    a.iter().sum::<f64>() + t
+}
+
+/// Per-channel `(mean, biased var)` of `x [n, c, hw]`, accumulated in f64 (two passes: the sum,
+/// then the squares about the mean).
 fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     (0..c)
         .into_par_iter()
         .map(|ch| {
             let m = (n * hw) as f64;
-            let mut s = 0.0f64;
-            for i in 0..n {
-                s += sum8(&x[(i * c + ch) * hw..][..hw], |v| v as f64);
-            }
-            let mean = s / m;
-            let mut q = 0.0f64;
-            for i in 0..n {
-                q += sum8(&x[(i * c + ch) * hw..][..hw], |v| (v as f64 - mean).powi(2));
-            }
+            let mean = channel_sum(x, (n, c, hw, ch), |v| v as f64) / m;
+            let q = channel_sum(x, (n, c, hw, ch), |v| (v as f64 - mean).powi(2));
             (mean, q / m)
         })
         .collect()
 }
 
+/// Planes per parallel chunk of the elementwise passes: whole planes, at least about 4 096
+/// elements (the last stages' planes hold 16–49, too few to be a chunk each).
+fn planes_per_chunk(hw: usize) -> usize {
+    (4096 / hw.max(1)).max(1)
+}
+
 /// `y = a[c]·x + b[c]` per plane (the affine form both BN modes reduce to).
 fn affine_planes(x: &[f32], c: usize, hw: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+    let ppc = planes_per_chunk(hw);
     // SAFETY: plane `p` of the output is written element by element from plane `p` of `x`.
     unsafe {
-        par_fill(x.len(), hw, |p, yp| {
-            let ch = p % c;
-            for (o, v) in yp.iter_mut().zip(&x[p * hw..][..hw]) {
-                o.write(a[ch] * v + b[ch]);
+        par_fill(x.len(), ppc * hw, |k, yk| {
+            for (j, yp) in yk.chunks_mut(hw.max(1)).enumerate() {
+                let p = k * ppc + j;
+                let ch = p % c;
+                for (o, v) in yp.iter_mut().zip(&x[p * hw..][..hw]) {
+                    o.write(a[ch] * v + b[ch]);
+                }
             }
         })
     }
@@ -96,16 +130,9 @@ fn grad_sums(
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let (mut sg, mut sgx) = (0.0f64, 0.0f64);
-            for i in 0..n {
-                let o = (i * c + ch) * hw;
-                let (a, b) = sum8_pair(&x[o..o + hw], &gy[o..o + hw], |xv| {
-                    (xv - mean[ch]) * invstd[ch]
-                });
-                sg += a;
-                sgx += b;
-            }
-            (sg, sgx)
+            channel_sums((x, gy), (n, c, hw, ch), |xv| {
+                ((xv - mean[ch]) * invstd[ch]) as f64
+            })
         })
         .collect()
 }
@@ -124,16 +151,20 @@ pub fn batch_norm_train_bwd(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let sums = grad_sums(x, gy, n, c, hw, mean, invstd);
     let m = (n * hw) as f32;
-    // SAFETY: every element of plane `p` is written.
+    let ppc = planes_per_chunk(hw);
+    // SAFETY: every element of every plane of chunk `q` is written.
     let gx = unsafe {
-        par_fill(x.len(), hw, |p, g| {
-            let ch = p % c;
-            let (sg, sgx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
-            let k = gamma[ch] * invstd[ch];
-            let (xp, gp) = (&x[p * hw..][..hw], &gy[p * hw..][..hw]);
-            for ((gv, xv), gyv) in g.iter_mut().zip(xp).zip(gp) {
-                let xhat = (xv - mean[ch]) * invstd[ch];
-                gv.write(k * (gyv - sg - xhat * sgx));
+        par_fill(x.len(), ppc * hw, |q, gq| {
+            for (j, g) in gq.chunks_mut(hw.max(1)).enumerate() {
+                let p = q * ppc + j;
+                let ch = p % c;
+                let (sg, sgx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
+                let k = gamma[ch] * invstd[ch];
+                let (xp, gp) = (&x[p * hw..][..hw], &gy[p * hw..][..hw]);
+                for ((gv, xv), gyv) in g.iter_mut().zip(xp).zip(gp) {
+                    let xhat = (xv - mean[ch]) * invstd[ch];
+                    gv.write(k * (gyv - sg - xhat * sgx));
+                }
             }
         })
     };
@@ -215,4 +246,52 @@ pub fn l2_normalize_bwd(x: &[f32], gy: &[f32], d: usize) -> Vec<f32> {
             }
         });
     gx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Training-mode forward and backward against a direct f64 computation, on shapes whose
+    /// planes span several parallel chunks with a short last one (100 planes of 49, 83 to a
+    /// chunk), single-element planes, planes with no 8-element block, and the first stage's size.
+    #[test]
+    fn train_matches_direct_f64() {
+        for (n, c, hw) in [(20, 5, 49), (6, 3, 1), (4, 7, 5), (2, 3, 784)] {
+            let len = n * c * hw;
+            let val = |i: usize, s: usize| ((i * 7919 + s * 104_729) % 1999) as f32 / 999.0 - 1.0;
+            let x: Vec<f32> = (0..len).map(|i| val(i, 1) * 3.0 + 0.5).collect();
+            let gy: Vec<f32> = (0..len).map(|i| val(i, 2)).collect();
+            let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.25).collect();
+            let beta: Vec<f32> = (0..c).map(|i| i as f32 * 0.1 - 0.2).collect();
+            let eps = 1e-5;
+            let (y, mean, invstd, _) = batch_norm_train_fwd(&x, n, c, hw, &gamma, &beta, eps);
+            let (gx, gg, gb) = batch_norm_train_bwd(&x, &gy, n, c, hw, &gamma, &mean, &invstd);
+            let m = (n * hw) as f64;
+            for ch in 0..c {
+                let idx: Vec<usize> = (0..n)
+                    .flat_map(|i| (0..hw).map(move |j| (i * c + ch) * hw + j))
+                    .collect();
+                let mu = idx.iter().map(|&i| x[i] as f64).sum::<f64>() / m;
+                let var = idx.iter().map(|&i| (x[i] as f64 - mu).powi(2)).sum::<f64>() / m;
+                let is = 1.0 / (var + eps as f64).sqrt();
+                let xh = |i: usize| (x[i] as f64 - mu) * is;
+                let sg: f64 = idx.iter().map(|&i| gy[i] as f64).sum();
+                let sgx: f64 = idx.iter().map(|&i| gy[i] as f64 * xh(i)).sum();
+                let close = |a: f32, e: f64, what: &str| {
+                    assert!(
+                        (a as f64 - e).abs() <= 2e-5 * e.abs().max(1.0),
+                        "{what} of channel {ch} in [{n},{c},{hw}]: {a} against {e}"
+                    );
+                };
+                close(gb[ch], sg, "gβ");
+                close(gg[ch], sgx, "gγ");
+                for &i in &idx {
+                    close(y[i], gamma[ch] as f64 * xh(i) + beta[ch] as f64, "y");
+                    let g = gamma[ch] as f64 * is / m * (m * gy[i] as f64 - sg - xh(i) * sgx);
+                    close(gx[i], g, "gx");
+                }
+            }
+        }
+    }
 }
