@@ -9,21 +9,8 @@
 
 use rayon::prelude::*;
 
-use super::elementwise::sum8;
 use super::gemm::{sgemm, sgemm_uninit};
-use super::softmax_xent::row_max;
-
-/// Softmax of each row of `a [nq, np]` in place, `a` scaled by `r > 0` first. The row's
-/// maximum and sum run over independent lanes ([`row_max`], [`sum8`]; a single running value
-/// would make each row one long chain of dependent operations); the sum in f64.
-fn row_softmax(a: &mut [f32], np: usize, r: f32) {
-    for row in a.chunks_mut(np) {
-        let m = row_max(row);
-        row.iter_mut().for_each(|v| *v = ((*v - m) * r).exp());
-        let inv = (1.0 / sum8(row, |v| v as f64)) as f32;
-        row.iter_mut().for_each(|v| *v *= inv);
-    }
-}
+use super::softmax_xent::softmax_scaled_in_place;
 
 /// `Σ a_i·b_i` over eight independent f64 lanes.
 fn dot8(a: &[f32], b: &[f32]) -> f64 {
@@ -43,7 +30,9 @@ fn dot8(a: &[f32], b: &[f32]) -> f64 {
 /// `Sᵀ [nq, np]` for one image, in `st`.
 fn similarity_t(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize, st: &mut [f32]) {
     sgemm(nq, np, d, q, true, p, false, st, false, false);
-    row_softmax(st, np, 1.0 / (d as f32).sqrt());
+    let r = 1.0 / (d as f32).sqrt();
+    st.chunks_mut(np)
+        .for_each(|row| softmax_scaled_in_place(row, r));
 }
 
 pub fn similarity_fusion_fwd(

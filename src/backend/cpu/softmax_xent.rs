@@ -4,14 +4,19 @@ use rayon::prelude::*;
 
 use super::elementwise::sum8;
 
-/// Numerically stable softmax of one row into `out`.
+/// Numerically stable softmax of one row into `out` (as long as `x`).
 pub fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let m = row_max(x);
-    for (o, v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-    }
-    let s = sum8(out, |v| v as f64) as f32;
-    out.iter_mut().for_each(|o| *o /= s);
+    out.copy_from_slice(x);
+    softmax_scaled_in_place(out, 1.0);
+}
+
+/// Softmax of `row` scaled by `r > 0` (`exp(r·(x − max)) / Σ`) in place: the maximum over
+/// independent lanes (`row_max`), the sum in f64 over eight ([`sum8`]).
+pub fn softmax_scaled_in_place(row: &mut [f32], r: f32) {
+    let m = row_max(row);
+    row.iter_mut().for_each(|v| *v = ((*v - m) * r).exp());
+    let s = sum8(row, |v| v as f64) as f32;
+    row.iter_mut().for_each(|v| *v /= s);
 }
 
 /// `log Σ exp(x)` of one row (the sum in f64 over independent lanes).
@@ -25,7 +30,7 @@ pub fn logsumexp_row(x: &[f32]) -> f32 {
 /// operations. NaN elements are skipped as by `f32::max` (they still reach the row's
 /// exponentials and so its result).
 #[inline]
-pub fn row_max(x: &[f32]) -> f32 {
+fn row_max(x: &[f32]) -> f32 {
     if x.len() < 32 {
         return x.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     }
