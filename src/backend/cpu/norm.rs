@@ -1,5 +1,7 @@
 //! Batch norm (per channel over N·H·W) and row-wise L2 normalisation.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::elementwise::par_fill;
@@ -67,24 +69,37 @@ fn channel_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Planes per parallel chunk of the elementwise passes: whole planes, at least about 4 096
-/// elements (the last stages' planes hold 16–49, too few to be a chunk each).
-fn planes_per_chunk(hw: usize) -> usize {
-    (4096 / hw.max(1)).max(1)
+/// A tensor of `len` floats in planes of `hw`, written plane by plane in parallel by
+/// `fill(p, plane)` (plane `p`, i.e. elements `p·hw ..`); each parallel chunk takes whole planes,
+/// at least about 4 096 elements (the last stages' planes hold 16–49, too few to be a chunk each).
+///
+/// # Safety
+/// `fill` must initialise every element of every plane it is given.
+unsafe fn fill_planes(
+    len: usize,
+    hw: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let ppc = (4096 / hw.max(1)).max(1);
+    // SAFETY: every plane of every chunk goes to `fill`, which initialises it (the caller's
+    // guarantee).
+    unsafe {
+        par_fill(len, ppc * hw, |k, chunk| {
+            for (j, plane) in chunk.chunks_mut(hw.max(1)).enumerate() {
+                fill(k * ppc + j, plane);
+            }
+        })
+    }
 }
 
 /// `y = a[c]·x + b[c]` per plane (the affine form both BN modes reduce to).
 fn affine_planes(x: &[f32], c: usize, hw: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-    let ppc = planes_per_chunk(hw);
     // SAFETY: plane `p` of the output is written element by element from plane `p` of `x`.
     unsafe {
-        par_fill(x.len(), ppc * hw, |k, yk| {
-            for (j, yp) in yk.chunks_mut(hw.max(1)).enumerate() {
-                let p = k * ppc + j;
-                let ch = p % c;
-                for (o, v) in yp.iter_mut().zip(&x[p * hw..][..hw]) {
-                    o.write(a[ch] * v + b[ch]);
-                }
+        fill_planes(x.len(), hw, |p, yp| {
+            let ch = p % c;
+            for (o, v) in yp.iter_mut().zip(&x[p * hw..][..hw]) {
+                o.write(a[ch] * v + b[ch]);
             }
         })
     }
@@ -151,20 +166,16 @@ pub fn batch_norm_train_bwd(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let sums = grad_sums(x, gy, n, c, hw, mean, invstd);
     let m = (n * hw) as f32;
-    let ppc = planes_per_chunk(hw);
-    // SAFETY: every element of every plane of chunk `q` is written.
+    // SAFETY: every element of plane `p` is written.
     let gx = unsafe {
-        par_fill(x.len(), ppc * hw, |q, gq| {
-            for (j, g) in gq.chunks_mut(hw.max(1)).enumerate() {
-                let p = q * ppc + j;
-                let ch = p % c;
-                let (sg, sgx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
-                let k = gamma[ch] * invstd[ch];
-                let (xp, gp) = (&x[p * hw..][..hw], &gy[p * hw..][..hw]);
-                for ((gv, xv), gyv) in g.iter_mut().zip(xp).zip(gp) {
-                    let xhat = (xv - mean[ch]) * invstd[ch];
-                    gv.write(k * (gyv - sg - xhat * sgx));
-                }
+        fill_planes(x.len(), hw, |p, g| {
+            let ch = p % c;
+            let (sg, sgx) = (sums[ch].0 as f32 / m, sums[ch].1 as f32 / m);
+            let k = gamma[ch] * invstd[ch];
+            let (xp, gp) = (&x[p * hw..][..hw], &gy[p * hw..][..hw]);
+            for ((gv, xv), gyv) in g.iter_mut().zip(xp).zip(gp) {
+                let xhat = (xv - mean[ch]) * invstd[ch];
+                gv.write(k * (gyv - sg - xhat * sgx));
             }
         })
     };
