@@ -813,6 +813,13 @@ mod tests {
         ]
     }
 
+    /// `[y, gx, gw, gb]`: the forward with a bias and the backward with every gradient.
+    fn forward_backward(s: &ConvShape, [x, w, b, gy]: [&[f32]; 4]) -> [Vec<f32>; 4] {
+        let y = conv2d_fwd(s, x, w, Some(b));
+        let (gx, gw, gb) = conv2d_bwd(s, x, w, gy, true, true);
+        [y, gx.unwrap(), gw, gb.unwrap()]
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -879,10 +886,8 @@ mod tests {
         for t in shapes {
             let s = shape(t);
             let [x, w, b, gy] = inputs(&s, 5);
-            let y = conv2d_fwd(&s, &x, &w, Some(&b));
-            let (gx, gw, gb) = conv2d_bwd(&s, &x, &w, &gy, true, true);
+            let got = forward_backward(&s, [&x, &w, &b, &gy]);
             let want = reference(&s, &x, &w, &b, &gy);
-            let got = [y, gx.unwrap(), gw, gb.unwrap()];
             for (what, (g, r)) in ["y", "gx", "gw", "gb"].iter().zip(got.iter().zip(&want)) {
                 assert_eq!(g.len(), r.len(), "{what} of {s:?}");
                 let scale = r.iter().fold(1.0f64, |m, v| m.max(v.abs()));
@@ -918,11 +923,7 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap();
-                pool.install(|| {
-                    let y = conv2d_fwd(&s, &x, &w, Some(&b));
-                    let (gx, gw, gb) = conv2d_bwd(&s, &x, &w, &gy, true, true);
-                    [y, gx.unwrap(), gw, gb.unwrap()].map(|v| bits(&v))
-                })
+                pool.install(|| forward_backward(&s, [&x, &w, &b, &gy]).map(|v| bits(&v)))
             };
             let one = run(1);
             assert!(one[2].iter().any(|&v| f32::from_bits(v) != 0.0));
