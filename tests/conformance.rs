@@ -94,6 +94,41 @@ fn golden_cases_pass_on_cpu() {
     );
 }
 
+/// The golden cases through the `medssl` binary with each CPU convolution algorithm forced
+/// (`MEDSSL_CPU_CONV`, read once per process): the Winograd path, which the default picks only
+/// for layers with at least 128 channels (none in the golden cases), on every 3×3 stride-1 layer
+/// of the convolution, MedFuseNet and DSRPGC cases; im2col on all of them; and a misspelt value
+/// refused with its name.
+#[test]
+fn golden_cases_pass_with_each_convolution_algorithm() {
+    let dir = golden_dir();
+    let cases = case_files(Path::new(&dir)).expect("golden directory").len();
+    for algo in ["winograd", "im2col"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_medssl"))
+            .args(["conformance", "--golden", &dir])
+            .env("MEDSSL_CPU_CONV", algo)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains(&format!("{cases} passed, 0 failed")),
+            "MEDSSL_CPU_CONV={algo}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_medssl"))
+        .args(["conformance", "--golden", &dir])
+        .env("MEDSSL_CPU_CONV", "Winograd")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("MEDSSL_CPU_CONV='Winograd' is not a CPU convolution"),
+        "{err}"
+    );
+}
+
 /// A scratch directory unique to this test process and `name`.
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("medssl-conformance-{}-{name}", std::process::id()));

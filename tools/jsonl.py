@@ -36,9 +36,11 @@ def workload(r):
 
 
 # The switches' defaults of builds whose rows do not name them (before "defaults" existed; those
-# rows do not record MEDSSL_CUDA_CONV or MEDSSL_CUDA_CONV1X1 either).
+# rows do not record MEDSSL_CUDA_CONV or MEDSSL_CUDA_CONV1X1 either), and of CPU rows, whose
+# "defaults" is null (their one switch, MEDSSL_CPU_CONV as "cpu_conv", defaults to "auto").
 OLD_DEFAULTS = {"tf32": False, "cudnn_algo": "find", "cudnn_deterministic_first": True,
-                "bn_fused_max_m": 65536, "bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat"}
+                "bn_fused_max_m": 65536, "bn_split": 0, "bn_stats": "two-pass", "bn_apply": "flat",
+                "cpu_conv": "auto"}
 
 # How a variant row names a switch that differs from the default.
 LABELS = {
@@ -56,6 +58,7 @@ LABELS = {
     "bn_apply": str,
     "bn_fwd": lambda v: f"bn fwd {v}",
     "bn_bwd": lambda v: f"bn bwd {v}",
+    "cpu_conv": lambda v: f"cpu conv {v}",
 }
 
 

@@ -279,7 +279,8 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
 
 /// The JSON fields of [`CudaChoices`] for a result row (each null on CPU), so that rows of runs
 /// with different switches can be told apart: [`SWITCH_KEYS`], `defaults` (the same keys at
-/// this build's defaults) and `sms`.
+/// this build's defaults) and `sms`; and on CPU `cpu_conv`, the convolution algorithm chosen by
+/// `MEDSSL_CPU_CONV` (null on CUDA).
 fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
     let c = cuda_choices(dev);
     let mut m = serde_json::Map::new();
@@ -293,6 +294,8 @@ fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
             .map_or(serde_json::Value::Null, |c| c.defaults.clone().into()),
     );
     m.insert("sms".into(), serde_json::json!(c.as_ref().map(|c| c.sms)));
+    let cpu_conv = (dev == Device::Cpu).then(|| medssl::backend::cpu::winograd::algo().name());
+    m.insert("cpu_conv".into(), serde_json::json!(cpu_conv));
     m
 }
 
@@ -669,7 +672,7 @@ fn step(a: &StepArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    medssl::backend::cpu::check_thread_env()?;
+    medssl::backend::cpu::check_env()?;
     match cli.cmd {
         Cmd::Step(a) => step(&a),
         Cmd::Ops(a) => ops::run(&a),

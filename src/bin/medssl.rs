@@ -425,7 +425,7 @@ fn conformance(dir: &std::path::Path, device: &str, json: bool) -> Result<bool> 
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    medssl::backend::cpu::check_thread_env()?;
+    medssl::backend::cpu::check_env()?;
     match cli.cmd {
         Cmd::Conformance {
             golden,

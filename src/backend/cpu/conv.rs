@@ -20,9 +20,14 @@ use rayon::prelude::*;
 use super::elementwise::{par_fill, sum8, CHUNK};
 use super::gemm::{sgemm, sgemm_uninit};
 use super::scratch;
+use super::winograd;
 
 /// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
 pub use crate::backend::shapes::ConvGeom as ConvShape;
+
+/// A backward pass's `(gx, gw, gb)`: the input gradient when asked for, the weight gradient,
+/// the bias gradient when the layer has a bias.
+pub type Grads = (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>);
 
 /// Upper bound (in floats) on one chunk's `col` matrix per 16 output channels: 256 KiB for a
 /// 16-channel layer, so that the block written by im2col is still in the core's L2 cache when a
@@ -60,7 +65,7 @@ impl ConvShape {
 
 /// `0..n` cut into at most `k` contiguous ranges of `⌈n/k⌉` items each (the last one may be
 /// shorter): equal lengths, so the ranges line up with equal chunks of an output buffer.
-fn split(n: usize, k: usize) -> Vec<Range<usize>> {
+pub(super) fn split(n: usize, k: usize) -> Vec<Range<usize>> {
     let len = n.div_ceil(k.max(1)).max(1);
     (0..n)
         .step_by(len)
@@ -71,14 +76,14 @@ fn split(n: usize, k: usize) -> Vec<Range<usize>> {
 /// Whether the work inside each of `tasks` parallel items (its GEMMs, im2col and copies) should
 /// itself use the thread pool: when there are fewer items than threads. This changes only who
 /// computes what, never the arithmetic.
-fn inner_parallel(tasks: usize) -> bool {
+pub(super) fn inner_parallel(tasks: usize) -> bool {
     tasks < rayon::current_num_threads()
 }
 
 /// Copies a short row without a call into `memmove` (im2col rows are 4–56 floats long at the
 /// model's sizes, where the call overhead outweighs the copy).
 #[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
+pub(super) fn copy_row(dst: &mut [f32], src: &[f32]) {
     let n = dst.len();
     let src = &src[..n];
     let mut i = 0;
@@ -150,7 +155,7 @@ unsafe fn im2col_fixed(s: &ConvShape, xp: &[f32], col: ImageColumns, j: usize) -
 /// A matrix of `rows` rows `ld` floats apart whose column blocks (one per image, `width` wide)
 /// several threads fill at once, each thread its own images.
 #[derive(Clone, Copy)]
-struct ImageColumns {
+pub(super) struct ImageColumns {
     ptr: *mut f32,
     rows: usize,
     ld: usize,
@@ -164,7 +169,7 @@ unsafe impl Sync for ImageColumns {}
 
 impl ImageColumns {
     /// Column blocks `width` wide in `m`, which holds `rows` rows `ld` apart.
-    fn new(m: &mut [f32], rows: usize, ld: usize, width: usize) -> Self {
+    pub(super) fn new(m: &mut [f32], rows: usize, ld: usize, width: usize) -> Self {
         assert!(m.len() >= rows * ld && width > 0 && ld.is_multiple_of(width));
         ImageColumns {
             ptr: m.as_mut_ptr(),
@@ -180,7 +185,7 @@ impl ImageColumns {
     /// The matrix must still be borrowed by whoever made `self`, and no two live slices may be
     /// for the same `(j, r)`.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, j: usize, r: usize) -> &mut [f32] {
+    pub(super) unsafe fn row(&self, j: usize, r: usize) -> &mut [f32] {
         assert!(r < self.rows && (j + 1) * self.width <= self.ld);
         // SAFETY: in bounds by the assert and `new`; exclusive by the caller's guarantee.
         unsafe {
@@ -369,15 +374,26 @@ fn pointwise(s: &ConvShape) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
+/// The forward convolution `y [N, Cout, Ho, Wo]` (+ bias): pointwise layers as one GEMM per
+/// image, 3×3 stride-1 layers by Winograd where [`winograd::applies`], the others by im2col.
 pub fn conv2d_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
-    let (howo, kd) = (s.ho() * s.wo(), s.kdim());
-    let ys = s.cout * howo;
+    let ys = s.cout * s.ho() * s.wo();
     if s.n * ys == 0 {
         return vec![0.0f32; s.n * ys];
     }
     if pointwise(s) {
         return pointwise_fwd(s, x, w, b);
     }
+    if winograd::applies(s) {
+        return winograd::forward(s, x, w, b);
+    }
+    im2col_fwd(s, x, w, b)
+}
+
+/// The forward convolution by im2col + GEMM over chunks of images (a shape with outputs).
+pub(super) fn im2col_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    let (howo, kd) = (s.ho() * s.wo(), s.kdim());
+    let ys = s.cout * howo;
     let chunks = s.chunks();
     let par = inner_parallel(chunks.len());
     // SAFETY: output chunk `c` is the images of `chunks[c]` (all of equal length but the last);
@@ -473,7 +489,7 @@ fn image_gemm(
 }
 
 /// Per-channel sums of `gy [N, Cout, HW]` (the bias gradient), accumulated in f64.
-fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
+pub(super) fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
     (0..cout)
         .into_par_iter()
         .map(|co| {
@@ -579,7 +595,7 @@ fn pointwise_bwd(
     gy: &[f32],
     need_x: bool,
     has_bias: bool,
-) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
+) -> Grads {
     let hw = s.h * s.w;
     let (xs, ys) = (s.cin * hw, s.cout * hw);
     let gx = need_x.then(|| {
@@ -630,7 +646,7 @@ pub fn conv2d_bwd(
     gy: &[f32],
     need_x: bool,
     has_bias: bool,
-) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
+) -> Grads {
     let (howo, kd) = (s.ho() * s.wo(), s.kdim());
     let xs = s.cin * s.h * s.w;
     let ys = s.cout * howo;
@@ -645,6 +661,25 @@ pub fn conv2d_bwd(
     if pointwise(s) {
         return pointwise_bwd(s, x, w, gy, need_x, has_bias);
     }
+    if winograd::applies(s) {
+        return winograd::backward(s, x, w, gy, need_x, has_bias);
+    }
+    im2col_bwd(s, x, w, gy, need_x, has_bias)
+}
+
+/// The backward convolution by im2col + GEMM over chunks of images (a shape with outputs and
+/// inputs): `(gx, gw, gb)`.
+pub(super) fn im2col_bwd(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    need_x: bool,
+    has_bias: bool,
+) -> Grads {
+    let (howo, kd) = (s.ho() * s.wo(), s.kdim());
+    let xs = s.cin * s.h * s.w;
+    let ys = s.cout * howo;
     let chunks = s.chunks();
     let cap = chunks[0].len();
     // Parts: runs of `per_part` consecutive chunks, so all but the last cover the same images.
@@ -778,19 +813,19 @@ pub fn conv2d_bwd(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn data(len: usize, seed: usize) -> Vec<f32> {
+    pub(in crate::backend::cpu) fn data(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0) * 0.5)
             .collect()
     }
 
     /// `(n, cin, h = w, cout, k, stride, pad)`.
-    type Dims = (usize, usize, usize, usize, usize, usize, usize);
+    pub(in crate::backend::cpu) type Dims = (usize, usize, usize, usize, usize, usize, usize);
 
-    fn shape((n, cin, hw, cout, k, stride, pad): Dims) -> ConvShape {
+    pub(in crate::backend::cpu) fn shape((n, cin, hw, cout, k, stride, pad): Dims) -> ConvShape {
         ConvShape {
             n,
             cin,
@@ -804,7 +839,7 @@ mod tests {
     }
 
     /// `[x, w, b, gy]` for `s`, from seeds `seed ..= seed + 3`.
-    fn inputs(s: &ConvShape, seed: usize) -> [Vec<f32>; 4] {
+    pub(in crate::backend::cpu) fn inputs(s: &ConvShape, seed: usize) -> [Vec<f32>; 4] {
         [
             data(s.n * s.cin * s.h * s.w, seed),
             data(s.cout * s.kdim(), seed + 1),
@@ -820,12 +855,18 @@ mod tests {
         [y, gx.unwrap(), gw, gb.unwrap()]
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
+    pub(in crate::backend::cpu) fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
 
     /// Direct convolution in f64: `(y, gx, gw, gb)` for upstream gradient `gy`.
-    fn reference(s: &ConvShape, x: &[f32], w: &[f32], b: &[f32], gy: &[f32]) -> [Vec<f64>; 4] {
+    pub(in crate::backend::cpu) fn reference(
+        s: &ConvShape,
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        gy: &[f32],
+    ) -> [Vec<f64>; 4] {
         let (ho, wo, k) = (s.ho(), s.wo(), s.k);
         let mut y = vec![0.0f64; s.n * s.cout * ho * wo];
         let mut gx = vec![0.0f64; x.len()];
@@ -887,18 +928,40 @@ mod tests {
             let s = shape(t);
             let [x, w, b, gy] = inputs(&s, 5);
             let got = forward_backward(&s, [&x, &w, &b, &gy]);
-            let want = reference(&s, &x, &w, &b, &gy);
-            for (what, (g, r)) in ["y", "gx", "gw", "gb"].iter().zip(got.iter().zip(&want)) {
-                assert_eq!(g.len(), r.len(), "{what} of {s:?}");
-                let scale = r.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-                for (i, (a, e)) in g.iter().zip(r).enumerate() {
-                    assert!(
-                        (*a as f64 - e).abs() <= 1e-5 * scale,
-                        "{what}[{i}] of {s:?}: {a} against {e}"
-                    );
-                }
+            assert_matches_reference(&s, &got, [&x, &w, &b, &gy]);
+        }
+    }
+
+    /// `[y, gx, gw, gb]` within `1e-5 ·` the largest value of each (at least 1) of the direct
+    /// convolution of `[x, w, b, gy]`.
+    pub(in crate::backend::cpu) fn assert_matches_reference(
+        s: &ConvShape,
+        got: &[Vec<f32>; 4],
+        [x, w, b, gy]: [&[f32]; 4],
+    ) {
+        let want = reference(s, x, w, b, gy);
+        for (what, (g, r)) in ["y", "gx", "gw", "gb"].iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.len(), r.len(), "{what} of {s:?}");
+            let scale = r.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (i, (a, e)) in g.iter().zip(r).enumerate() {
+                assert!(
+                    (*a as f64 - e).abs() <= 1e-5 * scale,
+                    "{what}[{i}] of {s:?}: {a} against {e}"
+                );
             }
         }
+    }
+
+    /// The bits of `f()` run on a pool of `threads` threads.
+    pub(in crate::backend::cpu) fn bits_on<const K: usize>(
+        threads: usize,
+        f: impl FnOnce() -> [Vec<f32>; K] + Send,
+    ) -> [Vec<u32>; K] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| f().map(|v| bits(&v)))
     }
 
     /// Forward and backward on 1, 2, 3 and 8 threads give the same bits: many chunks in many
@@ -918,13 +981,7 @@ mod tests {
         for t in shapes {
             let s = shape(t);
             let [x, w, b, gy] = inputs(&s, 1);
-            let run = |threads: usize| {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                pool.install(|| forward_backward(&s, [&x, &w, &b, &gy]).map(|v| bits(&v)))
-            };
+            let run = |threads| bits_on(threads, || forward_backward(&s, [&x, &w, &b, &gy]));
             let one = run(1);
             assert!(one[2].iter().any(|&v| f32::from_bits(v) != 0.0));
             for threads in [2, 3, 8] {

@@ -13,6 +13,7 @@ pub mod reduce;
 pub mod scratch;
 pub mod softmax_xent;
 pub mod ssl_losses;
+pub mod winograd;
 
 use crate::backend::shapes::{self, last_dim, rows2, same_shape};
 use crate::backend::{
@@ -33,20 +34,31 @@ impl CpuBackend {
     }
 }
 
-/// Checks `RAYON_NUM_THREADS` before the thread pool reads it. rayon quietly falls back to one
-/// thread per core on a value it cannot parse (`two`, `2 `), which would hide a typo in a job
-/// script; the binaries call this first so such a value is an error naming the variable. Unset,
-/// empty and `0` mean one thread per core, as in rayon.
-pub fn check_thread_env() -> Result<()> {
+/// Checks the CPU backend's environment variables before any work, so that a typo in a job
+/// script is an error naming the variable rather than a quiet default. `RAYON_NUM_THREADS`:
+/// rayon quietly falls back to one thread per core on a value it cannot parse (`two`, `2 `);
+/// unset, empty and `0` mean one thread per core, as in rayon. `MEDSSL_CPU_CONV`: `auto`,
+/// `im2col` or `winograd` (see [`winograd::Algo`]).
+pub fn check_env() -> Result<()> {
     match std::env::var("RAYON_NUM_THREADS") {
-        Err(std::env::VarError::NotPresent) => Ok(()),
-        Ok(v) if v.is_empty() || v.parse::<usize>().is_ok() => Ok(()),
+        Err(std::env::VarError::NotPresent) => {}
+        Ok(v) if v.is_empty() || v.parse::<usize>().is_ok() => {}
         Ok(v) => crate::bail!(
             "RAYON_NUM_THREADS='{v}' is not a number of threads (a whole number; 0 or unset: one \
              per core)"
         ),
         Err(std::env::VarError::NotUnicode(v)) => {
             crate::bail!("RAYON_NUM_THREADS={v:?} is not a number of threads")
+        }
+    }
+    match std::env::var("MEDSSL_CPU_CONV") {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) => match winograd::parse_algo(Some(&v)) {
+            Ok(_) => Ok(()),
+            Err(e) => crate::bail!("{e}"),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => {
+            crate::bail!("MEDSSL_CPU_CONV={v:?} is not a CPU convolution algorithm")
         }
     }
 }

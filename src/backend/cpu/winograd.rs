@@ -1,0 +1,751 @@
+//! 3×3 convolutions of stride 1 and padding 1 by Winograd's minimal filtering F(2×2, 3×3).
+//!
+//! The output is cut into 2×2 tiles. Each tile `Y` comes from the 4×4 input patch `d` around it
+//! (rows `2ty−1 ..= 2ty+2`, columns likewise, zero outside the image) and a 3×3 kernel `g` as
+//! `Y = Aᵀ[(G·g·Gᵀ) ⊙ (Bᵀ·d·B)]A`: 16 products per input and output channel where the direct
+//! convolution takes 36 (2.25× fewer; on maps of odd size the last tile row and column are half
+//! outside, 1.72× fewer at 7 × 7). With
+//!
+//! ```text
+//!      ⎡1  0 −1  0⎤       ⎡ 1   0   0⎤        ⎡1 1  1  0⎤
+//! Bᵀ = ⎢0  1  1  0⎥   G = ⎢1/2 1/2 1/2⎥   Aᵀ = ⎣0 1 −1 −1⎦
+//!      ⎢0 −1  1  0⎥       ⎢1/2 −1/2 1/2⎥
+//!      ⎣0  1  0 −1⎦       ⎣ 0   0   1⎦
+//! ```
+//!
+//! (coefficients 0, ±1 and ±1/2 only, so each transform rounds no more than the sums of a direct
+//! convolution). Summed over the input channels, the 16 transform points ξ are 16 independent
+//! GEMMs: `M_ξ [Cout, tiles] = U_ξ [Cout, Cin] · V_ξ [Cin, tiles]`, with `U = G·g·Gᵀ` for every
+//! channel pair (the weight transform) and `V = Bᵀ·d·B` for every input channel and tile (the
+//! input transform); the output transform `Aᵀ·M·A` then gives each tile.
+//!
+//! The backward pass is the exact adjoint of these linear steps: `gM = A·gY·Aᵀ` per output tile
+//! (zero beyond the image), the weight gradient `gU_ξ = Σ gM_ξ · V_ξᵀ` brought back to 3×3 by
+//! `gW = Gᵀ·gU·G`, and the input gradient `gV_ξ = U_ξᵀ · gM_ξ` brought back by adding `B·gV·Bᵀ`
+//! of the overlapping tiles into each input plane, tiles in order.
+//!
+//! Layouts: `V [16][C][nt]`, `M` and `gM [16][Cout][nt]`, `U` and `gU [16][Cout][Cin]`, point
+//! `ξ = 4i + k` (row `i`, column `k` of the 4×4 transform), tile `j·T + ty·tw + tx` for image
+//! `j` of a chunk of images (`T = th·tw` tiles per image, `th = ⌈H/2⌉`, `tw = ⌈W/2⌉`). The
+//! batch is cut into chunks by its shape alone (`chunks`), each chunk's transforms run over its
+//! (image, channel) planes in parallel and its 16 GEMMs side by side; the weight gradient sums
+//! the chunks in order. The GEMMs' shapes, and so every result bit, do not depend on the number
+//! of threads.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::conv::{bias_grad, copy_row, inner_parallel, split, ConvShape, Grads, ImageColumns};
+use super::elementwise::par_fill;
+use super::gemm::sgemm;
+use super::scratch;
+
+/// Transform points per tile (4 × 4).
+const P: usize = 16;
+
+/// Most floats in one chunk's transformed tiles of the wider side (`16 · max(Cin, Cout) · nt`),
+/// 2 MiB: a chunk's transforms and products then stay in the cache shared by the cores between
+/// the transform that writes them and the GEMM or transform that reads them (4 MiB chunks were
+/// no faster on the development machine, 8 MiB slower for the 64- and 128-channel layers).
+const CHUNK_FLOATS: usize = 1 << 19;
+
+/// Fewest input and output channels, and fewest multiply-adds of the direct convolution
+/// (`N·H·W·Cin·Cout·9`), for which [`applies`] picks this path when `MEDSSL_CPU_CONV` is unset.
+/// The GEMMs' inner dimension is a channel count and their other dimensions are the channels and
+/// the batch's tiles; on smaller layers they run too far below the GEMM's peak, and the
+/// transforms cost too much, for the 2.25× fewer products to pay. Measured on the development
+/// machine (2 threads, batch 48, fastest of 3 alternating rounds, im2col time / this path's):
+/// width 64's 128-, 256- and 512-channel layers 1.38 / 1.39 (forward / backward), 1.30 / 1.33 and
+/// 1.28 / 1.52; its 64-channel layer at 28 × 28 1.05 / 0.97 (on a par); width 16's layers (16 to
+/// 128 channels, at most 113 M multiply-adds) 0.45–0.84 forward, 0.60–1.02 backward.
+const MIN_CHANNELS: usize = 128;
+const MIN_MACS: usize = 1 << 28;
+
+/// The CPU convolution algorithm chosen by `MEDSSL_CPU_CONV`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// Unset or `auto`: Winograd for 3×3 stride-1 padding-1 layers with at least 128 input and
+    /// output channels and 2²⁸ multiply-adds (`MIN_CHANNELS`, `MIN_MACS`), im2col + GEMM for the
+    /// others.
+    Auto,
+    /// `im2col`: im2col + GEMM for every layer.
+    Im2col,
+    /// `winograd`: Winograd for every 3×3 stride-1 padding-1 layer, whatever its channels.
+    Winograd,
+}
+
+impl Algo {
+    /// The value of `MEDSSL_CPU_CONV` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Auto => "auto",
+            Algo::Im2col => "im2col",
+            Algo::Winograd => "winograd",
+        }
+    }
+}
+
+/// Parses a `MEDSSL_CPU_CONV` value (`None`: unset).
+pub fn parse_algo(v: Option<&str>) -> Result<Algo, String> {
+    match v {
+        None | Some("") | Some("auto") => Ok(Algo::Auto),
+        Some("im2col") => Ok(Algo::Im2col),
+        Some("winograd") => Ok(Algo::Winograd),
+        Some(other) => Err(format!(
+            "MEDSSL_CPU_CONV='{other}' is not a CPU convolution algorithm (auto, im2col or \
+             winograd)"
+        )),
+    }
+}
+
+/// `MEDSSL_CPU_CONV`, read once (the binaries report an invalid value with
+/// [`super::check_env`] before any work; here it falls back to `auto`).
+pub fn algo() -> Algo {
+    static ALGO: OnceLock<Algo> = OnceLock::new();
+    *ALGO.get_or_init(|| {
+        let v = std::env::var("MEDSSL_CPU_CONV").ok();
+        parse_algo(v.as_deref()).unwrap_or(Algo::Auto)
+    })
+}
+
+/// Whether the convolution runs here rather than by im2col + GEMM.
+pub fn applies(s: &ConvShape) -> bool {
+    let fits = s.k == 3 && s.stride == 1 && s.pad == 1;
+    fits && match algo() {
+        Algo::Auto => {
+            s.cin.min(s.cout) >= MIN_CHANNELS && s.n * s.h * s.w * s.cin * s.cout * 9 >= MIN_MACS
+        }
+        Algo::Im2col => false,
+        Algo::Winograd => true,
+    }
+}
+
+/// Tile rows and columns of one image: `(⌈H/2⌉, ⌈W/2⌉)`.
+fn tiles(s: &ConvShape) -> (usize, usize) {
+    (s.h.div_ceil(2), s.w.div_ceil(2))
+}
+
+/// The batch's chunks: equal runs of images (the last may be shorter) whose transformed tiles
+/// hold at most [`CHUNK_FLOATS`] floats, at least one image each.
+fn chunks(s: &ConvShape) -> Vec<Range<usize>> {
+    let (th, tw) = tiles(s);
+    let per_image = P * s.cin.max(s.cout) * th * tw;
+    let nb = (CHUNK_FLOATS / per_image.max(1)).max(1);
+    split(s.n, s.n.div_ceil(nb))
+}
+
+/// The 16 segments of plane `(j, r)` (image `j`, channel `r`) of a `[16][rows][nt]` matrix seen
+/// as `cols`, one per point: `t` floats at column `j·t` of row `r` of every point's matrix.
+///
+/// # Safety
+/// As [`ImageColumns::row`] for rows `ξ·rows + r`: no two live sets of segments may be for the
+/// same plane.
+#[allow(clippy::mut_from_ref)]
+unsafe fn segments(cols: &ImageColumns, rows: usize, (j, r): (usize, usize)) -> [&mut [f32]; P] {
+    // SAFETY: the caller's guarantee, passed on; the 16 rows are distinct.
+    std::array::from_fn(|xi| unsafe { cols.row(j, xi * rows + r) })
+}
+
+/// Values the transforms handle side by side, one per lane of a vector register: kernels
+/// (input channels) or tiles.
+const L: usize = 16;
+
+/// The one-dimensional transforms, each a matrix times a column (their transposes are the
+/// adjoints used by the backward pass).
+/// `Bᵀ·d`.
+#[inline(always)]
+fn bt([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
+    [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+}
+/// `B·v` (the adjoint of [`bt`]).
+#[inline(always)]
+fn b([v0, v1, v2, v3]: [f32; 4]) -> [f32; 4] {
+    [v0, v1 - v2 + v3, v1 + v2 - v0, -v3]
+}
+/// `G·g`.
+#[inline(always)]
+fn g([g0, g1, g2]: [f32; 3]) -> [f32; 4] {
+    [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2]
+}
+/// `Gᵀ·u` (the adjoint of [`g`]).
+#[inline(always)]
+fn gt([u0, u1, u2, u3]: [f32; 4]) -> [f32; 3] {
+    [u0 + 0.5 * (u1 + u2), 0.5 * (u1 - u2), 0.5 * (u1 + u2) + u3]
+}
+/// `Aᵀ·m`.
+#[inline(always)]
+fn at([m0, m1, m2, m3]: [f32; 4]) -> [f32; 2] {
+    [m0 + m1 + m2, m1 - m2 - m3]
+}
+/// `A·y` (the adjoint of [`at`]).
+#[inline(always)]
+fn a([y0, y1]: [f32; 2]) -> [f32; 4] {
+    [y0, y0 + y1, y0 - y1, -y1]
+}
+
+/// `F·X·Fᵀ` for every lane `l` of `x` (`I × I` values, row-major, each [`L`] lanes) into `y`
+/// (`O × O`), with the one-dimensional transform `f = F·`: `f` down every column of the lane's
+/// `X`, then along every row of the result. Lane by lane, so the loop over lanes vectorises.
+#[inline(always)]
+fn sandwich<const I: usize, const O: usize, const II: usize, const OO: usize>(
+    x: &[[f32; L]; II],
+    y: &mut [[f32; L]; OO],
+    f: impl Fn([f32; I]) -> [f32; O],
+) {
+    debug_assert!(II == I * I && OO == O * O);
+    for l in 0..L {
+        let cols: [[f32; O]; I] =
+            std::array::from_fn(|k| f(std::array::from_fn(|i| x[i * I + k][l])));
+        for r in 0..O {
+            let row = f(std::array::from_fn(|k| cols[k][r]));
+            for (c, v) in row.into_iter().enumerate() {
+                y[r * O + c][l] = v;
+            }
+        }
+    }
+}
+
+/// `U [16][Cout][Cin] = G·g·Gᵀ` for every kernel `g = w[co, ci]` of `w [Cout, Cin, 3, 3]`, into
+/// a scratch buffer: per output channel, [`L`] input channels at a time.
+fn weight_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = scratch::take(P * cout * cin);
+    let pts = ImageColumns::new(&mut u, P * cout, cin, cin);
+    (0..cout).into_par_iter().for_each(|co| {
+        // SAFETY: output channel `co`'s segments, written by this call alone.
+        let seg = unsafe { segments(&pts, cout, (0, co)) };
+        for c0 in (0..cin).step_by(L) {
+            let n = L.min(cin - c0);
+            let mut x = [[0.0f32; L]; 9];
+            for (l, k) in w[(co * cin + c0) * 9..][..n * 9]
+                .chunks_exact(9)
+                .enumerate()
+            {
+                for (e, v) in k.iter().enumerate() {
+                    x[e][l] = *v;
+                }
+            }
+            let mut u = [[0.0f32; L]; P];
+            sandwich::<3, 4, 9, P>(&x, &mut u, g);
+            for (xi, v) in u.iter().enumerate() {
+                copy_lanes(&mut seg[xi][c0..c0 + n], &v[..n]);
+            }
+        }
+    });
+    u
+}
+
+/// `gW [Cout, Cin, 3, 3] = Gᵀ·gU·G` for every channel pair of `gu [16][Cout][Cin]`: per output
+/// channel, [`L`] input channels at a time.
+fn weight_grad_inverse(gu: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let pairs = cout * cin;
+    // SAFETY: chunk `co` is output channel `co`'s `Cin` kernels, all 9 values of each written.
+    unsafe {
+        par_fill(pairs * 9, cin * 9, |co, gw| {
+            for c0 in (0..cin).step_by(L) {
+                let n = L.min(cin - c0);
+                let mut x = [[0.0f32; L]; P];
+                for (xi, v) in x.iter_mut().enumerate() {
+                    copy_lanes(&mut v[..n], &gu[xi * pairs + co * cin + c0..][..n]);
+                }
+                let mut k = [[0.0f32; L]; 9];
+                sandwich::<4, 3, P, 9>(&x, &mut k, gt);
+                for (l, dst) in gw[c0 * 9..][..n * 9].chunks_exact_mut(9).enumerate() {
+                    for (e, d) in dst.iter_mut().enumerate() {
+                        d.write(k[e][l]);
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Copies the `n ≤ L` lanes in use: whole blocks as one fixed-length copy, shorter ones without
+/// a call into `memmove`.
+#[inline(always)]
+fn copy_lanes(dst: &mut [f32], src: &[f32]) {
+    match (
+        <&mut [f32; L]>::try_from(&mut *dst),
+        <&[f32; L]>::try_from(src),
+    ) {
+        (Ok(d), Ok(s)) => *d = *s,
+        _ => copy_row(dst, src),
+    }
+}
+
+/// Splits a plane `src [h, w]`, moved down and right by `off` pixels, into its four subsampled
+/// planes `q[2a + b] [rows, cols]` (`stride ≥ rows·cols` floats apart): `q[2a + b][y][x]` is
+/// the moved plane's pixel `(2y + a, 2x + b)`, zero where that is outside the image. A tile's 4×4 patch (or 2×2 block)
+/// is then, point by point, one pixel of a subsampled plane at the tile's own position or one
+/// row or column further, so whole runs of tiles read contiguous runs of these planes.
+fn subsample(
+    src: &[f32],
+    (h, w): (usize, usize),
+    off: usize,
+    (rows, cols, ql): (usize, usize, usize),
+    q: &mut [f32],
+) {
+    debug_assert!(src.len() == h * w && (h + off).div_ceil(2) <= rows && ql >= rows * cols);
+    q[..4 * ql].fill(0.0);
+    for (r, row) in src.chunks_exact(w).enumerate() {
+        let (y, a) = ((r + off) / 2, (r + off) % 2);
+        // Pixel c lands in column parity (c + off) % 2 at x = (c + off) / 2.
+        let (q0, q1) = q[2 * a * ql..(2 * a + 2) * ql].split_at_mut(ql);
+        let (q0, q1) = (&mut q0[y * cols..][..cols], &mut q1[y * cols..][..cols]);
+        let (first, second) = if off == 0 {
+            (&mut q0[..], &mut q1[..])
+        } else {
+            (&mut q1[..], &mut q0[1..])
+        };
+        for ((f, s), p) in first
+            .iter_mut()
+            .zip(second.iter_mut())
+            .zip(row.chunks_exact(2))
+        {
+            *f = p[0];
+            *s = p[1];
+        }
+        if w % 2 == 1 {
+            first[w / 2] = row[w - 1];
+        }
+    }
+}
+
+/// `dst[2x] = even[x] + bias`, `dst[2x + 1] = odd[x] + bias` for the `dst.len()` pixels of a row.
+fn interleave(dst: &mut [MaybeUninit<f32>], even: &[f32], odd: &[f32], bias: f32) {
+    let w = dst.len();
+    for ((d, e), o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
+        d[0].write(*e + bias);
+        d[1].write(*o + bias);
+    }
+    if w % 2 == 1 {
+        dst[w - 1].write(even[w / 2] + bias);
+    }
+}
+
+/// Runs `f(plane, segments, scratch)` for every (image `j`, channel) plane of images
+/// `lo..lo+nb` of `x [N, C, H, W]`, planes in parallel: `segments` are the plane's 16 tile
+/// segments of `dst [16][C][nb·T]`, `scratch` a buffer of `len` floats per job.
+#[allow(clippy::too_many_arguments)]
+fn for_planes(
+    x: &[f32],
+    c: usize,
+    (h, w): (usize, usize),
+    (lo, nb): (usize, usize),
+    dst: &mut [f32],
+    t: usize,
+    len: usize,
+    f: impl Fn(&[f32], [&mut [f32]; P], &mut [f32]) + Sync,
+) {
+    let pts = ImageColumns::new(dst, P * c, nb * t, t);
+    (0..nb * c).into_par_iter().with_min_len(16).for_each_init(
+        || vec![0.0f32; len],
+        |buf, plane| {
+            let (j, ch) = (plane / c, plane % c);
+            let src = &x[((lo + j) * c + ch) * h * w..][..h * w];
+            // SAFETY: plane `(j, ch)`'s segments, written by this call alone.
+            f(src, unsafe { segments(&pts, c, (j, ch)) }, buf);
+        },
+    );
+}
+
+/// `V [16][C][nb·T]`: `Bᵀ·d·B` for every tile's 4×4 patch `d` of images `lo..lo+nb` of
+/// `x [N, C, H, W]` (zero outside the image). Point `(i, k)` of tile `(ty, tx)` is pixel
+/// `(ty + i/2, tx + k/2)` of subsampled plane `(i%2, k%2)` of the padded image (`th+1` rows of
+/// `tw+1`), so the tiles are taken in that plane's row-major order `q = ty·(tw+1) + tx`, [`L`]
+/// at a time, each point a contiguous run; the extra tile `tx = tw` of each row is computed and
+/// left out when the rows are copied into `V`.
+fn input_transform(x: &[f32], c: usize, s: &ConvShape, (lo, nb): (usize, usize), v: &mut [f32]) {
+    let (th, tw) = tiles(s);
+    let (qr, qc) = (th + 1, tw + 1);
+    // One float more than a plane: the extra tile of the last row reads one beyond it.
+    let (ql, nq) = (qr * qc + 1, th * qc);
+    for_planes(
+        x,
+        c,
+        (s.h, s.w),
+        (lo, nb),
+        v,
+        th * tw,
+        4 * ql + P * nq,
+        |src, seg, buf| {
+            let (q, out) = buf.split_at_mut(4 * ql);
+            subsample(src, (s.h, s.w), 1, (qr, qc, ql), q);
+            for q0 in (0..nq).step_by(L) {
+                let n = L.min(nq - q0);
+                let mut d = [[0.0f32; L]; P];
+                for (xi, di) in d.iter_mut().enumerate() {
+                    let (i, k) = (xi / 4, xi % 4);
+                    let plane = &q[(2 * (i % 2) + k % 2) * ql..][..ql];
+                    copy_lanes(&mut di[..n], &plane[q0 + (i / 2) * qc + k / 2..][..n]);
+                }
+                let mut o = [[0.0f32; L]; P];
+                sandwich::<4, 4, P, P>(&d, &mut o, bt);
+                for (xi, oi) in o.iter().enumerate() {
+                    copy_lanes(&mut out[xi * nq + q0..][..n], &oi[..n]);
+                }
+            }
+            for (xi, sg) in seg.into_iter().enumerate() {
+                for (ty, dst) in sg.chunks_exact_mut(tw).enumerate() {
+                    copy_row(dst, &out[xi * nq + ty * qc..][..tw]);
+                }
+            }
+        },
+    );
+}
+
+/// `gM [16][Cout][nb·T]`: `A·gY·Aᵀ` for every 2×2 output tile of images `lo..lo+nb` of
+/// `gy [N, Cout, H, W]` (zero beyond the image): pixel `(a, b)` of tile `t` is pixel `t` of
+/// subsampled plane `(a, b)` (`th × tw`), so [`L`] tiles at a time read contiguous runs and write
+/// contiguous runs of `gM`.
+fn grad_output_transform(gy: &[f32], s: &ConvShape, (lo, nb): (usize, usize), gm: &mut [f32]) {
+    let (th, tw) = tiles(s);
+    let t = th * tw;
+    for_planes(
+        gy,
+        s.cout,
+        (s.h, s.w),
+        (lo, nb),
+        gm,
+        t,
+        4 * t,
+        |src, seg, z| {
+            subsample(src, (s.h, s.w), 0, (th, tw, t), z);
+            for t0 in (0..t).step_by(L) {
+                let n = L.min(t - t0);
+                let mut d = [[0.0f32; L]; 4];
+                for (e, de) in d.iter_mut().enumerate() {
+                    copy_lanes(&mut de[..n], &z[e * t + t0..][..n]);
+                }
+                let mut o = [[0.0f32; L]; P];
+                sandwich::<2, 4, 4, P>(&d, &mut o, a);
+                for (xi, oi) in o.iter().enumerate() {
+                    copy_lanes(&mut seg[xi][t0..t0 + n], &oi[..n]);
+                }
+            }
+        },
+    );
+}
+
+/// The 16 points of tiles `t0 .. t0 + n` of plane `(j, r)` of `m [16][rows][nt]` (`t` tiles per
+/// plane), lane `l` holding tile `t0 + l`.
+fn load_points(
+    m: &[f32],
+    rows: usize,
+    nt: usize,
+    t: usize,
+    (j, r): (usize, usize),
+    (t0, n): (usize, usize),
+) -> [[f32; L]; P] {
+    let mut x = [[0.0f32; L]; P];
+    for (xi, v) in x.iter_mut().enumerate() {
+        copy_lanes(&mut v[..n], &m[(xi * rows + r) * nt + j * t + t0..][..n]);
+    }
+    x
+}
+
+/// Images `0..nb` of `y [nb, Cout, H, W]` (+ bias) from `m [16][Cout][nb·T]`: `Aᵀ·M·A` for every
+/// tile, [`L`] tiles at a time, into the four subsampled output planes (pixel `(a, b)` of every
+/// tile), which are then interleaved into the image rows.
+fn output_transform(
+    m: &[f32],
+    s: &ConvShape,
+    nb: usize,
+    bias: Option<&[f32]>,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let (th, tw) = tiles(s);
+    let (h, w, t) = (s.h, s.w, th * tw);
+    y.par_chunks_mut(h * w)
+        .with_min_len(16)
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; 4 * t],
+            |out, (plane, yp)| {
+                let (j, co) = (plane / s.cout, plane % s.cout);
+                for t0 in (0..t).step_by(L) {
+                    let n = L.min(t - t0);
+                    let x = load_points(m, s.cout, nb * t, t, (j, co), (t0, n));
+                    let mut yt = [[0.0f32; L]; 4];
+                    sandwich::<4, 2, P, 4>(&x, &mut yt, at);
+                    for (e, ye) in yt.iter().enumerate() {
+                        copy_lanes(&mut out[e * t + t0..][..n], &ye[..n]);
+                    }
+                }
+                let bv = bias.map_or(0.0, |b| b[co]);
+                for (r, row) in yp.chunks_exact_mut(w).enumerate() {
+                    let (ty, a) = (r / 2, r % 2);
+                    let even = &out[2 * a * t + ty * tw..][..tw];
+                    let odd = &out[(2 * a + 1) * t + ty * tw..][..tw];
+                    interleave(row, even, odd, bv);
+                }
+            },
+        );
+}
+
+/// Images `0..nb` of the input gradient `gx [nb, Cin, H, W]` from `gv [16][Cin][nb·T]`: for
+/// every plane, `B·gV·Bᵀ` of each tile added into the padded plane's four subsampled planes (the
+/// adjoint of [`input_transform`]'s reads: the same tile order `q`, with a zero extra tile per
+/// row, [`L`] tiles at a time, each point's run added in point order), whose pixels inside the
+/// image are then interleaved into the gradient's rows.
+fn input_adjoint(gv: &[f32], s: &ConvShape, nb: usize, gx: &mut [MaybeUninit<f32>]) {
+    let (th, tw) = tiles(s);
+    let (h, w, t) = (s.h, s.w, th * tw);
+    let (qr, qc) = (th + 1, tw + 1);
+    // One float more than a plane: the extra tile of the last row adds one beyond it.
+    let (ql, nq) = (qr * qc + 1, th * qc);
+    gx.par_chunks_mut(h * w)
+        .with_min_len(16)
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; 4 * ql + P * nq],
+            |buf, (plane, gp)| {
+                let (j, ci) = (plane / s.cin, plane % s.cin);
+                let (q, ex) = buf.split_at_mut(4 * ql);
+                q.fill(0.0);
+                // gV in tile order q (the extra tile of each row zero).
+                for xi in 0..P {
+                    let src = &gv[(xi * s.cin + ci) * nb * t + j * t..][..t];
+                    for (ty, row) in src.chunks_exact(tw).enumerate() {
+                        let dst = &mut ex[xi * nq + ty * qc..][..qc];
+                        copy_row(&mut dst[..tw], row);
+                        dst[tw] = 0.0;
+                    }
+                }
+                for q0 in (0..nq).step_by(L) {
+                    let n = L.min(nq - q0);
+                    let mut x = [[0.0f32; L]; P];
+                    for (xi, v) in x.iter_mut().enumerate() {
+                        copy_lanes(&mut v[..n], &ex[xi * nq + q0..][..n]);
+                    }
+                    let mut d = [[0.0f32; L]; P];
+                    sandwich::<4, 4, P, P>(&x, &mut d, b);
+                    for (xi, di) in d.iter().enumerate() {
+                        let (i, k) = (xi / 4, xi % 4);
+                        let plane = &mut q[(2 * (i % 2) + k % 2) * ql..][..ql];
+                        let dst = &mut plane[q0 + (i / 2) * qc + k / 2..][..n];
+                        dst.iter_mut().zip(di).for_each(|(d, v)| *d += *v);
+                    }
+                }
+                // Image pixel (r, c) is padded pixel (r + 1, c + 1).
+                for (r, row) in gp.chunks_exact_mut(w).enumerate() {
+                    let pr = r + 1;
+                    let (y, a) = (pr / 2, pr % 2);
+                    let even = &q[(2 * a + 1) * ql + y * qc..][..qc];
+                    let odd = &q[2 * a * ql + y * qc + 1..][..tw];
+                    interleave(row, even, odd, 0.0);
+                }
+            },
+        );
+}
+
+/// The forward convolution `y [N, Cout, H, W]` (+ bias) of `x [N, Cin, H, W]` with
+/// `w [Cout, Cin, 3, 3]`, stride 1, padding 1.
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+    debug_assert!(s.k == 3 && s.stride == 1 && s.pad == 1);
+    let (th, tw) = tiles(s);
+    let t = th * tw;
+    let ys = s.cout * s.h * s.w;
+    let chunks = chunks(s);
+    let cap = chunks[0].len() * t;
+    let u = weight_transform(w, s.cout, s.cin);
+    let mut v = scratch::take(P * s.cin * cap);
+    let mut m = scratch::take(P * s.cout * cap);
+    let par = inner_parallel(P);
+    let mut y: Vec<f32> = Vec::with_capacity(s.n * ys);
+    for r in &chunks {
+        let (nb, nt) = (r.len(), r.len() * t);
+        input_transform(x, s.cin, s, (r.start, nb), &mut v[..P * s.cin * nt]);
+        m[..P * s.cout * nt]
+            .par_chunks_mut(s.cout * nt)
+            .zip(v[..P * s.cin * nt].par_chunks(s.cin * nt))
+            .zip(u[..P * s.cout * s.cin].par_chunks(s.cout * s.cin))
+            .with_max_len(1)
+            .for_each(|((mx, vx), ux)| {
+                sgemm(s.cout, nt, s.cin, ux, false, vx, false, mx, false, par);
+            });
+        let yc = &mut y.spare_capacity_mut()[r.start * ys..r.end * ys];
+        output_transform(&m[..P * s.cout * nt], s, nb, b, yc);
+    }
+    // SAFETY: every chunk's output transform wrote all of its images' outputs, and the chunks
+    // cover the batch.
+    unsafe { y.set_len(s.n * ys) };
+    scratch::give(u);
+    scratch::give(v);
+    scratch::give(m);
+    y
+}
+
+/// The backward pass of [`forward`]: `(gx, gw, gb)`, the input gradient only when `need_x`, the
+/// bias gradient only when `has_bias`.
+pub fn backward(
+    s: &ConvShape,
+    x: &[f32],
+    w: &[f32],
+    gy: &[f32],
+    need_x: bool,
+    has_bias: bool,
+) -> Grads {
+    debug_assert!(s.k == 3 && s.stride == 1 && s.pad == 1);
+    let (th, tw) = tiles(s);
+    let t = th * tw;
+    let (xs, pairs) = (s.cin * s.h * s.w, s.cout * s.cin);
+    let chunks = chunks(s);
+    let cap = chunks[0].len() * t;
+    let u = need_x.then(|| weight_transform(w, s.cout, s.cin));
+    let mut gu = scratch::take(P * pairs);
+    let mut v = scratch::take(P * s.cin * cap);
+    let mut gm = scratch::take(P * s.cout * cap);
+    let par = inner_parallel(P);
+    let mut gx: Option<Vec<f32>> = need_x.then(|| Vec::with_capacity(s.n * xs));
+    for (c, r) in chunks.iter().enumerate() {
+        let (nb, nt) = (r.len(), r.len() * t);
+        input_transform(x, s.cin, s, (r.start, nb), &mut v[..P * s.cin * nt]);
+        grad_output_transform(gy, s, (r.start, nb), &mut gm[..P * s.cout * nt]);
+        gu[..P * pairs]
+            .par_chunks_mut(pairs)
+            .zip(v[..P * s.cin * nt].par_chunks_mut(s.cin * nt))
+            .zip(gm[..P * s.cout * nt].par_chunks(s.cout * nt))
+            .enumerate()
+            .with_max_len(1)
+            .for_each(|(xi, ((gux, vx), gmx))| {
+                // gU_ξ [Cout, Cin] (+)= gM_ξ · V_ξᵀ: written by the first chunk, which does not
+                // accumulate, then summed chunk by chunk in order.
+                sgemm(s.cout, s.cin, nt, gmx, false, vx, true, gux, c > 0, par);
+                if let Some(u) = &u {
+                    // gV_ξ [Cin, nt] = U_ξᵀ · gM_ξ, over V_ξ, which is no longer needed.
+                    let ux = &u[xi * pairs..][..pairs];
+                    sgemm(s.cin, nt, s.cout, ux, true, gmx, false, vx, false, par);
+                }
+            });
+        if let Some(g) = gx.as_mut() {
+            let gc = &mut g.spare_capacity_mut()[r.start * xs..r.end * xs];
+            input_adjoint(&v[..P * s.cin * nt], s, nb, gc);
+        }
+    }
+    if let Some(g) = gx.as_mut() {
+        // SAFETY: every chunk's adjoint wrote all of its images' gradients, and the chunks
+        // cover the batch.
+        unsafe { g.set_len(s.n * xs) };
+    }
+    let gw = weight_grad_inverse(&gu[..P * pairs], s.cout, s.cin);
+    if let Some(u) = u {
+        scratch::give(u);
+    }
+    scratch::give(gu);
+    scratch::give(v);
+    scratch::give(gm);
+    let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, s.h * s.w));
+    (gx, gw, gb)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::tests::{assert_matches_reference, bits, bits_on, data, inputs};
+    use super::*;
+
+    fn geom(n: usize, cin: usize, (h, w): (usize, usize), cout: usize) -> ConvShape {
+        ConvShape {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        }
+    }
+
+    /// `[y, gx, gw, gb]` of this path, whatever [`applies`] says.
+    fn forward_backward(s: &ConvShape, [x, w, b, gy]: [&[f32]; 4]) -> [Vec<f32>; 4] {
+        let y = forward(s, x, w, Some(b));
+        let (gx, gw, gb) = backward(s, x, w, gy, true, true);
+        [y, gx.unwrap(), gw, gb.unwrap()]
+    }
+
+    /// Forward, input, weight and bias gradients against the direct convolution in f64: maps
+    /// of odd and even size, square or not, down to 1 × 1 (a single tile, three quarters
+    /// outside); batch 1; a batch cut into three chunks (the weight gradient summed across
+    /// them); channel counts that are no multiple of anything.
+    #[test]
+    fn matches_the_direct_convolution() {
+        let shapes = [
+            geom(2, 3, (5, 7), 4),
+            geom(1, 5, (8, 8), 3),
+            geom(3, 6, (7, 7), 5),
+            geom(2, 2, (1, 1), 3),
+            geom(1, 2, (2, 3), 2),
+            geom(2, 4, (28, 28), 6),
+            geom(70, 40, (14, 14), 33),
+        ];
+        for s in shapes {
+            if s.n == 70 {
+                assert!(chunks(&s).len() > 1, "several chunks");
+            }
+            let [x, w, b, gy] = inputs(&s, 7);
+            let got = forward_backward(&s, [&x, &w, &b, &gy]);
+            assert_matches_reference(&s, &got, [&x, &w, &b, &gy]);
+            // Without a bias and without the input gradient: the same values otherwise.
+            let y = forward(&s, &x, &w, None);
+            let (gx, gw, gb) = backward(&s, &x, &w, &gy, false, false);
+            assert!(gx.is_none() && gb.is_none());
+            assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without gx");
+            let hw = s.h * s.w;
+            for (i, (a, e)) in y.iter().zip(&got[0]).enumerate() {
+                let bias = b[(i / hw) % s.cout];
+                assert!(
+                    (a + bias - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                    "y[{i}] of {s:?}"
+                );
+            }
+        }
+    }
+
+    /// The same bits on 1, 2, 3 and 8 threads, with one chunk and with several.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        for s in [geom(5, 7, (9, 6), 6), geom(40, 48, (14, 14), 40)] {
+            let [x, w, b, gy] = inputs(&s, 3);
+            let run = |threads| bits_on(threads, || forward_backward(&s, [&x, &w, &b, &gy]));
+            let one = run(1);
+            for threads in [2, 3, 8] {
+                assert!(run(threads) == one, "{s:?} on {threads} threads");
+            }
+        }
+    }
+
+    /// The weight transform and its adjoint: `⟨G·g·Gᵀ, u⟩ = ⟨g, Gᵀ·u·G⟩` for every kernel.
+    #[test]
+    fn weight_transforms_are_adjoint() {
+        let (cout, cin) = (3, 5);
+        let w = data(cout * cin * 9, 11);
+        let gu = data(P * cout * cin, 12);
+        let u = weight_transform(&w, cout, cin);
+        let gw = weight_grad_inverse(&gu, cout, cin);
+        let lhs: f64 = u[..P * cout * cin]
+            .iter()
+            .zip(&gu)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let rhs: f64 = w.iter().zip(&gw).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!(
+            (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
+            "{lhs} against {rhs}"
+        );
+        scratch::give(u);
+    }
+
+    #[test]
+    fn the_algorithm_is_named_by_the_environment_value() {
+        assert_eq!(parse_algo(None), Ok(Algo::Auto));
+        assert_eq!(parse_algo(Some("")), Ok(Algo::Auto));
+        assert_eq!(parse_algo(Some("auto")), Ok(Algo::Auto));
+        assert_eq!(parse_algo(Some("im2col")), Ok(Algo::Im2col));
+        assert_eq!(parse_algo(Some("winograd")), Ok(Algo::Winograd));
+        let err = parse_algo(Some("Winograd ")).unwrap_err();
+        assert!(err.contains("MEDSSL_CPU_CONV='Winograd '"), "{err}");
+    }
+}
