@@ -52,6 +52,12 @@ const P: usize = 16;
 /// no faster on the development machine, 8 MiB slower for the 64- and 128-channel layers).
 const CHUNK_FLOATS: usize = 1 << 19;
 
+/// Fewest tiles in a chunk (when the batch has them), whatever [`CHUNK_FLOATS`] says: the
+/// chunk's tiles are the GEMMs' columns (and the inner dimension of the weight gradient's), and
+/// with fewer the products run well below the GEMM's peak (width 64's 512-channel layer, whose
+/// 4 × 4 maps have 4 tiles each, at 64 tiles per chunk: backward GEMMs 23.4 ms, at 192 17.2).
+const MIN_TILES: usize = 384;
+
 /// Fewest input and output channels, and fewest multiply-adds of the direct convolution
 /// (`N·H·W·Cin·Cout·9`), for which [`applies`] picks this path when `MEDSSL_CPU_CONV` is unset.
 /// The GEMMs' inner dimension is a channel count and their other dimensions are the channels and
@@ -129,11 +135,11 @@ fn tiles(s: &ConvShape) -> (usize, usize) {
 }
 
 /// The batch's chunks: equal runs of images (the last may be shorter) whose transformed tiles
-/// hold at most [`CHUNK_FLOATS`] floats, at least one image each.
+/// hold at most [`CHUNK_FLOATS`] floats, but at least [`MIN_TILES`] tiles and one image each.
 fn chunks(s: &ConvShape) -> Vec<Range<usize>> {
     let (th, tw) = tiles(s);
     let per_image = P * s.cin.max(s.cout) * th * tw;
-    let nb = (CHUNK_FLOATS / per_image.max(1)).max(1);
+    let nb = (CHUNK_FLOATS / per_image.max(1)).max(MIN_TILES.div_ceil(th * tw));
     split(s.n, s.n.div_ceil(nb))
 }
 
@@ -208,56 +214,120 @@ fn sandwich<const I: usize, const O: usize, const II: usize, const OO: usize>(
     }
 }
 
-/// `U [16][Cout][Cin] = G·g·Gᵀ` for every kernel `g = w[co, ci]` of `w [Cout, Cin, 3, 3]`, into
-/// a scratch buffer: per output channel, [`L`] input channels at a time.
-fn weight_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let mut u = scratch::take(P * cout * cin);
-    let pts = ImageColumns::new(&mut u, P * cout, cin, cin);
-    (0..cout).into_par_iter().for_each(|co| {
-        // SAFETY: output channel `co`'s segments, written by this call alone.
-        let seg = unsafe { segments(&pts, cout, (0, co)) };
+/// Defines a function that runs its body compiled for the widest vector instructions the CPU
+/// offers (AVX-512, else AVX2, else the baseline the crate is built for), chosen at run time: the
+/// crate is built for any x86-64, whose baseline vectors hold 4 floats, and the transforms work
+/// on 16 lanes at a time. Only the instruction set changes, never the arithmetic (additions,
+/// subtractions and halvings, no fused multiply-adds), so every CPU gives the same bits.
+#[cfg(test)]
+static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`widest_simd`] functions keep to the baseline instructions: never outside the tests,
+/// which compare the two.
+#[inline(always)]
+fn baseline_only() -> bool {
+    #[cfg(test)]
+    return BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(test))]
+    false
+}
+
+macro_rules! widest_simd {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if !baseline_only() && std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if !baseline_only() && std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+widest_simd! {
+    /// Output channel `co`'s kernels of `w [Cout, Cin, 3, 3]` transformed, `G·g·Gᵀ`, into its 16
+    /// segments of `U`, [`L`] input channels at a time.
+    fn weight_channel(w: &[f32], cin: usize, co: usize, seg: [&mut [f32]; P]) {
+        let mut x = [[0.0f32; L]; 9];
+        let mut u = [[0.0f32; L]; P];
         for c0 in (0..cin).step_by(L) {
             let n = L.min(cin - c0);
-            let mut x = [[0.0f32; L]; 9];
-            for (l, k) in w[(co * cin + c0) * 9..][..n * 9]
-                .chunks_exact(9)
-                .enumerate()
-            {
+            for (l, k) in w[(co * cin + c0) * 9..][..n * 9].chunks_exact(9).enumerate() {
                 for (e, v) in k.iter().enumerate() {
                     x[e][l] = *v;
                 }
             }
-            let mut u = [[0.0f32; L]; P];
             sandwich::<3, 4, 9, P>(&x, &mut u, g);
             for (xi, v) in u.iter().enumerate() {
                 copy_lanes(&mut seg[xi][c0..c0 + n], &v[..n]);
             }
         }
+    }
+}
+
+/// `U [16][Cout][Cin] = G·g·Gᵀ` for every kernel `g = w[co, ci]` of `w [Cout, Cin, 3, 3]`, into
+/// a scratch buffer, output channels in parallel.
+fn weight_transform(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let mut u = scratch::take(P * cout * cin);
+    let pts = ImageColumns::new(&mut u, P * cout, cin, cin);
+    (0..cout).into_par_iter().for_each(|co| {
+        // SAFETY: output channel `co`'s segments, written by this call alone.
+        weight_channel(w, cin, co, unsafe { segments(&pts, cout, (0, co)) });
     });
     u
 }
 
-/// `gW [Cout, Cin, 3, 3] = Gᵀ·gU·G` for every channel pair of `gu [16][Cout][Cin]`: per output
-/// channel, [`L`] input channels at a time.
-fn weight_grad_inverse(gu: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let pairs = cout * cin;
-    // SAFETY: chunk `co` is output channel `co`'s `Cin` kernels, all 9 values of each written.
-    unsafe {
-        par_fill(pairs * 9, cin * 9, |co, gw| {
-            for c0 in (0..cin).step_by(L) {
-                let n = L.min(cin - c0);
-                let mut x = [[0.0f32; L]; P];
-                for (xi, v) in x.iter_mut().enumerate() {
-                    copy_lanes(&mut v[..n], &gu[xi * pairs + co * cin + c0..][..n]);
-                }
-                let mut k = [[0.0f32; L]; 9];
-                sandwich::<4, 3, P, 9>(&x, &mut k, gt);
-                for (l, dst) in gw[c0 * 9..][..n * 9].chunks_exact_mut(9).enumerate() {
-                    for (e, d) in dst.iter_mut().enumerate() {
-                        d.write(k[e][l]);
-                    }
+widest_simd! {
+    /// Output channel `co`'s kernel gradients `gw [Cin, 3, 3]` from `gu [16][Cout][Cin]`:
+    /// `Gᵀ·gU·G`, [`L`] input channels at a time.
+    fn weight_grad_channel(gu: &[f32], cout: usize, cin: usize, co: usize, gw: &mut [MaybeUninit<f32>]) {
+        let pairs = cout * cin;
+        let mut x = [[0.0f32; L]; P];
+        let mut k = [[0.0f32; L]; 9];
+        for c0 in (0..cin).step_by(L) {
+            let n = L.min(cin - c0);
+            for (xi, v) in x.iter_mut().enumerate() {
+                copy_lanes(&mut v[..n], &gu[xi * pairs + co * cin + c0..][..n]);
+            }
+            sandwich::<4, 3, P, 9>(&x, &mut k, gt);
+            for (l, dst) in gw[c0 * 9..][..n * 9].chunks_exact_mut(9).enumerate() {
+                for (e, d) in dst.iter_mut().enumerate() {
+                    d.write(k[e][l]);
                 }
             }
+        }
+    }
+}
+
+/// `gW [Cout, Cin, 3, 3] = Gᵀ·gU·G` for every channel pair of `gu [16][Cout][Cin]`, output
+/// channels in parallel.
+fn weight_grad_inverse(gu: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    // SAFETY: chunk `co` is output channel `co`'s `Cin` kernels, all 9 values of each written.
+    unsafe {
+        par_fill(cout * cin * 9, cin * 9, |co, gw| {
+            weight_grad_channel(gu, cout, cin, co, gw)
         })
     }
 }
@@ -277,9 +347,11 @@ fn copy_lanes(dst: &mut [f32], src: &[f32]) {
 
 /// Splits a plane `src [h, w]`, moved down and right by `off` pixels, into its four subsampled
 /// planes `q[2a + b] [rows, cols]` (`stride ≥ rows·cols` floats apart): `q[2a + b][y][x]` is
-/// the moved plane's pixel `(2y + a, 2x + b)`, zero where that is outside the image. A tile's 4×4 patch (or 2×2 block)
-/// is then, point by point, one pixel of a subsampled plane at the tile's own position or one
-/// row or column further, so whole runs of tiles read contiguous runs of these planes.
+/// the moved plane's pixel `(2y + a, 2x + b)`, zero where that is outside the image. A tile's
+/// 4×4 patch (or 2×2 block) is then, point by point, one pixel of a subsampled plane at the
+/// tile's own position or one row or column further, so whole runs of tiles read contiguous runs
+/// of these planes.
+#[inline(always)]
 fn subsample(
     src: &[f32],
     (h, w): (usize, usize),
@@ -314,6 +386,7 @@ fn subsample(
 }
 
 /// `dst[2x] = even[x] + bias`, `dst[2x + 1] = odd[x] + bias` for the `dst.len()` pixels of a row.
+#[inline(always)]
 fn interleave(dst: &mut [MaybeUninit<f32>], even: &[f32], odd: &[f32], bias: f32) {
     let w = dst.len();
     for ((d, e), o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
@@ -351,6 +424,45 @@ fn for_planes(
     );
 }
 
+widest_simd! {
+    /// [`input_transform`] of one plane `src [h, w]` into its segments, `buf` holding the four
+    /// subsampled planes (`ql` floats apart, `tw + 1` wide) and the transformed tiles in the
+    /// order `q` (`nq` per point).
+    fn input_plane(
+        src: &[f32],
+        h_w: (usize, usize),
+        th_tw: (usize, usize),
+        seg: [&mut [f32]; P],
+        buf: &mut [f32],
+    ) {
+        let (h, w) = h_w;
+        let (th, tw) = th_tw;
+        let (qr, qc) = (th + 1, tw + 1);
+        let (ql, nq) = (qr * qc + 1, th * qc);
+        let (q, out) = buf.split_at_mut(4 * ql);
+        subsample(src, (h, w), 1, (qr, qc, ql), q);
+        let mut d = [[0.0f32; L]; P];
+        let mut o = [[0.0f32; L]; P];
+        for q0 in (0..nq).step_by(L) {
+            let n = L.min(nq - q0);
+            for (xi, di) in d.iter_mut().enumerate() {
+                let (i, k) = (xi / 4, xi % 4);
+                let plane = &q[(2 * (i % 2) + k % 2) * ql..][..ql];
+                copy_lanes(&mut di[..n], &plane[q0 + (i / 2) * qc + k / 2..][..n]);
+            }
+            sandwich::<4, 4, P, P>(&d, &mut o, bt);
+            for (xi, oi) in o.iter().enumerate() {
+                copy_lanes(&mut out[xi * nq + q0..][..n], &oi[..n]);
+            }
+        }
+        for (xi, sg) in seg.into_iter().enumerate() {
+            for (ty, dst) in sg.chunks_exact_mut(tw).enumerate() {
+                copy_row(dst, &out[xi * nq + ty * qc..][..tw]);
+            }
+        }
+    }
+}
+
 /// `V [16][C][nb·T]`: `Bᵀ·d·B` for every tile's 4×4 patch `d` of images `lo..lo+nb` of
 /// `x [N, C, H, W]` (zero outside the image). Point `(i, k)` of tile `(ty, tx)` is pixel
 /// `(ty + i/2, tx + k/2)` of subsampled plane `(i%2, k%2)` of the padded image (`th+1` rows of
@@ -359,9 +471,8 @@ fn for_planes(
 /// left out when the rows are copied into `V`.
 fn input_transform(x: &[f32], c: usize, s: &ConvShape, (lo, nb): (usize, usize), v: &mut [f32]) {
     let (th, tw) = tiles(s);
-    let (qr, qc) = (th + 1, tw + 1);
     // One float more than a plane: the extra tile of the last row reads one beyond it.
-    let (ql, nq) = (qr * qc + 1, th * qc);
+    let len = 4 * ((th + 1) * (tw + 1) + 1) + P * th * (tw + 1);
     for_planes(
         x,
         c,
@@ -369,31 +480,38 @@ fn input_transform(x: &[f32], c: usize, s: &ConvShape, (lo, nb): (usize, usize),
         (lo, nb),
         v,
         th * tw,
-        4 * ql + P * nq,
-        |src, seg, buf| {
-            let (q, out) = buf.split_at_mut(4 * ql);
-            subsample(src, (s.h, s.w), 1, (qr, qc, ql), q);
-            for q0 in (0..nq).step_by(L) {
-                let n = L.min(nq - q0);
-                let mut d = [[0.0f32; L]; P];
-                for (xi, di) in d.iter_mut().enumerate() {
-                    let (i, k) = (xi / 4, xi % 4);
-                    let plane = &q[(2 * (i % 2) + k % 2) * ql..][..ql];
-                    copy_lanes(&mut di[..n], &plane[q0 + (i / 2) * qc + k / 2..][..n]);
-                }
-                let mut o = [[0.0f32; L]; P];
-                sandwich::<4, 4, P, P>(&d, &mut o, bt);
-                for (xi, oi) in o.iter().enumerate() {
-                    copy_lanes(&mut out[xi * nq + q0..][..n], &oi[..n]);
-                }
-            }
-            for (xi, sg) in seg.into_iter().enumerate() {
-                for (ty, dst) in sg.chunks_exact_mut(tw).enumerate() {
-                    copy_row(dst, &out[xi * nq + ty * qc..][..tw]);
-                }
-            }
-        },
+        len,
+        |src, seg, buf| input_plane(src, (s.h, s.w), (th, tw), seg, buf),
     );
+}
+
+widest_simd! {
+    /// [`grad_output_transform`] of one plane `src [h, w]` into its segments, `z` holding the
+    /// four subsampled planes (`th × tw`).
+    fn grad_output_plane(
+        src: &[f32],
+        h_w: (usize, usize),
+        th_tw: (usize, usize),
+        seg: [&mut [f32]; P],
+        z: &mut [f32],
+    ) {
+        let (h, w) = h_w;
+        let (th, tw) = th_tw;
+        let t = th * tw;
+        subsample(src, (h, w), 0, (th, tw, t), z);
+        let mut d = [[0.0f32; L]; 4];
+        let mut o = [[0.0f32; L]; P];
+        for t0 in (0..t).step_by(L) {
+            let n = L.min(t - t0);
+            for (e, de) in d.iter_mut().enumerate() {
+                copy_lanes(&mut de[..n], &z[e * t + t0..][..n]);
+            }
+            sandwich::<2, 4, 4, P>(&d, &mut o, a);
+            for (xi, oi) in o.iter().enumerate() {
+                copy_lanes(&mut seg[xi][t0..t0 + n], &oi[..n]);
+            }
+        }
+    }
 }
 
 /// `gM [16][Cout][nb·T]`: `A·gY·Aᵀ` for every 2×2 output tile of images `lo..lo+nb` of
@@ -411,39 +529,60 @@ fn grad_output_transform(gy: &[f32], s: &ConvShape, (lo, nb): (usize, usize), gm
         gm,
         t,
         4 * t,
-        |src, seg, z| {
-            subsample(src, (s.h, s.w), 0, (th, tw, t), z);
-            for t0 in (0..t).step_by(L) {
-                let n = L.min(t - t0);
-                let mut d = [[0.0f32; L]; 4];
-                for (e, de) in d.iter_mut().enumerate() {
-                    copy_lanes(&mut de[..n], &z[e * t + t0..][..n]);
-                }
-                let mut o = [[0.0f32; L]; P];
-                sandwich::<2, 4, 4, P>(&d, &mut o, a);
-                for (xi, oi) in o.iter().enumerate() {
-                    copy_lanes(&mut seg[xi][t0..t0 + n], &oi[..n]);
-                }
-            }
-        },
+        |src, seg, z| grad_output_plane(src, (s.h, s.w), (th, tw), seg, z),
     );
 }
 
 /// The 16 points of tiles `t0 .. t0 + n` of plane `(j, r)` of `m [16][rows][nt]` (`t` tiles per
-/// plane), lane `l` holding tile `t0 + l`.
+/// plane) into `x`, lane `l` holding tile `t0 + l`.
+#[inline(always)]
 fn load_points(
     m: &[f32],
-    rows: usize,
-    nt: usize,
-    t: usize,
+    (rows, nt, t): (usize, usize, usize),
     (j, r): (usize, usize),
     (t0, n): (usize, usize),
-) -> [[f32; L]; P] {
-    let mut x = [[0.0f32; L]; P];
+    x: &mut [[f32; L]; P],
+) {
     for (xi, v) in x.iter_mut().enumerate() {
         copy_lanes(&mut v[..n], &m[(xi * rows + r) * nt + j * t + t0..][..n]);
     }
-    x
+}
+
+widest_simd! {
+    /// [`output_transform`] of plane `(j, co)` into `yp [h, w]`, `out` holding the four
+    /// subsampled output planes (`th × tw`).
+    fn output_plane(
+        m: &[f32],
+        cout_nt: (usize, usize),
+        j_co: (usize, usize),
+        h_w: (usize, usize),
+        th_tw: (usize, usize),
+        bias: f32,
+        yp: &mut [MaybeUninit<f32>],
+        out: &mut [f32],
+    ) {
+        let (cout, nt) = cout_nt;
+        let (j, co) = j_co;
+        let (h, w) = h_w;
+        let (th, tw) = th_tw;
+        let t = th * tw;
+        let mut x = [[0.0f32; L]; P];
+        let mut yt = [[0.0f32; L]; 4];
+        for t0 in (0..t).step_by(L) {
+            let n = L.min(t - t0);
+            load_points(m, (cout, nt, t), (j, co), (t0, n), &mut x);
+            sandwich::<4, 2, P, 4>(&x, &mut yt, at);
+            for (e, ye) in yt.iter().enumerate() {
+                copy_lanes(&mut out[e * t + t0..][..n], &ye[..n]);
+            }
+        }
+        for (r, row) in yp[..h * w].chunks_exact_mut(w).enumerate() {
+            let (ty, a) = (r / 2, r % 2);
+            let even = &out[2 * a * t + ty * tw..][..tw];
+            let odd = &out[(2 * a + 1) * t + ty * tw..][..tw];
+            interleave(row, even, odd, bias);
+        }
+    }
 }
 
 /// Images `0..nb` of `y [nb, Cout, H, W]` (+ bias) from `m [16][Cout][nb·T]`: `Aᵀ·M·A` for every
@@ -457,32 +596,84 @@ fn output_transform(
     y: &mut [MaybeUninit<f32>],
 ) {
     let (th, tw) = tiles(s);
-    let (h, w, t) = (s.h, s.w, th * tw);
-    y.par_chunks_mut(h * w)
+    let t = th * tw;
+    y.par_chunks_mut(s.h * s.w)
         .with_min_len(16)
         .enumerate()
         .for_each_init(
             || vec![0.0f32; 4 * t],
             |out, (plane, yp)| {
                 let (j, co) = (plane / s.cout, plane % s.cout);
-                for t0 in (0..t).step_by(L) {
-                    let n = L.min(t - t0);
-                    let x = load_points(m, s.cout, nb * t, t, (j, co), (t0, n));
-                    let mut yt = [[0.0f32; L]; 4];
-                    sandwich::<4, 2, P, 4>(&x, &mut yt, at);
-                    for (e, ye) in yt.iter().enumerate() {
-                        copy_lanes(&mut out[e * t + t0..][..n], &ye[..n]);
-                    }
-                }
                 let bv = bias.map_or(0.0, |b| b[co]);
-                for (r, row) in yp.chunks_exact_mut(w).enumerate() {
-                    let (ty, a) = (r / 2, r % 2);
-                    let even = &out[2 * a * t + ty * tw..][..tw];
-                    let odd = &out[(2 * a + 1) * t + ty * tw..][..tw];
-                    interleave(row, even, odd, bv);
-                }
+                output_plane(
+                    m,
+                    (s.cout, nb * t),
+                    (j, co),
+                    (s.h, s.w),
+                    (th, tw),
+                    bv,
+                    yp,
+                    out,
+                );
             },
         );
+}
+
+widest_simd! {
+    /// [`input_adjoint`] of plane `(j, ci)` into `gp [h, w]`, `buf` holding the four subsampled
+    /// planes of the padded gradient and `gV` in the tile order `q`.
+    fn adjoint_plane(
+        gv: &[f32],
+        cin_nt: (usize, usize),
+        j_ci: (usize, usize),
+        h_w: (usize, usize),
+        th_tw: (usize, usize),
+        gp: &mut [MaybeUninit<f32>],
+        buf: &mut [f32],
+    ) {
+        let (cin, nt) = cin_nt;
+        let (j, ci) = j_ci;
+        let (h, w) = h_w;
+        let (th, tw) = th_tw;
+        let t = th * tw;
+        let (qr, qc) = (th + 1, tw + 1);
+        // One float more than a plane: the extra tile of the last row adds one beyond it.
+        let (ql, nq) = (qr * qc + 1, th * qc);
+        let (q, ex) = buf.split_at_mut(4 * ql);
+        q[..4 * ql].fill(0.0);
+        // gV in tile order q (the extra tile of each row zero).
+        for xi in 0..P {
+            let src = &gv[(xi * cin + ci) * nt + j * t..][..t];
+            for (ty, row) in src.chunks_exact(tw).enumerate() {
+                let dst = &mut ex[xi * nq + ty * qc..][..qc];
+                copy_row(&mut dst[..tw], row);
+                dst[tw] = 0.0;
+            }
+        }
+        let mut x = [[0.0f32; L]; P];
+        let mut d = [[0.0f32; L]; P];
+        for q0 in (0..nq).step_by(L) {
+            let n = L.min(nq - q0);
+            for (xi, v) in x.iter_mut().enumerate() {
+                copy_lanes(&mut v[..n], &ex[xi * nq + q0..][..n]);
+            }
+            sandwich::<4, 4, P, P>(&x, &mut d, b);
+            for (xi, di) in d.iter().enumerate() {
+                let (i, k) = (xi / 4, xi % 4);
+                let plane = &mut q[(2 * (i % 2) + k % 2) * ql..][..ql];
+                let dst = &mut plane[q0 + (i / 2) * qc + k / 2..][..n];
+                dst.iter_mut().zip(di).for_each(|(d, v)| *d += *v);
+            }
+        }
+        // Image pixel (r, c) is padded pixel (r + 1, c + 1).
+        for (r, row) in gp[..h * w].chunks_exact_mut(w).enumerate() {
+            let pr = r + 1;
+            let (y, a) = (pr / 2, pr % 2);
+            let even = &q[(2 * a + 1) * ql + y * qc..][..qc];
+            let odd = &q[2 * a * ql + y * qc + 1..][..tw];
+            interleave(row, even, odd, 0.0);
+        }
+    }
 }
 
 /// Images `0..nb` of the input gradient `gx [nb, Cin, H, W]` from `gv [16][Cin][nb·T]`: for
@@ -492,51 +683,16 @@ fn output_transform(
 /// image are then interleaved into the gradient's rows.
 fn input_adjoint(gv: &[f32], s: &ConvShape, nb: usize, gx: &mut [MaybeUninit<f32>]) {
     let (th, tw) = tiles(s);
-    let (h, w, t) = (s.h, s.w, th * tw);
-    let (qr, qc) = (th + 1, tw + 1);
-    // One float more than a plane: the extra tile of the last row adds one beyond it.
-    let (ql, nq) = (qr * qc + 1, th * qc);
-    gx.par_chunks_mut(h * w)
+    let t = th * tw;
+    let len = 4 * ((th + 1) * (tw + 1) + 1) + P * th * (tw + 1);
+    gx.par_chunks_mut(s.h * s.w)
         .with_min_len(16)
         .enumerate()
         .for_each_init(
-            || vec![0.0f32; 4 * ql + P * nq],
+            || vec![0.0f32; len],
             |buf, (plane, gp)| {
                 let (j, ci) = (plane / s.cin, plane % s.cin);
-                let (q, ex) = buf.split_at_mut(4 * ql);
-                q.fill(0.0);
-                // gV in tile order q (the extra tile of each row zero).
-                for xi in 0..P {
-                    let src = &gv[(xi * s.cin + ci) * nb * t + j * t..][..t];
-                    for (ty, row) in src.chunks_exact(tw).enumerate() {
-                        let dst = &mut ex[xi * nq + ty * qc..][..qc];
-                        copy_row(&mut dst[..tw], row);
-                        dst[tw] = 0.0;
-                    }
-                }
-                for q0 in (0..nq).step_by(L) {
-                    let n = L.min(nq - q0);
-                    let mut x = [[0.0f32; L]; P];
-                    for (xi, v) in x.iter_mut().enumerate() {
-                        copy_lanes(&mut v[..n], &ex[xi * nq + q0..][..n]);
-                    }
-                    let mut d = [[0.0f32; L]; P];
-                    sandwich::<4, 4, P, P>(&x, &mut d, b);
-                    for (xi, di) in d.iter().enumerate() {
-                        let (i, k) = (xi / 4, xi % 4);
-                        let plane = &mut q[(2 * (i % 2) + k % 2) * ql..][..ql];
-                        let dst = &mut plane[q0 + (i / 2) * qc + k / 2..][..n];
-                        dst.iter_mut().zip(di).for_each(|(d, v)| *d += *v);
-                    }
-                }
-                // Image pixel (r, c) is padded pixel (r + 1, c + 1).
-                for (r, row) in gp.chunks_exact_mut(w).enumerate() {
-                    let pr = r + 1;
-                    let (y, a) = (pr / 2, pr % 2);
-                    let even = &q[(2 * a + 1) * ql + y * qc..][..qc];
-                    let odd = &q[2 * a * ql + y * qc + 1..][..tw];
-                    interleave(row, even, odd, 0.0);
-                }
+                adjoint_plane(gv, (s.cin, nb * t), (j, ci), (s.h, s.w), (th, tw), gp, buf);
             },
         );
 }
@@ -715,6 +871,22 @@ mod tests {
                 assert!(run(threads) == one, "{s:?} on {threads} threads");
             }
         }
+    }
+
+    /// The wide-vector and baseline builds of the transforms give the same bits (on a CPU
+    /// without AVX2 both runs take the baseline and the test checks nothing more).
+    #[test]
+    fn vector_width_does_not_change_the_bits() {
+        let s = geom(3, 20, (9, 14), 18);
+        let [x, w, b, gy] = inputs(&s, 5);
+        let run = |baseline: bool| {
+            BASELINE_ONLY.store(baseline, std::sync::atomic::Ordering::Relaxed);
+            forward_backward(&s, [&x, &w, &b, &gy]).map(|v| bits(&v))
+        };
+        let wide = run(false);
+        let base = run(true);
+        BASELINE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(wide == base, "AVX builds and the baseline differ");
     }
 
     /// The weight transform and its adjoint: `⟨G·g·Gᵀ, u⟩ = ⟨g, Gᵀ·u·G⟩` for every kernel.
