@@ -96,7 +96,7 @@ fn golden_cases_pass_on_cpu() {
 
 /// The golden cases through the `medssl` binary with each CPU convolution algorithm forced
 /// (`MEDSSL_CPU_CONV`, read once per process): the Winograd path, which the default picks only
-/// for layers with at least 128 channels (none in the golden cases), on every 3×3 stride-1 layer
+/// for layers with at least 64 channels (none in the golden cases), on every 3×3 stride-1 layer
 /// of the convolution, MedFuseNet and DSRPGC cases; im2col on all of them; and a misspelt value
 /// refused with its name.
 #[test]

@@ -63,17 +63,17 @@ const MIN_TILES: usize = 384;
 /// The GEMMs' inner dimension is a channel count and their other dimensions are the channels and
 /// the batch's tiles; on smaller layers they run too far below the GEMM's peak, and the
 /// transforms cost too much, for the 2.25× fewer products to pay. Measured on the development
-/// machine (2 threads, batch 48, fastest of 3 alternating rounds, im2col time / this path's):
-/// width 64's 128-, 256- and 512-channel layers 1.38 / 1.39 (forward / backward), 1.30 / 1.33 and
-/// 1.28 / 1.52; its 64-channel layer at 28 × 28 1.05 / 0.97 (on a par); width 16's layers (16 to
-/// 128 channels, at most 113 M multiply-adds) 0.45–0.84 forward, 0.60–1.02 backward.
-const MIN_CHANNELS: usize = 128;
+/// machine (2 threads, batch 48, fastest of 3 alternating rounds, im2col time / this path's,
+/// forward / backward): width 64's layers with 64 channels at 28 × 28 1.13 / 1.10, 128 at
+/// 14 × 14 1.50 / 1.45, 256 at 7 × 7 1.32 / 1.32, 512 at 4 × 4 1.24 / 1.58; width 16's layers
+/// (16 to 128 channels, at most 113 M multiply-adds) 0.66–0.92 / 0.76–0.95.
+const MIN_CHANNELS: usize = 64;
 const MIN_MACS: usize = 1 << 28;
 
 /// The CPU convolution algorithm chosen by `MEDSSL_CPU_CONV`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
-    /// Unset or `auto`: Winograd for 3×3 stride-1 padding-1 layers with at least 128 input and
+    /// Unset or `auto`: Winograd for 3×3 stride-1 padding-1 layers with at least 64 input and
     /// output channels and 2²⁸ multiply-adds (`MIN_CHANNELS`, `MIN_MACS`), im2col + GEMM for the
     /// others.
     Auto,
