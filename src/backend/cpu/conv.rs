@@ -711,7 +711,8 @@ pub(super) fn im2col_bwd(
             let mut xp = padded_scratch(s);
             // The padded input gradient (zeroed per image: col2im writes the borders too).
             let mut gxp = scratch::take(if need_x { padded_len(s) } else { 0 });
-            let mut gyt = scratch::take(s.cout * cap * howo);
+            // Packed gY' for chunks of several images (one image's gradient is used in place).
+            let mut gyt = scratch::take(if cap > 1 { s.cout * cap * howo } else { 0 });
             for (ci, r) in part.iter().enumerate() {
                 let (lo, nb) = (r.start, r.len());
                 let ld = nb * howo;
