@@ -275,4 +275,35 @@ fn step_reports_peak_memory() {
     assert!(mb > 1.0 && mb < 64.0 * 1024.0, "{r}");
     let kind = r["peak_mem_kind"].as_str().unwrap();
     assert!(kind == "rss_hwm" || kind == "rss_hwm_process", "{r}");
+    // The CPU convolution algorithm in force (MEDSSL_CPU_CONV unset here: `auto`).
+    assert_eq!(r["cpu_conv"], "auto", "{r}");
+}
+
+/// A row names the CPU convolution algorithm that `MEDSSL_CPU_CONV` chose.
+#[test]
+fn rows_name_the_cpu_convolution_algorithm() {
+    for algo in ["im2col", "winograd"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
+            .args([
+                "ops", "--json", "--op", "relu", "--width", "4", "--batch", "2",
+            ])
+            .args(["--peak-gemm", "0", "--peak-copy-mib", "0", "--repeats", "1"])
+            .env("MEDSSL_CPU_CONV", algo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let rows: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!rows.is_empty());
+        for r in rows {
+            assert_eq!(r["cpu_conv"], algo, "{r}");
+        }
+    }
 }
