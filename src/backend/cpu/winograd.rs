@@ -13,9 +13,11 @@
 //!      ⎣0  1  0 −1⎦       ⎣ 0   0   1⎦
 //! ```
 //!
-//! (coefficients 0, ±1 and ±1/2 only, so each transform rounds no more than the sums of a direct
-//! convolution). Summed over the input channels, the 16 transform points ξ are 16 independent
-//! GEMMs: `M_ξ [Cout, tiles] = U_ξ [Cout, Cin] · V_ξ [Cin, tiles]`, with `U = G·g·Gᵀ` for every
+//! (coefficients 0, ±1 and ±1/2 only: each transform is a few additions and exact halvings, and
+//! the results stay as close to an f64 direct convolution as im2col's, within 1e-5 of each
+//! tensor's largest value in the tests, the golden cases passing either way). Summed over the
+//! input channels, the 16 transform points ξ are 16 independent GEMMs:
+//! `M_ξ [Cout, tiles] = U_ξ [Cout, Cin] · V_ξ [Cin, tiles]`, with `U = G·g·Gᵀ` for every
 //! channel pair (the weight transform) and `V = Bᵀ·d·B` for every input channel and tile (the
 //! input transform); the output transform `Aᵀ·M·A` then gives each tile.
 //!
@@ -68,6 +70,7 @@ const MIN_TILES: usize = 384;
 /// 14 × 14 1.50 / 1.45, 256 at 7 × 7 1.32 / 1.32, 512 at 4 × 4 1.24 / 1.58; width 16's layers
 /// (16 to 128 channels, at most 113 M multiply-adds) 0.66–0.92 / 0.76–0.95.
 const MIN_CHANNELS: usize = 64;
+/// See [`MIN_CHANNELS`].
 const MIN_MACS: usize = 1 << 28;
 
 /// The CPU convolution algorithm chosen by `MEDSSL_CPU_CONV`.
@@ -159,8 +162,9 @@ unsafe fn segments(cols: &ImageColumns, rows: usize, (j, r): (usize, usize)) -> 
 /// (input channels) or tiles.
 const L: usize = 16;
 
-/// The one-dimensional transforms, each a matrix times a column (their transposes are the
-/// adjoints used by the backward pass).
+// The one-dimensional transforms, each a matrix times a column (their transposes are the
+// adjoints used by the backward pass).
+
 /// `Bᵀ·d`.
 #[inline(always)]
 fn bt([d0, d1, d2, d3]: [f32; 4]) -> [f32; 4] {
