@@ -389,6 +389,54 @@ fn subsample(
     }
 }
 
+/// The padded plane of `src [h, w]` (its pixel `(r, c)` at `(r + 1, c + 1)`, zero around it)
+/// as eight `rows × tw` planes, `ql` floats apart: plane `2·(2a + b) + s` holds pixel
+/// `(2y + a, 2(x + s) + b)` of the padded plane at `[y][x]`, i.e. the subsampled plane of row
+/// parity `a` and column parity `b` ([`subsample`]), from its column `s` on. Point `(i, k)` of
+/// tile `(ty, tx)` is then pixel `[ty + i/2][tx]` of plane `2·(2·(i%2) + k%2) + k/2`, so the
+/// tiles `t = ty·tw + tx` of a plane read one contiguous run per point.
+#[inline(always)]
+fn subsample_shifted(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (rows, tw, ql): (usize, usize, usize),
+    q: &mut [f32],
+) {
+    debug_assert!(src.len() == h * w && h.div_ceil(2) < rows && w.div_ceil(2) <= tw);
+    q[..8 * ql].fill(0.0);
+    let plane = |a: usize, b: usize, s: usize| (2 * (2 * a + b) + s) * ql;
+    for (r, row) in src.chunks_exact(w).enumerate() {
+        let pr = r + 1;
+        let (y, a) = (pr / 2, pr % 2);
+        // Pixel 2x (column 2x + 1, parity 1) is x of the unshifted plane and x − 1 of the
+        // shifted one; pixel 2x + 1 (column 2x + 2, parity 0) is x + 1 unshifted, x shifted.
+        let (lo, hi) = q.split_at_mut(plane(a, 1, 0));
+        let (a0s0, a0s1) = lo[plane(a, 0, 0)..].split_at_mut(ql);
+        let (a1s0, a1s1) = hi.split_at_mut(ql);
+        let (a0s0, a0s1) = (&mut a0s0[y * tw..][..tw], &mut a0s1[y * tw..][..tw]);
+        let (a1s0, a1s1) = (&mut a1s0[y * tw..][..tw], &mut a1s1[y * tw..][..tw]);
+        for ((e, o), p) in a1s0
+            .iter_mut()
+            .zip(a0s1.iter_mut())
+            .zip(row.chunks_exact(2))
+        {
+            *e = p[0];
+            *o = p[1];
+        }
+        for ((o, e), p) in a0s0[1..]
+            .iter_mut()
+            .zip(a1s1.iter_mut())
+            .zip(row[1..].chunks_exact(2))
+        {
+            *o = p[0];
+            *e = p[1];
+        }
+        if w % 2 == 1 {
+            a1s0[w / 2] = row[w - 1];
+        }
+    }
+}
+
 /// `dst[2x] = even[x] + bias`, `dst[2x + 1] = odd[x] + bias` for the `dst.len()` pixels of a row.
 #[inline(always)]
 fn interleave(dst: &mut [MaybeUninit<f32>], even: &[f32], odd: &[f32], bias: f32) {
@@ -439,44 +487,33 @@ widest_simd! {
         seg: [&mut [f32]; P],
         buf: &mut [f32],
     ) {
-        let (h, w) = h_w;
         let (th, tw) = th_tw;
-        let (qr, qc) = (th + 1, tw + 1);
-        let (ql, nq) = (qr * qc + 1, th * qc);
-        let (q, out) = buf.split_at_mut(4 * ql);
-        subsample(src, (h, w), 1, (qr, qc, ql), q);
+        let (t, ql) = (th * tw, (th + 1) * tw);
+        subsample_shifted(src, h_w, (th + 1, tw, ql), buf);
         let mut d = [[0.0f32; L]; P];
         let mut o = [[0.0f32; L]; P];
-        for q0 in (0..nq).step_by(L) {
-            let n = L.min(nq - q0);
+        for t0 in (0..t).step_by(L) {
+            let n = L.min(t - t0);
             for (xi, di) in d.iter_mut().enumerate() {
                 let (i, k) = (xi / 4, xi % 4);
-                let plane = &q[(2 * (i % 2) + k % 2) * ql..][..ql];
-                copy_lanes(&mut di[..n], &plane[q0 + (i / 2) * qc + k / 2..][..n]);
+                let plane = &buf[(2 * (2 * (i % 2) + k % 2) + k / 2) * ql..][..ql];
+                copy_lanes(&mut di[..n], &plane[t0 + (i / 2) * tw..][..n]);
             }
             sandwich::<4, 4, P, P>(&d, &mut o, bt);
             for (xi, oi) in o.iter().enumerate() {
-                copy_lanes(&mut out[xi * nq + q0..][..n], &oi[..n]);
-            }
-        }
-        for (xi, sg) in seg.into_iter().enumerate() {
-            for (ty, dst) in sg.chunks_exact_mut(tw).enumerate() {
-                copy_row(dst, &out[xi * nq + ty * qc..][..tw]);
+                copy_lanes(&mut seg[xi][t0..t0 + n], &oi[..n]);
             }
         }
     }
 }
 
 /// `V [16][C][nb·T]`: `Bᵀ·d·B` for every tile's 4×4 patch `d` of images `lo..lo+nb` of
-/// `x [N, C, H, W]` (zero outside the image). Point `(i, k)` of tile `(ty, tx)` is pixel
-/// `(ty + i/2, tx + k/2)` of subsampled plane `(i%2, k%2)` of the padded image (`th+1` rows of
-/// `tw+1`), so the tiles are taken in that plane's row-major order `q = ty·(tw+1) + tx`, [`L`]
-/// at a time, each point a contiguous run; the extra tile `tx = tw` of each row is computed and
-/// left out when the rows are copied into `V`.
+/// `x [N, C, H, W]` (zero outside the image), [`L`] tiles of a plane at a time, each point read
+/// as a contiguous run of the plane's shifted subsampled planes ([`subsample_shifted`]) and
+/// written as a contiguous run of `V`.
 fn input_transform(x: &[f32], c: usize, s: &ConvShape, (lo, nb): (usize, usize), v: &mut [f32]) {
     let (th, tw) = tiles(s);
-    // One float more than a plane: the extra tile of the last row reads one beyond it.
-    let len = 4 * ((th + 1) * (tw + 1) + 1) + P * th * (tw + 1);
+    let len = 8 * (th + 1) * tw;
     for_planes(
         x,
         c,
@@ -639,56 +676,55 @@ widest_simd! {
         let (j, ci) = j_ci;
         let (h, w) = h_w;
         let (th, tw) = th_tw;
-        let t = th * tw;
-        let (qr, qc) = (th + 1, tw + 1);
-        // One float more than a plane: the extra tile of the last row adds one beyond it.
-        let (ql, nq) = (qr * qc + 1, th * qc);
-        let (q, ex) = buf.split_at_mut(4 * ql);
-        q[..4 * ql].fill(0.0);
-        // gV in tile order q (the extra tile of each row zero).
-        for xi in 0..P {
-            let src = &gv[(xi * cin + ci) * nt + j * t..][..t];
-            for (ty, row) in src.chunks_exact(tw).enumerate() {
-                let dst = &mut ex[xi * nq + ty * qc..][..qc];
-                copy_row(&mut dst[..tw], row);
-                dst[tw] = 0.0;
-            }
-        }
+        let (t, ql) = (th * tw, (th + 1) * tw);
+        let (q, rows) = buf.split_at_mut(8 * ql);
+        q.fill(0.0);
         let mut x = [[0.0f32; L]; P];
         let mut d = [[0.0f32; L]; P];
-        for q0 in (0..nq).step_by(L) {
-            let n = L.min(nq - q0);
+        for t0 in (0..t).step_by(L) {
+            let n = L.min(t - t0);
             for (xi, v) in x.iter_mut().enumerate() {
-                copy_lanes(&mut v[..n], &ex[xi * nq + q0..][..n]);
+                copy_lanes(&mut v[..n], &gv[(xi * cin + ci) * nt + j * t + t0..][..n]);
             }
             sandwich::<4, 4, P, P>(&x, &mut d, b);
             for (xi, di) in d.iter().enumerate() {
                 let (i, k) = (xi / 4, xi % 4);
-                let plane = &mut q[(2 * (i % 2) + k % 2) * ql..][..ql];
-                let dst = &mut plane[q0 + (i / 2) * qc + k / 2..][..n];
+                let plane = &mut q[(2 * (2 * (i % 2) + k % 2) + k / 2) * ql..][..ql];
+                let dst = &mut plane[t0 + (i / 2) * tw..][..n];
                 dst.iter_mut().zip(di).for_each(|(d, v)| *d += *v);
             }
         }
-        // Image pixel (r, c) is padded pixel (r + 1, c + 1).
+        // Image pixel (r, c) is padded pixel (r + 1, c + 1): the unshifted plane's value at its
+        // column plus the shifted plane's one column to the left.
+        let (even, odd) = rows.split_at_mut(tw);
+        let odd = &mut odd[..tw];
         for (r, row) in gp[..h * w].chunks_exact_mut(w).enumerate() {
             let pr = r + 1;
             let (y, a) = (pr / 2, pr % 2);
-            let even = &q[(2 * a + 1) * ql + y * qc..][..qc];
-            let odd = &q[2 * a * ql + y * qc + 1..][..tw];
+            let at = |b: usize, s: usize| &q[(2 * (2 * a + b) + s) * ql + y * tw..][..tw];
+            // Pixel 2x: parity 1 at x; pixel 2x + 1: parity 0 at x + 1.
+            even.copy_from_slice(at(1, 0));
+            for (e, v) in even[1..].iter_mut().zip(at(1, 1)) {
+                *e += *v;
+            }
+            odd.copy_from_slice(at(0, 1));
+            for (o, v) in odd.iter_mut().zip(&at(0, 0)[1..]) {
+                *o += *v;
+            }
             interleave(row, even, odd, 0.0);
         }
     }
 }
 
 /// Images `0..nb` of the input gradient `gx [nb, Cin, H, W]` from `gv [16][Cin][nb·T]`: for
-/// every plane, `B·gV·Bᵀ` of each tile added into the padded plane's four subsampled planes (the
-/// adjoint of [`input_transform`]'s reads: the same tile order `q`, with a zero extra tile per
-/// row, [`L`] tiles at a time, each point's run added in point order), whose pixels inside the
-/// image are then interleaved into the gradient's rows.
+/// every plane, `B·gV·Bᵀ` of each tile ([`L`] tiles at a time, each point's run read from `gV`
+/// as it is) added into the eight shifted subsampled planes (the adjoint of
+/// [`input_transform`]'s reads, points in order), which are then summed and interleaved into the
+/// gradient's rows.
 fn input_adjoint(gv: &[f32], s: &ConvShape, nb: usize, gx: &mut [MaybeUninit<f32>]) {
     let (th, tw) = tiles(s);
     let t = th * tw;
-    let len = 4 * ((th + 1) * (tw + 1) + 1) + P * th * (tw + 1);
+    let len = 8 * (th + 1) * tw + 2 * tw;
     gx.par_chunks_mut(s.h * s.w)
         .with_min_len(16)
         .enumerate()
