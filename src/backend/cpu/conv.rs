@@ -1,4 +1,6 @@
-//! 2-D convolution by im2col + GEMM over chunks of images.
+//! 2-D convolution by im2col + GEMM over chunks of images. Pointwise layers (1×1, stride 1)
+//! skip im2col (one GEMM per image on the tensors in place), and 3×3 stride-1 layers with enough
+//! channels go to [`super::winograd`] (see [`super::winograd::applies`] and `MEDSSL_CPU_CONV`).
 //!
 //! The batch is cut into contiguous chunks of `nb` images whose `col` matrices sit side by side
 //! in one `[Cin·k·k, nb·Ho·Wo]` matrix: row `(c·k + ki)·k + kj`, column `j·Ho·Wo + oh·Wo + ow`
@@ -391,7 +393,7 @@ pub fn conv2d_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec
 }
 
 /// The forward convolution by im2col + GEMM over chunks of images (a shape with outputs).
-pub(super) fn im2col_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+fn im2col_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     let (howo, kd) = (s.ho() * s.wo(), s.kdim());
     let ys = s.cout * howo;
     let chunks = s.chunks();
@@ -638,7 +640,8 @@ fn pointwise_bwd(
     (gx, gw, gb)
 }
 
-/// Returns `(gx, gw, gb)`.
+/// The backward convolution `(gx, gw, gb)` (the input gradient when `need_x`, the bias gradient
+/// when `has_bias`), on the same path as [`conv2d_fwd`] takes for the shape.
 pub fn conv2d_bwd(
     s: &ConvShape,
     x: &[f32],
@@ -669,7 +672,7 @@ pub fn conv2d_bwd(
 
 /// The backward convolution by im2col + GEMM over chunks of images (a shape with outputs and
 /// inputs): `(gx, gw, gb)`.
-pub(super) fn im2col_bwd(
+fn im2col_bwd(
     s: &ConvShape,
     x: &[f32],
     w: &[f32],
