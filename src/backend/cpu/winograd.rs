@@ -229,6 +229,7 @@ static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 /// Whether [`widest_simd`] functions keep to the baseline instructions: never outside the tests,
 /// which compare the two.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn baseline_only() -> bool {
     #[cfg(test)]
     return BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
