@@ -350,42 +350,25 @@ fn copy_lanes(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// Splits a plane `src [h, w]`, moved down and right by `off` pixels, into its four subsampled
-/// planes `q[2a + b] [rows, cols]` (`stride ≥ rows·cols` floats apart): `q[2a + b][y][x]` is
-/// the moved plane's pixel `(2y + a, 2x + b)`, zero where that is outside the image. A tile's
-/// 4×4 patch (or 2×2 block) is then, point by point, one pixel of a subsampled plane at the
-/// tile's own position or one row or column further, so whole runs of tiles read contiguous runs
-/// of these planes.
+/// Splits a plane `src [h, w]` into its four subsampled planes `q[2a + b] [rows, cols]`
+/// (`rows·cols` floats apart): `q[2a + b][y][x]` is pixel `(2y + a, 2x + b)`, zero where that is
+/// outside the image. Pixel `(a, b)` of every 2×2 tile is then one run of these planes, in the
+/// tiles' order.
 #[inline(always)]
-fn subsample(
-    src: &[f32],
-    (h, w): (usize, usize),
-    off: usize,
-    (rows, cols, ql): (usize, usize, usize),
-    q: &mut [f32],
-) {
-    debug_assert!(src.len() == h * w && (h + off).div_ceil(2) <= rows && ql >= rows * cols);
+fn subsample(src: &[f32], (h, w): (usize, usize), (rows, cols): (usize, usize), q: &mut [f32]) {
+    let ql = rows * cols;
+    debug_assert!(src.len() == h * w && h.div_ceil(2) <= rows && w.div_ceil(2) <= cols);
     q[..4 * ql].fill(0.0);
     for (r, row) in src.chunks_exact(w).enumerate() {
-        let (y, a) = ((r + off) / 2, (r + off) % 2);
-        // Pixel c lands in column parity (c + off) % 2 at x = (c + off) / 2.
+        let (y, a) = (r / 2, r % 2);
         let (q0, q1) = q[2 * a * ql..(2 * a + 2) * ql].split_at_mut(ql);
-        let (q0, q1) = (&mut q0[y * cols..][..cols], &mut q1[y * cols..][..cols]);
-        let (first, second) = if off == 0 {
-            (&mut q0[..], &mut q1[..])
-        } else {
-            (&mut q1[..], &mut q0[1..])
-        };
-        for ((f, s), p) in first
-            .iter_mut()
-            .zip(second.iter_mut())
-            .zip(row.chunks_exact(2))
-        {
-            *f = p[0];
-            *s = p[1];
+        let (even, odd) = (&mut q0[y * cols..][..cols], &mut q1[y * cols..][..cols]);
+        for ((e, o), p) in even.iter_mut().zip(odd.iter_mut()).zip(row.chunks_exact(2)) {
+            *e = p[0];
+            *o = p[1];
         }
         if w % 2 == 1 {
-            first[w / 2] = row[w - 1];
+            even[w / 2] = row[w - 1];
         }
     }
 }
@@ -393,9 +376,10 @@ fn subsample(
 /// The padded plane of `src [h, w]` (its pixel `(r, c)` at `(r + 1, c + 1)`, zero around it)
 /// as eight `rows × tw` planes, `ql` floats apart: plane `2·(2a + b) + s` holds pixel
 /// `(2y + a, 2(x + s) + b)` of the padded plane at `[y][x]`, i.e. the subsampled plane of row
-/// parity `a` and column parity `b` ([`subsample`]), from its column `s` on. Point `(i, k)` of
-/// tile `(ty, tx)` is then pixel `[ty + i/2][tx]` of plane `2·(2·(i%2) + k%2) + k/2`, so the
-/// tiles `t = ty·tw + tx` of a plane read one contiguous run per point.
+/// parity `a` and column parity `b` (as [`subsample`] splits a plane), from its column `s` on.
+/// Point `(i, k)` of tile `(ty, tx)` is then pixel `[ty + i/2][tx]` of plane
+/// `2·(2·(i%2) + k%2) + k/2`, so the tiles `t = ty·tw + tx` of a plane read one contiguous run
+/// per point.
 #[inline(always)]
 fn subsample_shifted(
     src: &[f32],
@@ -540,7 +524,7 @@ widest_simd! {
         let (h, w) = h_w;
         let (th, tw) = th_tw;
         let t = th * tw;
-        subsample(src, (h, w), 0, (th, tw, t), z);
+        subsample(src, (h, w), (th, tw), z);
         let mut d = [[0.0f32; L]; 4];
         let mut o = [[0.0f32; L]; P];
         for t0 in (0..t).step_by(L) {
