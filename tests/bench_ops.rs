@@ -8,9 +8,15 @@ use medssl::nn::{Kind, MedFuseNet, ModelConfig};
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> Vec<Value> {
+    bench_with(args, &[])
+}
+
+/// [`bench`] with extra environment variables.
+fn bench_with(args: &[&str], env: &[(&str, &str)]) -> Vec<Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
         .args(args)
         .env("RAYON_NUM_THREADS", "2")
+        .envs(env.iter().copied())
         .output()
         .expect("run medssl-bench");
     assert!(
@@ -283,24 +289,25 @@ fn step_reports_peak_memory() {
 #[test]
 fn rows_name_the_cpu_convolution_algorithm() {
     for algo in ["im2col", "winograd"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
-            .args([
-                "ops", "--json", "--op", "relu", "--width", "4", "--batch", "2",
-            ])
-            .args(["--peak-gemm", "0", "--peak-copy-mib", "0", "--repeats", "1"])
-            .env("MEDSSL_CPU_CONV", algo)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let rows = bench_with(
+            &[
+                "ops",
+                "--json",
+                "--op",
+                "relu",
+                "--width",
+                "4",
+                "--batch",
+                "2",
+                "--peak-gemm",
+                "0",
+                "--peak-copy-mib",
+                "0",
+                "--repeats",
+                "1",
+            ],
+            &[("MEDSSL_CPU_CONV", algo)],
         );
-        let text = String::from_utf8(out.stdout).unwrap();
-        let rows: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
         assert!(!rows.is_empty());
         for r in rows {
             assert_eq!(r["cpu_conv"], algo, "{r}");

@@ -15,24 +15,23 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// The settings (beyond `data`) of a tiny but complete DSRPGC run on the `fast` preset.
+const TINY: [&str; 9] = [
+    "width=4",
+    "fusion_dim=8",
+    "emb=8",
+    "batch_labeled=4",
+    "batch_unlabeled=8",
+    "queue=64",
+    "epochs=2",
+    "workers=1",
+    "eval_batch=512",
+];
+
 /// A tiny but complete DSRPGC configuration (fast enough for tests).
 fn tiny(extra: &[&str]) -> TrainConfig {
-    let mut sets: Vec<String> = [
-        &format!("data={DATA}"),
-        "width=4",
-        "fusion_dim=8",
-        "emb=8",
-        "batch_labeled=4",
-        "batch_unlabeled=8",
-        "queue=64",
-        "epochs=2",
-        "workers=1",
-        "eval_batch=512",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    sets.extend(extra.iter().map(|s| s.to_string()));
+    let mut sets = vec![format!("data={DATA}")];
+    sets.extend(TINY.iter().chain(extra).map(|s| s.to_string()));
     TrainConfig::resolve("fast", None, &sets).unwrap()
 }
 
@@ -133,16 +132,7 @@ fn winograd_runs_resume_exactly_on_another_thread_count() {
         cmd.args(["train", "--preset", "fast", "--data", DATA, "--no-eval"])
             .args(["--out", out.to_str().unwrap()])
             .args(["--max-steps", &steps.to_string()]);
-        for set in [
-            "width=4",
-            "fusion_dim=8",
-            "emb=8",
-            "batch_labeled=4",
-            "batch_unlabeled=8",
-            "queue=64",
-            "epochs=2",
-            "workers=1",
-        ] {
+        for set in TINY {
             cmd.args(["--set", set]);
         }
         if resume {
