@@ -288,7 +288,7 @@ fn step_reports_peak_memory() {
 /// A row names the CPU convolution algorithm that `MEDSSL_CPU_CONV` chose.
 #[test]
 fn rows_name_the_cpu_convolution_algorithm() {
-    for algo in ["im2col", "winograd"] {
+    for algo in ["im2col", "winograd", "direct"] {
         let rows = bench_with(
             &[
                 "ops",

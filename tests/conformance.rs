@@ -96,14 +96,15 @@ fn golden_cases_pass_on_cpu() {
 
 /// The golden cases through the `medssl` binary with each CPU convolution algorithm forced
 /// (`MEDSSL_CPU_CONV`, read once per process): the Winograd path, which the default picks only
-/// for layers with at least 64 channels (none in the golden cases), on every 3×3 stride-1 layer
-/// of the convolution, MedFuseNet and DSRPGC cases; im2col on all of them; and a misspelt value
+/// for layers with at least 64 channels (none in the golden cases), and the direct kernel, which
+/// it picks only for 8 to 32 channels on maps at least 14 wide, on every 3×3 stride-1 layer of
+/// the convolution, MedFuseNet and DSRPGC cases; im2col on all of them; and a misspelt value
 /// refused with its name.
 #[test]
 fn golden_cases_pass_with_each_convolution_algorithm() {
     let dir = golden_dir();
     let cases = case_files(Path::new(&dir)).expect("golden directory").len();
-    for algo in ["winograd", "im2col"] {
+    for algo in ["winograd", "direct", "im2col"] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_medssl"))
             .args(["conformance", "--golden", &dir])
             .env("MEDSSL_CPU_CONV", algo)

@@ -121,37 +121,44 @@ fn resume_on_another_thread_count_continues_exactly() {
     }
 }
 
-/// The same through the binary with every 3×3 stride-1 convolution on the Winograd path
-/// (`MEDSSL_CPU_CONV=winograd`; the default takes it only for wide layers, which the tiny model
-/// has none of): one thread then three write the checkpoint of a straight run on two.
+/// The same through the binary with every 3×3 stride-1 convolution on the Winograd path, then
+/// on the direct kernel (`MEDSSL_CPU_CONV=winograd` / `direct`; the default takes Winograd only
+/// for wide layers, which the tiny model has none of, and the direct kernel only for its 8-channel
+/// layer, on CPUs with AVX-512): one thread then three write the checkpoint of a straight run on
+/// two.
 #[test]
-fn winograd_runs_resume_exactly_on_another_thread_count() {
-    let (a, b) = (tmp("wino-straight"), tmp("wino-resumed"));
-    for (threads, out, resume, steps) in [(2, &a, false, 5), (1, &b, false, 2), (3, &b, true, 5)] {
-        let mut cmd = Command::new(bin());
-        cmd.args(["train", "--preset", "fast", "--data", DATA, "--no-eval"])
-            .args(["--out", out.to_str().unwrap()])
-            .args(["--max-steps", &steps.to_string()]);
-        for set in TINY {
-            cmd.args(["--set", set]);
+fn forced_conv_paths_resume_exactly_on_another_thread_count() {
+    for algo in ["winograd", "direct"] {
+        let a = tmp(&format!("{algo}-straight"));
+        let b = tmp(&format!("{algo}-resumed"));
+        for (threads, out, resume, steps) in
+            [(2, &a, false, 5), (1, &b, false, 2), (3, &b, true, 5)]
+        {
+            let mut cmd = Command::new(bin());
+            cmd.args(["train", "--preset", "fast", "--data", DATA, "--no-eval"])
+                .args(["--out", out.to_str().unwrap()])
+                .args(["--max-steps", &steps.to_string()]);
+            for set in TINY {
+                cmd.args(["--set", set]);
+            }
+            if resume {
+                cmd.arg("--resume");
+            }
+            let out = cmd
+                .env("MEDSSL_CPU_CONV", algo)
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{algo} on {threads} threads: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        if resume {
-            cmd.arg("--resume");
+        assert_same_last(&a, &b, &format!("{algo} runs on thread counts 2 and 1 + 3"));
+        for d in [a, b] {
+            let _ = std::fs::remove_dir_all(d);
         }
-        let out = cmd
-            .env("MEDSSL_CPU_CONV", "winograd")
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{threads} threads: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    assert_same_last(&a, &b, "Winograd runs on thread counts 2 and 1 + 3");
-    for d in [a, b] {
-        let _ = std::fs::remove_dir_all(d);
     }
 }
 

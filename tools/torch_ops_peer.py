@@ -132,7 +132,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--calls", type=int, default=0, help="calls per sample (0: about 1 ms of calls, at most 200)")
-    ap.add_argument("--peak-copy-mib", type=int, default=256)
+    ap.add_argument("--peak-copy-mib", type=int, default=256, help="0: not measured (no %% of copy)")
     ap.add_argument("--op", default="batch_norm,relu,adam_step,ema_update",
                     help="comma-separated: batch_norm, relu, adam_step, ema_update, conv2d")
     ap.add_argument("--profile", action="store_true",
@@ -161,14 +161,17 @@ def main():
     torch.manual_seed(0)
     run = lambda f: timed(f, sync, a.warmup, a.repeats, a.calls)  # noqa: E731
 
-    # The device's copy bandwidth, read + write bytes.
-    n = a.peak_copy_mib * 2**20 // 4
-    src = torch.rand(n, device=dev)
-    dst = torch.empty_like(src)
-    med, _, _ = timed(lambda: dst.copy_(src), sync, 2, 10, 4)
-    peak = 2.0 * n * 4 / med / 1e9
-    peak_kind = f"memcpy_dtod_{a.peak_copy_mib}MiB" if cuda else f"copy_{a.peak_copy_mib}MiB"
-    del src, dst
+    # The device's copy bandwidth, read + write bytes (not measured with --peak-copy-mib 0, as in
+    # medssl-bench: the memory-bound rows then have no % of copy).
+    peak, peak_kind = None, None
+    if a.peak_copy_mib > 0:
+        n = a.peak_copy_mib * 2**20 // 4
+        src = torch.rand(n, device=dev)
+        dst = torch.empty_like(src)
+        med, _, _ = timed(lambda: dst.copy_(src), sync, 2, 10, 4)
+        peak = 2.0 * n * 4 / med / 1e9
+        peak_kind = f"memcpy_dtod_{a.peak_copy_mib}MiB" if cuda else f"copy_{a.peak_copy_mib}MiB"
+        del src, dst
 
     base = {
         "bench": "ops",
@@ -194,8 +197,10 @@ def main():
         r = dict(base, op=op, dir=d, shape=shape, impl=impl, median_ms=med * 1e3, min_ms=mn * 1e3,
                  calls_per_sample=calls)
         if gflop is None:
-            r.update(mbytes=mbytes / 1e6, gbps=mbytes / med / 1e9, pct_of_peak=100.0 * mbytes / med / 1e9 / peak)
-            rate = f"{r['gbps']:8.1f} GB/s {r['pct_of_peak']:5.1f} % of copy"
+            gbps = mbytes / med / 1e9
+            pct = None if peak is None else 100.0 * gbps / peak
+            r.update(mbytes=mbytes / 1e6, gbps=gbps, pct_of_peak=pct)
+            rate = f"{gbps:8.1f} GB/s " + ("    - " if pct is None else f"{pct:5.1f} % of copy")
         else:
             r.update(gflop=gflop, gflops=gflop / med)
             r.pop("peak_kind")
@@ -313,7 +318,8 @@ def main():
         except Exception as e:  # noqa: BLE001
             failed("ema_update", "upd", pshape, e)
     if not a.json:
-        print(f"copy bandwidth ({peak_kind}): {peak:.1f} GB/s")
+        print(f"copy bandwidth ({peak_kind}): {peak:.1f} GB/s" if peak is not None
+              else "copy bandwidth: not measured (--peak-copy-mib 0)")
     if any("error" in r for r in rows):
         sys.exit(1)
 

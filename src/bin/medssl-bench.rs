@@ -294,7 +294,7 @@ fn choices_fields(dev: Device) -> serde_json::Map<String, serde_json::Value> {
             .map_or(serde_json::Value::Null, |c| c.defaults.clone().into()),
     );
     m.insert("sms".into(), serde_json::json!(c.as_ref().map(|c| c.sms)));
-    let cpu_conv = (dev == Device::Cpu).then(|| medssl::backend::cpu::winograd::algo().name());
+    let cpu_conv = (dev == Device::Cpu).then(|| medssl::backend::cpu::conv::algo().name());
     m.insert("cpu_conv".into(), serde_json::json!(cpu_conv));
     m
 }

@@ -1,6 +1,7 @@
 //! 2-D convolution by im2col + GEMM over chunks of images. Pointwise layers (1×1, stride 1)
-//! skip im2col (one GEMM per image on the tensors in place), and 3×3 stride-1 layers with enough
-//! channels go to [`super::winograd`] (see [`super::winograd::applies`] and `MEDSSL_CPU_CONV`).
+//! skip im2col (one GEMM per image on the tensors in place), and 3×3 stride-1 padding-1 layers
+//! go to [`super::winograd`] when they have enough channels or to the direct kernel
+//! (`cpu/direct.rs`) when they have few on wide maps (see [`Algo`], chosen by `MEDSSL_CPU_CONV`).
 //!
 //! The batch is cut into contiguous chunks of `nb` images whose `col` matrices sit side by side
 //! in one `[Cin·k·k, nb·Ho·Wo]` matrix: row `(c·k + ki)·k + kj`, column `j·Ho·Wo + oh·Wo + ow`
@@ -16,13 +17,98 @@
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use super::elementwise::{par_fill, sum8, CHUNK};
 use super::gemm::{sgemm, sgemm_uninit};
 use super::scratch;
-use super::winograd;
+use super::{direct, winograd};
+
+/// The CPU convolution algorithm chosen by `MEDSSL_CPU_CONV` for the 3×3 stride-1 padding-1
+/// layers (pointwise layers always take their own GEMM path, the other layers im2col + GEMM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// Unset or `auto`: Winograd for the layers with many channels (`winograd::auto`: at least
+    /// 64 input and output channels and 2²⁸ multiply-adds), the direct kernel for those with few
+    /// on wide maps (`direct::auto`: 8 to 32 channels, at least 14 columns, a CPU with
+    /// AVX-512), im2col + GEMM for the others.
+    Auto,
+    /// `im2col`: im2col + GEMM for every layer.
+    Im2col,
+    /// `winograd`: Winograd for every 3×3 stride-1 padding-1 layer, whatever its channels.
+    Winograd,
+    /// `direct`: the direct kernel for every 3×3 stride-1 padding-1 layer.
+    Direct,
+}
+
+impl Algo {
+    /// The value of `MEDSSL_CPU_CONV` that selects it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Auto => "auto",
+            Algo::Im2col => "im2col",
+            Algo::Winograd => "winograd",
+            Algo::Direct => "direct",
+        }
+    }
+}
+
+/// Parses a `MEDSSL_CPU_CONV` value (`None`: unset).
+pub fn parse_algo(v: Option<&str>) -> Result<Algo, String> {
+    match v {
+        None | Some("") | Some("auto") => Ok(Algo::Auto),
+        Some("im2col") => Ok(Algo::Im2col),
+        Some("winograd") => Ok(Algo::Winograd),
+        Some("direct") => Ok(Algo::Direct),
+        Some(other) => Err(format!(
+            "MEDSSL_CPU_CONV='{other}' is not a CPU convolution algorithm (auto, im2col, \
+             winograd or direct)"
+        )),
+    }
+}
+
+/// `MEDSSL_CPU_CONV`, read once (the binaries report an invalid value with
+/// [`super::check_env`] before any work; here it falls back to `auto`).
+pub fn algo() -> Algo {
+    static ALGO: OnceLock<Algo> = OnceLock::new();
+    *ALGO.get_or_init(|| {
+        let v = std::env::var("MEDSSL_CPU_CONV").ok();
+        parse_algo(v.as_deref()).unwrap_or(Algo::Auto)
+    })
+}
+
+/// How a convolution is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Pointwise,
+    Winograd,
+    Direct,
+    Im2col,
+}
+
+/// The path [`conv2d_fwd`] and [`conv2d_bwd`] take for a shape, under [`algo`].
+fn path(s: &ConvShape) -> Path {
+    choose(s, algo(), super::simd::has_avx512())
+}
+
+/// The path for a shape under `algo` on a CPU with or without AVX-512.
+fn choose(s: &ConvShape, algo: Algo, avx512: bool) -> Path {
+    if pointwise(s) {
+        return Path::Pointwise;
+    }
+    if !(s.k == 3 && s.stride == 1 && s.pad == 1) {
+        return Path::Im2col;
+    }
+    match algo {
+        Algo::Auto if winograd::auto(s) => Path::Winograd,
+        Algo::Auto if avx512 && direct::auto(s) => Path::Direct,
+        Algo::Auto | Algo::Im2col => Path::Im2col,
+        Algo::Winograd => Path::Winograd,
+        Algo::Direct => Path::Direct,
+    }
+}
 
 /// Static description of one convolution (validated by [`crate::backend::shapes::conv`]).
 pub use crate::backend::shapes::ConvGeom as ConvShape;
@@ -376,20 +462,20 @@ fn pointwise(s: &ConvShape) -> bool {
     s.k == 1 && s.stride == 1 && s.pad == 0
 }
 
-/// The forward convolution `y [N, Cout, Ho, Wo]` (+ bias): pointwise layers as one GEMM per
-/// image, 3×3 stride-1 layers by Winograd where [`winograd::applies`], the others by im2col.
+/// The forward convolution `y [N, Cout, Ho, Wo]` (+ bias) on the shape's path: pointwise
+/// layers as one GEMM per image, 3×3 stride-1 layers by Winograd or the direct kernel, the others
+/// by im2col.
 pub fn conv2d_fwd(s: &ConvShape, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
     let ys = s.cout * s.ho() * s.wo();
     if s.n * ys == 0 {
         return vec![0.0f32; s.n * ys];
     }
-    if pointwise(s) {
-        return pointwise_fwd(s, x, w, b);
+    match path(s) {
+        Path::Pointwise => pointwise_fwd(s, x, w, b),
+        Path::Winograd => winograd::forward(s, x, w, b),
+        Path::Direct => direct::forward(s, x, w, b),
+        Path::Im2col => im2col_fwd(s, x, w, b),
     }
-    if winograd::applies(s) {
-        return winograd::forward(s, x, w, b);
-    }
-    im2col_fwd(s, x, w, b)
 }
 
 /// The forward convolution by im2col + GEMM over chunks of images (a shape with outputs).
@@ -661,13 +747,12 @@ pub fn conv2d_bwd(
             gb,
         );
     }
-    if pointwise(s) {
-        return pointwise_bwd(s, x, w, gy, need_x, has_bias);
+    match path(s) {
+        Path::Pointwise => pointwise_bwd(s, x, w, gy, need_x, has_bias),
+        Path::Winograd => winograd::backward(s, x, w, gy, need_x, has_bias),
+        Path::Direct => direct::backward(s, x, w, gy, need_x, has_bias),
+        Path::Im2col => im2col_bwd(s, x, w, gy, need_x, has_bias),
     }
-    if winograd::applies(s) {
-        return winograd::backward(s, x, w, gy, need_x, has_bias);
-    }
-    im2col_bwd(s, x, w, gy, need_x, has_bias)
 }
 
 /// The backward convolution by im2col + GEMM over chunks of images (a shape with outputs and
@@ -966,6 +1051,142 @@ pub(super) mod tests {
             .build()
             .unwrap();
         pool.install(|| f().map(|v| bits(&v)))
+    }
+
+    #[test]
+    fn the_algorithm_is_named_by_the_environment_value() {
+        assert_eq!(parse_algo(None), Ok(Algo::Auto));
+        assert_eq!(parse_algo(Some("")), Ok(Algo::Auto));
+        for a in [Algo::Auto, Algo::Im2col, Algo::Winograd, Algo::Direct] {
+            assert_eq!(parse_algo(Some(a.name())), Ok(a));
+        }
+        let err = parse_algo(Some("Winograd ")).unwrap_err();
+        assert!(err.contains("MEDSSL_CPU_CONV='Winograd '"), "{err}");
+        assert!(err.contains("winograd or direct"), "{err}");
+    }
+
+    /// The paths `auto` takes for the model's layers at batch 48: Winograd for width 64's 3×3
+    /// stride-1 layers, the direct kernel for width 16's at 28 and 14 px where the CPU has
+    /// AVX-512 (im2col without), im2col for the stem, the 7- and 4-px layers of width 16 and every
+    /// strided layer; and the forced paths.
+    #[test]
+    fn auto_picks_the_documented_paths() {
+        for avx512 in [true, false] {
+            let direct = if avx512 { Path::Direct } else { Path::Im2col };
+            for (dims, want) in [
+                ((48, 64, 28, 64, 3, 1, 1), Path::Winograd),
+                ((48, 512, 4, 512, 3, 1, 1), Path::Winograd),
+                ((48, 16, 28, 16, 3, 1, 1), direct),
+                ((48, 32, 14, 32, 3, 1, 1), direct),
+                ((48, 3, 28, 16, 3, 1, 1), Path::Im2col),
+                ((48, 64, 7, 64, 3, 1, 1), Path::Im2col),
+                ((48, 128, 4, 128, 3, 1, 1), Path::Im2col),
+                ((48, 16, 28, 32, 3, 2, 1), Path::Im2col),
+                ((48, 16, 28, 128, 1, 1, 0), Path::Pointwise),
+            ] {
+                let s = shape(dims);
+                assert_eq!(choose(&s, Algo::Auto, avx512), want, "{dims:?}");
+                assert_eq!(
+                    choose(&s, Algo::Im2col, avx512) == Path::Im2col,
+                    want != Path::Pointwise
+                );
+                if s.k == 3 && s.stride == 1 {
+                    assert_eq!(choose(&s, Algo::Winograd, avx512), Path::Winograd);
+                    assert_eq!(choose(&s, Algo::Direct, avx512), Path::Direct);
+                }
+            }
+        }
+    }
+
+    /// A 3×3 stride-1 padding-1 layer.
+    pub(in crate::backend::cpu) fn geom3(
+        n: usize,
+        cin: usize,
+        (h, w): (usize, usize),
+        cout: usize,
+    ) -> ConvShape {
+        ConvShape {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        }
+    }
+
+    /// A path's forward convolution `(s, x, w, b) → y`.
+    type Forward = fn(&ConvShape, &[f32], &[f32], Option<&[f32]>) -> Vec<f32>;
+    /// A path's backward convolution `(s, x, w, gy, need_x, has_bias) → (gx, gw, gb)`.
+    type Backward = fn(&ConvShape, &[f32], &[f32], &[f32], bool, bool) -> Grads;
+
+    /// The entry points of one path for 3×3 stride-1 padding-1 layers, called whatever
+    /// [`Algo`] says, with the checks the paths share.
+    pub(in crate::backend::cpu) struct Path3 {
+        pub forward: Forward,
+        pub backward: Backward,
+    }
+
+    impl Path3 {
+        /// `[y, gx, gw, gb]`: the forward with a bias and the backward with every gradient.
+        fn forward_backward(&self, s: &ConvShape, [x, w, b, gy]: [&[f32]; 4]) -> [Vec<f32>; 4] {
+            let y = (self.forward)(s, x, w, Some(b));
+            let (gx, gw, gb) = (self.backward)(s, x, w, gy, true, true);
+            [y, gx.unwrap(), gw, gb.unwrap()]
+        }
+
+        /// Forward, input, weight and bias gradients against the direct convolution in f64
+        /// ([`assert_matches_reference`]); without a bias and without the input gradient the
+        /// same weight gradient bits and forward values within `y_tol` relative (the bias added
+        /// after the sums, or with them).
+        pub(in crate::backend::cpu) fn check(&self, s: &ConvShape, y_tol: f32) {
+            let [x, w, b, gy] = inputs(s, 7);
+            let got = self.forward_backward(s, [&x, &w, &b, &gy]);
+            assert_matches_reference(s, &got, [&x, &w, &b, &gy]);
+            let y = (self.forward)(s, &x, &w, None);
+            let (gx, gw, gb) = (self.backward)(s, &x, &w, &gy, false, false);
+            assert!(gx.is_none() && gb.is_none());
+            assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without gx");
+            let hw = s.h * s.w;
+            for (i, (a, e)) in y.iter().zip(&got[0]).enumerate() {
+                let bias = b[(i / hw) % s.cout];
+                assert!(
+                    (a + bias - e).abs() <= y_tol * (1.0 + e.abs()),
+                    "y[{i}] of {s:?}"
+                );
+            }
+        }
+
+        /// The same bits on 1, 2, 3 and 8 threads.
+        pub(in crate::backend::cpu) fn check_threads(&self, s: &ConvShape) {
+            let [x, w, b, gy] = inputs(s, 3);
+            let run = |threads| bits_on(threads, || self.forward_backward(s, [&x, &w, &b, &gy]));
+            let one = run(1);
+            for threads in [2, 3, 8] {
+                assert!(run(threads) == one, "{s:?} on {threads} threads");
+            }
+        }
+
+        /// The same bits from the vector builds and the baseline (on a CPU without wider
+        /// vectors both runs take the baseline and this checks nothing more).
+        pub(in crate::backend::cpu) fn check_baseline_bits(&self, s: &ConvShape) {
+            use super::super::simd::BASELINE_ONLY;
+            let [x, w, b, gy] = inputs(s, 5);
+            let run = |baseline: bool| {
+                BASELINE_ONLY.store(baseline, std::sync::atomic::Ordering::Relaxed);
+                self.forward_backward(s, [&x, &w, &b, &gy])
+                    .map(|v| bits(&v))
+            };
+            let wide = run(false);
+            let base = run(true);
+            BASELINE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
+            assert!(
+                wide == base,
+                "{s:?}: the vector builds and the baseline differ"
+            );
+        }
     }
 
     /// Forward and backward on 1, 2, 3 and 8 threads give the same bits: many chunks in many

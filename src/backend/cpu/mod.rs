@@ -3,6 +3,7 @@
 //! parallel work is cut by the data's shape alone.
 
 pub mod conv;
+mod direct;
 pub mod elementwise;
 pub mod fusion;
 pub mod gemm;
@@ -11,6 +12,7 @@ pub mod optim;
 pub mod pool;
 pub mod reduce;
 pub mod scratch;
+mod simd;
 pub mod softmax_xent;
 pub mod ssl_losses;
 pub mod winograd;
@@ -38,7 +40,7 @@ impl CpuBackend {
 /// script is an error naming the variable rather than a quiet default. `RAYON_NUM_THREADS`:
 /// rayon quietly falls back to one thread per core on a value it cannot parse (`two`, `2 `);
 /// unset, empty and `0` mean one thread per core, as in rayon. `MEDSSL_CPU_CONV`: `auto`,
-/// `im2col` or `winograd` (see [`winograd::Algo`]).
+/// `im2col`, `winograd` or `direct` (see [`conv::Algo`]).
 pub fn check_env() -> Result<()> {
     match std::env::var("RAYON_NUM_THREADS") {
         Err(std::env::VarError::NotPresent) => {}
@@ -53,7 +55,7 @@ pub fn check_env() -> Result<()> {
     }
     match std::env::var("MEDSSL_CPU_CONV") {
         Err(std::env::VarError::NotPresent) => Ok(()),
-        Ok(v) => match winograd::parse_algo(Some(&v)) {
+        Ok(v) => match conv::parse_algo(Some(&v)) {
             Ok(_) => Ok(()),
             Err(e) => crate::bail!("{e}"),
         },

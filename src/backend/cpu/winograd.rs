@@ -36,7 +36,6 @@
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -44,6 +43,7 @@ use super::conv::{bias_grad, copy_row, inner_parallel, split, ConvShape, Grads, 
 use super::elementwise::par_fill;
 use super::gemm::sgemm;
 use super::scratch;
+use super::simd::widest_simd;
 
 /// Transform points per tile (4 × 4).
 const P: usize = 16;
@@ -61,7 +61,7 @@ const CHUNK_FLOATS: usize = 1 << 19;
 const MIN_TILES: usize = 384;
 
 /// Fewest input and output channels, and fewest multiply-adds of the direct convolution
-/// (`N·H·W·Cin·Cout·9`), for which [`applies`] picks this path when `MEDSSL_CPU_CONV` is unset.
+/// (`N·H·W·Cin·Cout·9`), for which [`auto`] picks this path (`MEDSSL_CPU_CONV` unset or `auto`).
 /// The GEMMs' inner dimension is a channel count and their other dimensions are the channels and
 /// the batch's tiles; on smaller layers they run too far below the GEMM's peak, and the
 /// transforms cost too much, for the 2.25× fewer products to pay. Measured on the development
@@ -73,63 +73,10 @@ const MIN_CHANNELS: usize = 64;
 /// See [`MIN_CHANNELS`].
 const MIN_MACS: usize = 1 << 28;
 
-/// The CPU convolution algorithm chosen by `MEDSSL_CPU_CONV`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Algo {
-    /// Unset or `auto`: Winograd for 3×3 stride-1 padding-1 layers with at least 64 input and
-    /// output channels and 2²⁸ multiply-adds (`MIN_CHANNELS`, `MIN_MACS`), im2col + GEMM for the
-    /// others.
-    Auto,
-    /// `im2col`: im2col + GEMM for every layer.
-    Im2col,
-    /// `winograd`: Winograd for every 3×3 stride-1 padding-1 layer, whatever its channels.
-    Winograd,
-}
-
-impl Algo {
-    /// The value of `MEDSSL_CPU_CONV` that selects it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Algo::Auto => "auto",
-            Algo::Im2col => "im2col",
-            Algo::Winograd => "winograd",
-        }
-    }
-}
-
-/// Parses a `MEDSSL_CPU_CONV` value (`None`: unset).
-pub fn parse_algo(v: Option<&str>) -> Result<Algo, String> {
-    match v {
-        None | Some("") | Some("auto") => Ok(Algo::Auto),
-        Some("im2col") => Ok(Algo::Im2col),
-        Some("winograd") => Ok(Algo::Winograd),
-        Some(other) => Err(format!(
-            "MEDSSL_CPU_CONV='{other}' is not a CPU convolution algorithm (auto, im2col or \
-             winograd)"
-        )),
-    }
-}
-
-/// `MEDSSL_CPU_CONV`, read once (the binaries report an invalid value with
-/// [`super::check_env`] before any work; here it falls back to `auto`).
-pub fn algo() -> Algo {
-    static ALGO: OnceLock<Algo> = OnceLock::new();
-    *ALGO.get_or_init(|| {
-        let v = std::env::var("MEDSSL_CPU_CONV").ok();
-        parse_algo(v.as_deref()).unwrap_or(Algo::Auto)
-    })
-}
-
-/// Whether the convolution runs here rather than by im2col + GEMM.
-pub fn applies(s: &ConvShape) -> bool {
-    let fits = s.k == 3 && s.stride == 1 && s.pad == 1;
-    fits && match algo() {
-        Algo::Auto => {
-            s.cin.min(s.cout) >= MIN_CHANNELS && s.n * s.h * s.w * s.cin * s.cout * 9 >= MIN_MACS
-        }
-        Algo::Im2col => false,
-        Algo::Winograd => true,
-    }
+/// Whether `MEDSSL_CPU_CONV=auto` takes this path for a 3×3 stride-1 padding-1 layer:
+/// [`MIN_CHANNELS`] input and output channels and [`MIN_MACS`] multiply-adds.
+pub(super) fn auto(s: &ConvShape) -> bool {
+    s.cin.min(s.cout) >= MIN_CHANNELS && s.n * s.h * s.w * s.cin * s.cout * 9 >= MIN_MACS
 }
 
 /// Tile rows and columns of one image: `(⌈H/2⌉, ⌈W/2⌉)`.
@@ -218,58 +165,8 @@ fn sandwich<const I: usize, const O: usize, const II: usize, const OO: usize>(
     }
 }
 
-/// Defines a function that runs its body compiled for the widest vector instructions the CPU
-/// offers (AVX-512, else AVX2, else the baseline the crate is built for), chosen at run time: the
-/// crate is built for any x86-64, whose baseline vectors hold 4 floats, and the transforms work
-/// on 16 lanes at a time. Only the instruction set changes, never the arithmetic (additions,
-/// subtractions and halvings, no fused multiply-adds), so every CPU gives the same bits.
-#[cfg(test)]
-static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether [`widest_simd`] functions keep to the baseline instructions: never outside the tests,
-/// which compare the two.
-#[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn baseline_only() -> bool {
-    #[cfg(test)]
-    return BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(test))]
-    false
-}
-
-macro_rules! widest_simd {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx512($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                #[target_feature(enable = "avx2")]
-                #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
-                }
-                if !baseline_only() && std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if !baseline_only() && std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU has AVX2.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            body($($arg),*)
-        }
-    };
-}
+// The transforms run on the widest vectors the CPU has (`widest_simd`): additions, subtractions
+// and exact halvings only (no multiply-adds to fuse), so every build gives the same bits.
 
 widest_simd! {
     /// Output channel `co`'s kernels of `w [Cout, Cin, 3, 3]` transformed, `G·g·Gᵀ`, into its 16
@@ -824,28 +721,10 @@ pub fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::super::conv::tests::{assert_matches_reference, bits, bits_on, data, inputs};
+    use super::super::conv::tests::{data, geom3 as geom, Path3};
     use super::*;
 
-    fn geom(n: usize, cin: usize, (h, w): (usize, usize), cout: usize) -> ConvShape {
-        ConvShape {
-            n,
-            cin,
-            h,
-            w,
-            cout,
-            k: 3,
-            stride: 1,
-            pad: 1,
-        }
-    }
-
-    /// `[y, gx, gw, gb]` of this path, whatever [`applies`] says.
-    fn forward_backward(s: &ConvShape, [x, w, b, gy]: [&[f32]; 4]) -> [Vec<f32>; 4] {
-        let y = forward(s, x, w, Some(b));
-        let (gx, gw, gb) = backward(s, x, w, gy, true, true);
-        [y, gx.unwrap(), gw, gb.unwrap()]
-    }
+    const PATH: Path3 = Path3 { forward, backward };
 
     /// Forward, input, weight and bias gradients against the direct convolution in f64: maps
     /// of odd and even size, square or not, down to 1 × 1 (a single tile, three quarters
@@ -868,22 +747,7 @@ mod tests {
                 let c = chunks(&s);
                 assert!(c.len() > 1 && c[0].len() > c[c.len() - 1].len(), "{c:?}");
             }
-            let [x, w, b, gy] = inputs(&s, 7);
-            let got = forward_backward(&s, [&x, &w, &b, &gy]);
-            assert_matches_reference(&s, &got, [&x, &w, &b, &gy]);
-            // Without a bias and without the input gradient: the same values otherwise.
-            let y = forward(&s, &x, &w, None);
-            let (gx, gw, gb) = backward(&s, &x, &w, &gy, false, false);
-            assert!(gx.is_none() && gb.is_none());
-            assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without gx");
-            let hw = s.h * s.w;
-            for (i, (a, e)) in y.iter().zip(&got[0]).enumerate() {
-                let bias = b[(i / hw) % s.cout];
-                assert!(
-                    (a + bias - e).abs() <= 1e-6 * (1.0 + e.abs()),
-                    "y[{i}] of {s:?}"
-                );
-            }
+            PATH.check(&s, 1e-6);
         }
     }
 
@@ -891,29 +755,14 @@ mod tests {
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         for s in [geom(5, 7, (9, 6), 6), geom(40, 48, (14, 14), 40)] {
-            let [x, w, b, gy] = inputs(&s, 3);
-            let run = |threads| bits_on(threads, || forward_backward(&s, [&x, &w, &b, &gy]));
-            let one = run(1);
-            for threads in [2, 3, 8] {
-                assert!(run(threads) == one, "{s:?} on {threads} threads");
-            }
+            PATH.check_threads(&s);
         }
     }
 
-    /// The wide-vector and baseline builds of the transforms give the same bits (on a CPU
-    /// without AVX2 both runs take the baseline and the test checks nothing more).
+    /// The AVX-512, AVX2 and baseline builds of the transforms give the same bits.
     #[test]
     fn vector_width_does_not_change_the_bits() {
-        let s = geom(3, 20, (9, 14), 18);
-        let [x, w, b, gy] = inputs(&s, 5);
-        let run = |baseline: bool| {
-            BASELINE_ONLY.store(baseline, std::sync::atomic::Ordering::Relaxed);
-            forward_backward(&s, [&x, &w, &b, &gy]).map(|v| bits(&v))
-        };
-        let wide = run(false);
-        let base = run(true);
-        BASELINE_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
-        assert!(wide == base, "AVX builds and the baseline differ");
+        PATH.check_baseline_bits(&geom(3, 20, (9, 14), 18));
     }
 
     /// The weight transform and its adjoint: `⟨G·g·Gᵀ, u⟩ = ⟨g, Gᵀ·u·G⟩` for every kernel.
@@ -935,16 +784,5 @@ mod tests {
             "{lhs} against {rhs}"
         );
         scratch::give(u);
-    }
-
-    #[test]
-    fn the_algorithm_is_named_by_the_environment_value() {
-        assert_eq!(parse_algo(None), Ok(Algo::Auto));
-        assert_eq!(parse_algo(Some("")), Ok(Algo::Auto));
-        assert_eq!(parse_algo(Some("auto")), Ok(Algo::Auto));
-        assert_eq!(parse_algo(Some("im2col")), Ok(Algo::Im2col));
-        assert_eq!(parse_algo(Some("winograd")), Ok(Algo::Winograd));
-        let err = parse_algo(Some("Winograd ")).unwrap_err();
-        assert!(err.contains("MEDSSL_CPU_CONV='Winograd '"), "{err}");
     }
 }
