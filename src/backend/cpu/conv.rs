@@ -90,7 +90,7 @@ enum Path {
 
 /// The path [`conv2d_fwd`] and [`conv2d_bwd`] take for a shape, under [`algo`].
 fn path(s: &ConvShape) -> Path {
-    choose(s, algo(), super::simd::has_avx512())
+    choose(s, algo(), super::simd::cpu_has_avx512())
 }
 
 /// The path for a shape under `algo` on a CPU with or without AVX-512.

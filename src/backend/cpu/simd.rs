@@ -24,12 +24,19 @@ pub(super) fn baseline_only() -> bool {
     false
 }
 
-/// Whether the CPU has AVX-512F (and the tests do not keep to the baseline).
-pub(super) fn has_avx512() -> bool {
+/// Whether the CPU has AVX-512F: for choices that must not change while a test compares the
+/// builds (which algorithm a layer takes), unlike [`has_avx512`].
+pub(super) fn cpu_has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return !baseline_only() && std::arch::is_x86_feature_detected!("avx512f");
+    return std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Whether AVX-512 code may run: the CPU has AVX-512F and the tests do not keep to the baseline
+/// (only for choices between builds with the same bits).
+pub(super) fn has_avx512() -> bool {
+    cpu_has_avx512() && !baseline_only()
 }
 
 /// Defines a function that runs its body compiled for the widest vector instructions the CPU
