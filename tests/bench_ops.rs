@@ -285,7 +285,9 @@ fn step_reports_peak_memory() {
     assert_eq!(r["cpu_conv"], "auto", "{r}");
 }
 
-/// A row names the CPU convolution algorithm that `MEDSSL_CPU_CONV` chose.
+/// A row names the CPU convolution algorithm that `MEDSSL_CPU_CONV` chose, and a convolution row
+/// the path it took: every 3×3 stride-1 layer on the forced one, the pointwise layers on their
+/// own GEMM, the other layers on im2col; rows of other ops have none.
 #[test]
 fn rows_name_the_cpu_convolution_algorithm() {
     for algo in ["im2col", "winograd", "direct"] {
@@ -294,7 +296,7 @@ fn rows_name_the_cpu_convolution_algorithm() {
                 "ops",
                 "--json",
                 "--op",
-                "relu",
+                "relu,conv2d",
                 "--width",
                 "4",
                 "--batch",
@@ -308,9 +310,26 @@ fn rows_name_the_cpu_convolution_algorithm() {
             ],
             &[("MEDSSL_CPU_CONV", algo)],
         );
-        assert!(!rows.is_empty());
+        assert!(rows.iter().any(|r| r["op"] == "relu"));
+        let mut paths = std::collections::BTreeSet::new();
         for r in rows {
             assert_eq!(r["cpu_conv"], algo, "{r}");
+            let path = r["cpu_path"].as_str();
+            if r["op"] != "conv2d" {
+                assert_eq!(path, None, "{r}");
+                continue;
+            }
+            let shape = r["shape"].as_str().unwrap();
+            let want = if shape.contains(",3,3] s=1 p=1") {
+                algo
+            } else if shape.contains(",1,1] s=1 p=0") {
+                "pointwise"
+            } else {
+                "im2col"
+            };
+            assert_eq!(path, Some(want), "{r}");
+            paths.insert(want);
         }
+        assert!(paths.contains(algo) && paths.len() >= 2, "{paths:?}");
     }
 }

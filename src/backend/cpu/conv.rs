@@ -93,6 +93,18 @@ fn path(s: &ConvShape) -> Path {
     choose(s, algo(), super::simd::cpu_has_avx512())
 }
 
+/// The name of the path the CPU backend takes for a convolution of shape `s` on this CPU under
+/// `MEDSSL_CPU_CONV`: `pointwise` (1×1 stride-1, one GEMM per image), `winograd`, `direct` or
+/// `im2col` (`medssl-bench ops` reports it per convolution row as `cpu_path`).
+pub fn path_name(s: &ConvShape) -> &'static str {
+    match path(s) {
+        Path::Pointwise => "pointwise",
+        Path::Winograd => "winograd",
+        Path::Direct => "direct",
+        Path::Im2col => "im2col",
+    }
+}
+
 /// The path for a shape under `algo` on a CPU with or without AVX-512.
 fn choose(s: &ConvShape, algo: Algo, avx512: bool) -> Path {
     if pointwise(s) {

@@ -1098,7 +1098,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         if !a.json {
             // Rows appear as they are measured.
             for r in &rows[rows.len() - measured..] {
-                print_row(r, &compute, &memory);
+                print_row(r, &compute, &memory, dev == Device::Cpu);
                 if let Some(p) = &r.t.profile {
                     super::print_profile(p, "call");
                 }
@@ -1138,6 +1138,9 @@ pub fn run(a: &OpsArgs) -> Result<()> {
             if let Some(p) = &r.t.profile {
                 m.insert("profile".into(), p.clone());
             }
+            // The CPU convolution path the row took (null on CUDA and for other ops).
+            let path = cpu_path(&r.case.op).filter(|_| dev == Device::Cpu);
+            m.insert("cpu_path".into(), path.into());
             if r.work.0 {
                 m.insert("gflop".into(), (r.work.1 / 1e9).into());
                 m.insert("gflops".into(), rate.into());
@@ -1195,14 +1198,44 @@ fn print_header(
     );
 }
 
-fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>) {
+/// The CPU backend's path for a convolution case (`None` for other ops).
+fn cpu_path(op: &Op) -> Option<&'static str> {
+    match op {
+        Op::Conv {
+            x,
+            cout,
+            k,
+            stride,
+            pad,
+            ..
+        } => Some(medssl::backend::cpu::conv::path_name(
+            &medssl::backend::shapes::ConvGeom {
+                n: x[0],
+                cin: x[1],
+                h: x[2],
+                w: x[3],
+                cout: *cout,
+                k: *k,
+                stride: *stride,
+                pad: *pad,
+            },
+        )),
+        _ => None,
+    }
+}
+
+fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>, cpu: bool) {
     let rate = r.work.1 / r.t.median / 1e9;
     let peak = if r.work.0 { compute } else { memory };
+    let shape = match cpu_path(&r.case.op).filter(|_| cpu) {
+        Some(p) => format!("{} [{p}]", r.case.op.shape()),
+        None => r.case.op.shape(),
+    };
     println!(
         "{:<21} {:<3} {:<52} {:>4} {:>10.3} {:>10.3} {:>16} {:>7}",
         r.case.name,
         r.dir,
-        r.case.op.shape(),
+        shape,
         r.case.layers.len(),
         r.t.median * 1e3,
         r.t.min * 1e3,
