@@ -63,6 +63,11 @@ const WCB: usize = 8;
 /// `Cout · Cin · 9` floats).
 const MAX_PARTS: usize = 16;
 
+/// Most floats of the parts' weight-gradient buffers together (16 MiB): reached only by layers
+/// far wider than the ones `auto` sends here (512 channels each way: 9.4 MiB per part), when
+/// `MEDSSL_CPU_CONV=direct` forces them.
+const PARTIALS_FLOATS: usize = 1 << 22;
+
 /// Floats of padded input and output-gradient planes a part of the backward pass aims at (as
 /// many images as fit, at least one): each weight-gradient tile adds its lanes once per part,
 /// so parts of a few small images spend a large share of the time there.
@@ -535,11 +540,14 @@ on_widest! {
 }
 
 /// The backward pass's parts of the batch: equal runs of images (the last may be shorter), as
-/// many per part as [`PART_FLOATS`] allows but at most [`MAX_PARTS`] parts, fixed by the shape.
+/// many per part as [`PART_FLOATS`] allows, but at most [`MAX_PARTS`] parts and at most
+/// [`PARTIALS_FLOATS`] floats of weight-gradient buffers in all; fixed by the shape.
 fn parts(s: &ConvShape) -> Vec<std::ops::Range<usize>> {
-    let per_image = (s.cin + s.cout.next_multiple_of(WCB)) * Planes::new(s.h, s.w).len();
+    let cor = s.cout.next_multiple_of(WCB);
+    let per_image = (s.cin + cor) * Planes::new(s.h, s.w).len();
     let per_part = (PART_FLOATS / per_image).max(1);
-    split(s.n, s.n.div_ceil(per_part).min(MAX_PARTS))
+    let most = (PARTIALS_FLOATS / (cor * s.cin * 9).max(1)).clamp(1, MAX_PARTS);
+    split(s.n, s.n.div_ceil(per_part).min(most))
 }
 
 /// The backward convolution `(gx, gw, gb)` of a 3×3 stride-1 padding-1 layer (the input gradient
@@ -698,6 +706,20 @@ mod tests {
         for s in [geom(1, 16, (28, 28), 16), geom(5, 7, (9, 20), 6), three] {
             PATH.check_threads(&s);
         }
+    }
+
+    /// Parts: as many images each as the plane budget allows, at most 16, and the weight-gradient
+    /// buffers bounded whatever the channels.
+    #[test]
+    fn parts_follow_their_budgets() {
+        let count = |s: &ConvShape| parts(s).len();
+        // 16 channels at 28 px: 32 planes of 30 × 32 per image, 17 images per part.
+        assert_eq!(count(&geom(48, 16, (28, 28), 16)), 3);
+        assert_eq!(count(&geom(400, 16, (28, 28), 16)), MAX_PARTS);
+        // 512 channels each way: one part (a buffer of 2.4 M floats); 256: seven (0.6 M each)
+        // where the planes would make ten.
+        assert_eq!(count(&geom(48, 512, (4, 4), 512)), 1);
+        assert_eq!(count(&geom(96, 256, (4, 4), 256)), 7);
     }
 
     /// The AVX-512 build and the baseline (arrays, `f32::mul_add`) give the same bits.
