@@ -13,10 +13,11 @@
 //! ```
 //!
 //! one fused multiply-add per lane and term, the tap's input vector loaded once for the `CB`
-//! channels and each weight broadcast for the `V` vectors (`CB · V` = 16 accumulators: `CB` 16,
-//! 8 or 4 for rows of 1, 2 or 3–4 vectors). Lanes past the row's end compute values that are
-//! never stored. The weights are reordered once per call into `[block][Cin][9][CB]`, zero for
-//! channels past `Cout`, so that a tap's `CB` weights are adjacent.
+//! channels and each weight broadcast for the `V` vectors (`CB · V` accumulators, at most 16 of
+//! the 32 vector registers: `CB` 16, 8 or 4 for rows of 1, 2 or 3–4 vectors). Lanes past the
+//! row's end compute values that are never stored. The weights are reordered once per call into
+//! `[block][Cin][9][CB]`, zero for channels past `Cout`, so that a tap's `CB` weights are
+//! adjacent.
 //!
 //! The input gradient is the same kernel run on the zero-padded output gradient, with the
 //! kernels flipped and the channel roles swapped (`w'[ci, co, kh, kw] = w[co, ci, 2 − kh,
@@ -106,7 +107,8 @@ impl Planes {
             (c0, bw, bw.div_ceil(L))
         })
     }
-    /// Output channels per register tile of the forward kernel: 16 accumulators in all.
+    /// Output channels per register tile of the forward kernel: at most 16 accumulators (12 for
+    /// rows of 3 vectors).
     fn cb(&self) -> usize {
         match self.w.div_ceil(L).min(MAX_V) {
             1 => 16,

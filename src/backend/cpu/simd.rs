@@ -7,16 +7,15 @@
 //! may run. Only the instructions change, never the arithmetic, so every CPU gives the same bits
 //! (each user states which operations it relies on for that).
 
-/// Makes [`widest_simd`] functions keep to the baseline build: only the tests set it, to compare
-/// the builds' bits.
+/// Makes [`widest_simd`] functions and [`has_avx512`] keep to the baseline build: only the tests
+/// set it, to compare the builds' bits.
 #[cfg(test)]
 pub(super) static BASELINE_ONLY: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// Whether [`widest_simd`] functions keep to the baseline instructions: never outside the tests,
-/// which compare the builds.
+/// Whether [`widest_simd`] functions and [`has_avx512`] keep to the baseline instructions: never
+/// outside the tests, which compare the builds.
 #[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn baseline_only() -> bool {
     #[cfg(test)]
     return BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed);
