@@ -333,3 +333,70 @@ fn rows_name_the_cpu_convolution_algorithm() {
         assert!(paths.contains(algo) && paths.len() >= 2, "{paths:?}");
     }
 }
+
+/// `--cpu-conv im2col,direct`: every convolution timed under both in one process, one row each
+/// (the algorithm as `cpu_conv`, its path as `cpu_path`), the other ops once; a misspelt
+/// algorithm refused with its name.
+#[test]
+fn ops_alternate_the_cpu_convolution_algorithms() {
+    let args = [
+        "ops",
+        "--json",
+        "--op",
+        "relu,conv2d",
+        "--width",
+        "4",
+        "--batch",
+        "2",
+        "--peak-gemm",
+        "0",
+        "--peak-copy-mib",
+        "0",
+        "--repeats",
+        "1",
+        "--rounds",
+        "2",
+        "--cpu-conv",
+    ];
+    let rows = bench(&[&args[..], &["im2col,direct"]].concat());
+    let mut seen = std::collections::BTreeMap::new();
+    for r in &rows {
+        let key = (
+            r["op"].as_str().unwrap().to_string(),
+            r["dir"].to_string(),
+            r["shape"].to_string(),
+        );
+        let algo = r["cpu_conv"].as_str().unwrap().to_string();
+        if r["op"] == "relu" {
+            assert_eq!(algo, "auto", "{r}");
+            assert!(r["cpu_path"].is_null(), "{r}");
+        } else {
+            let shape = r["shape"].as_str().unwrap();
+            let want = match (algo.as_str(), shape) {
+                (_, s) if s.contains(",1,1] s=1 p=0") => "pointwise",
+                ("direct", s) if s.contains(",3,3] s=1 p=1") => "direct",
+                _ => "im2col",
+            };
+            assert_eq!(r["cpu_path"], want, "{r}");
+        }
+        seen.entry(key).or_insert_with(Vec::new).push(algo);
+    }
+    for ((op, _, _), algos) in &seen {
+        let want: &[&str] = if op == "conv2d" {
+            &["im2col", "direct"]
+        } else {
+            &["auto"]
+        };
+        assert_eq!(algos, want, "{op}");
+    }
+    assert!(seen.keys().any(|k| k.0 == "conv2d") && seen.keys().any(|k| k.0 == "relu"));
+    let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
+        .args([&args[..], &["im2col,Direct"]].concat())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--cpu-conv") && err.contains("'Direct'"),
+        "{err}"
+    );
+}

@@ -17,6 +17,7 @@
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -69,14 +70,39 @@ pub fn parse_algo(v: Option<&str>) -> Result<Algo, String> {
     }
 }
 
-/// `MEDSSL_CPU_CONV`, read once (the binaries report an invalid value with
-/// [`super::check_env`] before any work; here it falls back to `auto`).
+/// Every algorithm, in the order of [`OVERRIDE`]'s codes.
+const ALGOS: [Algo; 4] = [Algo::Auto, Algo::Im2col, Algo::Winograd, Algo::Direct];
+
+/// The algorithm [`set_algo`] put in place of `MEDSSL_CPU_CONV`: 0 none, else `1 +` its index in
+/// [`ALGOS`].
+static OVERRIDE: AtomicU8 = AtomicU8::new(0);
+
+/// The algorithm in force: the one [`set_algo`] set, else `MEDSSL_CPU_CONV`, read once (the
+/// binaries report an invalid value with [`super::check_env`] before any work; here it falls
+/// back to `auto`).
 pub fn algo() -> Algo {
-    static ALGO: OnceLock<Algo> = OnceLock::new();
-    *ALGO.get_or_init(|| {
-        let v = std::env::var("MEDSSL_CPU_CONV").ok();
-        parse_algo(v.as_deref()).unwrap_or(Algo::Auto)
-    })
+    static ENV: OnceLock<Algo> = OnceLock::new();
+    match OVERRIDE.load(Ordering::Relaxed) {
+        0 => *ENV.get_or_init(|| {
+            let v = std::env::var("MEDSSL_CPU_CONV").ok();
+            parse_algo(v.as_deref()).unwrap_or(Algo::Auto)
+        }),
+        n => ALGOS[usize::from(n) - 1],
+    }
+}
+
+/// Puts `a` in place of `MEDSSL_CPU_CONV` for every later convolution of this process (`None`:
+/// back to the variable). For benchmarks that compare the algorithms side by side in one process
+/// (`medssl-bench ops --cpu-conv`); training never calls it, since the algorithms round
+/// differently.
+pub fn set_algo(a: Option<Algo>) {
+    let code = a.map_or(0, |a| {
+        1 + ALGOS
+            .iter()
+            .position(|x| *x == a)
+            .expect("every algorithm is listed") as u8
+    });
+    OVERRIDE.store(code, Ordering::Relaxed);
 }
 
 /// How a convolution is computed.

@@ -6,6 +6,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use medssl::backend::cpu::conv::{parse_algo, set_algo, Algo};
 use medssl::backend::{label_tensor, AdamParams, Backend, ConvParams, OptSlot, PoolParams};
 use medssl::nn::{Kind as ParamKind, MedFuseNet, ModelConfig};
 use medssl::tensor::{Device, Tensor};
@@ -70,6 +71,17 @@ pub struct OpsArgs {
     /// Items listed per op by `--profile`, most device time first (the rest are summed).
     #[arg(long, default_value_t = 8)]
     pub profile_top: usize,
+    /// CPU only: time each convolution under each of these comma-separated `MEDSSL_CPU_CONV`
+    /// algorithms (`auto`, `im2col`, `winograd`, `direct`; e.g. `im2col,auto`), alternating
+    /// within this process: per convolution, `--rounds` rounds each timing every algorithm in
+    /// turn, so that drifting machine load hits them alike. One row per algorithm (`cpu_conv`,
+    /// and the path it took as `cpu_path`): the median of the rounds' medians and the fastest
+    /// sample of all.
+    #[arg(long)]
+    pub cpu_conv: Option<String>,
+    /// Rounds of the alternation with `--cpu-conv`.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// One op at one shape, as the model calls it.
@@ -991,6 +1003,40 @@ struct Row<'c> {
     t: Timing,
     /// `(is_flops, amount)`.
     work: (bool, f64),
+    /// The CPU convolution algorithm `--cpu-conv` set for the row (`None`: `MEDSSL_CPU_CONV`).
+    algo: Option<Algo>,
+    /// The CPU convolution path the row took (`None` on CUDA and for other ops).
+    path: Option<&'static str>,
+}
+
+/// One timing of several rounds: the median of their medians, the fastest of their samples.
+fn combine(rounds: Vec<Timing>) -> Timing {
+    let mut medians: Vec<f64> = rounds.iter().map(|t| t.median).collect();
+    medians.sort_by(f64::total_cmp);
+    Timing {
+        median: medians[medians.len() / 2],
+        min: rounds.iter().map(|t| t.min).fold(f64::INFINITY, f64::min),
+        calls: rounds.iter().map(|t| t.calls).max().unwrap_or(1),
+        profile: None,
+    }
+}
+
+/// The algorithms of `--cpu-conv` (empty without it).
+fn cpu_conv_list(a: &OpsArgs, dev: Device) -> Result<Vec<Algo>> {
+    let Some(list) = a.cpu_conv.as_deref() else {
+        return Ok(Vec::new());
+    };
+    if dev != Device::Cpu {
+        bail!("--cpu-conv {list}: CPU convolution algorithms need --device cpu");
+    }
+    let algos = list
+        .split(',')
+        .map(|v| parse_algo(Some(v.trim())).map_err(|e| anyhow::anyhow!("--cpu-conv: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if algos.is_empty() || a.rounds == 0 {
+        bail!("--cpu-conv needs at least one algorithm and --rounds at least 1");
+    }
+    Ok(algos)
 }
 
 /// The MedFuseNet (fusion on) that `step` and `ops` measure.
@@ -1071,34 +1117,76 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         dev,
         top: a.profile_top,
     });
+    let algos = cpu_conv_list(a, dev)?;
+    let cpu = dev == Device::Cpu;
     let mut rows = Vec::new();
     for c in &cases {
-        let (f, b) = run_case(c, &mut g, a.warmup, a.repeats, a.calls, prof)
-            .with_context(|| format!("{} {}", c.name, c.op.shape()))?;
-        let measured = 1 + usize::from(b.is_some());
+        let run = |g: &mut Gen| {
+            run_case(c, g, a.warmup, a.repeats, a.calls, prof)
+                .with_context(|| format!("{} {}", c.name, c.op.shape()))
+        };
+        // (algorithm, forward, backward) per row pair.
+        let timed: Vec<(Option<Algo>, Timing, Option<Timing>)> =
+            if algos.is_empty() || cpu_path(&c.op).is_none() {
+                let (f, b) = run(&mut g)?;
+                vec![(None, f, b)]
+            } else {
+                let mut got: Vec<Vec<(Timing, Option<Timing>)>> =
+                    algos.iter().map(|_| Vec::new()).collect();
+                for _ in 0..a.rounds {
+                    for (al, got) in algos.iter().zip(&mut got) {
+                        set_algo(Some(*al));
+                        let r = run(&mut g);
+                        set_algo(None);
+                        got.push(r?);
+                    }
+                }
+                algos
+                    .iter()
+                    .zip(got)
+                    .map(|(al, got)| {
+                        let (f, b): (Vec<Timing>, Vec<Option<Timing>>) = got.into_iter().unzip();
+                        let b = b.into_iter().collect::<Option<Vec<Timing>>>().map(combine);
+                        (Some(*al), combine(f), b)
+                    })
+                    .collect()
+            };
+        let measured = timed
+            .iter()
+            .map(|t| 1 + usize::from(t.2.is_some()))
+            .sum::<usize>();
         let work = |flops: Option<f64>, bytes: Option<f64>| match (flops, bytes) {
             (Some(f), _) => (true, f),
             (None, Some(b)) => (false, b),
             (None, None) => (false, 0.0),
         };
-        rows.push(Row {
-            case: c,
-            dir: c.op.fwd_dir(),
-            t: f,
-            work: work(c.op.fwd_flops(), c.op.fwd_bytes()),
-        });
-        if let Some(b) = b {
+        for (algo, f, b) in timed {
+            set_algo(algo);
+            let path = cpu_path(&c.op).filter(|_| cpu);
+            set_algo(None);
             rows.push(Row {
                 case: c,
-                dir: "bwd",
-                t: b,
-                work: work(c.op.bwd_flops(), c.op.bwd_bytes()),
+                dir: c.op.fwd_dir(),
+                t: f,
+                work: work(c.op.fwd_flops(), c.op.fwd_bytes()),
+                algo,
+                path,
             });
+            if let Some(b) = b {
+                rows.push(Row {
+                    case: c,
+                    dir: "bwd",
+                    t: b,
+                    work: work(c.op.bwd_flops(), c.op.bwd_bytes()),
+                    algo,
+                    path,
+                });
+            }
         }
         if !a.json {
             // Rows appear as they are measured.
             for r in &rows[rows.len() - measured..] {
-                print_row(r, &compute, &memory, dev == Device::Cpu);
+                print_row(r, &compute, &memory);
                 if let Some(p) = &r.t.profile {
                     super::print_profile(p, "call");
                 }
@@ -1138,9 +1226,12 @@ pub fn run(a: &OpsArgs) -> Result<()> {
             if let Some(p) = &r.t.profile {
                 m.insert("profile".into(), p.clone());
             }
-            // The CPU convolution path the row took (null on CUDA and for other ops).
-            let path = cpu_path(&r.case.op).filter(|_| dev == Device::Cpu);
-            m.insert("cpu_path".into(), path.into());
+            // The CPU convolution path the row took (null on CUDA and for other ops), and the
+            // algorithm `--cpu-conv` set for it.
+            m.insert("cpu_path".into(), r.path.into());
+            if let Some(al) = r.algo {
+                m.insert("cpu_conv".into(), al.name().into());
+            }
             if r.work.0 {
                 m.insert("gflop".into(), (r.work.1 / 1e9).into());
                 m.insert("gflops".into(), rate.into());
@@ -1151,21 +1242,31 @@ pub fn run(a: &OpsArgs) -> Result<()> {
             println!("{o}");
         }
     } else {
-        // Per batch: each case's median times the number of layers that call it.
-        let sum = |dir: &str| -> f64 {
+        // Per batch: each case's median times the number of layers that call it (with
+        // --cpu-conv, per algorithm: its convolution rows and every other row).
+        let sum = |dir: &str, algo: Option<Algo>| -> f64 {
             rows.iter()
-                .filter(|r| r.dir == dir)
+                .filter(|r| r.dir == dir && (r.algo.is_none() || r.algo == algo))
                 .map(|r| r.t.median * r.case.layers.len() as f64)
-                .sum::<f64>()
+                .fold(0.0, |a, b| a + b)
                 * 1e3
         };
-        println!(
-            "Σ median × uses (one pass over the listed ops at batch {}): fwd {:.2} ms, bwd {:.2} ms, upd {:.2} ms",
-            a.batch,
-            sum("fwd"),
-            sum("bwd"),
-            sum("upd")
-        );
+        let lines: Vec<Option<Algo>> = match algos.is_empty() {
+            true => vec![None],
+            false => algos.iter().copied().map(Some).collect(),
+        };
+        for al in lines {
+            let with = al.map_or(String::new(), |al| {
+                format!(", convolutions on {}", al.name())
+            });
+            println!(
+                "Σ median × uses (one pass over the listed ops at batch {}{with}): fwd {:.2} ms, bwd {:.2} ms, upd {:.2} ms",
+                a.batch,
+                sum("fwd", al),
+                sum("bwd", al),
+                sum("upd", al)
+            );
+        }
     }
     Ok(())
 }
@@ -1224,12 +1325,15 @@ fn cpu_path(op: &Op) -> Option<&'static str> {
     }
 }
 
-fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>, cpu: bool) {
+fn print_row(r: &Row, compute: &Option<Peak>, memory: &Option<Peak>) {
     let rate = r.work.1 / r.t.median / 1e9;
     let peak = if r.work.0 { compute } else { memory };
-    let shape = match cpu_path(&r.case.op).filter(|_| cpu) {
-        Some(p) => format!("{} [{p}]", r.case.op.shape()),
-        None => r.case.op.shape(),
+    let shape = match (r.algo, r.path) {
+        (Some(al), Some(p)) if al.name() != p => {
+            format!("{} [{}: {p}]", r.case.op.shape(), al.name())
+        }
+        (_, Some(p)) => format!("{} [{p}]", r.case.op.shape()),
+        _ => r.case.op.shape(),
     };
     println!(
         "{:<21} {:<3} {:<52} {:>4} {:>10.3} {:>10.3} {:>16} {:>7}",
