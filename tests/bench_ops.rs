@@ -285,31 +285,31 @@ fn step_reports_peak_memory() {
     assert_eq!(r["cpu_conv"], "auto", "{r}");
 }
 
+/// `ops` on the ReLUs and convolutions of a width-4 model at batch 2, one sample each, no peaks.
+const TINY_CONV_OPS: [&str; 14] = [
+    "ops",
+    "--json",
+    "--op",
+    "relu,conv2d",
+    "--width",
+    "4",
+    "--batch",
+    "2",
+    "--peak-gemm",
+    "0",
+    "--peak-copy-mib",
+    "0",
+    "--repeats",
+    "1",
+];
+
 /// A row names the CPU convolution algorithm that `MEDSSL_CPU_CONV` chose, and a convolution row
 /// the path it took: every 3×3 stride-1 layer on the forced one, the pointwise layers on their
 /// own GEMM, the other layers on im2col; rows of other ops have none.
 #[test]
 fn rows_name_the_cpu_convolution_algorithm() {
     for algo in ["im2col", "winograd", "direct"] {
-        let rows = bench_with(
-            &[
-                "ops",
-                "--json",
-                "--op",
-                "relu,conv2d",
-                "--width",
-                "4",
-                "--batch",
-                "2",
-                "--peak-gemm",
-                "0",
-                "--peak-copy-mib",
-                "0",
-                "--repeats",
-                "1",
-            ],
-            &[("MEDSSL_CPU_CONV", algo)],
-        );
+        let rows = bench_with(&TINY_CONV_OPS, &[("MEDSSL_CPU_CONV", algo)]);
         assert!(rows.iter().any(|r| r["op"] == "relu"));
         let mut paths = std::collections::BTreeSet::new();
         for r in rows {
@@ -339,25 +339,7 @@ fn rows_name_the_cpu_convolution_algorithm() {
 /// algorithm refused with its name.
 #[test]
 fn ops_alternate_the_cpu_convolution_algorithms() {
-    let args = [
-        "ops",
-        "--json",
-        "--op",
-        "relu,conv2d",
-        "--width",
-        "4",
-        "--batch",
-        "2",
-        "--peak-gemm",
-        "0",
-        "--peak-copy-mib",
-        "0",
-        "--repeats",
-        "1",
-        "--rounds",
-        "2",
-        "--cpu-conv",
-    ];
+    let args = [&TINY_CONV_OPS[..], &["--rounds", "2", "--cpu-conv"]].concat();
     let rows = bench(&[&args[..], &["im2col,direct"]].concat());
     let mut seen = std::collections::BTreeMap::new();
     for r in &rows {
