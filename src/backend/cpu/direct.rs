@@ -640,14 +640,15 @@ pub fn backward(
 
 /// Fewest columns, fewest channels on either side and most channels on either side for which
 /// [`auto`] takes this path, on CPUs with AVX-512. Measured on the development machine, batch 48,
-/// im2col time / this path's, forward / backward with the input gradient: in-process, fastest of
-/// 15 alternating calls on one thread, 16 channels at 28 × 28 1.07–1.14 / 1.20, 32 at 14 × 14
-/// 1.16–1.22 / 1.08, 16 at 112 × 112 1.3 / 1.4 (two threads); with `medssl-bench ops` in a noisy
-/// phase 0.99–1.21 (`bench/results/2026-11-27-cpu-2core-d/`). Below 14 columns most lanes of the
-/// one vector per row are idle (16 at 7 × 7: backward 0.76), from 48 channels the weight gradient
-/// falls behind im2col's GEMM (48 at 14 × 14: backward 1.00), and with 3 input channels (the
-/// stem) im2col's single GEMM is as fast. Without AVX-512 the kernels run on arrays (a fraction
-/// of im2col's speed), so `auto` keeps im2col there.
+/// one thread, `medssl-bench ops --cpu-conv im2col,auto` or `im2col,direct`
+/// (`bench/results/2026-11-27-cpu-2core-d/`), im2col time / this path's, forward / backward with
+/// the input gradient: 16 channels at 28 × 28 1.10–1.17 / 1.25–1.31, at 14 × 14 1.27–1.28 /
+/// 1.11–1.22; 32 at 28 × 28 1.08–1.09 / 1.10–1.11, at 14 × 14 1.16–1.27 / 1.06–1.07. Below 14
+/// columns most lanes of the one vector per row are idle (32 at 7 × 7 0.69–0.75 / 0.72–0.73); from
+/// 64 channels the weight gradient falls behind im2col's GEMM (64 at 14 × 14 backward 0.95,
+/// forward 1.11–1.15; Winograd takes those layers anyway); with 3 input channels (the stem)
+/// im2col's single GEMM is faster forward (0.74–0.81). Without AVX-512 the kernels run on arrays
+/// (a fraction of im2col's speed), so `auto` keeps im2col there.
 const MIN_W: usize = 14;
 /// See [`MIN_W`].
 const MIN_CHANNELS: usize = 8;
