@@ -372,13 +372,18 @@ fn ops_alternate_the_cpu_convolution_algorithms() {
         assert_eq!(algos, want, "{op}");
     }
     assert!(seen.keys().any(|k| k.0 == "conv2d") && seen.keys().any(|k| k.0 == "relu"));
-    let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
-        .args([&args[..], &["im2col,Direct"]].concat())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("--cpu-conv") && err.contains("'Direct'"),
-        "{err}"
-    );
+    for (list, names) in [
+        ("im2col,Direct", "'Direct'"),
+        ("im2col,,auto", "empty algorithm"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_medssl-bench"))
+            .args([&args[..], &[list]].concat())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--cpu-conv") && err.contains(names),
+            "{list}: {err}"
+        );
+    }
 }
