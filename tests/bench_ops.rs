@@ -254,26 +254,29 @@ fn ops_filter_and_bad_filter() {
     );
 }
 
+/// `step` on a width-4 model, batches of 2 + 2, one warm-up and one timed step, no calibration.
+const TINY_STEP: [&str; 16] = [
+    "step",
+    "--json",
+    "--width",
+    "4",
+    "--batch-l",
+    "2",
+    "--batch-u",
+    "2",
+    "--queue",
+    "16",
+    "--warmup",
+    "1",
+    "--repeats",
+    "1",
+    "--calib",
+    "0",
+];
+
 #[test]
 fn step_reports_peak_memory() {
-    let rows = bench(&[
-        "step",
-        "--json",
-        "--width",
-        "4",
-        "--batch-l",
-        "2",
-        "--batch-u",
-        "2",
-        "--queue",
-        "16",
-        "--warmup",
-        "1",
-        "--repeats",
-        "1",
-        "--calib",
-        "0",
-    ]);
+    let rows = bench(&TINY_STEP);
     assert_eq!(rows.len(), 1);
     let r = &rows[0];
     let mb = num(r, "peak_mem_mb");
@@ -385,5 +388,27 @@ fn ops_alternate_the_cpu_convolution_algorithms() {
             !out.status.success() && err.contains("--cpu-conv") && err.contains(names),
             "{list}: {err}"
         );
+    }
+}
+
+/// `step --cpu-conv im2col,direct --rounds 2`: one result per algorithm, in the order given, each
+/// naming it and its rounds.
+#[test]
+fn step_alternates_the_cpu_convolution_algorithms() {
+    let rows = bench(
+        &[
+            &TINY_STEP[..],
+            &["--cpu-conv", "im2col,direct", "--rounds", "2"],
+        ]
+        .concat(),
+    );
+    let algos: Vec<&str> = rows
+        .iter()
+        .map(|r| r["cpu_conv"].as_str().unwrap())
+        .collect();
+    assert_eq!(algos, ["im2col", "direct"]);
+    for r in &rows {
+        assert_eq!(r["rounds"], 2, "{r}");
+        assert!(num(r, "median_ms") > 0.0, "{r}");
     }
 }

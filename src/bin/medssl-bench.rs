@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use medssl::backend::cpu::conv::{set_algo, Algo};
 use medssl::backend::cpu::gemm::sgemm;
 use medssl::optim::OptimKind;
 use medssl::ssl::{Batch, DsrMode};
@@ -99,6 +100,16 @@ struct StepArgs {
     /// Items listed by `--profile`, most device time first (the rest are summed).
     #[arg(long, default_value_t = 40)]
     profile_top: usize,
+    /// CPU only: time the step with the convolutions under each of these comma-separated
+    /// `MEDSSL_CPU_CONV` algorithms (e.g. `im2col,auto`), alternating within this process:
+    /// `--rounds` rounds, each running every algorithm in turn (one untimed step after each
+    /// switch, then `--repeats` timed ones). One result per algorithm (`cpu_conv`), over all its
+    /// timed steps.
+    #[arg(long)]
+    cpu_conv: Option<String>,
+    /// Rounds of the alternation with `--cpu-conv`.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -516,12 +527,33 @@ fn step(a: &StepArgs) -> Result<()> {
     bk.synchronize()?;
     let peak_kind = reset_peak_mem(bk);
     reset_launch_counts(dev);
-    let mut times = Vec::new();
-    for _ in 0..a.repeats.max(1) {
-        let s = Instant::now();
-        train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
-        bk.synchronize()?;
-        times.push(s.elapsed().as_secs_f64());
+    let mut timed_steps = |n: usize, times: &mut Vec<f64>| -> Result<()> {
+        for _ in 0..n {
+            let s = Instant::now();
+            train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+            bk.synchronize()?;
+            times.push(s.elapsed().as_secs_f64());
+        }
+        Ok(())
+    };
+    // The timed steps: one set, or with --cpu-conv one per algorithm, in alternating rounds.
+    let algos = ops::cpu_conv_list(a.cpu_conv.as_deref(), a.rounds, dev)?;
+    let mut runs: Vec<(Option<Algo>, Vec<f64>)> = match algos.is_empty() {
+        true => vec![(None, Vec::new())],
+        false => algos.iter().map(|al| (Some(*al), Vec::new())).collect(),
+    };
+    for _ in 0..if algos.is_empty() { 1 } else { a.rounds } {
+        for (al, times) in &mut runs {
+            set_algo(*al);
+            let r = match al {
+                // The first step on a switched algorithm sizes its scratch buffers: untimed.
+                Some(_) => timed_steps(1, &mut Vec::new())
+                    .and_then(|()| timed_steps(a.repeats.max(1), times)),
+                None => timed_steps(a.repeats.max(1), times),
+            };
+            set_algo(None);
+            r?;
+        }
     }
     let peak_mem_mb = peak_mem_bytes(bk).map(|b| b as f64 / (1u64 << 20) as f64);
     // How many timed steps ran from the graph (all of them, unless a step diverged).
@@ -563,108 +595,118 @@ fn step(a: &StepArgs) -> Result<()> {
     let launches_total: Option<f64> = launches
         .as_ref()
         .map(|m| m.values().filter_map(|v| v.as_f64()).sum());
-    let (min, max) = (
-        times.iter().cloned().fold(f64::INFINITY, f64::min),
-        times.iter().cloned().fold(0.0, f64::max),
-    );
-    let med = median(&mut times);
-    let fwd = st.student.forward_flops(a.image_size, a.image_size);
-    // Forward + backward (≈ 2× forward) of every student image, forward of every teacher image.
-    let (student_imgs, teacher_imgs) = match method {
-        Method::Supervised => (a.batch_l, 0),
-        _ => (a.batch_l + a.batch_u, a.batch_u),
-    };
-    let step_flops = fwd * (3 * student_imgs + teacher_imgs) as f64;
-    let images = match method {
-        Method::Supervised => a.batch_l,
-        _ => a.batch_l + a.batch_u,
-    };
-    let gflops = step_flops / med / 1e9;
-    // The step's compute limit measured in the same run: the project's SGEMM on CPU, the
-    // backend's matmul (cuBLAS) on CUDA.
-    let calib = match (a.calib, dev) {
-        (0, _) => None,
-        (n, Device::Cpu) => Some(gemm_gflops(n, 3)),
-        (n, _) => Some(ops::device_gemm_gflops(bk, n)?),
-    };
-    let threads = rayon::current_num_threads();
-    let mut rec = serde_json::json!({
-        "bench": "step",
-        "engine": "medssl",
-        "device": bk.name(),
-        "method": a.method,
-        "width": a.width,
-        "image_size": a.image_size,
-        "channels": a.channels,
-        "classes": a.classes,
-        "batch_l": a.batch_l,
-        "batch_u": a.batch_u,
-        "queue": a.queue,
-        "queue_filled": fill_queue,
-        "cuda_graph": graph,
-        "threads": threads,
-        "repeats": a.repeats,
-        "median_ms": med * 1e3,
-        "min_ms": min * 1e3,
-        "max_ms": max * 1e3,
-        "images_per_s": images as f64 / med,
-        "gflop_per_step": step_flops / 1e9,
-        "gflops": gflops,
-        "calib_gemm_n": a.calib,
-        "calib_gemm_gflops": calib,
-        "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
-        "peak_mem_mb": peak_mem_mb,
-        "peak_mem_kind": peak_mem_mb.map(|_| peak_kind),
-        // Device work items per step (kernel launches, cuBLAS/cuDNN calls, copies); null on CPU.
-        "launches_per_step": launches_total,
-        "launches_by_kind": launches,
-        // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
-        "profile": profile,
-    });
-    // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
-    // backend); null on CPU.
-    rec.as_object_mut()
-        .expect("object")
-        .extend(choices_fields(dev));
-    if a.json {
-        println!("{rec}");
-    } else {
-        println!(
-            "step {} w{} {}px {}+{} on {} ({} threads): median {:.1} ms (min {:.1}, max {:.1}), {:.1} images/s, {:.2} GFLOP/step, {:.1} GFLOP/s{}{}",
-            a.method,
-            a.width,
-            a.image_size,
-            a.batch_l,
-            a.batch_u,
-            bk.name(),
-            threads,
-            med * 1e3,
-            min * 1e3,
-            max * 1e3,
-            images as f64 / med,
-            step_flops / 1e9,
-            gflops,
-            calib
-                .map(|c| format!(" = {:.0}% of SGEMM {}³ ({c:.1} GFLOP/s)", 100.0 * gflops / c, a.calib))
-                .unwrap_or_default(),
-            peak_mem_mb
-                .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
-                .unwrap_or_default()
+    // One result per set of timed steps (per algorithm with --cpu-conv).
+    for (algo, mut times) in runs {
+        let (min, max) = (
+            times.iter().cloned().fold(f64::INFINITY, f64::min),
+            times.iter().cloned().fold(0.0, f64::max),
         );
-        if let (Some(total), Some(by)) = (launches_total, &launches) {
-            let mut v: Vec<(&String, f64)> = by
-                .iter()
-                .map(|(k, n)| (k, n.as_f64().unwrap_or(0.0)))
-                .collect();
-            v.sort_by(|x, y| y.1.total_cmp(&x.1));
-            let top: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
-            println!(
-                "  {total} device work items per step; most: {}",
-                top.join(", ")
-            );
+        let med = median(&mut times);
+        let fwd = st.student.forward_flops(a.image_size, a.image_size);
+        // Forward + backward (≈ 2× forward) of every student image, forward of every teacher image.
+        let (student_imgs, teacher_imgs) = match method {
+            Method::Supervised => (a.batch_l, 0),
+            _ => (a.batch_l + a.batch_u, a.batch_u),
+        };
+        let step_flops = fwd * (3 * student_imgs + teacher_imgs) as f64;
+        let images = match method {
+            Method::Supervised => a.batch_l,
+            _ => a.batch_l + a.batch_u,
+        };
+        let gflops = step_flops / med / 1e9;
+        // The step's compute limit measured in the same run: the project's SGEMM on CPU, the
+        // backend's matmul (cuBLAS) on CUDA.
+        let calib = match (a.calib, dev) {
+            (0, _) => None,
+            (n, Device::Cpu) => Some(gemm_gflops(n, 3)),
+            (n, _) => Some(ops::device_gemm_gflops(bk, n)?),
+        };
+        let threads = rayon::current_num_threads();
+        let mut rec = serde_json::json!({
+            "bench": "step",
+            "engine": "medssl",
+            "device": bk.name(),
+            "method": a.method,
+            "width": a.width,
+            "image_size": a.image_size,
+            "channels": a.channels,
+            "classes": a.classes,
+            "batch_l": a.batch_l,
+            "batch_u": a.batch_u,
+            "queue": a.queue,
+            "queue_filled": fill_queue,
+            "cuda_graph": graph,
+            "threads": threads,
+            "repeats": a.repeats,
+            "median_ms": med * 1e3,
+            "min_ms": min * 1e3,
+            "max_ms": max * 1e3,
+            "images_per_s": images as f64 / med,
+            "gflop_per_step": step_flops / 1e9,
+            "gflops": gflops,
+            "calib_gemm_n": a.calib,
+            "calib_gemm_gflops": calib,
+            "pct_of_gemm": calib.map(|c| 100.0 * gflops / c),
+            "peak_mem_mb": peak_mem_mb,
+            "peak_mem_kind": peak_mem_mb.map(|_| peak_kind),
+            // Device work items per step (kernel launches, cuBLAS/cuDNN calls, copies); null on CPU.
+            "launches_per_step": launches_total,
+            "launches_by_kind": launches,
+            // `--profile`: what the device ran in as many extra steps (see `profile_steps`).
+            "profile": profile,
+        });
+        // CUDA numerics and convolution-algorithm choice (the environment switches of the CUDA
+        // backend); null on CPU.
+        let m = rec.as_object_mut().expect("object");
+        m.extend(choices_fields(dev));
+        // --cpu-conv: this result's algorithm, and the rounds its timed steps came from.
+        if let Some(al) = algo {
+            m.insert("cpu_conv".into(), al.name().into());
+            m.insert("rounds".into(), a.rounds.into());
         }
-        if let Some(p) = &profile {
-            print_profile(p, "step");
+        if a.json {
+            println!("{rec}");
+        } else {
+            let conv = algo.map_or(String::new(), |al| {
+                format!(", convolutions {} ({} rounds)", al.name(), a.rounds)
+            });
+            println!(
+                "step {} w{} {}px {}+{}{conv} on {} ({} threads): median {:.1} ms (min {:.1}, max {:.1}), {:.1} images/s, {:.2} GFLOP/step, {:.1} GFLOP/s{}{}",
+                a.method,
+                a.width,
+                a.image_size,
+                a.batch_l,
+                a.batch_u,
+                bk.name(),
+                threads,
+                med * 1e3,
+                min * 1e3,
+                max * 1e3,
+                images as f64 / med,
+                step_flops / 1e9,
+                gflops,
+                calib
+                    .map(|c| format!(" = {:.0}% of SGEMM {}³ ({c:.1} GFLOP/s)", 100.0 * gflops / c, a.calib))
+                    .unwrap_or_default(),
+                peak_mem_mb
+                    .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
+                    .unwrap_or_default()
+            );
+            if let (Some(total), Some(by)) = (launches_total, &launches) {
+                let mut v: Vec<(&String, f64)> = by
+                    .iter()
+                    .map(|(k, n)| (k, n.as_f64().unwrap_or(0.0)))
+                    .collect();
+                v.sort_by(|x, y| y.1.total_cmp(&x.1));
+                let top: Vec<String> = v.iter().take(8).map(|(k, n)| format!("{k} {n}")).collect();
+                println!(
+                    "  {total} device work items per step; most: {}",
+                    top.join(", ")
+                );
+            }
+            if let Some(p) = &profile {
+                print_profile(p, "step");
+            }
         }
     }
     Ok(())

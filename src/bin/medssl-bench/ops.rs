@@ -1021,15 +1021,15 @@ fn combine(rounds: Vec<Timing>) -> Timing {
     }
 }
 
-/// The algorithms of `--cpu-conv` (empty without it).
-fn cpu_conv_list(a: &OpsArgs, dev: Device) -> Result<Vec<Algo>> {
-    let Some(list) = a.cpu_conv.as_deref() else {
+/// The algorithms of `--cpu-conv` (empty without it), checked with its `--rounds` and the device.
+pub fn cpu_conv_list(list: Option<&str>, rounds: usize, dev: Device) -> Result<Vec<Algo>> {
+    let Some(list) = list else {
         return Ok(Vec::new());
     };
     if dev != Device::Cpu {
         bail!("--cpu-conv {list}: CPU convolution algorithms need --device cpu");
     }
-    if a.rounds == 0 {
+    if rounds == 0 {
         bail!("--cpu-conv {list}: --rounds must be at least 1");
     }
     list.split(',')
@@ -1118,7 +1118,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         dev,
         top: a.profile_top,
     });
-    let algos = cpu_conv_list(a, dev)?;
+    let algos = cpu_conv_list(a.cpu_conv.as_deref(), a.rounds, dev)?;
     let cpu = dev == Device::Cpu;
     let mut rows = Vec::new();
     for c in &cases {
