@@ -571,7 +571,10 @@ pub fn backward(
     let len = tiles * WCB * 9;
     let parts = parts(s);
     let per = parts[0].len();
-    let par = inner_parallel(parts.len());
+    // The tiles and images inside each part run on the pool too, whatever the number of parts:
+    // parts are few (3 at width 16's 28 px layers) and two threads left one part to one thread
+    // (the backward 1.12–1.18× faster with the stealing, step 1.02×).
+    let par = true;
     // The input gradient: the forward kernel with the flipped kernels, channels swapped.
     let cb = p.cb();
     let wa =
