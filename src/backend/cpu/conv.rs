@@ -630,7 +630,7 @@ pub(super) fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32
 /// thread (which gives it back in [`sum_partials`]): rayon jobs may run on any thread, so buffers
 /// taken inside them would end up in another thread's pool and be allocated (and faulted in)
 /// afresh on every call.
-fn partial_buffers(parts: usize, len: usize) -> Vec<f32> {
+pub(super) fn partial_buffers(parts: usize, len: usize) -> Vec<f32> {
     scratch::take(parts * len)
 }
 
@@ -638,7 +638,7 @@ fn partial_buffers(parts: usize, len: usize) -> Vec<f32> {
 /// [`partial_buffers`], returned to the pool here), added in part order into a fresh vector:
 /// element ranges in parallel, every element summing the parts in the same order whatever the
 /// thread count.
-fn sum_partials(partials: Vec<f32>, parts: usize, len: usize) -> Vec<f32> {
+pub(super) fn sum_partials(partials: Vec<f32>, parts: usize, len: usize) -> Vec<f32> {
     // SAFETY: chunk `c` covers elements `c·CHUNK ..` of every part; each is written once.
     let gw = unsafe {
         par_fill(len, CHUNK, |c, g| {

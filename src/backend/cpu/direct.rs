@@ -43,7 +43,9 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::conv::{bias_grad, copy_row, inner_parallel, split, ConvShape, Grads};
+use super::conv::{
+    bias_grad, copy_row, inner_parallel, partial_buffers, split, sum_partials, ConvShape, Grads,
+};
 use super::elementwise::par_fill;
 use super::scratch;
 use super::simd;
@@ -588,10 +590,11 @@ pub fn backward(
     } else {
         parts.iter().map(|_| None).collect()
     };
-    let mut partials = vec![0.0f32; parts.len() * len];
+    // Each tile writes its whole `[WCB][9]` block of its part's buffer.
+    let mut partials = partial_buffers(parts.len(), len);
     gx_parts
         .into_par_iter()
-        .zip(partials.par_chunks_mut(len))
+        .zip(partials[..parts.len() * len].par_chunks_mut(len))
         .zip(parts.par_iter())
         .with_max_len(1)
         .for_each(|((gxp, pw), r)| {
@@ -625,16 +628,13 @@ pub fn backward(
         });
     // SAFETY: each part's images' input gradients were written whole by `forward_image`.
     unsafe { gx.set_len(if need_x { s.n * xs } else { 0 }) };
-    // The parts' sums added in part order, from the tiles' layout `[blk][ci][c][9]`.
+    // The parts added in part order, then reordered from the tiles' layout `[blk][ci][c][9]`.
+    let sum = sum_partials(partials, parts.len(), len);
     let mut gw = vec![0.0f32; s.cout * s.cin * 9];
     for (co, gwo) in gw.chunks_exact_mut(s.cin * 9).enumerate() {
         for (ci, g) in gwo.chunks_exact_mut(9).enumerate() {
             let at = ((co / WCB * s.cin + ci) * WCB + co % WCB) * 9;
-            for pw in partials.chunks_exact(len) {
-                for (d, v) in g.iter_mut().zip(&pw[at..at + 9]) {
-                    *d += v;
-                }
-            }
+            g.copy_from_slice(&sum[at..at + 9]);
         }
     }
     let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, hw));
