@@ -569,14 +569,10 @@ pub fn backward(
     let (hw, plen) = (s.h * s.w, p.len());
     let (xs, ys) = (s.cin * hw, s.cout * hw);
     let cor = s.cout.next_multiple_of(WCB);
-    let tiles = cor / WCB * s.cin;
-    let len = tiles * WCB * 9;
+    // One part's weight gradient in the tiles' layout `[Cout / WCB][Cin][WCB][9]`.
+    let len = cor * s.cin * 9;
     let parts = parts(s);
     let per = parts[0].len();
-    // The tiles and images inside each part run on the pool too, whatever the number of parts:
-    // parts are few (3 at width 16's 28 px layers) and two threads left one part to one thread
-    // (the backward 1.12–1.18× faster with the stealing, step 1.02×).
-    let par = true;
     // The input gradient: the forward kernel with the flipped kernels, channels swapped.
     let cb = p.cb();
     let wa =
@@ -608,19 +604,18 @@ pub fn backward(
                 pad(&p, gyj, s.cout, cor - s.cout, &mut gp[j * cor * plen..]);
             }
             gp[nb * cor * plen..][..L].fill(0.0);
+            // The part's tiles and images run on the pool too, whatever the number of parts:
+            // parts are few (3 at width 16's 28 px layers), and one part per thread left one of
+            // two threads idle for a third of the time (the backward 1.12–1.18× faster with
+            // the stealing, the step 1.02×).
             let dims = (nb, s.cin, cor);
-            let tile = |(t, out): (usize, &mut [f32])| {
+            pw.par_chunks_mut(WCB * 9).enumerate().for_each(|(t, out)| {
                 weight_grad_tile(&p, &xp, &gp, dims, (t / s.cin, t % s.cin), out)
-            };
-            if par {
-                pw.par_chunks_mut(WCB * 9).enumerate().for_each(tile);
-            } else {
-                pw.chunks_mut(WCB * 9).enumerate().for_each(tile);
-            }
+            });
             if let (Some(gxp), Some(wa)) = (gxp, wa.as_ref()) {
                 for (j, gxj) in gxp.chunks_mut(xs).enumerate() {
                     let gpj = &gp[j * cor * plen..];
-                    forward_image(&p, gpj, s.cout, wa, cb, None, gxj, par);
+                    forward_image(&p, gpj, s.cout, wa, cb, None, gxj, true);
                 }
             }
             scratch::give(xp);
