@@ -60,12 +60,13 @@ macro_rules! widest_simd {
                 unsafe fn avx2($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                let baseline = $crate::backend::cpu::simd::baseline_only();
-                if !baseline && std::arch::is_x86_feature_detected!("avx512f") {
+                if $crate::backend::cpu::simd::has_avx512() {
                     // SAFETY: the CPU has AVX-512F.
                     return unsafe { avx512($($arg),*) };
                 }
-                if !baseline && std::arch::is_x86_feature_detected!("avx2") {
+                if !$crate::backend::cpu::simd::baseline_only()
+                    && std::arch::is_x86_feature_detected!("avx2")
+                {
                     // SAFETY: the CPU has AVX2.
                     return unsafe { avx2($($arg),*) };
                 }
