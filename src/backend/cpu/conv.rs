@@ -614,16 +614,32 @@ fn image_gemm(
     }
 }
 
-/// Per-channel sums of `gy [N, Cout, HW]` (the bias gradient), accumulated in f64.
-pub(super) fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
+super::simd::widest_simd! {
+    /// `out[r] = Σ plane r of x` ([`sum8`] in f64) for the `out.len()` planes of `hw` values at
+    /// the start of `x`: one image's per-channel sums of the output gradient.
+    fn plane_sums(x: &[f32], hw: usize, out: &mut [f64]) {
+        for (o, p) in out.iter_mut().zip(x.chunks_exact(hw)) {
+            *o = sum8(p, |v| v as f64);
+        }
+    }
+}
+
+/// The bias gradient from per-image channel sums `sums [N, Cout]` ([`plane_sums`]): each
+/// channel's sums added in image order, in f64.
+fn bias_from_sums(sums: &[f64], n: usize, cout: usize) -> Vec<f32> {
     (0..cout)
-        .into_par_iter()
-        .map(|co| {
-            (0..n)
-                .map(|i| sum8(&gy[(i * cout + co) * hw..][..hw], |v| v as f64))
-                .sum::<f64>() as f32
-        })
+        .map(|co| (0..n).map(|i| sums[i * cout + co]).sum::<f64>() as f32)
         .collect()
+}
+
+/// Per-channel sums of `gy [N, Cout, HW]` (the bias gradient), accumulated in f64: each image's
+/// plane sums ([`plane_sums`]), then per channel over the images in order.
+pub(super) fn bias_grad(gy: &[f32], n: usize, cout: usize, hw: usize) -> Vec<f32> {
+    let mut sums = vec![0.0f64; n * cout];
+    sums.par_chunks_mut(cout)
+        .zip(gy.par_chunks(cout * hw))
+        .for_each(|(o, g)| plane_sums(g, hw, o));
+    bias_from_sums(&sums, n, cout)
 }
 
 /// `parts` buffers of `len` floats each, side by side in one scratch block taken on the calling
@@ -724,27 +740,45 @@ fn pointwise_bwd(
 ) -> Grads {
     let hw = s.h * s.w;
     let (xs, ys) = (s.cin * hw, s.cout * hw);
-    let gx = need_x.then(|| {
-        // SAFETY: the GEMM writes all of chunk `i` (image `i`'s input gradient).
-        unsafe {
-            par_fill(s.n * xs, xs, |i, gxi| {
-                let gyi = &gy[i * ys..(i + 1) * ys];
-                sgemm_uninit(s.cin, hw, s.cout, w, true, gyi, false, gxi, false);
-            })
-        }
-    });
     let parts = split(s.n, MAX_PARTS);
     let (np, len) = (parts.len(), s.cout * s.cin);
     let par_gemm = inner_parallel(np);
     let mut partials = partial_buffers(np, len);
+    // Each part's images take both products in turn, the input gradient's and the weight
+    // gradient's, so that an image's output gradient is read from memory once and a second
+    // time from the core's cache (with the input gradient of the whole batch first, the weight
+    // gradient re-read all of gy from memory: it is the layer's largest tensor).
+    let mut gx: Vec<f32> = Vec::with_capacity(if need_x { s.n * xs } else { 0 });
+    let part_len = parts[0].len();
+    let mut gx_parts: Vec<&mut [MaybeUninit<f32>]> = if need_x {
+        gx.spare_capacity_mut()[..s.n * xs]
+            .chunks_mut(part_len * xs)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    gx_parts.resize_with(np, || &mut []);
+    // Each image's channel sums of gy (for the bias gradient), taken while it is in cache.
+    let mut sums = vec![0.0f64; if has_bias { s.n * s.cout } else { 0 }];
+    let mut sum_parts: Vec<&mut [f64]> = sums.chunks_mut(part_len * s.cout).collect();
+    sum_parts.resize_with(np, || &mut []);
     partials[..np * len]
         .par_chunks_mut(len)
         .zip(parts)
+        .zip(gx_parts)
+        .zip(sum_parts)
         .with_max_len(1)
-        .for_each(|(gw, r)| {
+        .for_each(|(((gw, r), gxp), sp)| {
             // Written by the first image's GEMM (which does not accumulate) before any read.
             for i in r.clone() {
                 let (gyi, xi) = (&gy[i * ys..(i + 1) * ys], &x[i * xs..(i + 1) * xs]);
+                if has_bias {
+                    plane_sums(gyi, hw, &mut sp[(i - r.start) * s.cout..][..s.cout]);
+                }
+                if need_x {
+                    let gxi = &mut gxp[(i - r.start) * xs..][..xs];
+                    sgemm_uninit(s.cin, hw, s.cout, w, true, gyi, false, gxi, par_gemm);
+                }
                 sgemm(
                     s.cout,
                     s.cin,
@@ -759,8 +793,13 @@ fn pointwise_bwd(
                 );
             }
         });
+    let gx = need_x.then(|| {
+        // SAFETY: every image's input gradient was written whole by its part's GEMM above.
+        unsafe { gx.set_len(s.n * xs) };
+        gx
+    });
     let gw = sum_partials(partials, np, len);
-    let gb = has_bias.then(|| bias_grad(gy, s.n, s.cout, hw));
+    let gb = has_bias.then(|| bias_from_sums(&sums, s.n, s.cout));
     (gx, gw, gb)
 }
 
@@ -1059,6 +1098,37 @@ pub(super) mod tests {
         }
     }
 
+    /// The pointwise backward computes each part's input gradients, weight gradient and bias
+    /// sums image by image: parts of unequal length (37 images in 13 parts of 3 and one of 1),
+    /// batch 1, and the calls without the input gradient or the bias give the same weight
+    /// gradient (and bias gradient) bits as the full call.
+    #[test]
+    fn pointwise_backward_in_parts() {
+        for t in [
+            (37, 8, 5, 12, 1, 1, 0),
+            (1, 3, 4, 5, 1, 1, 0),
+            (16, 20, 3, 6, 1, 1, 0),
+        ] {
+            let s = shape(t);
+            assert_eq!(path(&s), Path::Pointwise);
+            let [x, w, b, gy] = inputs(&s, 3);
+            let got = forward_backward(&s, [&x, &w, &b, &gy]);
+            assert_matches_reference(&s, &got, [&x, &w, &b, &gy]);
+            let (gx, gw, gb) = conv2d_bwd(&s, &x, &w, &gy, false, true);
+            assert!(gx.is_none());
+            assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without gx");
+            assert_eq!(bits(&gb.unwrap()), bits(&got[3]), "gb of {s:?} without gx");
+            let (gx, gw, gb) = conv2d_bwd(&s, &x, &w, &gy, true, false);
+            assert!(gb.is_none());
+            assert_eq!(
+                bits(&gx.unwrap()),
+                bits(&got[1]),
+                "gx of {s:?} without a bias"
+            );
+            assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without a bias");
+        }
+    }
+
     /// `[y, gx, gw, gb]` within `1e-5 ·` the largest value of each (at least 1) of the direct
     /// convolution of `[x, w, b, gy]`.
     pub(in crate::backend::cpu) fn assert_matches_reference(
@@ -1239,6 +1309,7 @@ pub(super) mod tests {
             (5, 3, 28, 8, 7, 2, 3),
             (3, 3, 112, 16, 7, 2, 3),
             (20, 24, 14, 32, 1, 1, 0),
+            (37, 8, 5, 12, 1, 1, 0),
             (1, 8, 9, 4, 3, 1, 1),
         ];
         for t in shapes {
