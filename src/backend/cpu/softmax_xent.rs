@@ -21,15 +21,10 @@ pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
-    const SHIFTER: f32 = 12_582_912.0; // 1.5·2²³
-                                       // Clamped so that n stays in [−150, 128] (a NaN passes both comparisons unchanged).
-    let x = if x > 89.0 {
-        89.0
-    } else if x < -104.0 {
-        -104.0
-    } else {
-        x
-    };
+    // 1.5·2²³: adding it rounds to an integer.
+    const SHIFTER: f32 = 12_582_912.0;
+    // Clamped so that n stays in [−150, 128] (`clamp` keeps a NaN).
+    let x = x.clamp(-104.0, 89.0);
     let t = x * LOG2E + SHIFTER;
     let n = t - SHIFTER;
     // n as an integer: the low mantissa bits of t (the shifter's bits subtracted).
@@ -39,7 +34,7 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * r2 + r + 1.0;
     let n1 = ni >> 1;
     let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
