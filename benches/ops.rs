@@ -263,7 +263,10 @@ fn bench_shared(c: &mut Criterion, dev: &str, be: &dyn Backend) {
     let high = rand_t(be, &mut g, &[BATCH, FUSE_D, L4, L4], 1.0);
     let gyf = rand_t(be, &mut g, &[BATCH, FUSE_D, L4, L4], 1.0);
     let unit = (BATCH * FUSE_D * np * nq) as f64;
-    // fwd: S logits (2) + P̂·S (2); bwd: S again (2), gS (2), gP̂ (4), gQ̂ (2).
+    let (_, st) = be
+        .similarity_fusion_fwd(&low, &high)
+        .expect("similarity_fusion_fwd");
+    // fwd: S logits (2) + P̂·S (2); bwd (from the forward's S): gS (2), gP̂ (4), gQ̂ (2).
     bench(
         &mut grp,
         be,
@@ -278,9 +281,9 @@ fn bench_shared(c: &mut Criterion, dev: &str, be: &dyn Backend) {
         &mut grp,
         be,
         "similarity_fusion_bwd",
-        flops(10.0 * unit),
+        flops(8.0 * unit),
         || {
-            be.similarity_fusion_bwd(&low, &high, &gyf)
+            be.similarity_fusion_bwd(&low, &high, &st, &gyf)
                 .expect("similarity_fusion_bwd")
         },
     );

@@ -1624,16 +1624,13 @@ fn similarity_fusion() {
         let (lc, lg) = rand_pair(g, &mut rng, &[b, d, hp, wp], 1.0);
         let (hc, hg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
         let what = format!("fusion low {:?} high {:?}", lc.shape(), hc.shape());
-        close(
-            &what,
-            &g.similarity_fusion_fwd(&lg, &hg).unwrap(),
-            &cpu().similarity_fusion_fwd(&lc, &hc).unwrap(),
-            1e-4,
-            1e-4,
-        );
+        let (yg, stg) = g.similarity_fusion_fwd(&lg, &hg).unwrap();
+        let (yc, stc) = cpu().similarity_fusion_fwd(&lc, &hc).unwrap();
+        close(&what, &yg, &yc, 1e-4, 1e-4);
+        close(&format!("{what} S"), &stg, &stc, 1e-4, 1e-6);
         let (gc, gg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
-        let (a, bb) = g.similarity_fusion_bwd(&lg, &hg, &gg).unwrap();
-        let (ac, bc) = cpu().similarity_fusion_bwd(&lc, &hc, &gc).unwrap();
+        let (a, bb) = g.similarity_fusion_bwd(&lg, &hg, &stg, &gg).unwrap();
+        let (ac, bc) = cpu().similarity_fusion_bwd(&lc, &hc, &stc, &gc).unwrap();
         close(&format!("{what} glow"), &a, &ac, 1e-3, 1e-4);
         close(&format!("{what} ghigh"), &bb, &bc, 1e-3, 1e-4);
     }
@@ -2746,10 +2743,8 @@ fn empty_tensors() {
         Ok(vec![d])
     });
     run("simfusion b0", &|b| {
-        Ok(vec![b.similarity_fusion_fwd(
-            &z(b, &[0, 4, 4, 4]),
-            &z(b, &[0, 4, 2, 2]),
-        )?])
+        let (y, st) = b.similarity_fusion_fwd(&z(b, &[0, 4, 4, 4]), &z(b, &[0, 4, 2, 2]))?;
+        Ok(vec![y, st])
     });
     run("dsr align bl0", &|b| {
         Ok(vec![b.dsr_alignment(

@@ -700,12 +700,12 @@ impl Graph {
     pub fn similarity_fusion(&mut self, low: Var, high: Var) -> Result<Var> {
         let (lt, ht) = (self.value(low).clone(), self.value(high).clone());
         let bk = be(&lt)?;
-        let y = bk.similarity_fusion_fwd(&lt, &ht)?;
+        let (y, st) = bk.similarity_fusion_fwd(&lt, &ht)?;
         Ok(self.push(
             y,
             &[low, high],
             Box::new(move |g, _| {
-                let (gl, gh) = bk.similarity_fusion_bwd(&lt, &ht, g)?;
+                let (gl, gh) = bk.similarity_fusion_bwd(&lt, &ht, &st, g)?;
                 Ok(vec![Some(gl), Some(gh)])
             }),
         ))

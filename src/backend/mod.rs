@@ -482,12 +482,15 @@ pub trait Backend: Send + Sync {
     // ---- fusion (fusion.rs; on CUDA cuBLAS products and the softmax_xent.cu row softmax) ----
     /// MedFuseNet similarity fusion: `low [B,d,Hp,Wp]`, `high [B,d,Hq,Wq]`;
     /// `S = softmax_i(P̂ᵀQ̂/√d)` over low positions `i`; `y = Q̂ + P̂ S` shaped like `high`.
-    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor>;
-    /// Gradients `(glow, ghigh)` (recomputes `S`).
+    /// Returns `(y, Sᵀ)`, `Sᵀ [B, Hq·Wq, Hp·Wp]` (each softmax a row) for the backward; zeros
+    /// where the maps have no channels or no low positions (the backward then uses none).
+    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// Gradients `(glow, ghigh)`, from the forward's `Sᵀ` `st`.
     fn similarity_fusion_bwd(
         &self,
         low: &Tensor,
         high: &Tensor,
+        st: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor)>;
 
@@ -592,5 +595,44 @@ mod tests {
                 .to_string();
             assert!(e.contains("queue labels") && e.contains("element 1"), "{e}");
         }
+    }
+    /// The fusion's forward hands its similarity `Sᵀ [B, Nq, Np]` (each row a softmax) to the
+    /// backward, which refuses one of another shape by name; maps with no channels give zeros.
+    #[test]
+    fn fusion_similarity_goes_from_forward_to_backward() {
+        let bk = get(Device::Cpu).unwrap();
+        let val = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + s) % 101) as f32 / 50.0 - 1.0)
+                .collect()
+        };
+        let low = Tensor::from_vec(val(2 * 4 * 15, 1), &[2, 4, 3, 5]).unwrap();
+        let high = Tensor::from_vec(val(2 * 4 * 2, 2), &[2, 4, 2, 1]).unwrap();
+        let (y, st) = bk.similarity_fusion_fwd(&low, &high).unwrap();
+        assert_eq!(
+            (y.shape(), st.shape()),
+            (&[2, 4, 2, 1][..], &[2, 2, 15][..])
+        );
+        for row in st.to_vec().unwrap().chunks(15) {
+            let s: f32 = row.iter().sum();
+            assert!(
+                (s - 1.0).abs() < 1e-6 && row.iter().all(|&v| v > 0.0),
+                "{row:?}"
+            );
+        }
+        let gy = Tensor::from_vec(val(16, 3), &[2, 4, 2, 1]).unwrap();
+        let (gl, gh) = bk.similarity_fusion_bwd(&low, &high, &st, &gy).unwrap();
+        assert_eq!((gl.shape(), gh.shape()), (low.shape(), high.shape()));
+        let wrong = Tensor::from_vec(vec![0.0; 60], &[2, 15, 2]).unwrap();
+        let e = bk
+            .similarity_fusion_bwd(&low, &high, &wrong, &gy)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("similarity") && e.contains("[2, 2, 15]"), "{e}");
+        let none = Tensor::from_vec(vec![], &[2, 0, 3, 5]).unwrap();
+        let hnone = Tensor::from_vec(vec![], &[2, 0, 2, 1]).unwrap();
+        let (_, st) = bk.similarity_fusion_fwd(&none, &hnone).unwrap();
+        assert_eq!(st.shape(), &[2, 2, 15]);
+        assert!(st.to_vec().unwrap().iter().all(|&v| v == 0.0));
     }
 }

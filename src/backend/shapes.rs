@@ -533,6 +533,21 @@ pub fn fusion(low: &Tensor, high: &Tensor) -> Result<FusionGeom> {
     })
 }
 
+/// The similarity fusion's saved `Sᵀ`: `[b, nq, np]` for the maps of `g`.
+pub fn fusion_similarity(st: &Tensor, g: &FusionGeom) -> Result<()> {
+    if st.shape() != [g.b, g.nq, g.np] {
+        bail!(
+            "similarity_fusion backward: the forward's similarity is {:?}, expected [{}, {}, {}] \
+             for these maps",
+            st.shape(),
+            g.b,
+            g.nq,
+            g.np
+        );
+    }
+    Ok(())
+}
+
 /// `concat_rows`: `a [ra, e]`, `b [rb, e]`, `b_rows ≤ rb` → `(ra, e)`.
 pub fn concat_rows(a: &Tensor, b: &Tensor, b_rows: usize) -> Result<(usize, usize)> {
     let (&[ra, e], &[rb, eb]) = (a.shape(), b.shape()) else {

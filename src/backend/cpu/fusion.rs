@@ -35,37 +35,47 @@ fn similarity_t(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize, st: &mut [
         .for_each(|row| softmax_scaled_in_place(row, r));
 }
 
+/// `(y, Sᵀ)`: the fused maps `[B, d, Nq]` and the similarity `Sᵀ [B, Nq, Np]` the backward
+/// takes (zeros when `d` is 0: no similarity is used).
 pub fn similarity_fusion_fwd(
     low: &[f32],
     high: &[f32],
-    d: usize,
-    np: usize,
-    nq: usize,
-) -> Vec<f32> {
+    (b, d, np, nq): (usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
     let mut y = high.to_vec();
-    y.par_chunks_mut(d * nq).enumerate().for_each(|(n, yn)| {
-        let p = &low[n * d * np..(n + 1) * d * np];
-        let q = &high[n * d * nq..(n + 1) * d * nq];
-        let mut st = vec![0.0f32; nq * np];
-        similarity_t(p, q, d, np, nq, &mut st);
-        sgemm(d, nq, np, p, false, &st, true, yn, true, false);
-    });
-    y
+    let mut st_all = vec![0.0f32; b * nq * np];
+    if d == 0 || np == 0 || nq == 0 {
+        return (y, st_all);
+    }
+    y.par_chunks_mut(d * nq)
+        .zip(st_all.par_chunks_mut(nq * np))
+        .enumerate()
+        .for_each(|(n, (yn, st))| {
+            let p = &low[n * d * np..(n + 1) * d * np];
+            let q = &high[n * d * nq..(n + 1) * d * nq];
+            similarity_t(p, q, d, np, nq, st);
+            sgemm(d, nq, np, p, false, st, true, yn, true, false);
+        });
+    (y, st_all)
 }
 
 /// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`, `gS = P̂ᵀ·gy`
-/// (all on the transposes: `gSᵀ = gyᵀ·P̂`, row sums).
+/// (all on the transposes: `gSᵀ = gyᵀ·P̂`, row sums), with `Sᵀ` `st_all` from the forward.
 pub fn similarity_fusion_bwd(
     low: &[f32],
     high: &[f32],
+    st_all: &[f32],
     gy: &[f32],
     d: usize,
     np: usize,
     nq: usize,
 ) -> (Vec<f32>, Vec<f32>) {
+    let mut ghigh = gy.to_vec();
+    if d == 0 || np == 0 || nq == 0 {
+        return (vec![0.0f32; low.len()], ghigh);
+    }
     // gP̂ is written whole by one product per image, so it is not zeroed first.
     let mut glow: Vec<f32> = Vec::with_capacity(low.len());
-    let mut ghigh = gy.to_vec();
     let r = 1.0 / (d as f32).sqrt();
     glow.spare_capacity_mut()[..low.len()]
         .par_chunks_mut(d * np)
@@ -78,7 +88,7 @@ pub fn similarity_fusion_bwd(
             // [Sᵀ; gAᵀ/√d] stacked [2Nq, Np]: the right operand of gP̂'s product.
             let mut b2 = vec![0.0f32; 2 * nq * np];
             let (st, gat) = b2.split_at_mut(nq * np);
-            similarity_t(p, q, d, np, nq, st);
+            st.copy_from_slice(&st_all[n * nq * np..(n + 1) * nq * np]);
             sgemm(nq, np, d, g, true, p, false, gat, false, false);
             for (gr, sr) in gat.chunks_mut(np).zip(st.chunks(np)) {
                 let dot = dot8(gr, sr) as f32;

@@ -553,22 +553,24 @@ impl Backend for CpuBackend {
         ))
     }
 
-    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor> {
-        let shapes::FusionGeom { d, np, nq, .. } = shapes::fusion(low, high)?;
-        Ok(out(
-            fusion::similarity_fusion_fwd(data(low)?, data(high)?, d, np, nq),
-            high.shape(),
-        ))
+    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<(Tensor, Tensor)> {
+        let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
+        let (y, st) = fusion::similarity_fusion_fwd(data(low)?, data(high)?, (b, d, np, nq));
+        Ok((out(y, high.shape()), out(st, &[b, nq, np])))
     }
     fn similarity_fusion_bwd(
         &self,
         low: &Tensor,
         high: &Tensor,
+        st: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let shapes::FusionGeom { d, np, nq, .. } = shapes::fusion(low, high)?;
+        let geom = shapes::fusion(low, high)?;
+        shapes::fusion_similarity(st, &geom)?;
+        let shapes::FusionGeom { d, np, nq, .. } = geom;
         same_shape(high, gy, "similarity_fusion backward")?;
-        let (gl, gh) = fusion::similarity_fusion_bwd(data(low)?, data(high)?, data(gy)?, d, np, nq);
+        let (gl, gh) =
+            fusion::similarity_fusion_bwd(data(low)?, data(high)?, data(st)?, data(gy)?, d, np, nq);
         Ok((out(gl, low.shape()), out(gh, high.shape())))
     }
 

@@ -11,12 +11,13 @@
 //! cuBLAS's transpose flags, so no transpose is ever materialised.
 
 use super::gemm::Gemm;
-use super::{cfg_lin, cfg_rows, ci, same_shape, CudaBackend, CudaStorage, A};
+use super::{cfg_lin, cfg_rows, ci, same_shape, CudaBackend, A};
 use crate::backend::shapes;
 use crate::error::Result;
 use crate::tensor::Tensor;
 
-/// `Sᵀ [B, Nq, Np]` for the given images.
+/// `Sᵀ [B, Nq, Np]` for the given images, into `st`.
+#[allow(clippy::too_many_arguments)]
 fn similarity_t(
     be: &CudaBackend,
     p: u64,
@@ -25,9 +26,9 @@ fn similarity_t(
     d: usize,
     np: usize,
     nq: usize,
-) -> Result<CudaStorage> {
+    st: u64,
+) -> Result<()> {
     let at = be.buffer(b * nq * np)?;
-    let st = be.buffer(b * nq * np)?;
     // Aᵀ [Nq, Np] = Q̂ᵀ [Nq, d] · P̂ [d, Np] / √d.
     Gemm::new(true, false, nq, np, d)
         .alpha(1.0 / (d as f32).sqrt())
@@ -37,14 +38,8 @@ fn similarity_t(
     be.launch(
         "sx_softmax_fwd",
         cfg_rows(rows),
-        &[
-            A::I(ci(rows)?),
-            A::I(ci(np)?),
-            A::P(at.ptr()),
-            A::P(st.ptr()),
-        ],
-    )?;
-    Ok(st)
+        &[A::I(ci(rows)?), A::I(ci(np)?), A::P(at.ptr()), A::P(st)],
+    )
 }
 
 /// Device copy `dst ← src` of `n` elements (stream ordered).
@@ -56,38 +51,50 @@ fn copy(be: &CudaBackend, n: usize, src: u64, dst: u64) -> Result<()> {
     )
 }
 
+/// `(y, Sᵀ)`; `Sᵀ [B, Nq, Np]` zeros where the maps have no channels or no low positions.
 pub(super) fn similarity_fusion_fwd(
     be: &CudaBackend,
     low: &Tensor,
     high: &Tensor,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
     let y = be.empty(high.shape())?;
+    let has_s = np > 0 && d > 0 && nq > 0;
+    let st = if has_s {
+        be.empty(&[b, nq, np])?
+    } else {
+        be.zeros(&[b, nq, np])?
+    };
     if y.numel() == 0 {
-        return Ok(y);
+        return Ok((y, st));
     }
     let (p, q, py) = (be.p(low)?, be.p(high)?, be.p(&y)?);
     copy(be, y.numel(), q, py)?;
-    if np > 0 && d > 0 {
-        let st = similarity_t(be, p, q, b, d, np, nq)?;
+    if has_s {
+        let pst = be.p(&st)?;
+        similarity_t(be, p, q, b, d, np, nq, pst)?;
         // y += P̂ [d, Np] · S [Np, Nq], S read as (Sᵀ)ᵀ.
         Gemm::new(false, true, d, nq, np)
             .beta(1.0)
             .batched(b)
-            .run(be, p, st.ptr(), py)?;
+            .run(be, p, pst, py)?;
     }
-    Ok(y)
+    Ok((y, st))
 }
 
 /// `gQ̂ = gy + P̂·gA/√d`, `gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d`, `gA = S ⊙ (gS − colsum(gS ⊙ S))`,
-/// `gS = P̂ᵀ·gy`; all of `S`, `gS`, `gA` held transposed (rows of `Np`, see the module comment).
+/// `gS = P̂ᵀ·gy`; all of `S`, `gS`, `gA` held transposed (rows of `Np`, see the module comment),
+/// `Sᵀ` the forward's `st`.
 pub(super) fn similarity_fusion_bwd(
     be: &CudaBackend,
     low: &Tensor,
     high: &Tensor,
+    st: &Tensor,
     gy: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let shapes::FusionGeom { b, d, np, nq } = shapes::fusion(low, high)?;
+    let geom = shapes::fusion(low, high)?;
+    shapes::fusion_similarity(st, &geom)?;
+    let shapes::FusionGeom { b, d, np, nq } = geom;
     same_shape(high, gy, "similarity_fusion backward")?;
     let ghigh = be.empty(high.shape())?;
     // gP̂ is written whole by the first of its two products below; zeros only where there is
@@ -101,13 +108,12 @@ pub(super) fn similarity_fusion_bwd(
         return Ok((glow, ghigh));
     }
     let (p, q, g) = (be.p(low)?, be.p(high)?, be.p(gy)?);
-    let (pgl, pgh) = (be.p(&glow)?, be.p(&ghigh)?);
+    let (pgl, pgh, pst) = (be.p(&glow)?, be.p(&ghigh)?, be.p(st)?);
     copy(be, ghigh.numel(), g, pgh)?;
     if np == 0 || d == 0 {
         return Ok((glow, ghigh));
     }
     let r = 1.0 / (d as f32).sqrt();
-    let st = similarity_t(be, p, q, b, d, np, nq)?;
     // gSᵀ [Nq, Np] = gyᵀ [Nq, d] · P̂ [d, Np].
     let gst = be.buffer(b * nq * np)?;
     Gemm::new(true, false, nq, np, d)
@@ -122,7 +128,7 @@ pub(super) fn similarity_fusion_bwd(
         &[
             A::I(ci(rows)?),
             A::I(ci(np)?),
-            A::P(st.ptr()),
+            A::P(pst),
             A::P(gst.ptr()),
             A::P(gat.ptr()),
         ],
@@ -130,7 +136,7 @@ pub(super) fn similarity_fusion_bwd(
     // gP̂ [d, Np] = gy [d, Nq] · Sᵀ + (1/√d) Q̂ [d, Nq] · gAᵀ.
     Gemm::new(false, false, d, np, nq)
         .batched(b)
-        .run(be, g, st.ptr(), pgl)?;
+        .run(be, g, pst, pgl)?;
     Gemm::new(false, false, d, np, nq)
         .alpha(r)
         .beta(1.0)

@@ -1342,16 +1342,17 @@ impl Backend for CudaBackend {
         ssl_losses::dsr_alignment(self, feat_lab, y_lab, feat_unl, pseudo, fc_w, fc_b)
     }
 
-    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<Tensor> {
+    fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<(Tensor, Tensor)> {
         fusion::similarity_fusion_fwd(self, low, high)
     }
     fn similarity_fusion_bwd(
         &self,
         low: &Tensor,
         high: &Tensor,
+        st: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        fusion::similarity_fusion_bwd(self, low, high, gy)
+        fusion::similarity_fusion_bwd(self, low, high, st, gy)
     }
 
     fn ema_update(&self, teacher: &mut Tensor, student: &Tensor, alpha: f32) -> Result<()> {

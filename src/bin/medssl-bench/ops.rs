@@ -261,8 +261,8 @@ impl Op {
             Op::Conv { need_x, .. } => f * if *need_x { 2.0 } else { 1.0 },
             // gx = g·W and gW = gᵀ·x.
             Op::Linear { .. } => 2.0 * f,
-            // S recomputed, then gS = P̂ᵀ·gy, gy·Sᵀ, Q̂·gAᵀ, P̂·gA: 5 products against 2.
-            Op::Fusion { .. } => 2.5 * f,
+            // From the forward's S: gS = P̂ᵀ·gy, gy·Sᵀ, Q̂·gAᵀ, P̂·gA: 4 products against 2.
+            Op::Fusion { .. } => 2.0 * f,
             // Logits recomputed, then gq = coef·keys.
             Op::Pgc { .. } => 2.0 * f,
             _ => f,
@@ -797,8 +797,9 @@ fn run_case(
                 bk.similarity_fusion_fwd(&lo, &hi)?;
                 Ok(())
             })?;
+            let (_, st) = bk.similarity_fusion_fwd(&lo, &hi)?;
             let b = t(&mut || {
-                bk.similarity_fusion_bwd(&lo, &hi, &gy)?;
+                bk.similarity_fusion_bwd(&lo, &hi, &st, &gy)?;
                 Ok(())
             })?;
             (f, Some(b))
