@@ -6,29 +6,36 @@ use rayon::prelude::*;
 
 use super::elementwise::par_fill;
 
-/// `(Σ g, Σ g·h(x))` over the planes of one channel (`x`, `g` the whole `[n, c, hw]` tensors), in
-/// f64 over eight lanes that run on across the planes: the last stages' planes hold only 16–49
-/// elements, too few to pay for a reduction of the lanes each.
+/// `(Σ g, Σ g·x̂)` with `x̂ = (x − mean)·invstd` (in f32, as the gradient pass computes it) over
+/// the planes of one channel (`x`, `g` the whole `[n, c, hw]` tensors), in f64 over eight lanes
+/// that run on across the planes: the last stages' planes hold only 16–49 elements, too few to
+/// pay for a reduction of the lanes each.
 #[inline(always)]
 fn channel_sums(
     (xs, gs): (&[f32], &[f32]),
     (n, c, hw, ch): (usize, usize, usize, usize),
-    h: impl Fn(f32) -> f64,
+    (mean, invstd): (f32, f32),
 ) -> (f64, f64) {
     let (mut a, mut b) = ([0.0f64; 8], [0.0f64; 8]);
     let (mut ta, mut tb) = (0.0f64, 0.0f64);
     for i in 0..n {
         let o = (i * c + ch) * hw;
         let (mut xi, mut gi) = (xs[o..o + hw].chunks_exact(8), gs[o..o + hw].chunks_exact(8));
-        for (xc, gc) in (&mut xi).zip(&mut gi) {
+        // The two sums in separate loops over the plane (it is still in L1 for the second):
+        // interleaved in one loop the compiler fell back to scalar operations and shuffles.
+        for gc in &mut gi {
             for k in 0..8 {
                 a[k] += gc[k] as f64;
-                b[k] += gc[k] as f64 * h(xc[k]);
+            }
+        }
+        for (xc, gc) in (&mut xi).zip(gs[o..o + hw].chunks_exact(8)) {
+            for k in 0..8 {
+                b[k] += gc[k] as f64 * ((xc[k] - mean) * invstd) as f64;
             }
         }
         for (x, g) in xi.remainder().iter().zip(gi.remainder()) {
             ta += *g as f64;
-            tb += *g as f64 * h(*x);
+            tb += *g as f64 * ((x - mean) * invstd) as f64;
         }
     }
     (a.iter().sum::<f64>() + ta, b.iter().sum::<f64>() + tb)
@@ -157,7 +164,7 @@ super::simd::widest_simd! {
         out: &mut (f64, f64),
     ) {
         let (n, c, hw, ch) = geom;
-        *out = channel_sums((x, gy), (n, c, hw, ch), |xv| ((xv - mean) * invstd) as f64);
+        *out = channel_sums((x, gy), (n, c, hw, ch), (mean, invstd));
     }
 }
 
