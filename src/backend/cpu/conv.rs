@@ -235,17 +235,26 @@ pub(super) fn copy_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-/// [`im2col_padded`] at stride 1 for an output width fixed at compile time, one of the model's
-/// wide feature maps (28 and 14 at 28 px; 56 and 112 at larger sizes): each output row's segment
-/// is a straight-line vector copy, without the per-segment loop and tests of [`copy_row`] (im2col
-/// was bound by them, not by memory: width 16's first two stages at batch 48 1.07–1.12× faster
-/// with it). Returns false, writing nothing, for other widths and strides (the 7- and 4-wide maps
-/// of the last stages were no faster with fixed-width copies).
+/// [`im2col_padded`] for an output width and stride fixed at compile time: at stride 1 the
+/// model's wide feature maps (28 and 14 at 28 px; 56 and 112 at larger sizes), each output row's
+/// segment a straight-line vector copy, without the per-segment loop and tests of [`copy_row`]
+/// (im2col was bound by them, not by memory: width 16's first two stages at batch 48 1.07–1.12×
+/// faster with it; the 7- and 4-wide maps of the last stages were no faster); at stride 2 the
+/// downsampling layers' outputs (28, 14, 7 and 4 wide; 56 at larger sizes), each segment an
+/// unrolled gather of every second element instead of a strided iterator (width 16's strided
+/// layers at batch 48 1.2–1.37× faster forward and 1.1–1.37× backward with the same in
+/// [`col2im_fixed`], alternating within one process). Returns false, writing nothing, for other
+/// widths and strides.
 ///
 /// # Safety
 /// As [`im2col_padded`].
 unsafe fn im2col_fixed(s: &ConvShape, xp: &[f32], col: ImageColumns, j: usize) -> bool {
-    unsafe fn nest<const W: usize>(s: &ConvShape, xp: &[f32], col: ImageColumns, j: usize) {
+    unsafe fn nest<const W: usize, const S: usize>(
+        s: &ConvShape,
+        xp: &[f32],
+        col: ImageColumns,
+        j: usize,
+    ) {
         let (k, hp, wp) = (s.k, s.h + 2 * s.pad, s.w + 2 * s.pad);
         for c in 0..s.cin {
             let plane = &xp[c * hp * wp..(c + 1) * hp * wp];
@@ -254,24 +263,26 @@ unsafe fn im2col_fixed(s: &ConvShape, xp: &[f32], col: ImageColumns, j: usize) -
                     // SAFETY: image `j`'s own columns, by the caller's guarantee.
                     let row = unsafe { col.row(j, (c * k + ki) * k + kj) };
                     for (oh, d) in row.chunks_exact_mut(W).enumerate() {
-                        let src: &[f32; W] = plane[(oh + ki) * wp + kj..][..W].try_into().unwrap();
+                        let src = &plane[(oh * S + ki) * wp + kj..][..(W - 1) * S + 1];
                         let d: &mut [f32; W] = d.try_into().unwrap();
-                        *d = *src;
+                        *d = std::array::from_fn(|i| src[i * S]);
                     }
                 }
             }
         }
     }
-    if s.stride != 1 {
-        return false;
-    }
     // SAFETY: the caller's guarantee, passed on.
     unsafe {
-        match s.wo() {
-            14 => nest::<14>(s, xp, col, j),
-            28 => nest::<28>(s, xp, col, j),
-            56 => nest::<56>(s, xp, col, j),
-            112 => nest::<112>(s, xp, col, j),
+        match (s.stride, s.wo()) {
+            (1, 14) => nest::<14, 1>(s, xp, col, j),
+            (1, 28) => nest::<28, 1>(s, xp, col, j),
+            (1, 56) => nest::<56, 1>(s, xp, col, j),
+            (1, 112) => nest::<112, 1>(s, xp, col, j),
+            (2, 4) => nest::<4, 2>(s, xp, col, j),
+            (2, 7) => nest::<7, 2>(s, xp, col, j),
+            (2, 14) => nest::<14, 2>(s, xp, col, j),
+            (2, 28) => nest::<28, 2>(s, xp, col, j),
+            (2, 56) => nest::<56, 2>(s, xp, col, j),
             _ => return false,
         }
     }
@@ -392,12 +403,19 @@ fn pad_into(s: &ConvShape, x: &[f32], xp: &mut [f32]) {
     }
 }
 
-/// [`col2im_padded`] at stride 1 for an output width fixed at compile time (7, 14, 28, 56 or
-/// 112): straight-line vector adds per output row's segment, as [`im2col_fixed`] (width 16's
-/// 3×3 backward at batch 48 1.07–1.12× faster for the first three stages). Returns false,
-/// adding nothing, for other widths and strides.
+/// [`col2im_padded`] for an output width and stride fixed at compile time (at stride 1 7, 14,
+/// 28, 56 or 112 wide; at stride 2 4, 7, 14, 28 or 56): straight-line vector adds per output
+/// row's segment at stride 1 (width 16's 3×3 backward at batch 48 1.07–1.12× faster for the first
+/// three stages), unrolled adds to every second element at stride 2, as [`im2col_fixed`]; each
+/// element receives its terms in the same order as in [`col2im_padded`]. Returns false, adding
+/// nothing, for other widths and strides.
 fn col2im_fixed(s: &ConvShape, col: &[f32], ld: usize, gxp: &mut [f32]) -> bool {
-    fn nest<const W: usize>(s: &ConvShape, col: &[f32], ld: usize, gxp: &mut [f32]) {
+    fn nest<const W: usize, const S: usize>(
+        s: &ConvShape,
+        col: &[f32],
+        ld: usize,
+        gxp: &mut [f32],
+    ) {
         let (ho, k, hp, wp) = (s.ho(), s.k, s.h + 2 * s.pad, s.w + 2 * s.pad);
         for c in 0..s.cin {
             let plane = &mut gxp[c * hp * wp..(c + 1) * hp * wp];
@@ -405,24 +423,27 @@ fn col2im_fixed(s: &ConvShape, col: &[f32], ld: usize, gxp: &mut [f32]) -> bool 
                 for kj in 0..k {
                     let row = &col[((c * k + ki) * k + kj) * ld..][..ho * W];
                     for (oh, src) in row.chunks_exact(W).enumerate() {
-                        let d: &mut [f32; W] =
-                            (&mut plane[(oh + ki) * wp + kj..][..W]).try_into().unwrap();
+                        let d = &mut plane[(oh * S + ki) * wp + kj..][..(W - 1) * S + 1];
                         let src: &[f32; W] = src.try_into().unwrap();
-                        d.iter_mut().zip(src).for_each(|(d, v)| *d += *v);
+                        for (i, v) in src.iter().enumerate() {
+                            d[i * S] += *v;
+                        }
                     }
                 }
             }
         }
     }
-    if s.stride != 1 {
-        return false;
-    }
-    match s.wo() {
-        7 => nest::<7>(s, col, ld, gxp),
-        14 => nest::<14>(s, col, ld, gxp),
-        28 => nest::<28>(s, col, ld, gxp),
-        56 => nest::<56>(s, col, ld, gxp),
-        112 => nest::<112>(s, col, ld, gxp),
+    match (s.stride, s.wo()) {
+        (1, 7) => nest::<7, 1>(s, col, ld, gxp),
+        (1, 14) => nest::<14, 1>(s, col, ld, gxp),
+        (1, 28) => nest::<28, 1>(s, col, ld, gxp),
+        (1, 56) => nest::<56, 1>(s, col, ld, gxp),
+        (1, 112) => nest::<112, 1>(s, col, ld, gxp),
+        (2, 4) => nest::<4, 2>(s, col, ld, gxp),
+        (2, 7) => nest::<7, 2>(s, col, ld, gxp),
+        (2, 14) => nest::<14, 2>(s, col, ld, gxp),
+        (2, 28) => nest::<28, 2>(s, col, ld, gxp),
+        (2, 56) => nest::<56, 2>(s, col, ld, gxp),
         _ => return false,
     }
     true
@@ -1076,7 +1097,8 @@ pub(super) mod tests {
     /// take every path: weight gradients computed transposed (`kd > Cout`) and summed over many
     /// parts (37 images in 1-image chunks), with `Cout` and `kd` not multiples of the 16-row
     /// transposition tiles; as computed directly (`kd < Cout`); strided and pointwise layers;
-    /// the fixed-width im2col and col2im (28, 14, 7 wide, 3×3 and 7×7); batch 1.
+    /// the fixed-width im2col and col2im (28, 14, 7 wide, 3×3 and 7×7; at stride 2 28, 7 and 4
+    /// wide, 3×3 and 1×1) and the general ones (5 wide at stride 2); batch 1.
     #[test]
     fn matches_the_direct_convolution() {
         let shapes = [
@@ -1089,6 +1111,10 @@ pub(super) mod tests {
             (4, 6, 14, 5, 3, 1, 1),
             (2, 4, 7, 9, 3, 1, 1),
             (2, 3, 28, 4, 7, 1, 3),
+            (3, 5, 28, 6, 3, 2, 1),
+            (2, 4, 7, 9, 3, 2, 1),
+            (2, 6, 14, 5, 1, 2, 0),
+            (1, 3, 56, 2, 3, 2, 1),
         ];
         for t in shapes {
             let s = shape(t);
