@@ -95,7 +95,9 @@ fn ops_rows_follow_the_model() {
         for dir in ["fwd", "bwd"] {
             let convs: Vec<&Value> = rows
                 .iter()
-                .filter(|r| r["op"] == "conv2d" && r["dir"] == dir)
+                .filter(|r| {
+                    (r["op"] == "conv2d" || r["op"] == "projected_fusion") && r["dir"] == dir
+                })
                 .collect();
             let mut got: BTreeMap<String, usize> = BTreeMap::new();
             for r in &convs {
@@ -138,7 +140,7 @@ fn ops_rows_follow_the_model() {
             "softmax",
             "cross_entropy",
             "l2_normalize",
-            "similarity_fusion",
+            "projected_fusion",
             "weighted_consistency",
             "pgc_loss",
         ] {
@@ -158,7 +160,7 @@ fn ops_rows_follow_the_model() {
             .collect();
         assert_eq!(names, expect, "{image} px: op list");
 
-        let compute = ["conv2d", "linear", "similarity_fusion", "pgc_loss"];
+        let compute = ["conv2d", "linear", "projected_fusion", "pgc_loss"];
         for r in &rows {
             assert_eq!(r["bench"], "ops");
             assert_eq!(r["device"], "cpu");

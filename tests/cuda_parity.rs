@@ -1636,6 +1636,61 @@ fn similarity_fusion() {
     }
 }
 
+/// The projected fusion: on CUDA the two ops in turn (the trait's default), on the CPU without
+/// the projected map; the output and every gradient against each other (tol as the fusion's).
+#[test]
+fn projected_fusion() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(16);
+    for (b, c, d, hp, wp, hq, wq, bias) in [
+        (2, 5, 8, 6, 5, 3, 2, true),
+        (1, 3, 4, 7, 7, 1, 1, false),
+        (2, 16, 128, 28, 28, 4, 4, true),
+    ] {
+        let (xc, xg) = rand_pair(g, &mut rng, &[b, c, hp, wp], 1.0);
+        let (wc, wg) = rand_pair(g, &mut rng, &[d, c, 1, 1], 0.5);
+        let (bc, bg) = rand_pair(g, &mut rng, &[d], 0.5);
+        let (qc, qg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
+        let (gc, gg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
+        let what = format!(
+            "projected fusion low {:?} high {:?} bias {bias}",
+            xc.shape(),
+            qc.shape()
+        );
+        let (yg, sg) = g
+            .projected_fusion_fwd(&xg, &wg, bias.then_some(&bg), &qg)
+            .unwrap();
+        let (yc, sc) = cpu()
+            .projected_fusion_fwd(&xc, &wc, bias.then_some(&bc), &qc)
+            .unwrap();
+        close(&what, &yg, &yc, 1e-4, 1e-4);
+        let (rg, hg) = g
+            .projected_fusion_bwd(&xg, &wg, bias, &qg, &sg, &gg)
+            .unwrap();
+        let (rc, hc) = cpu()
+            .projected_fusion_bwd(&xc, &wc, bias, &qc, &sc, &gc)
+            .unwrap();
+        close(
+            &format!("{what} gx"),
+            rg.x.as_ref().unwrap(),
+            rc.x.as_ref().unwrap(),
+            1e-3,
+            1e-4,
+        );
+        close(&format!("{what} gw"), &rg.weight, &rc.weight, 1e-3, 1e-3);
+        close(&format!("{what} ghigh"), &hg, &hc, 1e-3, 1e-4);
+        if bias {
+            close(
+                &format!("{what} gb"),
+                rg.bias.as_ref().unwrap(),
+                rc.bias.as_ref().unwrap(),
+                1e-3,
+                1e-3,
+            );
+        }
+    }
+}
+
 // ---- optimisers (tol: rel 1e-6, abs 1e-7 per step) ----
 
 #[test]

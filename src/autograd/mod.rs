@@ -696,6 +696,34 @@ impl Graph {
         ))
     }
 
+    /// MedFuseNet similarity fusion of the 1×1 projection `P̂ = conv2d(x, w, b)` of a low-level
+    /// map with the high-level map `Q̂`: `similarity_fusion(conv2d(x, w, b), high)` as one node
+    /// (see [`crate::backend::Backend::projected_fusion_fwd`]).
+    pub fn projected_fusion(&mut self, x: Var, w: Var, b: Option<Var>, high: Var) -> Result<Var> {
+        let (xt, wt, ht) = (
+            self.value(x).clone(),
+            self.value(w).clone(),
+            self.value(high).clone(),
+        );
+        let bk = be(&xt)?;
+        let (y, saved) = bk.projected_fusion_fwd(&xt, &wt, b.map(|b| self.value(b)), &ht)?;
+        let mut parents = vec![x, w, high];
+        parents.extend(b);
+        let has_bias = b.is_some();
+        Ok(self.push(
+            y,
+            &parents,
+            Box::new(move |g, _| {
+                let (gr, gh) = bk.projected_fusion_bwd(&xt, &wt, has_bias, &ht, &saved, g)?;
+                let mut v = vec![gr.x, Some(gr.weight), Some(gh)];
+                if has_bias {
+                    v.push(gr.bias);
+                }
+                Ok(v)
+            }),
+        ))
+    }
+
     /// MedFuseNet similarity fusion of low-level `P̂` and high-level `Q̂` maps.
     pub fn similarity_fusion(&mut self, low: Var, high: Var) -> Result<Var> {
         let (lt, ht) = (self.value(low).clone(), self.value(high).clone());

@@ -533,6 +533,34 @@ pub fn fusion(low: &Tensor, high: &Tensor) -> Result<FusionGeom> {
     })
 }
 
+/// The projected fusion (a 1×1 convolution's output fused with `high`): `x [b, c, hp, wp]`,
+/// `w [d, c, 1, 1]`, `bias [d]`, `high [b, d, hq, wq]` → `(b, c, d, np, nq)`; what [`conv`],
+/// [`conv_bias`] and [`fusion`] refuse for the two ops in turn is refused with their messages.
+pub fn projected_fusion(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    high: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let s = conv(x, w, crate::backend::POINTWISE)?;
+    if s.k != 1 {
+        bail!(
+            "projected_fusion: weight {:?} is not a 1×1 convolution's",
+            w.shape()
+        );
+    }
+    conv_bias(&s, bias)?;
+    let (bq, d, hq, wq) = nchw(high, "similarity_fusion high")?;
+    if bq != s.n || d != s.cout {
+        bail!(
+            "similarity_fusion: low {:?} and high {:?} differ in batch or channels",
+            [s.n, s.cout, s.h, s.w],
+            high.shape()
+        );
+    }
+    Ok((s.n, s.cin, d, s.h * s.w, hq * wq))
+}
+
 /// The similarity fusion's saved `Sᵀ`: `[b, nq, np]` for the maps of `g`.
 pub fn fusion_similarity(st: &Tensor, g: &FusionGeom) -> Result<()> {
     if st.shape() != [g.b, g.nq, g.np] {

@@ -257,6 +257,35 @@ impl Conv2d {
         let b = self.b.map(|b| bind.var(g, store, b));
         g.conv2d(x, w, b, self.p)
     }
+
+    /// The graph variables of the weight and bias.
+    pub fn vars(
+        &self,
+        g: &mut Graph,
+        store: &ParamStore,
+        bind: &mut Binding,
+    ) -> (Var, Option<Var>) {
+        let w = bind.var(g, store, self.w);
+        (w, self.b.map(|b| bind.var(g, store, b)))
+    }
+
+    /// `similarity_fusion(self(x), high)` with this layer's variables `(w, b)` ([`Conv2d::vars`]):
+    /// for a 1×1 convolution (stride 1, no padding) one graph node ([`Graph::projected_fusion`],
+    /// which the CPU computes without the projected map), for others the two ops in turn.
+    pub fn fused_with(
+        &self,
+        g: &mut Graph,
+        (w, b): (Var, Option<Var>),
+        x: Var,
+        high: Var,
+    ) -> Result<Var> {
+        let k = g.value(w).shape().get(2..).map(|s| s.to_vec());
+        if self.p != crate::backend::POINTWISE || k.as_deref() != Some(&[1, 1][..]) {
+            let p = g.conv2d(x, w, b, self.p)?;
+            return g.similarity_fusion(p, high);
+        }
+        g.projected_fusion(x, w, b, high)
+    }
 }
 
 /// Batch norm over channels (eps 1e-5, momentum 0.1, PyTorch running-variance convention).
@@ -647,9 +676,9 @@ impl MedFuseNet {
         }
         let feat_map = match (&self.conv_p, &self.conv_q) {
             (Some(cp), Some(cq)) => {
-                let p = cp.forward(g, s, bind, low)?;
+                let pv = cp.vars(g, s, bind);
                 let q = cq.forward(g, s, bind, h)?;
-                g.similarity_fusion(p, q)?
+                cp.fused_with(g, pv, low, q)?
             }
             _ => h,
         };

@@ -166,7 +166,7 @@ const COL_LIMIT: usize = 1 << 16;
 
 /// Most parts the batch is cut into for the weight gradient: each part needs its own
 /// `Cout × Cin·k·k` buffer, so this bounds the extra memory whatever the batch or core count.
-const MAX_PARTS: usize = 16;
+pub(super) const MAX_PARTS: usize = 16;
 
 /// Fewest chunks a batch is cut into, so that a few threads find work side by side even on
 /// layers whose whole batch would fit in one chunk.

@@ -574,6 +574,81 @@ impl Backend for CpuBackend {
         Ok((out(gl, low.shape()), out(gh, high.shape())))
     }
 
+    fn projected_fusion_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        high: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (bn, c, d, np, nq) = shapes::projected_fusion(x, w, b, high)?;
+        let dims = fusion::ProjectedDims {
+            b: bn,
+            c,
+            d,
+            np,
+            nq,
+        };
+        let bias = b.map(data).transpose()?;
+        let (y, saved) = fusion::projected_fusion_fwd(data(x)?, data(w)?, bias, data(high)?, dims);
+        let saved = vec![
+            out(saved.st, &[bn, nq, np]),
+            out(saved.m, &[bn, c, nq]),
+            out(saved.z, &[bn, c, nq]),
+        ];
+        Ok((out(y, high.shape()), saved))
+    }
+    fn projected_fusion_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        has_bias: bool,
+        high: &Tensor,
+        saved: &[Tensor],
+        gy: &Tensor,
+    ) -> Result<(ConvGrads, Tensor)> {
+        let (bn, c, d, np, nq) = shapes::projected_fusion(x, w, None, high)?;
+        same_shape(high, gy, "projected_fusion backward")?;
+        let [st, m, z] = saved else {
+            crate::bail!(
+                "projected_fusion backward: {} saved tensors, expected S, M and Z",
+                saved.len()
+            );
+        };
+        for (t, want, what) in [
+            (st, [bn, nq, np], "S"),
+            (m, [bn, c, nq], "M"),
+            (z, [bn, c, nq], "Z"),
+        ] {
+            if t.shape() != want {
+                crate::bail!(
+                    "projected_fusion backward: saved {what} {:?}, expected {want:?}",
+                    t.shape()
+                );
+            }
+        }
+        let saved = fusion::ProjectedSaved {
+            st: data(st)?.to_vec(),
+            m: data(m)?.to_vec(),
+            z: data(z)?.to_vec(),
+        };
+        let dims = fusion::ProjectedDims {
+            b: bn,
+            c,
+            d,
+            np,
+            nq,
+        };
+        let (gx, gw, gb, gh) =
+            fusion::projected_fusion_bwd(data(x)?, data(w)?, data(high)?, &saved, data(gy)?, dims);
+        let grads = ConvGrads {
+            x: Some(out(gx, x.shape())),
+            weight: out(gw, w.shape()),
+            bias: has_bias.then(|| out(gb, &[d])),
+        };
+        Ok((grads, out(gh, high.shape())))
+    }
+
     fn ema_update(&self, teacher: &mut Tensor, student: &Tensor, alpha: f32) -> Result<()> {
         same_shape(teacher, student, "ema_update")?;
         let s = data(student)?;

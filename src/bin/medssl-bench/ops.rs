@@ -127,8 +127,11 @@ pub enum Op {
         n: usize,
         e: usize,
     },
+    /// The fusion of the 1×1 projection (with bias) of a `c`-channel low-level map into `d`
+    /// channels with the high-level map (`projected_fusion`).
     Fusion {
         n: usize,
+        c: usize,
         d: usize,
         low: [usize; 2],
         high: [usize; 2],
@@ -210,9 +213,10 @@ impl Op {
             | Op::WeightedConsistency { n, c }
             | Op::EntropyWeight { n, c } => format!("z={}", list(&[*n, *c])),
             Op::L2Normalize { n, e } => format!("x={}", list(&[*n, *e])),
-            Op::Fusion { n, d, low, high } => format!(
-                "low={} high={}",
-                list(&[*n, *d, low[0], low[1]]),
+            Op::Fusion { n, c, d, low, high } => format!(
+                "x={} w={} high={}",
+                list(&[*n, *c, low[0], low[1]]),
+                list(&[*d, *c, 1, 1]),
                 list(&[*n, *d, high[0], high[1]])
             ),
             Op::Pgc { n, e, keys } => format!("q={} keys={}", list(&[*n, *e]), list(&[*keys, *e])),
@@ -243,9 +247,12 @@ impl Op {
                 Some(2.0 * (x[0] * cout * ho * wo * x[1] * k * k) as f64)
             }
             Op::Linear { n, din, dout } => Some(2.0 * (n * din * dout) as f64),
-            // S = P̂ᵀQ̂ and P̂·S per image.
-            Op::Fusion { n, d, low, high } => {
-                Some(2.0 * 2.0 * (n * d * low[0] * low[1] * high[0] * high[1]) as f64)
+            // The model's count, as PyTorch computes it: the projection P̂ = W·X, then S = P̂ᵀQ̂
+            // and P̂·S per image (the CPU's fused form does about c/d of the fusion's products
+            // and none of the projection's, so its GFLOP/s is nominal).
+            Op::Fusion { n, c, d, low, high } => {
+                let (np, nq) = (low[0] * low[1], high[0] * high[1]);
+                Some(2.0 * (n * c * d * np) as f64 + 2.0 * 2.0 * (n * d * np * nq) as f64)
             }
             // q·keysᵀ.
             Op::Pgc { n, e, keys } => Some(2.0 * (n * e * keys) as f64),
@@ -261,7 +268,8 @@ impl Op {
             Op::Conv { need_x, .. } => f * if *need_x { 2.0 } else { 1.0 },
             // gx = g·W and gW = gᵀ·x.
             Op::Linear { .. } => 2.0 * f,
-            // From the forward's S: gS = P̂ᵀ·gy, gy·Sᵀ, Q̂·gAᵀ, P̂·gA: 4 products against 2.
+            // The projection's two gradient products and, from the forward's S, the fusion's
+            // four (gS = P̂ᵀ·gy, gy·Sᵀ, Q̂·gAᵀ, P̂·gA): twice the forward's.
             Op::Fusion { .. } => 2.0 * f,
             // Logits recomputed, then gq = coef·keys.
             Op::Pgc { .. } => 2.0 * f,
@@ -472,17 +480,17 @@ pub fn model_cases(cfg: &ModelConfig, image: usize, n: usize, queue: usize) -> V
         }
     }
     let fmap = if cfg.fusion {
-        let p = conv(&mut cs, "fuse.conv_p", low, cfg.d, 1, 1, 0, true, true);
         let q = conv(&mut cs, "fuse.conv_q", h, cfg.d, 1, 1, 0, true, true);
         cs.add(
-            "similarity_fusion",
+            "projected_fusion",
             Op::Fusion {
                 n,
+                c: low[1],
                 d: cfg.d,
-                low: [p[2], p[3]],
+                low: [low[2], low[3]],
                 high: [q[2], q[3]],
             },
-            "fuse",
+            "fuse.conv_p+fuse",
         );
         q
     } else {
@@ -789,17 +797,19 @@ fn run_case(
             })?;
             (f, Some(b))
         }
-        Op::Fusion { n, d, low, high } => {
-            let lo = g.x(&[*n, *d, low[0], low[1]])?;
+        Op::Fusion { n, c, d, low, high } => {
+            let x = g.x(&[*n, *c, low[0], low[1]])?;
+            let w = g.x(&[*d, *c, 1, 1])?;
+            let b = g.x(&[*d])?;
             let hi = g.x(&[*n, *d, high[0], high[1]])?;
             let gy = g.x(hi.shape())?;
             let f = t(&mut || {
-                bk.similarity_fusion_fwd(&lo, &hi)?;
+                bk.projected_fusion_fwd(&x, &w, Some(&b), &hi)?;
                 Ok(())
             })?;
-            let (_, st) = bk.similarity_fusion_fwd(&lo, &hi)?;
+            let (_, saved) = bk.projected_fusion_fwd(&x, &w, Some(&b), &hi)?;
             let b = t(&mut || {
-                bk.similarity_fusion_bwd(&lo, &hi, &st, &gy)?;
+                bk.projected_fusion_bwd(&x, &w, true, &hi, &saved, &gy)?;
                 Ok(())
             })?;
             (f, Some(b))
@@ -1101,7 +1111,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
     if cases.is_empty() {
         bail!(
             "--op {}: no op matches (ops: conv2d, batch_norm_train, relu, max_pool2d, \
-             global_avg_pool, linear, cross_entropy, softmax, l2_normalize, similarity_fusion, \
+             global_avg_pool, linear, cross_entropy, softmax, l2_normalize, projected_fusion, \
              weighted_consistency, entropy_weight, pgc_loss, adam_step, ema_update)",
             a.op.as_deref().unwrap_or("")
         );
@@ -1426,6 +1436,7 @@ mod tests {
                 let shape = match &k.op {
                     Op::Conv { x, cout, k, .. } => vec![*cout, x[1], *k, *k],
                     Op::Linear { din, dout, .. } => vec![*dout, *din],
+                    Op::Fusion { c, d, .. } => vec![*d, *c, 1, 1],
                     _ => continue,
                 };
                 *got.entry(shape).or_default() += k.layers.len();
@@ -1442,7 +1453,7 @@ mod tests {
                 img > 64,
                 "{img} px"
             );
-            assert_eq!(cases.iter().any(|k| k.name == "similarity_fusion"), fusion);
+            assert_eq!(cases.iter().any(|k| k.name == "projected_fusion"), fusion);
             for k in &cases {
                 if let Op::Adam { shapes } | Op::Ema { shapes } = &k.op {
                     assert_eq!(shapes.len(), n_params);
@@ -1457,8 +1468,9 @@ mod tests {
         let c = cfg(16, 28, true);
         let cases = model_cases(&c, 28, 36, 4096);
         let convs: Vec<&Case> = cases.iter().filter(|k| k.name == "conv2d").collect();
-        // Stem, layer1 3×3, then conv1 s2 + conv2 + 1×1 downsample for layers 2-4, conv_p, conv_q.
-        assert_eq!(convs.len(), 13);
+        // Stem, layer1 3×3, then conv1 s2 + conv2 + 1×1 downsample for layers 2-4, conv_q (conv_p
+        // is inside the projected fusion).
+        assert_eq!(convs.len(), 12);
         for (i, a) in convs.iter().enumerate() {
             for b in &convs[i + 1..] {
                 assert_ne!(a.op.shape(), b.op.shape());
