@@ -200,7 +200,7 @@ pub fn projected_fusion_bwd(
     x: &[f32],
     w: &[f32],
     high: &[f32],
-    saved: &ProjectedSaved,
+    (st_all, m_all, z_all): (&[f32], &[f32], &[f32]),
     gy: &[f32],
     ProjectedDims { b, c, d, np, nq }: ProjectedDims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -229,23 +229,29 @@ pub fn projected_fusion_bwd(
         .zip(parts)
         .with_max_len(1)
         .for_each(|(((gw, gxp), gqp), range)| {
+            // Per-part work buffers, every element written before it is read for each image:
+            // [gZ | M] [c, 2Nq], [Sᵀ; gAᵀ] [2Nq, Np], gZ and gM [c, Nq], [gy | Q̂] [d, 2Nq],
+            // [Z | gM] [c, 2Nq].
+            let mut a2 = vec![0.0f32; c * 2 * nq];
+            let mut b2 = vec![0.0f32; 2 * nq * np];
+            let mut gz = vec![0.0f32; c * nq];
+            let mut gm = vec![0.0f32; c * nq];
+            let mut l2 = vec![0.0f32; d * 2 * nq];
+            let mut r2 = vec![0.0f32; c * 2 * nq];
             for n in range.clone() {
                 let k = n - range.start;
                 let g = &gy[n * d * nq..(n + 1) * d * nq];
                 let xi = &x[n * c * np..(n + 1) * c * np];
                 let q = &high[n * d * nq..(n + 1) * d * nq];
-                let st = &saved.st[n * nq * np..(n + 1) * nq * np];
-                let m = &saved.m[n * c * nq..(n + 1) * c * nq];
-                let z = &saved.z[n * c * nq..(n + 1) * c * nq];
+                let st = &st_all[n * nq * np..(n + 1) * nq * np];
+                let m = &m_all[n * c * nq..(n + 1) * c * nq];
+                let z = &z_all[n * c * nq..(n + 1) * c * nq];
                 // [gZ | M] [c, 2Nq] and [Sᵀ; gAᵀ] [2Nq, Np].
-                let mut a2 = vec![0.0f32; c * 2 * nq];
-                let mut gz = vec![0.0f32; c * nq];
                 sgemm(c, nq, d, w, true, g, false, &mut gz, false, false);
                 for ((row, gr), mr) in a2.chunks_mut(2 * nq).zip(gz.chunks(nq)).zip(m.chunks(nq)) {
                     row[..nq].copy_from_slice(gr);
                     row[nq..].copy_from_slice(mr);
                 }
-                let mut b2 = vec![0.0f32; 2 * nq * np];
                 let (sb, gat) = b2.split_at_mut(nq * np);
                 sb.copy_from_slice(st);
                 sgemm(nq, np, c, &gz, true, xi, false, gat, false, false);
@@ -258,7 +264,6 @@ pub fn projected_fusion_bwd(
                 let gxi = &mut gxp[k * c * np..(k + 1) * c * np];
                 sgemm(c, np, 2 * nq, &a2, false, &b2, false, gxi, false, false);
                 // gM [c, Nq] = X [c, Np] · gA [Np, Nq], gA read as (gAᵀ)ᵀ.
-                let mut gm = vec![0.0f32; c * nq];
                 sgemm(
                     c,
                     nq,
@@ -275,12 +280,10 @@ pub fn projected_fusion_bwd(
                 let gq = &mut gqp[k * d * nq..(k + 1) * d * nq];
                 sgemm(d, nq, c, w, false, &gm, false, gq, true, false);
                 // gW += [gy | Q̂] [d, 2Nq] · [Z | gM]ᵀ.
-                let mut l2 = vec![0.0f32; d * 2 * nq];
                 for ((row, gr), qr) in l2.chunks_mut(2 * nq).zip(g.chunks(nq)).zip(q.chunks(nq)) {
                     row[..nq].copy_from_slice(gr);
                     row[nq..].copy_from_slice(qr);
                 }
-                let mut r2 = vec![0.0f32; c * 2 * nq];
                 for ((row, zr), mr) in r2.chunks_mut(2 * nq).zip(z.chunks(nq)).zip(gm.chunks(nq)) {
                     row[..nq].copy_from_slice(zr);
                     row[nq..].copy_from_slice(mr);

@@ -627,11 +627,6 @@ impl Backend for CpuBackend {
                 );
             }
         }
-        let saved = fusion::ProjectedSaved {
-            st: data(st)?.to_vec(),
-            m: data(m)?.to_vec(),
-            z: data(z)?.to_vec(),
-        };
         let dims = fusion::ProjectedDims {
             b: bn,
             c,
@@ -639,8 +634,9 @@ impl Backend for CpuBackend {
             np,
             nq,
         };
+        let saved = (data(st)?, data(m)?, data(z)?);
         let (gx, gw, gb, gh) =
-            fusion::projected_fusion_bwd(data(x)?, data(w)?, data(high)?, &saved, data(gy)?, dims);
+            fusion::projected_fusion_bwd(data(x)?, data(w)?, data(high)?, saved, data(gy)?, dims);
         let grads = ConvGrads {
             x: Some(out(gx, x.shape())),
             weight: out(gw, w.shape()),
