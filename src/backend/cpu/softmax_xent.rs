@@ -17,7 +17,7 @@ use super::elementwise::sum8;
 /// range, tested against f64; libm's `expf` is correctly rounded, within 0.5);
 /// `e^x` overflows to +∞ above about 88.72 and is 0 below about −103.97; NaN stays NaN.
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
