@@ -154,7 +154,8 @@ pub fn batch_norm_train_fwd(
 }
 
 super::simd::widest_simd! {
-    /// Channel `ch`'s `(Σ gy, Σ gy·x̂)` with `x̂ = (x − mean)·invstd`, into `out`.
+    /// Channel `ch`'s `(Σ gy, Σ gy·x̂)` with `x̂ = (x − mean)·invstd`, into `out`; `geom` is
+    /// `(n, c, hw, ch)`.
     fn grad_sum(
         x: &[f32],
         gy: &[f32],
@@ -163,8 +164,7 @@ super::simd::widest_simd! {
         invstd: f32,
         out: &mut (f64, f64),
     ) {
-        let (n, c, hw, ch) = geom;
-        *out = channel_sums((x, gy), (n, c, hw, ch), (mean, invstd));
+        *out = channel_sums((x, gy), geom, (mean, invstd));
     }
 }
 
