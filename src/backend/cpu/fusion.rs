@@ -28,12 +28,32 @@ fn dot8(a: &[f32], b: &[f32]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// `Sᵀ [nq, np]` for one image, in `st`.
-fn similarity_t(p: &[f32], q: &[f32], d: usize, np: usize, nq: usize, st: &mut [f32]) {
-    sgemm(nq, np, d, q, true, p, false, st, false, false);
-    let r = 1.0 / (d as f32).sqrt();
+/// `Sᵀ [nq, np]` for one image, in `st`: the softmax of each row of `r·qᵀ·p` (`q [k, nq]`,
+/// `p [k, np]`).
+fn similarity_t(p: &[f32], q: &[f32], k: usize, (np, nq): (usize, usize), r: f32, st: &mut [f32]) {
+    sgemm(nq, np, k, q, true, p, false, st, false, false);
     st.chunks_mut(np)
         .for_each(|row| softmax_scaled_in_place(row, r));
+}
+
+/// The softmax backward of each row of `Sᵀ` (`st`, rows of `np`), scaled by `r`: `gat` holds
+/// `gSᵀ` and becomes `r·Sᵀ ⊙ (gSᵀ − rowsum(gSᵀ ⊙ Sᵀ))`.
+fn softmax_rows_bwd(gat: &mut [f32], st: &[f32], np: usize, r: f32) {
+    for (gr, sr) in gat.chunks_mut(np).zip(st.chunks(np)) {
+        let dot = dot8(gr, sr) as f32;
+        gr.iter_mut()
+            .zip(sr)
+            .for_each(|(g, s)| *g = s * (*g - dot) * r);
+    }
+}
+
+/// `dst [rows, 2n] = [a | b]` for `a`, `b` `[rows, n]`: the left operand of a product whose
+/// inner dimension is doubled to add two products in one.
+fn side_by_side(dst: &mut [f32], a: &[f32], b: &[f32], n: usize) {
+    for ((row, ar), br) in dst.chunks_mut(2 * n).zip(a.chunks(n)).zip(b.chunks(n)) {
+        row[..n].copy_from_slice(ar);
+        row[n..].copy_from_slice(br);
+    }
 }
 
 /// `(y, Sᵀ)`: the fused maps `[B, d, Nq]` and the similarity `Sᵀ [B, Nq, Np]` the backward
@@ -54,7 +74,7 @@ pub fn similarity_fusion_fwd(
         .for_each(|(n, (yn, st))| {
             let p = &low[n * d * np..(n + 1) * d * np];
             let q = &high[n * d * nq..(n + 1) * d * nq];
-            similarity_t(p, q, d, np, nq, st);
+            similarity_t(p, q, d, (np, nq), 1.0 / (d as f32).sqrt(), st);
             sgemm(d, nq, np, p, false, st, true, yn, true, false);
         });
     (y, st_all)
@@ -91,19 +111,11 @@ pub fn similarity_fusion_bwd(
             let (st, gat) = b2.split_at_mut(nq * np);
             st.copy_from_slice(&st_all[n * nq * np..(n + 1) * nq * np]);
             sgemm(nq, np, d, g, true, p, false, gat, false, false);
-            for (gr, sr) in gat.chunks_mut(np).zip(st.chunks(np)) {
-                let dot = dot8(gr, sr) as f32;
-                gr.iter_mut()
-                    .zip(sr)
-                    .for_each(|(g, s)| *g = s * (*g - dot) * r);
-            }
+            softmax_rows_bwd(gat, st, np, r);
             // gat now holds gAᵀ/√d. gP̂ = gy·Sᵀ + Q̂·gAᵀ/√d is one product with the inner
             // dimension doubled, [gy | Q̂] [d, 2Nq] · [Sᵀ; gAᵀ/√d], so gP̂ is written once.
             let mut a2 = vec![0.0f32; d * 2 * nq];
-            for ((row, gr), qr) in a2.chunks_mut(2 * nq).zip(g.chunks(nq)).zip(q.chunks(nq)) {
-                row[..nq].copy_from_slice(gr);
-                row[nq..].copy_from_slice(qr);
-            }
+            side_by_side(&mut a2, g, q, nq);
             sgemm_uninit(d, np, 2 * nq, &a2, false, &b2, false, gp, false);
             sgemm(d, nq, np, p, false, &b2[nq * np..], true, gq, true, false);
         });
@@ -169,9 +181,7 @@ pub fn projected_fusion_fwd(
                 let q = &high[n * d * nq..(n + 1) * d * nq];
                 // M [c, Nq] = Wᵀ [c, d] · Q̂ [d, Nq]; Sᵀ [Nq, Np] = softmax rows of Mᵀ·X/√d.
                 sgemm(c, nq, d, w, true, q, false, m, false, false);
-                sgemm(nq, np, c, m, true, xi, false, st, false, false);
-                st.chunks_mut(np)
-                    .for_each(|row| softmax_scaled_in_place(row, r));
+                similarity_t(xi, m, c, (np, nq), r, st);
                 // Z [c, Nq] = X [c, Np] · S [Np, Nq], S read as (Sᵀ)ᵀ; y += W·Z.
                 sgemm(c, nq, np, xi, false, st, true, z, false, false);
                 sgemm(d, nq, c, w, false, z, false, yn, true, false);
@@ -248,19 +258,11 @@ pub fn projected_fusion_bwd(
                 let z = &z_all[n * c * nq..(n + 1) * c * nq];
                 // [gZ | M] [c, 2Nq] and [Sᵀ; gAᵀ] [2Nq, Np].
                 sgemm(c, nq, d, w, true, g, false, &mut gz, false, false);
-                for ((row, gr), mr) in a2.chunks_mut(2 * nq).zip(gz.chunks(nq)).zip(m.chunks(nq)) {
-                    row[..nq].copy_from_slice(gr);
-                    row[nq..].copy_from_slice(mr);
-                }
+                side_by_side(&mut a2, &gz, m, nq);
                 let (sb, gat) = b2.split_at_mut(nq * np);
                 sb.copy_from_slice(st);
                 sgemm(nq, np, c, &gz, true, xi, false, gat, false, false);
-                for (gr, sr) in gat.chunks_mut(np).zip(st.chunks(np)) {
-                    let dot = dot8(gr, sr) as f32;
-                    gr.iter_mut()
-                        .zip(sr)
-                        .for_each(|(g, s)| *g = s * (*g - dot) * r);
-                }
+                softmax_rows_bwd(gat, st, np, r);
                 let gxi = &mut gxp[k * c * np..(k + 1) * c * np];
                 sgemm(c, np, 2 * nq, &a2, false, &b2, false, gxi, false, false);
                 // gM [c, Nq] = X [c, Np] · gA [Np, Nq], gA read as (gAᵀ)ᵀ.
@@ -280,14 +282,8 @@ pub fn projected_fusion_bwd(
                 let gq = &mut gqp[k * d * nq..(k + 1) * d * nq];
                 sgemm(d, nq, c, w, false, &gm, false, gq, true, false);
                 // gW += [gy | Q̂] [d, 2Nq] · [Z | gM]ᵀ.
-                for ((row, gr), qr) in l2.chunks_mut(2 * nq).zip(g.chunks(nq)).zip(q.chunks(nq)) {
-                    row[..nq].copy_from_slice(gr);
-                    row[nq..].copy_from_slice(qr);
-                }
-                for ((row, zr), mr) in r2.chunks_mut(2 * nq).zip(z.chunks(nq)).zip(gm.chunks(nq)) {
-                    row[..nq].copy_from_slice(zr);
-                    row[nq..].copy_from_slice(mr);
-                }
+                side_by_side(&mut l2, g, q, nq);
+                side_by_side(&mut r2, z, &gm, nq);
                 sgemm(d, c, 2 * nq, &l2, false, &r2, true, gw, true, false);
             }
         });
