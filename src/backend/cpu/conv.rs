@@ -838,7 +838,14 @@ pub fn conv2d_bwd(
     let xs = s.cin * s.h * s.w;
     let ys = s.cout * howo;
     if s.n == 0 || ys == 0 || xs == 0 {
-        let gb = has_bias.then(|| vec![0.0f32; s.cout]);
+        // Without input channels the output is the bias alone, whose gradient is still Σ gy.
+        let gb = has_bias.then(|| {
+            if s.n * ys == 0 {
+                vec![0.0f32; s.cout]
+            } else {
+                bias_grad(gy, s.n, s.cout, howo)
+            }
+        });
         return (
             need_x.then(|| vec![0.0f32; s.n * xs]),
             vec![0.0f32; s.cout * kd],
@@ -1152,6 +1159,27 @@ pub(super) mod tests {
                 "gx of {s:?} without a bias"
             );
             assert_eq!(bits(&gw), bits(&got[2]), "gw of {s:?} without a bias");
+        }
+    }
+
+    /// Without input channels the output is the bias alone: its gradient is still Σ gy (the
+    /// weight and input gradients are empty), as the reference and the CUDA backend give.
+    #[test]
+    fn no_input_channels_still_give_the_bias_gradient() {
+        for t in [
+            (2, 0, 3, 4, 1, 1, 0),
+            (3, 0, 5, 2, 3, 2, 1),
+            (1, 0, 4, 3, 3, 1, 1),
+        ] {
+            let s = shape(t);
+            let [x, w, b, gy] = inputs(&s, 5);
+            let got = forward_backward(&s, [&x, &w, &b, &gy]);
+            assert_matches_reference(&s, &got, [&x, &w, &b, &gy]);
+            assert!(
+                got[3].iter().any(|v| *v != 0.0),
+                "gb of {s:?}: {:?}",
+                got[3]
+            );
         }
     }
 

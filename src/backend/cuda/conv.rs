@@ -1173,7 +1173,12 @@ pub(super) fn conv2d_fwd(
     shapes::conv_bias(&s, b)?;
     let out = s.out_shape();
     if s.n == 0 || s.cout == 0 || s.cin == 0 {
-        return be.zeros(&out);
+        // Without input channels the output is the bias alone.
+        let y = be.zeros(&out)?;
+        if let (Some(b), true) = (b, y.numel() > 0) {
+            elementwise::add_bias(be, &y, b, s.cout, s.ho() * s.wo())?;
+        }
+        return Ok(y);
     }
     let y = be.empty(&out)?;
     let pass = match be.conv.dnn_for(&s) {

@@ -92,6 +92,8 @@ pub(crate) struct Pool {
     /// Bytes handed out and not yet given back, and the most seen since the last reset.
     in_use: AtomicUsize,
     peak: AtomicUsize,
+    /// Times the cached buffers were freed ([`Pool::trim`]), by any thread.
+    trims: AtomicUsize,
 }
 
 thread_local! {
@@ -180,6 +182,7 @@ impl Pool {
 
     /// Frees every cached buffer.
     fn trim(&self) {
+        self.trims.fetch_add(1, Ordering::Relaxed);
         let drained: Vec<Buf> = lock(&self.free).drain().flat_map(|(_, v)| v).collect();
         if let Some(stream) = &self.stream {
             let _ = stream.context().bind_to_thread();
@@ -506,6 +509,7 @@ impl CudaBackend {
                 reuses: AtomicUsize::new(0),
                 in_use: AtomicUsize::new(0),
                 peak: AtomicUsize::new(0),
+                trims: AtomicUsize::new(0),
             }),
             conv: conv::ConvEngine::without_cudnn("CPU emulation: cuDNN is not emulated"),
             counts: Mutex::new(HashMap::new()),
@@ -584,6 +588,7 @@ impl CudaBackend {
             reuses: AtomicUsize::new(0),
             in_use: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            trims: AtomicUsize::new(0),
         });
         let conv = conv::ConvEngine::new(&stream);
         let sms = ctx
@@ -626,6 +631,14 @@ impl CudaBackend {
     /// this device, so a caller can measure its own ops while other threads use the device.
     pub fn thread_alloc_stats(&self) -> (usize, usize) {
         THREAD_STATS.with(|t| t.borrow().get(self.ordinal).copied().unwrap_or((0, 0)))
+    }
+
+    /// How many times any thread has freed the caching allocator's cached buffers (a step graph
+    /// taking over the working set, or an allocation that ran out of memory): a caller counting
+    /// its own fresh allocations with [`CudaBackend::thread_alloc_stats`] sees one after a trim
+    /// even when its own requests are all of sizes it gave back.
+    pub fn pool_trims(&self) -> usize {
+        self.pool.trims.load(Ordering::Relaxed)
     }
 
     /// Device work issued since start-up (or the last [`CudaBackend::reset_launch_counts`]), over
