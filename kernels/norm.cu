@@ -251,10 +251,11 @@ __device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo
 // elements four strides at a time (the four loads in flight together: one load at a time per thread
 // leaves the memory system idle); two-pass sums them into four accumulators, combined in a fixed
 // order at the end.
+template <int G = 1>
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
                                                const float* x, float* mu_out, float* m2_out) {
     if (welford) {
-        const Moments r = bn_range_moments<1>(C, HW, c, lo, hi, x, BnLoad());
+        const Moments r = bn_range_moments<G>(C, HW, c, lo, hi, x, BnLoad());
         *mu_out = r.mean;
         *m2_out = r.m2;
         return;
@@ -752,21 +753,49 @@ __device__ __forceinline__ void bn_split_combine(const float* part, int M, int c
 // combined by the channel's last block with the pairwise update of Chan et al. (n = na + nb,
 // d = mean_b - mean_a, mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n), then stored as
 // bn_stats does (running statistics included).
-extern "C" __global__ void bn_stats_split(int N, int C, int HW, int S, float eps, int welford,
-                                          const float* x, float* part, unsigned* count,
-                                          float* mean, float* invstd, float* var_unbiased,
-                                          float momentum, const float* rm, const float* rv,
-                                          float* rm_out, float* rv_out) {
+//
+// The one-pass statistics load G groups of four strides per thread at a time (bn_range_moments:
+// the same bits for any G): bn_stats_split G = 1 (four loads in flight per thread),
+// bn_stats_split_g2 and _g4 (eight, sixteen; MEDSSL_CUDA_BN_INFLIGHT), for activations whose
+// reduction is short of bytes in flight rather than of bandwidth.
+template <int G>
+__device__ __forceinline__ void bn_stats_split_body(int N, int C, int HW, int S, float eps,
+                                                    int welford, const float* x, float* part,
+                                                    unsigned* count, float* mean, float* invstd,
+                                                    float* var_unbiased, float momentum,
+                                                    const float* rm, const float* rv,
+                                                    float* rm_out, float* rv_out) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float mu_s = 0.f, m2_s = 0.f;
-    if (k.lo < k.hi) bn_range_stats(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s);
+    if (k.lo < k.hi) bn_range_stats<G>(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s);
     if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
     float mu, var;
     bn_split_combine(part, M, c, S, &mu, &var);
     count[c] = 0u;
     bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
                    rv_out);
+}
+
+// The three entry points' parameters (one kernel each, so that each has its own register count
+// and its name in a profile).
+#define BN_STATS_SPLIT_PARAMS                                                                     \
+    int N, int C, int HW, int S, float eps, int welford, const float *x, float *part,           \
+        unsigned *count, float *mean, float *invstd, float *var_unbiased, float momentum,        \
+        const float *rm, const float *rv, float *rm_out, float *rv_out
+// (Each body names its device function itself: build.rs reads the bodies to find the kernels
+// that synchronise, which the emulation runs on fibers.)
+extern "C" __global__ void bn_stats_split(BN_STATS_SPLIT_PARAMS) {
+    bn_stats_split_body<1>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
+                           momentum, rm, rv, rm_out, rv_out);
+}
+extern "C" __global__ void bn_stats_split_g2(BN_STATS_SPLIT_PARAMS) {
+    bn_stats_split_body<2>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
+                           momentum, rm, rv, rm_out, rv_out);
+}
+extern "C" __global__ void bn_stats_split_g4(BN_STATS_SPLIT_PARAMS) {
+    bn_stats_split_body<4>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
+                           momentum, rm, rv, rm_out, rv_out);
 }
 
 // Channel c's gradient sums from the partial sums of its S chunks in part[(c*S + t)*2 ..], added
@@ -901,18 +930,19 @@ struct BnFromKept {
     }
 };
 
-extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap, float eps,
-                                           const float* x, float* part, unsigned* count,
-                                           float* mean, float* invstd, float* var_unbiased,
-                                           float momentum, const float* rm, const float* rv,
-                                           float* rm_out, float* rv_out, const float* gamma,
-                                           const float* beta, const float* res, int relu,
-                                           float* y) {
+// bn_fwd_resident loads G = 2 groups of four strides per thread at a time, bn_fwd_resident_g1 and
+// _g4 one and four (MEDSSL_CUDA_BN_INFLIGHT; the same bits).
+template <int G>
+__device__ __forceinline__ void bn_fwd_resident_body(
+    int N, int C, int HW, int S, int cap, float eps, const float* x, float* part, unsigned* count,
+    float* mean, float* invstd, float* var_unbiased, float momentum, const float* rm,
+    const float* rv, float* rm_out, float* rv_out, const float* gamma, const float* beta,
+    const float* res, int relu, float* y) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float* sh = dyn_shared_f32();
     Moments r{0, 0.f, 0.f};
-    if (k.lo < k.hi) r = bn_range_moments<2>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
+    if (k.lo < k.hi) r = bn_range_moments<G>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
     __shared__ float stat[2];
     if (threadIdx.x == 0) {
         bn_channel_arrive(part, count, c, S, s, r.mean, r.m2);
@@ -929,6 +959,24 @@ extern "C" __global__ void bn_fwd_resident(int N, int C, int HW, int S, int cap,
     if (k.lo < k.hi)
         bn_apply_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
                            BnFromKept{x, sh, k.lo, cap}, res, relu, y);
+}
+
+#define BN_FWD_RESIDENT_PARAMS                                                                    \
+    int N, int C, int HW, int S, int cap, float eps, const float *x, float *part,               \
+        unsigned *count, float *mean, float *invstd, float *var_unbiased, float momentum,        \
+        const float *rm, const float *rv, float *rm_out, float *rv_out, const float *gamma,      \
+        const float *beta, const float *res, int relu, float *y
+extern "C" __global__ void bn_fwd_resident(BN_FWD_RESIDENT_PARAMS) {
+    bn_fwd_resident_body<2>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+}
+extern "C" __global__ void bn_fwd_resident_g1(BN_FWD_RESIDENT_PARAMS) {
+    bn_fwd_resident_body<1>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+}
+extern "C" __global__ void bn_fwd_resident_g4(BN_FWD_RESIDENT_PARAMS) {
+    bn_fwd_resident_body<4>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
 }
 
 // ---- the one-launch backward for activations larger than the cache (MEDSSL_CUDA_BN_BWD=resident) ----

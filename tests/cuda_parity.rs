@@ -1186,12 +1186,90 @@ fn batch_norm_resident_kernels() {
                     "{shape:?}: {kernel} keeping {keep:?} differs"
                 );
             }
+            // The forward with 4 and 16 loads in flight per thread (MEDSSL_CUDA_BN_INFLIGHT;
+            // 8 by default): its other kernels, the same bits.
+            let variants: &[(usize, &str)] = match kind {
+                cu::Resident::Fwd => &[(4, "bn_fwd_resident_g1"), (16, "bn_fwd_resident_g4")],
+                _ => &[],
+            };
+            for &(inflight, variant) in variants {
+                let old = cu::set_bn_inflight(Some(inflight));
+                let before = launches_of(variant);
+                let out = bits(outputs(&case, on, s, Some(37)));
+                let launched = launches_of(variant) - before;
+                cu::set_bn_inflight(old);
+                if plan.is_some() {
+                    assert_eq!(launched, per_set, "{shape:?}: {variant} launches");
+                }
+                assert!(
+                    got == out,
+                    "{shape:?}: {variant} ({inflight} loads in flight) differs"
+                );
+            }
         }
     }
     assert!(
         ran.iter().all(|&n| n >= 7),
         "the resident kernels ran on only {ran:?} shapes"
     );
+}
+
+/// `MEDSSL_CUDA_BN_INFLIGHT` (set per thread here): the split statistics kernel with 4, 8 and 16
+/// loads in flight per thread gives the bits of its default (every thread still merges its
+/// elements four at a time in the same order), on shapes whose chunks hold from under one group
+/// of loads to many with a remainder, and each named kernel runs (the resident forward's
+/// variants: `batch_norm_resident_kernels`, which counts that kernel's launches exactly).
+#[test]
+fn batch_norm_loads_in_flight_keep_the_bits() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(37);
+    let run = |case: &BnCase, inflight: usize| {
+        let old = (
+            cu::set_bn_inflight(Some(inflight)),
+            cu::set_bn_resident(Some(false)),
+            cu::set_bn_split(Some(3)),
+            cu::set_bn_welford(Some(true)),
+            cu::set_bn_fused_max_m(0),
+        );
+        let out = case.outputs(g);
+        cu::set_bn_inflight(old.0);
+        cu::set_bn_resident(old.1);
+        cu::set_bn_split(old.2);
+        cu::set_bn_welford(old.3);
+        cu::set_bn_fused_max_m(old.4);
+        out
+    };
+    for shape in [
+        [2, 3, 5, 7],
+        [3, 5, 11, 13],
+        [1, 2, 64, 80],
+        [9, 7, 23, 19],
+        [2, 2, 160, 160],
+    ] {
+        let cpu_case = BnCase::random(&mut rng, &shape);
+        let case = cpu_case.on(g);
+        let want_cpu = cpu_case.outputs(cpu());
+        let want = run(&case, 0);
+        let m = (shape[0] * shape[2] * shape[3]) as f32;
+        for ((gt, ct), (name, rel, abs)) in want.iter().zip(&want_cpu).zip(bn_tolerances(m)) {
+            close(&format!("{shape:?} {name}"), gt, ct, rel, abs);
+        }
+        let bits = |o: [Tensor; 16]| o.map(|t| t.to_vec().unwrap());
+        let want = bits(want);
+        let kernels = ["bn_stats_split", "bn_stats_split_g2", "bn_stats_split_g4"];
+        for (inflight, kernel) in [4, 8, 16].into_iter().zip(kernels) {
+            let before = launches_of(kernel);
+            let got = bits(run(&case, inflight));
+            assert!(
+                launches_of(kernel) > before,
+                "{shape:?}: {inflight} loads in flight did not launch {kernel}"
+            );
+            assert!(
+                got == want,
+                "{shape:?}: {kernel} ({inflight} loads in flight) changed the bits"
+            );
+        }
+    }
 }
 
 /// Every batch-norm kernel reads only its own channel: inputs whose neighbouring channels lie
@@ -2346,7 +2424,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 14, "{r}");
+        assert_eq!(d.len(), 15, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2357,9 +2435,15 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_BN_FWD", "resident"),
         ("MEDSSL_CUDA_BN_BWD", "resident"),
         ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
+        ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
     assert_eq!(r["cudnn_fwd_algo"], "IMPLICIT_PRECOMP_GEMM", "{r}");
+    assert_eq!(
+        (&r["bn_inflight"], &r["defaults"]["bn_inflight"]),
+        (&serde_json::json!(16), &serde_json::json!("auto")),
+        "{r}"
+    );
     assert!(r["defaults"]["cudnn_fwd_algo"].is_null(), "{r}");
     for (k, now, default) in [
         ("conv", "im2col", "cudnn"),

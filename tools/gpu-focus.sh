@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # A focused GPU run for a session with little device time (packed as .gpu/gpu-focus.sh by
 # tools/gpu-pack.sh): gpu-run.sh with every correctness step (parity tests, conformance, the
-# training runs) but only the measurements of the work not yet timed on a GPU, each beside the
-# default it would replace and the PyTorch peer it is judged against:
-#   - the resident one-launch batch norm (MEDSSL_CUDA_BN_FWD=resident MEDSSL_CUDA_BN_BWD=resident):
-#     ops rows at width 64, batch 256 (the activations larger than L2) and at the model's width
-#     16, the device profile per call at [256,64,28,28], and the DSRPGC step plain and from a graph;
-#   - medssl's own convolution timing (MEDSSL_CUDNN_ALGO=time): the step at widths 16 and 64, and
-#     the width-16 convolutions under the profiler with every timing logged, against the default
-#     and PyTorch's convolutions.
-#   bash .gpu/gpu-focus.sh OUTDIR      (about 200 s of steps on an H100, an estimate from run 4)
+# training runs) but only the measurements of the open questions, each beside the default it
+# would replace and the PyTorch peer it is judged against:
+#   - loads in flight in the one-pass batch-norm statistics (MEDSSL_CUDA_BN_INFLIGHT=8|16, and
+#     4|16 for the resident forward, whose own is 8): ops rows at width 64, batch 256 (the
+#     activations larger than L2, where bn_stats_split read x at half the normalising pass's
+#     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
+#   - why MEDSSL_CUDNN_ALGO=time gained nothing from a CUDA graph in runs 6 and 7 (its graphs
+#     did hold the timed choices): the width-16 step from a graph and plain under the profiler,
+#     Find and time, device busy time beside wall time.
+#   bash .gpu/gpu-focus.sh OUTDIR      (about 150-250 s of steps on an H100, from runs 6 and 7)
 # Each variable below can still be overridden from the environment, as in gpu-run.sh.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 RES="MEDSSL_CUDA_BN_FWD=resident MEDSSL_CUDA_BN_BWD=resident"
 TIME="MEDSSL_CUDNN_ALGO=time"
+IN8="MEDSSL_CUDA_BN_INFLIGHT=8"
+IN16="MEDSSL_CUDA_BN_INFLIGHT=16"
+IN4="MEDSSL_CUDA_BN_INFLIGHT=4"
 W16="--device cuda --width 16"
 W64="--device cuda --width 64"
 BIG="--device cuda --width 64 --batch 256"
-CONV="--device cuda --width 16 --batch 36 --op conv2d --repeats 3 --profile"
-export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$RES $W16 --fill-queue|$RES $W16 --cuda-graph|$RES $W64 --fill-queue|$RES $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$TIME $W64 --cuda-graph"}"
+export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$IN16 $W64 --fill-queue|$RES $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue|$W64 --fill-queue"}"
-export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$RES $BIG --op batch_norm|$W16 --op batch_norm,conv2d|$RES $W16 --op batch_norm|$TIME $W16 --op conv2d"}"
-export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu|$W16 --batch 36 --op batch_norm,conv2d"}"
-export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG --op batch_norm --repeats 3 --profile|$RES $BIG --op batch_norm --repeats 3 --profile|MEDSSL_CUDNN_LOG=1 $CONV|$TIME MEDSSL_CUDNN_LOG=1 $CONV"}"
-export PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-"$BIG --op batch_norm --repeats 3 --profile|$CONV"}"
-export PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"$W16 --cuda-graph --profile|$RES $W64 --profile"}"
-export PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-"$W16 --fill-queue --profile"}"
+export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG --op batch_norm|$IN16 $BIG --op batch_norm|$RES $BIG --op batch_norm|$RES $IN4 $BIG --op batch_norm|$RES $IN16 $BIG --op batch_norm|$W16 --op batch_norm|$IN16 $W16 --op batch_norm"}"
+export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"
+export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG --op batch_norm --repeats 3 --profile|$IN8 $BIG --op batch_norm --repeats 3 --profile|$IN16 $BIG --op batch_norm --repeats 3 --profile|$RES $IN16 $BIG --op batch_norm --repeats 3 --profile"}"
+export PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-}"
+export PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"$W16 --cuda-graph --profile|$TIME $W16 --cuda-graph --profile|$TIME $W16 --fill-queue --profile"}"
+export PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-}"
 exec bash "$HERE/gpu-run.sh" "$@"

@@ -55,6 +55,7 @@ LABELS = {
     "bn_fused_max_m": lambda v: f"fused max {v}",
     "bn_split": lambda v: f"split {v}",
     "bn_stats": str,
+    "bn_inflight": lambda v: f"{v} loads in flight",
     "bn_apply": str,
     "bn_fwd": lambda v: f"bn fwd {v}",
     "bn_bwd": lambda v: f"bn bwd {v}",

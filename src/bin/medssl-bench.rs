@@ -175,7 +175,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 14] = [
+const SWITCH_KEYS: [&str; 15] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -187,6 +187,7 @@ const SWITCH_KEYS: [&str; 14] = [
     "bn_fused_max_m",
     "bn_split",
     "bn_stats",
+    "bn_inflight",
     "bn_apply",
     "bn_fwd",
     "bn_bwd",
@@ -222,6 +223,7 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
+    inflight: usize,
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -236,6 +238,10 @@ fn switch_values(
         "bn_fused_max_m": fused_max_m,
         "bn_split": split_json(split),
         "bn_stats": pick(welford, "welford", "two-pass"),
+        "bn_inflight": match inflight {
+            0 => serde_json::json!("auto"),
+            n => serde_json::json!(n),
+        },
         "bn_apply": pick(chunks, "chunks", "flat"),
         "bn_fwd": pick(resident, "resident", "split"),
         "bn_bwd": pick(resident_bwd, "resident", "split"),
@@ -265,6 +271,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_resident(),
                     cuda::bn_resident_bwd(),
                 ),
+                cuda::bn_inflight(),
             ),
             defaults: switch_values(
                 &d,
@@ -277,6 +284,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.bn_resident,
                     d.bn_resident_bwd,
                 ),
+                d.bn_inflight,
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),

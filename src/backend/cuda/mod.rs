@@ -29,9 +29,10 @@ pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
-    bn_apply_chunks, bn_fused_max_m, bn_resident, bn_resident_bwd, bn_split, bn_welford,
-    set_bn_apply_chunks, set_bn_fused_max_m, set_bn_resident, set_bn_resident_bwd,
-    set_bn_resident_keep, set_bn_split, set_bn_welford, Resident, BN_SPLIT_WAVE,
+    bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_resident, bn_resident_bwd, bn_split,
+    bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight, set_bn_resident,
+    set_bn_resident_bwd, set_bn_resident_keep, set_bn_split, set_bn_welford, Resident,
+    BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;
@@ -307,7 +308,12 @@ fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
 /// Kernels whose blocks wait for one another, so that all of them must be resident at once:
 /// launched as cooperative kernels (the driver refuses a grid larger than one wave), and run
 /// with every block at once on the emulated device.
-const COOPERATIVE: [&str; 2] = ["bn_fwd_resident", "bn_bwd_resident"];
+const COOPERATIVE: [&str; 4] = [
+    "bn_fwd_resident",
+    "bn_fwd_resident_g1",
+    "bn_fwd_resident_g4",
+    "bn_bwd_resident",
+];
 
 /// Whether kernel `name` is launched cooperatively (see [`COOPERATIVE`]).
 pub(crate) fn cooperative(name: &str) -> bool {
@@ -388,10 +394,11 @@ pub struct CudaBackend {
     in_flight: AtomicUsize,
     /// Blocks of the split batch-norm reductions the device holds at once (read once, see
     /// [`CudaBackend::split_resident_blocks`]).
-    split_resident: std::sync::OnceLock<usize>,
+    /// One per statistics kernel (`bn_stats_split`, `_g2`, `_g4`).
+    split_resident: [std::sync::OnceLock<usize>; 3],
     /// Launch limits of the resident batch-norm kernels, forward and backward (each read once,
     /// see [`CudaBackend::resident_limits`]).
-    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 2],
+    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 4],
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -517,7 +524,7 @@ impl CudaBackend {
             counters: Mutex::new(HashMap::new()),
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
-            split_resident: std::sync::OnceLock::new(),
+            split_resident: Default::default(),
             resident: Default::default(),
         }
     }
@@ -613,7 +620,7 @@ impl CudaBackend {
             counters: Mutex::new(HashMap::new()),
             capture_thread: Arc::new(AtomicU64::new(0)),
             in_flight: AtomicUsize::new(0),
-            split_resident: std::sync::OnceLock::new(),
+            split_resident: Default::default(),
             resident: Default::default(),
         })
     }

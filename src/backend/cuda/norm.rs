@@ -61,10 +61,17 @@ impl CudaBackend {
     /// fewer per multiprocessor, times the multiprocessors (2 per multiprocessor on the emulated
     /// device, what a GPU gives their 48-56 registers per thread). Read once.
     pub fn split_resident_blocks(&self) -> usize {
-        *self.split_resident.get_or_init(|| {
+        self.split_resident_blocks_with(1)
+    }
+
+    /// [`CudaBackend::split_resident_blocks`] with the statistics kernel that loads `g` groups
+    /// of four elements per thread at a time ([`stats_kernel`]; `g` 1, 2 or 4).
+    fn split_resident_blocks_with(&self, g: usize) -> usize {
+        let (i, stats) = stats_kernel(g);
+        *self.split_resident[i].get_or_init(|| {
             let per_sm = match &self.drv {
                 None => 2,
-                Some(d) => ["bn_stats_split", "bn_bwd_split"]
+                Some(d) => [stats, "bn_bwd_split"]
                     .iter()
                     .filter_map(|name| {
                         Self::func(d, name)
@@ -80,6 +87,27 @@ impl CudaBackend {
     }
 }
 
+/// The split statistics kernel that loads `g` groups of four elements per thread at a time
+/// (1, 2 or 4; see `MEDSSL_CUDA_BN_INFLIGHT`), with its index among them.
+fn stats_kernel(g: usize) -> (usize, &'static str) {
+    match g {
+        4 => (2, "bn_stats_split_g4"),
+        2 => (1, "bn_stats_split_g2"),
+        _ => (0, "bn_stats_split"),
+    }
+}
+
+/// Groups of four loads each thread of the one-pass statistics issues at a time in the split
+/// (`resident` false) or resident forward: [`bn_inflight`] / 4, or each kernel's own (1 split,
+/// 2 resident) under `auto`.
+fn stats_groups(resident: bool) -> usize {
+    match bn_inflight() {
+        0 if resident => 2,
+        0 => 1,
+        n => n / 4,
+    }
+}
+
 /// The resident batch-norm kernels: one cooperative launch of one wave of blocks, each block
 /// keeping what shared memory holds of its chunk (see kernels/norm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,29 +117,45 @@ pub enum Resident {
     /// `bn_bwd_resident` ([`bn_resident_bwd`], `MEDSSL_CUDA_BN_BWD=resident`): keeps the
     /// masked output gradient and x.
     Bwd,
+    /// `bn_fwd_resident_g1`: [`Resident::Fwd`] with four loads in flight per thread
+    /// (`MEDSSL_CUDA_BN_INFLIGHT=4`; `Fwd` has eight).
+    Fwd4,
+    /// `bn_fwd_resident_g4`: [`Resident::Fwd`] with sixteen (`MEDSSL_CUDA_BN_INFLIGHT=16`).
+    Fwd16,
 }
 
 impl Resident {
+    /// The resident forward that loads `g` groups of four elements per thread at a time.
+    fn fwd(g: usize) -> Resident {
+        match g {
+            1 => Resident::Fwd4,
+            4 => Resident::Fwd16,
+            _ => Resident::Fwd,
+        }
+    }
+
     fn kernel(self) -> &'static str {
         match self {
             Resident::Fwd => "bn_fwd_resident",
             Resident::Bwd => "bn_bwd_resident",
+            Resident::Fwd4 => "bn_fwd_resident_g1",
+            Resident::Fwd16 => "bn_fwd_resident_g4",
         }
     }
 
     /// The switch that asks for it, and what runs otherwise (for messages).
     fn switch(self) -> (&'static str, &'static str) {
         match self {
-            Resident::Fwd => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
             Resident::Bwd => ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards"),
+            _ => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
         }
     }
 
     /// Tensors whose elements a block keeps (each gets the same number of elements).
     fn arrays(self) -> usize {
         match self {
-            Resident::Fwd => 1,
             Resident::Bwd => 2,
+            _ => 1,
         }
     }
 }
@@ -268,6 +312,8 @@ thread_local! {
     static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_welford`]'s setting.
     static WELFORD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_inflight`]'s setting.
+    static INFLIGHT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_apply_chunks`]'s setting.
     static CHUNKS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_resident`]'s setting.
@@ -311,6 +357,27 @@ pub fn bn_welford() -> bool {
 /// setting.
 pub fn set_bn_welford(on: Option<bool>) -> Option<bool> {
     WELFORD_HERE.with(|s| s.replace(on))
+}
+
+/// Loads in flight per thread in the one-pass statistics of the split and resident forwards
+/// (4, 8 or 16; 0: `auto`, each kernel's own, 4 split and 8 resident): [`set_bn_inflight`]'s
+/// setting, else `MEDSSL_CUDA_BN_INFLIGHT` (see [`super::switches`]). The same bits for every
+/// setting: each thread still merges its elements four at a time in the same order. At
+/// `[256,64,28,28]` on an H100 the split statistics kernel (four in flight) read x at about
+/// 1.6 TB/s, half the rate of the normalising pass after it (bench/results/2026-11-27-h100.md,
+/// runs 6 and 7): short of bytes in flight rather than of bandwidth, it seems.
+pub fn bn_inflight() -> usize {
+    here(&INFLIGHT_HERE, || super::switches::current().bn_inflight)
+}
+
+/// Sets [`bn_inflight`] for the batch norms the calling thread issues (`Some(4 | 8 | 16)`,
+/// `Some(0)`: `auto`, `None`: back to `MEDSSL_CUDA_BN_INFLIGHT`); returns the previous setting.
+pub fn set_bn_inflight(n: Option<usize>) -> Option<usize> {
+    assert!(
+        n.is_none_or(|n| matches!(n, 0 | 4 | 8 | 16)),
+        "loads in flight: 4, 8 or 16 (0: auto), not {n:?}"
+    );
+    INFLIGHT_HERE.with(|s| s.replace(n))
 }
 
 /// Whether the two-launch batch norm's elementwise pass (`bn_apply_chunks`, `bn_dx_chunks`) runs
@@ -417,9 +484,15 @@ pub(super) fn split_count(
 
 /// [`split_count`] on `be` with the calling thread's setting.
 fn split_on(be: &CudaBackend, c: usize, m: usize) -> usize {
+    split_on_with(be, c, m, 1)
+}
+
+/// [`split_on`] for a forward whose statistics kernel loads `g` groups of four at a time (its
+/// one wave may hold fewer blocks: [`CudaBackend::split_resident_blocks_with`]).
+fn split_on_with(be: &CudaBackend, c: usize, m: usize, g: usize) -> usize {
     let setting = bn_split();
     let resident = match setting {
-        BN_SPLIT_WAVE => be.split_resident_blocks(),
+        BN_SPLIT_WAVE => be.split_resident_blocks_with(g),
         _ => 0,
     };
     split_count(c, m, be.sm_count(), resident, setting)
@@ -499,17 +572,26 @@ fn train_fwd(
     let hw = h * w;
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
-    let split = split_on(be, c, n * hw);
     let welford = i32::from(bn_welford());
+    // One-pass statistics: groups of four loads in flight per thread (two-pass: one).
+    let groups = |resident| {
+        if welford != 0 {
+            stats_groups(resident)
+        } else {
+            1
+        }
+    };
+    let split = split_on_with(be, c, n * hw, groups(false));
     let m = n * hw;
+    let kind = Resident::fwd(groups(true));
     let resident = match welford != 0 && bn_resident() && !one_launch(split, m) {
-        true => be.bn_resident_split(Resident::Fwd, c, m),
+        true => be.bn_resident_split(kind, c, m),
         false => None,
     };
     if c == 0 {
         // Nothing to normalise.
     } else if let Some(s) = resident {
-        let (keep, cfg) = be.resident_launch(Resident::Fwd, c, m, s);
+        let (keep, cfg) = be.resident_launch(kind, c, m, s);
         let part = be.buffer(c * s * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -533,7 +615,7 @@ fn train_fwd(
             epilogue[1],
             A::P(be.p(&y)?),
         ]);
-        be.launch("bn_fwd_resident", cfg, &args)?;
+        be.launch(kind.kernel(), cfg, &args)?;
     } else if split > 1 {
         let part = be.buffer(c * split * 2)?;
         let mut args = vec![
@@ -551,7 +633,7 @@ fn train_fwd(
             A::P(be.p(&var)?),
         ];
         args.extend(upd);
-        be.launch("bn_stats_split", cfg_split(split, c), &args)?;
+        be.launch(stats_kernel(groups(false)).1, cfg_split(split, c), &args)?;
         let stats = (&mean, &invstd, gamma, beta);
         apply(be, x, stats, epilogue, &y, (n, c, hw, split, welford))?;
     } else {

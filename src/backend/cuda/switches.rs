@@ -15,6 +15,7 @@
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
+//! | `MEDSSL_CUDA_BN_INFLIGHT` | `auto`, `4`, `8`, `16`: loads in flight per thread in the one-pass statistics of the split and resident batch-norm forwards (`auto`: 4 split, 8 resident) | `auto` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
@@ -106,6 +107,10 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_STATS=welford` (the default): batch-norm statistics in one pass over the
     /// data (`two-pass`: the mean, then the squared deviations).
     pub bn_welford: bool,
+    /// `MEDSSL_CUDA_BN_INFLIGHT`: loads in flight per thread (4, 8 or 16) in the one-pass
+    /// statistics of the split and resident forwards; 0 (`auto`, the default): each kernel's own
+    /// (4 in `bn_stats_split`, 8 in `bn_fwd_resident`). The same bits either way.
+    pub bn_inflight: usize,
     /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
     /// runs on its reduction's grid (`flat`: over the flat tensor).
     pub bn_apply_chunks: bool,
@@ -180,6 +185,17 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
                 )),
             },
         };
+    let bn_inflight = match val("MEDSSL_CUDA_BN_INFLIGHT").as_deref() {
+        None | Some("auto") => 0,
+        Some(v @ ("4" | "8" | "16")) => v.parse().expect("a listed number"),
+        Some(v) => {
+            return Err(bad(
+                "MEDSSL_CUDA_BN_INFLIGHT",
+                v,
+                "auto (the default), 4, 8 or 16",
+            ))
+        }
+    };
     Ok(Switches {
         emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
         tf32: flag("MEDSSL_TF32", false)?,
@@ -217,6 +233,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_fused_max_m,
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
+        bn_inflight,
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
         bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
         bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
@@ -272,6 +289,7 @@ mod tests {
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(d.bn_welford);
+        assert_eq!(d.bn_inflight, 0);
         assert!(d.bn_apply_chunks);
         assert!(!d.bn_resident && !d.bn_resident_bwd);
         // An empty value is unset.
@@ -287,6 +305,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
+            ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
             ("MEDSSL_CUDA_BN_FWD", "resident"),
             ("MEDSSL_CUDA_BN_BWD", "resident"),
@@ -311,6 +330,13 @@ mod tests {
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
         assert!(!s.bn_welford);
+        assert_eq!(s.bn_inflight, 16);
+        assert_eq!(
+            with(&[("MEDSSL_CUDA_BN_INFLIGHT", "8")])
+                .unwrap()
+                .bn_inflight,
+            8
+        );
         assert!(!s.bn_apply_chunks);
         assert!(s.bn_resident && s.bn_resident_bwd);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
@@ -328,6 +354,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
+            ("MEDSSL_CUDA_BN_INFLIGHT", "auto"),
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
             ("MEDSSL_CUDA_BN_FWD", "split"),
             ("MEDSSL_CUDA_BN_BWD", "split"),
@@ -374,6 +401,11 @@ mod tests {
                 "MEDSSL_CUDA_BN_STATS",
                 "one-pass",
                 "welford (the default) or two-pass",
+            ),
+            (
+                "MEDSSL_CUDA_BN_INFLIGHT",
+                "12",
+                "auto (the default), 4, 8 or 16",
             ),
             (
                 "MEDSSL_CUDA_BN_APPLY",
