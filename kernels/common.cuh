@@ -57,6 +57,45 @@ __device__ __forceinline__ float* dyn_shared_f32() {
 }
 #endif
 
+// Loads and stores with an L2 eviction priority (MEDSSL_CUDA_BN_L2=hint): a policy from
+// `createpolicy` (sm_80 and later) applied through the `.L2::cache_hint` qualifier. evict_last
+// lines are replaced after every other line, evict_first lines before them. In the emulation,
+// which has no caches, the policy is nothing and the accesses are plain.
+#ifdef MEDSSL_EMU
+typedef unsigned long long L2Policy;
+__device__ __forceinline__ L2Policy l2_evict_last() { return 0; }
+__device__ __forceinline__ L2Policy l2_evict_first() { return 0; }
+__device__ __forceinline__ float ld_l2(const float* a, L2Policy pol) {
+    (void)pol;
+    return *a;
+}
+__device__ __forceinline__ void st_l2(float* a, float v, L2Policy pol) {
+    (void)pol;
+    *a = v;
+}
+#else
+typedef unsigned long long L2Policy;
+__device__ __forceinline__ L2Policy l2_evict_last() {
+    L2Policy p;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ L2Policy l2_evict_first() {
+    L2Policy p;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+__device__ __forceinline__ float ld_l2(const float* a, L2Policy pol) {
+    float v;
+    asm("ld.global.L2::cache_hint.f32 %0, [%1], %2;" : "=f"(v) : "l"(a), "l"(pol));
+    return v;
+}
+__device__ __forceinline__ void st_l2(float* a, float v, L2Policy pol) {
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;" ::"l"(a), "f"(v), "l"(pol)
+                 : "memory");
+}
+#endif
+
 // Global index of the row owned by this warp in a "warp per row" launch, and the lane.
 #define WARP_ROW() ((int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)))
 #define LANE() ((int)(threadIdx.x & 31))

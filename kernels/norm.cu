@@ -199,6 +199,20 @@ struct BnLoad {
     }
 };
 
+// BnLoad through an L2 policy (MEDSSL_CUDA_BN_L2=hint: evict-last, so that the normalising pass
+// after the statistics finds as much of x as L2 holds).
+struct BnLoadL2 {
+    L2Policy pol;
+    DEVICE_MEMBER float load(const float* a, int p) const {
+        (void)p;
+        return ld_l2(a, pol);
+    }
+    DEVICE_MEMBER void keep(int p, float v) const {
+        (void)p;
+        (void)v;
+    }
+};
+
 // One group of NQ strides of bn_range_moments: every load, then the kept values, then the
 // moments: those of each four (moments4) merged in order, or for a single element Welford's update.
 template <int NQ, class Ld>
@@ -253,9 +267,11 @@ __device__ __forceinline__ Moments bn_range_moments(int C, int HW, int c, int lo
 // order at the end.
 template <int G = 1>
 __device__ __forceinline__ void bn_range_stats(int C, int HW, int c, int lo, int hi, int welford,
-                                               const float* x, float* mu_out, float* m2_out) {
+                                               const float* x, float* mu_out, float* m2_out,
+                                               int l2 = 0) {
     if (welford) {
-        const Moments r = bn_range_moments<G>(C, HW, c, lo, hi, x, BnLoad());
+        const Moments r = l2 ? bn_range_moments<G>(C, HW, c, lo, hi, x, BnLoadL2{l2_evict_last()})
+                             : bn_range_moments<G>(C, HW, c, lo, hi, x, BnLoad());
         *mu_out = r.mean;
         *m2_out = r.m2;
         return;
@@ -346,11 +362,12 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
 // Writes y = bn_out(x) for the elements a walk visits, with one channel's statistics and
 // parameters: four strides at a time, every load before the stores (as bn_range_stats). The
 // element of x at offset o (the walk's j) is src(o, j): BnFromX reads x[o] (bn_apply_walk),
-// BnFromKept the resident forward's shared memory where it kept the element.
-template <class Walk, class Src>
-__device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, float g, float b,
-                                                   const Src& src, const float* res, int relu,
-                                                   float* y) {
+// BnFromKept the resident forward's shared memory where it kept the element. y[o] = v is
+// dst(o, v): BnToY a plain store, BnToYL2 one marked evict-first in L2.
+template <class Walk, class Src, class Dst>
+__device__ __forceinline__ void bn_apply_walk_to(Walk w, float mu, float is, float g, float b,
+                                                 const Src& src, const float* res, int relu,
+                                                 const Dst& dst) {
     const int has_res = res != 0;
     while (walk_has(w, 0)) {
         if (walk_has(w, 3)) {
@@ -366,13 +383,27 @@ __device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, f
                 rv[q] = has_res ? res[o[q]] : 0.f;
             }
             for (int q = 0; q < 4; ++q)
-                y[o[q]] = bn_out_v(xv[q], mu, is, g, b, has_res, rv[q], relu);
+                dst(o[q], bn_out_v(xv[q], mu, is, g, b, has_res, rv[q], relu));
         } else {
             const int j = w.p.j;
             const size_t o = walk_step(w);
-            y[o] = bn_out(src(o, j), mu, is, g, b, res, relu, o);
+            dst(o, bn_out(src(o, j), mu, is, g, b, res, relu, o));
         }
     }
+}
+
+// Plain stores of y.
+struct BnToY {
+    float* y;
+    DEVICE_MEMBER void operator()(size_t o, float v) const { y[o] = v; }
+};
+
+// bn_apply_walk_to storing y plainly.
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, float g, float b,
+                                                   const Src& src, const float* res, int relu,
+                                                   float* y) {
+    bn_apply_walk_to(w, mu, is, g, b, src, res, relu, BnToY{y});
 }
 
 // x's elements read from memory.
@@ -382,6 +413,25 @@ struct BnFromX {
         (void)j;
         return x[o];
     }
+};
+
+// x's elements read from memory, marked evict-first in L2 (the normalising pass's reads are
+// their last use: under MEDSSL_CUDA_BN_L2=hint, L2 then replaces the lines already read before
+// the ones still to come, which the statistics pass marked evict-last).
+struct BnFromXL2 {
+    const float* x;
+    L2Policy pol;
+    DEVICE_MEMBER float operator()(size_t o, int j) const {
+        (void)j;
+        return ld_l2(x + o, pol);
+    }
+};
+
+// Stores of y marked evict-first in L2 (MEDSSL_CUDA_BN_L2=hint): y's lines give way before x's.
+struct BnToYL2 {
+    float* y;
+    L2Policy pol;
+    DEVICE_MEMBER void operator()(size_t o, float v) const { st_l2(y + o, v, pol); }
 };
 
 // bn_apply_walk_from with x read from memory.
@@ -764,11 +814,11 @@ __device__ __forceinline__ void bn_stats_split_body(int N, int C, int HW, int S,
                                                     unsigned* count, float* mean, float* invstd,
                                                     float* var_unbiased, float momentum,
                                                     const float* rm, const float* rv,
-                                                    float* rm_out, float* rv_out) {
+                                                    float* rm_out, float* rv_out, int l2) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float mu_s = 0.f, m2_s = 0.f;
-    if (k.lo < k.hi) bn_range_stats<G>(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s);
+    if (k.lo < k.hi) bn_range_stats<G>(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s, l2);
     if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
     float mu, var;
     bn_split_combine(part, M, c, S, &mu, &var);
@@ -782,20 +832,20 @@ __device__ __forceinline__ void bn_stats_split_body(int N, int C, int HW, int S,
 #define BN_STATS_SPLIT_PARAMS                                                                     \
     int N, int C, int HW, int S, float eps, int welford, const float *x, float *part,           \
         unsigned *count, float *mean, float *invstd, float *var_unbiased, float momentum,        \
-        const float *rm, const float *rv, float *rm_out, float *rv_out
+        const float *rm, const float *rv, float *rm_out, float *rv_out, int l2
 // (Each body names its device function itself: build.rs reads the bodies to find the kernels
 // that synchronise, which the emulation runs on fibers.)
 extern "C" __global__ void bn_stats_split(BN_STATS_SPLIT_PARAMS) {
     bn_stats_split_body<1>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
-                           momentum, rm, rv, rm_out, rv_out);
+                           momentum, rm, rv, rm_out, rv_out, l2);
 }
 extern "C" __global__ void bn_stats_split_g2(BN_STATS_SPLIT_PARAMS) {
     bn_stats_split_body<2>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
-                           momentum, rm, rv, rm_out, rv_out);
+                           momentum, rm, rv, rm_out, rv_out, l2);
 }
 extern "C" __global__ void bn_stats_split_g4(BN_STATS_SPLIT_PARAMS) {
     bn_stats_split_body<4>(N, C, HW, S, eps, welford, x, part, count, mean, invstd, var_unbiased,
-                           momentum, rm, rv, rm_out, rv_out);
+                           momentum, rm, rv, rm_out, rv_out, l2);
 }
 
 // Channel c's gradient sums from the partial sums of its S chunks in part[(c*S + t)*2 ..], added
@@ -843,14 +893,19 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
 // cache, the part of each chunk still there is read from it. Same arithmetic as bn_apply and
 // bn_train_dx, same bits.
 
+// With l2 != 0 (MEDSSL_CUDA_BN_L2=hint) x is read and y written evict-first (see BnFromXL2).
 extern "C" __global__ void bn_apply_chunks(int N, int C, int HW, int S, int rev, const float* x,
                                            const float* mean, const float* invstd,
                                            const float* gamma, const float* beta,
-                                           const float* res, int relu, float* y) {
+                                           const float* res, int relu, float* y, int l2) {
     const int c = blockIdx.y;
     const BnChunk k = bn_chunk(N * HW, S, blockIdx.x);
     const float mu = mean[c], is = invstd[c], g = gamma[c], b = beta[c];
-    if (rev)
+    if (l2) {
+        const L2Policy first = l2_evict_first();
+        bn_apply_walk_to(bn_walk_rev(C, HW, c, k.lo, k.hi), mu, is, g, b, BnFromXL2{x, first}, res,
+                         relu, BnToYL2{y, first});
+    } else if (rev)
         bn_apply_walk(bn_walk_rev(C, HW, c, k.lo, k.hi), mu, is, g, b, x, res, relu, y);
     else
         bn_apply_walk(bn_walk(C, HW, c, k.lo, k.hi), mu, is, g, b, x, res, relu, y);
@@ -910,8 +965,11 @@ __device__ __forceinline__ void bn_channel_depart(unsigned* count, int C, int c,
 struct BnStage {
     float* sh;
     int cap;
+    // MEDSSL_CUDA_BN_L2=hint: the elements not kept are loaded evict-last.
+    int l2;
+    L2Policy last;
     DEVICE_MEMBER float load(const float* a, int p) const {
-        return p < cap ? __ldcs(a) : *a;
+        return p < cap ? __ldcs(a) : l2 ? ld_l2(a, last) : *a;
     }
     DEVICE_MEMBER void keep(int p, float v) const {
         if (p < cap) sh[p] = v;
@@ -919,14 +977,16 @@ struct BnStage {
 };
 
 // x's element from shared memory where the block kept it (walk position p = j - lo < cap), else
-// from memory.
+// from memory (evict-first under MEDSSL_CUDA_BN_L2=hint: its last use).
 struct BnFromKept {
     const float* x;
     const float* sh;
     int lo, cap;
+    int l2;
+    L2Policy first;
     DEVICE_MEMBER float operator()(size_t o, int j) const {
         const int p = j - lo;
-        return p < cap ? sh[p] : x[o];
+        return p < cap ? sh[p] : l2 ? ld_l2(x + o, first) : x[o];
     }
 };
 
@@ -937,12 +997,13 @@ __device__ __forceinline__ void bn_fwd_resident_body(
     int N, int C, int HW, int S, int cap, float eps, const float* x, float* part, unsigned* count,
     float* mean, float* invstd, float* var_unbiased, float momentum, const float* rm,
     const float* rv, float* rm_out, float* rv_out, const float* gamma, const float* beta,
-    const float* res, int relu, float* y) {
+    const float* res, int relu, float* y, int l2) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float* sh = dyn_shared_f32();
     Moments r{0, 0.f, 0.f};
-    if (k.lo < k.hi) r = bn_range_moments<G>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap});
+    if (k.lo < k.hi)
+        r = bn_range_moments<G>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap, l2, l2_evict_last()});
     __shared__ float stat[2];
     if (threadIdx.x == 0) {
         bn_channel_arrive(part, count, c, S, s, r.mean, r.m2);
@@ -956,27 +1017,33 @@ __device__ __forceinline__ void bn_fwd_resident_body(
         stat[1] = 1.f / sqrtf(var + eps);
     }
     __syncthreads();
-    if (k.lo < k.hi)
+    if (k.lo >= k.hi) return;
+    const L2Policy first = l2_evict_first();
+    const BnFromKept src{x, sh, k.lo, cap, l2, first};
+    if (l2)
+        bn_apply_walk_to(bn_walk_rev(C, HW, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c], src,
+                         res, relu, BnToYL2{y, first});
+    else
         bn_apply_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
-                           BnFromKept{x, sh, k.lo, cap}, res, relu, y);
+                           src, res, relu, y);
 }
 
 #define BN_FWD_RESIDENT_PARAMS                                                                    \
     int N, int C, int HW, int S, int cap, float eps, const float *x, float *part,               \
         unsigned *count, float *mean, float *invstd, float *var_unbiased, float momentum,        \
         const float *rm, const float *rv, float *rm_out, float *rv_out, const float *gamma,      \
-        const float *beta, const float *res, int relu, float *y
-extern "C" __global__ void bn_fwd_resident(BN_FWD_RESIDENT_PARAMS) {
+        const float *beta, const float *res, int relu, float *y, int l2
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident(BN_FWD_RESIDENT_PARAMS) {
     bn_fwd_resident_body<2>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
-                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y, l2);
 }
-extern "C" __global__ void bn_fwd_resident_g1(BN_FWD_RESIDENT_PARAMS) {
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident_g1(BN_FWD_RESIDENT_PARAMS) {
     bn_fwd_resident_body<1>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
-                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y, l2);
 }
-extern "C" __global__ void bn_fwd_resident_g4(BN_FWD_RESIDENT_PARAMS) {
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident_g4(BN_FWD_RESIDENT_PARAMS) {
     bn_fwd_resident_body<4>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
-                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+                            momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y, l2);
 }
 
 // ---- the one-launch backward for activations larger than the cache (MEDSSL_CUDA_BN_BWD=resident) ----

@@ -1186,24 +1186,35 @@ fn batch_norm_resident_kernels() {
                     "{shape:?}: {kernel} keeping {keep:?} differs"
                 );
             }
-            // The forward with 4 and 16 loads in flight per thread (MEDSSL_CUDA_BN_INFLIGHT;
-            // 8 by default): its other kernels, the same bits.
+            // The forward with 4, 8 (its own) and 16 loads in flight per thread
+            // (MEDSSL_CUDA_BN_INFLIGHT), each with and without L2 eviction priorities
+            // (MEDSSL_CUDA_BN_L2=hint): its other kernels, the same bits.
             let variants: &[(usize, &str)] = match kind {
-                cu::Resident::Fwd => &[(4, "bn_fwd_resident_g1"), (16, "bn_fwd_resident_g4")],
+                cu::Resident::Fwd => &[
+                    (4, "bn_fwd_resident_g1"),
+                    (8, "bn_fwd_resident"),
+                    (16, "bn_fwd_resident_g4"),
+                ],
                 _ => &[],
             };
-            for &(inflight, variant) in variants {
-                let old = cu::set_bn_inflight(Some(inflight));
+            for (&(inflight, variant), hint) in
+                variants.iter().flat_map(|v| [false, true].map(|h| (v, h)))
+            {
+                let old = (
+                    cu::set_bn_inflight(Some(inflight)),
+                    cu::set_bn_l2_hint(Some(hint)),
+                );
                 let before = launches_of(variant);
                 let out = bits(outputs(&case, on, s, Some(37)));
                 let launched = launches_of(variant) - before;
-                cu::set_bn_inflight(old);
+                cu::set_bn_inflight(old.0);
+                cu::set_bn_l2_hint(old.1);
                 if plan.is_some() {
                     assert_eq!(launched, per_set, "{shape:?}: {variant} launches");
                 }
                 assert!(
                     got == out,
-                    "{shape:?}: {variant} ({inflight} loads in flight) differs"
+                    "{shape:?}: {variant} ({inflight} loads in flight, L2 hints {hint}) differs"
                 );
             }
         }
@@ -1214,18 +1225,22 @@ fn batch_norm_resident_kernels() {
     );
 }
 
-/// `MEDSSL_CUDA_BN_INFLIGHT` (set per thread here): the split statistics kernel with 4, 8 and 16
-/// loads in flight per thread gives the bits of its default (every thread still merges its
-/// elements four at a time in the same order), on shapes whose chunks hold from under one group
-/// of loads to many with a remainder, and each named kernel runs (the resident forward's
-/// variants: `batch_norm_resident_kernels`, which counts that kernel's launches exactly).
+/// `MEDSSL_CUDA_BN_INFLIGHT` and `MEDSSL_CUDA_BN_L2` (set per thread here): the split statistics
+/// kernel with 4, 8 and 16 loads in flight per thread, with and without L2 eviction priorities
+/// (there and in the normalising pass after it), gives the bits of its default (every thread
+/// still merges its elements four at a time in the same order; the emulation has no caches, so
+/// this checks the hinted paths' arithmetic, walks and argument lists), on shapes whose chunks
+/// hold from under one group of loads to many with a remainder, and each named kernel runs (the
+/// resident forward's variants: `batch_norm_resident_kernels`, which counts that kernel's
+/// launches exactly).
 #[test]
 fn batch_norm_loads_in_flight_keep_the_bits() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(37);
-    let run = |case: &BnCase, inflight: usize| {
+    let run = |case: &BnCase, inflight: usize, l2: bool| {
         let old = (
             cu::set_bn_inflight(Some(inflight)),
+            cu::set_bn_l2_hint(Some(l2)),
             cu::set_bn_resident(Some(false)),
             cu::set_bn_split(Some(3)),
             cu::set_bn_welford(Some(true)),
@@ -1233,10 +1248,11 @@ fn batch_norm_loads_in_flight_keep_the_bits() {
         );
         let out = case.outputs(g);
         cu::set_bn_inflight(old.0);
-        cu::set_bn_resident(old.1);
-        cu::set_bn_split(old.2);
-        cu::set_bn_welford(old.3);
-        cu::set_bn_fused_max_m(old.4);
+        cu::set_bn_l2_hint(old.1);
+        cu::set_bn_resident(old.2);
+        cu::set_bn_split(old.3);
+        cu::set_bn_welford(old.4);
+        cu::set_bn_fused_max_m(old.5);
         out
     };
     for shape in [
@@ -1249,7 +1265,7 @@ fn batch_norm_loads_in_flight_keep_the_bits() {
         let cpu_case = BnCase::random(&mut rng, &shape);
         let case = cpu_case.on(g);
         let want_cpu = cpu_case.outputs(cpu());
-        let want = run(&case, 0);
+        let want = run(&case, 0, false);
         let m = (shape[0] * shape[2] * shape[3]) as f32;
         for ((gt, ct), (name, rel, abs)) in want.iter().zip(&want_cpu).zip(bn_tolerances(m)) {
             close(&format!("{shape:?} {name}"), gt, ct, rel, abs);
@@ -1258,16 +1274,19 @@ fn batch_norm_loads_in_flight_keep_the_bits() {
         let want = bits(want);
         let kernels = ["bn_stats_split", "bn_stats_split_g2", "bn_stats_split_g4"];
         for (inflight, kernel) in [4, 8, 16].into_iter().zip(kernels) {
-            let before = launches_of(kernel);
-            let got = bits(run(&case, inflight));
-            assert!(
-                launches_of(kernel) > before,
-                "{shape:?}: {inflight} loads in flight did not launch {kernel}"
-            );
-            assert!(
-                got == want,
-                "{shape:?}: {kernel} ({inflight} loads in flight) changed the bits"
-            );
+            for l2 in [false, true] {
+                let before = launches_of(kernel);
+                let got = bits(run(&case, inflight, l2));
+                assert!(
+                    launches_of(kernel) > before,
+                    "{shape:?}: {inflight} loads in flight did not launch {kernel}"
+                );
+                assert!(
+                    got == want,
+                    "{shape:?}: {kernel} ({inflight} loads in flight, L2 hints {l2}) changed the \
+                     bits"
+                );
+            }
         }
     }
 }
@@ -2424,7 +2443,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 15, "{r}");
+        assert_eq!(d.len(), 16, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.

@@ -4,7 +4,8 @@
 # training runs) but only the measurements of the open questions, each beside the default it
 # would replace and the PyTorch peer it is judged against:
 #   - loads in flight in the one-pass batch-norm statistics (MEDSSL_CUDA_BN_INFLIGHT=8|16, and
-#     4|16 for the resident forward, whose own is 8): ops rows at width 64, batch 256 (the
+#     4|16 for the resident forward, whose own is 8) and L2 eviction priorities in the forward
+#     (MEDSSL_CUDA_BN_L2=hint), alone and together: ops rows at width 64, batch 256 (the
 #     activations larger than L2, where bn_stats_split read x at half the normalising pass's
 #     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
 #   - why MEDSSL_CUDNN_ALGO=time gained nothing from a CUDA graph in runs 6 and 7 (its graphs
@@ -18,15 +19,18 @@ TIME="MEDSSL_CUDNN_ALGO=time"
 IN8="MEDSSL_CUDA_BN_INFLIGHT=8"
 IN16="MEDSSL_CUDA_BN_INFLIGHT=16"
 IN4="MEDSSL_CUDA_BN_INFLIGHT=4"
+L2="MEDSSL_CUDA_BN_L2=hint"
 W16="--device cuda --width 16"
 W64="--device cuda --width 64"
 BIG="--device cuda --width 64 --batch 256"
-export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$IN16 $W64 --fill-queue|$RES $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph"}"
+export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue|$W64 --fill-queue"}"
-export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG --op batch_norm|$IN16 $BIG --op batch_norm|$RES $BIG --op batch_norm|$RES $IN4 $BIG --op batch_norm|$RES $IN16 $BIG --op batch_norm|$W16 --op batch_norm|$IN16 $W16 --op batch_norm"}"
+BN="--op batch_norm"
+export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG $BN|$IN16 $BIG $BN|$L2 $BIG $BN|$L2 $IN8 $BIG $BN|$L2 $IN16 $BIG $BN|$RES $BIG $BN|$RES $IN4 $BIG $BN|$RES $IN16 $BIG $BN|$RES $L2 $BIG $BN|$RES $L2 $IN16 $BIG $BN|$W16 $BN|$L2 $IN16 $W16 $BN"}"
 export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"
-export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG --op batch_norm --repeats 3 --profile|$IN8 $BIG --op batch_norm --repeats 3 --profile|$IN16 $BIG --op batch_norm --repeats 3 --profile|$RES $IN16 $BIG --op batch_norm --repeats 3 --profile"}"
+P="--repeats 3 --profile"
+export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG $BN $P|$IN16 $BIG $BN $P|$L2 $BIG $BN $P|$L2 $IN16 $BIG $BN $P|$RES $L2 $IN16 $BIG $BN $P"}"
 export PEER_OPS_PROFILE_CONFIGS="${PEER_OPS_PROFILE_CONFIGS-}"
 export PROFILE_CUDA_CONFIGS="${PROFILE_CUDA_CONFIGS-"$W16 --cuda-graph --profile|$TIME $W16 --cuda-graph --profile|$TIME $W16 --fill-queue --profile"}"
 export PROFILE_PEER_CONFIGS="${PROFILE_PEER_CONFIGS-}"

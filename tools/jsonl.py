@@ -56,6 +56,7 @@ LABELS = {
     "bn_split": lambda v: f"split {v}",
     "bn_stats": str,
     "bn_inflight": lambda v: f"{v} loads in flight",
+    "bn_l2": lambda v: f"L2 {v}",
     "bn_apply": str,
     "bn_fwd": lambda v: f"bn fwd {v}",
     "bn_bwd": lambda v: f"bn bwd {v}",

@@ -175,7 +175,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 15] = [
+const SWITCH_KEYS: [&str; 16] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -188,6 +188,7 @@ const SWITCH_KEYS: [&str; 15] = [
     "bn_split",
     "bn_stats",
     "bn_inflight",
+    "bn_l2",
     "bn_apply",
     "bn_fwd",
     "bn_bwd",
@@ -223,7 +224,7 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    inflight: usize,
+    (inflight, l2_hint): (usize, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -242,6 +243,7 @@ fn switch_values(
             0 => serde_json::json!("auto"),
             n => serde_json::json!(n),
         },
+        "bn_l2": pick(l2_hint, "hint", "plain"),
         "bn_apply": pick(chunks, "chunks", "flat"),
         "bn_fwd": pick(resident, "resident", "split"),
         "bn_bwd": pick(resident_bwd, "resident", "split"),
@@ -271,7 +273,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_resident(),
                     cuda::bn_resident_bwd(),
                 ),
-                cuda::bn_inflight(),
+                (cuda::bn_inflight(), cuda::bn_l2_hint()),
             ),
             defaults: switch_values(
                 &d,
@@ -284,7 +286,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.bn_resident,
                     d.bn_resident_bwd,
                 ),
-                d.bn_inflight,
+                (d.bn_inflight, d.bn_l2_hint),
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),

@@ -29,10 +29,10 @@ pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use norm::{
-    bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_resident, bn_resident_bwd, bn_split,
-    bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight, set_bn_resident,
-    set_bn_resident_bwd, set_bn_resident_keep, set_bn_split, set_bn_welford, Resident,
-    BN_SPLIT_WAVE,
+    bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_l2_hint, bn_resident, bn_resident_bwd,
+    bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight, set_bn_l2_hint,
+    set_bn_resident, set_bn_resident_bwd, set_bn_resident_keep, set_bn_split, set_bn_welford,
+    Resident, BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;

@@ -312,6 +312,8 @@ thread_local! {
     static SPLIT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_welford`]'s setting.
     static WELFORD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_l2_hint`]'s setting.
+    static L2_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_inflight`]'s setting.
     static INFLIGHT_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_apply_chunks`]'s setting.
@@ -378,6 +380,24 @@ pub fn set_bn_inflight(n: Option<usize>) -> Option<usize> {
         "loads in flight: 4, 8 or 16 (0: auto), not {n:?}"
     );
     INFLIGHT_HERE.with(|s| s.replace(n))
+}
+
+/// Whether the one-pass train-mode forwards that take more than one launch per channel's block
+/// (`bn_stats_split` then `bn_apply_chunks`, and the resident forward) mark their memory accesses
+/// with L2 eviction priorities: the statistics pass loads x evict-last, the normalising pass reads
+/// x (its last use) and writes y evict-first, so that L2 replaces the lines already used before
+/// the ones still to be read. Where x is larger than L2 (on an H100 `[256,64,28,28]`, 51 MB
+/// against 50 MB), the normalising pass then reads more of x from L2 instead of memory.
+/// [`set_bn_l2_hint`]'s setting, else `MEDSSL_CUDA_BN_L2` (see [`super::switches`]; `plain` by
+/// default: not yet measured on a GPU). The same bits either way; the emulation has no caches.
+pub fn bn_l2_hint() -> bool {
+    here(&L2_HERE, || super::switches::current().bn_l2_hint)
+}
+
+/// Sets [`bn_l2_hint`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_L2`); returns the previous setting.
+pub fn set_bn_l2_hint(on: Option<bool>) -> Option<bool> {
+    L2_HERE.with(|s| s.replace(on))
 }
 
 /// Whether the two-launch batch norm's elementwise pass (`bn_apply_chunks`, `bn_dx_chunks`) runs
@@ -573,6 +593,8 @@ fn train_fwd(
     let (mean, invstd, var) = (be.empty(&[c])?, be.empty(&[c])?, be.empty(&[c])?);
     let y = be.empty(x.shape())?;
     let welford = i32::from(bn_welford());
+    // L2 eviction priorities, with one-pass statistics only (see bn_l2_hint).
+    let l2 = i32::from(welford != 0 && bn_l2_hint());
     // One-pass statistics: groups of four loads in flight per thread (two-pass: one).
     let groups = |resident| {
         if welford != 0 {
@@ -614,6 +636,7 @@ fn train_fwd(
             epilogue[0],
             epilogue[1],
             A::P(be.p(&y)?),
+            A::I(l2),
         ]);
         be.launch(kind.kernel(), cfg, &args)?;
     } else if split > 1 {
@@ -633,9 +656,10 @@ fn train_fwd(
             A::P(be.p(&var)?),
         ];
         args.extend(upd);
+        args.push(A::I(l2));
         be.launch(stats_kernel(groups(false)).1, cfg_split(split, c), &args)?;
         let stats = (&mean, &invstd, gamma, beta);
-        apply(be, x, stats, epilogue, &y, (n, c, hw, split, welford))?;
+        apply(be, x, stats, epilogue, &y, (n, c, hw, split, welford, l2))?;
     } else {
         let mut args = vec![
             A::I(ci(n)?),
@@ -661,7 +685,7 @@ fn train_fwd(
         } else {
             be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
             let stats = (&mean, &invstd, gamma, beta);
-            apply(be, x, stats, epilogue, &y, (n, c, hw, 1, welford))?;
+            apply(be, x, stats, epilogue, &y, (n, c, hw, 1, welford, 0))?;
         }
     }
     Ok(BnTrainOut {
@@ -681,7 +705,7 @@ fn apply(
     (mean, invstd, gamma, beta): (&Tensor, &Tensor, &Tensor, &Tensor),
     epilogue: [A; 2],
     y: &Tensor,
-    (n, c, hw, split, welford): (usize, usize, usize, usize, i32),
+    (n, c, hw, split, welford, l2): (usize, usize, usize, usize, i32, i32),
 ) -> Result<()> {
     let total = x.numel();
     if total == 0 {
@@ -716,6 +740,9 @@ fn apply(
         ),
     };
     args.extend(tail);
+    if name == "bn_apply_chunks" {
+        args.push(A::I(l2));
+    }
     be.launch(name, cfg, &args)?;
     Ok(())
 }

@@ -16,6 +16,7 @@
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
 //! | `MEDSSL_CUDA_BN_INFLIGHT` | `auto`, `4`, `8`, `16`: loads in flight per thread in the one-pass statistics of the split and resident batch-norm forwards (`auto`: 4 split, 8 resident) | `auto` |
+//! | `MEDSSL_CUDA_BN_L2` | `plain`, `hint`: L2 eviction priorities in the one-pass forward above one launch (statistics load x evict-last; the normalising pass reads x and writes y evict-first) | `plain` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
@@ -111,6 +112,9 @@ pub struct Switches {
     /// statistics of the split and resident forwards; 0 (`auto`, the default): each kernel's own
     /// (4 in `bn_stats_split`, 8 in `bn_fwd_resident`). The same bits either way.
     pub bn_inflight: usize,
+    /// `MEDSSL_CUDA_BN_L2=hint`: the split and resident one-pass forwards mark their accesses
+    /// with L2 eviction priorities (`plain`, the default: none). The same bits either way.
+    pub bn_l2_hint: bool,
     /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
     /// runs on its reduction's grid (`flat`: over the flat tensor).
     pub bn_apply_chunks: bool,
@@ -234,6 +238,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
         bn_inflight,
+        bn_l2_hint: !choice("MEDSSL_CUDA_BN_L2", ["plain", "hint"])?,
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
         bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
         bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
@@ -290,6 +295,7 @@ mod tests {
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(d.bn_welford);
         assert_eq!(d.bn_inflight, 0);
+        assert!(!d.bn_l2_hint);
         assert!(d.bn_apply_chunks);
         assert!(!d.bn_resident && !d.bn_resident_bwd);
         // An empty value is unset.
@@ -306,6 +312,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
             ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
+            ("MEDSSL_CUDA_BN_L2", "hint"),
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
             ("MEDSSL_CUDA_BN_FWD", "resident"),
             ("MEDSSL_CUDA_BN_BWD", "resident"),
@@ -331,6 +338,7 @@ mod tests {
         assert_eq!(s.bn_split, 1);
         assert!(!s.bn_welford);
         assert_eq!(s.bn_inflight, 16);
+        assert!(s.bn_l2_hint);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_INFLIGHT", "8")])
                 .unwrap()
@@ -355,6 +363,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
             ("MEDSSL_CUDA_BN_INFLIGHT", "auto"),
+            ("MEDSSL_CUDA_BN_L2", "plain"),
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
             ("MEDSSL_CUDA_BN_FWD", "split"),
             ("MEDSSL_CUDA_BN_BWD", "split"),
@@ -407,6 +416,7 @@ mod tests {
                 "12",
                 "auto (the default), 4, 8 or 16",
             ),
+            ("MEDSSL_CUDA_BN_L2", "evict", "plain (the default) or hint"),
             (
                 "MEDSSL_CUDA_BN_APPLY",
                 "chunk",
