@@ -2630,6 +2630,16 @@ fn graph_steps_match_eager_steps() {
             gs.node_updates > 0,
             "{what}: the changing scalars update nodes ({gs:?})"
         );
+        // Every replay after the capture is a shadow step, each timed on the host.
+        assert_eq!(
+            gs.shadow_steps,
+            gs.replays - gs.captures,
+            "{what}: shadow steps ({gs:?})"
+        );
+        assert!(
+            gs.shadow_host_ns >= gs.shadow_steps,
+            "{what}: shadow steps' host time ({gs:?})"
+        );
         let close = |a: f32, b: f32| {
             if exact {
                 a.to_bits() == b.to_bits()

@@ -10,7 +10,9 @@
 #     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
 #   - why MEDSSL_CUDNN_ALGO=time gained nothing from a CUDA graph in runs 6 and 7 (its graphs
 #     did hold the timed choices): the width-16 step from a graph and plain under the profiler,
-#     Find and time, device busy time beside wall time.
+#     Find and time, device busy time beside wall time; every graph row also reports the host's
+#     part of each replayed step before the graph's launch (cuda_graph.shadow_host_ms_per_step),
+#     during which the device runs none of the step.
 #   bash .gpu/gpu-focus.sh OUTDIR      (about 150-250 s of steps on an H100, from runs 6 and 7)
 # Each variable below can still be overridden from the environment, as in gpu-run.sh.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -126,11 +126,21 @@ def steps_table(run):
         p = peer.get(k)
         if p is None and r.get("method") == "supervised":
             p = next((v for kk, v in peer.items() if kk[:7] == k[:7] and kk[8] == k[8]), None)
-        mode = "CUDA graph" if r.get("cuda_graph") else "plain"
+        mode = graph_mode(r)
         ratio = f"{p['median_ms'] / r['median_ms']:.2f}×" if p else ""
         out.append(f"| {describe(k)} | {mode} | {variant_label(r)} | {ms(r)} | "
                    f"{ms(p) if p else ''} | {ratio} |")
     return out
+
+
+def graph_mode(r):
+    """"plain", or "CUDA graph" with the host's part of each replayed step (before the graph's
+    launch, the device idle) where the row has it."""
+    g = r.get("cuda_graph")
+    if not g:
+        return "plain"
+    host = g.get("shadow_host_ms_per_step")
+    return f"CUDA graph (host {host:.2f} ms before launch)" if host is not None else "CUDA graph"
 
 
 def per_call(profile, pred):
@@ -149,20 +159,22 @@ def profiles(run):
     for p in run.rows("torch_peer_profile.jsonl", lambda r: r.get("profile")):
         peer.setdefault(step_key(p)[1:], p)
     out = ["## Device profiles (busy time per step; batch-norm kernels per call)", "",
-           "| workload | medssl | medssl busy ms | PyTorch busy ms | medssl batch norm | PyTorch batch norm |",
+           "| workload | medssl | medssl wall / busy ms | PyTorch busy ms | medssl batch norm | PyTorch batch norm |",
            "|---|---|---|---|---|---|"]
     for r in ours:
         k = step_key(r)
         p = peer.get(k[1:])
         if p is None:  # a graph row starts full; the peer's profile may not
             p = next((v for kk, v in peer.items() if kk[:6] == k[1:7] and kk[7] == k[8]), None)
-        mode = "CUDA graph" if r.get("cuda_graph") else "plain"
+        mode = graph_mode(r)
         label = variant_label(r)
         mode += f" ({label})" if label else ""
         peer_busy = f"{p['profile']['busy_ms_per_step']:.2f}" if p else ""
         ours_bn = per_call(r["profile"], lambda n: n.startswith("bn_"))
         peer_bn = per_call(p["profile"], lambda n: "bn_fw" in n or "bn_bw" in n) if p else ""
-        out.append(f"| {describe(k)} | {mode} | {r['profile']['busy_ms_per_step']:.2f} | {peer_busy} "
+        wall = r["profile"].get("wall_ms_per_step")
+        wall = f"{wall:.2f} / " if wall is not None else ""
+        out.append(f"| {describe(k)} | {mode} | {wall}{r['profile']['busy_ms_per_step']:.2f} | {peer_busy} "
                    f"| {ours_bn} | {peer_bn} |")
     return out
 

@@ -173,6 +173,11 @@ pub struct GraphStats {
     pub warm_steps: u64,
     /// Work items in the current graph.
     pub nodes: u64,
+    /// Shadow steps launched from the graph, and the host time they took from their start to
+    /// the graph's launch (their Rust code, checking every work item against the graph). The
+    /// device runs none of the step meanwhile, so this time adds to the graph's own.
+    pub shadow_steps: u64,
+    pub shadow_host_ns: u64,
 }
 
 impl GraphStats {
@@ -185,6 +190,8 @@ impl GraphStats {
             divergences: self.divergences - before.divergences,
             warm_steps: self.warm_steps - before.warm_steps,
             nodes: self.nodes,
+            shadow_steps: self.shadow_steps - before.shadow_steps,
+            shadow_host_ns: self.shadow_host_ns - before.shadow_host_ns,
         }
     }
 }

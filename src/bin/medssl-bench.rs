@@ -577,6 +577,10 @@ fn step(a: &StepArgs) -> Result<()> {
             "captures": n.captures,
             "nodes": n.nodes,
             "node_updates_per_step": timed.node_updates as f64 / a.repeats.max(1) as f64,
+            // The host's part of a replayed step, before the graph's launch (the device idles
+            // meanwhile): from the step's start to the launch, per timed step from the graph.
+            "shadow_host_ms_per_step": (timed.shadow_steps > 0)
+                .then(|| timed.shadow_host_ns as f64 / 1e6 / timed.shadow_steps as f64),
         })
     });
     if let Some(g) = &graph {
@@ -702,6 +706,19 @@ fn step(a: &StepArgs) -> Result<()> {
                     .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
                     .unwrap_or_default()
             );
+            if let Some(g) = &graph {
+                println!(
+                    "  CUDA graph: {} of {} timed steps replayed ({} nodes, {} node updates per \
+                     step), host time before each launch {}",
+                    g["replayed_steps"],
+                    g["timed_steps"],
+                    g["nodes"],
+                    g["node_updates_per_step"],
+                    g["shadow_host_ms_per_step"]
+                        .as_f64()
+                        .map_or("-".into(), |ms| format!("{ms:.3} ms"))
+                );
+            }
             if let (Some(total), Some(by)) = (launches_total, &launches) {
                 let mut v: Vec<(&String, f64)> = by
                     .iter()

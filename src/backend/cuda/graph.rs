@@ -284,6 +284,8 @@ struct Active {
     patched: Vec<usize>,
     /// The graph has been launched; later work runs eagerly.
     ended: bool,
+    /// When the step began (for [`GraphStats::shadow_host_ns`]).
+    started: std::time::Instant,
 }
 
 struct StepGraph {
@@ -437,6 +439,7 @@ impl CudaBackend {
                 uploads: Vec::new(),
                 patched: Vec::new(),
                 ended: false,
+                started: std::time::Instant::now(),
             });
             Ok(true)
         })?;
@@ -793,7 +796,7 @@ impl CudaBackend {
     fn graph_region_end(&self) -> Result<()> {
         let ordinal = self.ordinal;
         // Taken out of the thread-local state while the driver runs (no borrow across calls).
-        let (mode, uploads, patched, mut recs, exec) = with(ordinal, |g| -> Result<_> {
+        let (mode, uploads, patched, mut recs, exec, started) = with(ordinal, |g| -> Result<_> {
             let g = g.expect("open step");
             let a = g.active.as_mut().expect("open step");
             if a.mode == Mode::Shadow && a.pos != g.recs.len() {
@@ -810,8 +813,10 @@ impl CudaBackend {
                 std::mem::take(&mut a.patched),
                 std::mem::take(&mut g.recs),
                 g.exec.take(),
+                a.started,
             ))
         })?;
+        let host = started.elapsed();
         let r = self.run_region(mode, &uploads, &patched, &mut recs, exec);
         if mode == Mode::Capture {
             // The capture is over (the real device released the stream as it ended it).
@@ -838,6 +843,10 @@ impl CudaBackend {
                 g.stats.node_updates += patched.len() as u64;
                 if mode == Mode::Capture {
                     g.stats.captures += 1;
+                }
+                if mode == Mode::Shadow {
+                    g.stats.shadow_steps += 1;
+                    g.stats.shadow_host_ns += u64::try_from(host.as_nanos()).unwrap_or(u64::MAX);
                 }
             }
         });
