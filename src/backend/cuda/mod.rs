@@ -399,6 +399,9 @@ pub struct CudaBackend {
     /// Launch limits of the resident batch-norm kernels, forward and backward (each read once,
     /// see [`CudaBackend::resident_limits`]).
     resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 4],
+    /// Bytes of L2 set aside for evict-last lines (`MEDSSL_CUDA_BN_L2=hint`, done once; see
+    /// [`CudaBackend::l2_set_aside`]).
+    l2_aside: std::sync::OnceLock<usize>,
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -526,6 +529,7 @@ impl CudaBackend {
             in_flight: AtomicUsize::new(0),
             split_resident: Default::default(),
             resident: Default::default(),
+            l2_aside: Default::default(),
         }
     }
 
@@ -622,6 +626,7 @@ impl CudaBackend {
             in_flight: AtomicUsize::new(0),
             split_resident: Default::default(),
             resident: Default::default(),
+            l2_aside: Default::default(),
         })
     }
 

@@ -209,6 +209,53 @@ impl CudaBackend {
         })
     }
 
+    /// Under `MEDSSL_CUDA_BN_L2=hint` on a device, before the first hinted launch: sets aside
+    /// as much of L2 for evict-last (persisting) lines as the device allows, at most three
+    /// quarters of it, once per process (`cuCtxSetLimit(CU_LIMIT_PERSISTING_L2_CACHE_SIZE)`):
+    /// without a set-aside the evict-last priority may go unused. Other accesses use the set-aside
+    /// part while no evict-last line holds it. Returns the bytes set aside (0 on the emulated
+    /// device, or where the device refuses, which stderr then says once).
+    pub fn l2_set_aside(&self) -> usize {
+        *self.l2_aside.get_or_init(|| {
+            let Some(d) = &self.drv else { return 0 };
+            let attr = |a: CUdevice_attribute| {
+                d.ctx
+                    .attribute(a)
+                    .ok()
+                    .and_then(|v| usize::try_from(v).ok())
+            };
+            let l2 = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE).unwrap_or(0);
+            let most = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_PERSISTING_L2_CACHE_SIZE)
+                .unwrap_or(0);
+            let bytes = (l2 / 4 * 3).min(most);
+            // SAFETY: a context-wide limit, set with this backend's context bound.
+            let r = self.bind().and_then(|()| {
+                unsafe {
+                    cudarc::driver::sys::cuCtxSetLimit(
+                        cudarc::driver::sys::CUlimit::CU_LIMIT_PERSISTING_L2_CACHE_SIZE,
+                        bytes,
+                    )
+                }
+                .result()
+                .map_err(super::cuda_err("setting aside L2 for evict-last lines"))
+            });
+            match r {
+                Ok(()) if bytes > 0 => bytes,
+                Ok(()) => {
+                    eprintln!(
+                        "MEDSSL_CUDA_BN_L2=hint: this device sets aside no L2 for evict-last lines \
+                         (L2 {l2} B, at most {most} B); the priorities alone apply"
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("MEDSSL_CUDA_BN_L2=hint: {e}; the priorities alone apply");
+                    0
+                }
+            }
+        })
+    }
+
     /// Blocks per channel of the resident kernel `kind` for `c` channels of `m` elements (the most
     /// that fit in one wave, and no chunk empty), or `None` where it cannot run: more channels
     /// than the device holds blocks, or where the device cannot launch it cooperatively.
@@ -595,6 +642,9 @@ fn train_fwd(
     let welford = i32::from(bn_welford());
     // L2 eviction priorities, with one-pass statistics only (see bn_l2_hint).
     let l2 = i32::from(welford != 0 && bn_l2_hint());
+    if l2 != 0 {
+        be.l2_set_aside();
+    }
     // One-pass statistics: groups of four loads in flight per thread (two-pass: one).
     let groups = |resident| {
         if welford != 0 {
