@@ -17,7 +17,12 @@
 // With MEDSSL_CUDA_BN_FWD=resident (MEDSSL_CUDA_BN_BWD=resident) the two-launch forward
 // (backward) is one cooperative launch on the same kind of grid (bn_fwd_resident, bn_bwd_resident:
 // their blocks wait for the other blocks of their channel, then write the chunk they read, what
-// they kept of it from shared memory).
+// they kept of it from shared memory). The split statistics and the resident forward come in
+// variants that load more or fewer elements per thread at a time (MEDSSL_CUDA_BN_INFLIGHT:
+// bn_stats_split_g2/_g4, bn_fwd_resident_g1/_g4; the same bits), and with l2 != 0
+// (MEDSSL_CUDA_BN_L2=hint) the one-pass forwards mark their accesses with L2 eviction priorities
+// (ld_l2/st_l2 in common.cuh: x evict-last while the statistics read it, evict-first when the
+// normalising pass reads it for the last time, y evict-first).
 // L2 normalise is "warp per row".
 #include "common.cuh"
 

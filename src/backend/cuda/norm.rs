@@ -216,6 +216,12 @@ impl CudaBackend {
     /// part while no evict-last line holds it. Returns the bytes set aside (0 on the emulated
     /// device, or where the device refuses, which stderr then says once).
     pub fn l2_set_aside(&self) -> usize {
+        if let Some(&bytes) = self.l2_aside.get() {
+            return bytes;
+        }
+        // In a turn of the device's work (no other thread's graph capture open), taken before
+        // the once-lock as turns must be.
+        let _turn = self.turn();
         *self.l2_aside.get_or_init(|| {
             let Some(d) = &self.drv else { return 0 };
             let attr = |a: CUdevice_attribute| {
