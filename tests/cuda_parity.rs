@@ -1746,8 +1746,10 @@ fn similarity_fusion() {
     }
 }
 
-/// The projected fusion: on CUDA the two ops in turn (the trait's default), on the CPU without
-/// the projected map; the output and every gradient against each other (tol as the fusion's).
+/// The projected fusion: on CUDA the two ops in turn (the default) and as one op without the
+/// projected map (`MEDSSL_CUDA_FUSION=projected`, set per thread here), on the CPU without the
+/// projected map; the output and every gradient against each other (tol as the fusion's), on
+/// odd sizes, batch 1, no bias, no low channels, one low position, and the model's own size.
 #[test]
 fn projected_fusion() {
     let Some(g) = gpu() else { return };
@@ -1755,6 +1757,8 @@ fn projected_fusion() {
     for (b, c, d, hp, wp, hq, wq, bias) in [
         (2, 5, 8, 6, 5, 3, 2, true),
         (1, 3, 4, 7, 7, 1, 1, false),
+        (3, 0, 6, 4, 5, 2, 3, true),
+        (2, 4, 6, 1, 1, 2, 2, true),
         (2, 16, 128, 28, 28, 4, 4, true),
     ] {
         let (xc, xg) = rand_pair(g, &mut rng, &[b, c, hp, wp], 1.0);
@@ -1762,41 +1766,53 @@ fn projected_fusion() {
         let (bc, bg) = rand_pair(g, &mut rng, &[d], 0.5);
         let (qc, qg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
         let (gc, gg) = rand_pair(g, &mut rng, &[b, d, hq, wq], 1.0);
-        let what = format!(
-            "projected fusion low {:?} high {:?} bias {bias}",
-            xc.shape(),
-            qc.shape()
-        );
-        let (yg, sg) = g
-            .projected_fusion_fwd(&xg, &wg, bias.then_some(&bg), &qg)
-            .unwrap();
         let (yc, sc) = cpu()
             .projected_fusion_fwd(&xc, &wc, bias.then_some(&bc), &qc)
-            .unwrap();
-        close(&what, &yg, &yc, 1e-4, 1e-4);
-        let (rg, hg) = g
-            .projected_fusion_bwd(&xg, &wg, bias, &qg, &sg, &gg)
             .unwrap();
         let (rc, hc) = cpu()
             .projected_fusion_bwd(&xc, &wc, bias, &qc, &sc, &gc)
             .unwrap();
-        close(
-            &format!("{what} gx"),
-            rg.x.as_ref().unwrap(),
-            rc.x.as_ref().unwrap(),
-            1e-3,
-            1e-4,
-        );
-        close(&format!("{what} gw"), &rg.weight, &rc.weight, 1e-3, 1e-3);
-        close(&format!("{what} ghigh"), &hg, &hc, 1e-3, 1e-4);
-        if bias {
-            close(
-                &format!("{what} gb"),
-                rg.bias.as_ref().unwrap(),
-                rc.bias.as_ref().unwrap(),
-                1e-3,
-                1e-3,
+        for projected in [false, true] {
+            let what = format!(
+                "projected fusion low {:?} high {:?} bias {bias} one op {projected}",
+                xc.shape(),
+                qc.shape()
             );
+            let old = cu::set_fusion_projected(Some(projected));
+            let (yg, sg) = g
+                .projected_fusion_fwd(&xg, &wg, bias.then_some(&bg), &qg)
+                .unwrap();
+            // Which form ran: [Sᵀ, M, Z] without the projected map, else [P̂, Sᵀ].
+            assert_eq!(sg.len(), if projected { 3 } else { 2 }, "{what}");
+            let (rg, hg) = g
+                .projected_fusion_bwd(&xg, &wg, bias, &qg, &sg, &gg)
+                .unwrap();
+            cu::set_fusion_projected(old);
+            close(&what, &yg, &yc, 1e-4, 1e-4);
+            if projected {
+                // The one-op form saves what the CPU's saves.
+                for (k, name) in ["S", "M", "Z"].iter().enumerate() {
+                    close(&format!("{what} saved {name}"), &sg[k], &sc[k], 1e-4, 1e-4);
+                }
+            }
+            close(
+                &format!("{what} gx"),
+                rg.x.as_ref().unwrap(),
+                rc.x.as_ref().unwrap(),
+                1e-3,
+                1e-4,
+            );
+            close(&format!("{what} gw"), &rg.weight, &rc.weight, 1e-3, 1e-3);
+            close(&format!("{what} ghigh"), &hg, &hc, 1e-3, 1e-4);
+            if bias {
+                close(
+                    &format!("{what} gb"),
+                    rg.bias.as_ref().unwrap(),
+                    rc.bias.as_ref().unwrap(),
+                    1e-3,
+                    1e-3,
+                );
+            }
         }
     }
 }
@@ -2443,7 +2459,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 16, "{r}");
+        assert_eq!(d.len(), 17, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.

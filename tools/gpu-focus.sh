@@ -8,6 +8,8 @@
 #     (MEDSSL_CUDA_BN_L2=hint), alone and together: ops rows at width 64, batch 256 (the
 #     activations larger than L2, where bn_stats_split read x at half the normalising pass's
 #     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
+#   - the fusion as one op without the projected map (MEDSSL_CUDA_FUSION=projected): its ops row
+#     and the width-16 step, plain and from a graph;
 #   - why MEDSSL_CUDNN_ALGO=time gained nothing from a CUDA graph in runs 6 and 7 (its graphs
 #     did hold the timed choices): the width-16 step from a graph and plain under the profiler,
 #     Find and time, device busy time beside wall time; every graph row also reports the host's
@@ -22,14 +24,15 @@ IN8="MEDSSL_CUDA_BN_INFLIGHT=8"
 IN16="MEDSSL_CUDA_BN_INFLIGHT=16"
 IN4="MEDSSL_CUDA_BN_INFLIGHT=4"
 L2="MEDSSL_CUDA_BN_L2=hint"
+FUS="MEDSSL_CUDA_FUSION=projected"
 W16="--device cuda --width 16"
 W64="--device cuda --width 64"
 BIG="--device cuda --width 64 --batch 256"
-export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph"}"
+export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$FUS $W16 --fill-queue|$FUS $W16 --cuda-graph|$FUS $W64 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue|$W64 --fill-queue"}"
 BN="--op batch_norm"
-export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG $BN|$IN16 $BIG $BN|$L2 $BIG $BN|$L2 $IN8 $BIG $BN|$L2 $IN16 $BIG $BN|$RES $BIG $BN|$RES $IN4 $BIG $BN|$RES $IN16 $BIG $BN|$RES $L2 $BIG $BN|$RES $L2 $IN16 $BIG $BN|$W16 $BN|$L2 $IN16 $W16 $BN"}"
+export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG $BN|$IN16 $BIG $BN|$L2 $BIG $BN|$L2 $IN8 $BIG $BN|$L2 $IN16 $BIG $BN|$RES $BIG $BN|$RES $IN4 $BIG $BN|$RES $IN16 $BIG $BN|$RES $L2 $BIG $BN|$RES $L2 $IN16 $BIG $BN|$W16 $BN|$L2 $IN16 $W16 $BN|$W16 --op conv2d,fusion|$FUS $W16 --op fusion"}"
 export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"
 P="--repeats 3 --profile"
 export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG $BN $P|$IN16 $BIG $BN $P|$L2 $BIG $BN $P|$L2 $IN16 $BIG $BN $P|$RES $L2 $IN16 $BIG $BN $P"}"

@@ -52,6 +52,7 @@ LABELS = {
     "cudnn_bwd_filter_algo": lambda v: f"filter grad {v}",
     "conv": str,
     "conv1x1": lambda v: f"1x1 {v}",
+    "fusion": lambda v: f"fusion {v}",
     "bn_fused_max_m": lambda v: f"fused max {v}",
     "bn_split": lambda v: f"split {v}",
     "bn_stats": str,

@@ -27,6 +27,42 @@ pub struct ConvParams {
     pub padding: usize,
 }
 
+/// [`Backend::projected_fusion_fwd`] as the 1×1 projection and then the similarity fusion (the
+/// trait's default), keeping `[P̂, Sᵀ]` for the backward.
+pub fn projected_fusion_two_ops_fwd<B: Backend + ?Sized>(
+    be: &B,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    high: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    shapes::projected_fusion(x, w, b, high)?;
+    let p = be.conv2d_fwd(x, w, b, POINTWISE)?;
+    let (y, st) = be.similarity_fusion_fwd(&p, high)?;
+    Ok((y, vec![p, st]))
+}
+
+/// The backward of [`projected_fusion_two_ops_fwd`] from its `[P̂, Sᵀ]`.
+pub fn projected_fusion_two_ops_bwd<B: Backend + ?Sized>(
+    be: &B,
+    x: &Tensor,
+    w: &Tensor,
+    has_bias: bool,
+    high: &Tensor,
+    saved: &[Tensor],
+    gy: &Tensor,
+) -> Result<(ConvGrads, Tensor)> {
+    let [p, st] = saved else {
+        crate::bail!(
+            "projected_fusion backward: {} saved tensors, expected the projection and S",
+            saved.len()
+        );
+    };
+    let (gp, gh) = be.similarity_fusion_bwd(p, high, st, gy)?;
+    let gr = be.conv2d_bwd(x, w, &gp, POINTWISE, true, has_bias)?;
+    Ok((gr, gh))
+}
+
 /// A 1×1 convolution's parameters (stride 1, no padding).
 pub const POINTWISE: ConvParams = ConvParams {
     stride: 1,
@@ -518,10 +554,7 @@ pub trait Backend: Send + Sync {
         b: Option<&Tensor>,
         high: &Tensor,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        shapes::projected_fusion(x, w, b, high)?;
-        let p = self.conv2d_fwd(x, w, b, POINTWISE)?;
-        let (y, st) = self.similarity_fusion_fwd(&p, high)?;
-        Ok((y, vec![p, st]))
+        projected_fusion_two_ops_fwd(self, x, w, b, high)
     }
     /// Gradients `(x, w, b)` and of `high` of [`Backend::projected_fusion_fwd`] from its saved
     /// tensors, for upstream `gy`.
@@ -534,15 +567,7 @@ pub trait Backend: Send + Sync {
         saved: &[Tensor],
         gy: &Tensor,
     ) -> Result<(ConvGrads, Tensor)> {
-        let [p, st] = saved else {
-            crate::bail!(
-                "projected_fusion backward: {} saved tensors, expected the projection and S",
-                saved.len()
-            );
-        };
-        let (gp, gh) = self.similarity_fusion_bwd(p, high, st, gy)?;
-        let gr = self.conv2d_bwd(x, w, &gp, POINTWISE, true, has_bias)?;
-        Ok((gr, gh))
+        projected_fusion_two_ops_bwd(self, x, w, has_bias, high, saved, gy)
     }
 
     // ---- optimisers and EMA (optim.rs / optim.cu), in place ----

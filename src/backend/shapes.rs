@@ -561,6 +561,33 @@ pub fn projected_fusion(
     Ok((s.n, s.cin, d, s.h * s.w, hq * wq))
 }
 
+/// The projected fusion's saved `[Sᵀ, M, Z]` (computed without the projected map): `Sᵀ [b, nq,
+/// np]`, `M` and `Z` `[b, c, nq]`, for the dims [`projected_fusion`] returned.
+pub fn projected_fusion_saved(
+    saved: &[Tensor],
+    (b, c, _d, np, nq): (usize, usize, usize, usize, usize),
+) -> Result<[&Tensor; 3]> {
+    let [st, m, z] = saved else {
+        bail!(
+            "projected_fusion backward: {} saved tensors, expected S, M and Z",
+            saved.len()
+        );
+    };
+    for (t, want, what) in [
+        (st, [b, nq, np], "S"),
+        (m, [b, c, nq], "M"),
+        (z, [b, c, nq], "Z"),
+    ] {
+        if t.shape() != want {
+            bail!(
+                "projected_fusion backward: saved {what} {:?}, expected {want:?}",
+                t.shape()
+            );
+        }
+    }
+    Ok([st, m, z])
+}
+
 /// The similarity fusion's saved `Sᵀ`: `[b, nq, np]` for the maps of `g`.
 pub fn fusion_similarity(st: &Tensor, g: &FusionGeom) -> Result<()> {
     if st.shape() != [g.b, g.nq, g.np] {

@@ -175,7 +175,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 16] = [
+const SWITCH_KEYS: [&str; 17] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -184,6 +184,7 @@ const SWITCH_KEYS: [&str; 16] = [
     "cudnn_bwd_filter_algo",
     "conv",
     "conv1x1",
+    "fusion",
     "bn_fused_max_m",
     "bn_split",
     "bn_stats",
@@ -224,7 +225,7 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    (inflight, l2_hint): (usize, bool),
+    (inflight, l2_hint, fusion_projected): (usize, bool, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -236,6 +237,7 @@ fn switch_values(
         "cudnn_bwd_filter_algo": s.cudnn_bwd_filter_algo,
         "conv": pick(s.conv_im2col, "im2col", "cudnn"),
         "conv1x1": pick(s.conv1x1_gemm, "cublas", "cudnn"),
+        "fusion": pick(fusion_projected, "projected", "two-ops"),
         "bn_fused_max_m": fused_max_m,
         "bn_split": split_json(split),
         "bn_stats": pick(welford, "welford", "two-pass"),
@@ -273,7 +275,11 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_resident(),
                     cuda::bn_resident_bwd(),
                 ),
-                (cuda::bn_inflight(), cuda::bn_l2_hint()),
+                (
+                    cuda::bn_inflight(),
+                    cuda::bn_l2_hint(),
+                    cuda::fusion_projected(),
+                ),
             ),
             defaults: switch_values(
                 &d,
@@ -286,7 +292,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.bn_resident,
                     d.bn_resident_bwd,
                 ),
-                (d.bn_inflight, d.bn_l2_hint),
+                (d.bn_inflight, d.bn_l2_hint, d.fusion_projected),
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),

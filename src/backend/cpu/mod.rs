@@ -607,26 +607,10 @@ impl Backend for CpuBackend {
         saved: &[Tensor],
         gy: &Tensor,
     ) -> Result<(ConvGrads, Tensor)> {
-        let (bn, c, d, np, nq) = shapes::projected_fusion(x, w, None, high)?;
+        let dims = shapes::projected_fusion(x, w, None, high)?;
+        let (bn, c, d, np, nq) = dims;
         same_shape(high, gy, "projected_fusion backward")?;
-        let [st, m, z] = saved else {
-            crate::bail!(
-                "projected_fusion backward: {} saved tensors, expected S, M and Z",
-                saved.len()
-            );
-        };
-        for (t, want, what) in [
-            (st, [bn, nq, np], "S"),
-            (m, [bn, c, nq], "M"),
-            (z, [bn, c, nq], "Z"),
-        ] {
-            if t.shape() != want {
-                crate::bail!(
-                    "projected_fusion backward: saved {what} {:?}, expected {want:?}",
-                    t.shape()
-                );
-            }
-        }
+        let [st, m, z] = shapes::projected_fusion_saved(saved, dims)?;
         let dims = fusion::ProjectedDims {
             b: bn,
             c,

@@ -28,6 +28,7 @@ mod graph;
 pub use graph::GraphStats;
 mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
+pub use fusion::{fusion_projected, set_fusion_projected};
 pub use norm::{
     bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_l2_hint, bn_resident, bn_resident_bwd,
     bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight, set_bn_l2_hint,
@@ -1369,6 +1370,33 @@ impl Backend for CudaBackend {
 
     fn similarity_fusion_fwd(&self, low: &Tensor, high: &Tensor) -> Result<(Tensor, Tensor)> {
         fusion::similarity_fusion_fwd(self, low, high)
+    }
+    fn projected_fusion_fwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        high: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if fusion::fusion_projected() {
+            return fusion::projected_fusion_fwd(self, x, w, b, high);
+        }
+        crate::backend::projected_fusion_two_ops_fwd(self, x, w, b, high)
+    }
+    fn projected_fusion_bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        has_bias: bool,
+        high: &Tensor,
+        saved: &[Tensor],
+        gy: &Tensor,
+    ) -> Result<(ConvGrads, Tensor)> {
+        // The forward's saved tensors say which form ran: [Sᵀ, M, Z] or [P̂, Sᵀ].
+        if saved.len() == 3 {
+            return fusion::projected_fusion_bwd(self, x, w, has_bias, high, saved, gy);
+        }
+        crate::backend::projected_fusion_two_ops_bwd(self, x, w, has_bias, high, saved, gy)
     }
     fn similarity_fusion_bwd(
         &self,

@@ -12,6 +12,7 @@
 //! | `MEDSSL_CUDNN_FWD_ALGO`, `MEDSSL_CUDNN_BWD_DATA_ALGO`, `MEDSSL_CUDNN_BWD_FILTER_ALGO` | an algorithm's name (e.g. `IMPLICIT_PRECOMP_GEMM`, `ALGO_0`): taken first wherever it is usable, for experiments | unset |
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
+//! | `MEDSSL_CUDA_FUSION` | `two-ops` (the fusion's 1×1 projection, then the similarity fusion), `projected` (one op without the projected map, as the CPU computes it) | `two-ops` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
@@ -101,6 +102,9 @@ pub struct Switches {
     pub conv_im2col: bool,
     /// 1×1 stride-1 convolutions run as cuBLAS products (`MEDSSL_CUDA_CONV1X1=cublas`).
     pub conv1x1_gemm: bool,
+    /// `MEDSSL_CUDA_FUSION=projected`: the projected fusion without the projected map (`two-ops`,
+    /// the default: the projection, then the similarity fusion).
+    pub fusion_projected: bool,
     pub bn_fused_max_m: usize,
     /// Blocks per channel of the batch-norm reductions; [`BN_SPLIT_WAVE`] (the default): one
     /// wave of blocks, 0: `auto`.
@@ -234,6 +238,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         )?,
         conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
+        fusion_projected: !choice("MEDSSL_CUDA_FUSION", ["two-ops", "projected"])?,
         bn_fused_max_m,
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
@@ -289,7 +294,7 @@ mod tests {
             ),
             (&None, &None, &None)
         );
-        assert!(d.cudnn_deterministic_first && d.conv1x1_gemm);
+        assert!(d.cudnn_deterministic_first && d.conv1x1_gemm && !d.fusion_projected);
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
@@ -308,6 +313,7 @@ mod tests {
             ("MEDSSL_CUDNN_LOG", "1"),
             ("MEDSSL_CUDA_CONV", "im2col"),
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
+            ("MEDSSL_CUDA_FUSION", "projected"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
@@ -328,7 +334,7 @@ mod tests {
         assert_eq!(s.cudnn_fwd_algo.as_deref(), Some("IMPLICIT_PRECOMP_GEMM"));
         assert_eq!(s.cudnn_bwd_data_algo.as_deref(), Some("ALGO_FFT"));
         assert_eq!(s.cudnn_bwd_filter_algo.as_deref(), Some("ALGO_0"));
-        assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm);
+        assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm && s.fusion_projected);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(
             with(&[("MEDSSL_CUDNN_ALGO", "time")]).unwrap().cudnn_algo,
@@ -359,6 +365,7 @@ mod tests {
             ("MEDSSL_CUDNN_DETERMINISTIC", "1"),
             ("MEDSSL_CUDA_CONV", "cudnn"),
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
+            ("MEDSSL_CUDA_FUSION", "two-ops"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
@@ -393,6 +400,11 @@ mod tests {
                 "MEDSSL_CUDA_CONV1X1",
                 "gemm",
                 "cublas (the default) or cudnn",
+            ),
+            (
+                "MEDSSL_CUDA_FUSION",
+                "fused",
+                "two-ops (the default) or projected",
             ),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "-1", "a whole number"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "64k", "a whole number"),
