@@ -561,12 +561,20 @@ pub fn projected_fusion(
     Ok((s.n, s.cin, d, s.h * s.w, hq * wq))
 }
 
-/// The projected fusion's saved `[Sᵀ, M, Z]` (computed without the projected map): `Sᵀ [b, nq,
-/// np]`, `M` and `Z` `[b, c, nq]`, for the dims [`projected_fusion`] returned.
-pub fn projected_fusion_saved(
-    saved: &[Tensor],
-    (b, c, _d, np, nq): (usize, usize, usize, usize, usize),
-) -> Result<[&Tensor; 3]> {
+/// The projected fusion's backward computed without the projected map: the dims of
+/// [`projected_fusion`], `gy` of `high`'s shape, and the forward's saved `[Sᵀ, M, Z]`
+/// (`Sᵀ [b, nq, np]`, `M` and `Z` `[b, c, nq]`).
+#[allow(clippy::type_complexity)]
+pub fn projected_fusion_saved<'a>(
+    x: &Tensor,
+    w: &Tensor,
+    high: &Tensor,
+    saved: &'a [Tensor],
+    gy: &Tensor,
+) -> Result<((usize, usize, usize, usize, usize), [&'a Tensor; 3])> {
+    let dims = projected_fusion(x, w, None, high)?;
+    let (b, c, _, np, nq) = dims;
+    same_shape(high, gy, "projected_fusion backward")?;
     let [st, m, z] = saved else {
         bail!(
             "projected_fusion backward: {} saved tensors, expected S, M and Z",
@@ -585,7 +593,7 @@ pub fn projected_fusion_saved(
             );
         }
     }
-    Ok([st, m, z])
+    Ok((dims, [st, m, z]))
 }
 
 /// The similarity fusion's saved `Sᵀ`: `[b, nq, np]` for the maps of `g`.

@@ -607,10 +607,8 @@ impl Backend for CpuBackend {
         saved: &[Tensor],
         gy: &Tensor,
     ) -> Result<(ConvGrads, Tensor)> {
-        let dims = shapes::projected_fusion(x, w, None, high)?;
-        let (bn, c, d, np, nq) = dims;
-        same_shape(high, gy, "projected_fusion backward")?;
-        let [st, m, z] = shapes::projected_fusion_saved(saved, dims)?;
+        let ((bn, c, d, np, nq), [st, m, z]) =
+            shapes::projected_fusion_saved(x, w, high, saved, gy)?;
         let dims = fusion::ProjectedDims {
             b: bn,
             c,

@@ -263,10 +263,7 @@ pub(super) fn projected_fusion_bwd(
     saved: &[Tensor],
     gy: &Tensor,
 ) -> Result<(ConvGrads, Tensor)> {
-    let dims = shapes::projected_fusion(x, w, None, high)?;
-    let (b, c, d, np, nq) = dims;
-    same_shape(high, gy, "projected_fusion backward")?;
-    let [st, m, z] = shapes::projected_fusion_saved(saved, dims)?;
+    let ((b, c, d, np, nq), [st, m, z]) = shapes::projected_fusion_saved(x, w, high, saved, gy)?;
     let gh = be.empty(high.shape())?;
     let full = b * c * d * np * nq > 0;
     let (gx, gw) = if full {

@@ -262,11 +262,11 @@ pub fn get() -> Result<&'static Switches> {
 }
 
 /// The switches where a CUDA backend already exists: [`get`] succeeded when it was created, so
-/// the defaults stand in only for callers that never created one.
-pub(super) fn current() -> Switches {
-    get()
-        .cloned()
-        .unwrap_or_else(|_| parse(|_| None).expect("the defaults parse"))
+/// the defaults stand in only for callers that never created one. A reference (the ops read
+/// one field each, several times per batch norm).
+pub(super) fn current() -> &'static Switches {
+    static DEFAULTS: OnceLock<Switches> = OnceLock::new();
+    get().unwrap_or_else(|_| DEFAULTS.get_or_init(|| parse(|_| None).expect("the defaults parse")))
 }
 
 #[cfg(test)]
