@@ -2459,7 +2459,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 17, "{r}");
+        assert_eq!(d.len(), 18, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2496,6 +2496,43 @@ fn device_profile_records_what_ran() {
     }
 }
 
+/// The model of the graph and overlapped-step tests: width 4, 5 classes.
+fn tiny_model() -> medssl::nn::ModelConfig {
+    medssl::nn::ModelConfig {
+        in_ch: 3,
+        width: 4,
+        d: 8,
+        emb: 8,
+        classes: 5,
+        small_stem: true,
+        fusion: true,
+    }
+}
+
+/// Every tensor of a training state, by name, on the host: student, teacher, optimiser moments,
+/// key queue (keys, weights, labels) and meta weights.
+fn training_state(st: &medssl::train::step::TrainState) -> Vec<(String, Vec<f32>)> {
+    let mut state: Vec<(String, Vec<f32>)> = Vec::new();
+    for (n, v, _) in st.student.store.to_named("student.").unwrap() {
+        state.push((n, v));
+    }
+    for (n, v, _) in st.teacher.store.to_named("teacher.").unwrap() {
+        state.push((n, v));
+    }
+    for (n, v, _) in st.opt.state_named(&st.student.store).unwrap() {
+        state.push((n, v));
+    }
+    state.push(("queue.keys".into(), st.queue.keys_host().unwrap()));
+    state.push(("queue.weights".into(), st.queue.weights_host().unwrap()));
+    let labels = st.queue.labels_host().unwrap();
+    state.push((
+        "queue.labels".into(),
+        labels.iter().map(|&l| l as f32).collect(),
+    ));
+    state.push(("meta".into(), st.meta.clone()));
+    state
+}
+
 /// Training steps replayed from a CUDA graph (`StepConfig::cuda_graph`, `--cuda-graph`) give the
 /// results of the same steps run eagerly: every logged value, every pseudo-label and, at the end,
 /// every tensor of the training state (student, teacher, Adam moments, key queue, meta weights),
@@ -2508,22 +2545,13 @@ fn device_profile_records_what_ran() {
 /// within 1e-6 relative on a GPU (cuDNN may pick another algorithm per call).
 #[test]
 fn graph_steps_match_eager_steps() {
-    use medssl::nn::ModelConfig;
     use medssl::optim::OptimKind;
     use medssl::ssl::{Batch, DsrBalance, DsrMode};
     use medssl::train::step::{train_step, Method, StepConfig, StepStats, TrainState};
 
     let Some(g) = gpu() else { return };
     let exact = g.name().contains("emulation");
-    let model = ModelConfig {
-        in_ch: 3,
-        width: 4,
-        d: 8,
-        emb: 8,
-        classes: 5,
-        small_stem: true,
-        fusion: true,
-    };
+    let model = tiny_model();
     // The queue (16 keys) is full after two steps of 8; then 3 steps fill the graph's arena and
     // capture it, and the remaining 4 replay it.
     let (bl, bu, hw, queue, steps) = (4usize, 8usize, 12usize, 16usize, 9usize);
@@ -2583,25 +2611,7 @@ fn graph_steps_match_eager_steps() {
                 stats.push(train_step(&mut st, &batch, idx, &scfg, lr).unwrap());
             }
             let gs = g.step_graph_stats().unwrap_or_default().since(&before);
-            let mut state: Vec<(String, Vec<f32>)> = Vec::new();
-            for (n, v, _) in st.student.store.to_named("student.").unwrap() {
-                state.push((n, v));
-            }
-            for (n, v, _) in st.teacher.store.to_named("teacher.").unwrap() {
-                state.push((n, v));
-            }
-            for (n, v, _) in st.opt.state_named(&st.student.store).unwrap() {
-                state.push((n, v));
-            }
-            state.push(("queue.keys".into(), st.queue.keys_host().unwrap()));
-            state.push(("queue.weights".into(), st.queue.weights_host().unwrap()));
-            let labels = st.queue.labels_host().unwrap();
-            state.push((
-                "queue.labels".into(),
-                labels.iter().map(|&l| l as f32).collect(),
-            ));
-            state.push(("meta".into(), st.meta.clone()));
-            (stats, state, gs)
+            (stats, training_state(&st), gs)
         };
         let what = format!("{method:?}/{balance:?}/short batch at {short:?}");
         let (se, te, _) = run(false);
@@ -2687,6 +2697,176 @@ fn graph_steps_match_eager_steps() {
             }
         }
     }
+}
+
+/// Steps issued with `train_step_overlapped` while reads are queued (`MEDSSL_CUDA_STEP_READ=later`,
+/// set per thread here) return the previous step's results one call later, and compute what
+/// `train_step` computes (reads waited for), bit for bit on the emulated device: every logged
+/// value and, at the end, the whole training state, plain and from a CUDA graph. Some steps take
+/// unlabelled samples of the step before them, whose meta weights that step updates: such a
+/// step must wait for the pending one first (else it would read stale meta weights and its DSR
+/// weights, losses and meta weights would differ). On a real GPU this is the page-locked copy
+/// path and its event; within 1e-6 relative there (cuDNN may pick another algorithm per call).
+#[test]
+fn overlapped_steps_match_waiting_steps() {
+    use medssl::optim::OptimKind;
+    use medssl::ssl::{Batch, DsrMode};
+    use medssl::train::step::{
+        train_step, train_step_overlapped, Method, StepConfig, StepStats, TrainState,
+    };
+
+    let Some(g) = gpu() else { return };
+    let exact = g.name().contains("emulation");
+    let model = tiny_model();
+    let (bl, bu, hw, queue, steps) = (4usize, 8usize, 12usize, 16usize, 10usize);
+    let n_unl = 24;
+    let mut rng = Rng::new(29);
+    type HostBatch = (Vec<f32>, Vec<usize>, Vec<f32>, Vec<f32>, Vec<usize>);
+    // Steps 4 and 8 (from 0) take half their unlabelled samples from the step before.
+    let batches: Vec<HostBatch> = (0..steps)
+        .map(|s| {
+            let idx = if s % 4 == 0 && s > 0 {
+                (0..bu)
+                    .map(|i| ((s - 1) * bu + i / 2 * 2) % n_unl)
+                    .collect()
+            } else {
+                (0..bu).map(|i| (s * bu + i) % n_unl).collect()
+            };
+            (
+                rng.vec(bl * 3 * hw * hw, 1.0),
+                rng.labels(bl, 5),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+                rng.vec(bu * 3 * hw * hw, 1.0),
+                idx,
+            )
+        })
+        .collect();
+    type Run = (Vec<StepStats>, Vec<(String, Vec<f32>)>);
+    let run = |overlapped: bool, graph: bool| -> Run {
+        let scfg = StepConfig {
+            method: Method::Dsrpgc,
+            dsr: DsrMode::Both,
+            ramp_steps: 6,
+            cuda_graph: graph,
+            ..Default::default()
+        };
+        let mut st =
+            TrainState::new(model, 7, g.device(), OptimKind::adam(), 5e-4, queue, n_unl).unwrap();
+        let before = g.step_graph_stats().unwrap_or_default();
+        let was = cu::set_step_read_later(Some(overlapped));
+        let mut stats = Vec::new();
+        for (s, (xl, yl, uw, us, idx)) in batches.iter().enumerate() {
+            let batch = Batch {
+                x_lab: g.from_host(xl, &[bl, 3, hw, hw]).unwrap(),
+                y_lab: yl.clone(),
+                u_weak: g.from_host(uw, &[bu, 3, hw, hw]).unwrap(),
+                u_strong: g.from_host(us, &[bu, 3, hw, hw]).unwrap(),
+            };
+            let lr = 1e-3 * (1.0 - 0.05 * s as f32);
+            if overlapped {
+                let done = train_step_overlapped(&mut st, &batch, idx, &scfg, lr).unwrap();
+                // The previous step's results come back during this one, none during the first.
+                let want: Vec<u64> = (s > 0).then_some(s as u64).into_iter().collect();
+                let got: Vec<u64> = done.iter().map(|d| d.step).collect();
+                assert_eq!(got, want, "step {s}: the steps finished during the call");
+                assert!(st.has_pending(), "step {s} is left pending");
+                assert!(
+                    train_step(&mut st, &batch, idx, &scfg, lr).is_err(),
+                    "train_step with a pending step is refused"
+                );
+                stats.extend(done);
+            } else {
+                stats.push(train_step(&mut st, &batch, idx, &scfg, lr).unwrap());
+            }
+        }
+        stats.extend(st.finish_pending().unwrap());
+        assert!(!st.has_pending());
+        cu::set_step_read_later(was);
+        if graph {
+            let gs = g.step_graph_stats().unwrap_or_default().since(&before);
+            assert_eq!(gs.divergences, 0, "{gs:?}");
+            assert!(gs.replays >= 4, "the graph is replayed ({gs:?})");
+        }
+        (stats, training_state(&st))
+    };
+    let close = |a: f32, b: f32| {
+        if exact {
+            a.to_bits() == b.to_bits()
+        } else {
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0)
+        }
+    };
+    let (sw, tw) = run(false, false);
+    assert_eq!(
+        sw.iter().map(|s| s.step).collect::<Vec<_>>(),
+        (1..=steps as u64).collect::<Vec<_>>()
+    );
+    for graph in [false, true] {
+        let what = if graph { "graph" } else { "plain" };
+        let (so, to) = run(true, graph);
+        assert_eq!(so.len(), steps, "{what}: every step is finished once");
+        for (e, r) in sw.iter().zip(&so) {
+            assert_eq!(e.step, r.step, "{what}: steps in order");
+            for (name, a, b) in [
+                ("loss", e.loss, r.loss),
+                ("loss_sup", e.loss_sup, r.loss_sup),
+                ("loss_cons", e.loss_cons, r.loss_cons),
+                ("loss_pgc", e.loss_pgc, r.loss_pgc),
+                ("mean_weight", e.mean_weight, r.mean_weight),
+                ("lr", e.lr, r.lr),
+            ] {
+                assert!(
+                    close(a, b),
+                    "{what} step {}: {name} waiting {a} overlapped {b}",
+                    e.step
+                );
+            }
+            assert_eq!(e.pseudo_labels, r.pseudo_labels, "{what} step {}", e.step);
+        }
+        assert_eq!(tw.len(), to.len());
+        for ((n, a), (_, b)) in tw.iter().zip(&to) {
+            assert_eq!(a.len(), b.len(), "{what}: {n}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(close(*x, *y), "{what}: {n}[{i}] waiting {x} overlapped {y}");
+            }
+        }
+        println!("{what}: {steps} overlapped steps equal the waiting ones");
+    }
+    // A non-finite loss still stops the run, one call later, naming its own step: step 2's
+    // update with a NaN learning rate makes step 3's loss NaN, which the call issuing step 4
+    // finds when it collects step 3.
+    let scfg = StepConfig {
+        method: Method::Dsrpgc,
+        dsr: DsrMode::Both,
+        ramp_steps: 6,
+        ..Default::default()
+    };
+    let mut st =
+        TrainState::new(model, 7, g.device(), OptimKind::adam(), 5e-4, queue, n_unl).unwrap();
+    let was = cu::set_step_read_later(Some(true));
+    let mut outcome = Vec::new();
+    for (s, (xl, yl, uw, us, idx)) in batches.iter().take(4).enumerate() {
+        let batch = Batch {
+            x_lab: g.from_host(xl, &[bl, 3, hw, hw]).unwrap(),
+            y_lab: yl.clone(),
+            u_weak: g.from_host(uw, &[bu, 3, hw, hw]).unwrap(),
+            u_strong: g.from_host(us, &[bu, 3, hw, hw]).unwrap(),
+        };
+        let lr = if s == 1 { f32::NAN } else { 1e-3 };
+        outcome.push(
+            train_step_overlapped(&mut st, &batch, idx, &scfg, lr)
+                .map(|d| d.iter().map(|x| x.step).collect::<Vec<_>>())
+                .map_err(|e| e.to_string()),
+        );
+    }
+    cu::set_step_read_later(was);
+    assert_eq!(
+        outcome[..3],
+        [Ok(vec![]), Ok(vec![1]), Ok(vec![2])],
+        "{outcome:?}"
+    );
+    let e = outcome[3].as_ref().expect_err("step 3's loss is NaN");
+    assert!(e.contains("non-finite loss at step 3"), "{e}");
 }
 
 // ---- empty tensors: every op with a zero-sized dimension gives the CPU's result (an empty

@@ -15,6 +15,10 @@
 #     Find and time, device busy time beside wall time; every graph row also reports the host's
 #     part of each replayed step before the graph's launch (cuda_graph.shadow_host_ms_per_step),
 #     during which the device runs none of the step.
+#   - a training step that returns once issued (MEDSSL_CUDA_STEP_READ=later), so that the next
+#     step's host work (in a graph step: all of it, before the launch) overlaps this step's
+#     device work: steps issued back to back (--back-to-back) with the read waited for and
+#     queued, from a graph and plain, at widths 16 and 64, beside the peer's back-to-back steps;
 #   bash .gpu/gpu-focus.sh OUTDIR      (about 150-250 s of steps on an H100, from runs 6 and 7)
 # Each variable below can still be overridden from the environment, as in gpu-run.sh.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,12 +29,14 @@ IN16="MEDSSL_CUDA_BN_INFLIGHT=16"
 IN4="MEDSSL_CUDA_BN_INFLIGHT=4"
 L2="MEDSSL_CUDA_BN_L2=hint"
 FUS="MEDSSL_CUDA_FUSION=projected"
+LATER="MEDSSL_CUDA_STEP_READ=later"
+B2B="--back-to-back"
 W16="--device cuda --width 16"
 W64="--device cuda --width 64"
 BIG="--device cuda --width 64 --batch 256"
-export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue|$W16 --cuda-graph|$W64 --fill-queue|$W64 --cuda-graph|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$FUS $W16 --fill-queue|$FUS $W16 --cuda-graph|$FUS $W64 --cuda-graph"}"
+export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue $B2B|$W16 --cuda-graph $B2B|$W64 --fill-queue $B2B|$W64 --cuda-graph $B2B|$LATER $W16 --fill-queue $B2B|$LATER $W16 --cuda-graph $B2B|$LATER $TIME $W16 --cuda-graph $B2B|$LATER $W64 --fill-queue $B2B|$LATER $W64 --cuda-graph $B2B|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$FUS $W16 --fill-queue|$FUS $W16 --cuda-graph|$FUS $W64 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
-export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue|$W64 --fill-queue"}"
+export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue $B2B|$W64 --fill-queue $B2B"}"
 BN="--op batch_norm"
 export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN8 $BIG $BN|$IN16 $BIG $BN|$L2 $BIG $BN|$L2 $IN8 $BIG $BN|$L2 $IN16 $BIG $BN|$RES $BIG $BN|$RES $IN4 $BIG $BN|$RES $IN16 $BIG $BN|$RES $L2 $BIG $BN|$RES $L2 $IN16 $BIG $BN|$W16 $BN|$L2 $IN16 $W16 $BN|$W16 --op conv2d,fusion|$FUS $W16 --op fusion"}"
 export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"

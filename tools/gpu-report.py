@@ -111,14 +111,21 @@ def steps_table(run):
     ours = run.rows("bench_cuda.jsonl", lambda r: r.get("bench") == "step")
     ours += run.rows("bench_cpu.jsonl", lambda r: r.get("bench") == "step")
     peer = {}
+    peer_b2b = {}
     for p in run.rows("torch_peer.jsonl", lambda r: r.get("bench") == "step" and "median_ms" in r):
         peer.setdefault(step_key(p), p)
+        if p.get("back_to_back_ms_per_step") is not None:
+            peer_b2b.setdefault(step_key(p), p["back_to_back_ms_per_step"])
     out = ["## Training step against PyTorch eager", "",
            "Medians of the timed steps, fastest in brackets; ratio = PyTorch ms / medssl ms. A "
            "CUDA-graph row (which starts with a full queue) is paired with the peer's full-queue "
            "row; a supervised row with the peer's supervised row whatever its queue.", "",
-           "| workload | medssl | switches changed | medssl ms | PyTorch ms | ratio |",
-           "|---|---|---|---|---|---|"]
+           "Back to back: `--back-to-back` rows, the ms per step of as many steps again issued "
+           "with no wait between them and one after the last (medssl with "
+           "`MEDSSL_CUDA_STEP_READ=later` overlaps a step's host work with the previous step's "
+           "device work), against the peer's row of the same workload that has it.", "",
+           "| workload | medssl | switches changed | medssl ms | PyTorch ms | ratio | back to back medssl / PyTorch ms | ratio |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in ours:
         if "median_ms" not in r:
             continue
@@ -128,8 +135,14 @@ def steps_table(run):
             p = next((v for kk, v in peer.items() if kk[:7] == k[:7] and kk[8] == k[8]), None)
         mode = graph_mode(r)
         ratio = f"{p['median_ms'] / r['median_ms']:.2f}×" if p else ""
+        b2b, b2b_ratio = "", ""
+        ours_b2b = r.get("back_to_back_ms_per_step")
+        if ours_b2b is not None:
+            pb = peer_b2b.get(k)
+            b2b = f"{ours_b2b:.2f} / " + (f"{pb:.2f}" if pb is not None else "-")
+            b2b_ratio = f"{pb / ours_b2b:.2f}×" if pb is not None else ""
         out.append(f"| {describe(k)} | {mode} | {variant_label(r)} | {ms(r)} | "
-                   f"{ms(p) if p else ''} | {ratio} |")
+                   f"{ms(p) if p else ''} | {ratio} | {b2b} | {b2b_ratio} |")
     return out
 
 

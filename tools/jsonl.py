@@ -53,6 +53,7 @@ LABELS = {
     "conv": str,
     "conv1x1": lambda v: f"1x1 {v}",
     "fusion": lambda v: f"fusion {v}",
+    "step_read": lambda v: f"step read {v}",
     "bn_fused_max_m": lambda v: f"fused max {v}",
     "bn_split": lambda v: f"split {v}",
     "bn_stats": str,

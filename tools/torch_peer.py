@@ -552,6 +552,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the student and teacher (use more --warmup)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format for models and inputs")
     ap.add_argument("--sync-loss", action="store_true", help="read the loss back every step (as our non-finite check)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="after the timed steps, time --repeats more with no wait between them and one after the last "
+                         "(back_to_back_ms_per_step; as medssl-bench step --back-to-back)")
     ap.add_argument("--tf32", action="store_true",
                     help="allow TF32 tensor-core math in cuDNN convolutions and cuBLAS matmuls "
                          "(default off: full FP32, as medssl without MEDSSL_TF32=1; PyTorch's own "
@@ -609,6 +612,14 @@ def main():
         sync()
         times.append(time.perf_counter() - s)
     med = statistics.median(times)
+    b2b = None
+    if a.back_to_back:
+        sync()
+        s = time.perf_counter()
+        for _ in range(max(1, a.repeats)):
+            peer.step(x, y, uw, us)
+        sync()
+        b2b = (time.perf_counter() - s) * 1e3 / max(1, a.repeats)
     prof = None
     if a.profile:
         if not cuda:
@@ -638,6 +649,7 @@ def main():
         "median_ms": med * 1e3,
         "min_ms": min(times) * 1e3,
         "max_ms": max(times) * 1e3,
+        "back_to_back_ms_per_step": b2b,
         "images_per_s": images / med,
         "gflop_per_step": step_flops / 1e9,
         "gflops": step_flops / med / 1e9,
@@ -660,6 +672,8 @@ def main():
             f"{step_flops / 1e9:.2f} GFLOP/step, {step_flops / med / 1e9:.1f} GFLOP/s"
             + (f", peak {rec['peak_mem_mb']:.0f} MiB" if cuda else "")
         )
+        if b2b is not None:
+            print(f"  back to back: {b2b:.2f} ms per step ({max(1, a.repeats)} steps without a wait between them, one wait after the last)")
         if prof:
             print(f"  profile ({prof['source']}, {prof['steps']} steps): device busy {prof['busy_ms_per_step']:.2f} ms "
                   f"of {prof['wall_ms_per_step']:.2f} ms wall per step, {prof['items_per_step']:.0f} items per step")

@@ -232,6 +232,34 @@ impl GraphStats {
     }
 }
 
+/// A device-to-host copy issued without waiting for it ([`Backend::to_host_many_later`]).
+pub enum HostRead {
+    /// The values are on the host already (the CPU backend).
+    Ready(Vec<Vec<f32>>),
+    /// The copy is queued behind the device's work; [`HostRead::wait`] blocks until it is done.
+    Later(Box<dyn PendingRead>),
+}
+
+/// The device side of a [`HostRead::Later`].
+pub trait PendingRead: Send {
+    /// Waits for the copy and returns the tensors' values, in the order they were asked for.
+    fn wait(self: Box<Self>) -> Result<Vec<Vec<f32>>>;
+}
+
+impl HostRead {
+    /// The values, waiting for the copy if it is still queued.
+    pub fn wait(self) -> Result<Vec<Vec<f32>>> {
+        match self {
+            HostRead::Ready(v) => Ok(v),
+            HostRead::Later(p) => p.wait(),
+        }
+    }
+    /// Whether the values are on the host already.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, HostRead::Ready(_))
+    }
+}
+
 /// The primitive ops. Every method allocates its outputs on the backend's device.
 pub trait Backend: Send + Sync {
     /// Short name (`cpu`, `cuda:0`).
@@ -249,6 +277,14 @@ pub trait Backend: Send + Sync {
     /// transfer and one wait). Each tensor must be on this backend's device.
     fn to_host_many(&self, ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
         ts.iter().map(|t| self.to_host(t)).collect()
+    }
+    /// Like [`Backend::to_host_many`], but the host does not wait: the copy is queued behind
+    /// the work issued so far and the caller collects the values later (a training step reads
+    /// its loss this way, so that the next step's host work overlaps this step's device work).
+    /// The tensors may be dropped as soon as this returns. Backends without a queue read at
+    /// once ([`HostRead::Ready`]).
+    fn to_host_many_later(&self, ts: &[&Tensor]) -> Result<HostRead> {
+        self.to_host_many(ts).map(HostRead::Ready)
     }
     /// A tensor filled with `value`.
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor>;

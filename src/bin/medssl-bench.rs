@@ -13,7 +13,7 @@ use medssl::backend::cpu::gemm::sgemm;
 use medssl::optim::OptimKind;
 use medssl::ssl::{Batch, DsrMode};
 use medssl::tensor::Device;
-use medssl::train::step::{train_step, Method, StepConfig, TrainState};
+use medssl::train::step::{train_step, train_step_overlapped, Method, StepConfig, TrainState};
 use rand::Rng;
 
 #[derive(Parser)]
@@ -81,6 +81,13 @@ struct StepArgs {
     /// with --fill-queue), since the step's shapes settle only once the queue is full.
     #[arg(long)]
     cuda_graph: bool,
+    /// After the timed steps, time `--repeats` more issued back to back as `medssl train`
+    /// issues them: no wait between steps (with `MEDSSL_CUDA_STEP_READ=later` a step returns
+    /// once issued, so its host work overlaps the previous step's device work), one wait after
+    /// the last (`back_to_back_ms_per_step`: the total over the steps; the timed steps above
+    /// wait for the device after each step, as the PyTorch peer's do)
+    #[arg(long)]
+    back_to_back: bool,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     #[arg(long, default_value_t = 10)]
@@ -175,7 +182,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 17] = [
+const SWITCH_KEYS: [&str; 18] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -185,6 +192,7 @@ const SWITCH_KEYS: [&str; 17] = [
     "conv",
     "conv1x1",
     "fusion",
+    "step_read",
     "bn_fused_max_m",
     "bn_split",
     "bn_stats",
@@ -225,7 +233,7 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    (inflight, l2_hint, fusion_projected): (usize, bool, bool),
+    (inflight, l2_hint, fusion_projected, read_later): (usize, bool, bool, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -238,6 +246,7 @@ fn switch_values(
         "conv": pick(s.conv_im2col, "im2col", "cudnn"),
         "conv1x1": pick(s.conv1x1_gemm, "cublas", "cudnn"),
         "fusion": pick(fusion_projected, "projected", "two-ops"),
+        "step_read": pick(read_later, "later", "wait"),
         "bn_fused_max_m": fused_max_m,
         "bn_split": split_json(split),
         "bn_stats": pick(welford, "welford", "two-pass"),
@@ -279,6 +288,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_inflight(),
                     cuda::bn_l2_hint(),
                     cuda::fusion_projected(),
+                    cuda::step_read_later(),
                 ),
             ),
             defaults: switch_values(
@@ -292,7 +302,12 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.bn_resident,
                     d.bn_resident_bwd,
                 ),
-                (d.bn_inflight, d.bn_l2_hint, d.fusion_projected),
+                (
+                    d.bn_inflight,
+                    d.bn_l2_hint,
+                    d.fusion_projected,
+                    d.step_read_later,
+                ),
             ),
             sms: match dev {
                 Device::Cuda(i) => cuda::CudaBackend::get_concrete(i).ok()?.sm_count(),
@@ -483,7 +498,7 @@ fn step(a: &StepArgs) -> Result<()> {
         a.classes,
         a.image_size,
     );
-    let n_unl = 1000;
+    let n_unl = 1000.max(2 * a.batch_u);
     let mut st = TrainState::new(cfg, 0, dev, OptimKind::adam(), 5e-4, a.queue, n_unl)?;
     let scfg = StepConfig {
         method,
@@ -524,9 +539,20 @@ fn step(a: &StepArgs) -> Result<()> {
         u_weak: rand_images(a.batch_u)?,
         u_strong: rand_images(a.batch_u)?,
     };
-    let unl_idx: Vec<usize> = (0..a.batch_u).collect();
+    // Consecutive steps take disjoint unlabelled samples (two windows in turn), as in training,
+    // where a step that shares a sample with the step before it must wait for that step's
+    // meta-weight update (see `train_step_overlapped`).
+    let windows: [Vec<usize>; 2] = [
+        (0..a.batch_u).collect(),
+        (a.batch_u..2 * a.batch_u).collect(),
+    ];
+    let turn = std::cell::Cell::new(0usize);
+    let next = || {
+        turn.set(turn.get() + 1);
+        &windows[turn.get() % 2]
+    };
     for _ in 0..a.warmup {
-        train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+        train_step(&mut st, &batch, next(), &scfg, 1e-3)?;
     }
     // With a graph, the warm-up goes on until the graph has been captured and replayed once
     // (the arena fills in two or three steps, the next one captures), so that the timed steps
@@ -536,7 +562,7 @@ fn step(a: &StepArgs) -> Result<()> {
             if bk.step_graph_stats().is_some_and(|s| s.replays >= 2) {
                 break;
             }
-            train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+            train_step(&mut st, &batch, next(), &scfg, 1e-3)?;
         }
     }
     let graph_before = bk.step_graph_stats().filter(|_| a.cuda_graph);
@@ -546,7 +572,7 @@ fn step(a: &StepArgs) -> Result<()> {
     let mut timed_steps = |n: usize, times: &mut Vec<f64>| -> Result<()> {
         for _ in 0..n {
             let s = Instant::now();
-            train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+            train_step(&mut st, &batch, next(), &scfg, 1e-3)?;
             bk.synchronize()?;
             times.push(s.elapsed().as_secs_f64());
         }
@@ -598,6 +624,19 @@ fn step(a: &StepArgs) -> Result<()> {
         }
     }
     let launches = launch_counts_per_step(dev, a.repeats.max(1));
+    let back_to_back_ms = if a.back_to_back {
+        let n = a.repeats.max(1);
+        bk.synchronize()?;
+        let t = Instant::now();
+        for _ in 0..n {
+            train_step_overlapped(&mut st, &batch, next(), &scfg, 1e-3)?;
+        }
+        st.finish_pending()?;
+        bk.synchronize()?;
+        Some(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+    } else {
+        None
+    };
     let profile = if a.profile {
         Some(profile_steps(
             dev,
@@ -605,7 +644,7 @@ fn step(a: &StepArgs) -> Result<()> {
             a.repeats.max(1),
             a.profile_top,
             || {
-                train_step(&mut st, &batch, &unl_idx, &scfg, 1e-3)?;
+                train_step(&mut st, &batch, next(), &scfg, 1e-3)?;
                 Ok(())
             },
         )?)
@@ -661,6 +700,7 @@ fn step(a: &StepArgs) -> Result<()> {
             "median_ms": med * 1e3,
             "min_ms": min * 1e3,
             "max_ms": max * 1e3,
+            "back_to_back_ms_per_step": back_to_back_ms,
             "images_per_s": images as f64 / med,
             "gflop_per_step": step_flops / 1e9,
             "gflops": gflops,
@@ -712,6 +752,13 @@ fn step(a: &StepArgs) -> Result<()> {
                     .map(|m| format!(", peak memory {m:.1} MiB ({peak_kind})"))
                     .unwrap_or_default()
             );
+            if let Some(ms) = back_to_back_ms {
+                println!(
+                    "  back to back: {ms:.2} ms per step ({} steps issued without a wait between \
+                     them, one wait after the last)",
+                    a.repeats.max(1)
+                );
+            }
             if let Some(g) = &graph {
                 println!(
                     "  CUDA graph: {} of {} timed steps replayed ({} nodes, {} node updates per \

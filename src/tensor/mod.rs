@@ -74,7 +74,6 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
-/// Number of elements of a shape.
 /// Reads several tensors of one device to the host together: on a GPU they are packed on the
 /// device and copied in one transfer, so the host waits for the device once.
 pub fn read_many(ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
@@ -84,6 +83,15 @@ pub fn read_many(ts: &[&Tensor]) -> Result<Vec<Vec<f32>>> {
     }
 }
 
+/// [`read_many`] without waiting for the device (see [`crate::backend::Backend::to_host_many_later`]).
+pub fn read_many_later(ts: &[&Tensor]) -> Result<crate::backend::HostRead> {
+    match ts.first() {
+        None => Ok(crate::backend::HostRead::Ready(Vec::new())),
+        Some(t) => t.backend()?.to_host_many_later(ts),
+    }
+}
+
+/// Number of elements of a shape.
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }

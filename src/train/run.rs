@@ -17,7 +17,7 @@ use crate::tensor::{Device, Tensor};
 use crate::train::checkpoint::{self, CkptState};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{self, Metrics};
-use crate::train::step::{train_step, Method, StepConfig, StepStats, TrainState};
+use crate::train::step::{train_step_overlapped, Method, StepConfig, StepStats, TrainState};
 
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -356,6 +356,12 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
     let save = |st: &TrainState, state: &CkptState, path: &Path| {
         checkpoint::save(path, st, state, &cfg, &ds.classes, &norm.mean, &norm.std)
     };
+    let keep_checkpoint = |e: Error| {
+        Error::msg(format!(
+            "{e}; the last good checkpoint ({}) is kept",
+            last_path.display()
+        ))
+    };
     let log_stop = |o: Outcome, step: u64| {
         log(&format!(
             "{} at step {step}: checkpoint written to {}; continue with `medssl train --resume --out {}`",
@@ -395,21 +401,8 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
         let mut pseudo_counts = vec![0u64; ds.classes.len()];
         let mut n_in_epoch = 0u32;
         let t_epoch = Instant::now();
-        while st.step / steps_per_epoch == epoch && st.step < total_steps {
-            let b = loader.next_batch();
-            let batch = Batch {
-                x_lab: bk.from_host(&b.x_lab, &[b.y_lab.len(), c, h, w])?,
-                y_lab: b.y_lab.clone(),
-                u_weak: bk.from_host(&b.u_weak, &[b.u_slot.len(), c, h, w])?,
-                u_strong: bk.from_host(&b.u_strong, &[b.u_slot.len(), c, h, w])?,
-            };
-            let lr = sched.lr(cfg.lr, st.step);
-            let s = train_step(&mut st, &batch, &b.u_slot, &scfg, lr).map_err(|e| {
-                Error::msg(format!(
-                    "{e}; the last good checkpoint ({}) is kept",
-                    last_path.display()
-                ))
-            })?;
+        // Adds a finished step to the epoch's sums and shows it.
+        let mut account = |s: &StepStats| {
             for (a, v) in [
                 (&mut sums.loss, s.loss),
                 (&mut sums.loss_sup, s.loss_sup),
@@ -426,26 +419,46 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                 pseudo_counts[l] += 1;
             }
             n_in_epoch += 1;
-            state.position = loader.position();
-            let in_epoch = st.step - epoch * steps_per_epoch;
+            let in_epoch = s.step - epoch * steps_per_epoch;
             if let Some(b) = &bar {
                 b.set_position(in_epoch);
                 b.set_message(format!(
                     "loss {:.4} (sup {:.3} cons {:.4} pgc {:.3})",
                     s.loss, s.loss_sup, s.loss_cons, s.loss_pgc
                 ));
-            } else if in_epoch % log_every == 0 {
+            } else if in_epoch.is_multiple_of(log_every) {
                 log(&format!(
                     "epoch {}/{} step {}/{} loss {:.4} sup {:.4} cons {:.4} pgc {:.4} w {:.3} lr {:.2e} | {:.1} steps/s",
-                    epoch + 1, cfg.epochs, in_epoch, steps_per_epoch, s.loss, s.loss_sup, s.loss_cons, s.loss_pgc, s.mean_weight, lr,
+                    epoch + 1, cfg.epochs, in_epoch, steps_per_epoch, s.loss, s.loss_sup, s.loss_cons, s.loss_pgc, s.mean_weight, s.lr,
                     n_in_epoch as f64 / t_epoch.elapsed().as_secs_f64().max(1e-9)
                 ));
             }
+        };
+        while st.step / steps_per_epoch == epoch && st.step < total_steps {
+            let b = loader.next_batch();
+            let batch = Batch {
+                x_lab: bk.from_host(&b.x_lab, &[b.y_lab.len(), c, h, w])?,
+                y_lab: b.y_lab.clone(),
+                u_weak: bk.from_host(&b.u_weak, &[b.u_slot.len(), c, h, w])?,
+                u_strong: bk.from_host(&b.u_strong, &[b.u_slot.len(), c, h, w])?,
+            };
+            let lr = sched.lr(cfg.lr, st.step);
+            // On a device whose reads are queued (`MEDSSL_CUDA_STEP_READ=later`) the step returns
+            // once issued and the previous step's results come back now; on the CPU this step's.
+            let done = train_step_overlapped(&mut st, &batch, &b.u_slot, &scfg, lr)
+                .map_err(&keep_checkpoint)?;
+            for s in &done {
+                account(s);
+            }
+            state.position = loader.position();
             // A stop request on the last step of an epoch lets the epoch end (evaluation, metrics
             // line, checkpoint) first, so no epoch is left without its record.
             let at_epoch_end = st.step % steps_per_epoch == 0;
             if !at_epoch_end {
                 if let Some(o) = stop_reason(&stop, opts.max_steps, st.step) {
+                    if let Some(s) = st.finish_pending().map_err(&keep_checkpoint)? {
+                        account(&s);
+                    }
                     if let Some(b) = &bar {
                         b.abandon();
                     }
@@ -459,6 +472,10 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                     break 'epochs;
                 }
             }
+        }
+        // The epoch's last step (or, after an error above, nothing: the run ends).
+        if let Some(s) = st.finish_pending().map_err(&keep_checkpoint)? {
+            account(&s);
         }
         if let Some(b) = &bar {
             b.finish_and_clear();

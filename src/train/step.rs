@@ -85,6 +85,9 @@ pub struct TrainState {
     pub step: u64,
     /// Identifies this training loop to the backend's step graph (`StepConfig::cuda_graph`).
     pub graph_owner: u64,
+    /// The last step issued by [`train_step_overlapped`] whose closing read is still queued on
+    /// the device (collect it with [`TrainState::finish_pending`]).
+    pending: Option<PendingStep>,
 }
 
 impl TrainState {
@@ -111,13 +114,33 @@ impl TrainState {
             dsr_prior: ClassPrior::uniform(cfg.classes),
             step: 0,
             graph_owner: next_graph_owner(),
+            pending: None,
         })
+    }
+
+    /// Collects the step left pending by [`train_step_overlapped`], if any: waits for its read,
+    /// applies its meta-weight updates and checks its loss. The optimiser, teacher and queue
+    /// state already include the step (it was issued); what waits is what the host learns of
+    /// it. Call before anything reads [`TrainState::meta`] (a checkpoint) or the run ends.
+    pub fn finish_pending(&mut self) -> Result<Option<StepStats>> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(p) => p.finish(self).map(Some),
+        }
+    }
+
+    /// Whether a step's results are still to be collected ([`TrainState::finish_pending`]).
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
     }
 }
 
 /// Scalars of one step (host values).
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StepStats {
+    /// The step's number (1 = the run's first step).
+    #[serde(skip)]
+    pub step: u64,
     pub loss: f32,
     pub loss_sup: f32,
     pub loss_cons: f32,
@@ -171,6 +194,55 @@ pub fn train_step(
     cfg: &StepConfig,
     lr: f32,
 ) -> Result<StepStats> {
+    if st.pending.is_some() {
+        bail!("train_step: an earlier step's results are still pending (collect them with TrainState::finish_pending first)");
+    }
+    issue_step(st, batch, unl_idx, cfg, lr)?.finish(st)
+}
+
+/// Like [`train_step`], but on a device whose reads are queued (CUDA with
+/// `MEDSSL_CUDA_STEP_READ=later`) it returns as soon as the step is issued: the step's closing
+/// read stays pending in `st`, and the host goes on to the next step while the device still
+/// runs this one. Returns the steps finished meanwhile, oldest first: usually the previous
+/// one; none for the first step; on the CPU this one. A step whose unlabelled samples were in
+/// the pending step waits for it first (their meta weights are the pending step's result), so
+/// every step computes what [`train_step`] computes, bit for bit. Collect the last step with
+/// [`TrainState::finish_pending`].
+pub fn train_step_overlapped(
+    st: &mut TrainState,
+    batch: &Batch,
+    unl_idx: &[usize],
+    cfg: &StepConfig,
+    lr: f32,
+) -> Result<Vec<StepStats>> {
+    let mut done = Vec::new();
+    if st
+        .pending
+        .as_ref()
+        .is_some_and(|p| p.updates_meta_of(unl_idx))
+    {
+        done.extend(st.finish_pending()?);
+    }
+    let p = issue_step(st, batch, unl_idx, cfg, lr)?;
+    // This step's work is queued behind the pending one's read: collecting it now waits for
+    // the pending step's device work only.
+    done.extend(st.finish_pending()?);
+    if p.read.is_ready() {
+        done.push(p.finish(st)?);
+    } else {
+        st.pending = Some(p);
+    }
+    Ok(done)
+}
+
+/// Issues one step: everything up to its closing read, which may still be queued.
+fn issue_step(
+    st: &mut TrainState,
+    batch: &Batch,
+    unl_idx: &[usize],
+    cfg: &StepConfig,
+    lr: f32,
+) -> Result<PendingStep> {
     let bk = batch.x_lab.backend()?;
     if !cfg.cuda_graph {
         return run_step(st, batch, unl_idx, cfg, lr);
@@ -209,9 +281,9 @@ pub fn train_step(
         })
     })();
     let result = staged.and_then(|b| run_step(st, &b, unl_idx, cfg, lr));
-    let result = result.and_then(|stats| bk.step_graph_end().map(|()| stats));
+    let result = result.and_then(|p| bk.step_graph_end().map(|()| p));
     match result {
-        Ok(stats) => Ok(stats),
+        Ok(p) => Ok(p),
         Err(e) => {
             let diverged = e.is_graph_divergence();
             if !bk.step_graph_abort(diverged) {
@@ -238,13 +310,14 @@ fn run_step(
     unl_idx: &[usize],
     cfg: &StepConfig,
     lr: f32,
-) -> Result<StepStats> {
+) -> Result<PendingStep> {
     let t = st.step as f64;
     let lambda_cons = ssl::ramp(cfg.lambda_cons_max, t, cfg.ramp_steps as f64);
     let lambda_pgc = ssl::ramp(cfg.lambda_pgc_max, t, cfg.ramp_steps as f64);
     let mut g = Graph::new();
     let mut bind = Binding::new(true);
-    let mut stats = StepStats {
+    let stats = StepStats {
+        step: st.step + 1,
         lambda_cons,
         lambda_pgc,
         lr,
@@ -304,7 +377,8 @@ fn run_step(
     // The loss, its terms, the DSR weights, the updated meta weights and the pseudo-labels are
     // read only at the end, together, once the backward pass, the optimiser step, the teacher's
     // EMA update and the queue write are queued as well (on a GPU that one read waits for the
-    // device, which then has the whole step's work in hand). A non-finite loss still stops the
+    // device, which then has the whole step's work in hand; or it stays queued until the next
+    // step has been issued, see `train_step_overlapped`). A non-finite loss still stops the
     // run before anything is written: the caller saves no checkpoint for a failed step, so the
     // last good checkpoint stays intact.
     let loss_value = g.value(loss).clone();
@@ -351,61 +425,159 @@ fn run_step(
         pl,
     ];
     let wanted: Vec<&Tensor> = slots.iter().flatten().copied().collect();
-    let mut read = crate::tensor::read_many(&wanted)?.into_iter();
-    let [loss_v, sup, cons, pgc, w, m, pl] = slots.map(|s| s.and_then(|_| read.next()));
-    // A term that is off reads 0; one that is on is a `[1]` tensor.
-    let scalar = |v: Option<Vec<f32>>| -> Result<f32> {
-        match v {
-            None => Ok(0.0),
-            Some(v) => match v[..] {
-                [x] => Ok(x),
-                _ => bail!("a loss term read back {} values", v.len()),
-            },
+    let read = crate::tensor::read_many_later(&wanted)?;
+    st.step += 1;
+    Ok(PendingStep {
+        stats,
+        read,
+        present: slots.map(|s| s.is_some()),
+        unl_idx: unl_idx.to_vec(),
+    })
+}
+
+/// A step issued to the device whose closing read (loss, its terms, DSR weights, updated meta
+/// weights, pseudo-labels) may still be queued.
+struct PendingStep {
+    /// What the host knew when it issued the step.
+    stats: StepStats,
+    read: crate::backend::HostRead,
+    /// Which of the seven values were read (a term that is off is not).
+    present: [bool; 7],
+    unl_idx: Vec<usize>,
+}
+
+impl PendingStep {
+    /// Whether collecting this step changes the meta weight of one of `unl_idx`.
+    fn updates_meta_of(&self, unl_idx: &[usize]) -> bool {
+        self.present[5] && unl_idx.iter().any(|i| self.unl_idx.contains(i))
+    }
+
+    /// Waits for the read, applies the meta-weight updates, checks the loss.
+    fn finish(self, st: &mut TrainState) -> Result<StepStats> {
+        let PendingStep {
+            mut stats,
+            read,
+            present,
+            unl_idx,
+        } = self;
+        let mut read = read.wait()?.into_iter();
+        let [loss_v, sup, cons, pgc, w, m, pl] = present.map(|p| p.then(|| read.next()).flatten());
+        // A term that is off reads 0; one that is on is a `[1]` tensor.
+        let scalar = |v: Option<Vec<f32>>| -> Result<f32> {
+            match v {
+                None => Ok(0.0),
+                Some(v) => match v[..] {
+                    [x] => Ok(x),
+                    _ => bail!("a loss term read back {} values", v.len()),
+                },
+            }
+        };
+        stats.loss = scalar(loss_v)?;
+        stats.loss_sup = scalar(sup)?;
+        stats.loss_cons = scalar(cons)?;
+        stats.loss_pgc = scalar(pgc)?;
+        if let Some(pl) = pl {
+            stats.pseudo_labels = crate::backend::label_values(&pl, "pseudo-labels")?;
         }
-    };
-    stats.loss = scalar(loss_v)?;
-    stats.loss_sup = scalar(sup)?;
-    stats.loss_cons = scalar(cons)?;
-    stats.loss_pgc = scalar(pgc)?;
-    if let Some(pl) = pl {
-        stats.pseudo_labels = crate::backend::label_values(&pl, "pseudo-labels")?;
-    }
-    if let Some(w) = w {
-        stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
-    }
-    if let Some(m) = m {
-        if m.len() != unl_idx.len() {
+        if let Some(w) = w {
+            stats.mean_weight = w.iter().sum::<f32>() / w.len().max(1) as f32;
+        }
+        if let Some(m) = m {
+            if m.len() != unl_idx.len() {
+                bail!(
+                    "{} updated meta weights for {} unlabelled samples",
+                    m.len(),
+                    unl_idx.len()
+                );
+            }
+            for (&i, &v) in unl_idx.iter().zip(&m) {
+                st.meta[i] = v;
+            }
+        }
+        if !stats.loss.is_finite() {
+            let term = [
+                ("supervised", stats.loss_sup),
+                ("consistency", stats.loss_cons),
+                ("pgc", stats.loss_pgc),
+            ]
+            .iter()
+            .find(|(_, v)| !v.is_finite())
+            .map(|(n, _)| *n)
+            .unwrap_or("total");
             bail!(
-                "{} updated meta weights for {} unlabelled samples",
-                m.len(),
-                unl_idx.len()
+                "non-finite loss at step {}: {term} term is {} (total {})",
+                stats.step,
+                [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
+                    .iter()
+                    .find(|v| !v.is_finite())
+                    .copied()
+                    .unwrap_or(stats.loss),
+                stats.loss
             );
         }
-        for (&i, &v) in unl_idx.iter().zip(&m) {
-            st.meta[i] = v;
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::OptimKind;
+
+    fn batch(seed: u64, bl: usize, bu: usize, hw: usize) -> Batch {
+        let mut rng = crate::rng::stream(seed, "step-test");
+        let mut img = |n: usize| {
+            let v = (0..n * 3 * hw * hw)
+                .map(|_| rand::Rng::random_range(&mut rng, -1.0f32..1.0))
+                .collect();
+            Tensor::from_vec(v, &[n, 3, hw, hw]).unwrap()
+        };
+        Batch {
+            x_lab: img(bl),
+            y_lab: (0..bl).map(|i| i % 5).collect(),
+            u_weak: img(bu),
+            u_strong: img(bu),
         }
     }
-    if !stats.loss.is_finite() {
-        let term = [
-            ("supervised", stats.loss_sup),
-            ("consistency", stats.loss_cons),
-            ("pgc", stats.loss_pgc),
-        ]
-        .iter()
-        .find(|(_, v)| !v.is_finite())
-        .map(|(n, _)| *n)
-        .unwrap_or("total");
-        bail!(
-            "non-finite loss at step {}: {term} term is {} (total {})",
-            st.step + 1,
-            [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
-                .iter()
-                .find(|v| !v.is_finite())
-                .copied()
-                .unwrap_or(stats.loss),
-            stats.loss
-        );
+
+    /// On the CPU (reads are never queued) an overlapped step finishes at once: the same
+    /// results as `train_step`, nothing left pending.
+    #[test]
+    fn overlapped_steps_on_the_cpu_finish_at_once() {
+        let model = ModelConfig {
+            in_ch: 3,
+            width: 4,
+            d: 8,
+            emb: 8,
+            classes: 5,
+            small_stem: true,
+            fusion: true,
+        };
+        let cfg = StepConfig::default();
+        let new =
+            || TrainState::new(model, 3, Device::Cpu, OptimKind::adam(), 5e-4, 16, 8).unwrap();
+        let (mut a, mut b) = (new(), new());
+        for s in 0..3u64 {
+            let x = batch(s, 4, 8, 10);
+            let idx: Vec<usize> = (0..8).collect();
+            let want = train_step(&mut a, &x, &idx, &cfg, 1e-3).unwrap();
+            let got = train_step_overlapped(&mut b, &x, &idx, &cfg, 1e-3).unwrap();
+            assert_eq!(got.len(), 1, "step {s}");
+            assert!(!b.has_pending());
+            let got = &got[0];
+            assert_eq!((want.step, got.step), (s + 1, s + 1));
+            for (x, y) in [
+                (want.loss, got.loss),
+                (want.loss_sup, got.loss_sup),
+                (want.loss_cons, got.loss_cons),
+                (want.loss_pgc, got.loss_pgc),
+                (want.mean_weight, got.mean_weight),
+            ] {
+                assert_eq!(x.to_bits(), y.to_bits(), "step {s}");
+            }
+            assert_eq!(want.pseudo_labels, got.pseudo_labels);
+        }
+        assert_eq!(a.meta, b.meta);
+        assert!(b.finish_pending().unwrap().is_none());
     }
-    st.step += 1;
-    Ok(stats)
 }

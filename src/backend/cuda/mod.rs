@@ -51,15 +51,15 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    PinnedHostSlice, PushKernelArg,
 };
 
 use crate::backend::shapes;
 /// The shared validation, re-exported for the op-family files.
 pub(crate) use crate::backend::shapes::{nchw, rows2, rows_last, same_shape, scalar_grad};
 use crate::backend::{
-    AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, DsrFactors, PoolParams,
-    SgdParams,
+    AdamParams, Backend, BnAct, BnTrainOut, ConvGrads, ConvParams, DsrFactors, HostRead,
+    PendingRead, PoolParams, SgdParams,
 };
 use crate::error::{Error, Result};
 use crate::tensor::{numel, Device, Storage, Tensor};
@@ -403,6 +403,75 @@ pub struct CudaBackend {
     /// Bytes of L2 set aside for evict-last lines (`MEDSSL_CUDA_BN_L2=hint`, done once; see
     /// [`CudaBackend::l2_set_aside`]).
     l2_aside: std::sync::OnceLock<usize>,
+    /// Page-locked host buffers of finished [`Backend::to_host_many_later`] reads, for reuse
+    /// (a training loop has one or two in flight).
+    pinned: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
+}
+
+/// Splits packed values into one vector per tensor of the given sizes.
+fn unpack(all: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
+    let mut rest = all;
+    sizes
+        .iter()
+        .map(|&n| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head.to_vec()
+        })
+        .collect()
+}
+
+/// A [`Backend::to_host_many_later`] copy into a page-locked buffer, queued on the stream.
+struct PinnedRead {
+    /// `Some` until the values are taken.
+    host: Option<PinnedHostSlice<f32>>,
+    sizes: Vec<usize>,
+    /// Where the buffer goes back for reuse.
+    free: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
+}
+
+impl PendingRead for PinnedRead {
+    fn wait(mut self: Box<Self>) -> Result<Vec<Vec<f32>>> {
+        let host = self.host.take().expect("read once");
+        // Waits on the event recorded after the copy (not on the work queued since).
+        let out = unpack(
+            host.as_slice()
+                .map_err(cuda_err("waiting for a device-to-host copy"))?,
+            &self.sizes,
+        );
+        lock(&self.free).push(host);
+        Ok(out)
+    }
+}
+
+/// The emulated device's [`Backend::to_host_many_later`]: copied when issued.
+struct DoneRead(Vec<Vec<f32>>);
+
+impl PendingRead for DoneRead {
+    fn wait(self: Box<Self>) -> Result<Vec<Vec<f32>>> {
+        Ok(self.0)
+    }
+}
+
+thread_local! {
+    /// [`set_step_read_later`]'s setting.
+    static READ_LATER_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether [`Backend::to_host_many_later`] leaves the copy queued (a training step then returns
+/// before its device work is done, and the next step's host work overlaps it):
+/// [`set_step_read_later`]'s setting, else `MEDSSL_CUDA_STEP_READ` (see [`switches`]; `wait`
+/// by default: not yet run on a GPU).
+pub fn step_read_later() -> bool {
+    READ_LATER_HERE
+        .with(|s| s.get())
+        .unwrap_or_else(|| switches::current().step_read_later)
+}
+
+/// Sets [`step_read_later`] for the reads the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_STEP_READ`); returns the previous setting.
+pub fn set_step_read_later(on: Option<bool>) -> Option<bool> {
+    READ_LATER_HERE.with(|s| s.replace(on))
 }
 
 /// The streaming-multiprocessor count the emulated device reports (small, so that the parity
@@ -531,6 +600,7 @@ impl CudaBackend {
             split_resident: Default::default(),
             resident: Default::default(),
             l2_aside: Default::default(),
+            pinned: Default::default(),
         }
     }
 
@@ -628,6 +698,7 @@ impl CudaBackend {
             split_resident: Default::default(),
             resident: Default::default(),
             l2_aside: Default::default(),
+            pinned: Default::default(),
         })
     }
 
@@ -903,6 +974,27 @@ impl CudaBackend {
         Ok(Tensor::from_storage(Storage::Cuda(s), shape))
     }
 
+    /// The tensors packed one after another into one new tensor by one multi-tensor copy
+    /// launch (`None` when they hold no element; each is still checked to be on this device).
+    fn pack(&self, ts: &[&Tensor]) -> Result<Option<Tensor>> {
+        let total: usize = ts.iter().map(|t| t.numel()).sum();
+        if total == 0 {
+            for t in ts {
+                self.storage_of(t)?;
+            }
+            return Ok(None);
+        }
+        let packed = self.buffer(total)?;
+        let mut copies = Vec::with_capacity(ts.len());
+        let mut at = packed.ptr();
+        for t in ts {
+            copies.push((at, self.p(t)?, t.numel()));
+            at += 4 * t.numel() as u64;
+        }
+        optim::copy_multi(self, &copies)?;
+        Ok(Some(Tensor::from_storage(Storage::Cuda(packed), &[total])))
+    }
+
     fn storage_of<'t>(&self, t: &'t Tensor) -> Result<&'t CudaStorage> {
         match t.storage() {
             Storage::Cuda(s) if s.ordinal == self.ordinal => Ok(s),
@@ -1064,31 +1156,67 @@ impl Backend for CudaBackend {
         }
         // Packed on the device by one multi-tensor copy launch, then one transfer: the host
         // waits for the device once.
-        let total: usize = ts.iter().map(|t| t.numel()).sum();
-        if total == 0 {
-            for t in ts {
-                self.storage_of(t)?;
-            }
+        let Some(packed) = self.pack(ts)? else {
             return Ok(vec![Vec::new(); ts.len()]);
+        };
+        let sizes: Vec<usize> = ts.iter().map(|t| t.numel()).collect();
+        let all = self.to_host(&packed)?;
+        Ok(unpack(&all, &sizes))
+    }
+    fn to_host_many_later(&self, ts: &[&Tensor]) -> Result<HostRead> {
+        if !step_read_later() || ts.len() < 2 {
+            return self.to_host_many(ts).map(HostRead::Ready);
         }
-        let packed = self.buffer(total)?;
-        let mut copies = Vec::with_capacity(ts.len());
-        let mut at = packed.ptr();
-        for t in ts {
-            copies.push((at, self.p(t)?, t.numel()));
-            at += 4 * t.numel() as u64;
-        }
-        optim::copy_multi(self, &copies)?;
-        let all = self.to_host(&Tensor::from_storage(Storage::Cuda(packed), &[total]))?;
-        let mut rest = all.as_slice();
-        Ok(ts
-            .iter()
-            .map(|t| {
-                let (head, tail) = rest.split_at(t.numel());
-                rest = tail;
-                head.to_vec()
-            })
-            .collect())
+        let Some(packed) = self.pack(ts)? else {
+            return Ok(HostRead::Ready(vec![Vec::new(); ts.len()]));
+        };
+        let sizes: Vec<usize> = ts.iter().map(|t| t.numel()).collect();
+        let total = packed.numel();
+        let s = self.storage_of(&packed)?;
+        // Ends (launches) an open step graph: the copy below is issued after the step's work.
+        let _turn = self.graph_before_read()?;
+        self.count("memcpy_dtoh");
+        let read = match (s.slice.as_ref().expect("live buffer"), &self.drv) {
+            (Buf::Dev(slice), Some(d)) => {
+                // A page-locked buffer (the copy is asynchronous only into one), reused.
+                let reuse = {
+                    let mut free = lock(&self.pinned);
+                    let at = free.iter().position(|b| b.len() >= total);
+                    at.map(|i| free.swap_remove(i))
+                };
+                let mut host = match reuse {
+                    Some(b) => b,
+                    // SAFETY: the copy below writes the first `total` elements before they are
+                    // read (the buffer's event orders the read after it); no flags: cached host
+                    // memory, which the host reads fast (write-combined memory it does not).
+                    None => unsafe { d.ctx.alloc_pinned_with_flags::<f32>(total, 0) }
+                        .map_err(cuda_err("allocating page-locked host memory"))?,
+                };
+                // Queued on the stream; the buffer's event is recorded after the copy.
+                d.stream
+                    .memcpy_dtoh(&slice.slice(0..total), &mut host)
+                    .map_err(cuda_err("device-to-host copy"))?;
+                Box::new(PinnedRead {
+                    host: Some(host),
+                    sizes,
+                    free: self.pinned.clone(),
+                }) as Box<dyn PendingRead>
+            }
+            (Buf::Emu(h), None) => {
+                // The emulated device has run everything issued so far: the copy is done now,
+                // and the caller still collects it later, as from a GPU.
+                let mut all = vec![0.0f32; total];
+                h.read(&mut all);
+                Box::new(DoneRead(unpack(&all, &sizes)))
+            }
+            _ => {
+                return Err(Error::Cuda(
+                    "a buffer of the emulated device met a real one (or the reverse)".into(),
+                ))
+            }
+        };
+        // `packed` is dropped here: its buffer is reused only by work issued after the copy.
+        Ok(HostRead::Later(read))
     }
     fn full(&self, shape: &[usize], value: f32) -> Result<Tensor> {
         if value == 0.0 && value.is_sign_positive() {

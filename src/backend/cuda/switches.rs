@@ -13,6 +13,7 @@
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_FUSION` | `two-ops` (the fusion's 1×1 projection, then the similarity fusion), `projected` (one op without the projected map, as the CPU computes it) | `two-ops` |
+//! | `MEDSSL_CUDA_STEP_READ` | `wait` (a training step waits for its device work and reads its loss), `later` (the read is queued and collected during the next step, whose host work then overlaps this step's device work) | `wait` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
@@ -105,6 +106,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_FUSION=projected`: the projected fusion without the projected map (`two-ops`,
     /// the default: the projection, then the similarity fusion).
     pub fusion_projected: bool,
+    /// `MEDSSL_CUDA_STEP_READ=later`: a training step's closing read is queued and collected
+    /// during the next step (`wait`, the default: the step waits for it).
+    pub step_read_later: bool,
     pub bn_fused_max_m: usize,
     /// Blocks per channel of the batch-norm reductions; [`BN_SPLIT_WAVE`] (the default): one
     /// wave of blocks, 0: `auto`.
@@ -239,6 +243,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         fusion_projected: !choice("MEDSSL_CUDA_FUSION", ["two-ops", "projected"])?,
+        step_read_later: !choice("MEDSSL_CUDA_STEP_READ", ["wait", "later"])?,
         bn_fused_max_m,
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
@@ -295,6 +300,7 @@ mod tests {
             (&None, &None, &None)
         );
         assert!(d.cudnn_deterministic_first && d.conv1x1_gemm && !d.fusion_projected);
+        assert!(!d.step_read_later);
         assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
@@ -314,6 +320,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "im2col"),
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
             ("MEDSSL_CUDA_FUSION", "projected"),
+            ("MEDSSL_CUDA_STEP_READ", "later"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
@@ -335,6 +342,7 @@ mod tests {
         assert_eq!(s.cudnn_bwd_data_algo.as_deref(), Some("ALGO_FFT"));
         assert_eq!(s.cudnn_bwd_filter_algo.as_deref(), Some("ALGO_0"));
         assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm && s.fusion_projected);
+        assert!(s.step_read_later);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(
             with(&[("MEDSSL_CUDNN_ALGO", "time")]).unwrap().cudnn_algo,
@@ -366,6 +374,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "cudnn"),
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_FUSION", "two-ops"),
+            ("MEDSSL_CUDA_STEP_READ", "wait"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
@@ -405,6 +414,11 @@ mod tests {
                 "MEDSSL_CUDA_FUSION",
                 "fused",
                 "two-ops (the default) or projected",
+            ),
+            (
+                "MEDSSL_CUDA_STEP_READ",
+                "async",
+                "wait (the default) or later",
             ),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "-1", "a whole number"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "64k", "a whole number"),
