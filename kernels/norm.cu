@@ -570,6 +570,27 @@ struct BnGradLoad {
     }
 };
 
+// BnGradLoad through an L2 policy (MEDSSL_CUDA_BN_L2=hint): evict-last while the gradient sums
+// read x, gy (and ry), so that the input-gradient pass finds as much of them as L2 holds;
+// evict-first in that pass, their last use.
+struct BnGradLoadL2 {
+    const float *x, *gy, *ry;
+    L2Policy pol;
+    DEVICE_MEMBER float g(size_t k, int p) const {
+        (void)p;
+        return (ry && !(ld_l2(ry + k, pol) > 0.f)) ? 0.f : ld_l2(gy + k, pol);
+    }
+    DEVICE_MEMBER float xv(size_t k, int p) const {
+        (void)p;
+        return ld_l2(x + k, pol);
+    }
+    DEVICE_MEMBER void keep(int p, float g, float v) const {
+        (void)p;
+        (void)g;
+        (void)v;
+    }
+};
+
 // The gradient sums of channel c's elements j in [lo, hi) by one block (every thread gets them):
 // sg = sum(gy) and sgx = sum(gy * xhat), xhat = (x - mean) * invstd, with gy masked by the
 // following ReLU's output ry when ry is not null (see bn_gy), each element read through `ld`
@@ -648,10 +669,11 @@ __device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, fl
 // channel's statistics, gamma and gradient sums: four strides at a time, every load before the
 // stores. The masked output gradient and the input at offset o (the walk's j) come from
 // src.g(o, j) and src.xv(o, j): BnGradLoad reads memory (bn_dx_walk), BnDxFromKept the resident
-// backward's shared memory where it kept them.
-template <class Walk, class Src>
-__device__ __forceinline__ void bn_dx_walk_from(Walk w, int M, float mu, float is, float gam,
-                                                float sg, float sgx, const Src& src, float* gx) {
+// backward's shared memory where it kept them; each gradient is stored by dst(o, v) (BnToY:
+// plainly, BnToYL2: evict-first).
+template <class Walk, class Src, class Dst>
+__device__ __forceinline__ void bn_dx_walk_to(Walk w, int M, float mu, float is, float gam,
+                                              float sg, float sgx, const Src& src, const Dst& dst) {
     while (walk_has(w, 0)) {
         if (walk_has(w, 3)) {
             size_t o[4];
@@ -665,13 +687,20 @@ __device__ __forceinline__ void bn_dx_walk_from(Walk w, int M, float mu, float i
                 g[q] = src.g(o[q], j[q]);
                 xv[q] = src.xv(o[q], j[q]);
             }
-            for (int q = 0; q < 4; ++q) gx[o[q]] = bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M);
+            for (int q = 0; q < 4; ++q) dst(o[q], bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M));
         } else {
             const int j = w.p.j;
             const size_t o = walk_step(w);
-            gx[o] = bn_dx(src.g(o, j), src.xv(o, j), mu, is, gam, sg, sgx, M);
+            dst(o, bn_dx(src.g(o, j), src.xv(o, j), mu, is, gam, sg, sgx, M));
         }
     }
+}
+
+// bn_dx_walk_to storing gx plainly.
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_dx_walk_from(Walk w, int M, float mu, float is, float gam,
+                                                float sg, float sgx, const Src& src, float* gx) {
+    bn_dx_walk_to(w, M, mu, is, gam, sg, sgx, src, BnToY{gx});
 }
 
 // bn_dx_walk_from reading memory.
@@ -869,14 +898,18 @@ __device__ __forceinline__ void bn_split_sums(const float* part, int c, int S, f
 
 // gbeta = sum(gy), ggamma = sum(gy * xhat) with S blocks per channel: partial sums of each chunk
 // (bn_range_grad_sums, gm written as bn_bwd_reduce does), added by the channel's last block.
+// With l2 != 0 (MEDSSL_CUDA_BN_L2=hint) the inputs are loaded evict-last (see BnGradLoadL2).
 extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float* x,
                                         const float* gy, const float* ry, const float* mean,
                                         const float* invstd, float* part, unsigned* count,
-                                        float* ggamma, float* gbeta, float* gm) {
+                                        float* ggamma, float* gbeta, float* gm, int l2) {
     const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M, S, s);
     float sg_s = 0.f, sgx_s = 0.f;
-    if (k.lo < k.hi)
+    if (k.lo < k.hi && l2)
+        bn_range_grad_sums_g<1>(C, HW, c, k.lo, k.hi, mean[c], invstd[c], gm,
+                                BnGradLoadL2{x, gy, ry, l2_evict_last()}, &sg_s, &sgx_s);
+    else if (k.lo < k.hi)
         bn_range_grad_sums(C, HW, c, k.lo, k.hi, x, gy, ry, mean[c], invstd[c], gm, &sg_s,
                            &sgx_s);
     if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
@@ -924,6 +957,19 @@ extern "C" __global__ void bn_dx_chunks(int N, int C, int HW, int S, const float
     const BnChunk k = bn_chunk(M, S, blockIdx.x);
     bn_dx_walk(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
                ggamma[c], x, gy, ry, gx);
+}
+
+// bn_dx_chunks under MEDSSL_CUDA_BN_L2=hint (a kernel of its own: the policies cost registers):
+// the inputs are read and gx written evict-first.
+extern "C" __global__ void bn_dx_chunks_l2(int N, int C, int HW, int S, const float* x,
+                                           const float* gy, const float* ry, const float* mean,
+                                           const float* invstd, const float* gamma,
+                                           const float* ggamma, const float* gbeta, float* gx) {
+    const int c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, blockIdx.x);
+    const L2Policy first = l2_evict_first();
+    bn_dx_walk_to(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
+                  ggamma[c], BnGradLoadL2{x, gy, ry, first}, BnToYL2{gx, first});
 }
 
 // ---- the one-launch forward for activations larger than the cache (MEDSSL_CUDA_BN_FWD=resident) ----
@@ -1128,6 +1174,80 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident(int N, int 
     if (k.lo < k.hi)
         bn_dx_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
                         BnDxFromKept{x, gy, ry, shg, shx, k.lo, cap}, gx);
+}
+
+// The resident backward under MEDSSL_CUDA_BN_L2=hint (bn_bwd_resident_l2, a kernel of its own for
+// its own register allocation): the elements it does not keep are loaded evict-last by the sums
+// (the input-gradient pass reads them again) and evict-first by that pass (their last use), and
+// gx is stored evict-first. BnGradStageL2 and BnDxFromKeptL2 are BnGradStage and BnDxFromKept
+// with those loads through an L2 policy. The kernel's body repeats bn_bwd_resident's on purpose:
+// with one template body for both, ptxas allocated bn_bwd_resident's 64 registers differently
+// and spilled 8 bytes (none either way now).
+struct BnGradStageL2 {
+    const float *x, *gy, *ry;
+    float *shg, *shx;
+    int cap;
+    L2Policy pol;
+    DEVICE_MEMBER float g(size_t k, int p) const {
+        if (p >= cap) return (ry && !(ld_l2(ry + k, pol) > 0.f)) ? 0.f : ld_l2(gy + k, pol);
+        return (ry && !(__ldcs(ry + k) > 0.f)) ? 0.f : __ldcs(gy + k);
+    }
+    DEVICE_MEMBER float xv(size_t k, int p) const {
+        return p < cap ? __ldcs(x + k) : ld_l2(x + k, pol);
+    }
+    DEVICE_MEMBER void keep(int p, float g, float v) const {
+        if (p < cap) {
+            shg[p] = g;
+            shx[p] = v;
+        }
+    }
+};
+
+struct BnDxFromKeptL2 {
+    const float *x, *gy, *ry, *shg, *shx;
+    int lo, cap;
+    L2Policy pol;
+    DEVICE_MEMBER float g(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? shg[p] : (ry && !(ld_l2(ry + o, pol) > 0.f)) ? 0.f : ld_l2(gy + o, pol);
+    }
+    DEVICE_MEMBER float xv(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? shx[p] : ld_l2(x + o, pol);
+    }
+};
+
+extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident_l2(int N, int C, int HW, int S, int cap, const float* x,
+                                              const float* gy, const float* ry, const float* mean,
+                                              const float* invstd, const float* gamma, float* part,
+                                              unsigned* count, float* ggamma, float* gbeta,
+                                              float* gm, float* gx) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M, S, s);
+    float* shg = dyn_shared_f32();
+    float* shx = shg + cap;
+    const float mu = mean[c], is = invstd[c];
+    float sg_s = 0.f, sgx_s = 0.f;
+    if (k.lo < k.hi)
+        bn_range_grad_sums_g<2>(C, HW, c, k.lo, k.hi, mu, is, gm,
+                                BnGradStageL2{x, gy, ry, shg, shx, cap, l2_evict_last()}, &sg_s,
+                                &sgx_s);
+    __shared__ float sums[2];
+    if (threadIdx.x == 0) {
+        bn_channel_arrive(part, count, c, S, s, sg_s, sgx_s);
+        bn_split_sums(part, c, S, &sums[0], &sums[1]);
+        bn_channel_depart(count, C, c, S);
+        if (s == 0) {
+            gbeta[c] = sums[0];
+            ggamma[c] = sums[1];
+        }
+    }
+    __syncthreads();
+    if (k.lo < k.hi) {
+        const L2Policy first = l2_evict_first();
+        bn_dx_walk_to(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
+                      BnDxFromKeptL2{x, gy, ry, shg, shx, k.lo, cap, first}, BnToYL2{gx, first});
+    }
 }
 
 // Eval-mode input gradient: gx = gy * gamma * invstd (statistics are constants), four elements

@@ -1188,18 +1188,20 @@ fn batch_norm_resident_kernels() {
             }
             // The forward with 4, 8 (its own) and 16 loads in flight per thread
             // (MEDSSL_CUDA_BN_INFLIGHT), each with and without L2 eviction priorities
-            // (MEDSSL_CUDA_BN_L2=hint): its other kernels, the same bits.
-            let variants: &[(usize, &str)] = match kind {
+            // (MEDSSL_CUDA_BN_L2=hint), and the backward with and without them (its hinted
+            // kernel is bn_bwd_resident_l2): their other kernels, the same bits.
+            let variants: &[(usize, [&str; 2])] = match kind {
                 cu::Resident::Fwd => &[
-                    (4, "bn_fwd_resident_g1"),
-                    (8, "bn_fwd_resident"),
-                    (16, "bn_fwd_resident_g4"),
+                    (4, ["bn_fwd_resident_g1"; 2]),
+                    (8, ["bn_fwd_resident"; 2]),
+                    (16, ["bn_fwd_resident_g4"; 2]),
                 ],
-                _ => &[],
+                _ => &[(0, ["bn_bwd_resident", "bn_bwd_resident_l2"])],
             };
-            for (&(inflight, variant), hint) in
+            for (&(inflight, names), hint) in
                 variants.iter().flat_map(|v| [false, true].map(|h| (v, h)))
             {
+                let variant = names[usize::from(hint)];
                 let old = (
                     cu::set_bn_inflight(Some(inflight)),
                     cu::set_bn_l2_hint(Some(hint)),
@@ -1227,7 +1229,8 @@ fn batch_norm_resident_kernels() {
 
 /// `MEDSSL_CUDA_BN_INFLIGHT` and `MEDSSL_CUDA_BN_L2` (set per thread here): the split statistics
 /// kernel with 4, 8 and 16 loads in flight per thread, with and without L2 eviction priorities
-/// (there and in the normalising pass after it), gives the bits of its default (every thread
+/// (there and in the normalising pass after it, and in the backward's gradient sums and
+/// input-gradient pass), gives the bits of its default (every thread
 /// still merges its elements four at a time in the same order; the emulation has no caches, so
 /// this checks the hinted paths' arithmetic, walks and argument lists), on shapes whose chunks
 /// hold from under one group of loads to many with a remainder, and each named kernel runs (the
@@ -1275,11 +1278,17 @@ fn batch_norm_loads_in_flight_keep_the_bits() {
         let kernels = ["bn_stats_split", "bn_stats_split_g2", "bn_stats_split_g4"];
         for (inflight, kernel) in [4, 8, 16].into_iter().zip(kernels) {
             for l2 in [false, true] {
-                let before = launches_of(kernel);
+                // The backward's input-gradient pass: its hinted kernel under the L2 hints.
+                let dx = ["bn_dx_chunks", "bn_dx_chunks_l2"][usize::from(l2)];
+                let before = (launches_of(kernel), launches_of(dx));
                 let got = bits(run(&case, inflight, l2));
                 assert!(
-                    launches_of(kernel) > before,
+                    launches_of(kernel) > before.0,
                     "{shape:?}: {inflight} loads in flight did not launch {kernel}"
+                );
+                assert!(
+                    launches_of(dx) > before.1,
+                    "{shape:?}: L2 hints {l2} did not launch {dx}"
                 );
                 assert!(
                     got == want,

@@ -5,7 +5,7 @@
 # would replace and the PyTorch peer it is judged against:
 #   - loads in flight in the one-pass batch-norm statistics (MEDSSL_CUDA_BN_INFLIGHT=8|16, and
 #     4|16 for the resident forward, whose own is 8) and L2 eviction priorities in the forward
-#     (MEDSSL_CUDA_BN_L2=hint), alone and together: ops rows at width 64, batch 256 (the
+#     and backward (MEDSSL_CUDA_BN_L2=hint), alone and together: ops rows at width 64, batch 256 (the
 #     activations larger than L2, where bn_stats_split read x at half the normalising pass's
 #     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
 #   - the fusion as one op without the projected map (MEDSSL_CUDA_FUSION=projected): its ops row

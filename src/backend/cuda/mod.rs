@@ -309,11 +309,12 @@ fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
 /// Kernels whose blocks wait for one another, so that all of them must be resident at once:
 /// launched as cooperative kernels (the driver refuses a grid larger than one wave), and run
 /// with every block at once on the emulated device.
-const COOPERATIVE: [&str; 4] = [
+const COOPERATIVE: [&str; 5] = [
     "bn_fwd_resident",
     "bn_fwd_resident_g1",
     "bn_fwd_resident_g4",
     "bn_bwd_resident",
+    "bn_bwd_resident_l2",
 ];
 
 /// Whether kernel `name` is launched cooperatively (see [`COOPERATIVE`]).
@@ -399,7 +400,7 @@ pub struct CudaBackend {
     split_resident: [std::sync::OnceLock<usize>; 3],
     /// Launch limits of the resident batch-norm kernels, forward and backward (each read once,
     /// see [`CudaBackend::resident_limits`]).
-    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 4],
+    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 5],
     /// Bytes of L2 set aside for evict-last lines (`MEDSSL_CUDA_BN_L2=hint`, done once; see
     /// [`CudaBackend::l2_set_aside`]).
     l2_aside: std::sync::OnceLock<usize>,

@@ -122,6 +122,9 @@ pub enum Resident {
     Fwd4,
     /// `bn_fwd_resident_g4`: [`Resident::Fwd`] with sixteen (`MEDSSL_CUDA_BN_INFLIGHT=16`).
     Fwd16,
+    /// `bn_bwd_resident_l2`: [`Resident::Bwd`] with L2 eviction priorities
+    /// (`MEDSSL_CUDA_BN_L2=hint`, see [`bn_l2_hint`]).
+    BwdL2,
 }
 
 impl Resident {
@@ -134,19 +137,28 @@ impl Resident {
         }
     }
 
+    /// The resident backward, with L2 eviction priorities or without.
+    fn bwd(l2: bool) -> Resident {
+        match l2 {
+            true => Resident::BwdL2,
+            false => Resident::Bwd,
+        }
+    }
+
     fn kernel(self) -> &'static str {
         match self {
             Resident::Fwd => "bn_fwd_resident",
             Resident::Bwd => "bn_bwd_resident",
             Resident::Fwd4 => "bn_fwd_resident_g1",
             Resident::Fwd16 => "bn_fwd_resident_g4",
+            Resident::BwdL2 => "bn_bwd_resident_l2",
         }
     }
 
     /// The switch that asks for it, and what runs otherwise (for messages).
     fn switch(self) -> (&'static str, &'static str) {
         match self {
-            Resident::Bwd => ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards"),
+            Resident::Bwd | Resident::BwdL2 => ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards"),
             _ => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
         }
     }
@@ -154,7 +166,7 @@ impl Resident {
     /// Tensors whose elements a block keeps (each gets the same number of elements).
     fn arrays(self) -> usize {
         match self {
-            Resident::Bwd => 2,
+            Resident::Bwd | Resident::BwdL2 => 2,
             _ => 1,
         }
     }
@@ -440,7 +452,11 @@ pub fn set_bn_inflight(n: Option<usize>) -> Option<usize> {
 /// with L2 eviction priorities: the statistics pass loads x evict-last, the normalising pass reads
 /// x (its last use) and writes y evict-first, so that L2 replaces the lines already used before
 /// the ones still to be read. Where x is larger than L2 (on an H100 `[256,64,28,28]`, 51 MB
-/// against 50 MB), the normalising pass then reads more of x from L2 instead of memory.
+/// against 50 MB), the normalising pass then reads more of x from L2 instead of memory. The
+/// backward likewise (`bn_bwd_split` then `bn_dx_chunks_l2`, and `bn_bwd_resident_l2`): the
+/// gradient sums load x and the output gradient evict-last (the resident kernel: those it does
+/// not keep in shared memory), the input-gradient pass reads them and writes its output
+/// evict-first.
 /// [`set_bn_l2_hint`]'s setting, else `MEDSSL_CUDA_BN_L2` (see [`super::switches`]; `plain` by
 /// default: not yet measured on a GPU). The same bits either way; the emulation has no caches.
 pub fn bn_l2_hint() -> bool {
@@ -841,6 +857,11 @@ fn bwd_reduce(
     let split = split_on(be, c, n * h * w);
     let fused = fuse.filter(|_| one_launch(split, n * h * w));
     if split > 1 {
+        // L2 eviction priorities (see bn_l2_hint): the sums load their inputs evict-last.
+        let l2 = i32::from(bn_l2_hint());
+        if l2 != 0 {
+            be.l2_set_aside();
+        }
         let part = be.buffer(c * split * 2)?;
         let args = [
             A::I(ci(n)?),
@@ -857,6 +878,7 @@ fn bwd_reduce(
             A::P(be.p(&gg)?),
             A::P(be.p(&gb)?),
             A::P(gm),
+            A::I(l2),
         ];
         be.launch("bn_bwd_split", cfg_split(split, c), &args)?;
         return Ok((gg, gb, Some(split)));
@@ -919,13 +941,19 @@ pub(super) fn batch_norm_train_bwd(
     let gx = be.empty(x.shape())?;
     let (mean_p, invstd_p) = (be.p(mean)?, be.p(invstd)?);
     let m = n * h * w;
+    // L2 eviction priorities in the passes above one launch per channel (see bn_l2_hint).
+    let l2 = bn_l2_hint();
+    let kind = Resident::bwd(l2);
     let resident = match c > 0 && bn_resident_bwd() {
-        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(Resident::Bwd, c, m),
+        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(kind, c, m),
         _ => None,
     };
     if let Some(s) = resident {
+        if l2 {
+            be.l2_set_aside();
+        }
         let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
-        let (keep, cfg) = be.resident_launch(Resident::Bwd, c, m, s);
+        let (keep, cfg) = be.resident_launch(kind, c, m, s);
         let part = be.buffer(c * s * 2)?;
         let args = [
             A::I(ci(n)?),
@@ -946,7 +974,7 @@ pub(super) fn batch_norm_train_bwd(
             A::P(gm_p),
             A::P(be.p(&gx)?),
         ];
-        be.launch("bn_bwd_resident", cfg, &args)?;
+        be.launch(kind.kernel(), cfg, &args)?;
         return Ok((gx, gg, gb, gm));
     }
     let fuse = Some((be.p(gamma)?, be.p(&gx)?));
@@ -968,7 +996,11 @@ pub(super) fn batch_norm_train_bwd(
     // tensor.
     let (name, cfg, mut args) = match chunk_grid(c, split) {
         Some(cfg) => (
-            "bn_dx_chunks",
+            if l2 {
+                "bn_dx_chunks_l2"
+            } else {
+                "bn_dx_chunks"
+            },
             cfg,
             vec![
                 A::I(ci(n)?),

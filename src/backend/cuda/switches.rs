@@ -18,7 +18,7 @@
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
 //! | `MEDSSL_CUDA_BN_INFLIGHT` | `auto`, `4`, `8`, `16`: loads in flight per thread in the one-pass statistics of the split and resident batch-norm forwards (`auto`: 4 split, 8 resident) | `auto` |
-//! | `MEDSSL_CUDA_BN_L2` | `plain`, `hint`: L2 eviction priorities in the one-pass forward above one launch (statistics load x evict-last; the normalising pass reads x and writes y evict-first) | `plain` |
+//! | `MEDSSL_CUDA_BN_L2` | `plain`, `hint`: L2 eviction priorities in the one-pass forward and in the backward above one launch (statistics and gradient sums load their inputs evict-last; the normalising and input-gradient passes read them and write their outputs evict-first) | `plain` |
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
@@ -120,8 +120,8 @@ pub struct Switches {
     /// statistics of the split and resident forwards; 0 (`auto`, the default): each kernel's own
     /// (4 in `bn_stats_split`, 8 in `bn_fwd_resident`). The same bits either way.
     pub bn_inflight: usize,
-    /// `MEDSSL_CUDA_BN_L2=hint`: the split and resident one-pass forwards mark their accesses
-    /// with L2 eviction priorities (`plain`, the default: none). The same bits either way.
+    /// `MEDSSL_CUDA_BN_L2=hint`: the split and resident one-pass forwards and backwards mark their
+    /// accesses with L2 eviction priorities (`plain`, the default: none). The same bits either way.
     pub bn_l2_hint: bool,
     /// `MEDSSL_CUDA_BN_APPLY=chunks` (the default): the two-launch batch norm's elementwise pass
     /// runs on its reduction's grid (`flat`: over the flat tensor).
