@@ -473,7 +473,8 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                 }
             }
         }
-        // The epoch's last step (or, after an error above, nothing: the run ends).
+        // The epoch's last step, still pending where reads are queued (`train_step_overlapped`):
+        // its values count in this epoch's record, and its meta weights in the checkpoint.
         if let Some(s) = st.finish_pending().map_err(&keep_checkpoint)? {
             account(&s);
         }
