@@ -495,23 +495,18 @@ impl PendingStep {
             }
         }
         if !stats.loss.is_finite() {
-            let term = [
+            // The first non-finite term, else the total.
+            let (term, v) = [
                 ("supervised", stats.loss_sup),
                 ("consistency", stats.loss_cons),
                 ("pgc", stats.loss_pgc),
             ]
-            .iter()
+            .into_iter()
             .find(|(_, v)| !v.is_finite())
-            .map(|(n, _)| *n)
-            .unwrap_or("total");
+            .unwrap_or(("total", stats.loss));
             bail!(
-                "non-finite loss at step {}: {term} term is {} (total {})",
+                "non-finite loss at step {}: {term} term is {v} (total {})",
                 stats.step,
-                [stats.loss_sup, stats.loss_cons, stats.loss_pgc]
-                    .iter()
-                    .find(|v| !v.is_finite())
-                    .copied()
-                    .unwrap_or(stats.loss),
                 stats.loss
             );
         }

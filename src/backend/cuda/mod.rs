@@ -409,6 +409,11 @@ pub struct CudaBackend {
     pinned: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
 }
 
+/// The error of an op that met buffers of both the emulated and a real device.
+fn mixed_buffers() -> Error {
+    Error::Cuda("a buffer of the emulated device met a real one (or the reverse)".into())
+}
+
 /// Splits packed values into one vector per tensor of the given sizes.
 fn unpack(all: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
     let mut rest = all;
@@ -768,11 +773,7 @@ impl CudaBackend {
                     a.read(&mut tmp);
                     b.write(0, &tmp);
                 }
-                _ => {
-                    return Err(Error::Cuda(
-                        "a buffer of the emulated device met a real one (or the reverse)".into(),
-                    ))
-                }
+                _ => return Err(mixed_buffers()),
             }
         }
         Ok(Tensor::from_storage(Storage::Cuda(dst), t.shape()))
@@ -1085,9 +1086,7 @@ impl CudaBackend {
                 h.write(0, data);
                 Ok(())
             }
-            _ => Err(Error::Cuda(
-                "a buffer of the emulated device met a real one (or the reverse)".into(),
-            )),
+            _ => Err(mixed_buffers()),
         }
     }
 
@@ -1141,11 +1140,7 @@ impl Backend for CudaBackend {
                     .memcpy_dtoh(&slice.slice(0..n), &mut out)
                     .map_err(cuda_err("device-to-host copy"))?,
                 (Buf::Emu(h), None) => h.read(&mut out),
-                _ => {
-                    return Err(Error::Cuda(
-                        "a buffer of the emulated device met a real one (or the reverse)".into(),
-                    ))
-                }
+                _ => return Err(mixed_buffers()),
             }
         }
         self.synchronize()?;
@@ -1172,50 +1167,47 @@ impl Backend for CudaBackend {
             return Ok(HostRead::Ready(vec![Vec::new(); ts.len()]));
         };
         let sizes: Vec<usize> = ts.iter().map(|t| t.numel()).collect();
+        let Some(d) = &self.drv else {
+            // The emulated device has run everything issued so far: the copy is done now, and
+            // the caller still collects it later, as from a GPU.
+            let all = self.to_host(&packed)?;
+            return Ok(HostRead::Later(Box::new(DoneRead(unpack(&all, &sizes)))));
+        };
         let total = packed.numel();
-        let s = self.storage_of(&packed)?;
+        let Buf::Dev(slice) = self
+            .storage_of(&packed)?
+            .slice
+            .as_ref()
+            .expect("live buffer")
+        else {
+            return Err(mixed_buffers());
+        };
         // Ends (launches) an open step graph: the copy below is issued after the step's work.
         let _turn = self.graph_before_read()?;
         self.count("memcpy_dtoh");
-        let read = match (s.slice.as_ref().expect("live buffer"), &self.drv) {
-            (Buf::Dev(slice), Some(d)) => {
-                // A page-locked buffer (the copy is asynchronous only into one), reused.
-                let reuse = {
-                    let mut free = lock(&self.pinned);
-                    let at = free.iter().position(|b| b.len() >= total);
-                    at.map(|i| free.swap_remove(i))
-                };
-                let mut host = match reuse {
-                    Some(b) => b,
-                    // SAFETY: the copy below writes the first `total` elements before they are
-                    // read (the buffer's event orders the read after it); no flags: cached host
-                    // memory, which the host reads fast (write-combined memory it does not).
-                    None => unsafe { d.ctx.alloc_pinned_with_flags::<f32>(total, 0) }
-                        .map_err(cuda_err("allocating page-locked host memory"))?,
-                };
-                // Queued on the stream; the buffer's event is recorded after the copy.
-                d.stream
-                    .memcpy_dtoh(&slice.slice(0..total), &mut host)
-                    .map_err(cuda_err("device-to-host copy"))?;
-                Box::new(PinnedRead {
-                    host: Some(host),
-                    sizes,
-                    free: self.pinned.clone(),
-                }) as Box<dyn PendingRead>
-            }
-            (Buf::Emu(h), None) => {
-                // The emulated device has run everything issued so far: the copy is done now,
-                // and the caller still collects it later, as from a GPU.
-                let mut all = vec![0.0f32; total];
-                h.read(&mut all);
-                Box::new(DoneRead(unpack(&all, &sizes)))
-            }
-            _ => {
-                return Err(Error::Cuda(
-                    "a buffer of the emulated device met a real one (or the reverse)".into(),
-                ))
-            }
+        // A page-locked buffer (the copy is asynchronous only into one), reused.
+        let reuse = {
+            let mut free = lock(&self.pinned);
+            let at = free.iter().position(|b| b.len() >= total);
+            at.map(|i| free.swap_remove(i))
         };
+        let mut host = match reuse {
+            Some(b) => b,
+            // SAFETY: the copy below writes the first `total` elements before they are read
+            // (the buffer's event orders the read after it); no flags: cached host memory,
+            // which the host reads fast (write-combined memory it does not).
+            None => unsafe { d.ctx.alloc_pinned_with_flags::<f32>(total, 0) }
+                .map_err(cuda_err("allocating page-locked host memory"))?,
+        };
+        // Queued on the stream; the buffer's event is recorded after the copy.
+        d.stream
+            .memcpy_dtoh(&slice.slice(0..total), &mut host)
+            .map_err(cuda_err("device-to-host copy"))?;
+        let read = Box::new(PinnedRead {
+            host: Some(host),
+            sizes,
+            free: self.pinned.clone(),
+        });
         // `packed` is dropped here: its buffer is reused only by work issued after the copy.
         Ok(HostRead::Later(read))
     }
