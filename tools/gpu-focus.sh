@@ -10,11 +10,14 @@
 #     rate in runs 6 and 7) and the device profile per kernel there, and the width-64 step;
 #   - the fusion as one op without the projected map (MEDSSL_CUDA_FUSION=projected): its ops row
 #     and the width-16 step, plain and from a graph;
-#   - why MEDSSL_CUDNN_ALGO=time gained nothing from a CUDA graph in runs 6 and 7 (its graphs
-#     did hold the timed choices): the width-16 step from a graph and plain under the profiler,
-#     Find and time, device busy time beside wall time; every graph row also reports the host's
-#     part of each replayed step before the graph's launch (cuda_graph.shadow_host_ms_per_step),
-#     during which the device runs none of the step.
+#   - MEDSSL_CUDNN_ALGO=time timing the device alone (2026-11-28): in runs 6 and 7 it gained
+#     nothing from a CUDA graph because its events timed the host issuing each call (20-30 us
+#     per cuDNN call against 4-30 us of device time), so it chose im2col where that was cheaper
+#     to issue but slower on the device; now the timed calls queue behind a hold kernel and a
+#     graph run ranks by device time. The width-16 step from a graph and plain (MEDSSL_CUDNN_LOG
+#     prints each candidate's device/host time), and under the profiler, Find and time, device
+#     busy time beside wall time; every graph row also reports the host's part of each replayed
+#     step before the graph's launch (cuda_graph.shadow_host_ms_per_step).
 #   - a training step that returns once issued (MEDSSL_CUDA_STEP_READ=later), so that the next
 #     step's host work (in a graph step: all of it, before the launch) overlaps this step's
 #     device work: steps issued back to back (--back-to-back) with the read waited for and
@@ -34,7 +37,7 @@ B2B="--back-to-back"
 W16="--device cuda --width 16"
 W64="--device cuda --width 64"
 BIG="--device cuda --width 64 --batch 256"
-export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue $B2B|$W16 --cuda-graph $B2B|$W64 --fill-queue $B2B|$W64 --cuda-graph $B2B|$LATER $W16 --fill-queue $B2B|$LATER $W16 --cuda-graph $B2B|$LATER $TIME $W16 --cuda-graph $B2B|$LATER $W64 --fill-queue $B2B|$LATER $W64 --cuda-graph $B2B|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$FUS $W16 --fill-queue|$FUS $W16 --cuda-graph|$FUS $W64 --cuda-graph"}"
+export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue $B2B|$W16 --cuda-graph $B2B|$W64 --fill-queue $B2B|$W64 --cuda-graph $B2B|$LATER $W16 --fill-queue $B2B|$LATER $W16 --cuda-graph $B2B|$LATER $TIME $W16 --cuda-graph $B2B|$LATER $W64 --fill-queue $B2B|$LATER $W64 --cuda-graph $B2B|$IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --cuda-graph|$L2 $IN16 $W64 --fill-queue|$RES $L2 $IN16 $W64 --cuda-graph|$TIME $W16 --fill-queue|$TIME $W16 --cuda-graph|$TIME $W64 --cuda-graph|$FUS $W16 --fill-queue|$FUS $W16 --cuda-graph|$FUS $W64 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue $B2B|$W64 --fill-queue $B2B"}"
 BN="--op batch_norm"

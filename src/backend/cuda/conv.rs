@@ -504,12 +504,12 @@ where
     out
 }
 
-/// The fastest of the timed candidates of one direction (µs per call; `None`: it failed),
-/// the earlier one on a tie; `None` when every one failed.
-fn fastest<A: Copy>(timed: &[(Pass<A>, Option<f64>)]) -> Option<Pass<A>> {
+/// The cheapest of the timed candidates of one direction ([`CallTime::cost`] with `graph`;
+/// `None`: it failed), the earlier one on a tie; `None` when every one failed.
+fn fastest<A: Copy>(timed: &[(Pass<A>, Option<CallTime>)], graph: bool) -> Option<Pass<A>> {
     timed
         .iter()
-        .filter_map(|(p, t)| t.map(|t| (*p, t)))
+        .filter_map(|(p, t)| t.map(|t| (*p, t.cost(graph))))
         .fold(None, |best: Option<(Pass<A>, f64)>, (p, t)| match best {
             Some((_, bt)) if bt <= t => best,
             _ => Some((p, t)),
@@ -891,47 +891,112 @@ impl Dnn {
     }
 }
 
-/// Calls per timing round of [`time_us`], and rounds (the fastest round counts).
+/// Calls per timing round of [`time_call`], and rounds (the fastest round counts).
 const TIME_CALLS: usize = 2;
 const TIME_ROUNDS: usize = 3;
+/// The hold before a timing round (µs) at first, at most, and how often a round whose calls
+/// took the host longer to issue than the hold lasted is repeated with a longer hold.
+const HOLD_START_US: u64 = 200;
+const HOLD_MAX_US: u64 = 100_000;
+const HOLD_RETRIES: usize = 4;
 
-/// Device time per call of `run` in µs: one call to warm up, then [`TIME_ROUNDS`] rounds of
-/// [`TIME_CALLS`] calls between two CUDA events; the fastest round. `None` when a call fails
-/// (that candidate is then not chosen).
-fn time_us(be: &CudaBackend, mut run: impl FnMut() -> Result<()>) -> Result<Option<f64>> {
+/// What one call of a timed candidate costs, in µs: the device's time (calls run back to back
+/// behind a hold, see [`time_call`]) and the host's time to issue it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct CallTime {
+    pub device: f64,
+    pub host: f64,
+}
+
+impl CallTime {
+    /// What a step pays per call: replayed from a CUDA graph (`graph`), the device time alone,
+    /// since the graph issues its work at once; issued call by call, whichever of the device and
+    /// host time is longer (a device that finishes a call sooner than the host issues the next
+    /// waits for the host).
+    fn cost(self, graph: bool) -> f64 {
+        if graph {
+            self.device
+        } else {
+            self.device.max(self.host)
+        }
+    }
+}
+
+/// The next hold (µs) after a round whose hold of `hold` µs did not cover the `issued` µs the
+/// host took to issue it: at least twice as long, and twice the host's time plus a margin.
+fn longer_hold(hold: u64, issued: u64) -> u64 {
+    hold.saturating_mul(2)
+        .max(issued.saturating_mul(2).saturating_add(20))
+        .min(HOLD_MAX_US)
+}
+
+/// Whether a round's hold of `hold` µs covered the `issued` µs the host took to launch it, its
+/// events and calls (with a tenth to spare: the hold starts a little after its launch).
+fn hold_covered(hold: u64, issued: u64) -> bool {
+    issued.saturating_mul(10) < hold.saturating_mul(9)
+}
+
+/// The time per call of `run` ([`CallTime`]), `None` when a call fails (that candidate is then
+/// not chosen). One call to warm up, then [`TIME_ROUNDS`] rounds, each: a hold on the stream
+/// ([`CudaBackend::hold`]), an event, [`TIME_CALLS`] calls, an event. The calls queue behind the
+/// hold, so the events time the device alone; at the model's small sizes the host takes longer
+/// to issue a cuDNN call (20–30 µs on an H100 node, bench/results/2026-11-27-h100.md) than the
+/// device to run it (4–30 µs), and events around calls issued as they come would time the host.
+/// A round whose calls took the host longer to issue than the hold lasted is run again with a
+/// longer hold ([`longer_hold`], at most [`HOLD_RETRIES`] times; after that it counts as it
+/// is). The fastest round's device time counts; the host time is the least per call seen.
+fn time_call(be: &CudaBackend, mut run: impl FnMut() -> Result<()>) -> Result<Option<CallTime>> {
     let d = be.drv.as_ref().expect("cuDNN runs on a real device");
     if run().is_err() {
         return Ok(None);
     }
+    let mut hold = HOLD_START_US;
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let mut best = f64::INFINITY;
-    for _ in 0..TIME_ROUNDS {
+    let (mut device, mut host) = (f64::INFINITY, f64::INFINITY);
+    let (mut rounds, mut retries) = (0, 0);
+    while rounds < TIME_ROUNDS {
+        let started = std::time::Instant::now();
+        be.hold(u32::try_from(hold).unwrap_or(u32::MAX))?;
         let a = d
             .stream
             .record_event(flags)
             .map_err(super::cuda_err("recording a timing event"))?;
+        let calls = std::time::Instant::now();
         for _ in 0..TIME_CALLS {
             if run().is_err() {
                 return Ok(None);
             }
         }
+        let per_call = calls.elapsed() / TIME_CALLS as u32;
         let b = d
             .stream
             .record_event(flags)
             .map_err(super::cuda_err("recording a timing event"))?;
+        let issued = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let ms = a
             .elapsed_ms(&b)
             .map_err(super::cuda_err("reading a timing event"))?;
-        best = best.min(f64::from(ms) * 1000.0 / TIME_CALLS as f64);
+        host = host.min(per_call.as_secs_f64() * 1e6);
+        if !hold_covered(hold, issued) && retries < HOLD_RETRIES {
+            // The hold may have ended before the last call was issued: the events may have
+            // timed the host. Again, holding longer.
+            retries += 1;
+            hold = longer_hold(hold, issued);
+            continue;
+        }
+        device = device.min(f64::from(ms) * 1000.0 / TIME_CALLS as f64);
+        rounds += 1;
     }
-    Ok(Some(best))
+    Ok(Some(CallTime { device, host }))
 }
 
 /// `MEDSSL_CUDNN_ALGO=time`: times each direction's cuDNN candidates (`timed`, from Find) and
-/// the im2col + cuBLAS engine on zero-filled tensors of shape `s` ([`time_us`]) and sets each
-/// direction of `plan` to the fastest. Find's own timings at small sizes are several times the
-/// kernels' device time and can rank algorithms wrongly (bench/results/2026-11-27-h100.md, run 5);
-/// this times what runs, as it runs. With `MEDSSL_CUDNN_LOG=1` every timing goes to stderr.
+/// the im2col + cuBLAS engine on zero-filled tensors of shape `s` ([`time_call`]) and sets each
+/// direction of `plan` to the one that costs the step least ([`CallTime::cost`]: the device
+/// time where the steps are replayed from CUDA graphs, else the longer of device and host
+/// time). Find's own timings at small sizes are several times the kernels' device time and can
+/// rank algorithms wrongly (bench/results/2026-11-27-h100.md, run 5); this times what runs, as
+/// it runs. With `MEDSSL_CUDNN_LOG=1` every timing goes to stderr.
 fn time_plan(
     be: &CudaBackend,
     h: sys::cudnnHandle_t,
@@ -976,34 +1041,41 @@ fn time_plan(
         |a, b| unsafe { run_bwd_filter(h, plan, a, (wp, b), [px, py, pgw]) }.map_err(err("timing")),
         || im2col_bwd_filter(be, s, &x, &y, &gw),
     )?;
-    log_timed("forward", s, &fwd);
-    log_timed("backward-data", s, &data);
-    log_timed("backward-filter", s, &filter);
+    let graph = be.graph_steps_requested();
+    log_timed("forward", s, &fwd, graph);
+    log_timed("backward-data", s, &data, graph);
+    log_timed("backward-filter", s, &filter, graph);
     // A direction whose every timing failed (im2col included) keeps Find's choice.
-    plan.fwd = fastest(&fwd).unwrap_or(plan.fwd);
-    plan.bwd_data = fastest(&data).unwrap_or(plan.bwd_data);
-    plan.bwd_filter = fastest(&filter).unwrap_or(plan.bwd_filter);
+    plan.fwd = fastest(&fwd, graph).unwrap_or(plan.fwd);
+    plan.bwd_data = fastest(&data, graph).unwrap_or(plan.bwd_data);
+    plan.bwd_filter = fastest(&filter, graph).unwrap_or(plan.bwd_filter);
     Ok(())
 }
 
-/// One direction's timings ([`time_us`]): each cuDNN candidate `(algorithm, workspace)` run by
+/// One direction's timings ([`time_call`]): each cuDNN candidate `(algorithm, workspace)` run by
 /// `dnn`, then the im2col engine.
 fn time_direction<A: Copy>(
     be: &CudaBackend,
     candidates: &[(A, usize)],
     dnn: impl Fn(A, usize) -> Result<()>,
     mut im2col: impl FnMut() -> Result<()>,
-) -> Result<Vec<(Pass<A>, Option<f64>)>> {
+) -> Result<Vec<(Pass<A>, Option<CallTime>)>> {
     let mut out = Vec::with_capacity(candidates.len() + 1);
     for &(a, b) in candidates {
-        out.push((Pass::Dnn(a, b), time_us(be, || dnn(a, b))?));
+        out.push((Pass::Dnn(a, b), time_call(be, || dnn(a, b))?));
     }
-    out.push((Pass::Im2col, time_us(be, &mut im2col)?));
+    out.push((Pass::Im2col, time_call(be, &mut im2col)?));
     Ok(out)
 }
 
-/// `MEDSSL_CUDNN_LOG=1`: the timings of one direction and the choice, on stderr.
-fn log_timed<A: std::fmt::Debug + Copy>(what: &str, s: &Shape, timed: &[(Pass<A>, Option<f64>)]) {
+/// `MEDSSL_CUDNN_LOG=1`: the timings of one direction (device / host µs per call), what they
+/// were ranked by (`graph`: see [`CallTime::cost`]) and the choice, on stderr.
+fn log_timed<A: std::fmt::Debug + Copy>(
+    what: &str,
+    s: &Shape,
+    timed: &[(Pass<A>, Option<CallTime>)],
+    graph: bool,
+) {
     if !switches::current().cudnn_log {
         return;
     }
@@ -1016,13 +1088,18 @@ fn log_timed<A: std::fmt::Debug + Copy>(what: &str, s: &Shape, timed: &[(Pass<A>
     let all: Vec<String> = timed
         .iter()
         .map(|(p, t)| match t {
-            Some(t) => format!("{} {t:.1} us", name(p)),
+            Some(t) => format!("{} {:.1}/{:.1} us", name(p), t.device, t.host),
             None => format!("{} failed", name(p)),
         })
         .collect();
-    let chosen = fastest(timed).map_or("none".to_string(), |p| name(&p));
+    let chosen = fastest(timed, graph).map_or("none".to_string(), |p| name(&p));
+    let by = if graph {
+        "device time (graph steps)"
+    } else {
+        "the longer of device and host time"
+    };
     eprintln!(
-        "cudnn {what} {} timed: {} -> {chosen}",
+        "cudnn {what} {} timed (device/host per call): {} -> {chosen}, by {by}",
         s.describe(),
         all.join(", ")
     );
@@ -1405,8 +1482,9 @@ fn im2col_bwd_filter(
 #[cfg(test)]
 mod tests {
     use super::{
-        describe, dnn, fastest, first_workable, pick, prefer, ranked, sys, timing_candidates,
-        AlgoCode, Found, Pass, Perf, RawPerf, Shape, WORKSPACE_LIMIT,
+        describe, dnn, fastest, first_workable, hold_covered, longer_hold, pick, prefer, ranked,
+        sys, timing_candidates, AlgoCode, CallTime, Found, Pass, Perf, RawPerf, Shape, HOLD_MAX_US,
+        HOLD_RETRIES, HOLD_START_US, WORKSPACE_LIMIT,
     };
 
     /// A timed result: (algorithm id, succeeded, deterministic, FMA math, workspace bytes).
@@ -1506,7 +1584,17 @@ mod tests {
         let nd = [R(6, true, false, true, 0), R(7, true, false, true, 8)];
         assert_eq!(timing_candidates(&nd, ws, true), vec![(6, 32), (7, 32)]);
 
-        let t = |v: &[(Pass<u32>, Option<f64>)]| fastest(v);
+        // Device and host time alike: both rankings agree.
+        let same = |us: f64| CallTime {
+            device: us,
+            host: us,
+        };
+        let t = |v: &[(Pass<u32>, Option<f64>)]| {
+            let v: Vec<_> = v.iter().map(|&(p, us)| (p, us.map(same))).collect();
+            let (g, plain) = (fastest(&v, true), fastest(&v, false));
+            assert_eq!(g, plain);
+            g
+        };
         let (a, b, i) = (Pass::Dnn(1, 0), Pass::Dnn(2, 64), Pass::Im2col);
         assert_eq!(
             t(&[(a, Some(20.0)), (b, Some(9.5)), (i, Some(12.0))]),
@@ -1516,6 +1604,51 @@ mod tests {
         assert_eq!(t(&[(a, Some(12.0)), (i, Some(12.0))]), Some(a), "a tie");
         assert_eq!(t(&[(a, None), (i, None)]), None);
         assert_eq!(t(&[]), None);
+
+        // The stem's forward on an H100 (run 7's MEDSSL_CUDNN_LOG timings and run 6's device
+        // profile): cuDNN's implicit GEMM runs 7.0 µs on the device but takes the host 23.2 µs
+        // to issue; im2col + cuBLAS 13.2 µs and 16.8 µs. From a graph only the device time
+        // counts; issued call by call, the host's.
+        let stem = [
+            (
+                a,
+                Some(CallTime {
+                    device: 7.0,
+                    host: 23.2,
+                }),
+            ),
+            (
+                i,
+                Some(CallTime {
+                    device: 13.2,
+                    host: 16.8,
+                }),
+            ),
+        ];
+        assert_eq!(fastest(&stem, true), Some(a));
+        assert_eq!(fastest(&stem, false), Some(i));
+        assert_eq!(stem[0].1.unwrap().cost(false), 23.2);
+        assert_eq!(stem[1].1.unwrap().cost(true), 13.2);
+    }
+
+    #[test]
+    fn timing_holds_cover_the_host_and_grow() {
+        // 200 µs covers a round the host issued in 150 µs, not one of 185 µs (the tenth spared).
+        assert!(hold_covered(200, 150));
+        assert!(!hold_covered(200, 185));
+        assert!(!hold_covered(200, 400));
+        // A longer hold: at least doubled, and twice the host's time plus 20 µs.
+        assert_eq!(longer_hold(200, 185), 400);
+        assert_eq!(longer_hold(200, 900), 1820);
+        assert_eq!(longer_hold(HOLD_MAX_US, 10), HOLD_MAX_US);
+        assert_eq!(longer_hold(60_000, 70_000), HOLD_MAX_US);
+        // From the start, the retries reach the cap for a host that never keeps up.
+        let mut h = HOLD_START_US;
+        for _ in 0..HOLD_RETRIES {
+            h = longer_hold(h, h);
+        }
+        assert!(h > HOLD_START_US * 8 && h <= HOLD_MAX_US);
+        assert!(hold_covered(longer_hold(h, h), h));
     }
 
     /// A 3×3 convolution of 2 images, 3 → 4 channels at 5×5.

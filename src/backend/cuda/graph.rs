@@ -383,6 +383,7 @@ impl CudaBackend {
     /// to end or abandon.
     pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<bool> {
         let turn = self.turn();
+        self.graph_steps.store(true, Ordering::Relaxed);
         let ordinal = self.ordinal;
         let pool = self.pool.clone();
         let mut begin_capture = false;
@@ -1210,5 +1211,28 @@ mod tests {
         });
         assert_eq!(in_flight(&be), 0);
         assert_eq!(be.capture_thread.load(Ordering::SeqCst), 0);
+    }
+
+    /// The timing hold keeps the (emulated) stream for at least its time, is counted like any
+    /// launch, and a training loop's first graph step marks the device as replaying graphs
+    /// (what `MEDSSL_CUDNN_ALGO=time` ranks by), even where that step is not captured.
+    #[test]
+    fn the_timing_hold_holds_and_graph_steps_are_noted() {
+        let be = CudaBackend::create_emulated(0);
+        let t = std::time::Instant::now();
+        be.hold(3000).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_micros(3000),
+            "{:?}",
+            t.elapsed()
+        );
+        be.hold(0).unwrap();
+        assert_eq!(be.launch_counts(), vec![("timing_hold", 2)]);
+        assert!(!be.graph_steps_requested());
+        assert!(
+            !be.graph_step_begin(7, false).unwrap(),
+            "an unstable step runs eagerly"
+        );
+        assert!(be.graph_steps_requested());
     }
 }

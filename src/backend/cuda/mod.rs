@@ -407,6 +407,10 @@ pub struct CudaBackend {
     /// Page-locked host buffers of finished [`Backend::to_host_many_later`] reads, for reuse
     /// (a training loop has one or two in flight).
     pinned: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
+    /// Whether a training loop has asked for its steps to be replayed from CUDA graphs on this
+    /// device (set by the first [`CudaBackend::graph_step_begin`], captured or not): what
+    /// `MEDSSL_CUDNN_ALGO=time` ranks its candidates by (see `conv::CallTime::cost`).
+    graph_steps: std::sync::atomic::AtomicBool,
 }
 
 /// The error of an op that met buffers of both the emulated and a real device.
@@ -607,6 +611,7 @@ impl CudaBackend {
             resident: Default::default(),
             l2_aside: Default::default(),
             pinned: Default::default(),
+            graph_steps: Default::default(),
         }
     }
 
@@ -705,6 +710,7 @@ impl CudaBackend {
             resident: Default::default(),
             l2_aside: Default::default(),
             pinned: Default::default(),
+            graph_steps: Default::default(),
         })
     }
 
@@ -895,6 +901,24 @@ impl CudaBackend {
             self.graph_node_captured()?;
         }
         Ok(())
+    }
+
+    /// Holds the stream for `us` microseconds (`timing_hold`, one thread): work issued behind
+    /// it queues up meanwhile and then runs back to back, so events around that work time the
+    /// device alone, not the host issuing it.
+    pub(crate) fn hold(&self, us: u32) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch("timing_hold", cfg, &[A::I(ci(us as usize)?)])
+    }
+
+    /// Whether a training loop replays (or tries to replay) its steps from CUDA graphs on this
+    /// device.
+    pub(crate) fn graph_steps_requested(&self) -> bool {
+        self.graph_steps.load(Ordering::Relaxed)
     }
 
     /// Streaming multiprocessors of the device (the emulated one reports [`EMULATED_SMS`]).
