@@ -2271,7 +2271,7 @@ fn a_cuda_run_resumes_exactly_and_its_checkpoint_evaluates_the_same_on_cpu() {
     // The emulation is deterministic to the bit; on a GPU every kernel and the chosen cuDNN
     // algorithms are deterministic too, and all three trainings run in this process, so they
     // share each shape's chosen algorithms (a resume in a new process may choose others under
-    // MEDSSL_CUDNN_ALGO=find; see the README).
+    // the timed default or MEDSSL_CUDNN_ALGO=find; see the README).
     assert_eq!(worst, 0.0, "resuming a CUDA run changed the result");
 
     let bin = std::env::var("MEDSSL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_medssl").into());

@@ -41,8 +41,11 @@ copy_bin() { # src dst: copy without debug info (keeps symbols for backtraces)
     chmod +x "$2"
 }
 
-copy_bin target/release/medssl "$DEST/bin/medssl"
-copy_bin target/release/medssl-bench "$DEST/bin/medssl-bench"
+# Where cargo put them (CARGO_TARGET_DIR when set: copying target/release then would ship
+# whatever an earlier build left there, perhaps without the cuda feature).
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+copy_bin "$BIN_DIR/medssl" "$DEST/bin/medssl"
+copy_bin "$BIN_DIR/medssl-bench" "$DEST/bin/medssl-bench"
 
 # Test executables: integration-test targets (kind "test") whose name is wanted.
 # shellcheck disable=SC2086  # WANT_TESTS: space-separated names, one argument each

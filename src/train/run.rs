@@ -443,8 +443,9 @@ pub fn train(cfg: TrainConfig, opts: &RunOptions) -> Result<(Outcome, serde_json
                 u_strong: bk.from_host(&b.u_strong, &[b.u_slot.len(), c, h, w])?,
             };
             let lr = sched.lr(cfg.lr, st.step);
-            // On a device whose reads are queued (`MEDSSL_CUDA_STEP_READ=later`) the step returns
-            // once issued and the previous step's results come back now; on the CPU this step's.
+            // On a device whose reads are queued (CUDA, unless `MEDSSL_CUDA_STEP_READ=wait`) the
+            // step returns once issued and the previous step's results come back now; on the CPU
+            // this step's.
             let done = train_step_overlapped(&mut st, &batch, &b.u_slot, &scfg, lr)
                 .map_err(&keep_checkpoint)?;
             for s in &done {

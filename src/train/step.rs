@@ -200,8 +200,8 @@ pub fn train_step(
     issue_step(st, batch, unl_idx, cfg, lr)?.finish(st)
 }
 
-/// Like [`train_step`], but on a device whose reads are queued (CUDA with
-/// `MEDSSL_CUDA_STEP_READ=later`) it returns as soon as the step is issued: the step's closing
+/// Like [`train_step`], but on a device whose reads are queued (CUDA, unless
+/// `MEDSSL_CUDA_STEP_READ=wait`) it returns as soon as the step is issued: the step's closing
 /// read stays pending in `st`, and the host goes on to the next step while the device still
 /// runs this one. Returns the steps finished meanwhile, oldest first: usually the previous
 /// one; none for the first step; on the CPU this one. A step whose unlabelled samples were in

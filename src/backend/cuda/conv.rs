@@ -1,8 +1,8 @@
 //! 2-D convolution: cuDNN (forward, backward data, backward filter; descriptors and algorithms
-//! chosen once per shape and cached: by timing every algorithm, like PyTorch's
-//! `cudnn.benchmark`, or by cuDNN's heuristic with `MEDSSL_CUDNN_ALGO=heuristic`, or with
-//! `MEDSSL_CUDNN_ALGO=time` by medssl's own timing of Find's algorithms and of the im2col engine,
-//! per direction, so that one direction of a shape may run on im2col + cuBLAS); 1×1 stride-1
+//! chosen once per shape and cached: by default by medssl's own timing of Find's algorithms and
+//! of the im2col engine on the device, per direction, so that one direction of a shape may run
+//! on im2col + cuBLAS; with `MEDSSL_CUDNN_ALGO=find` by cuDNN timing every algorithm, like
+//! PyTorch's `cudnn.benchmark`; with `MEDSSL_CUDNN_ALGO=heuristic` by cuDNN's heuristic); 1×1 stride-1
 //! unpadded convolutions (the fusion projections, most of the small-width model's conv time)
 //! as strided-batched cuBLAS products on the tensors in place (`MEDSSL_CUDA_CONV1X1=cudnn` gives
 //! them to cuDNN too) with an im2col + cuBLAS fallback (kernels/conv.cu) used when
@@ -102,12 +102,13 @@ fn c(n: usize) -> Result<std::ffi::c_int> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Search {
     /// Runs and times every algorithm cuDNN offers for the shape (`cudnnFind*Algorithm`, the
-    /// equivalent of PyTorch's `cudnn.benchmark = True`) and takes the fastest. The default.
+    /// equivalent of PyTorch's `cudnn.benchmark = True`) and takes the fastest:
+    /// `MEDSSL_CUDNN_ALGO=find`.
     Find,
     /// cuDNN's heuristic order, nothing run (`cudnnGet*Algorithm_v7`): `MEDSSL_CUDNN_ALGO=heuristic`.
     Heuristic,
-    /// Find, then medssl times Find's candidates and the im2col engine itself
-    /// (`MEDSSL_CUDNN_ALGO=time`, see [`time_plan`]).
+    /// Find, then medssl times Find's candidates and the im2col engine itself (see
+    /// [`time_plan`]). The default.
     Time,
 }
 

@@ -435,6 +435,11 @@ fn unpack(all: &[f32], sizes: &[usize]) -> Vec<Vec<f32>> {
 struct PinnedRead {
     /// `Some` until the values are taken.
     host: Option<PinnedHostSlice<f32>>,
+    /// Recorded on the stream right after the copy. `PinnedHostSlice`'s own event is not: cudarc
+    /// records it only where it manages stream synchronisation, which this backend turns off
+    /// (`disable_event_tracking`), so `as_slice` alone would not wait for the copy (on an H100 a
+    /// step from a graph then read the buffer's previous contents).
+    copied: cudarc::driver::CudaEvent,
     sizes: Vec<usize>,
     /// Where the buffer goes back for reuse.
     free: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
@@ -443,14 +448,27 @@ struct PinnedRead {
 impl PendingRead for PinnedRead {
     fn wait(mut self: Box<Self>) -> Result<Vec<Vec<f32>>> {
         let host = self.host.take().expect("read once");
-        // Waits on the event recorded after the copy (not on the work queued since).
+        // Waits for the copy (not for the work queued since).
+        self.copied
+            .synchronize()
+            .map_err(cuda_err("waiting for a device-to-host copy"))?;
         let out = unpack(
             host.as_slice()
-                .map_err(cuda_err("waiting for a device-to-host copy"))?,
+                .map_err(cuda_err("reading a page-locked buffer"))?,
             &self.sizes,
         );
         lock(&self.free).push(host);
         Ok(out)
+    }
+}
+
+impl Drop for PinnedRead {
+    /// A read dropped unread (an error on the way) still waits for its copy before the buffer
+    /// is freed: the device would otherwise write into freed memory.
+    fn drop(&mut self) {
+        if self.host.is_some() {
+            let _ = self.copied.synchronize();
+        }
     }
 }
 
@@ -470,8 +488,9 @@ thread_local! {
 
 /// Whether [`Backend::to_host_many_later`] leaves the copy queued (a training step then returns
 /// before its device work is done, and the next step's host work overlaps it):
-/// [`set_step_read_later`]'s setting, else `MEDSSL_CUDA_STEP_READ` (see [`switches`]; `wait`
-/// by default: not yet run on a GPU).
+/// [`set_step_read_later`]'s setting, else `MEDSSL_CUDA_STEP_READ` (see [`switches`]; `later`
+/// by default: on an H100, steps issued back to back ran 1.05-1.25× faster than with `wait`,
+/// bench/results/2026-11-28-h100.md).
 pub fn step_read_later() -> bool {
     READ_LATER_HERE
         .with(|s| s.get())
@@ -1218,17 +1237,24 @@ impl Backend for CudaBackend {
         let mut host = match reuse {
             Some(b) => b,
             // SAFETY: the copy below writes the first `total` elements before they are read
-            // (the buffer's event orders the read after it); no flags: cached host memory,
-            // which the host reads fast (write-combined memory it does not).
+            // (`PinnedRead::wait` waits for the event recorded after it); no flags: cached host
+            // memory, which the host reads fast (write-combined memory it does not).
             None => unsafe { d.ctx.alloc_pinned_with_flags::<f32>(total, 0) }
                 .map_err(cuda_err("allocating page-locked host memory"))?,
         };
-        // Queued on the stream; the buffer's event is recorded after the copy.
+        // Queued on the stream, then an event behind it that `PinnedRead::wait` waits on.
         d.stream
             .memcpy_dtoh(&slice.slice(0..total), &mut host)
             .map_err(cuda_err("device-to-host copy"))?;
+        let copied = d
+            .stream
+            .record_event(Some(
+                cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+            ))
+            .map_err(cuda_err("recording the copy's event"))?;
         let read = Box::new(PinnedRead {
             host: Some(host),
+            copied,
             sizes,
             free: self.pinned.clone(),
         });

@@ -6,14 +6,14 @@
 //! |---|---|---|
 //! | `MEDSSL_CUDA_EMULATE` | `0`, `1`: CPU emulation of the device | `0` |
 //! | `MEDSSL_TF32` | `0`, `1`: TF32 tensor-core math in cuBLAS and cuDNN | `0` |
-//! | `MEDSSL_CUDNN_ALGO` | `find` (cuDNN times every algorithm), `heuristic`, `time` (medssl times Find's algorithms and its im2col engine per direction) | `find` |
+//! | `MEDSSL_CUDNN_ALGO` | `time` (medssl times Find's algorithms and its im2col engine per direction, on the device alone), `find` (cuDNN times every algorithm), `heuristic` | `time` |
 //! | `MEDSSL_CUDNN_DETERMINISTIC` | `1` (deterministic algorithms first), `0` | `1` |
 //! | `MEDSSL_CUDNN_LOG` | `0`, `1`: log each shape's chosen algorithm to stderr | `0` |
 //! | `MEDSSL_CUDNN_FWD_ALGO`, `MEDSSL_CUDNN_BWD_DATA_ALGO`, `MEDSSL_CUDNN_BWD_FILTER_ALGO` | an algorithm's name (e.g. `IMPLICIT_PRECOMP_GEMM`, `ALGO_0`): taken first wherever it is usable, for experiments | unset |
 //! | `MEDSSL_CUDA_CONV` | `cudnn` (cuDNN when it loads), `im2col` (im2col + cuBLAS only) | `cudnn` |
 //! | `MEDSSL_CUDA_CONV1X1` | `cublas` (1×1 convolutions as products), `cudnn` | `cublas` |
 //! | `MEDSSL_CUDA_FUSION` | `two-ops` (the fusion's 1×1 projection, then the similarity fusion), `projected` (one op without the projected map, as the CPU computes it) | `two-ops` |
-//! | `MEDSSL_CUDA_STEP_READ` | `wait` (a training step waits for its device work and reads its loss), `later` (the read is queued and collected during the next step, whose host work then overlaps this step's device work) | `wait` |
+//! | `MEDSSL_CUDA_STEP_READ` | `later` (a training step's closing read is queued and collected during the next step, whose host work then overlaps this step's device work), `wait` (a training step waits for its device work and reads its loss) | `later` |
 //! | `MEDSSL_CUDA_BN_FUSED_MAX_M` | an integer ≥ 0: largest N·H·W of a one-launch batch norm | 65536 |
 //! | `MEDSSL_CUDA_BN_SPLIT` | `wave` (one wave of blocks), `auto` (about two blocks per multiprocessor, rounded up), or an integer ≥ 1: blocks per channel of the batch-norm reductions (1: one) | `wave` |
 //! | `MEDSSL_CUDA_BN_STATS` | `welford` (one pass), `two-pass` (mean, then squared deviations) | `welford` |
@@ -39,7 +39,7 @@ pub enum CudnnAlgo {
     Heuristic,
     /// Find's usable algorithms (deterministic ones only, unless `MEDSSL_CUDNN_DETERMINISTIC=0`)
     /// and medssl's im2col + cuBLAS engine, each timed by medssl with CUDA events on the
-    /// device, per direction: the fastest runs.
+    /// device, per direction: the cheapest for the step runs. The default.
     Time,
 }
 
@@ -106,8 +106,8 @@ pub struct Switches {
     /// `MEDSSL_CUDA_FUSION=projected`: the projected fusion without the projected map (`two-ops`,
     /// the default: the projection, then the similarity fusion).
     pub fusion_projected: bool,
-    /// `MEDSSL_CUDA_STEP_READ=later`: a training step's closing read is queued and collected
-    /// during the next step (`wait`, the default: the step waits for it).
+    /// `MEDSSL_CUDA_STEP_READ=later` (the default): a training step's closing read is queued and
+    /// collected during the next step (`wait`: the step waits for it).
     pub step_read_later: bool,
     pub bn_fused_max_m: usize,
     /// Blocks per channel of the batch-norm reductions; [`BN_SPLIT_WAVE`] (the default): one
@@ -212,14 +212,14 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         emulate: flag("MEDSSL_CUDA_EMULATE", false)?,
         tf32: flag("MEDSSL_TF32", false)?,
         cudnn_algo: match val("MEDSSL_CUDNN_ALGO").as_deref() {
-            None | Some("find") => CudnnAlgo::Find,
+            Some("find") => CudnnAlgo::Find,
             Some("heuristic") => CudnnAlgo::Heuristic,
-            Some("time") => CudnnAlgo::Time,
+            None | Some("time") => CudnnAlgo::Time,
             Some(v) => {
                 return Err(bad(
                     "MEDSSL_CUDNN_ALGO",
                     v,
-                    "find (the default), heuristic or time",
+                    "time (the default), find or heuristic",
                 ))
             }
         },
@@ -243,7 +243,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         conv_im2col: !choice("MEDSSL_CUDA_CONV", ["cudnn", "im2col"])?,
         conv1x1_gemm: choice("MEDSSL_CUDA_CONV1X1", ["cublas", "cudnn"])?,
         fusion_projected: !choice("MEDSSL_CUDA_FUSION", ["two-ops", "projected"])?,
-        step_read_later: !choice("MEDSSL_CUDA_STEP_READ", ["wait", "later"])?,
+        step_read_later: choice("MEDSSL_CUDA_STEP_READ", ["later", "wait"])?,
         bn_fused_max_m,
         bn_split,
         bn_welford: choice("MEDSSL_CUDA_BN_STATS", ["welford", "two-pass"])?,
@@ -300,8 +300,8 @@ mod tests {
             (&None, &None, &None)
         );
         assert!(d.cudnn_deterministic_first && d.conv1x1_gemm && !d.fusion_projected);
-        assert!(!d.step_read_later);
-        assert_eq!(d.cudnn_algo, CudnnAlgo::Find);
+        assert!(d.step_read_later);
+        assert_eq!(d.cudnn_algo, CudnnAlgo::Time);
         assert_eq!(d.bn_fused_max_m, FUSED_MAX_M);
         assert_eq!(d.bn_split, BN_SPLIT_WAVE);
         assert!(d.bn_welford);
@@ -320,7 +320,7 @@ mod tests {
             ("MEDSSL_CUDA_CONV", "im2col"),
             ("MEDSSL_CUDA_CONV1X1", "cudnn"),
             ("MEDSSL_CUDA_FUSION", "projected"),
-            ("MEDSSL_CUDA_STEP_READ", "later"),
+            ("MEDSSL_CUDA_STEP_READ", "wait"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "0"),
             ("MEDSSL_CUDA_BN_SPLIT", "1"),
             ("MEDSSL_CUDA_BN_STATS", "two-pass"),
@@ -342,11 +342,11 @@ mod tests {
         assert_eq!(s.cudnn_bwd_data_algo.as_deref(), Some("ALGO_FFT"));
         assert_eq!(s.cudnn_bwd_filter_algo.as_deref(), Some("ALGO_0"));
         assert!(!s.cudnn_deterministic_first && !s.conv1x1_gemm && s.fusion_projected);
-        assert!(s.step_read_later);
+        assert!(!s.step_read_later);
         assert_eq!(s.cudnn_algo, CudnnAlgo::Heuristic);
         assert_eq!(
-            with(&[("MEDSSL_CUDNN_ALGO", "time")]).unwrap().cudnn_algo,
-            CudnnAlgo::Time
+            with(&[("MEDSSL_CUDNN_ALGO", "find")]).unwrap().cudnn_algo,
+            CudnnAlgo::Find
         );
         assert_eq!(s.bn_fused_max_m, 0);
         assert_eq!(s.bn_split, 1);
@@ -369,12 +369,12 @@ mod tests {
         // The defaults spelled out parse to the defaults.
         let spelled = with(&[
             ("MEDSSL_CUDA_EMULATE", "0"),
-            ("MEDSSL_CUDNN_ALGO", "find"),
+            ("MEDSSL_CUDNN_ALGO", "time"),
             ("MEDSSL_CUDNN_DETERMINISTIC", "1"),
             ("MEDSSL_CUDA_CONV", "cudnn"),
             ("MEDSSL_CUDA_CONV1X1", "cublas"),
             ("MEDSSL_CUDA_FUSION", "two-ops"),
-            ("MEDSSL_CUDA_STEP_READ", "wait"),
+            ("MEDSSL_CUDA_STEP_READ", "later"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "65536"),
             ("MEDSSL_CUDA_BN_SPLIT", "wave"),
             ("MEDSSL_CUDA_BN_STATS", "welford"),
@@ -398,7 +398,7 @@ mod tests {
             (
                 "MEDSSL_CUDNN_ALGO",
                 "fastest",
-                "find (the default), heuristic or time",
+                "time (the default), find or heuristic",
             ),
             (
                 "MEDSSL_CUDA_CONV",
@@ -418,7 +418,7 @@ mod tests {
             (
                 "MEDSSL_CUDA_STEP_READ",
                 "async",
-                "wait (the default) or later",
+                "later (the default) or wait",
             ),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "-1", "a whole number"),
             ("MEDSSL_CUDA_BN_FUSED_MAX_M", "64k", "a whole number"),
