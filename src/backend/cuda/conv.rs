@@ -873,9 +873,11 @@ impl ConvEngine {
 
 impl Dnn {
     /// The plan of shape `s`, made the first time the shape is seen. With
-    /// `MEDSSL_CUDNN_ALGO=time` its candidates are timed then ([`time_plan`]), except inside
-    /// a step that is being captured into (or compared with) a step graph, where the work would
-    /// become part of the graph: there Find's choice stands.
+    /// `MEDSSL_CUDNN_ALGO=time` (the default) its candidates are timed then ([`time_plan`]),
+    /// except inside a step that is being captured into (or compared with) a step graph, where
+    /// the work would become part of the graph: there Find's choice stands. So it does where the
+    /// timing itself fails (say, no memory for its tensors): stderr says so, once per process,
+    /// and the convolution goes on with Find's choice.
     fn plan(&self, be: &CudaBackend, h: sys::cudnnHandle_t, s: &Shape) -> Result<Arc<Plan>> {
         if let Some(p) = lock(&self.plans).get(s) {
             return Ok(p.clone());
@@ -884,7 +886,16 @@ impl Dnn {
         let (mut p, timed) = unsafe { Plan::new(h, s) }?;
         let strict = super::graph::step_arena(be.ordinal).is_some_and(|(_, strict)| strict);
         if Search::from_env() == Search::Time && !strict {
-            time_plan(be, h, &mut p, s, &timed)?;
+            if let Err(e) = time_plan(be, h, &mut p, s, &timed) {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "medssl: timing the convolution algorithms of {} failed ({e}); \
+                         Find's choice stands for each shape whose timing fails",
+                        s.describe()
+                    );
+                });
+            }
         }
         let p = Arc::new(p);
         lock(&self.plans).insert(*s, p.clone());
