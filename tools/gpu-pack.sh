@@ -12,7 +12,11 @@
 # (or `TABLE=1 bash .gpu/gpu-run.sh OUTDIR` for the README results table only).
 #
 # Env: GPU_TESTS   extra integration-test target names to ship (space separated), e.g. "conformance"
-#      PACK_CAP_MB size cap of .gpu/ (default 60)
+#      PACK_CAP_MB size cap of .gpu/ (default 60). Where .gpu/ travels with the checkout under a
+#                  limit on the whole (a remote runner that copies the working tree, 64 MiB),
+#                  subtract the tracked files (about 18 MB, mostly bench/results): 40 leaves
+#                  HAM10000 out (34 MB packed; the PneumoniaMNIST training runs still run)
+#      CARGO_TARGET_DIR where the builds go (the binaries are copied from there)
 #      SHARED      path of the shared folder (default ../shared relative to the repo root)
 set -euo pipefail
 
