@@ -11,7 +11,9 @@
 #     two-launch forward at [256,64,28,28] in run 8) in the step, from a graph and plain;
 #   - the resident batch norms in the step again (run 9: 4 % faster at width 16, 7 % slower at
 #     width 64, from a graph), and the batch norms at [256,64,28,28] (the 80 % target), with
-#     the device time per kernel.
+#     the device time per kernel, beside a read-only and a write-only pass over the same bytes
+#     (--op read_reference: run 8's statistics pass read x at 1.6-1.9 TB/s where mixed traffic
+#     moved 2.8-2.96 TB/s; is that the device's read-only rate, or the statistics' walk?).
 #   bash .gpu/gpu-focus.sh OUTDIR      (about 100 s of steps on an H100)
 # Each variable below can still be overridden from the environment, as in gpu-run.sh.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +28,7 @@ BN="--op batch_norm"
 export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue $B2B|$W16 --cuda-graph $B2B|$W64 --fill-queue $B2B|$W64 --cuda-graph $B2B|$WAIT $W16 --cuda-graph $B2B|$WAIT $W64 --cuda-graph $B2B|$IN16 $W16 --cuda-graph|$IN16 $W64 --cuda-graph|$IN16 $W64 --fill-queue|$RES $W16 --cuda-graph|$RES $W64 --cuda-graph|$RES $IN16 $W64 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue $B2B|$W64 --fill-queue $B2B"}"
-export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu|$IN16 $BIG $BN|$RES $BIG $BN|$RES $IN16 $BIG $BN"}"
+export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu,read_reference|$IN16 $BIG $BN|$RES $BIG $BN|$RES $IN16 $BIG $BN"}"
 export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"
 P="--repeats 3 --profile"
 export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG $BN $P|$RES $BIG $BN $P"}"

@@ -49,7 +49,10 @@ pub struct OpsArgs {
     /// synchronisation, whose round trip to the device (about 10 µs) then counts against the op.
     #[arg(long, default_value_t = 0)]
     pub calls: usize,
-    /// Only ops whose name contains one of these comma-separated substrings.
+    /// Only ops whose name contains one of these comma-separated substrings. `read_reference`
+    /// (only when named here) adds, for every distinct batch-norm activation, a global average
+    /// pool over it: a read-only pass over the same bytes (forward) and a write-only one
+    /// (backward), the references for the batch norm's read-only statistics pass.
     #[arg(long)]
     pub op: Option<String>,
     /// Size of the square SGEMM that sets the compute peak (default 2048 on cpu, 4096 on cuda;
@@ -357,6 +360,25 @@ impl Cases {
             }),
         }
     }
+}
+
+/// The name of the reference cases [`read_references`] adds (only where `--op` names it).
+pub const READ_REFERENCE: &str = "read_reference";
+
+/// For every distinct batch-norm activation of `cases`, a global average pool over it, named
+/// [`READ_REFERENCE`]: its forward reads the activation once (warp per (n, c) plane, flat and
+/// in order) and writes almost nothing, its backward writes an activation's worth; what the
+/// memory gives a read-only and a write-only pass over the bytes a batch norm moves, beside the
+/// batch norm's own passes (its statistics only read).
+pub fn read_references(cases: &[Case]) -> Vec<Case> {
+    let mut cs = Cases::default();
+    for c in cases {
+        if let Op::BatchNorm { x } = &c.op {
+            let layers = c.layers.join(", ");
+            cs.add(READ_REFERENCE, Op::GlobalAvgPool { x: *x }, layers);
+        }
+    }
+    cs.0
 }
 
 /// Every distinct (op, shape) one training step of `cfg` calls for a batch of `n` images of
@@ -1101,18 +1123,27 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         a.classes,
         a.image_size,
     );
-    let cases: Vec<Case> = model_cases(&cfg, a.image_size, a.batch, a.queue)
+    let all = model_cases(&cfg, a.image_size, a.batch, a.queue);
+    let wanted: Vec<&str> =
+        a.op.as_deref()
+            .map(|f| f.split(',').filter(|p| !p.is_empty()).collect())
+            .unwrap_or_default();
+    let references = if wanted.contains(&READ_REFERENCE) {
+        read_references(&all)
+    } else {
+        Vec::new()
+    };
+    let cases: Vec<Case> = all
         .into_iter()
-        .filter(|c| {
-            a.op.as_deref()
-                .is_none_or(|f| f.split(',').any(|p| !p.is_empty() && c.name.contains(p)))
-        })
+        .filter(|c| a.op.is_none() || wanted.iter().any(|p| c.name.contains(p)))
+        .chain(references)
         .collect();
     if cases.is_empty() {
         bail!(
             "--op {}: no op matches (ops: conv2d, batch_norm_train, relu, max_pool2d, \
              global_avg_pool, linear, cross_entropy, softmax, l2_normalize, projected_fusion, \
-             weighted_consistency, entropy_weight, pgc_loss, adam_step, ema_update)",
+             weighted_consistency, entropy_weight, pgc_loss, adam_step, ema_update, and \
+             {READ_REFERENCE} when named)",
             a.op.as_deref().unwrap_or("")
         );
     }
@@ -1460,6 +1491,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `--op read_reference`: one global average pool per distinct batch-norm activation, over
+    /// the same shape, listing the norms' layers; none among the model's own cases.
+    #[test]
+    fn read_references_follow_the_batch_norms() {
+        let c = cfg(64, 28, true);
+        let cases = model_cases(&c, 28, 256, 4096);
+        assert!(cases.iter().all(|k| k.name != READ_REFERENCE));
+        let bn: Vec<&Case> = cases
+            .iter()
+            .filter(|k| k.name == "batch_norm_train")
+            .collect();
+        let refs = read_references(&cases);
+        assert_eq!(refs.len(), bn.len());
+        for (r, b) in refs.iter().zip(&bn) {
+            assert_eq!(r.name, READ_REFERENCE);
+            let (Op::GlobalAvgPool { x: rx }, Op::BatchNorm { x: bx }) = (&r.op, &b.op) else {
+                panic!("{:?} / {:?}", r.op, b.op);
+            };
+            assert_eq!(rx, bx);
+            assert_eq!(r.layers, vec![b.layers.join(", ")]);
+        }
+        assert!(refs.iter().any(|r| r.op
+            == Op::GlobalAvgPool {
+                x: [256, 64, 28, 28]
+            }));
     }
 
     /// Distinct conv shapes are listed once each; the stem alone skips the data gradient.
