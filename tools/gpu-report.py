@@ -121,9 +121,10 @@ def steps_table(run):
            "CUDA-graph row (which starts with a full queue) is paired with the peer's full-queue "
            "row; a supervised row with the peer's supervised row whatever its queue.", "",
            "Back to back: `--back-to-back` rows, the ms per step of as many steps again issued "
-           "with no wait between them and one after the last (medssl with "
-           "`MEDSSL_CUDA_STEP_READ=later` overlaps a step's host work with the previous step's "
-           "device work), against the peer's row of the same workload that has it.", "",
+           "with no wait between them and one after the last (medssl's queued read, "
+           "`MEDSSL_CUDA_STEP_READ=later`, the default since 2026-11-28, overlaps a step's host "
+           "work with the previous step's device work; `step read wait` rows wait for each "
+           "step's read), against the peer's row of the same workload that has it.", "",
            "| workload | medssl | switches changed | medssl ms | PyTorch ms | ratio | back to back medssl / PyTorch ms | ratio |",
            "|---|---|---|---|---|---|---|---|"]
     for r in ours:
