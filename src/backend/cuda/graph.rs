@@ -376,6 +376,14 @@ pub(crate) fn step_arena(ordinal: usize) -> Option<(Arc<Arena>, bool)> {
 }
 
 impl CudaBackend {
+    /// Whether this thread's training loop replays (or tries to replay) its steps from CUDA
+    /// graphs on this device: it has begun a step in graph mode ([`CudaBackend::graph_step_begin`],
+    /// captured or not, which creates the thread's graph state). What `MEDSSL_CUDNN_ALGO=time`
+    /// ranks its candidates by (see `conv::CallTime::cost`).
+    pub(crate) fn graph_steps_requested(&self) -> bool {
+        with(self.ordinal, |g| g.is_some())
+    }
+
     /// Starts a training step of the graph owned by `owner` (one per training loop). `stable`:
     /// the step has the shapes of the steps that follow (false while the key queue fills up);
     /// an unstable step runs eagerly and drops any graph. Returns whether the step runs under
@@ -383,7 +391,6 @@ impl CudaBackend {
     /// to end or abandon.
     pub fn graph_step_begin(&self, owner: u64, stable: bool) -> Result<bool> {
         let turn = self.turn();
-        self.graph_steps.store(true, Ordering::Relaxed);
         let ordinal = self.ordinal;
         let pool = self.pool.clone();
         let mut begin_capture = false;
@@ -1214,7 +1221,7 @@ mod tests {
     }
 
     /// The timing hold keeps the (emulated) stream for at least its time, is counted like any
-    /// launch, and a training loop's first graph step marks the device as replaying graphs
+    /// launch, and a training loop's first graph step marks its thread as replaying graphs
     /// (what `MEDSSL_CUDNN_ALGO=time` ranks by), even where that step is not captured.
     #[test]
     fn the_timing_hold_holds_and_graph_steps_are_noted() {

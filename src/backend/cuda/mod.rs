@@ -407,10 +407,6 @@ pub struct CudaBackend {
     /// Page-locked host buffers of finished [`Backend::to_host_many_later`] reads, for reuse
     /// (a training loop has one or two in flight).
     pinned: Arc<Mutex<Vec<PinnedHostSlice<f32>>>>,
-    /// Whether a training loop has asked for its steps to be replayed from CUDA graphs on this
-    /// device (set by the first [`CudaBackend::graph_step_begin`], captured or not): what
-    /// `MEDSSL_CUDNN_ALGO=time` ranks its candidates by (see `conv::CallTime::cost`).
-    graph_steps: std::sync::atomic::AtomicBool,
 }
 
 /// The error of an op that met buffers of both the emulated and a real device.
@@ -630,7 +626,6 @@ impl CudaBackend {
             resident: Default::default(),
             l2_aside: Default::default(),
             pinned: Default::default(),
-            graph_steps: Default::default(),
         }
     }
 
@@ -729,7 +724,6 @@ impl CudaBackend {
             resident: Default::default(),
             l2_aside: Default::default(),
             pinned: Default::default(),
-            graph_steps: Default::default(),
         })
     }
 
@@ -932,12 +926,6 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         self.launch("timing_hold", cfg, &[A::I(ci(us as usize)?)])
-    }
-
-    /// Whether a training loop replays (or tries to replay) its steps from CUDA graphs on this
-    /// device.
-    pub(crate) fn graph_steps_requested(&self) -> bool {
-        self.graph_steps.load(Ordering::Relaxed)
     }
 
     /// Streaming multiprocessors of the device (the emulated one reports [`EMULATED_SMS`]).
@@ -1206,16 +1194,15 @@ impl Backend for CudaBackend {
         if !step_read_later() || ts.len() < 2 {
             return self.to_host_many(ts).map(HostRead::Ready);
         }
+        let Some(d) = &self.drv else {
+            // The emulated device has run everything issued so far: the copy is done now, and
+            // the caller still collects it later, as from a GPU.
+            return Ok(HostRead::Later(Box::new(DoneRead(self.to_host_many(ts)?))));
+        };
         let Some(packed) = self.pack(ts)? else {
             return Ok(HostRead::Ready(vec![Vec::new(); ts.len()]));
         };
         let sizes: Vec<usize> = ts.iter().map(|t| t.numel()).collect();
-        let Some(d) = &self.drv else {
-            // The emulated device has run everything issued so far: the copy is done now, and
-            // the caller still collects it later, as from a GPU.
-            let all = self.to_host(&packed)?;
-            return Ok(HostRead::Later(Box::new(DoneRead(unpack(&all, &sizes)))));
-        };
         let total = packed.numel();
         let Buf::Dev(slice) = self
             .storage_of(&packed)?
