@@ -453,9 +453,23 @@ impl PendingRead for PinnedRead {
                 .map_err(cuda_err("reading a page-locked buffer"))?,
             &self.sizes,
         );
-        lock(&self.free).push(host);
+        let mut free = lock(&self.free);
+        free.push(host);
+        if free.len() > PINNED_KEEP {
+            // The oldest first: a training loop reads one size, step after step.
+            free.remove(0);
+        }
         Ok(out)
     }
+}
+
+/// Page-locked buffers kept for reuse at most (a training loop has one or two reads in flight).
+const PINNED_KEEP: usize = 4;
+
+/// Which of the free page-locked buffers (their lengths, in order) a read of `total` elements
+/// reuses: the first of exactly that length (cudarc copies a destination's whole length).
+fn pinned_reuse(lens: impl Iterator<Item = usize>, total: usize) -> Option<usize> {
+    lens.into_iter().position(|n| n == total)
 }
 
 impl Drop for PinnedRead {
@@ -1215,10 +1229,13 @@ impl Backend for CudaBackend {
         // Ends (launches) an open step graph: the copy below is issued after the step's work.
         let _turn = self.graph_before_read()?;
         self.count("memcpy_dtoh");
-        // A page-locked buffer (the copy is asynchronous only into one), reused.
+        // A page-locked buffer (the copy is asynchronous only into one), reused: one of exactly
+        // `total` elements, since cudarc's `memcpy_dtoh` copies the destination's whole length
+        // (a larger buffer made it read past the packed values: CUDA_ERROR_INVALID_VALUE on an
+        // H200, run 10, where one process trained several models with different read sizes).
         let reuse = {
             let mut free = lock(&self.pinned);
-            let at = free.iter().position(|b| b.len() >= total);
+            let at = pinned_reuse(free.iter().map(|b| b.len()), total);
             at.map(|i| free.swap_remove(i))
         };
         let mut host = match reuse {
@@ -1607,5 +1624,25 @@ impl Backend for CudaBackend {
         p: SgdParams,
     ) -> Result<()> {
         optim::sgd_step_multi(self, slots, p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pinned_reuse;
+
+    /// A queued read reuses a page-locked buffer of exactly its length, never a larger one
+    /// (cudarc's copy fills the destination's whole length).
+    #[test]
+    fn pinned_buffers_are_reused_at_their_exact_length() {
+        let lens = [96usize, 40, 64, 40];
+        assert_eq!(pinned_reuse(lens.iter().copied(), 40), Some(1));
+        assert_eq!(pinned_reuse(lens.iter().copied(), 64), Some(2));
+        assert_eq!(
+            pinned_reuse(lens.iter().copied(), 50),
+            None,
+            "not the 64 or the 96"
+        );
+        assert_eq!(pinned_reuse(std::iter::empty(), 8), None);
     }
 }
