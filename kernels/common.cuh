@@ -52,7 +52,8 @@ __device__ __forceinline__ float block_sum(float v) {
 __device__ __forceinline__ float* dyn_shared_f32() { return ::emu::dyn_shared(); }
 #else
 __device__ __forceinline__ float* dyn_shared_f32() {
-    extern __shared__ float medssl_dyn_shared[];
+    // 16-byte aligned: the float4 batch-norm kernels keep float4s there.
+    extern __shared__ __align__(16) float medssl_dyn_shared[];
     return medssl_dyn_shared;
 }
 #endif

@@ -22,7 +22,9 @@
 // bn_stats_split_g2/_g4, bn_fwd_resident_g1/_g4; the same bits), and with l2 != 0
 // (MEDSSL_CUDA_BN_L2=hint) the one-pass forwards mark their accesses with L2 eviction priorities
 // (ld_l2/st_l2 in common.cuh: x evict-last while the statistics read it, evict-first when the
-// normalising pass reads it for the last time, y evict-first).
+// normalising pass reads it for the last time, y evict-first). With MEDSSL_CUDA_BN_VEC=on the split
+// and resident kernels run in float4 forms (the end of this file): the same walks over units of
+// four consecutive elements of a plane, one 16-byte access each.
 // L2 normalise is "warp per row".
 #include "common.cuh"
 
@@ -192,17 +194,20 @@ __device__ __forceinline__ void welford_add(Moments& v, float xv) {
 // How the one-pass statistics read an element: load(a, p) reads the element at address a, the
 // p-th of the range in walk order (p = j - lo), keep(p, v) is told its value after the group's
 // loads. BnLoad reads plainly and keeps nothing; BnStage (the resident forward) also keeps the
-// first `cap` elements of the range in shared memory.
-struct BnLoad {
-    DEVICE_MEMBER float load(const float* a, int p) const {
+// first `cap` elements of the range in shared memory. (BnLoadT<float4>: the same for the float4
+// kernels at the end of this file, whose "elements" are units of four.)
+template <class T>
+struct BnLoadT {
+    DEVICE_MEMBER T load(const T* a, int p) const {
         (void)p;
         return *a;
     }
-    DEVICE_MEMBER void keep(int p, float v) const {
+    DEVICE_MEMBER void keep(int p, T v) const {
         (void)p;
         (void)v;
     }
 };
+typedef BnLoadT<float> BnLoad;
 
 // BnLoad through an L2 policy (MEDSSL_CUDA_BN_L2=hint: evict-last, so that the normalising pass
 // after the statistics finds as much of x as L2 holds).
@@ -218,24 +223,39 @@ struct BnLoadL2 {
     }
 };
 
+// A group's values merged into the running moments v: those of each four (moments4) in order,
+// or for a single element Welford's update; for float4 units (the float4 kernels at the end of
+// this file) each unit's four values as one moments4, in order.
+template <int NQ>
+__device__ __forceinline__ void bn_moments_add(Moments& v, const float (&xv)[NQ]) {
+    if (NQ == 1)
+        welford_add(v, xv[0]);
+    else
+        for (int g = 0; g < NQ / 4; ++g) v = moments_merge(v, moments4(xv + 4 * g));
+}
+template <int NQ>
+__device__ __forceinline__ void bn_moments_add(Moments& v, const float4 (&xv)[NQ]) {
+    for (int q = 0; q < NQ; ++q) {
+        const float u[4] = {xv[q].x, xv[q].y, xv[q].z, xv[q].w};
+        v = moments_merge(v, moments4(u));
+    }
+}
+
 // One group of NQ strides of bn_range_moments: every load, then the kept values, then the
-// moments: those of each four (moments4) merged in order, or for a single element Welford's update.
-template <int NQ, class Ld>
-__device__ __forceinline__ void bn_moments_group(BnWalk& w, int lo, const float* x, const Ld& ld,
+// moments (bn_moments_add). T = float4: NQ units of the float4 kernels.
+template <int NQ, class T, class Ld>
+__device__ __forceinline__ void bn_moments_group(BnWalk& w, int lo, const T* x, const Ld& ld,
                                                  Moments& v) {
     size_t k[NQ];
     int p[NQ];
-    float xv[NQ];
+    T xv[NQ];
     for (int q = 0; q < NQ; ++q) {
         p[q] = w.p.j - lo;
         k[q] = bn_next(w);
     }
     for (int q = 0; q < NQ; ++q) xv[q] = ld.load(x + k[q], p[q]);
     for (int q = 0; q < NQ; ++q) ld.keep(p[q], xv[q]);
-    if (NQ == 1)
-        welford_add(v, xv[0]);
-    else
-        for (int g = 0; g < NQ / 4; ++g) v = moments_merge(v, moments4(xv + 4 * g));
+    bn_moments_add<NQ>(v, xv);
 }
 
 // The one-pass moments of channel c's elements j in [lo, hi) by one block (every thread gets
@@ -411,14 +431,16 @@ __device__ __forceinline__ void bn_apply_walk_from(Walk w, float mu, float is, f
     bn_apply_walk_to(w, mu, is, g, b, src, res, relu, BnToY{y});
 }
 
-// x's elements read from memory.
-struct BnFromX {
-    const float* x;
-    DEVICE_MEMBER float operator()(size_t o, int j) const {
+// x's elements (or the float4 kernels' units) read from memory.
+template <class T>
+struct BnFromXT {
+    const T* x;
+    DEVICE_MEMBER T operator()(size_t o, int j) const {
         (void)j;
         return x[o];
     }
 };
+typedef BnFromXT<float> BnFromX;
 
 // x's elements read from memory, marked evict-first in L2 (the normalising pass's reads are
 // their last use: under MEDSSL_CUDA_BN_L2=hint, L2 then replaces the lines already read before
@@ -548,27 +570,45 @@ extern "C" __global__ void bn_apply(int n, int C, int HW, const float* x, const 
 __device__ __forceinline__ float bn_gy(const float* gy, const float* ry, size_t k) {
     return (ry && !(ry[k] > 0.f)) ? 0.f : gy[k];
 }
+// The same loaded evict-first (the resident backward's kept elements: read once).
+__device__ __forceinline__ float bn_gy_cs(const float* gy, const float* ry, size_t k) {
+    return (ry && !(__ldcs(ry + k) > 0.f)) ? 0.f : __ldcs(gy + k);
+}
+// Both for a unit of four elements (the float4 kernels at the end of this file).
+__device__ __forceinline__ float4 bn_mask4(float4 g, float4 r) {
+    return make_float4(r.x > 0.f ? g.x : 0.f, r.y > 0.f ? g.y : 0.f, r.z > 0.f ? g.z : 0.f,
+                       r.w > 0.f ? g.w : 0.f);
+}
+__device__ __forceinline__ float4 bn_gy(const float4* gy, const float4* ry, size_t k) {
+    return ry ? bn_mask4(gy[k], ry[k]) : gy[k];
+}
+__device__ __forceinline__ float4 bn_gy_cs(const float4* gy, const float4* ry, size_t k) {
+    return ry ? bn_mask4(__ldcs(gy + k), __ldcs(ry + k)) : __ldcs(gy + k);
+}
 
 // How the gradient sums read an element at offset k, the p-th of the range in walk order: its
 // masked output gradient g(k, p) (bn_gy) and input x(k, p); keep(p, g, x) is told both after the
 // group's loads. BnGradLoad reads plainly and keeps nothing; BnGradStage (the resident
-// backward) also keeps the range's first `cap` pairs in shared memory.
-struct BnGradLoad {
-    const float *x, *gy, *ry;
-    DEVICE_MEMBER float g(size_t k, int p) const {
+// backward) also keeps the range's first `cap` pairs in shared memory. (T = float4: the float4
+// kernels' units.)
+template <class T>
+struct BnGradLoadT {
+    const T *x, *gy, *ry;
+    DEVICE_MEMBER T g(size_t k, int p) const {
         (void)p;
         return bn_gy(gy, ry, k);
     }
-    DEVICE_MEMBER float xv(size_t k, int p) const {
+    DEVICE_MEMBER T xv(size_t k, int p) const {
         (void)p;
         return x[k];
     }
-    DEVICE_MEMBER void keep(int p, float g, float v) const {
+    DEVICE_MEMBER void keep(int p, T g, T v) const {
         (void)p;
         (void)g;
         (void)v;
     }
 };
+typedef BnGradLoadT<float> BnGradLoad;
 
 // BnGradLoad through an L2 policy (MEDSSL_CUDA_BN_L2=hint): evict-last while the gradient sums
 // read x, gy (and ry), so that the input-gradient pass finds as much of them as L2 holds;
@@ -598,14 +638,31 @@ struct BnGradLoadL2 {
 // residual join's other input needs it). G groups of four strides at a time, their sums added
 // group after group into the same four accumulators: the same bits for any G (as
 // bn_range_moments).
+// Element q of a group added to the four accumulators of the gradient sums: into accumulator
+// q mod 4; a float4 unit's component e into accumulator e.
+__device__ __forceinline__ void bn_grad_add(int q, float g, float xv, float mu, float is,
+                                            float* sg, float* sgx) {
+    sg[q & 3] += g;
+    sgx[q & 3] = fmaf(g * (xv - mu), is, sgx[q & 3]);
+}
+__device__ __forceinline__ void bn_grad_add(int q, float4 g, float4 xv, float mu, float is,
+                                            float* sg, float* sgx) {
+    (void)q;
+    bn_grad_add(0, g.x, xv.x, mu, is, sg, sgx);
+    bn_grad_add(1, g.y, xv.y, mu, is, sg, sgx);
+    bn_grad_add(2, g.z, xv.z, mu, is, sg, sgx);
+    bn_grad_add(3, g.w, xv.w, mu, is, sg, sgx);
+}
+
 // One group of NQ strides of bn_range_grad_sums_g: every load, then the stores to gm (a buffer of
-// its own, never one of the inputs) and the sums, element q into accumulator q mod 4.
-template <int NQ, class Ld>
-__device__ __forceinline__ void bn_grad_group(BnWalk& w, int lo, float mu, float is, float* gm,
+// its own, never one of the inputs) and the sums (bn_grad_add). T = float4: NQ units of the
+// float4 kernels.
+template <int NQ, class T, class Ld>
+__device__ __forceinline__ void bn_grad_group(BnWalk& w, int lo, float mu, float is, T* gm,
                                               const Ld& ld, float* sg, float* sgx) {
     size_t k[NQ];
     int p[NQ];
-    float g[NQ], xv[NQ];
+    T g[NQ], xv[NQ];
     for (int q = 0; q < NQ; ++q) {
         p[q] = w.p.j - lo;
         k[q] = bn_next(w);
@@ -617,8 +674,7 @@ __device__ __forceinline__ void bn_grad_group(BnWalk& w, int lo, float mu, float
     for (int q = 0; q < NQ; ++q) ld.keep(p[q], g[q], xv[q]);
     for (int q = 0; q < NQ; ++q) {
         if (gm) gm[k[q]] = g[q];
-        sg[q & 3] += g[q];
-        sgx[q & 3] = fmaf(g[q] * (xv[q] - mu), is, sgx[q & 3]);
+        bn_grad_add(q, g[q], xv[q], mu, is, sg, sgx);
     }
 }
 
@@ -815,15 +871,16 @@ __device__ __forceinline__ bool bn_split_publish(float* part, unsigned* count, i
 }
 
 // Channel c's mean and biased variance from the partial moments (mean, M2) of its S chunks in
-// part[(c*S + t)*2 ..], combined in chunk order in double (see bn_stats_split).
+// part[(c*S + t)*2 ..], combined in chunk order in double (see bn_stats_split). The chunks were
+// cut in units of `unit` elements (4 for the float4 kernels at the end of this file; M a multiple).
 __device__ __forceinline__ void bn_split_combine(const float* part, int M, int c, int S,
-                                                 float* mu_out, float* var_out) {
+                                                 float* mu_out, float* var_out, int unit = 1) {
     const volatile float* p = part + (size_t)c * S * 2;
     double n = 0.0, mu = 0.0, m2 = 0.0;
     for (int t = 0; t < S; ++t) {
-        const BnChunk kt = bn_chunk(M, S, t);
+        const BnChunk kt = bn_chunk(M / unit, S, t);
         if (kt.lo >= kt.hi) continue;
-        const double nb = (double)(kt.hi - kt.lo), d = (double)p[2 * t] - mu;
+        const double nb = (double)(kt.hi - kt.lo) * unit, d = (double)p[2 * t] - mu;
         const double nn = n + nb;
         mu += d * (nb / nn);
         m2 += (double)p[2 * t + 1] + d * d * (n * nb / nn);
@@ -1012,6 +1069,47 @@ __device__ __forceinline__ void bn_channel_depart(unsigned* count, int C, int c,
     }
 }
 
+// The meeting of channel c's blocks in the resident forward: thread 0 publishes the block's
+// partial moments r, waits for the channel's other blocks, combines the S partials in chunk order
+// (bn_split_combine; chunks cut in units of `unit` elements) and counts the block out; block 0 of
+// the channel stores the statistics (running statistics included); then every thread of the
+// block has the mean and invstd in stat[0], stat[1] (shared memory).
+__device__ __forceinline__ void bn_fwd_meet(float* part, unsigned* count, int M, int C, int c,
+                                            int S, int s, int unit, Moments r, float eps,
+                                            float* mean, float* invstd, float* var_unbiased,
+                                            float momentum, const float* rm, const float* rv,
+                                            float* rm_out, float* rv_out, float* stat) {
+    if (threadIdx.x == 0) {
+        bn_channel_arrive(part, count, c, S, s, r.mean, r.m2);
+        float mu, var;
+        bn_split_combine(part, M, c, S, &mu, &var, unit);
+        bn_channel_depart(count, C, c, S);
+        if (s == 0)
+            bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv,
+                           rm_out, rv_out);
+        stat[0] = mu;
+        stat[1] = 1.f / sqrtf(var + eps);
+    }
+    __syncthreads();
+}
+
+// The same in the resident backward: the partial gradient sums (sg_s, sgx_s) added in chunk order
+// (bn_split_sums) into sums[0], sums[1] (shared memory); block 0 stores gbeta and ggamma.
+__device__ __forceinline__ void bn_bwd_meet(float* part, unsigned* count, int C, int c, int S,
+                                            int s, float sg_s, float sgx_s, float* sums,
+                                            float* ggamma, float* gbeta) {
+    if (threadIdx.x == 0) {
+        bn_channel_arrive(part, count, c, S, s, sg_s, sgx_s);
+        bn_split_sums(part, c, S, &sums[0], &sums[1]);
+        bn_channel_depart(count, C, c, S);
+        if (s == 0) {
+            gbeta[c] = sums[0];
+            ggamma[c] = sums[1];
+        }
+    }
+    __syncthreads();
+}
+
 // BnLoad that also keeps the range's first `cap` elements in shared memory `sh`.
 struct BnStage {
     float* sh;
@@ -1056,18 +1154,8 @@ __device__ __forceinline__ void bn_fwd_resident_body(
     if (k.lo < k.hi)
         r = bn_range_moments<G>(C, HW, c, k.lo, k.hi, x, BnStage{sh, cap, l2, l2_evict_last()});
     __shared__ float stat[2];
-    if (threadIdx.x == 0) {
-        bn_channel_arrive(part, count, c, S, s, r.mean, r.m2);
-        float mu, var;
-        bn_split_combine(part, M, c, S, &mu, &var);
-        bn_channel_depart(count, C, c, S);
-        if (s == 0)
-            bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv,
-                           rm_out, rv_out);
-        stat[0] = mu;
-        stat[1] = 1.f / sqrtf(var + eps);
-    }
-    __syncthreads();
+    bn_fwd_meet(part, count, M, C, c, S, s, 1, r, eps, mean, invstd, var_unbiased, momentum, rm,
+                rv, rm_out, rv_out, stat);
     if (k.lo >= k.hi) return;
     const L2Policy first = l2_evict_first();
     const BnFromKept src{x, sh, k.lo, cap, l2, first};
@@ -1111,38 +1199,43 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident_g4(BN_FWD_R
 // did not keep first (read last, so still in L2), then what it kept. Same arithmetic as
 // bn_dx_chunks, same bits. Counters as in bn_fwd_resident.
 
-// BnGradLoad that also keeps the range's first `cap` masked gradients and inputs in `shg`, `shx`.
-struct BnGradStage {
-    const float *x, *gy, *ry;
-    float *shg, *shx;
+// BnGradLoad that also keeps the range's first `cap` masked gradients and inputs in `shg`, `shx`
+// (loading them evict-first: read once). T = float4: the float4 kernels' units.
+template <class T>
+struct BnGradStageT {
+    const T *x, *gy, *ry;
+    T *shg, *shx;
     int cap;
-    DEVICE_MEMBER float g(size_t k, int p) const {
+    DEVICE_MEMBER T g(size_t k, int p) const {
         if (p >= cap) return bn_gy(gy, ry, k);
-        return (ry && !(__ldcs(ry + k) > 0.f)) ? 0.f : __ldcs(gy + k);
+        return bn_gy_cs(gy, ry, k);
     }
-    DEVICE_MEMBER float xv(size_t k, int p) const { return p < cap ? __ldcs(x + k) : x[k]; }
-    DEVICE_MEMBER void keep(int p, float g, float v) const {
+    DEVICE_MEMBER T xv(size_t k, int p) const { return p < cap ? __ldcs(x + k) : x[k]; }
+    DEVICE_MEMBER void keep(int p, T g, T v) const {
         if (p < cap) {
             shg[p] = g;
             shx[p] = v;
         }
     }
 };
+typedef BnGradStageT<float> BnGradStage;
 
 // The masked output gradient and the input from shared memory where the block kept them (walk
-// position p = j - lo < cap), else from memory.
-struct BnDxFromKept {
-    const float *x, *gy, *ry, *shg, *shx;
+// position p = j - lo < cap), else from memory. T = float4: the float4 kernels' units.
+template <class T>
+struct BnDxFromKeptT {
+    const T *x, *gy, *ry, *shg, *shx;
     int lo, cap;
-    DEVICE_MEMBER float g(size_t o, int j) const {
+    DEVICE_MEMBER T g(size_t o, int j) const {
         const int p = j - lo;
         return p < cap ? shg[p] : bn_gy(gy, ry, o);
     }
-    DEVICE_MEMBER float xv(size_t o, int j) const {
+    DEVICE_MEMBER T xv(size_t o, int j) const {
         const int p = j - lo;
         return p < cap ? shx[p] : x[o];
     }
 };
+typedef BnDxFromKeptT<float> BnDxFromKept;
 
 // At most 64 registers per thread (72 unbounded, which would leave one block per multiprocessor;
 // none spill): two blocks of 512 threads per multiprocessor keep twice the loads in flight.
@@ -1161,16 +1254,7 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident(int N, int 
         bn_range_grad_sums_g<2>(C, HW, c, k.lo, k.hi, mu, is, gm,
                                 BnGradStage{x, gy, ry, shg, shx, cap}, &sg_s, &sgx_s);
     __shared__ float sums[2];
-    if (threadIdx.x == 0) {
-        bn_channel_arrive(part, count, c, S, s, sg_s, sgx_s);
-        bn_split_sums(part, c, S, &sums[0], &sums[1]);
-        bn_channel_depart(count, C, c, S);
-        if (s == 0) {
-            gbeta[c] = sums[0];
-            ggamma[c] = sums[1];
-        }
-    }
-    __syncthreads();
+    bn_bwd_meet(part, count, C, c, S, s, sg_s, sgx_s, sums, ggamma, gbeta);
     if (k.lo < k.hi)
         bn_dx_walk_from(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
                         BnDxFromKept{x, gy, ry, shg, shx, k.lo, cap}, gx);
@@ -1190,7 +1274,7 @@ struct BnGradStageL2 {
     L2Policy pol;
     DEVICE_MEMBER float g(size_t k, int p) const {
         if (p >= cap) return (ry && !(ld_l2(ry + k, pol) > 0.f)) ? 0.f : ld_l2(gy + k, pol);
-        return (ry && !(__ldcs(ry + k) > 0.f)) ? 0.f : __ldcs(gy + k);
+        return bn_gy_cs(gy, ry, k);
     }
     DEVICE_MEMBER float xv(size_t k, int p) const {
         return p < cap ? __ldcs(x + k) : ld_l2(x + k, pol);
@@ -1233,16 +1317,7 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident_l2(int N, i
                                 BnGradStageL2{x, gy, ry, shg, shx, cap, l2_evict_last()}, &sg_s,
                                 &sgx_s);
     __shared__ float sums[2];
-    if (threadIdx.x == 0) {
-        bn_channel_arrive(part, count, c, S, s, sg_s, sgx_s);
-        bn_split_sums(part, c, S, &sums[0], &sums[1]);
-        bn_channel_depart(count, C, c, S);
-        if (s == 0) {
-            gbeta[c] = sums[0];
-            ggamma[c] = sums[1];
-        }
-    }
-    __syncthreads();
+    bn_bwd_meet(part, count, C, c, S, s, sg_s, sgx_s, sums, ggamma, gbeta);
     if (k.lo < k.hi) {
         const L2Policy first = l2_evict_first();
         bn_dx_walk_to(bn_walk_rev(C, HW, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
@@ -1299,4 +1374,287 @@ extern "C" __global__ void l2n_bwd(int rows, int n, const float* x, const float*
     } else {
         for (int j = LANE(); j < n; j += 32) gx[o + j] = gy[o + j] / 1e-12f;
     }
+}
+
+// ---- four elements per access: the float4 kernels (MEDSSL_CUDA_BN_VEC=on) ----
+//
+// Where a plane's HW elements are a multiple of four (and every tensor is 16-byte aligned, which
+// the host checks), channel c's elements come in units of four consecutive elements of one plane:
+// unit u = n*HW4 + i4 (HW4 = HW/4) is the float4 at offset (n*C + c)*HW4 + i4 of the tensor seen
+// as float4s. The walks above (BnWalk, BnRev) with HW4 for HW visit units instead of elements, so
+// every access is one 16-byte load or store: a quarter of the load and store instructions and of
+// the address arithmetic of the one-element kernels, for the same bytes. Chunks are cut in units
+// (bn_chunk(M/4, S, s)); the split and resident kernels below mirror bn_stats_split +
+// bn_apply_chunks, bn_bwd_split + bn_dx_chunks, bn_fwd_resident and bn_bwd_resident. The one-pass
+// moments take each unit's four values as one moments4, merged in walk order (the same bits for
+// any number of units in flight); the gradient sums add component e of every unit into
+// accumulator e. The bits differ from the one-element kernels' (other groupings of the same
+// values) but not between the float4 split and resident paths, which compute the same statistics
+// and sums, then the same elementwise arithmetic.
+
+// How the float4 moments read a unit keeping the range's first `cap` units in shared memory
+// (loaded evict-first; as BnStage, p = the unit's place in the walk; BnLoadT<float4> keeps none).
+struct BnStage4 {
+    float4* sh;
+    int cap;
+    DEVICE_MEMBER float4 load(const float4* a, int p) const { return p < cap ? __ldcs(a) : *a; }
+    DEVICE_MEMBER void keep(int p, float4 v) const {
+        if (p < cap) sh[p] = v;
+    }
+};
+
+// The one-pass moments of channel c's units [lo, hi) by one block (every thread gets them), G
+// units per thread at a time (4*G elements in flight), then one at a time.
+template <int G, class Ld>
+__device__ __forceinline__ Moments bn_range_moments4(int C, int HW4, int c, int lo, int hi,
+                                                     const float4* x, const Ld& ld) {
+    Moments v{0, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW4, c, lo, hi); bn_has(w, 0);) {
+        if (G > 1 && bn_has(w, G - 1))
+            bn_moments_group<G>(w, lo, x, ld, v);
+        else
+            bn_moments_group<1>(w, lo, x, ld, v);
+    }
+    return block_moments(v);
+}
+
+// bn_stats_split in units: G = 1, 2, 4 units per thread at a time (bn_stats_split4_g1/_g2/_g4:
+// 4, 8, 16 elements in flight, as MEDSSL_CUDA_BN_INFLIGHT asks).
+template <int G>
+__device__ __forceinline__ void bn_stats_split4_body(int N, int C, int HW, int S, float eps,
+                                                     const float* x, float* part,
+                                                     unsigned* count, float* mean, float* invstd,
+                                                     float* var_unbiased, float momentum,
+                                                     const float* rm, const float* rv,
+                                                     float* rm_out, float* rv_out) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M / 4, S, s);
+    Moments r{0, 0.f, 0.f};
+    if (k.lo < k.hi)
+        r = bn_range_moments4<G>(C, HW / 4, c, k.lo, k.hi, (const float4*)x, BnLoadT<float4>());
+    if (!bn_split_publish(part, count, c, S, s, r.mean, r.m2)) return;
+    float mu, var;
+    bn_split_combine(part, M, c, S, &mu, &var, 4);
+    count[c] = 0u;
+    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
+                   rv_out);
+}
+#define BN_STATS_SPLIT4_PARAMS                                                                    \
+    int N, int C, int HW, int S, float eps, const float *x, float *part, unsigned *count,       \
+        float *mean, float *invstd, float *var_unbiased, float momentum, const float *rm,        \
+        const float *rv, float *rm_out, float *rv_out
+extern "C" __global__ void bn_stats_split4_g1(BN_STATS_SPLIT4_PARAMS) {
+    bn_stats_split4_body<1>(N, C, HW, S, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out);
+}
+extern "C" __global__ void bn_stats_split4_g2(BN_STATS_SPLIT4_PARAMS) {
+    bn_stats_split4_body<2>(N, C, HW, S, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out);
+}
+extern "C" __global__ void bn_stats_split4_g4(BN_STATS_SPLIT4_PARAMS) {
+    bn_stats_split4_body<4>(N, C, HW, S, eps, x, part, count, mean, invstd, var_unbiased,
+                            momentum, rm, rv, rm_out, rv_out);
+}
+
+// bn_out_v on each of a unit's four elements.
+__device__ __forceinline__ float4 bn_out4(float4 xv, float mu, float is, float g, float b,
+                                          int has_res, float4 rv, int relu) {
+    return make_float4(bn_out_v(xv.x, mu, is, g, b, has_res, rv.x, relu),
+                       bn_out_v(xv.y, mu, is, g, b, has_res, rv.y, relu),
+                       bn_out_v(xv.z, mu, is, g, b, has_res, rv.z, relu),
+                       bn_out_v(xv.w, mu, is, g, b, has_res, rv.w, relu));
+}
+
+// A unit of x from shared memory where the resident forward kept it (unit place p = j - lo <
+// cap), else from memory (BnFromXT<float4>: from memory only).
+struct BnFromKept4 {
+    const float4* x;
+    const float4* sh;
+    int lo, cap;
+    DEVICE_MEMBER float4 operator()(size_t o, int j) const {
+        const int p = j - lo;
+        return p < cap ? sh[p] : x[o];
+    }
+};
+
+// bn_apply_walk_from in units: two units per thread at a time, both loads (and the residual's)
+// before the stores, then one.
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_apply_walk4(Walk w, float mu, float is, float g, float b,
+                                               const Src& src, const float4* res, int relu,
+                                               float4* y) {
+    const int has_res = res != 0;
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+    while (walk_has(w, 0)) {
+        if (walk_has(w, 1)) {
+            const int j0 = w.p.j;
+            const size_t o0 = walk_step(w);
+            const int j1 = w.p.j;
+            const size_t o1 = walk_step(w);
+            const float4 x0 = src(o0, j0), x1 = src(o1, j1);
+            const float4 r0 = has_res ? res[o0] : zero, r1 = has_res ? res[o1] : zero;
+            y[o0] = bn_out4(x0, mu, is, g, b, has_res, r0, relu);
+            y[o1] = bn_out4(x1, mu, is, g, b, has_res, r1, relu);
+        } else {
+            const int j = w.p.j;
+            const size_t o = walk_step(w);
+            y[o] = bn_out4(src(o, j), mu, is, g, b, has_res, has_res ? res[o] : zero, relu);
+        }
+    }
+}
+
+// bn_apply_chunks in units after bn_stats_split4 (walking backwards, as after one-pass
+// statistics).
+extern "C" __global__ void bn_apply_chunks4(int N, int C, int HW, int S, const float* x,
+                                            const float* mean, const float* invstd,
+                                            const float* gamma, const float* beta,
+                                            const float* res, int relu, float* y) {
+    const int c = blockIdx.y;
+    const BnChunk k = bn_chunk(N * HW / 4, S, blockIdx.x);
+    bn_apply_walk4(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), mean[c], invstd[c], gamma[c], beta[c],
+                   BnFromXT<float4>{(const float4*)x}, (const float4*)res, relu, (float4*)y);
+}
+
+// bn_fwd_resident in units: `cap` units kept per block; G = 1, 2, 4 units per thread at a time
+// (bn_fwd_resident4_g1/_g2/_g4).
+template <int G>
+__device__ __forceinline__ void bn_fwd_resident4_body(
+    int N, int C, int HW, int S, int cap, float eps, const float* x, float* part, unsigned* count,
+    float* mean, float* invstd, float* var_unbiased, float momentum, const float* rm,
+    const float* rv, float* rm_out, float* rv_out, const float* gamma, const float* beta,
+    const float* res, int relu, float* y) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW, HW4 = HW / 4;
+    const BnChunk k = bn_chunk(M / 4, S, s);
+    float4* sh = (float4*)dyn_shared_f32();
+    const float4* x4 = (const float4*)x;
+    Moments r{0, 0.f, 0.f};
+    if (k.lo < k.hi) r = bn_range_moments4<G>(C, HW4, c, k.lo, k.hi, x4, BnStage4{sh, cap});
+    __shared__ float stat[2];
+    bn_fwd_meet(part, count, M, C, c, S, s, 4, r, eps, mean, invstd, var_unbiased, momentum, rm,
+                rv, rm_out, rv_out, stat);
+    if (k.lo >= k.hi) return;
+    bn_apply_walk4(bn_walk_rev(C, HW4, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
+                   BnFromKept4{x4, sh, k.lo, cap}, (const float4*)res, relu, (float4*)y);
+}
+#define BN_FWD_RESIDENT4_PARAMS                                                                   \
+    int N, int C, int HW, int S, int cap, float eps, const float *x, float *part,               \
+        unsigned *count, float *mean, float *invstd, float *var_unbiased, float momentum,        \
+        const float *rm, const float *rv, float *rm_out, float *rv_out, const float *gamma,      \
+        const float *beta, const float *res, int relu, float *y
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident4_g1(BN_FWD_RESIDENT4_PARAMS) {
+    bn_fwd_resident4_body<1>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                             momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+}
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident4_g2(BN_FWD_RESIDENT4_PARAMS) {
+    bn_fwd_resident4_body<2>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                             momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+}
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_resident4_g4(BN_FWD_RESIDENT4_PARAMS) {
+    bn_fwd_resident4_body<4>(N, C, HW, S, cap, eps, x, part, count, mean, invstd, var_unbiased,
+                             momentum, rm, rv, rm_out, rv_out, gamma, beta, res, relu, y);
+}
+
+
+// The gradient sums of channel c's units [lo, hi) by one block (every thread gets them), two
+// units per thread at a time, then one (the same bits either way).
+template <class Ld>
+__device__ __forceinline__ void bn_range_grad_sums4(int C, int HW4, int c, int lo, int hi,
+                                                    float mu, float is, float4* gm, const Ld& ld,
+                                                    float* sg_out, float* sgx_out) {
+    float sg[4] = {0.f, 0.f, 0.f, 0.f}, sgx[4] = {0.f, 0.f, 0.f, 0.f};
+    for (BnWalk w = bn_walk(C, HW4, c, lo, hi); bn_has(w, 0);) {
+        if (bn_has(w, 1))
+            bn_grad_group<2>(w, lo, mu, is, gm, ld, sg, sgx);
+        else
+            bn_grad_group<1>(w, lo, mu, is, gm, ld, sg, sgx);
+    }
+    *sg_out = block_sum((sg[0] + sg[1]) + (sg[2] + sg[3]));
+    *sgx_out = block_sum((sgx[0] + sgx[1]) + (sgx[2] + sgx[3]));
+}
+
+// bn_bwd_split in units.
+extern "C" __global__ void bn_bwd_split4(int N, int C, int HW, int S, const float* x,
+                                         const float* gy, const float* ry, const float* mean,
+                                         const float* invstd, float* part, unsigned* count,
+                                         float* ggamma, float* gbeta, float* gm) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M / 4, S, s);
+    float sg_s = 0.f, sgx_s = 0.f;
+    if (k.lo < k.hi)
+        bn_range_grad_sums4(C, HW / 4, c, k.lo, k.hi, mean[c], invstd[c], (float4*)gm,
+                            BnGradLoadT<float4>{(const float4*)x, (const float4*)gy, (const float4*)ry},
+                            &sg_s, &sgx_s);
+    if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
+    float sg, sgx;
+    bn_split_sums(part, c, S, &sg, &sgx);
+    count[c] = 0u;
+    gbeta[c] = sg;
+    ggamma[c] = sgx;
+}
+
+// bn_dx on each of a unit's four elements.
+__device__ __forceinline__ float4 bn_dx4(float4 g, float4 xv, float mu, float is, float gam,
+                                         float sg, float sgx, int M) {
+    return make_float4(bn_dx(g.x, xv.x, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.y, xv.y, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.z, xv.z, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.w, xv.w, mu, is, gam, sg, sgx, M));
+}
+
+// bn_dx_walk_from in units: two units per thread at a time (all four loads before the stores),
+// then one.
+template <class Walk, class Src>
+__device__ __forceinline__ void bn_dx_walk4(Walk w, int M, float mu, float is, float gam,
+                                            float sg, float sgx, const Src& src, float4* gx) {
+    while (walk_has(w, 0)) {
+        if (walk_has(w, 1)) {
+            const int j0 = w.p.j;
+            const size_t o0 = walk_step(w);
+            const int j1 = w.p.j;
+            const size_t o1 = walk_step(w);
+            const float4 g0 = src.g(o0, j0), x0 = src.xv(o0, j0);
+            const float4 g1 = src.g(o1, j1), x1 = src.xv(o1, j1);
+            gx[o0] = bn_dx4(g0, x0, mu, is, gam, sg, sgx, M);
+            gx[o1] = bn_dx4(g1, x1, mu, is, gam, sg, sgx, M);
+        } else {
+            const int j = w.p.j;
+            const size_t o = walk_step(w);
+            gx[o] = bn_dx4(src.g(o, j), src.xv(o, j), mu, is, gam, sg, sgx, M);
+        }
+    }
+}
+
+// bn_dx_chunks in units after bn_bwd_split4.
+extern "C" __global__ void bn_dx_chunks4(int N, int C, int HW, int S, const float* x,
+                                         const float* gy, const float* ry, const float* mean,
+                                         const float* invstd, const float* gamma,
+                                         const float* ggamma, const float* gbeta, float* gx) {
+    const int c = blockIdx.y, M = N * HW;
+    const BnChunk k = bn_chunk(M / 4, S, blockIdx.x);
+    bn_dx_walk4(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
+                ggamma[c], BnGradLoadT<float4>{(const float4*)x, (const float4*)gy, (const float4*)ry},
+                (float4*)gx);
+}
+
+// bn_bwd_resident in units: `cap` units of the masked gradient (shared[p]) and of x
+// (shared[cap + p]) kept per block.
+extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident4(
+    int N, int C, int HW, int S, int cap, const float* x, const float* gy, const float* ry,
+    const float* mean, const float* invstd, const float* gamma, float* part, unsigned* count,
+    float* ggamma, float* gbeta, float* gm, float* gx) {
+    const int s = blockIdx.x, c = blockIdx.y, M = N * HW, HW4 = HW / 4;
+    const BnChunk k = bn_chunk(M / 4, S, s);
+    float4* shg = (float4*)dyn_shared_f32();
+    float4* shx = shg + cap;
+    const float4 *x4 = (const float4*)x, *gy4 = (const float4*)gy, *ry4 = (const float4*)ry;
+    const float mu = mean[c], is = invstd[c];
+    float sg_s = 0.f, sgx_s = 0.f;
+    if (k.lo < k.hi)
+        bn_range_grad_sums4(C, HW4, c, k.lo, k.hi, mu, is, (float4*)gm,
+                            BnGradStageT<float4>{x4, gy4, ry4, shg, shx, cap}, &sg_s, &sgx_s);
+    __shared__ float sums[2];
+    bn_bwd_meet(part, count, C, c, S, s, sg_s, sgx_s, sums, ggamma, gbeta);
+    if (k.lo < k.hi)
+        bn_dx_walk4(bn_walk_rev(C, HW4, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
+                    BnDxFromKeptT<float4>{x4, gy4, ry4, shg, shx, k.lo, cap}, (float4*)gx);
 }

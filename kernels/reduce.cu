@@ -58,3 +58,42 @@ extern "C" __global__ void red_gap_fwd(int rows, int hw, const float* x, float* 
 extern "C" __global__ void red_gap_bwd(int n, int hw, const float* gy, float* gx) {
     GRID_LOOP(i, n) gx[i] = gy[i / hw] / (float)hw;
 }
+
+// Read-bandwidth probes (medssl-bench ops --op read_reference): x[0..n) read once, flat and in
+// order, one partial sum per block in out[blockIdx.x] (so that no load can be dropped), four
+// loads in flight per thread (EW4_LOOP: thread t of a grid of s threads reads t, t + s, t + 2s,
+// t + 3s). probe_read_f32 loads one float at a time, as the batch-norm statistics do;
+// probe_read_f32x4 one float4 (x seen as n/4 float4s: n a multiple of 4, x 16-byte aligned, which
+// the host checks). Between them: what the memory gives a read-only pass, and what 16-byte
+// accesses add to it.
+extern "C" __global__ void probe_read_f32(int n, const float* x, float* out) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    EW4_LOOP(i, st, n) {
+        const float a = x[i], b = x[i + st], c = x[i + 2 * st], d = x[i + 3 * st];
+        s[0] += a;
+        s[1] += b;
+        s[2] += c;
+        s[3] += d;
+    }
+    EW4_TAIL(i, st, n) s[0] += x[i];
+    const float t = block_sum((s[0] + s[1]) + (s[2] + s[3]));
+    if (threadIdx.x == 0) out[blockIdx.x] = t;
+}
+
+extern "C" __global__ void probe_read_f32x4(int n4, const float* x, float* out) {
+    const float4* x4 = (const float4*)x;
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    EW4_LOOP(i, st, n4) {
+        const float4 a = x4[i], b = x4[i + st], c = x4[i + 2 * st], d = x4[i + 3 * st];
+        s[0] += (a.x + a.y) + (a.z + a.w);
+        s[1] += (b.x + b.y) + (b.z + b.w);
+        s[2] += (c.x + c.y) + (c.z + c.w);
+        s[3] += (d.x + d.y) + (d.z + d.w);
+    }
+    EW4_TAIL(i, st, n4) {
+        const float4 a = x4[i];
+        s[0] += (a.x + a.y) + (a.z + a.w);
+    }
+    const float t = block_sum((s[0] + s[1]) + (s[2] + s[3]));
+    if (threadIdx.x == 0) out[blockIdx.x] = t;
+}

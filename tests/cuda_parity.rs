@@ -210,6 +210,42 @@ fn device_to_device_copy() {
     }
 }
 
+/// The read-bandwidth probes of `medssl-bench ops --op read_reference` read every element once:
+/// their per-block partial sums add up to the CPU's sum (one float per load, and one float4 per
+/// load where the length is a multiple of 4; odd lengths and lengths below one round of four
+/// loads per thread included); the float4 probe refuses a length it does not fit.
+#[test]
+fn read_probes_read_every_element() {
+    let Some(g) = gpu() else { return };
+    let cb = cu::CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(29);
+    for n in [1usize, 3, 4, 1000, 4099, 1 << 16, 300_004] {
+        let v = rng.vec(n, 1.0);
+        let want: f64 = v.iter().map(|&a| f64::from(a)).sum();
+        let abs: f64 = v.iter().map(|&a| f64::from(a.abs())).sum();
+        let x = g.from_host(&v, &[n]).unwrap();
+        for wide in [false, true] {
+            if wide && n % 4 != 0 {
+                let e = cb.read_probe(&x, true).unwrap_err().to_string();
+                assert!(e.contains("multiple of 4"), "{n}: {e}");
+                continue;
+            }
+            let got: f64 = cb
+                .read_probe(&x, wide)
+                .unwrap()
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|&a| f64::from(a))
+                .sum();
+            assert!(
+                (got - want).abs() <= 1e-5 * abs + 1e-6,
+                "{n} (float4 {wide}): {got} vs {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn caching_allocator_reuses_buffers() {
     let Some(g) = gpu() else { return };
@@ -782,6 +818,14 @@ impl BnCase {
         }
     }
 
+    /// [`BnCase::outputs`] and the y of the forward's other two epilogues (none, ReLU).
+    fn all_outputs(&self, b: &dyn Backend) -> ([Tensor; 16], [Tensor; 2]) {
+        let [x, gamma, beta, rm, rv, ..] = &self.t;
+        let ys =
+            [BnAct::None, BnAct::Relu].map(|act| bn_running(b, x, gamma, beta, rm, rv, act).0.y);
+        (self.outputs(b), ys)
+    }
+
     /// Every output, in order: y, mean, invstd, var_unbiased, new running mean and variance
     /// (forward with the running update and the add-ReLU epilogue); gx, gγ, gβ and the masked
     /// gradient of the backward through the ReLU; gx, gγ, gβ of the plain train-mode backward;
@@ -1082,6 +1126,52 @@ fn launches_of(name: &str) -> u64 {
         .map_or(0, |(_, n)| *n)
 }
 
+/// The batch-norm switches a test sets on its thread around some calls (see [`with_bn`]).
+#[derive(Clone, Copy)]
+struct BnSet {
+    /// Resident forward, resident backward.
+    resident: (bool, bool),
+    /// Blocks per channel of the split kernels.
+    split: usize,
+    /// Elements a resident block keeps at most (`None`: as much as fits).
+    keep: Option<usize>,
+    /// The float4 kernels on or off (`None`: left as set).
+    vec: Option<bool>,
+    /// Loads in flight per thread (`None`: left as set).
+    inflight: Option<usize>,
+}
+
+/// `f` with `set`, one-pass statistics and no one-launch batch norms on the calling thread, each
+/// switch back as it was afterwards.
+fn with_bn<T>(set: BnSet, f: impl FnOnce() -> T) -> T {
+    let old = (
+        (
+            cu::set_bn_resident(Some(set.resident.0)),
+            cu::set_bn_resident_bwd(Some(set.resident.1)),
+        ),
+        cu::set_bn_split(Some(set.split)),
+        cu::set_bn_welford(Some(true)),
+        cu::set_bn_fused_max_m(0),
+        cu::set_bn_resident_keep(set.keep),
+        set.vec.map(|v| cu::set_bn_vec(Some(v))),
+        set.inflight.map(|n| cu::set_bn_inflight(Some(n))),
+    );
+    let out = f();
+    cu::set_bn_resident(old.0 .0);
+    cu::set_bn_resident_bwd(old.0 .1);
+    cu::set_bn_split(old.1);
+    cu::set_bn_welford(old.2);
+    cu::set_bn_fused_max_m(old.3);
+    cu::set_bn_resident_keep(old.4);
+    if let Some(v) = old.5 {
+        cu::set_bn_vec(v);
+    }
+    if let Some(n) = old.6 {
+        cu::set_bn_inflight(n);
+    }
+    out
+}
+
 /// The one-launch resident batch-norm kernels (`MEDSSL_CUDA_BN_FWD=resident` /
 /// `MEDSSL_CUDA_BN_BWD=resident`, set per thread here; `bn_fwd_resident`, `bn_bwd_resident`:
 /// cooperative launches whose blocks wait for the other blocks of their channel): on odd shapes,
@@ -1099,29 +1189,15 @@ fn batch_norm_resident_kernels() {
     type Out = ([Vec<f32>; 16], [Vec<f32>; 2]);
     // Every output, with the forward (fwd) or backward (bwd) resident, `split` blocks per
     // channel for the two-launch kernels.
-    let outputs = |case: &BnCase, (fwd, bwd): (bool, bool), split: usize, keep: Option<usize>| {
-        let old = (
-            (
-                cu::set_bn_resident(Some(fwd)),
-                cu::set_bn_resident_bwd(Some(bwd)),
-            ),
-            cu::set_bn_split(Some(split)),
-            cu::set_bn_welford(Some(true)),
-            cu::set_bn_fused_max_m(0),
-            cu::set_bn_resident_keep(keep),
-        );
-        let out = case.outputs(g);
-        // The forward's other epilogues (y only).
-        let [x, gamma, beta, rm, rv, ..] = &case.t;
-        let ys =
-            [BnAct::None, BnAct::Relu].map(|act| bn_running(g, x, gamma, beta, rm, rv, act).0.y);
-        cu::set_bn_resident(old.0 .0);
-        cu::set_bn_resident_bwd(old.0 .1);
-        cu::set_bn_split(old.1);
-        cu::set_bn_welford(old.2);
-        cu::set_bn_fused_max_m(old.3);
-        cu::set_bn_resident_keep(old.4);
-        (out, ys)
+    let outputs = |case: &BnCase, resident: (bool, bool), split: usize, keep: Option<usize>| {
+        let set = BnSet {
+            resident,
+            split,
+            keep,
+            vec: None,
+            inflight: None,
+        };
+        with_bn(set, || case.all_outputs(g))
     };
     let bits = |(o, ys): ([Tensor; 16], [Tensor; 2])| -> Out {
         (
@@ -1225,6 +1301,189 @@ fn batch_norm_resident_kernels() {
         ran.iter().all(|&n| n >= 7),
         "the resident kernels ran on only {ran:?} shapes"
     );
+}
+
+/// `MEDSSL_CUDA_BN_VEC=on` (set per thread here): the float4 batch-norm kernels (16-byte loads
+/// and stores where a plane's H·W is a multiple of 4): the split path (`bn_stats_split4_*`,
+/// `bn_apply_chunks4`, `bn_bwd_split4`, `bn_dx_chunks4`) and the resident one
+/// (`bn_fwd_resident4_*`, `bn_bwd_resident4`) on shapes from one float4 per channel to chunks
+/// of many groups with a remainder, batch 1, and more channels than the emulated device holds
+/// resident at once. Every output against the CPU reference at the batch-norm tolerances; the
+/// resident kernels bit for bit the split ones with as many blocks per channel, keeping all,
+/// part or none of each chunk; 4, 8 and 16 elements in flight per thread the same bits; counted
+/// launches show which kernels ran, and a plane whose H·W is not a multiple of 4 runs the
+/// one-element kernels with their bits.
+#[test]
+fn batch_norm_float4_kernels() {
+    let Some(g) = gpu() else { return };
+    let be = CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(43);
+    type Out = ([Vec<f32>; 16], [Vec<f32>; 2]);
+    // Every output with the float4 kernels on or off, the forward and backward resident or not,
+    // `split` blocks per channel for the split kernels, `keep` elements kept per block and
+    // `inflight` elements in flight per thread (0: each kernel's own).
+    let outputs = |case: &BnCase,
+                   vec: bool,
+                   resident: (bool, bool),
+                   split: usize,
+                   keep: Option<usize>,
+                   inflight: usize|
+     -> Out {
+        let set = BnSet {
+            resident,
+            split,
+            keep,
+            vec: Some(vec),
+            inflight: Some(inflight),
+        };
+        let (out, ys) = with_bn(set, || case.all_outputs(g));
+        (
+            out.map(|t| t.to_vec().unwrap()),
+            ys.map(|t| t.to_vec().unwrap()),
+        )
+    };
+    // Launches of each named kernel during `f`.
+    let counted = |names: &[&str], f: &mut dyn FnMut() -> Out| -> (Out, Vec<u64>) {
+        let before: Vec<u64> = names.iter().map(|k| launches_of(k)).collect();
+        let out = f();
+        let after = names.iter().map(|k| launches_of(k));
+        (out, after.zip(before).map(|(a, b)| a - b).collect())
+    };
+    // The blocks per channel a split path of `m` elements (`m4` units) runs for a setting of `s`.
+    let norm = |m: usize, s: usize| m.div_ceil(m.div_ceil(s.clamp(1, m)));
+    let split_names = [
+        "bn_stats_split4_g1",
+        "bn_apply_chunks4",
+        "bn_bwd_split4",
+        "bn_dx_chunks4",
+    ];
+    let (mut same_split, mut resident_ran) = (0, [0; 2]);
+    for shape in [
+        [2, 3, 4, 6],
+        [1, 4, 2, 2],
+        [3, 5, 8, 12],
+        [9, 7, 20, 20],
+        [1, 2, 64, 80],
+        [4, 16, 12, 12],
+        // 12-13 units per thread: a group of four, one of two, then single ones.
+        [2, 2, 160, 160],
+        [2, 300, 2, 2],
+    ] {
+        let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
+        let m4 = m / 4;
+        let cpu_case = BnCase::random(&mut rng, &shape);
+        let case = cpu_case.on(g);
+        let want = cpu_case.outputs(cpu());
+        let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
+        let want_ys = [BnAct::None, BnAct::Relu]
+            .map(|act| bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y);
+        let check = |what: &str, (got, ys): &Out| {
+            let tol = bn_tolerances(m as f32);
+            for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
+                let gt = g.from_host(gt, ct.shape()).unwrap();
+                close(&format!("{what} {shape:?} {name}"), &gt, ct, rel, abs);
+            }
+            for (y, want) in ys.iter().zip(&want_ys) {
+                let y = g.from_host(y, want.shape()).unwrap();
+                close(&format!("{what} {shape:?} y"), &y, want, 1e-4, 1e-4);
+            }
+        };
+        // The split path, three blocks per channel: each float4 kernel per output set (the
+        // forward thrice, the train-mode backward twice plus the eval-mode one).
+        let (split, n) = counted(&split_names, &mut || {
+            outputs(&case, true, (false, false), 3, None, 0)
+        });
+        assert_eq!(n, [3, 3, 3, 2], "{shape:?}: float4 split launches");
+        check("float4 split", &split);
+        // 8 and 16 elements in flight: their kernels, the same bits.
+        for (inflight, name) in [(8, "bn_stats_split4_g2"), (16, "bn_stats_split4_g4")] {
+            let (out, n) = counted(&[name], &mut || {
+                outputs(&case, true, (false, false), 3, None, inflight)
+            });
+            assert_eq!(n, [3], "{shape:?}: {name} launches");
+            assert!(out == split, "{shape:?}: {name} differs");
+        }
+        // The resident kernels, bit for bit the split ones with as many blocks per channel.
+        for (kind, names, on, per_set, r) in [
+            (
+                cu::Resident::Fwd4V2,
+                [
+                    "bn_fwd_resident4_g2",
+                    "bn_fwd_resident4_g1",
+                    "bn_fwd_resident4_g4",
+                ],
+                (true, false),
+                3,
+                0,
+            ),
+            (
+                cu::Resident::Bwd4V,
+                ["bn_bwd_resident4"; 3],
+                (false, true),
+                2,
+                1,
+            ),
+        ] {
+            let plan = be.bn_resident_split(kind, c, m4);
+            let s = plan.unwrap_or(1);
+            let (got, n) = counted(&names[..1], &mut || outputs(&case, true, on, s, None, 0));
+            match plan {
+                Some(_) => assert_eq!(n, [per_set], "{shape:?}: {} launches", names[0]),
+                None => assert_eq!(n, [0], "{shape:?}: {c} channels cannot be resident"),
+            }
+            resident_ran[r] += usize::from(plan.is_some());
+            check(names[0], &got);
+            // (One block per channel takes bn_stats / bn_bwd_reduce, which have no float4 form.)
+            if norm(m, s) > 1 && norm(m4, norm(m, s)) == s {
+                same_split += 1;
+                assert!(
+                    got == outputs(&case, true, (false, false), s, None, 0),
+                    "{shape:?}: {} and the float4 split kernels differ ({s} blocks)",
+                    names[0]
+                );
+            }
+            for keep in [Some(0), Some(37), None] {
+                assert!(
+                    got == outputs(&case, true, on, s, keep, 0),
+                    "{shape:?}: {} keeping {keep:?} elements differs",
+                    names[0]
+                );
+            }
+            if plan.is_some() && kind == cu::Resident::Fwd4V2 {
+                for (inflight, name) in [(4, names[1]), (16, names[2])] {
+                    let (out, n) = counted(&[name], &mut || {
+                        outputs(&case, true, on, s, Some(37), inflight)
+                    });
+                    assert_eq!(n, [per_set], "{shape:?}: {name} launches");
+                    assert!(out == got, "{shape:?}: {name} differs");
+                }
+            }
+        }
+    }
+    assert!(
+        resident_ran.iter().all(|&n| n >= 7) && same_split >= 10,
+        "resident float4 kernels ran on {resident_ran:?} shapes, {same_split} compared with split"
+    );
+    // Planes of H·W not a multiple of 4: the one-element kernels, their bits.
+    for shape in [[3, 5, 11, 13], [2, 3, 5, 7], [2, 4, 6, 3]] {
+        let case = BnCase::random(&mut rng, &shape).on(g);
+        let every: Vec<&str> = split_names
+            .iter()
+            .copied()
+            .chain(["bn_fwd_resident4_g2", "bn_bwd_resident4"])
+            .collect();
+        for on in [(false, false), (true, true)] {
+            let (got, n) = counted(&every, &mut || outputs(&case, true, on, 3, None, 0));
+            assert!(
+                n.iter().all(|&k| k == 0),
+                "{shape:?}: float4 launches {n:?}"
+            );
+            assert!(
+                got == outputs(&case, false, on, 3, None, 0),
+                "{shape:?}: MEDSSL_CUDA_BN_VEC=on changed the one-element kernels' bits"
+            );
+        }
+    }
 }
 
 /// `MEDSSL_CUDA_BN_INFLIGHT` and `MEDSSL_CUDA_BN_L2` (set per thread here): the split statistics
@@ -2468,7 +2727,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 18, "{r}");
+        assert_eq!(d.len(), 19, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2480,6 +2739,7 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_BN_BWD", "resident"),
         ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
         ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
+        ("MEDSSL_CUDA_BN_VEC", "on"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
     assert_eq!(r["cudnn_fwd_algo"], "IMPLICIT_PRECOMP_GEMM", "{r}");
@@ -2495,6 +2755,7 @@ fn device_profile_records_what_ran() {
         ("bn_apply", "flat", "chunks"),
         ("bn_fwd", "resident", "split"),
         ("bn_bwd", "resident", "split"),
+        ("bn_vec", "on", "off"),
         ("conv1x1", "cublas", "cublas"),
     ] {
         assert_eq!(

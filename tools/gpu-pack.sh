@@ -2,6 +2,7 @@
 # Builds everything the GPU node needs (it has no Rust toolchain) into .gpu/ (gitignored):
 #   .gpu/bin/medssl, .gpu/bin/medssl-bench     release binaries, --features cuda, debug info stripped
 #   .gpu/tests/<name>                           test executables (cuda_parity + any named in GPU_TESTS)
+#                                               (both gzipped, .gz: gpu-run.sh unpacks them first)
 #   .gpu/golden/                                ../shared/golden
 #   .gpu/data/pneumoniamnist, .gpu/data/ham10000 raw datasets (ham10000 only while under the size cap)
 #   .gpu/gpu-run.sh, .gpu/gpu-focus.sh (gpu-run.sh with only the measurements not yet made on a
@@ -14,8 +15,10 @@
 # Env: GPU_TESTS   extra integration-test target names to ship (space separated), e.g. "conformance"
 #      PACK_CAP_MB size cap of .gpu/ (default 60). Where .gpu/ travels with the checkout under a
 #                  limit on the whole (a remote runner that copies the working tree, 64 MiB),
-#                  subtract the tracked files (about 18 MB, mostly bench/results): 40 leaves
-#                  HAM10000 out (34 MB packed; the PneumoniaMNIST training runs still run)
+#                  subtract the tracked files (`git ls-files -z | xargs -0 du -cb | tail -1`:
+#                  30 MB on 2026-11-28, mostly bench/results): 33 leaves HAM10000 out (about
+#                  18 MB packed with the executables gzipped; the PneumoniaMNIST training runs
+#                  still run)
 #      CARGO_TARGET_DIR where the builds go (the binaries are copied from there)
 #      SHARED      path of the shared folder (default ../shared relative to the repo root)
 set -euo pipefail
@@ -78,6 +81,9 @@ while IFS=$'\t' read -r name exe; do
     copy_bin "$exe" "$DEST/tests/$name"
 done <"$DEST/.tests.txt"
 rm -f "$DEST/.tests.txt" "$TEST_JSON"
+
+# The executables travel gzipped (a third of their size; gpu-run.sh unpacks them in place first).
+gzip -6 -f "$DEST"/bin/* "$DEST"/tests/*
 
 echo "[pack] golden cases"
 cp -r "$SHARED/golden" "$DEST/golden"

@@ -71,6 +71,12 @@
 set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# gpu-pack.sh ships the executables gzipped (the pack travels under a size limit): unpacked in
+# place once, before anything looks for them.
+for gz in "$HERE"/bin/*.gz "$HERE"/tests/*.gz; do
+    [ -e "$gz" ] || continue
+    gzip -d -f "$gz" && chmod +x "${gz%.gz}" || echo "[gpu-run] cannot unpack $gz" >&2
+done
 TABLE="${TABLE:-0}"
 if [ "${1:-}" = --table ]; then
     TABLE=1

@@ -62,6 +62,7 @@ LABELS = {
     "bn_apply": str,
     "bn_fwd": lambda v: f"bn fwd {v}",
     "bn_bwd": lambda v: f"bn bwd {v}",
+    "bn_vec": lambda v: f"float4 bn {v}",
     "cpu_conv": lambda v: f"cpu conv {v}",
 }
 

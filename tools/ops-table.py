@@ -110,11 +110,12 @@ def main():
     if not lines:
         print("no op measured by both sides", file=sys.stderr)
         sys.exit(1)
-    # medssl's read-only / write-only references (`--op read_reference`), which the peer has no
-    # counterpart of: listed after the paired rows, beside the batch norms they stand for.
+    # medssl's read-only / write-only references and read probes (`--op read_reference`), which
+    # the peer has no counterpart of: listed after the paired rows, beside the batch norms they
+    # stand for.
     paired = {key(p) for p in peer}
     for k, m in ours.items():
-        if m.get("op") == "read_reference" and k not in paired:
+        if str(m.get("op", "")).startswith(("read_reference", "read_probe")) and k not in paired:
             var = "; ".join(variants.get(k, []))
             lines.append(f"| {m['op']} | {m['dir']} | `{m['shape']}` | {m['median_ms']:.4f} | "
                          f"{pct(m)} | – | – | (medssl only) | – | {var} |")

@@ -88,8 +88,15 @@ static inline unsigned atomicAdd(unsigned* p, unsigned v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
 
+// The 16-byte vector the float4 kernels load and store in one access (aligned as on the device).
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
 // A load that the device marks evict-first in its caches (the emulation has none).
 static inline float __ldcs(const float* p) { return *p; }
+static inline float4 __ldcs(const float4* p) { return *p; }
 
 namespace emu {
 // One round of a wait for other blocks (yields the OS thread); a block that has waited more than

@@ -182,7 +182,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 18] = [
+const SWITCH_KEYS: [&str; 19] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -201,6 +201,7 @@ const SWITCH_KEYS: [&str; 18] = [
     "bn_apply",
     "bn_fwd",
     "bn_bwd",
+    "bn_vec",
 ];
 
 /// The CUDA backend's switches as it reads them, and as they are by default.
@@ -233,7 +234,7 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    (inflight, l2_hint, fusion_projected, read_later): (usize, bool, bool, bool),
+    (inflight, l2_hint, fusion_projected, read_later, vec): (usize, bool, bool, bool, bool),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -258,6 +259,7 @@ fn switch_values(
         "bn_apply": pick(chunks, "chunks", "flat"),
         "bn_fwd": pick(resident, "resident", "split"),
         "bn_bwd": pick(resident_bwd, "resident", "split"),
+        "bn_vec": pick(vec, "on", "off"),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -289,6 +291,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::bn_l2_hint(),
                     cuda::fusion_projected(),
                     cuda::step_read_later(),
+                    cuda::bn_vec(),
                 ),
             ),
             defaults: switch_values(
@@ -307,6 +310,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.bn_l2_hint,
                     d.fusion_projected,
                     d.step_read_later,
+                    d.bn_vec,
                 ),
             ),
             sms: match dev {

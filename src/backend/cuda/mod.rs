@@ -31,9 +31,9 @@ pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use fusion::{fusion_projected, set_fusion_projected};
 pub use norm::{
     bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_l2_hint, bn_resident, bn_resident_bwd,
-    bn_split, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight, set_bn_l2_hint,
-    set_bn_resident, set_bn_resident_bwd, set_bn_resident_keep, set_bn_split, set_bn_welford,
-    Resident, BN_SPLIT_WAVE,
+    bn_split, bn_vec, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight,
+    set_bn_l2_hint, set_bn_resident, set_bn_resident_bwd, set_bn_resident_keep, set_bn_split,
+    set_bn_vec, set_bn_welford, Resident, BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;
@@ -309,12 +309,16 @@ fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
 /// Kernels whose blocks wait for one another, so that all of them must be resident at once:
 /// launched as cooperative kernels (the driver refuses a grid larger than one wave), and run
 /// with every block at once on the emulated device.
-const COOPERATIVE: [&str; 5] = [
+const COOPERATIVE: [&str; 9] = [
     "bn_fwd_resident",
     "bn_fwd_resident_g1",
     "bn_fwd_resident_g4",
     "bn_bwd_resident",
     "bn_bwd_resident_l2",
+    "bn_fwd_resident4_g1",
+    "bn_fwd_resident4_g2",
+    "bn_fwd_resident4_g4",
+    "bn_bwd_resident4",
 ];
 
 /// Whether kernel `name` is launched cooperatively (see [`COOPERATIVE`]).
@@ -400,7 +404,7 @@ pub struct CudaBackend {
     split_resident: [std::sync::OnceLock<usize>; 3],
     /// Launch limits of the resident batch-norm kernels, forward and backward (each read once,
     /// see [`CudaBackend::resident_limits`]).
-    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 5],
+    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 9],
     /// Bytes of L2 set aside for evict-last lines (`MEDSSL_CUDA_BN_L2=hint`, done once; see
     /// [`CudaBackend::l2_set_aside`]).
     l2_aside: std::sync::OnceLock<usize>,
@@ -783,6 +787,14 @@ impl CudaBackend {
     /// Counts one work item (see [`CudaBackend::launch_counts`]).
     pub(crate) fn count(&self, what: &'static str) {
         *lock(&self.counts).entry(what).or_insert(0) += 1;
+    }
+
+    /// Reads `t` once with a read-bandwidth probe (four loads in flight per thread, of one
+    /// float each, or with `wide` of one float4 each: `t`'s length a multiple of 4) and returns
+    /// the probe's per-block partial sums: `medssl-bench ops --op read_reference` times it beside
+    /// the batch norms' read-only statistics pass. An error where `wide` does not fit `t`.
+    pub fn read_probe(&self, t: &Tensor, wide: bool) -> Result<Tensor> {
+        reduce::read_probe(self, t, wide)
     }
 
     /// A copy of `t` made by the driver's device-to-device copy (`cuMemcpyDtoDAsync`), stream

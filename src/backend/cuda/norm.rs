@@ -125,6 +125,15 @@ pub enum Resident {
     /// `bn_bwd_resident_l2`: [`Resident::Bwd`] with L2 eviction priorities
     /// (`MEDSSL_CUDA_BN_L2=hint`, see [`bn_l2_hint`]).
     BwdL2,
+    /// `bn_fwd_resident4_g1`: the float4 resident forward ([`bn_vec`], `MEDSSL_CUDA_BN_VEC=on`),
+    /// one float4 per thread at a time (`MEDSSL_CUDA_BN_INFLIGHT=4`).
+    Fwd4V1,
+    /// `bn_fwd_resident4_g2`: two float4s at a time (eight elements: its own, as `Fwd`'s).
+    Fwd4V2,
+    /// `bn_fwd_resident4_g4`: four float4s at a time (`MEDSSL_CUDA_BN_INFLIGHT=16`).
+    Fwd4V4,
+    /// `bn_bwd_resident4`: the float4 resident backward.
+    Bwd4V,
 }
 
 impl Resident {
@@ -137,11 +146,29 @@ impl Resident {
         }
     }
 
+    /// The float4 resident forward that loads `g` float4s per thread at a time.
+    fn fwd4(g: usize) -> Resident {
+        match g {
+            1 => Resident::Fwd4V1,
+            4 => Resident::Fwd4V4,
+            _ => Resident::Fwd4V2,
+        }
+    }
+
     /// The resident backward, with L2 eviction priorities or without.
     fn bwd(l2: bool) -> Resident {
         match l2 {
             true => Resident::BwdL2,
             false => Resident::Bwd,
+        }
+    }
+
+    /// Elements per access: 4 for the float4 kernels, whose chunks, kept elements and
+    /// [`CudaBackend::bn_resident_split`] / `resident_launch` counts are in float4 units.
+    pub fn unit(self) -> usize {
+        match self {
+            Resident::Fwd4V1 | Resident::Fwd4V2 | Resident::Fwd4V4 | Resident::Bwd4V => 4,
+            _ => 1,
         }
     }
 
@@ -152,13 +179,19 @@ impl Resident {
             Resident::Fwd4 => "bn_fwd_resident_g1",
             Resident::Fwd16 => "bn_fwd_resident_g4",
             Resident::BwdL2 => "bn_bwd_resident_l2",
+            Resident::Fwd4V1 => "bn_fwd_resident4_g1",
+            Resident::Fwd4V2 => "bn_fwd_resident4_g2",
+            Resident::Fwd4V4 => "bn_fwd_resident4_g4",
+            Resident::Bwd4V => "bn_bwd_resident4",
         }
     }
 
     /// The switch that asks for it, and what runs otherwise (for messages).
     fn switch(self) -> (&'static str, &'static str) {
         match self {
-            Resident::Bwd | Resident::BwdL2 => ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards"),
+            Resident::Bwd | Resident::BwdL2 | Resident::Bwd4V => {
+                ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards")
+            }
             _ => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
         }
     }
@@ -166,7 +199,7 @@ impl Resident {
     /// Tensors whose elements a block keeps (each gets the same number of elements).
     fn arrays(self) -> usize {
         match self {
-            Resident::Bwd | Resident::BwdL2 => 2,
+            Resident::Bwd | Resident::BwdL2 | Resident::Bwd4V => 2,
             _ => 1,
         }
     }
@@ -274,9 +307,10 @@ impl CudaBackend {
         })
     }
 
-    /// Blocks per channel of the resident kernel `kind` for `c` channels of `m` elements (the most
-    /// that fit in one wave, and no chunk empty), or `None` where it cannot run: more channels
-    /// than the device holds blocks, or where the device cannot launch it cooperatively.
+    /// Blocks per channel of the resident kernel `kind` for `c` channels of `m` elements (of `m`
+    /// float4 units for the float4 kinds, see [`Resident::unit`]; the most blocks that fit in one
+    /// wave, and no chunk empty), or `None` where it cannot run: more channels than the device
+    /// holds blocks, or where the device cannot launch it cooperatively.
     pub fn bn_resident_split(&self, kind: Resident, c: usize, m: usize) -> Option<usize> {
         let lim = self.resident_limits(kind)?;
         if c == 0 || m == 0 || c > lim.blocks || c > 65535 {
@@ -289,7 +323,8 @@ impl CudaBackend {
     /// The launch of resident kernel `kind` for `c` channels of `m` elements in `s` blocks per
     /// channel: the elements of each kept tensor a block keeps (at most the device's limit, the
     /// chunk's length and [`set_bn_resident_keep`]'s setting) and the grid, with the shared
-    /// memory they take.
+    /// memory they take. For the float4 kinds `m` and the count returned are in float4 units
+    /// (the device's limit and the setting, in elements, rounded down to whole units).
     fn resident_launch(
         &self,
         kind: Resident,
@@ -297,12 +332,11 @@ impl CudaBackend {
         m: usize,
         s: usize,
     ) -> (usize, LaunchConfig) {
-        let keep = self
-            .resident_limits(kind)
-            .map_or(0, |l| l.keep)
+        let unit = kind.unit();
+        let keep = (self.resident_limits(kind).map_or(0, |l| l.keep) / unit)
             .min(m.div_ceil(s))
-            .min(here(&KEEP_HERE, || usize::MAX));
-        let bytes = 4 * kind.arrays() * keep;
+            .min(here(&KEEP_HERE, || usize::MAX) / unit);
+        let bytes = 4 * unit * kind.arrays() * keep;
         let cfg = LaunchConfig {
             shared_mem_bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
             ..cfg_split(s, c)
@@ -389,6 +423,8 @@ thread_local! {
     static RESIDENT_BWD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_resident_keep`]'s setting.
     static KEEP_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_vec`]'s setting.
+    static VEC_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// The calling thread's setting of `key`, else `env()`.
@@ -537,6 +573,47 @@ pub fn set_bn_resident_keep(n: Option<usize>) -> Option<usize> {
     KEEP_HERE.with(|s| s.replace(n))
 }
 
+/// Whether the train-mode batch norms above one launch per channel (the split reductions and
+/// their elementwise passes, the resident kernels) run their float4 kernels, which load and store
+/// four consecutive elements of a plane at a time (see kernels/norm.cu): [`set_bn_vec`]'s
+/// setting, else `MEDSSL_CUDA_BN_VEC`. They apply where a plane's H·W is a multiple of 4 and
+/// every tensor involved is 16-byte aligned, with one-pass statistics and without L2 eviction
+/// priorities ([`bn_l2_hint`]); elsewhere the one-element kernels run. The float4 kernels group
+/// the same values differently in their sums, so their bits differ from the one-element
+/// kernels' (within the batch-norm tolerances of the CPU reference), not between their own split
+/// and resident paths.
+pub fn bn_vec() -> bool {
+    here(&VEC_HERE, || super::switches::current().bn_vec)
+}
+
+/// Sets [`bn_vec`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_VEC`); returns the previous setting.
+pub fn set_bn_vec(on: Option<bool>) -> Option<bool> {
+    VEC_HERE.with(|s| s.replace(on))
+}
+
+/// Whether a batch norm over planes of `hw` elements whose tensors are at the device addresses
+/// `ptrs` (0: absent) runs its float4 kernels, given that [`bn_vec`] asks for them.
+fn vec_fits(hw: usize, ptrs: &[u64]) -> bool {
+    hw > 0 && hw.is_multiple_of(4) && ptrs.iter().all(|&p| p.is_multiple_of(16))
+}
+
+/// `split` blocks per channel of `m4` float4 units, reduced so that no chunk is empty (as
+/// [`split_count`] does for elements).
+fn split_units(split: usize, m4: usize) -> usize {
+    let s = split.clamp(1, m4.max(1));
+    m4.max(1).div_ceil(m4.max(1).div_ceil(s))
+}
+
+/// The float4 split statistics kernel loading `g` float4s per thread at a time (1, 2 or 4).
+fn stats_kernel4(g: usize) -> &'static str {
+    match g {
+        4 => "bn_stats_split4_g4",
+        2 => "bn_stats_split4_g2",
+        _ => "bn_stats_split4_g1",
+    }
+}
+
 /// The grid of the reduction of `c` channels with `split` blocks each, when the elementwise pass
 /// after it runs on that grid ([`bn_apply_chunks`]; the grid has at most 65535 rows).
 fn chunk_grid(c: usize, split: usize) -> Option<LaunchConfig> {
@@ -677,15 +754,26 @@ fn train_fwd(
     };
     let split = split_on_with(be, c, n * hw, groups(false));
     let m = n * hw;
-    let kind = Resident::fwd(groups(true));
+    // The float4 kernels (see bn_vec): one-pass statistics, no L2 hints, whole float4s.
+    let res_p = match act {
+        BnAct::AddRelu(r) => be.p(r)?,
+        _ => 0,
+    };
+    let vec = welford != 0 && l2 == 0 && bn_vec() && vec_fits(hw, &[be.p(x)?, be.p(&y)?, res_p]);
+    // Elements, or float4 units, per channel.
+    let mu = if vec { m / 4 } else { m };
+    let kind = match vec {
+        true => Resident::fwd4(groups(true)),
+        false => Resident::fwd(groups(true)),
+    };
     let resident = match welford != 0 && bn_resident() && !one_launch(split, m) {
-        true => be.bn_resident_split(kind, c, m),
+        true => be.bn_resident_split(kind, c, mu),
         false => None,
     };
     if c == 0 {
         // Nothing to normalise.
     } else if let Some(s) = resident {
-        let (keep, cfg) = be.resident_launch(kind, c, m, s);
+        let (keep, cfg) = be.resident_launch(kind, c, mu, s);
         let part = be.buffer(c * s * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -708,10 +796,18 @@ fn train_fwd(
             epilogue[0],
             epilogue[1],
             A::P(be.p(&y)?),
-            A::I(l2),
         ]);
+        if !vec {
+            args.push(A::I(l2));
+        }
         be.launch(kind.kernel(), cfg, &args)?;
     } else if split > 1 {
+        // The float4 statistics (chunks cut in units) take no `welford` and `l2` arguments: one
+        // pass, no hints.
+        let (split, name) = match vec {
+            true => (split_units(split, mu), stats_kernel4(groups(false))),
+            false => (split, stats_kernel(groups(false)).1),
+        };
         let part = be.buffer(c * split * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -719,19 +815,26 @@ fn train_fwd(
             A::I(ci(hw)?),
             A::I(ci(split)?),
             A::F(eps),
-            A::I(welford),
+        ];
+        if !vec {
+            args.push(A::I(welford));
+        }
+        args.extend([
             A::P(be.p(x)?),
             A::P(part.ptr()),
             A::P(be.counters(c)?),
             A::P(be.p(&mean)?),
             A::P(be.p(&invstd)?),
             A::P(be.p(&var)?),
-        ];
+        ]);
         args.extend(upd);
-        args.push(A::I(l2));
-        be.launch(stats_kernel(groups(false)).1, cfg_split(split, c), &args)?;
+        if !vec {
+            args.push(A::I(l2));
+        }
+        be.launch(name, cfg_split(split, c), &args)?;
         let stats = (&mean, &invstd, gamma, beta);
-        apply(be, x, stats, epilogue, &y, (n, c, hw, split, welford, l2))?;
+        let shape = (n, c, hw, split, welford, l2);
+        apply(be, x, stats, epilogue, &y, shape, vec)?;
     } else {
         let mut args = vec![
             A::I(ci(n)?),
@@ -757,7 +860,7 @@ fn train_fwd(
         } else {
             be.launch("bn_stats", cfg_blocks(c, RED_THREADS), &args)?;
             let stats = (&mean, &invstd, gamma, beta);
-            apply(be, x, stats, epilogue, &y, (n, c, hw, 1, welford, 0))?;
+            apply(be, x, stats, epilogue, &y, (n, c, hw, 1, welford, 0), false)?;
         }
     }
     Ok(BnTrainOut {
@@ -770,7 +873,8 @@ fn train_fwd(
 
 /// `y = γ (x − mean)·invstd + β` and the epilogue after a separate statistics launch of `split`
 /// blocks per channel (`welford`: one-pass statistics): `bn_apply_chunks` on that launch's grid
-/// (see [`bn_apply_chunks`]), else `bn_apply` over the flat tensor.
+/// (see [`bn_apply_chunks`]; `bn_apply_chunks4` after the float4 statistics, `vec`, whose
+/// chunks are cut in float4 units), else `bn_apply` over the flat tensor.
 fn apply(
     be: &CudaBackend,
     x: &Tensor,
@@ -778,6 +882,7 @@ fn apply(
     epilogue: [A; 2],
     y: &Tensor,
     (n, c, hw, split, welford, l2): (usize, usize, usize, usize, i32, i32),
+    vec: bool,
 ) -> Result<()> {
     let total = x.numel();
     if total == 0 {
@@ -794,6 +899,11 @@ fn apply(
         A::P(be.p(y)?),
     ];
     let (name, cfg, mut args) = match chunk_grid(c, split) {
+        Some(cfg) if vec => (
+            "bn_apply_chunks4",
+            cfg,
+            vec![A::I(ci(n)?), A::I(ci(c)?), A::I(ci(hw)?), A::I(ci(split)?)],
+        ),
         Some(cfg) => (
             "bn_apply_chunks",
             cfg,
@@ -838,6 +948,8 @@ fn act_args(be: &CudaBackend, x: &Tensor, act: BnAct<'_>) -> Result<[A; 2]> {
 /// unsplit and small enough (see [`FUSED_MAX_M`]) go to `bn_bwd_fused`, which also writes the
 /// train-mode input gradient into `gx` in the same launch. The third value is `None` when it
 /// did, else the blocks per channel of the reduction launched (the grid of `bn_dx_chunks`).
+/// With `vec` (see [`bn_vec`]; the caller checked the shape and alignment) the split reduction
+/// is `bn_bwd_split4`, whose chunks are cut in float4 units.
 #[allow(clippy::too_many_arguments)]
 fn bwd_reduce(
     be: &CudaBackend,
@@ -848,6 +960,7 @@ fn bwd_reduce(
     invstd: u64,
     gm: u64,
     fuse: Option<(u64, u64)>,
+    vec: bool,
 ) -> Result<(Tensor, Tensor, Option<usize>)> {
     let (n, c, h, w) = nchw(x, "batch_norm2d backward")?;
     let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
@@ -857,13 +970,17 @@ fn bwd_reduce(
     let split = split_on(be, c, n * h * w);
     let fused = fuse.filter(|_| one_launch(split, n * h * w));
     if split > 1 {
-        // L2 eviction priorities (see bn_l2_hint): the sums load their inputs evict-last.
-        let l2 = i32::from(bn_l2_hint());
-        if l2 != 0 {
+        // The float4 kernel's chunks are cut in units; the one-element kernel takes L2 eviction
+        // priorities (see bn_l2_hint: the sums load their inputs evict-last).
+        let (split, name, l2) = match vec {
+            true => (split_units(split, n * h * w / 4), "bn_bwd_split4", None),
+            false => (split, "bn_bwd_split", Some(i32::from(bn_l2_hint()))),
+        };
+        if l2 == Some(1) {
             be.l2_set_aside();
         }
         let part = be.buffer(c * split * 2)?;
-        let args = [
+        let mut args = vec![
             A::I(ci(n)?),
             A::I(ci(c)?),
             A::I(ci(h * w)?),
@@ -878,9 +995,9 @@ fn bwd_reduce(
             A::P(be.p(&gg)?),
             A::P(be.p(&gb)?),
             A::P(gm),
-            A::I(l2),
         ];
-        be.launch("bn_bwd_split", cfg_split(split, c), &args)?;
+        args.extend(l2.map(A::I));
+        be.launch(name, cfg_split(split, c), &args)?;
         return Ok((gg, gb, Some(split)));
     }
     let mut args = vec![
@@ -943,9 +1060,16 @@ pub(super) fn batch_norm_train_bwd(
     let m = n * h * w;
     // L2 eviction priorities in the passes above one launch per channel (see bn_l2_hint).
     let l2 = bn_l2_hint();
-    let kind = Resident::bwd(l2);
+    // The float4 kernels (see bn_vec), without L2 hints.
+    let vec = !l2 && bn_vec() && vec_fits(h * w, &[be.p(x)?, be.p(gy)?, ry, gm_p, be.p(&gx)?]);
+    // Elements, or float4 units, per channel.
+    let mu = if vec { m / 4 } else { m };
+    let kind = match vec {
+        true => Resident::Bwd4V,
+        false => Resident::bwd(l2),
+    };
     let resident = match c > 0 && bn_resident_bwd() {
-        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(kind, c, m),
+        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(kind, c, mu),
         _ => None,
     };
     if let Some(s) = resident {
@@ -953,7 +1077,7 @@ pub(super) fn batch_norm_train_bwd(
             be.l2_set_aside();
         }
         let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
-        let (keep, cfg) = be.resident_launch(kind, c, m, s);
+        let (keep, cfg) = be.resident_launch(kind, c, mu, s);
         let part = be.buffer(c * s * 2)?;
         let args = [
             A::I(ci(n)?),
@@ -978,7 +1102,7 @@ pub(super) fn batch_norm_train_bwd(
         return Ok((gx, gg, gb, gm));
     }
     let fuse = Some((be.p(gamma)?, be.p(&gx)?));
-    let (gg, gb, split) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse)?;
+    let (gg, gb, split) = bwd_reduce(be, x, gy, ry, mean_p, invstd_p, gm_p, fuse, vec)?;
     let Some(split) = split else {
         // bn_bwd_fused wrote gx.
         return Ok((gx, gg, gb, gm));
@@ -996,7 +1120,9 @@ pub(super) fn batch_norm_train_bwd(
     // tensor.
     let (name, cfg, mut args) = match chunk_grid(c, split) {
         Some(cfg) => (
-            if l2 {
+            if vec {
+                "bn_dx_chunks4"
+            } else if l2 {
                 "bn_dx_chunks_l2"
             } else {
                 "bn_dx_chunks"
@@ -1097,7 +1223,8 @@ pub(super) fn batch_norm_eval_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
-    let (gg, gb, _) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None)?;
+    let vec = !bn_l2_hint() && bn_vec() && vec_fits(h * w, &[be.p(x)?, be.p(gy)?]);
+    let (gg, gb, _) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None, vec)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
     if total > 0 {

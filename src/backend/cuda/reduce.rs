@@ -130,3 +130,31 @@ pub(super) fn global_avg_pool_bwd(
     }
     Ok(gx)
 }
+
+/// The read-bandwidth probes (`probe_read_f32`, `probe_read_f32x4` in kernels/reduce.cu): `x`
+/// read once, four loads in flight per thread, of one float each or (`wide`) of one float4 each;
+/// returns the per-block partial sums (their total is the sum of `x`). `wide` needs a length that
+/// is a multiple of 4 and a 16-byte aligned tensor.
+pub(super) fn read_probe(be: &CudaBackend, x: &Tensor, wide: bool) -> Result<Tensor> {
+    let n = x.numel();
+    let p = be.p(x)?;
+    if wide && (!n.is_multiple_of(4) || !p.is_multiple_of(16)) {
+        return Err(crate::error::Error::msg(format!(
+            "read probe: the float4 probe needs a length that is a multiple of 4 and a 16-byte \
+             aligned tensor ({n} elements at {p:#x})"
+        )));
+    }
+    let units = if wide { n / 4 } else { n };
+    let cfg = super::cfg_lin4(units);
+    // Every block writes its partial sum.
+    let out = be.empty(&[cfg.grid_dim.0 as usize])?;
+    if units > 0 {
+        let name = if wide {
+            "probe_read_f32x4"
+        } else {
+            "probe_read_f32"
+        };
+        be.launch(name, cfg, &[A::I(ci(units)?), A::P(p), A::P(be.p(&out)?)])?;
+    }
+    Ok(out)
+}

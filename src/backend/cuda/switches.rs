@@ -22,6 +22,7 @@
 //! | `MEDSSL_CUDA_BN_APPLY` | `chunks` (the elementwise pass after a separate reduction on the reduction's grid), `flat` (over the flat tensor) | `chunks` |
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
+//! | `MEDSSL_CUDA_BN_VEC` | `off`, `on`: the train-mode batch norms above one launch per channel access four elements at a time (16-byte loads and stores) where a plane's H·W is a multiple of 4 and the tensors are 16-byte aligned (not under `MEDSSL_CUDA_BN_L2=hint`, nor with two-pass statistics; see `bn_vec`) | `off` |
 //!
 //! An empty value counts as unset.
 
@@ -132,6 +133,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_BWD=resident`: the two-launch batch-norm backward runs as one cooperative
     /// launch that reads its inputs once (`split`, the default: two launches).
     pub bn_resident_bwd: bool,
+    /// `MEDSSL_CUDA_BN_VEC=on`: the split and resident train-mode batch norms run their float4
+    /// kernels where the shape and alignment allow (`off`, the default: one element per access).
+    pub bn_vec: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -252,6 +256,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_apply_chunks: choice("MEDSSL_CUDA_BN_APPLY", ["chunks", "flat"])?,
         bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
         bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
+        bn_vec: !choice("MEDSSL_CUDA_BN_VEC", ["off", "on"])?,
     })
 }
 
@@ -309,6 +314,7 @@ mod tests {
         assert!(!d.bn_l2_hint);
         assert!(d.bn_apply_chunks);
         assert!(!d.bn_resident && !d.bn_resident_bwd);
+        assert!(!d.bn_vec);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -329,6 +335,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_APPLY", "flat"),
             ("MEDSSL_CUDA_BN_FWD", "resident"),
             ("MEDSSL_CUDA_BN_BWD", "resident"),
+            ("MEDSSL_CUDA_BN_VEC", "on"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
                 "MEDSSL_CUDNN_BWD_DATA_ALGO",
@@ -361,6 +368,7 @@ mod tests {
         );
         assert!(!s.bn_apply_chunks);
         assert!(s.bn_resident && s.bn_resident_bwd);
+        assert!(s.bn_vec);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
@@ -383,6 +391,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_APPLY", "chunks"),
             ("MEDSSL_CUDA_BN_FWD", "split"),
             ("MEDSSL_CUDA_BN_BWD", "split"),
+            ("MEDSSL_CUDA_BN_VEC", "off"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -458,6 +467,7 @@ mod tests {
                 "one",
                 "split (the default) or resident",
             ),
+            ("MEDSSL_CUDA_BN_VEC", "4", "off (the default) or on"),
             ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
             (
                 "MEDSSL_CUDNN_BWD_FILTER_ALGO",

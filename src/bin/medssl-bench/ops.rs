@@ -160,6 +160,12 @@ pub enum Op {
     Ema {
         shapes: Vec<Vec<usize>>,
     },
+    /// A read-bandwidth probe over an activation's bytes (CUDA only: `CudaBackend::read_probe`),
+    /// one float (`wide` false) or one float4 per load.
+    ReadProbe {
+        x: [usize; 4],
+        wide: bool,
+    },
 }
 
 /// A distinct (op, shape) of the model with the layers that use it.
@@ -199,7 +205,9 @@ impl Op {
                 list(&[*cout, x[1], *k, *k]),
                 if *bias { " bias" } else { "" }
             ),
-            Op::BatchNorm { x } | Op::GlobalAvgPool { x } => format!("x={}", list(x)),
+            Op::BatchNorm { x } | Op::GlobalAvgPool { x } | Op::ReadProbe { x, .. } => {
+                format!("x={}", list(x))
+            }
             Op::Relu { x } => format!("x={}", list(x)),
             Op::MaxPool { x, p } => format!(
                 "x={} k={} s={} p={}",
@@ -296,6 +304,8 @@ impl Op {
                 b(numel(x) + x[0] * x[1] * ho * wo)
             }
             Op::GlobalAvgPool { x } => b(numel(x) + x[0] * x[1]),
+            // x read (the per-block partial sums it writes, one per 1024 elements, not counted).
+            Op::ReadProbe { x, .. } => b(numel(x)),
             Op::CrossEntropy { n, c } => b(n * c + 1),
             Op::Softmax { n, c } | Op::L2Normalize { n, e: c } => b(2 * n * c),
             // zs, zt, w in; one scalar out.
@@ -364,18 +374,31 @@ impl Cases {
 
 /// The name of the reference cases [`read_references`] adds (only where `--op` names it).
 pub const READ_REFERENCE: &str = "read_reference";
+/// The name of its read-bandwidth probe cases: one float per load, and one float4.
+pub const READ_PROBE: [&str; 2] = ["read_probe_f32", "read_probe_f32x4"];
 
 /// For every distinct batch-norm activation of `cases`, a global average pool over it, named
 /// [`READ_REFERENCE`]: its forward reads the activation once (warp per (n, c) plane, flat and
 /// in order) and writes almost nothing, its backward writes an activation's worth; what the
 /// memory gives a read-only and a write-only pass over the bytes a batch norm moves, beside the
-/// batch norm's own passes (its statistics only read).
-pub fn read_references(cases: &[Case]) -> Vec<Case> {
+/// batch norm's own passes (its statistics only read). With `probes` (on CUDA), also the read
+/// probes over the same bytes ([`READ_PROBE`]: flat, four loads in flight per thread, of one
+/// float each and of one float4 each, the latter where the length is a multiple of 4): the
+/// pool's warp adds each load into one running sum, so it is the slower reference; the probes
+/// show what a read-only pass can reach, and what 16-byte loads add.
+pub fn read_references(cases: &[Case], probes: bool) -> Vec<Case> {
     let mut cs = Cases::default();
     for c in cases {
         if let Op::BatchNorm { x } = &c.op {
             let layers = c.layers.join(", ");
-            cs.add(READ_REFERENCE, Op::GlobalAvgPool { x: *x }, layers);
+            cs.add(READ_REFERENCE, Op::GlobalAvgPool { x: *x }, layers.clone());
+            if probes {
+                for (wide, name) in [false, true].into_iter().zip(READ_PROBE) {
+                    if !wide || x.iter().product::<usize>() % 4 == 0 {
+                        cs.add(name, Op::ReadProbe { x: *x, wide }, layers.clone());
+                    }
+                }
+            }
         }
     }
     cs.0
@@ -745,6 +768,19 @@ fn run_case(
                 Ok(())
             })?;
             (f, Some(b))
+        }
+        Op::ReadProbe { x, wide } => {
+            let xt = g.x(x)?;
+            #[cfg(feature = "cuda")]
+            if let Some(cb) = super::cuda_backend(bk.device()) {
+                let f = t(&mut || {
+                    cb.read_probe(&xt, *wide)?;
+                    Ok(())
+                })?;
+                return Ok((f, None));
+            }
+            let _ = (xt, wide);
+            anyhow::bail!("read probes run on a CUDA device only")
         }
         Op::GlobalAvgPool { x } => {
             let xt = g.x(x)?;
@@ -1129,7 +1165,7 @@ pub fn run(a: &OpsArgs) -> Result<()> {
             .map(|f| f.split(',').filter(|p| !p.is_empty()).collect())
             .unwrap_or_default();
     let references = if wanted.contains(&READ_REFERENCE) {
-        read_references(&all)
+        read_references(&all, dev != Device::Cpu)
     } else {
         Vec::new()
     };
@@ -1289,6 +1325,10 @@ pub fn run(a: &OpsArgs) -> Result<()> {
         // --cpu-conv, per algorithm: its convolution rows and every other row).
         let sum = |dir: &str, algo: Option<Algo>| -> f64 {
             rows.iter()
+                // The model's ops only: not the read references and probes.
+                .filter(|r| {
+                    !r.case.name.starts_with(READ_REFERENCE) && !READ_PROBE.contains(&r.case.name)
+                })
                 .filter(|r| r.dir == dir && (r.algo.is_none() || r.algo == algo))
                 .map(|r| r.t.median * r.case.layers.len() as f64)
                 .fold(0.0, |a, b| a + b)
@@ -1504,7 +1544,7 @@ mod tests {
             .iter()
             .filter(|k| k.name == "batch_norm_train")
             .collect();
-        let refs = read_references(&cases);
+        let refs = read_references(&cases, false);
         assert_eq!(refs.len(), bn.len());
         for (r, b) in refs.iter().zip(&bn) {
             assert_eq!(r.name, READ_REFERENCE);
@@ -1513,6 +1553,20 @@ mod tests {
             };
             assert_eq!(rx, bx);
             assert_eq!(r.layers, vec![b.layers.join(", ")]);
+        }
+        // With the probes (on CUDA): after each pool, the one-float probe and, where the length
+        // is a multiple of 4 (every activation here), the float4 one, over the same shape.
+        let with = read_references(&cases, true);
+        assert_eq!(with.len(), 3 * bn.len());
+        for (k, b) in with.chunks(3).zip(&bn) {
+            let Op::BatchNorm { x } = b.op else {
+                unreachable!()
+            };
+            assert_eq!(k[0].op, Op::GlobalAvgPool { x });
+            for (r, (name, wide)) in k[1..].iter().zip(READ_PROBE.into_iter().zip([false, true])) {
+                assert_eq!((r.name, &r.op), (name, &Op::ReadProbe { x, wide }));
+                assert_eq!(r.layers, vec![b.layers.join(", ")]);
+            }
         }
         assert!(refs.iter().any(|r| r.op
             == Op::GlobalAvgPool {
