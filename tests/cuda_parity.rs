@@ -2839,21 +2839,31 @@ fn graph_steps_match_eager_steps() {
             )
         })
         .collect();
-    // (method, balancing, the step whose labelled batch has one image fewer)
+    // The float4 batch norms (MEDSSL_CUDA_BN_VEC=on) on two launches or one resident launch
+    // wherever one launch per channel would otherwise run, captured in the graph too.
+    let float4 = BnSet {
+        resident: (true, true),
+        split: 3,
+        keep: None,
+        vec: Some(true),
+        inflight: None,
+    };
+    // (method, balancing, the step whose labelled batch has one image fewer, batch-norm switches)
     let cases = [
-        (Method::Dsrpgc, DsrBalance::Off, None),
-        (Method::Dsrpgc, DsrBalance::Align, None),
-        (Method::MeanTeacher, DsrBalance::Off, None),
-        (Method::Supervised, DsrBalance::Off, None),
-        (Method::Dsrpgc, DsrBalance::Off, Some(6)),
+        (Method::Dsrpgc, DsrBalance::Off, None, None),
+        (Method::Dsrpgc, DsrBalance::Align, None, None),
+        (Method::MeanTeacher, DsrBalance::Off, None, None),
+        (Method::Supervised, DsrBalance::Off, None, None),
+        (Method::Dsrpgc, DsrBalance::Off, Some(6), None),
+        (Method::Dsrpgc, DsrBalance::Off, None, Some(float4)),
     ];
     type Run = (
         Vec<StepStats>,
         Vec<(String, Vec<f32>)>,
         medssl::backend::GraphStats,
     );
-    for (method, balance, short) in cases {
-        let run = |graph: bool| -> Run {
+    for (method, balance, short, bn) in cases {
+        let run_plain = |graph: bool| -> Run {
             let scfg = StepConfig {
                 method,
                 dsr: DsrMode::Both,
@@ -2883,7 +2893,19 @@ fn graph_steps_match_eager_steps() {
             let gs = g.step_graph_stats().unwrap_or_default().since(&before);
             (stats, training_state(&st), gs)
         };
-        let what = format!("{method:?}/{balance:?}/short batch at {short:?}");
+        let run = |graph: bool| -> Run {
+            match bn {
+                Some(set) => with_bn(set, || run_plain(graph)),
+                None => run_plain(graph),
+            }
+        };
+        let float4_launches =
+            || launches_of("bn_stats_split4_g1") + launches_of("bn_fwd_resident4_g2");
+        let float4_before = float4_launches();
+        let what = format!(
+            "{method:?}/{balance:?}/short batch at {short:?}/float4 {}",
+            bn.is_some()
+        );
         let (se, te, _) = run(false);
         // The graph run with another host thread issuing device work all along (it waits while
         // a capture is open, and a capture waits for its work in progress): neither thread's
@@ -2896,6 +2918,12 @@ fn graph_steps_match_eager_steps() {
             (r, other.join().expect("the other thread's work"))
         });
         println!("{what}: graph {gs:?}; the other thread ran {rounds} rounds");
+        if bn.is_some() {
+            assert!(
+                float4_launches() > float4_before,
+                "{what}: no float4 batch norm ran"
+            );
+        }
         if let Some(k) = short {
             // Steps 2-3 (from 0) warm up, 4 captures, 5 replays, the short step diverges and
             // runs eagerly, and the steps after it warm up a new graph.
