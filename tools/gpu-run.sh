@@ -72,11 +72,20 @@ set -u
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # gpu-pack.sh ships the executables gzipped (the pack travels under a size limit): unpacked in
-# place once, before anything looks for them.
-for gz in "$HERE"/bin/*.gz "$HERE"/tests/*.gz; do
-    [ -e "$gz" ] || continue
-    gzip -d -f "$gz" && chmod +x "${gz%.gz}" || echo "[gpu-run] cannot unpack $gz" >&2
-done
+# place once, before anything looks for them; where the pack cannot be written to, from a copy of
+# it in a temporary folder.
+if compgen -G "$HERE/bin/*.gz" >/dev/null || compgen -G "$HERE/tests/*.gz" >/dev/null; then
+    if [ ! -w "$HERE/bin" ] || [ ! -w "$HERE/tests" ]; then
+        COPY="$(mktemp -d)"
+        cp -r "$HERE"/. "$COPY"/ && chmod -R u+w "$COPY" &&
+            exec bash "$COPY/$(basename "${BASH_SOURCE[0]}")" "$@"
+        echo "[gpu-run] cannot copy the read-only pack to $COPY" >&2
+    fi
+    for gz in "$HERE"/bin/*.gz "$HERE"/tests/*.gz; do
+        [ -e "$gz" ] || continue
+        gzip -d -f "$gz" && chmod +x "${gz%.gz}" || echo "[gpu-run] cannot unpack $gz" >&2
+    done
+fi
 TABLE="${TABLE:-0}"
 if [ "${1:-}" = --table ]; then
     TABLE=1
