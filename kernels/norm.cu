@@ -378,6 +378,21 @@ __device__ __forceinline__ float bn_out_v(float xv, float mu, float is, float g,
     if (relu) v = v > 0.f ? v : 0.f;
     return v;
 }
+// bn_out_v on each of a float4 unit's four elements (the float4 kernels at the end of this file).
+__device__ __forceinline__ float4 bn_out_v(float4 xv, float mu, float is, float g, float b,
+                                           int has_res, float4 rv, int relu) {
+    return make_float4(bn_out_v(xv.x, mu, is, g, b, has_res, rv.x, relu),
+                       bn_out_v(xv.y, mu, is, g, b, has_res, rv.y, relu),
+                       bn_out_v(xv.z, mu, is, g, b, has_res, rv.z, relu),
+                       bn_out_v(xv.w, mu, is, g, b, has_res, rv.w, relu));
+}
+// The residual at offset k where there is one (has_res), else zero.
+__device__ __forceinline__ float bn_res(int has_res, const float* res, size_t k) {
+    return has_res ? res[k] : 0.f;
+}
+__device__ __forceinline__ float4 bn_res(int has_res, const float4* res, size_t k) {
+    return has_res ? res[k] : make_float4(0.f, 0.f, 0.f, 0.f);
+}
 // bn_out_v with the residual (if any) read from res[k].
 __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, float b,
                                         const float* res, int relu, size_t k) {
@@ -385,43 +400,46 @@ __device__ __forceinline__ float bn_out(float xv, float mu, float is, float g, f
 }
 
 // Writes y = bn_out(x) for the elements a walk visits, with one channel's statistics and
-// parameters: four strides at a time, every load before the stores (as bn_range_stats). The
-// element of x at offset o (the walk's j) is src(o, j): BnFromX reads x[o] (bn_apply_walk),
-// BnFromKept the resident forward's shared memory where it kept the element. y[o] = v is
-// dst(o, v): BnToY a plain store, BnToYL2 one marked evict-first in L2.
-template <class Walk, class Src, class Dst>
+// parameters: NQ strides at a time (four; the float4 kernels take two units), every load before
+// the stores (as bn_range_stats), then one at a time. The element of x at offset o (the walk's j)
+// is src(o, j): BnFromX reads x[o] (bn_apply_walk), BnFromKept the resident forward's shared
+// memory where it kept the element. y[o] = v is dst(o, v): BnToY a plain store, BnToYL2 one
+// marked evict-first in L2. T = float4: the float4 kernels' units.
+template <int NQ = 4, class Walk, class Src, class T, class Dst>
 __device__ __forceinline__ void bn_apply_walk_to(Walk w, float mu, float is, float g, float b,
-                                                 const Src& src, const float* res, int relu,
+                                                 const Src& src, const T* res, int relu,
                                                  const Dst& dst) {
     const int has_res = res != 0;
     while (walk_has(w, 0)) {
-        if (walk_has(w, 3)) {
-            size_t o[4];
-            int j[4];
-            float xv[4], rv[4];
-            for (int q = 0; q < 4; ++q) {
+        if (walk_has(w, NQ - 1)) {
+            size_t o[NQ];
+            int j[NQ];
+            T xv[NQ], rv[NQ];
+            for (int q = 0; q < NQ; ++q) {
                 j[q] = w.p.j;
                 o[q] = walk_step(w);
             }
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < NQ; ++q) {
                 xv[q] = src(o[q], j[q]);
-                rv[q] = has_res ? res[o[q]] : 0.f;
+                rv[q] = bn_res(has_res, res, o[q]);
             }
-            for (int q = 0; q < 4; ++q)
+            for (int q = 0; q < NQ; ++q)
                 dst(o[q], bn_out_v(xv[q], mu, is, g, b, has_res, rv[q], relu));
         } else {
             const int j = w.p.j;
             const size_t o = walk_step(w);
-            dst(o, bn_out(src(o, j), mu, is, g, b, res, relu, o));
+            dst(o, bn_out_v(src(o, j), mu, is, g, b, res != 0, bn_res(res != 0, res, o), relu));
         }
     }
 }
 
-// Plain stores of y.
-struct BnToY {
-    float* y;
-    DEVICE_MEMBER void operator()(size_t o, float v) const { y[o] = v; }
+// Plain stores of y (or of the float4 kernels' units).
+template <class T>
+struct BnToYT {
+    T* y;
+    DEVICE_MEMBER void operator()(size_t o, T v) const { y[o] = v; }
 };
+typedef BnToYT<float> BnToY;
 
 // bn_apply_walk_to storing y plainly.
 template <class Walk, class Src>
@@ -720,30 +738,41 @@ __device__ __forceinline__ float bn_dx(float g, float xv, float mu, float is, fl
     const float t = fmaf(-(xhat * sgx), inv_m, fmaf(-sg, inv_m, g));
     return (gam * is) * t;
 }
+// bn_dx on each of a float4 unit's four elements (the float4 kernels at the end of this file).
+__device__ __forceinline__ float4 bn_dx(float4 g, float4 xv, float mu, float is, float gam,
+                                        float sg, float sgx, int M) {
+    return make_float4(bn_dx(g.x, xv.x, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.y, xv.y, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.z, xv.z, mu, is, gam, sg, sgx, M),
+                       bn_dx(g.w, xv.w, mu, is, gam, sg, sgx, M));
+}
 
 // Writes the train-mode input gradient gx = bn_dx(...) for the elements a walk visits, with one
-// channel's statistics, gamma and gradient sums: four strides at a time, every load before the
-// stores. The masked output gradient and the input at offset o (the walk's j) come from
-// src.g(o, j) and src.xv(o, j): BnGradLoad reads memory (bn_dx_walk), BnDxFromKept the resident
-// backward's shared memory where it kept them; each gradient is stored by dst(o, v) (BnToY:
-// plainly, BnToYL2: evict-first).
-template <class Walk, class Src, class Dst>
+// channel's statistics, gamma and gradient sums: NQ strides at a time (four; the float4 kernels
+// take two units), every load before the stores, then one at a time. The masked output gradient
+// and the input at offset o (the walk's j) come from src.g(o, j) and src.xv(o, j): BnGradLoad
+// reads memory (bn_dx_walk), BnDxFromKept the resident backward's shared memory where it kept
+// them; each gradient is stored by dst(o, v) (BnToY: plainly, BnToYL2: evict-first). Elements
+// of src's type: float, or float4 units.
+template <int NQ = 4, class Walk, class Src, class Dst>
 __device__ __forceinline__ void bn_dx_walk_to(Walk w, int M, float mu, float is, float gam,
                                               float sg, float sgx, const Src& src, const Dst& dst) {
+    typedef decltype(src.g(size_t(0), 0)) T;
     while (walk_has(w, 0)) {
-        if (walk_has(w, 3)) {
-            size_t o[4];
-            int j[4];
-            float g[4], xv[4];
-            for (int q = 0; q < 4; ++q) {
+        if (walk_has(w, NQ - 1)) {
+            size_t o[NQ];
+            int j[NQ];
+            T g[NQ], xv[NQ];
+            for (int q = 0; q < NQ; ++q) {
                 j[q] = w.p.j;
                 o[q] = walk_step(w);
             }
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < NQ; ++q) {
                 g[q] = src.g(o[q], j[q]);
                 xv[q] = src.xv(o[q], j[q]);
             }
-            for (int q = 0; q < 4; ++q) dst(o[q], bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M));
+            for (int q = 0; q < NQ; ++q)
+                dst(o[q], bn_dx(g[q], xv[q], mu, is, gam, sg, sgx, M));
         } else {
             const int j = w.p.j;
             const size_t o = walk_step(w);
@@ -890,6 +919,23 @@ __device__ __forceinline__ void bn_split_combine(const float* part, int M, int c
     *var_out = (float)(m2 / (double)M);
 }
 
+// The end of a block of the split statistics: publishes the chunk's partial moments (mu_s, m2_s);
+// the channel's last block combines the S partials (chunks cut in units of `unit` elements),
+// sets the channel's counter back to 0 and stores the statistics (see bn_stats_split).
+__device__ __forceinline__ void bn_stats_split_end(float* part, unsigned* count, int M, int c,
+                                                   int S, int s, int unit, float mu_s, float m2_s,
+                                                   float eps, float* mean, float* invstd,
+                                                   float* var_unbiased, float momentum,
+                                                   const float* rm, const float* rv,
+                                                   float* rm_out, float* rv_out) {
+    if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
+    float mu, var;
+    bn_split_combine(part, M, c, S, &mu, &var, unit);
+    count[c] = 0u;
+    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
+                   rv_out);
+}
+
 // Batch statistics with S blocks per channel: partials (mean, M2) of each chunk (bn_range_stats),
 // combined by the channel's last block with the pairwise update of Chan et al. (n = na + nb,
 // d = mean_b - mean_a, mean = mean_a + d*nb/n, M2 = M2_a + M2_b + d^2*na*nb/n), then stored as
@@ -910,12 +956,8 @@ __device__ __forceinline__ void bn_stats_split_body(int N, int C, int HW, int S,
     const BnChunk k = bn_chunk(M, S, s);
     float mu_s = 0.f, m2_s = 0.f;
     if (k.lo < k.hi) bn_range_stats<G>(C, HW, c, k.lo, k.hi, welford, x, &mu_s, &m2_s, l2);
-    if (!bn_split_publish(part, count, c, S, s, mu_s, m2_s)) return;
-    float mu, var;
-    bn_split_combine(part, M, c, S, &mu, &var);
-    count[c] = 0u;
-    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
-                   rv_out);
+    bn_stats_split_end(part, count, M, c, S, s, 1, mu_s, m2_s, eps, mean, invstd, var_unbiased,
+                       momentum, rm, rv, rm_out, rv_out);
 }
 
 // The three entry points' parameters (one kernel each, so that each has its own register count
@@ -1432,12 +1474,8 @@ __device__ __forceinline__ void bn_stats_split4_body(int N, int C, int HW, int S
     Moments r{0, 0.f, 0.f};
     if (k.lo < k.hi)
         r = bn_range_moments4<G>(C, HW / 4, c, k.lo, k.hi, (const float4*)x, BnLoadT<float4>());
-    if (!bn_split_publish(part, count, c, S, s, r.mean, r.m2)) return;
-    float mu, var;
-    bn_split_combine(part, M, c, S, &mu, &var, 4);
-    count[c] = 0u;
-    bn_store_stats(M, c, eps, mu, var, mean, invstd, var_unbiased, momentum, rm, rv, rm_out,
-                   rv_out);
+    bn_stats_split_end(part, count, M, c, S, s, 4, r.mean, r.m2, eps, mean, invstd, var_unbiased,
+                       momentum, rm, rv, rm_out, rv_out);
 }
 #define BN_STATS_SPLIT4_PARAMS                                                                    \
     int N, int C, int HW, int S, float eps, const float *x, float *part, unsigned *count,       \
@@ -1456,14 +1494,6 @@ extern "C" __global__ void bn_stats_split4_g4(BN_STATS_SPLIT4_PARAMS) {
                             momentum, rm, rv, rm_out, rv_out);
 }
 
-// bn_out_v on each of a unit's four elements.
-__device__ __forceinline__ float4 bn_out4(float4 xv, float mu, float is, float g, float b,
-                                          int has_res, float4 rv, int relu) {
-    return make_float4(bn_out_v(xv.x, mu, is, g, b, has_res, rv.x, relu),
-                       bn_out_v(xv.y, mu, is, g, b, has_res, rv.y, relu),
-                       bn_out_v(xv.z, mu, is, g, b, has_res, rv.z, relu),
-                       bn_out_v(xv.w, mu, is, g, b, has_res, rv.w, relu));
-}
 
 // A unit of x from shared memory where the resident forward kept it (unit place p = j - lo <
 // cap), else from memory (BnFromXT<float4>: from memory only).
@@ -1477,31 +1507,6 @@ struct BnFromKept4 {
     }
 };
 
-// bn_apply_walk_from in units: two units per thread at a time, both loads (and the residual's)
-// before the stores, then one.
-template <class Walk, class Src>
-__device__ __forceinline__ void bn_apply_walk4(Walk w, float mu, float is, float g, float b,
-                                               const Src& src, const float4* res, int relu,
-                                               float4* y) {
-    const int has_res = res != 0;
-    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
-    while (walk_has(w, 0)) {
-        if (walk_has(w, 1)) {
-            const int j0 = w.p.j;
-            const size_t o0 = walk_step(w);
-            const int j1 = w.p.j;
-            const size_t o1 = walk_step(w);
-            const float4 x0 = src(o0, j0), x1 = src(o1, j1);
-            const float4 r0 = has_res ? res[o0] : zero, r1 = has_res ? res[o1] : zero;
-            y[o0] = bn_out4(x0, mu, is, g, b, has_res, r0, relu);
-            y[o1] = bn_out4(x1, mu, is, g, b, has_res, r1, relu);
-        } else {
-            const int j = w.p.j;
-            const size_t o = walk_step(w);
-            y[o] = bn_out4(src(o, j), mu, is, g, b, has_res, has_res ? res[o] : zero, relu);
-        }
-    }
-}
 
 // bn_apply_chunks in units after bn_stats_split4 (walking backwards, as after one-pass
 // statistics).
@@ -1511,8 +1516,9 @@ extern "C" __global__ void bn_apply_chunks4(int N, int C, int HW, int S, const f
                                             const float* res, int relu, float* y) {
     const int c = blockIdx.y;
     const BnChunk k = bn_chunk(N * HW / 4, S, blockIdx.x);
-    bn_apply_walk4(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), mean[c], invstd[c], gamma[c], beta[c],
-                   BnFromXT<float4>{(const float4*)x}, (const float4*)res, relu, (float4*)y);
+    bn_apply_walk_to<2>(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), mean[c], invstd[c], gamma[c],
+                        beta[c], BnFromXT<float4>{(const float4*)x}, (const float4*)res, relu,
+                        BnToYT<float4>{(float4*)y});
 }
 
 // bn_fwd_resident in units: `cap` units kept per block; G = 1, 2, 4 units per thread at a time
@@ -1533,8 +1539,9 @@ __device__ __forceinline__ void bn_fwd_resident4_body(
     bn_fwd_meet(part, count, M, C, c, S, s, 4, r, eps, mean, invstd, var_unbiased, momentum, rm,
                 rv, rm_out, rv_out, stat);
     if (k.lo >= k.hi) return;
-    bn_apply_walk4(bn_walk_rev(C, HW4, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
-                   BnFromKept4{x4, sh, k.lo, cap}, (const float4*)res, relu, (float4*)y);
+    bn_apply_walk_to<2>(bn_walk_rev(C, HW4, c, k.lo, k.hi), stat[0], stat[1], gamma[c], beta[c],
+                        BnFromKept4{x4, sh, k.lo, cap}, (const float4*)res, relu,
+                        BnToYT<float4>{(float4*)y});
 }
 #define BN_FWD_RESIDENT4_PARAMS                                                                   \
     int N, int C, int HW, int S, int cap, float eps, const float *x, float *part,               \
@@ -1592,37 +1599,7 @@ extern "C" __global__ void bn_bwd_split4(int N, int C, int HW, int S, const floa
     ggamma[c] = sgx;
 }
 
-// bn_dx on each of a unit's four elements.
-__device__ __forceinline__ float4 bn_dx4(float4 g, float4 xv, float mu, float is, float gam,
-                                         float sg, float sgx, int M) {
-    return make_float4(bn_dx(g.x, xv.x, mu, is, gam, sg, sgx, M),
-                       bn_dx(g.y, xv.y, mu, is, gam, sg, sgx, M),
-                       bn_dx(g.z, xv.z, mu, is, gam, sg, sgx, M),
-                       bn_dx(g.w, xv.w, mu, is, gam, sg, sgx, M));
-}
 
-// bn_dx_walk_from in units: two units per thread at a time (all four loads before the stores),
-// then one.
-template <class Walk, class Src>
-__device__ __forceinline__ void bn_dx_walk4(Walk w, int M, float mu, float is, float gam,
-                                            float sg, float sgx, const Src& src, float4* gx) {
-    while (walk_has(w, 0)) {
-        if (walk_has(w, 1)) {
-            const int j0 = w.p.j;
-            const size_t o0 = walk_step(w);
-            const int j1 = w.p.j;
-            const size_t o1 = walk_step(w);
-            const float4 g0 = src.g(o0, j0), x0 = src.xv(o0, j0);
-            const float4 g1 = src.g(o1, j1), x1 = src.xv(o1, j1);
-            gx[o0] = bn_dx4(g0, x0, mu, is, gam, sg, sgx, M);
-            gx[o1] = bn_dx4(g1, x1, mu, is, gam, sg, sgx, M);
-        } else {
-            const int j = w.p.j;
-            const size_t o = walk_step(w);
-            gx[o] = bn_dx4(src.g(o, j), src.xv(o, j), mu, is, gam, sg, sgx, M);
-        }
-    }
-}
 
 // bn_dx_chunks in units after bn_bwd_split4.
 extern "C" __global__ void bn_dx_chunks4(int N, int C, int HW, int S, const float* x,
@@ -1631,9 +1608,10 @@ extern "C" __global__ void bn_dx_chunks4(int N, int C, int HW, int S, const floa
                                          const float* ggamma, const float* gbeta, float* gx) {
     const int c = blockIdx.y, M = N * HW;
     const BnChunk k = bn_chunk(M / 4, S, blockIdx.x);
-    bn_dx_walk4(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c], gbeta[c],
-                ggamma[c], BnGradLoadT<float4>{(const float4*)x, (const float4*)gy, (const float4*)ry},
-                (float4*)gx);
+    bn_dx_walk_to<2>(bn_walk_rev(C, HW / 4, c, k.lo, k.hi), M, mean[c], invstd[c], gamma[c],
+                     gbeta[c], ggamma[c],
+                     BnGradLoadT<float4>{(const float4*)x, (const float4*)gy, (const float4*)ry},
+                     BnToYT<float4>{(float4*)gx});
 }
 
 // bn_bwd_resident in units: `cap` units of the masked gradient (shared[p]) and of x
@@ -1655,6 +1633,7 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident4(
     __shared__ float sums[2];
     bn_bwd_meet(part, count, C, c, S, s, sg_s, sgx_s, sums, ggamma, gbeta);
     if (k.lo < k.hi)
-        bn_dx_walk4(bn_walk_rev(C, HW4, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0], sums[1],
-                    BnDxFromKeptT<float4>{x4, gy4, ry4, shg, shx, k.lo, cap}, (float4*)gx);
+        bn_dx_walk_to<2>(bn_walk_rev(C, HW4, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0],
+                         sums[1], BnDxFromKeptT<float4>{x4, gy4, ry4, shg, shx, k.lo, cap},
+                         BnToYT<float4>{(float4*)gx});
 }

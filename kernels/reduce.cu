@@ -66,34 +66,27 @@ extern "C" __global__ void red_gap_bwd(int n, int hw, const float* gy, float* gx
 // probe_read_f32x4 one float4 (x seen as n/4 float4s: n a multiple of 4, x 16-byte aligned, which
 // the host checks). Between them: what the memory gives a read-only pass, and what 16-byte
 // accesses add to it.
-extern "C" __global__ void probe_read_f32(int n, const float* x, float* out) {
+__device__ __forceinline__ float probe_sum(float a) { return a; }
+__device__ __forceinline__ float probe_sum(float4 a) { return (a.x + a.y) + (a.z + a.w); }
+template <class T>
+__device__ __forceinline__ void probe_read_body(int n, const T* x, float* out) {
     float s[4] = {0.f, 0.f, 0.f, 0.f};
     EW4_LOOP(i, st, n) {
-        const float a = x[i], b = x[i + st], c = x[i + 2 * st], d = x[i + 3 * st];
-        s[0] += a;
-        s[1] += b;
-        s[2] += c;
-        s[3] += d;
+        const T a = x[i], b = x[i + st], c = x[i + 2 * st], d = x[i + 3 * st];
+        s[0] += probe_sum(a);
+        s[1] += probe_sum(b);
+        s[2] += probe_sum(c);
+        s[3] += probe_sum(d);
     }
-    EW4_TAIL(i, st, n) s[0] += x[i];
+    EW4_TAIL(i, st, n) s[0] += probe_sum(x[i]);
     const float t = block_sum((s[0] + s[1]) + (s[2] + s[3]));
     if (threadIdx.x == 0) out[blockIdx.x] = t;
 }
 
+extern "C" __global__ void probe_read_f32(int n, const float* x, float* out) {
+    probe_read_body(n, x, out);
+}
+
 extern "C" __global__ void probe_read_f32x4(int n4, const float* x, float* out) {
-    const float4* x4 = (const float4*)x;
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-    EW4_LOOP(i, st, n4) {
-        const float4 a = x4[i], b = x4[i + st], c = x4[i + 2 * st], d = x4[i + 3 * st];
-        s[0] += (a.x + a.y) + (a.z + a.w);
-        s[1] += (b.x + b.y) + (b.z + b.w);
-        s[2] += (c.x + c.y) + (c.z + c.w);
-        s[3] += (d.x + d.y) + (d.z + d.w);
-    }
-    EW4_TAIL(i, st, n4) {
-        const float4 a = x4[i];
-        s[0] += (a.x + a.y) + (a.z + a.w);
-    }
-    const float t = block_sum((s[0] + s[1]) + (s[2] + s[3]));
-    if (threadIdx.x == 0) out[blockIdx.x] = t;
+    probe_read_body(n4, (const float4*)x, out);
 }

@@ -1248,7 +1248,9 @@ impl Backend for CudaBackend {
         let reuse = {
             let mut free = lock(&self.pinned);
             let at = pinned_reuse(free.iter().map(|b| b.len()), total);
-            at.map(|i| free.swap_remove(i))
+            // `remove`, not `swap_remove`: the list stays oldest first, as `PinnedRead::wait`
+            // evicts it.
+            at.map(|i| free.remove(i))
         };
         let mut host = match reuse {
             Some(b) => b,

@@ -316,8 +316,7 @@ impl CudaBackend {
         if c == 0 || m == 0 || c > lim.blocks || c > 65535 {
             return None;
         }
-        let s = (lim.blocks / c).clamp(1, m);
-        Some(m.div_ceil(m.div_ceil(s)))
+        Some(filled_chunks(lim.blocks / c, m))
     }
 
     /// The launch of resident kernel `kind` for `c` channels of `m` elements in `s` blocks per
@@ -593,16 +592,21 @@ pub fn set_bn_vec(on: Option<bool>) -> Option<bool> {
 }
 
 /// Whether a batch norm over planes of `hw` elements whose tensors are at the device addresses
-/// `ptrs` (0: absent) runs its float4 kernels, given that [`bn_vec`] asks for them.
+/// `ptrs` (0: absent) runs its float4 kernels: [`bn_vec`] asks for them, no L2 eviction
+/// priorities are asked for ([`bn_l2_hint`]), and the planes and tensors fit (the forward also
+/// needs one-pass statistics).
 fn vec_fits(hw: usize, ptrs: &[u64]) -> bool {
-    hw > 0 && hw.is_multiple_of(4) && ptrs.iter().all(|&p| p.is_multiple_of(16))
+    bn_vec()
+        && !bn_l2_hint()
+        && hw > 0
+        && hw.is_multiple_of(4)
+        && ptrs.iter().all(|&p| p.is_multiple_of(16))
 }
 
 /// `split` blocks per channel of `m4` float4 units, reduced so that no chunk is empty (as
 /// [`split_count`] does for elements).
 fn split_units(split: usize, m4: usize) -> usize {
-    let s = split.clamp(1, m4.max(1));
-    m4.max(1).div_ceil(m4.max(1).div_ceil(s))
+    filled_chunks(split, m4.max(1))
 }
 
 /// The float4 split statistics kernel loading `g` float4s per thread at a time (1, 2 or 4).
@@ -643,8 +647,14 @@ pub(super) fn split_count(
         0 => (2 * sms).div_ceil(c).min(m / SPLIT_MIN_CHUNK),
         BN_SPLIT_WAVE => (resident / c).min(m / SPLIT_MIN_CHUNK),
         n => n,
-    }
-    .clamp(1, m);
+    };
+    filled_chunks(s, m)
+}
+
+/// `s` chunks (at least 1, at most `m`) of `m ≥ 1` elements or units, reduced so that none is
+/// empty: chunks are `ceil(m / s)` long, so `ceil(m / ceil(m / s))` of them.
+fn filled_chunks(s: usize, m: usize) -> usize {
+    let s = s.clamp(1, m);
     m.div_ceil(m.div_ceil(s))
 }
 
@@ -759,7 +769,7 @@ fn train_fwd(
         BnAct::AddRelu(r) => be.p(r)?,
         _ => 0,
     };
-    let vec = welford != 0 && l2 == 0 && bn_vec() && vec_fits(hw, &[be.p(x)?, be.p(&y)?, res_p]);
+    let vec = welford != 0 && vec_fits(hw, &[be.p(x)?, be.p(&y)?, res_p]);
     // Elements, or float4 units, per channel.
     let mu = if vec { m / 4 } else { m };
     let kind = match vec {
@@ -1061,7 +1071,7 @@ pub(super) fn batch_norm_train_bwd(
     // L2 eviction priorities in the passes above one launch per channel (see bn_l2_hint).
     let l2 = bn_l2_hint();
     // The float4 kernels (see bn_vec), without L2 hints.
-    let vec = !l2 && bn_vec() && vec_fits(h * w, &[be.p(x)?, be.p(gy)?, ry, gm_p, be.p(&gx)?]);
+    let vec = vec_fits(h * w, &[be.p(x)?, be.p(gy)?, ry, gm_p, be.p(&gx)?]);
     // Elements, or float4 units, per channel.
     let mu = if vec { m / 4 } else { m };
     let kind = match vec {
@@ -1223,7 +1233,7 @@ pub(super) fn batch_norm_eval_bwd(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (_, c, h, w) = shapes::batch_norm_eval_bwd(x, gamma, rm, rv, gy)?;
     let inv = eval_invstd(be, rv, c, eps)?;
-    let vec = !bn_l2_hint() && bn_vec() && vec_fits(h * w, &[be.p(x)?, be.p(gy)?]);
+    let vec = vec_fits(h * w, &[be.p(x)?, be.p(gy)?]);
     let (gg, gb, _) = bwd_reduce(be, x, gy, 0, be.p(rm)?, be.p(&inv)?, 0, None, vec)?;
     let gx = be.empty(x.shape())?;
     let total = x.numel();
