@@ -32,24 +32,26 @@ from jsonl import parse_rows, variant_label, workload
 
 
 class Run:
-    """The files of one run: from the folder, else from its gpu-run.tar.gz."""
+    """The files of one run: from the folder, else from its gpu-run.tar.gz (as it came back) or
+    its logs.tar.gz (a committed run's logs/ folder, see bench/results/README.md)."""
 
     def __init__(self, root):
         self.root = root
-        self.tar = None
-        path = os.path.join(root, "gpu-run.tar.gz")
-        if os.path.exists(path):
-            self.tar = tarfile.open(path)
+        self.tars = [
+            tarfile.open(path)
+            for path in (os.path.join(root, n) for n in ("gpu-run.tar.gz", "logs.tar.gz"))
+            if os.path.exists(path)
+        ]
 
     def text(self, name):
         path = os.path.join(self.root, name)
         if os.path.exists(path):
             with open(path, errors="replace") as f:
                 return f.read()
-        if self.tar is not None:
-            for m in self.tar.getmembers():
+        for tar in self.tars:
+            for m in tar.getmembers():
                 if m.name.lstrip("./") == name:
-                    return io.TextIOWrapper(self.tar.extractfile(m), errors="replace").read()
+                    return io.TextIOWrapper(tar.extractfile(m), errors="replace").read()
         return None
 
     def rows(self, name, keep=lambda r: True):
