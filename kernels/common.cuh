@@ -97,6 +97,33 @@ __device__ __forceinline__ void st_l2(float* a, float v, L2Policy pol) {
 }
 #endif
 
+// Asynchronous 16-byte copies from global to shared memory (`cp.async`, sm_80 and later): the
+// copy runs while the thread goes on; cp_async_commit closes the thread's current group of
+// copies, cp_async_wait<N> waits until at most the N newest groups are still in flight. A thread
+// may read what its own completed copies wrote without a barrier (other threads' copies need
+// __syncthreads after their wait). `.cg` caches the source in L2 only. The emulation lands each
+// copy at its thread's wait (see cuda_emu.h).
+#ifdef MEDSSL_EMU
+__device__ __forceinline__ void cp_async16(void* sh, const void* g) { ::emu::async_copy(sh, g); }
+__device__ __forceinline__ void cp_async_commit() { ::emu::async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    ::emu::async_wait(N);
+}
+#else
+__device__ __forceinline__ void cp_async16(void* sh, const void* g) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(sh);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
+
 // Global index of the row owned by this warp in a "warp per row" launch, and the lane.
 #define WARP_ROW() ((int)(blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)))
 #define LANE() ((int)(threadIdx.x & 31))

@@ -24,7 +24,11 @@
 // (ld_l2/st_l2 in common.cuh: x evict-last while the statistics read it, evict-first when the
 // normalising pass reads it for the last time, y evict-first). With MEDSSL_CUDA_BN_VEC=on the split
 // and resident kernels run in float4 forms (the end of this file): the same walks over units of
-// four consecutive elements of a plane, one 16-byte access each.
+// four consecutive elements of a plane, one 16-byte access each; with MEDSSL_CUDA_BN_PIPE=on as
+// well, the float4 forward and backward above one launch per channel are pipelined (bn_fwd_pipe4,
+// bn_bwd_pipe4: one wave of blocks on a flat grid takes the (channel, chunk) items in turn, each
+// block copying its next item's chunk into shared memory with cp.async while it meets the other
+// blocks of its current item's channel).
 // L2 normalise is "warp per row".
 #include "common.cuh"
 
@@ -1636,4 +1640,170 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident4(
         bn_dx_walk_to<2>(bn_walk_rev(C, HW4, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0],
                          sums[1], BnDxFromKeptT<float4>{x4, gy4, ry4, shg, shx, k.lo, cap},
                          BnToYT<float4>{(float4*)gx});
+}
+
+// ---- the pipelined float4 batch norms (MEDSSL_CUDA_BN_PIPE=on) ----
+//
+// The resident kernels above hold every channel at once: all blocks read, all meet, all write,
+// so the memory is busy with reads only, then idle while the blocks meet, then busy with
+// writes, and what shared memory cannot keep is read twice from a working set larger than L2.
+// The pipelined kernels take the channels a few at a time instead, with the blocks' copies of
+// the next chunk in flight while they meet over the current one. Work item i (of C*S) is chunk
+// s = i % S (of S, cut in float4 units as bn_chunk(M/4, S, s)) of channel c = i / S; block b of
+// the grid (one cooperative wave of B blocks) takes items b, b + B, b + 2B, ... and, for each:
+//   1. issues the asynchronous copies (cp_async16) of the *next* item's units into the other of
+//      its two shared-memory stages (one group per item),
+//   2. waits for its own copies of this item (cp_async_wait<1>: all but the newest group),
+//   3. computes the chunk's partial moments (forward) or gradient sums (backward) from shared
+//      memory, meets the channel's other S blocks as the resident kernels do (bn_fwd_meet,
+//      bn_bwd_meet), and
+//   4. writes y (or the input gradient) from shared memory: x is read from memory once.
+// Thread t copies, reads and writes only the units at walk places p = t, t + blockDim.x, ... of
+// each chunk (p = j - lo, the same walk in every phase), so its own copies need no barrier, and a
+// stage is refilled only after the same thread's last read of it (two items back). Items of a
+// channel are consecutive, so a block only ever waits for items no later than its own in every
+// other block's sequence (S <= B, all resident): no deadlock. The statistics, sums and
+// elementwise arithmetic are the float4 split kernels' with the same S: the same bits.
+
+// A unit of the current stage: for the moments (load) at walk place p, for the normalising walk
+// (operator()) at element j, place j - lo; whatever the address the walk computed.
+struct BnBuf4 {
+    const float4* sh;
+    int lo;
+    DEVICE_MEMBER float4 load(const float4* a, int p) const {
+        (void)a;
+        return sh[p];
+    }
+    DEVICE_MEMBER void keep(int p, float4 v) const {
+        (void)p;
+        (void)v;
+    }
+    DEVICE_MEMBER float4 operator()(size_t o, int j) const {
+        (void)o;
+        return sh[j - lo];
+    }
+};
+
+// Thread t's asynchronous copies of channel c's units [lo, hi) of each of `n` tensors src[a]
+// into dst[a] at their walk places p = j - lo (one copy per unit and tensor).
+template <int NA>
+__device__ __forceinline__ void bn_pipe_fetch(int C, int HW4, int c, int lo, int hi,
+                                              const float4* const (&src)[NA],
+                                              float4* const (&dst)[NA], int n) {
+    for (BnWalk w = bn_walk(C, HW4, c, lo, hi); bn_has(w, 0);) {
+        const int p = w.p.j - lo;
+        const size_t k = bn_next(w);
+        for (int a = 0; a < NA; ++a)
+            if (a < n) cp_async16(dst[a] + p, src[a] + k);
+    }
+}
+
+// bn_fwd_resident4's work as a pipeline: items of `cap` units at most per stage; shared memory
+// holds the two stages (2*cap float4s).
+extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_pipe4(
+    int N, int C, int HW, int S, int cap, float eps, const float* x, float* part, unsigned* count,
+    float* mean, float* invstd, float* var_unbiased, float momentum, const float* rm,
+    const float* rv, float* rm_out, float* rv_out, const float* gamma, const float* beta,
+    const float* res, int relu, float* y) {
+    const int M = N * HW, M4 = M / 4, HW4 = HW / 4, items = C * S;
+    float4* stage0 = (float4*)dyn_shared_f32();
+    const float4* const src[1] = {(const float4*)x};
+    int item = blockIdx.x;
+    if (item < items) {
+        const BnChunk k = bn_chunk(M4, S, item % S);
+        float4* const dst[1] = {stage0};
+        bn_pipe_fetch<1>(C, HW4, item / S, k.lo, k.hi, src, dst, 1);
+    }
+    cp_async_commit();
+    __shared__ float stat[2];
+    for (int r = 0; item < items; ++r, item += gridDim.x) {
+        const int next = item + gridDim.x;
+        if (next < items) {
+            const BnChunk k = bn_chunk(M4, S, next % S);
+            float4* const dst[1] = {stage0 + ((r + 1) & 1) * cap};
+            bn_pipe_fetch<1>(C, HW4, next / S, k.lo, k.hi, src, dst, 1);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        const int c = item / S, s = item % S;
+        const BnChunk k = bn_chunk(M4, S, s);
+        const float4* cur = stage0 + (r & 1) * cap;
+        Moments m{0, 0.f, 0.f};
+        if (k.lo < k.hi) m = bn_range_moments4<2>(C, HW4, c, k.lo, k.hi, src[0], BnBuf4{cur, 0});
+        bn_fwd_meet(part, count, M, C, c, S, s, 4, m, eps, mean, invstd, var_unbiased, momentum,
+                    rm, rv, rm_out, rv_out, stat);
+        if (k.lo < k.hi)
+            bn_apply_walk_to<2>(bn_walk(C, HW4, c, k.lo, k.hi), stat[0], stat[1], gamma[c],
+                                beta[c], BnBuf4{cur, k.lo}, (const float4*)res, relu,
+                                BnToYT<float4>{(float4*)y});
+    }
+    cp_async_wait<0>();
+}
+
+// The masked output gradient and the input of the current stage (its copies of gy, x and, with a
+// fused ReLU, ry) at walk place p - lo: for the gradient sums lo = 0 (their p is the place), for
+// the input-gradient walk lo = the chunk's start (its p is the element j); whatever the address
+// the walk computed.
+struct BnGradBuf4 {
+    const float4 *shg, *shx, *shr;
+    int lo;
+    DEVICE_MEMBER float4 g(size_t k, int p) const {
+        (void)k;
+        return shr ? bn_mask4(shg[p - lo], shr[p - lo]) : shg[p - lo];
+    }
+    DEVICE_MEMBER float4 xv(size_t k, int p) const {
+        (void)k;
+        return shx[p - lo];
+    }
+    DEVICE_MEMBER void keep(int p, float4 g, float4 v) const {
+        (void)p;
+        (void)g;
+        (void)v;
+    }
+};
+
+// bn_bwd_resident4's work as a pipeline: each stage holds `cap` units of gy, x and (where ry is
+// not null) ry; shared memory holds the two stages (2 * cap * (ry ? 3 : 2) float4s).
+extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_pipe4(
+    int N, int C, int HW, int S, int cap, const float* x, const float* gy, const float* ry,
+    const float* mean, const float* invstd, const float* gamma, float* part, unsigned* count,
+    float* ggamma, float* gbeta, float* gm, float* gx) {
+    const int M = N * HW, M4 = M / 4, HW4 = HW / 4, items = C * S;
+    const int na = ry ? 3 : 2, stage = na * cap;
+    float4* stage0 = (float4*)dyn_shared_f32();
+    const float4* const src[3] = {(const float4*)gy, (const float4*)x, (const float4*)ry};
+    int item = blockIdx.x;
+    if (item < items) {
+        const BnChunk k = bn_chunk(M4, S, item % S);
+        float4* const dst[3] = {stage0, stage0 + cap, stage0 + 2 * cap};
+        bn_pipe_fetch<3>(C, HW4, item / S, k.lo, k.hi, src, dst, na);
+    }
+    cp_async_commit();
+    __shared__ float sums[2];
+    for (int r = 0; item < items; ++r, item += gridDim.x) {
+        const int next = item + gridDim.x;
+        if (next < items) {
+            const BnChunk k = bn_chunk(M4, S, next % S);
+            float4* const b = stage0 + ((r + 1) & 1) * stage;
+            float4* const dst[3] = {b, b + cap, b + 2 * cap};
+            bn_pipe_fetch<3>(C, HW4, next / S, k.lo, k.hi, src, dst, na);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        const int c = item / S, s = item % S;
+        const BnChunk k = bn_chunk(M4, S, s);
+        const float4* b = stage0 + (r & 1) * stage;
+        const float4* br = ry ? b + 2 * cap : 0;
+        const float mu = mean[c], is = invstd[c];
+        float sg_s = 0.f, sgx_s = 0.f;
+        if (k.lo < k.hi)
+            bn_range_grad_sums4(C, HW4, c, k.lo, k.hi, mu, is, (float4*)gm,
+                                BnGradBuf4{b, b + cap, br, 0}, &sg_s, &sgx_s);
+        bn_bwd_meet(part, count, C, c, S, s, sg_s, sgx_s, sums, ggamma, gbeta);
+        if (k.lo < k.hi)
+            bn_dx_walk_to<2>(bn_walk(C, HW4, c, k.lo, k.hi), M, mu, is, gamma[c], sums[0],
+                             sums[1], BnGradBuf4{b, b + cap, br, k.lo},
+                             BnToYT<float4>{(float4*)gx});
+    }
+    cp_async_wait<0>();
 }

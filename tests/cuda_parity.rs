@@ -1116,11 +1116,10 @@ fn batch_norm_split_reductions() {
     }
 }
 
-/// Launches of kernel `name` so far in this process (only one test's thread turns the resident
-/// batch-norm kernels on).
+/// Launches of kernel `name` so far by the calling thread (the tests run side by side, several
+/// of them launching the same batch-norm kernels).
 fn launches_of(name: &str) -> u64 {
-    let b = CudaBackend::get_concrete(0).unwrap();
-    b.launch_counts()
+    CudaBackend::launch_counts_here()
         .iter()
         .find(|(k, _)| *k == name)
         .map_or(0, |(_, n)| *n)
@@ -1139,6 +1138,8 @@ struct BnSet {
     vec: Option<bool>,
     /// Loads in flight per thread (`None`: left as set).
     inflight: Option<usize>,
+    /// The pipelined float4 kernels (`MEDSSL_CUDA_BN_PIPE`) on or off.
+    pipe: bool,
 }
 
 /// `f` with `set`, one-pass statistics and no one-launch batch norms on the calling thread, each
@@ -1155,6 +1156,7 @@ fn with_bn<T>(set: BnSet, f: impl FnOnce() -> T) -> T {
         cu::set_bn_resident_keep(set.keep),
         set.vec.map(|v| cu::set_bn_vec(Some(v))),
         set.inflight.map(|n| cu::set_bn_inflight(Some(n))),
+        cu::set_bn_pipe(Some(set.pipe)),
     );
     let out = f();
     cu::set_bn_resident(old.0 .0);
@@ -1169,6 +1171,7 @@ fn with_bn<T>(set: BnSet, f: impl FnOnce() -> T) -> T {
     if let Some(n) = old.6 {
         cu::set_bn_inflight(n);
     }
+    cu::set_bn_pipe(old.7);
     out
 }
 
@@ -1196,6 +1199,7 @@ fn batch_norm_resident_kernels() {
             keep,
             vec: None,
             inflight: None,
+            pipe: false,
         };
         with_bn(set, || case.all_outputs(g))
     };
@@ -1303,6 +1307,65 @@ fn batch_norm_resident_kernels() {
     );
 }
 
+/// Every batch-norm output of a case ([`BnCase::all_outputs`]) on the host.
+type BnOut = ([Vec<f32>; 16], [Vec<f32>; 2]);
+
+/// [`BnCase::all_outputs`] on `g` under `set`, on the host.
+fn bn_host_outputs(g: &dyn Backend, case: &BnCase, set: BnSet) -> BnOut {
+    let (out, ys) = with_bn(set, || case.all_outputs(g));
+    (
+        out.map(|t| t.to_vec().unwrap()),
+        ys.map(|t| t.to_vec().unwrap()),
+    )
+}
+
+/// `f`'s result and the launches of each named kernel during it.
+fn counted_launches<T>(names: &[&str], f: impl FnOnce() -> T) -> (T, Vec<u64>) {
+    let before: Vec<u64> = names.iter().map(|k| launches_of(k)).collect();
+    let out = f();
+    let after = names.iter().map(|k| launches_of(k));
+    (out, after.zip(before).map(|(a, b)| a - b).collect())
+}
+
+/// A random batch-norm case of `shape` on the device, with the CPU reference's outputs to check
+/// the device's against.
+struct BnChecked {
+    shape: [usize; 4],
+    case: BnCase,
+    want: [Tensor; 16],
+    want_ys: [Tensor; 2],
+}
+
+impl BnChecked {
+    fn new(rng: &mut Rng, g: &dyn Backend, shape: [usize; 4]) -> BnChecked {
+        let cpu_case = BnCase::random(rng, &shape);
+        let want = cpu_case.outputs(cpu());
+        let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
+        let want_ys = [BnAct::None, BnAct::Relu]
+            .map(|act| bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y);
+        BnChecked {
+            shape,
+            case: cpu_case.on(g),
+            want,
+            want_ys,
+        }
+    }
+
+    /// Every output in `got` against the CPU's at the batch-norm tolerances (the y's at 1e-4).
+    fn check(&self, g: &dyn Backend, what: &str, (got, ys): &BnOut) {
+        let shape = self.shape;
+        let tol = bn_tolerances((shape[0] * shape[2] * shape[3]) as f32);
+        for ((gt, ct), (name, rel, abs)) in got.iter().zip(&self.want).zip(tol) {
+            let gt = g.from_host(gt, ct.shape()).unwrap();
+            close(&format!("{what} {shape:?} {name}"), &gt, ct, rel, abs);
+        }
+        for (y, want) in ys.iter().zip(&self.want_ys) {
+            let y = g.from_host(y, want.shape()).unwrap();
+            close(&format!("{what} {shape:?} y"), &y, want, 1e-4, 1e-4);
+        }
+    }
+}
+
 /// `MEDSSL_CUDA_BN_VEC=on` (set per thread here): the float4 batch-norm kernels (16-byte loads
 /// and stores where a plane's H·W is a multiple of 4): the split path (`bn_stats_split4_*`,
 /// `bn_apply_chunks4`, `bn_bwd_split4`, `bn_dx_chunks4`) and the resident one
@@ -1318,7 +1381,6 @@ fn batch_norm_float4_kernels() {
     let Some(g) = gpu() else { return };
     let be = CudaBackend::get_concrete(0).unwrap();
     let mut rng = Rng::new(43);
-    type Out = ([Vec<f32>; 16], [Vec<f32>; 2]);
     // Every output with the float4 kernels on or off, the forward and backward resident or not,
     // `split` blocks per channel for the split kernels, `keep` elements kept per block and
     // `inflight` elements in flight per thread (0: each kernel's own).
@@ -1327,27 +1389,16 @@ fn batch_norm_float4_kernels() {
                    resident: (bool, bool),
                    split: usize,
                    keep: Option<usize>,
-                   inflight: usize|
-     -> Out {
+                   inflight: usize| {
         let set = BnSet {
             resident,
             split,
             keep,
             vec: Some(vec),
             inflight: Some(inflight),
+            pipe: false,
         };
-        let (out, ys) = with_bn(set, || case.all_outputs(g));
-        (
-            out.map(|t| t.to_vec().unwrap()),
-            ys.map(|t| t.to_vec().unwrap()),
-        )
-    };
-    // Launches of each named kernel during `f`.
-    let counted = |names: &[&str], f: &mut dyn FnMut() -> Out| -> (Out, Vec<u64>) {
-        let before: Vec<u64> = names.iter().map(|k| launches_of(k)).collect();
-        let out = f();
-        let after = names.iter().map(|k| launches_of(k));
-        (out, after.zip(before).map(|(a, b)| a - b).collect())
+        bn_host_outputs(g, case, set)
     };
     // The blocks per channel a split path of `m` elements (`m4` units) runs for a setting of `s`.
     let norm = |m: usize, s: usize| m.div_ceil(m.div_ceil(s.clamp(1, m)));
@@ -1371,34 +1422,20 @@ fn batch_norm_float4_kernels() {
     ] {
         let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
         let m4 = m / 4;
-        let cpu_case = BnCase::random(&mut rng, &shape);
-        let case = cpu_case.on(g);
-        let want = cpu_case.outputs(cpu());
-        let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
-        let want_ys = [BnAct::None, BnAct::Relu]
-            .map(|act| bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y);
-        let check = |what: &str, (got, ys): &Out| {
-            let tol = bn_tolerances(m as f32);
-            for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
-                let gt = g.from_host(gt, ct.shape()).unwrap();
-                close(&format!("{what} {shape:?} {name}"), &gt, ct, rel, abs);
-            }
-            for (y, want) in ys.iter().zip(&want_ys) {
-                let y = g.from_host(y, want.shape()).unwrap();
-                close(&format!("{what} {shape:?} y"), &y, want, 1e-4, 1e-4);
-            }
-        };
+        let checked = BnChecked::new(&mut rng, g, shape);
+        let case = &checked.case;
+        let check = |what: &str, out: &BnOut| checked.check(g, what, out);
         // The split path, three blocks per channel: each float4 kernel per output set (the
         // forward thrice, the train-mode backward twice plus the eval-mode one).
-        let (split, n) = counted(&split_names, &mut || {
-            outputs(&case, true, (false, false), 3, None, 0)
+        let (split, n) = counted_launches(&split_names, || {
+            outputs(case, true, (false, false), 3, None, 0)
         });
         assert_eq!(n, [3, 3, 3, 2], "{shape:?}: float4 split launches");
         check("float4 split", &split);
         // 8 and 16 elements in flight: their kernels, the same bits.
         for (inflight, name) in [(8, "bn_stats_split4_g2"), (16, "bn_stats_split4_g4")] {
-            let (out, n) = counted(&[name], &mut || {
-                outputs(&case, true, (false, false), 3, None, inflight)
+            let (out, n) = counted_launches(&[name], || {
+                outputs(case, true, (false, false), 3, None, inflight)
             });
             assert_eq!(n, [3], "{shape:?}: {name} launches");
             assert!(out == split, "{shape:?}: {name} differs");
@@ -1426,7 +1463,7 @@ fn batch_norm_float4_kernels() {
         ] {
             let plan = be.bn_resident_split(kind, c, m4);
             let s = plan.unwrap_or(1);
-            let (got, n) = counted(&names[..1], &mut || outputs(&case, true, on, s, None, 0));
+            let (got, n) = counted_launches(&names[..1], || outputs(case, true, on, s, None, 0));
             match plan {
                 Some(_) => assert_eq!(n, [per_set], "{shape:?}: {} launches", names[0]),
                 None => assert_eq!(n, [0], "{shape:?}: {c} channels cannot be resident"),
@@ -1437,22 +1474,22 @@ fn batch_norm_float4_kernels() {
             if norm(m, s) > 1 && norm(m4, norm(m, s)) == s {
                 same_split += 1;
                 assert!(
-                    got == outputs(&case, true, (false, false), s, None, 0),
+                    got == outputs(case, true, (false, false), s, None, 0),
                     "{shape:?}: {} and the float4 split kernels differ ({s} blocks)",
                     names[0]
                 );
             }
             for keep in [Some(0), Some(37), None] {
                 assert!(
-                    got == outputs(&case, true, on, s, keep, 0),
+                    got == outputs(case, true, on, s, keep, 0),
                     "{shape:?}: {} keeping {keep:?} elements differs",
                     names[0]
                 );
             }
             if plan.is_some() && kind == cu::Resident::Fwd4V2 {
                 for (inflight, name) in [(4, names[1]), (16, names[2])] {
-                    let (out, n) = counted(&[name], &mut || {
-                        outputs(&case, true, on, s, Some(37), inflight)
+                    let (out, n) = counted_launches(&[name], || {
+                        outputs(case, true, on, s, Some(37), inflight)
                     });
                     assert_eq!(n, [per_set], "{shape:?}: {name} launches");
                     assert!(out == got, "{shape:?}: {name} differs");
@@ -1473,7 +1510,7 @@ fn batch_norm_float4_kernels() {
             .chain(["bn_fwd_resident4_g2", "bn_bwd_resident4"])
             .collect();
         for on in [(false, false), (true, true)] {
-            let (got, n) = counted(&every, &mut || outputs(&case, true, on, 3, None, 0));
+            let (got, n) = counted_launches(&every, || outputs(&case, true, on, 3, None, 0));
             assert!(
                 n.iter().all(|&k| k == 0),
                 "{shape:?}: float4 launches {n:?}"
@@ -1483,6 +1520,122 @@ fn batch_norm_float4_kernels() {
                 "{shape:?}: MEDSSL_CUDA_BN_VEC=on changed the one-element kernels' bits"
             );
         }
+    }
+}
+
+/// `MEDSSL_CUDA_BN_PIPE=on` (set per thread here): the pipelined float4 batch norms
+/// (`bn_fwd_pipe4`, `bn_bwd_pipe4`: one wave of blocks taking the channels' chunks in turn, each
+/// block's next chunk copied into shared memory asynchronously while the current one's blocks
+/// meet). Every output against the CPU reference at the batch-norm tolerances, and bit for bit
+/// the float4 split kernels with as many chunks per channel, on shapes from one round of items
+/// to many (chunks limited to a few units, so that each block takes item after item and reuses
+/// both of its stages), with and without the fused ReLU's output copied beside x and the
+/// gradient. The emulation lands each asynchronous copy only when its thread waits for it, so
+/// a read of a stage before its wait reads NaN and fails here. Counted launches show which
+/// kernels ran; a shape whose channel needs more chunks than the grid has blocks, or whose
+/// planes are not whole float4s, runs the non-pipelined kernels with their bits.
+#[test]
+fn batch_norm_pipelined_kernels() {
+    let Some(g) = gpu() else { return };
+    let be = CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(47);
+    let outputs = |case: &BnCase, pipe: bool, split: usize, keep: Option<usize>| {
+        let set = BnSet {
+            resident: (false, false),
+            split,
+            keep,
+            vec: Some(true),
+            inflight: None,
+            pipe,
+        };
+        bn_host_outputs(g, case, set)
+    };
+    // The pipelined plans (forward; backward without and with the ReLU's output) under `keep`.
+    let plans = |c: usize, m4: usize, keep: Option<usize>| {
+        let old = cu::set_bn_resident_keep(keep);
+        let p = [
+            (cu::Resident::FwdPipe4, 1),
+            (cu::Resident::BwdPipe4, 2),
+            (cu::Resident::BwdPipe4, 3),
+        ]
+        .map(|(kind, arrays)| be.bn_pipe_plan(kind, c, m4, arrays));
+        cu::set_bn_resident_keep(old);
+        p
+    };
+    let norm = |m: usize, s: usize| m.div_ceil(m.div_ceil(s.clamp(1, m)));
+    let names = ["bn_fwd_pipe4", "bn_bwd_pipe4"];
+    let (mut ran, mut rounds, mut same_split) = (0, 0, 0);
+    for shape in [
+        [2, 3, 4, 6],
+        [1, 4, 2, 2],
+        [3, 5, 8, 12],
+        [9, 7, 20, 20],
+        [4, 16, 12, 12],
+        [2, 2, 160, 160],
+        [2, 40, 4, 4],
+    ] {
+        let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
+        let m4 = m / 4;
+        let checked = BnChecked::new(&mut rng, g, shape);
+        let case = &checked.case;
+        let check = |what: &str, out: &BnOut| checked.check(g, what, out);
+        // As much shared memory as the emulated device allows, then chunks of 8 and of 2 units
+        // (where the grid has blocks for them): items of a few units, many per block.
+        for keep in [None, Some(32), Some(8)] {
+            let p = plans(c, m4, keep);
+            // The eval-mode backward's sums take the split path: as many blocks as the plan's
+            // chunks, so that the whole set compares with the split kernels' below.
+            let split = p[0].map_or(3, |f| f.s);
+            let (got, n) = counted_launches(&names, || outputs(case, true, split, keep));
+            // Forward thrice per output set (add-ReLU, plain, ReLU), backward twice (through the
+            // ReLU, plain).
+            let want_n = [
+                3 * u64::from(p[0].is_some()),
+                u64::from(p[1].is_some()) + u64::from(p[2].is_some()),
+            ];
+            assert_eq!(
+                n, want_n,
+                "{shape:?} keep {keep:?}: pipelined launches ({p:?})"
+            );
+            check(&format!("pipelined keep {keep:?}"), &got);
+            let Some(f) = p[0] else { continue };
+            ran += 1;
+            let grid = f.cfg.grid_dim.0 as usize;
+            assert!(
+                f.s <= grid && f.cap * f.s >= m4 && f.cap * (f.s - 1) < m4,
+                "{f:?}"
+            );
+            rounds += usize::from(c * f.s > grid);
+            // Bit for bit the float4 split kernels with as many chunks (one chunk takes
+            // bn_stats / bn_bwd_reduce, which have no float4 form); both backwards planned alike.
+            if f.s > 1
+                && norm(m4, norm(m, f.s)) == f.s
+                && p[1..].iter().all(|b| b.is_some_and(|b| b.s == f.s))
+            {
+                same_split += 1;
+                assert!(
+                    got == outputs(case, false, f.s, keep),
+                    "{shape:?} keep {keep:?}: pipelined and float4 split kernels differ ({} chunks)",
+                    f.s
+                );
+            }
+        }
+    }
+    // (13, 6 and 9 on the emulated device's 16 blocks; 18, 3 and 14 on an H100's 264.)
+    assert!(
+        ran >= 13 && rounds >= 3 && same_split >= 9,
+        "pipelined kernels ran {ran} times, {rounds} over several rounds, {same_split} compared \
+         with split"
+    );
+    // Planes of H·W not a multiple of 4: no float4 kernel, the one-element kernels' bits.
+    for shape in [[3, 5, 11, 13], [2, 4, 6, 3]] {
+        let case = BnCase::random(&mut rng, &shape).on(g);
+        let (got, n) = counted_launches(&names, || outputs(&case, true, 3, None));
+        assert_eq!(n, [0, 0], "{shape:?}: pipelined launches");
+        assert!(
+            got == outputs(&case, false, 3, None),
+            "{shape:?}: MEDSSL_CUDA_BN_PIPE=on changed the one-element kernels' bits"
+        );
     }
 }
 
@@ -2727,7 +2880,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 19, "{r}");
+        assert_eq!(d.len(), 20, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2740,6 +2893,7 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
         ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
         ("MEDSSL_CUDA_BN_VEC", "on"),
+        ("MEDSSL_CUDA_BN_PIPE", "on"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
     assert_eq!(r["cudnn_fwd_algo"], "IMPLICIT_PRECOMP_GEMM", "{r}");
@@ -2756,6 +2910,7 @@ fn device_profile_records_what_ran() {
         ("bn_fwd", "resident", "split"),
         ("bn_bwd", "resident", "split"),
         ("bn_vec", "on", "off"),
+        ("bn_pipe", "on", "off"),
         ("conv1x1", "cublas", "cublas"),
     ] {
         assert_eq!(
@@ -2811,7 +2966,9 @@ fn training_state(st: &medssl::train::step::TrainState) -> Vec<(String, Vec<f32>
 /// read is replayed). The graph must actually be used: captured once, replayed on every step
 /// after the warm-up, never abandoned. A last run changes the labelled batch size in one step:
 /// that step no longer matches the graph, runs eagerly from its own start, and the run still
-/// gives the eager results. Bitwise on the emulated device (the same kernels in the same order);
+/// gives the eager results. Two more train DSRPGC on the float4 batch norms: on two launches and
+/// resident ones, then pipelined (`MEDSSL_CUDA_BN_PIPE=on`), whose kernels must each have run.
+/// Bitwise on the emulated device (the same kernels in the same order);
 /// within 1e-6 relative on a GPU (cuDNN may pick another algorithm per call).
 #[test]
 fn graph_steps_match_eager_steps() {
@@ -2847,6 +3004,13 @@ fn graph_steps_match_eager_steps() {
         keep: None,
         vec: Some(true),
         inflight: None,
+        pipe: false,
+    };
+    // The same with the pipelined float4 batch norms (MEDSSL_CUDA_BN_PIPE=on), which copy each
+    // block's next chunk into shared memory while the current one's blocks meet.
+    let pipelined = BnSet {
+        pipe: true,
+        ..float4
     };
     // (method, balancing, the step whose labelled batch has one image fewer, batch-norm switches)
     let cases = [
@@ -2856,6 +3020,7 @@ fn graph_steps_match_eager_steps() {
         (Method::Supervised, DsrBalance::Off, None, None),
         (Method::Dsrpgc, DsrBalance::Off, Some(6), None),
         (Method::Dsrpgc, DsrBalance::Off, None, Some(float4)),
+        (Method::Dsrpgc, DsrBalance::Off, None, Some(pipelined)),
     ];
     type Run = (
         Vec<StepStats>,
@@ -2899,11 +3064,19 @@ fn graph_steps_match_eager_steps() {
                 None => run_plain(graph),
             }
         };
-        let float4_launches =
-            || launches_of("bn_stats_split4_g1") + launches_of("bn_fwd_resident4_g2");
+        // The float4 kernels that must run: the pipelined forward and backward each, or a
+        // split or resident float4 forward.
+        let pipe = bn.is_some_and(|b| b.pipe);
+        let float4_launches = || match pipe {
+            true => [launches_of("bn_fwd_pipe4"), launches_of("bn_bwd_pipe4")],
+            false => [
+                launches_of("bn_stats_split4_g1") + launches_of("bn_fwd_resident4_g2"),
+                u64::MAX,
+            ],
+        };
         let float4_before = float4_launches();
         let what = format!(
-            "{method:?}/{balance:?}/short batch at {short:?}/float4 {}",
+            "{method:?}/{balance:?}/short batch at {short:?}/float4 {}/pipelined {pipe}",
             bn.is_some()
         );
         let (se, te, _) = run(false);
@@ -2919,9 +3092,13 @@ fn graph_steps_match_eager_steps() {
         });
         println!("{what}: graph {gs:?}; the other thread ran {rounds} rounds");
         if bn.is_some() {
+            let after = float4_launches();
             assert!(
-                float4_launches() > float4_before,
-                "{what}: no float4 batch norm ran"
+                after
+                    .iter()
+                    .zip(&float4_before)
+                    .all(|(a, b)| a > b || *b == u64::MAX),
+                "{what}: no float4 batch norm ran ({float4_before:?} -> {after:?})"
             );
         }
         if let Some(k) = short {

@@ -63,6 +63,7 @@ LABELS = {
     "bn_fwd": lambda v: f"bn fwd {v}",
     "bn_bwd": lambda v: f"bn bwd {v}",
     "bn_vec": lambda v: f"float4 bn {v}",
+    "bn_pipe": lambda v: f"pipelined bn {v}",
     "cpu_conv": lambda v: f"cpu conv {v}",
 }
 

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #define __global__
 #define __device__ static
@@ -37,9 +38,20 @@ typedef uint3 dim3;
 
 namespace emu {
 
-// The state of the CUDA thread that is running now (fiber or direct).
+// A 16-byte asynchronous copy from global to shared memory (cp_async16) not yet waited for:
+// its destination, source and the number of the commit group it belongs to.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    unsigned group;
+};
+
+// The state of the CUDA thread that is running now (fiber or direct): its index, and its
+// asynchronous copies still in flight with the number of commit groups it has closed.
 struct Thread {
     uint3 tid;
+    std::vector<AsyncCopy> copies;
+    unsigned committed = 0;
 };
 
 extern thread_local Thread* cur_thread;
@@ -106,6 +118,15 @@ void spin_pause();
 // The launch's dynamic shared memory (LaunchConfig::shared_mem_bytes) of the running block,
 // filled with NaN at the block's start (the device leaves it undefined).
 float* dyn_shared();
+
+// The asynchronous global-to-shared copies (common.cuh's cp_async16, cp_async_commit,
+// cp_async_wait): a copy is only recorded when issued and lands when its thread waits for its
+// group, as late as the device may land it, so that a kernel reading shared memory before its
+// wait reads the NaN the block's shared memory starts with and fails its parity test.
+void async_copy(void* dst, const void* src);
+void async_commit();
+// Lands every copy of the thread's committed groups except the newest `pending` ones.
+void async_wait(unsigned pending);
 }  // namespace emu
 
 static inline void __nanosleep(unsigned ns) {

@@ -266,6 +266,8 @@ void run_block_direct(const Kernel& k, void* const* args, unsigned nthreads) {
     cur_thread = &t;
     const uint3 bd = cur_block_dim;
     for (unsigned i = 0; i < nthreads; ++i) {
+        t.copies.clear();
+        t.committed = 0;
         t.tid.x = i % bd.x;
         t.tid.y = (i / bd.x) % bd.y;
         t.tid.z = i / (bd.x * bd.y);
@@ -290,6 +292,27 @@ void syncthreads() {
 }
 
 float* dyn_shared() { return dyn_smem.data(); }
+
+void async_copy(void* dst, const void* src) {
+    cur_thread->copies.push_back(AsyncCopy{dst, src, cur_thread->committed});
+}
+
+void async_commit() { ++cur_thread->committed; }
+
+void async_wait(unsigned pending) {
+    Thread& t = *cur_thread;
+    // Groups numbered below `done` are complete; the copies of the open group (not committed)
+    // are not waited for, as on the device.
+    const unsigned done = t.committed > pending ? t.committed - pending : 0;
+    size_t kept = 0;
+    for (const AsyncCopy& c : t.copies) {
+        if (c.group < done)
+            memcpy(c.dst, c.src, 16);
+        else
+            t.copies[kept++] = c;
+    }
+    t.copies.resize(kept);
+}
 
 void spin_pause() {
     if (spins++ == 0) spin_since = std::chrono::steady_clock::now();

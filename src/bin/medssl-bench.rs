@@ -182,7 +182,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 19] = [
+const SWITCH_KEYS: [&str; 20] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -202,6 +202,7 @@ const SWITCH_KEYS: [&str; 19] = [
     "bn_fwd",
     "bn_bwd",
     "bn_vec",
+    "bn_pipe",
 ];
 
 /// The CUDA backend's switches as it reads them, and as they are by default.
@@ -234,7 +235,14 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    (inflight, l2_hint, fusion_projected, read_later, vec): (usize, bool, bool, bool, bool),
+    (inflight, l2_hint, fusion_projected, read_later, vec, pipe): (
+        usize,
+        bool,
+        bool,
+        bool,
+        bool,
+        bool,
+    ),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
     let v = serde_json::json!({
@@ -260,6 +268,7 @@ fn switch_values(
         "bn_fwd": pick(resident, "resident", "split"),
         "bn_bwd": pick(resident_bwd, "resident", "split"),
         "bn_vec": pick(vec, "on", "off"),
+        "bn_pipe": pick(pipe, "on", "off"),
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -292,6 +301,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::fusion_projected(),
                     cuda::step_read_later(),
                     cuda::bn_vec(),
+                    cuda::bn_pipe(),
                 ),
             ),
             defaults: switch_values(
@@ -311,6 +321,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.fusion_projected,
                     d.step_read_later,
                     d.bn_vec,
+                    d.bn_pipe,
                 ),
             ),
             sms: match dev {

@@ -30,10 +30,11 @@ mod norm;
 pub use conv::deterministic_first as cudnn_deterministic_first;
 pub use fusion::{fusion_projected, set_fusion_projected};
 pub use norm::{
-    bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_l2_hint, bn_resident, bn_resident_bwd,
-    bn_split, bn_vec, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m, set_bn_inflight,
-    set_bn_l2_hint, set_bn_resident, set_bn_resident_bwd, set_bn_resident_keep, set_bn_split,
-    set_bn_vec, set_bn_welford, Resident, BN_SPLIT_WAVE,
+    bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_l2_hint, bn_pipe, bn_resident,
+    bn_resident_bwd, bn_split, bn_vec, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
+    set_bn_inflight, set_bn_l2_hint, set_bn_pipe, set_bn_resident, set_bn_resident_bwd,
+    set_bn_resident_keep, set_bn_split, set_bn_vec, set_bn_welford, PipePlan, Resident,
+    BN_SPLIT_WAVE,
 };
 mod optim;
 mod pool;
@@ -309,7 +310,7 @@ fn push_args<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, args: &'a [A]) {
 /// Kernels whose blocks wait for one another, so that all of them must be resident at once:
 /// launched as cooperative kernels (the driver refuses a grid larger than one wave), and run
 /// with every block at once on the emulated device.
-const COOPERATIVE: [&str; 9] = [
+const COOPERATIVE: [&str; 11] = [
     "bn_fwd_resident",
     "bn_fwd_resident_g1",
     "bn_fwd_resident_g4",
@@ -319,11 +320,19 @@ const COOPERATIVE: [&str; 9] = [
     "bn_fwd_resident4_g2",
     "bn_fwd_resident4_g4",
     "bn_bwd_resident4",
+    "bn_fwd_pipe4",
+    "bn_bwd_pipe4",
 ];
 
 /// Whether kernel `name` is launched cooperatively (see [`COOPERATIVE`]).
 pub(crate) fn cooperative(name: &str) -> bool {
     COOPERATIVE.contains(&name)
+}
+
+thread_local! {
+    /// [`CudaBackend::launch_counts_here`]: the work items the thread issued, by name.
+    static HERE_COUNTS: std::cell::RefCell<HashMap<&'static str, u64>> =
+        std::cell::RefCell::new(HashMap::new());
 }
 
 /// Threads per block of elementwise and warp-per-row kernels.
@@ -404,7 +413,7 @@ pub struct CudaBackend {
     split_resident: [std::sync::OnceLock<usize>; 3],
     /// Launch limits of the resident batch-norm kernels, forward and backward (each read once,
     /// see [`CudaBackend::resident_limits`]).
-    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 9],
+    resident: [std::sync::OnceLock<Option<norm::ResidentLimits>>; 11],
     /// Bytes of L2 set aside for evict-last lines (`MEDSSL_CUDA_BN_L2=hint`, done once; see
     /// [`CudaBackend::l2_set_aside`]).
     l2_aside: std::sync::OnceLock<usize>,
@@ -784,9 +793,20 @@ impl CudaBackend {
         lock(&self.counts).clear();
     }
 
+    /// The work items of [`CudaBackend::launch_counts`] that the calling thread issued, on any
+    /// device, since it started: what a test counts to see which kernels its own calls ran while
+    /// other tests issue work beside it.
+    pub fn launch_counts_here() -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> =
+            HERE_COUNTS.with(|c| c.borrow().iter().map(|(k, n)| (*k, *n)).collect());
+        v.sort();
+        v
+    }
+
     /// Counts one work item (see [`CudaBackend::launch_counts`]).
     pub(crate) fn count(&self, what: &'static str) {
         *lock(&self.counts).entry(what).or_insert(0) += 1;
+        HERE_COUNTS.with(|c| *c.borrow_mut().entry(what).or_insert(0) += 1);
     }
 
     /// Reads `t` once with a read-bandwidth probe (four loads in flight per thread, of one

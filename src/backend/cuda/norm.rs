@@ -134,6 +134,14 @@ pub enum Resident {
     Fwd4V4,
     /// `bn_bwd_resident4`: the float4 resident backward.
     Bwd4V,
+    /// `bn_fwd_pipe4`: the pipelined float4 forward ([`bn_pipe`], `MEDSSL_CUDA_BN_PIPE=on`):
+    /// one wave of blocks taking the channels' chunks a few channels at a time, each block
+    /// copying its next chunk of x into shared memory while it meets the other blocks of the
+    /// current one (see [`CudaBackend::bn_pipe_plan`] and kernels/norm.cu). Keeps two stages of x.
+    FwdPipe4,
+    /// `bn_bwd_pipe4`: its backward counterpart. Keeps two stages of the output gradient, x and
+    /// (with a fused ReLU) the ReLU's output.
+    BwdPipe4,
 }
 
 impl Resident {
@@ -167,7 +175,12 @@ impl Resident {
     /// [`CudaBackend::bn_resident_split`] / `resident_launch` counts are in float4 units.
     pub fn unit(self) -> usize {
         match self {
-            Resident::Fwd4V1 | Resident::Fwd4V2 | Resident::Fwd4V4 | Resident::Bwd4V => 4,
+            Resident::Fwd4V1
+            | Resident::Fwd4V2
+            | Resident::Fwd4V4
+            | Resident::Bwd4V
+            | Resident::FwdPipe4
+            | Resident::BwdPipe4 => 4,
             _ => 1,
         }
     }
@@ -183,23 +196,33 @@ impl Resident {
             Resident::Fwd4V2 => "bn_fwd_resident4_g2",
             Resident::Fwd4V4 => "bn_fwd_resident4_g4",
             Resident::Bwd4V => "bn_bwd_resident4",
+            Resident::FwdPipe4 => "bn_fwd_pipe4",
+            Resident::BwdPipe4 => "bn_bwd_pipe4",
         }
     }
 
-    /// The switch that asks for it, and what runs otherwise (for messages).
+    /// The setting that asks for it, and what runs otherwise (for messages).
     fn switch(self) -> (&'static str, &'static str) {
         match self {
             Resident::Bwd | Resident::BwdL2 | Resident::Bwd4V => {
-                ("MEDSSL_CUDA_BN_BWD", "batch-norm backwards")
+                ("MEDSSL_CUDA_BN_BWD=resident", "batch-norm backwards")
             }
-            _ => ("MEDSSL_CUDA_BN_FWD", "batch-norm forwards"),
+            Resident::FwdPipe4 => ("MEDSSL_CUDA_BN_PIPE=on", "batch-norm forwards"),
+            Resident::BwdPipe4 => ("MEDSSL_CUDA_BN_PIPE=on", "batch-norm backwards"),
+            _ => ("MEDSSL_CUDA_BN_FWD=resident", "batch-norm forwards"),
         }
+    }
+
+    /// Whether it is one of the pipelined kernels ([`CudaBackend::bn_pipe_plan`]).
+    pub fn pipelined(self) -> bool {
+        matches!(self, Resident::FwdPipe4 | Resident::BwdPipe4)
     }
 
     /// Tensors whose elements a block keeps (each gets the same number of elements).
     fn arrays(self) -> usize {
         match self {
-            Resident::Bwd | Resident::BwdL2 | Resident::Bwd4V => 2,
+            Resident::Bwd | Resident::BwdL2 | Resident::Bwd4V | Resident::FwdPipe4 => 2,
+            Resident::BwdPipe4 => 6,
             _ => 1,
         }
     }
@@ -238,7 +261,7 @@ impl CudaBackend {
                     Ok(Some(l)) => Some(l),
                     Ok(None) => {
                         eprintln!(
-                            "{switch}=resident: this device cannot keep {}'s blocks resident \
+                            "{switch}: this device cannot keep {}'s blocks resident \
                              together (no cooperative launch, or not one block per \
                              multiprocessor); {others} stay on two launches",
                             kind.kernel()
@@ -246,7 +269,7 @@ impl CudaBackend {
                         None
                     }
                     Err(e) => {
-                        eprintln!("{switch}=resident: {e}; {others} stay on two launches");
+                        eprintln!("{switch}: {e}; {others} stay on two launches");
                         None
                     }
                 }
@@ -342,6 +365,78 @@ impl CudaBackend {
         };
         (keep, cfg)
     }
+
+    /// The launch of the pipelined kernel `kind` ([`Resident::FwdPipe4`], [`Resident::BwdPipe4`])
+    /// for `c` channels of `m4` float4 units with `arrays` tensors copied per stage (the forward
+    /// 1; the backward 2, or 3 with a fused ReLU), or `None` where it cannot run (the device
+    /// cannot launch it cooperatively, or a channel would need more chunks than the grid has
+    /// blocks). The plan: `s` chunks per channel, each of at most `cap` units (so that two
+    /// stages of `arrays` tensors fit the shared memory the device allows a block of it,
+    /// limited by [`set_bn_resident_keep`]'s setting, in elements per tensor), and one wave of
+    /// blocks, at most the `c * s` items. Among the chunk counts from the fewest that fit to twice
+    /// that (or, where one round of the grid holds every item, to as many as fill it with chunks
+    /// of at least 4096 elements (`SPLIT_MIN_CHUNK`)), the one whose items fill the last round of the
+    /// grid best (fewest chunks on a tie):
+    /// block `b` takes items `b, b + grid, ...`, so an item count just past a multiple of the
+    /// grid would leave most blocks idle for a whole round.
+    pub fn bn_pipe_plan(
+        &self,
+        kind: Resident,
+        c: usize,
+        m4: usize,
+        arrays: usize,
+    ) -> Option<PipePlan> {
+        let lim = self.resident_limits(kind)?;
+        let allowed = lim.keep * 4 * kind.arrays();
+        let cap = (allowed / (32 * arrays.max(1))).min(here(&KEEP_HERE, || usize::MAX) / 4);
+        if c == 0 || m4 == 0 || cap == 0 || lim.blocks == 0 {
+            return None;
+        }
+        let fewest = m4.div_ceil(cap);
+        if fewest > lim.blocks {
+            return None;
+        }
+        // Up to twice the fewest, or, where one round of the grid holds every item, as many as
+        // fill it with chunks of at least SPLIT_MIN_CHUNK elements (a small activation then
+        // spreads over as many blocks as the split kernels give it).
+        let spread = (lim.blocks / c).min(m4 / (SPLIT_MIN_CHUNK / 4));
+        let most = (2 * fewest).max(spread).min(lim.blocks).min(m4);
+        // Fill of the last round as a fraction items / (rounds * blocks), compared exactly.
+        let fill = |s: usize| {
+            let items = c * s;
+            (items, items.div_ceil(lim.blocks) * lim.blocks)
+        };
+        let s = (fewest..=most)
+            .map(|s| filled_chunks(s, m4))
+            .reduce(|best, s| {
+                let ((bi, br), (si, sr)) = (fill(best), fill(s));
+                if si * br > bi * sr {
+                    s
+                } else {
+                    best
+                }
+            })?;
+        let cap = m4.div_ceil(s);
+        let grid = (c * s).min(lim.blocks);
+        let bytes = 32 * arrays.max(1) * cap;
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(grid).ok()?, 1, 1),
+            block_dim: (RED_THREADS, 1, 1),
+            shared_mem_bytes: u32::try_from(bytes).ok()?,
+        };
+        Some(PipePlan { s, cap, cfg })
+    }
+}
+
+/// A launch of a pipelined batch-norm kernel ([`CudaBackend::bn_pipe_plan`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PipePlan {
+    /// Chunks per channel.
+    pub s: usize,
+    /// Float4 units per chunk at most, per tensor and stage.
+    pub cap: usize,
+    /// One wave of blocks with the shared memory of the two stages.
+    pub cfg: LaunchConfig,
 }
 
 /// [`CudaBackend::resident_limits`] on a device.
@@ -424,6 +519,8 @@ thread_local! {
     static KEEP_HERE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     /// [`set_bn_vec`]'s setting.
     static VEC_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// [`set_bn_pipe`]'s setting.
+    static PIPE_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// The calling thread's setting of `key`, else `env()`.
@@ -589,6 +686,22 @@ pub fn bn_vec() -> bool {
 /// `MEDSSL_CUDA_BN_VEC`); returns the previous setting.
 pub fn set_bn_vec(on: Option<bool>) -> Option<bool> {
     VEC_HERE.with(|s| s.replace(on))
+}
+
+/// Whether the train-mode batch norms that run their float4 kernels ([`bn_vec`]) and would take
+/// more than one launch per channel run the pipelined ones instead, `bn_fwd_pipe4` and
+/// `bn_bwd_pipe4` (one cooperative launch each; see [`CudaBackend::bn_pipe_plan`] and
+/// kernels/norm.cu), whatever [`bn_resident`] and [`bn_resident_bwd`] say. The same bits as the
+/// float4 split kernels with as many blocks per channel. [`set_bn_pipe`]'s setting, else
+/// `MEDSSL_CUDA_BN_PIPE` (`off` by default: no GPU has timed them yet).
+pub fn bn_pipe() -> bool {
+    here(&PIPE_HERE, || super::switches::current().bn_pipe)
+}
+
+/// Sets [`bn_pipe`] for the batch norms the calling thread issues (`None`: back to
+/// `MEDSSL_CUDA_BN_PIPE`); returns the previous setting.
+pub fn set_bn_pipe(on: Option<bool>) -> Option<bool> {
+    PIPE_HERE.with(|s| s.replace(on))
 }
 
 /// Whether a batch norm over planes of `hw` elements whose tensors are at the device addresses
@@ -772,18 +885,25 @@ fn train_fwd(
     let vec = welford != 0 && vec_fits(hw, &[be.p(x)?, be.p(&y)?, res_p]);
     // Elements, or float4 units, per channel.
     let mu = if vec { m / 4 } else { m };
+    let pipe = vec && bn_pipe();
     let kind = match vec {
+        true if pipe => Resident::FwdPipe4,
         true => Resident::fwd4(groups(true)),
         false => Resident::fwd(groups(true)),
     };
-    let resident = match welford != 0 && bn_resident() && !one_launch(split, m) {
-        true => be.bn_resident_split(kind, c, mu),
+    // One launch: pipelined (MEDSSL_CUDA_BN_PIPE=on, float4) or resident (MEDSSL_CUDA_BN_FWD).
+    // (s, kept or staged elements per block, launch).
+    let resident = match welford != 0 && (pipe || bn_resident()) && !one_launch(split, m) {
+        true if pipe => be.bn_pipe_plan(kind, c, mu, 1).map(|p| (p.s, p.cap, p.cfg)),
+        true => be.bn_resident_split(kind, c, mu).map(|s| {
+            let (keep, cfg) = be.resident_launch(kind, c, mu, s);
+            (s, keep, cfg)
+        }),
         false => None,
     };
     if c == 0 {
         // Nothing to normalise.
-    } else if let Some(s) = resident {
-        let (keep, cfg) = be.resident_launch(kind, c, mu, s);
+    } else if let Some((s, keep, cfg)) = resident {
         let part = be.buffer(c * s * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -1074,20 +1194,30 @@ pub(super) fn batch_norm_train_bwd(
     let vec = vec_fits(h * w, &[be.p(x)?, be.p(gy)?, ry, gm_p, be.p(&gx)?]);
     // Elements, or float4 units, per channel.
     let mu = if vec { m / 4 } else { m };
+    let pipe = vec && bn_pipe();
     let kind = match vec {
+        true if pipe => Resident::BwdPipe4,
         true => Resident::Bwd4V,
         false => Resident::bwd(l2),
     };
-    let resident = match c > 0 && bn_resident_bwd() {
-        true if !one_launch(split_on(be, c, m), m) => be.bn_resident_split(kind, c, mu),
-        _ => None,
+    // One launch: pipelined (MEDSSL_CUDA_BN_PIPE=on, float4; copying gy, x and any ReLU output)
+    // or resident (MEDSSL_CUDA_BN_BWD). (s, kept or staged elements per block, launch).
+    let resident = match c > 0 && (pipe || bn_resident_bwd()) {
+        true if one_launch(split_on(be, c, m), m) => None,
+        true if pipe => be
+            .bn_pipe_plan(kind, c, mu, if ry != 0 { 3 } else { 2 })
+            .map(|p| (p.s, p.cap, p.cfg)),
+        true => be.bn_resident_split(kind, c, mu).map(|s| {
+            let (keep, cfg) = be.resident_launch(kind, c, mu, s);
+            (s, keep, cfg)
+        }),
+        false => None,
     };
-    if let Some(s) = resident {
+    if let Some((s, keep, cfg)) = resident {
         if l2 {
             be.l2_set_aside();
         }
         let (gg, gb) = (be.empty(&[c])?, be.empty(&[c])?);
-        let (keep, cfg) = be.resident_launch(kind, c, mu, s);
         let part = be.buffer(c * s * 2)?;
         let args = [
             A::I(ci(n)?),

@@ -23,6 +23,7 @@
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
 //! | `MEDSSL_CUDA_BN_VEC` | `off`, `on`: the train-mode batch norms above one launch per channel access four elements at a time (16-byte loads and stores) where a plane's H·W is a multiple of 4 and the tensors are 16-byte aligned (not under `MEDSSL_CUDA_BN_L2=hint`, nor with two-pass statistics; see `bn_vec`) | `off` |
+//! | `MEDSSL_CUDA_BN_PIPE` | `off`, `on`: where the float4 batch norms run (`MEDSSL_CUDA_BN_VEC=on`) above one launch per channel, the forward and the backward each run as one pipelined cooperative launch that takes the channels a few at a time and copies each block's next chunk into shared memory while the current one's blocks meet (see `bn_pipe`; before `MEDSSL_CUDA_BN_FWD` and `MEDSSL_CUDA_BN_BWD`) | `off` |
 //!
 //! An empty value counts as unset.
 
@@ -136,6 +137,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_VEC=on`: the split and resident train-mode batch norms run their float4
     /// kernels where the shape and alignment allow (`off`, the default: one element per access).
     pub bn_vec: bool,
+    /// `MEDSSL_CUDA_BN_PIPE=on`: the float4 train-mode batch norms above one launch per channel
+    /// run their pipelined one-launch kernels (`off`, the default).
+    pub bn_pipe: bool,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -257,6 +261,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_resident: !choice("MEDSSL_CUDA_BN_FWD", ["split", "resident"])?,
         bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
         bn_vec: !choice("MEDSSL_CUDA_BN_VEC", ["off", "on"])?,
+        bn_pipe: !choice("MEDSSL_CUDA_BN_PIPE", ["off", "on"])?,
     })
 }
 
@@ -315,6 +320,7 @@ mod tests {
         assert!(d.bn_apply_chunks);
         assert!(!d.bn_resident && !d.bn_resident_bwd);
         assert!(!d.bn_vec);
+        assert!(!d.bn_pipe);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -336,6 +342,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FWD", "resident"),
             ("MEDSSL_CUDA_BN_BWD", "resident"),
             ("MEDSSL_CUDA_BN_VEC", "on"),
+            ("MEDSSL_CUDA_BN_PIPE", "on"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
                 "MEDSSL_CUDNN_BWD_DATA_ALGO",
@@ -369,6 +376,7 @@ mod tests {
         assert!(!s.bn_apply_chunks);
         assert!(s.bn_resident && s.bn_resident_bwd);
         assert!(s.bn_vec);
+        assert!(s.bn_pipe);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
@@ -392,6 +400,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_FWD", "split"),
             ("MEDSSL_CUDA_BN_BWD", "split"),
             ("MEDSSL_CUDA_BN_VEC", "off"),
+            ("MEDSSL_CUDA_BN_PIPE", "off"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -468,6 +477,7 @@ mod tests {
                 "split (the default) or resident",
             ),
             ("MEDSSL_CUDA_BN_VEC", "4", "off (the default) or on"),
+            ("MEDSSL_CUDA_BN_PIPE", "yes", "off (the default) or on"),
             ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
             (
                 "MEDSSL_CUDNN_BWD_FILTER_ALGO",
