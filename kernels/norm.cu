@@ -1661,9 +1661,12 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_resident4(
 // Thread t copies, reads and writes only the units at walk places p = t, t + blockDim.x, ... of
 // each chunk (p = j - lo, the same walk in every phase), so its own copies need no barrier, and a
 // stage is refilled only after the same thread's last read of it (two items back). Items of a
-// channel are consecutive, so a block only ever waits for items no later than its own in every
-// other block's sequence (S <= B, all resident): no deadlock. The statistics, sums and
-// elementwise arithmetic are the float4 split kernels' with the same S: the same bits.
+// channel are consecutive and S <= B, so every item a block takes before one of channel c belongs
+// to an earlier channel: by induction over the channels, all S blocks of every channel reach its
+// meeting (all resident): no deadlock. The host cuts no empty chunk, so every block of an item
+// passes the barriers of its sums before its thread 0 rewrites the shared statistics of the item
+// before. The statistics, sums and elementwise arithmetic are the float4 split kernels' with the
+// same S: the same bits.
 
 // A unit of the current stage: for the moments (load) at walk place p, for the normalising walk
 // (operator()) at element j, place j - lo; whatever the address the walk computed.

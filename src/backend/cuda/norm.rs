@@ -213,11 +213,6 @@ impl Resident {
         }
     }
 
-    /// Whether it is one of the pipelined kernels ([`CudaBackend::bn_pipe_plan`]).
-    pub fn pipelined(self) -> bool {
-        matches!(self, Resident::FwdPipe4 | Resident::BwdPipe4)
-    }
-
     /// Tensors whose elements a block keeps (each gets the same number of elements).
     fn arrays(self) -> usize {
         match self {
@@ -375,10 +370,9 @@ impl CudaBackend {
     /// limited by [`set_bn_resident_keep`]'s setting, in elements per tensor), and one wave of
     /// blocks, at most the `c * s` items. Among the chunk counts from the fewest that fit to twice
     /// that (or, where one round of the grid holds every item, to as many as fill it with chunks
-    /// of at least 4096 elements (`SPLIT_MIN_CHUNK`)), the one whose items fill the last round of the
-    /// grid best (fewest chunks on a tie):
-    /// block `b` takes items `b, b + grid, ...`, so an item count just past a multiple of the
-    /// grid would leave most blocks idle for a whole round.
+    /// of at least 4096 elements, `SPLIT_MIN_CHUNK`), the one whose items fill the last round of
+    /// the grid best, the fewest on a tie: block `b` takes items `b, b + grid, ...`, so an item
+    /// count just past a multiple of the grid would leave most blocks idle for a whole round.
     pub fn bn_pipe_plan(
         &self,
         kind: Resident,
