@@ -2880,7 +2880,7 @@ fn device_profile_records_what_ran() {
         );
         // A default run's switches are its build's defaults (tools/ops-table.py relies on it).
         let d = r["defaults"].as_object().unwrap();
-        assert_eq!(d.len(), 20, "{r}");
+        assert_eq!(d.len(), 21, "{r}");
         assert!(d.iter().all(|(k, v)| &r[k] == v), "{r}");
     }
     // Switches set through the environment show in the row, beside the unchanged defaults.
@@ -2894,6 +2894,7 @@ fn device_profile_records_what_ran() {
         ("MEDSSL_CUDA_BN_INFLIGHT", "16"),
         ("MEDSSL_CUDA_BN_VEC", "on"),
         ("MEDSSL_CUDA_BN_PIPE", "on"),
+        ("MEDSSL_CUDA_BN_KEEP", "4096"),
     ];
     let r = &ops(&env, &["--op", "relu", "--warmup", "0"])[0];
     assert_eq!(r["cudnn_fwd_algo"], "IMPLICIT_PRECOMP_GEMM", "{r}");
@@ -2903,6 +2904,11 @@ fn device_profile_records_what_ran() {
         "{r}"
     );
     assert!(r["defaults"]["cudnn_fwd_algo"].is_null(), "{r}");
+    assert_eq!(
+        (&r["bn_keep"], &r["defaults"]["bn_keep"]),
+        (&serde_json::json!(4096), &serde_json::json!("auto")),
+        "{r}"
+    );
     for (k, now, default) in [
         ("conv", "im2col", "cudnn"),
         ("bn_split", "auto", "wave"),

@@ -11,7 +11,9 @@
 #   - the pipelined float4 batch norms (MEDSSL_CUDA_BN_PIPE=on: one cooperative launch taking the
 #     channels a few at a time, each block's next chunk copied into shared memory with cp.async
 #     while the current chunk's blocks meet, so that reads and writes overlap and x is read
-#     once), beside the split and resident ones, per kernel and in the step;
+#     once), beside the split and resident ones, per kernel and in the step, and with shorter
+#     chunks than the fewest that fit (MEDSSL_CUDA_BN_KEEP=8192 and 2048 elements: more items
+#     per block, more rounds of the grid);
 #   - the read probes beside them (--op read_reference: a flat read-only pass of one float and
 #     of one float4 per load, four loads in flight; run 8's statistics pass read x at 1.6-1.9
 #     TB/s where mixed traffic moved 2.8-2.96 TB/s: is that the device's read-only rate, or the
@@ -33,7 +35,7 @@ BN="--op batch_norm"
 export BENCH_CUDA_CONFIGS="${BENCH_CUDA_CONFIGS-"$W16 --fill-queue $B2B|$W16 --cuda-graph $B2B|$W64 --fill-queue $B2B|$W64 --cuda-graph $B2B|$PIPE $W16 --cuda-graph $B2B|$PIPE $W64 --cuda-graph $B2B|$VEC $W16 --cuda-graph $B2B|$VEC $W64 --cuda-graph $B2B|$VEC $IN16 $W64 --cuda-graph|$RES $W64 --cuda-graph|$VEC $RES $W64 --cuda-graph"}"
 export BENCH_CPU_CONFIGS="${BENCH_CPU_CONFIGS-}"
 export PEER_CONFIGS="${PEER_CONFIGS-"$W16 --fill-queue $B2B|$W64 --fill-queue $B2B"}"
-export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu,read_reference|$PIPE $BIG $BN|$VEC $BIG $BN|$VEC $IN4 $BIG $BN|$VEC $IN16 $BIG $BN|$IN16 $BIG $BN|$RES $BIG $BN|$VEC $RES $BIG $BN|$VEC $RES $IN16 $BIG $BN"}"
+export OPS_CUDA_CONFIGS="${OPS_CUDA_CONFIGS-"$BIG --op batch_norm,relu,read_reference|$PIPE $BIG $BN|$PIPE MEDSSL_CUDA_BN_KEEP=8192 $BIG $BN|$PIPE MEDSSL_CUDA_BN_KEEP=2048 $BIG $BN|$VEC $BIG $BN|$VEC $IN4 $BIG $BN|$VEC $IN16 $BIG $BN|$IN16 $BIG $BN|$RES $BIG $BN|$VEC $RES $BIG $BN|$VEC $RES $IN16 $BIG $BN"}"
 export PEER_OPS_CONFIGS="${PEER_OPS_CONFIGS-"$BIG --op batch_norm,relu"}"
 P="--repeats 3 --profile"
 export PROFILE_OPS_CONFIGS="${PROFILE_OPS_CONFIGS-"$BIG $BN $P|$PIPE $BIG $BN $P|$VEC $BIG $BN $P|$VEC $RES $BIG $BN $P|$BIG --op read_reference $P"}"

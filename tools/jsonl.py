@@ -64,6 +64,7 @@ LABELS = {
     "bn_bwd": lambda v: f"bn bwd {v}",
     "bn_vec": lambda v: f"float4 bn {v}",
     "bn_pipe": lambda v: f"pipelined bn {v}",
+    "bn_keep": lambda v: f"bn keep {v}",
     "cpu_conv": lambda v: f"cpu conv {v}",
 }
 

@@ -182,7 +182,7 @@ fn cuda_backend(dev: Device) -> Option<&'static medssl::backend::cuda::CudaBacke
 /// The names, in result rows, of the CUDA backend's numerics and kernel-choice switches
 /// (`backend::cuda::switches`; `conv` is `MEDSSL_CUDA_CONV`, `conv1x1` `MEDSSL_CUDA_CONV1X1`,
 /// `cudnn_fwd_algo` `MEDSSL_CUDNN_FWD_ALGO` (null when unset), and so on).
-const SWITCH_KEYS: [&str; 20] = [
+const SWITCH_KEYS: [&str; 21] = [
     "tf32",
     "cudnn_algo",
     "cudnn_deterministic_first",
@@ -203,6 +203,7 @@ const SWITCH_KEYS: [&str; 20] = [
     "bn_bwd",
     "bn_vec",
     "bn_pipe",
+    "bn_keep",
 ];
 
 /// The CUDA backend's switches as it reads them, and as they are by default.
@@ -235,13 +236,14 @@ fn switch_values(
     deterministic_first: bool,
     fused_max_m: usize,
     (split, welford, chunks, resident, resident_bwd): (usize, bool, bool, bool, bool),
-    (inflight, l2_hint, fusion_projected, read_later, vec, pipe): (
+    (inflight, l2_hint, fusion_projected, read_later, vec, pipe, keep): (
         usize,
         bool,
         bool,
         bool,
         bool,
         bool,
+        usize,
     ),
 ) -> serde_json::Map<String, serde_json::Value> {
     let pick = |on: bool, yes: &'static str, no: &'static str| if on { yes } else { no };
@@ -269,6 +271,10 @@ fn switch_values(
         "bn_bwd": pick(resident_bwd, "resident", "split"),
         "bn_vec": pick(vec, "on", "off"),
         "bn_pipe": pick(pipe, "on", "off"),
+        "bn_keep": match keep {
+            usize::MAX => serde_json::json!("auto"),
+            n => serde_json::json!(n),
+        },
     });
     match v {
         serde_json::Value::Object(m) => m,
@@ -302,6 +308,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     cuda::step_read_later(),
                     cuda::bn_vec(),
                     cuda::bn_pipe(),
+                    cuda::bn_keep(),
                 ),
             ),
             defaults: switch_values(
@@ -322,6 +329,7 @@ fn cuda_choices(dev: Device) -> Option<CudaChoices> {
                     d.step_read_later,
                     d.bn_vec,
                     d.bn_pipe,
+                    d.bn_keep,
                 ),
             ),
             sms: match dev {

@@ -352,7 +352,7 @@ impl CudaBackend {
         let unit = kind.unit();
         let keep = (self.resident_limits(kind).map_or(0, |l| l.keep) / unit)
             .min(m.div_ceil(s))
-            .min(here(&KEEP_HERE, || usize::MAX) / unit);
+            .min(bn_keep() / unit);
         let bytes = 4 * unit * kind.arrays() * keep;
         let cfg = LaunchConfig {
             shared_mem_bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
@@ -382,7 +382,7 @@ impl CudaBackend {
     ) -> Option<PipePlan> {
         let lim = self.resident_limits(kind)?;
         let allowed = lim.keep * 4 * kind.arrays();
-        let cap = (allowed / (32 * arrays.max(1))).min(here(&KEEP_HERE, || usize::MAX) / 4);
+        let cap = (allowed / (32 * arrays.max(1))).min(bn_keep() / 4);
         if c == 0 || m4 == 0 || cap == 0 || lim.blocks == 0 {
             return None;
         }
@@ -655,10 +655,19 @@ pub fn set_bn_resident_bwd(on: Option<bool>) -> Option<bool> {
     RESIDENT_BWD_HERE.with(|s| s.replace(on))
 }
 
+/// The most elements of each kept tensor a block of the resident or pipelined batch-norm kernels
+/// keeps in shared memory (the pipelined ones per stage: their chunks are at most that long;
+/// `usize::MAX`: as many as the device allows a block): [`set_bn_resident_keep`]'s setting, else
+/// `MEDSSL_CUDA_BN_KEEP` (`auto` by default: as many as fit). A benchmark of the pipelined
+/// kernels can so try shorter chunks than the fewest that fit (more items, more rounds).
+pub fn bn_keep() -> usize {
+    here(&KEEP_HERE, || super::switches::current().bn_keep)
+}
+
 /// Limits the elements (of each kept tensor) each block of the resident kernels keeps in shared
 /// memory to `n` for the batch norms the calling thread issues (tests: `Some(0)` keeps none, so
-/// every element is read twice; `None`: as many as the device allows); returns the previous
-/// setting.
+/// every element is read twice; `None`: back to `MEDSSL_CUDA_BN_KEEP`, see [`bn_keep`]); returns
+/// the previous setting.
 pub fn set_bn_resident_keep(n: Option<usize>) -> Option<usize> {
     KEEP_HERE.with(|s| s.replace(n))
 }

@@ -23,6 +23,7 @@
 //! | `MEDSSL_CUDA_BN_FWD` | `split` (statistics and normalising pass in two launches where one block per channel is too few), `resident` (one cooperative launch that reads x once; see `bn_resident`) | `split` |
 //! | `MEDSSL_CUDA_BN_BWD` | `split` (gradient sums and input gradient in two launches, likewise), `resident` (one cooperative launch that reads x and the output gradient once; see `bn_resident_bwd`) | `split` |
 //! | `MEDSSL_CUDA_BN_VEC` | `off`, `on`: the train-mode batch norms above one launch per channel access four elements at a time (16-byte loads and stores) where a plane's H·W is a multiple of 4 and the tensors are 16-byte aligned (not under `MEDSSL_CUDA_BN_L2=hint`, nor with two-pass statistics; see `bn_vec`) | `off` |
+//! | `MEDSSL_CUDA_BN_KEEP` | `auto`, or a whole number >= 1: at most that many elements of each tensor a block of the resident or pipelined batch norms keeps in shared memory (the pipelined ones: per stage, so their chunks are at most that long; `auto`: as many as the device allows a block; see `bn_keep`) | `auto` |
 //! | `MEDSSL_CUDA_BN_PIPE` | `off`, `on`: where the float4 batch norms run (`MEDSSL_CUDA_BN_VEC=on`) above one launch per channel, the forward and the backward each run as one pipelined cooperative launch that takes the channels a few at a time and copies each block's next chunk into shared memory while the current one's blocks meet (see `bn_pipe`; before `MEDSSL_CUDA_BN_FWD` and `MEDSSL_CUDA_BN_BWD`) | `off` |
 //!
 //! An empty value counts as unset.
@@ -140,6 +141,9 @@ pub struct Switches {
     /// `MEDSSL_CUDA_BN_PIPE=on`: the float4 train-mode batch norms above one launch per channel
     /// run their pipelined one-launch kernels (`off`, the default).
     pub bn_pipe: bool,
+    /// `MEDSSL_CUDA_BN_KEEP`: elements of each tensor a block of the resident or pipelined batch
+    /// norms keeps in shared memory at most; `usize::MAX` (`auto`, the default): as many as fit.
+    pub bn_keep: usize,
 }
 
 /// Parses the switches from `get(name)` (the environment, or a test's map).
@@ -205,6 +209,19 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
                 )),
             },
         };
+    let bn_keep = match val("MEDSSL_CUDA_BN_KEEP").as_deref() {
+        None | Some("auto") => usize::MAX,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n >= 1 && n != usize::MAX => n,
+            _ => {
+                return Err(bad(
+                    "MEDSSL_CUDA_BN_KEEP",
+                    v,
+                    "auto (the default) or a whole number >= 1 (elements per tensor and block)",
+                ))
+            }
+        },
+    };
     let bn_inflight = match val("MEDSSL_CUDA_BN_INFLIGHT").as_deref() {
         None | Some("auto") => 0,
         Some(v @ ("4" | "8" | "16")) => v.parse().expect("a listed number"),
@@ -262,6 +279,7 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> std::result::Result<Switch
         bn_resident_bwd: !choice("MEDSSL_CUDA_BN_BWD", ["split", "resident"])?,
         bn_vec: !choice("MEDSSL_CUDA_BN_VEC", ["off", "on"])?,
         bn_pipe: !choice("MEDSSL_CUDA_BN_PIPE", ["off", "on"])?,
+        bn_keep,
     })
 }
 
@@ -321,6 +339,7 @@ mod tests {
         assert!(!d.bn_resident && !d.bn_resident_bwd);
         assert!(!d.bn_vec);
         assert!(!d.bn_pipe);
+        assert_eq!(d.bn_keep, usize::MAX);
         // An empty value is unset.
         assert_eq!(with(&[("MEDSSL_TF32", "")]).unwrap(), d);
         let s = with(&[
@@ -343,6 +362,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_BWD", "resident"),
             ("MEDSSL_CUDA_BN_VEC", "on"),
             ("MEDSSL_CUDA_BN_PIPE", "on"),
+            ("MEDSSL_CUDA_BN_KEEP", "4096"),
             ("MEDSSL_CUDNN_FWD_ALGO", "implicit_precomp_gemm"),
             (
                 "MEDSSL_CUDNN_BWD_DATA_ALGO",
@@ -377,6 +397,7 @@ mod tests {
         assert!(s.bn_resident && s.bn_resident_bwd);
         assert!(s.bn_vec);
         assert!(s.bn_pipe);
+        assert_eq!(s.bn_keep, 4096);
         assert_eq!(with(&[("MEDSSL_CUDA_BN_SPLIT", "7")]).unwrap().bn_split, 7);
         assert_eq!(
             with(&[("MEDSSL_CUDA_BN_SPLIT", "auto")]).unwrap().bn_split,
@@ -401,6 +422,7 @@ mod tests {
             ("MEDSSL_CUDA_BN_BWD", "split"),
             ("MEDSSL_CUDA_BN_VEC", "off"),
             ("MEDSSL_CUDA_BN_PIPE", "off"),
+            ("MEDSSL_CUDA_BN_KEEP", "auto"),
         ])
         .unwrap();
         assert_eq!(spelled, d);
@@ -478,6 +500,11 @@ mod tests {
             ),
             ("MEDSSL_CUDA_BN_VEC", "4", "off (the default) or on"),
             ("MEDSSL_CUDA_BN_PIPE", "yes", "off (the default) or on"),
+            (
+                "MEDSSL_CUDA_BN_KEEP",
+                "0",
+                "auto (the default) or a whole number >= 1",
+            ),
             ("MEDSSL_CUDNN_FWD_ALGO", "ALGO_0", "one of IMPLICIT_GEMM, "),
             (
                 "MEDSSL_CUDNN_BWD_FILTER_ALGO",
