@@ -383,33 +383,7 @@ impl CudaBackend {
         let lim = self.resident_limits(kind)?;
         let allowed = lim.keep * 4 * kind.arrays();
         let cap = (allowed / (32 * arrays.max(1))).min(bn_keep() / 4);
-        if c == 0 || m4 == 0 || cap == 0 || lim.blocks == 0 {
-            return None;
-        }
-        let fewest = m4.div_ceil(cap);
-        if fewest > lim.blocks {
-            return None;
-        }
-        // Up to twice the fewest, or, where one round of the grid holds every item, as many as
-        // fill it with chunks of at least SPLIT_MIN_CHUNK elements (a small activation then
-        // spreads over as many blocks as the split kernels give it).
-        let spread = (lim.blocks / c).min(m4 / (SPLIT_MIN_CHUNK / 4));
-        let most = (2 * fewest).max(spread).min(lim.blocks).min(m4);
-        // Fill of the last round as a fraction items / (rounds * blocks), compared exactly.
-        let fill = |s: usize| {
-            let items = c * s;
-            (items, items.div_ceil(lim.blocks) * lim.blocks)
-        };
-        let s = (fewest..=most)
-            .map(|s| filled_chunks(s, m4))
-            .reduce(|best, s| {
-                let ((bi, br), (si, sr)) = (fill(best), fill(s));
-                if si * br > bi * sr {
-                    s
-                } else {
-                    best
-                }
-            })?;
+        let s = pipe_chunks(c, m4, cap, lim.blocks)?;
         let cap = m4.div_ceil(s);
         let grid = (c * s).min(lim.blocks);
         let bytes = 32 * arrays.max(1) * cap;
@@ -420,6 +394,39 @@ impl CudaBackend {
         };
         Some(PipePlan { s, cap, cfg })
     }
+}
+
+/// The chunks per channel of [`CudaBackend::bn_pipe_plan`] for `c` channels of `m4` units,
+/// chunks of at most `cap` units and a grid of `blocks`: `None` where a channel needs more chunks
+/// than the grid has blocks (or nothing fits).
+fn pipe_chunks(c: usize, m4: usize, cap: usize, blocks: usize) -> Option<usize> {
+    if c == 0 || m4 == 0 || cap == 0 || blocks == 0 {
+        return None;
+    }
+    let fewest = m4.div_ceil(cap);
+    if fewest > blocks {
+        return None;
+    }
+    // Up to twice the fewest, or, where one round of the grid holds every item, as many as fill
+    // it with chunks of at least SPLIT_MIN_CHUNK elements (a small activation then spreads over
+    // as many blocks as the split kernels give it).
+    let spread = (blocks / c).min(m4 / (SPLIT_MIN_CHUNK / 4));
+    let most = (2 * fewest).max(spread).min(blocks).min(m4);
+    // Fill of the last round as a fraction items / (rounds * blocks), compared exactly.
+    let fill = |s: usize| {
+        let items = c * s;
+        (items, items.div_ceil(blocks) * blocks)
+    };
+    (fewest..=most)
+        .map(|s| filled_chunks(s, m4))
+        .reduce(|best, s| {
+            let ((bi, br), (si, sr)) = (fill(best), fill(s));
+            if si * br > bi * sr {
+                s
+            } else {
+                best
+            }
+        })
 }
 
 /// A launch of a pipelined batch-norm kernel ([`CudaBackend::bn_pipe_plan`]).
@@ -1428,7 +1435,7 @@ pub(super) fn l2_normalize_bwd(be: &CudaBackend, x: &Tensor, gy: &Tensor) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::{split_count, BN_SPLIT_WAVE, SPLIT_MIN_CHUNK};
+    use super::{pipe_chunks, split_count, BN_SPLIT_WAVE, SPLIT_MIN_CHUNK};
 
     /// Chunks as the kernels cut them: `ceil(m / s)` long, the last one shorter.
     fn chunks(m: usize, s: usize) -> Vec<usize> {
@@ -1482,6 +1489,45 @@ mod tests {
                 let c = chunks(m, s);
                 assert!(c.iter().all(|&n| n > 0), "m {m} s {s}: {c:?}");
                 assert_eq!(c.iter().sum::<usize>(), m);
+            }
+        }
+    }
+
+    #[test]
+    fn pipe_chunks_fit_the_stages_and_fill_the_last_round() {
+        // An H100 (264 blocks): the forward's two stages of x allow 3603 units per chunk, the
+        // backward's of gy and x 1806, with the ReLU's output too 1204. [256,64,28,28] (50176
+        // units per channel): 14 chunks fit, 16 make 1024 items, 97 % of 4 rounds (14: 85 %);
+        // the backward 33 and 66 chunks.
+        let m4 = 256 * 784 / 4;
+        assert_eq!(pipe_chunks(64, m4, 3603, 264), Some(16));
+        assert_eq!(pipe_chunks(64, m4, 1806, 264), Some(33));
+        assert_eq!(pipe_chunks(64, m4, 1204, 264), Some(66));
+        // [256,128,14,14]: 4 chunks fit, 512 items fill 2 rounds to 97 %.
+        assert_eq!(pipe_chunks(128, 256 * 196 / 4, 3603, 264), Some(4));
+        // A small activation ([36,16,28,28], 7056 units): one round holds every item, so as many
+        // chunks as fill it with chunks of at least 1024 units: 6, as the split kernels.
+        assert_eq!(pipe_chunks(16, 36 * 784 / 4, 3603, 264), Some(6));
+        // A channel needing more chunks than the grid has blocks, or nothing at all: none.
+        assert_eq!(pipe_chunks(4, 264 * 100 + 1, 100, 264), None);
+        assert_eq!(pipe_chunks(0, m4, 3603, 264), None);
+        assert_eq!(pipe_chunks(64, 0, 3603, 264), None);
+        assert_eq!(pipe_chunks(64, m4, 0, 264), None);
+        // Always: chunks of at most `cap` units, none empty, at most the grid's blocks.
+        for c in [1, 3, 64, 300] {
+            for m4 in [1, 7, 100, 1000, 5000] {
+                for cap in [1, 5, 64, 1000] {
+                    let Some(s) = pipe_chunks(c, m4, cap, 16) else {
+                        assert!(m4.div_ceil(cap) > 16, "{c} {m4} {cap}");
+                        continue;
+                    };
+                    let ch = chunks(m4, s);
+                    assert!(
+                        s <= 16 && ch.iter().all(|&n| n > 0 && n <= cap),
+                        "{s} {ch:?}"
+                    );
+                    assert_eq!(ch.iter().sum::<usize>(), m4);
+                }
             }
         }
     }
