@@ -999,6 +999,20 @@ __device__ __forceinline__ void bn_split_sums(const float* part, int c, int S, f
     *sgx_out = (float)sgx;
 }
 
+// The end of a block of the split gradient sums: publishes the chunk's partial sums (sg_s,
+// sgx_s); the channel's last block adds the S partials in chunk order (bn_split_sums), sets the
+// channel's counter back to 0 and stores gbeta and ggamma (see bn_bwd_split).
+__device__ __forceinline__ void bn_bwd_split_end(float* part, unsigned* count, int c, int S,
+                                                 int s, float sg_s, float sgx_s, float* ggamma,
+                                                 float* gbeta) {
+    if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
+    float sg, sgx;
+    bn_split_sums(part, c, S, &sg, &sgx);
+    count[c] = 0u;
+    gbeta[c] = sg;
+    ggamma[c] = sgx;
+}
+
 // gbeta = sum(gy), ggamma = sum(gy * xhat) with S blocks per channel: partial sums of each chunk
 // (bn_range_grad_sums, gm written as bn_bwd_reduce does), added by the channel's last block.
 // With l2 != 0 (MEDSSL_CUDA_BN_L2=hint) the inputs are loaded evict-last (see BnGradLoadL2).
@@ -1015,12 +1029,7 @@ extern "C" __global__ void bn_bwd_split(int N, int C, int HW, int S, const float
     else if (k.lo < k.hi)
         bn_range_grad_sums(C, HW, c, k.lo, k.hi, x, gy, ry, mean[c], invstd[c], gm, &sg_s,
                            &sgx_s);
-    if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
-    float sg, sgx;
-    bn_split_sums(part, c, S, &sg, &sgx);
-    count[c] = 0u;
-    gbeta[c] = sg;
-    ggamma[c] = sgx;
+    bn_bwd_split_end(part, count, c, S, s, sg_s, sgx_s, ggamma, gbeta);
 }
 
 // ---- the elementwise pass of the two-launch path on the reduction's grid ----
@@ -1595,12 +1604,7 @@ extern "C" __global__ void bn_bwd_split4(int N, int C, int HW, int S, const floa
         bn_range_grad_sums4(C, HW / 4, c, k.lo, k.hi, mean[c], invstd[c], (float4*)gm,
                             BnGradLoadT<float4>{(const float4*)x, (const float4*)gy, (const float4*)ry},
                             &sg_s, &sgx_s);
-    if (!bn_split_publish(part, count, c, S, s, sg_s, sgx_s)) return;
-    float sg, sgx;
-    bn_split_sums(part, c, S, &sg, &sgx);
-    count[c] = 0u;
-    gbeta[c] = sg;
-    ggamma[c] = sgx;
+    bn_bwd_split_end(part, count, c, S, s, sg_s, sgx_s, ggamma, gbeta);
 }
 
 
@@ -1687,17 +1691,19 @@ struct BnBuf4 {
     }
 };
 
-// Thread t's asynchronous copies of channel c's units [lo, hi) of each of `n` tensors src[a]
-// into dst[a] at their walk places p = j - lo (one copy per unit and tensor).
+// Thread t's asynchronous copies of item `item`'s chunk (chunk item % S, of M4 units, of channel
+// item / S) of each of `n` tensors src[a] into the stage at `stage`, tensor a at stage + a*cap,
+// at their walk places p = j - lo (one copy per unit and tensor).
 template <int NA>
-__device__ __forceinline__ void bn_pipe_fetch(int C, int HW4, int c, int lo, int hi,
-                                              const float4* const (&src)[NA],
-                                              float4* const (&dst)[NA], int n) {
-    for (BnWalk w = bn_walk(C, HW4, c, lo, hi); bn_has(w, 0);) {
-        const int p = w.p.j - lo;
-        const size_t k = bn_next(w);
+__device__ __forceinline__ void bn_pipe_fetch(int C, int HW4, int M4, int S, int item,
+                                              const float4* const (&src)[NA], float4* stage,
+                                              int cap, int n) {
+    const BnChunk k = bn_chunk(M4, S, item % S);
+    for (BnWalk w = bn_walk(C, HW4, item / S, k.lo, k.hi); bn_has(w, 0);) {
+        const int p = w.p.j - k.lo;
+        const size_t o = bn_next(w);
         for (int a = 0; a < NA; ++a)
-            if (a < n) cp_async16(dst[a] + p, src[a] + k);
+            if (a < n) cp_async16(stage + a * cap + p, src[a] + o);
     }
 }
 
@@ -1712,20 +1718,13 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_fwd_pipe4(
     float4* stage0 = (float4*)dyn_shared_f32();
     const float4* const src[1] = {(const float4*)x};
     int item = blockIdx.x;
-    if (item < items) {
-        const BnChunk k = bn_chunk(M4, S, item % S);
-        float4* const dst[1] = {stage0};
-        bn_pipe_fetch<1>(C, HW4, item / S, k.lo, k.hi, src, dst, 1);
-    }
+    if (item < items) bn_pipe_fetch<1>(C, HW4, M4, S, item, src, stage0, cap, 1);
     cp_async_commit();
     __shared__ float stat[2];
     for (int r = 0; item < items; ++r, item += gridDim.x) {
         const int next = item + gridDim.x;
-        if (next < items) {
-            const BnChunk k = bn_chunk(M4, S, next % S);
-            float4* const dst[1] = {stage0 + ((r + 1) & 1) * cap};
-            bn_pipe_fetch<1>(C, HW4, next / S, k.lo, k.hi, src, dst, 1);
-        }
+        if (next < items)
+            bn_pipe_fetch<1>(C, HW4, M4, S, next, src, stage0 + ((r + 1) & 1) * cap, cap, 1);
         cp_async_commit();
         cp_async_wait<1>();
         const int c = item / S, s = item % S;
@@ -1776,21 +1775,13 @@ extern "C" __launch_bounds__(512, 2) __global__ void bn_bwd_pipe4(
     float4* stage0 = (float4*)dyn_shared_f32();
     const float4* const src[3] = {(const float4*)gy, (const float4*)x, (const float4*)ry};
     int item = blockIdx.x;
-    if (item < items) {
-        const BnChunk k = bn_chunk(M4, S, item % S);
-        float4* const dst[3] = {stage0, stage0 + cap, stage0 + 2 * cap};
-        bn_pipe_fetch<3>(C, HW4, item / S, k.lo, k.hi, src, dst, na);
-    }
+    if (item < items) bn_pipe_fetch<3>(C, HW4, M4, S, item, src, stage0, cap, na);
     cp_async_commit();
     __shared__ float sums[2];
     for (int r = 0; item < items; ++r, item += gridDim.x) {
         const int next = item + gridDim.x;
-        if (next < items) {
-            const BnChunk k = bn_chunk(M4, S, next % S);
-            float4* const b = stage0 + ((r + 1) & 1) * stage;
-            float4* const dst[3] = {b, b + cap, b + 2 * cap};
-            bn_pipe_fetch<3>(C, HW4, next / S, k.lo, k.hi, src, dst, na);
-        }
+        if (next < items)
+            bn_pipe_fetch<3>(C, HW4, M4, S, next, src, stage0 + ((r + 1) & 1) * stage, cap, na);
         cp_async_commit();
         cp_async_wait<1>();
         const int c = item / S, s = item % S;

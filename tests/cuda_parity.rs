@@ -1175,138 +1175,6 @@ fn with_bn<T>(set: BnSet, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// The one-launch resident batch-norm kernels (`MEDSSL_CUDA_BN_FWD=resident` /
-/// `MEDSSL_CUDA_BN_BWD=resident`, set per thread here; `bn_fwd_resident`, `bn_bwd_resident`:
-/// cooperative launches whose blocks wait for the other blocks of their channel): on odd shapes,
-/// batch 1 and a channel count above what the emulated device holds at once (which must fall back
-/// to two launches), with each block keeping all, part or none of its chunk in shared memory, and
-/// chunks long enough for their eight-load groups. Every output against the CPU reference at the
-/// batch-norm tolerances (forward with running statistics and each epilogue; backward plain and
-/// through the fused ReLU with the masked gradient kept), and bit for bit the two-launch kernels
-/// with as many blocks per channel; counted launches show which path ran.
-#[test]
-fn batch_norm_resident_kernels() {
-    let Some(g) = gpu() else { return };
-    let be = CudaBackend::get_concrete(0).unwrap();
-    let mut rng = Rng::new(41);
-    type Out = ([Vec<f32>; 16], [Vec<f32>; 2]);
-    // Every output, with the forward (fwd) or backward (bwd) resident, `split` blocks per
-    // channel for the two-launch kernels.
-    let outputs = |case: &BnCase, resident: (bool, bool), split: usize, keep: Option<usize>| {
-        let set = BnSet {
-            resident,
-            split,
-            keep,
-            vec: None,
-            inflight: None,
-            pipe: false,
-        };
-        with_bn(set, || case.all_outputs(g))
-    };
-    let bits = |(o, ys): ([Tensor; 16], [Tensor; 2])| -> Out {
-        (
-            o.map(|t| t.to_vec().unwrap()),
-            ys.map(|t| t.to_vec().unwrap()),
-        )
-    };
-    let mut ran = [0; 2];
-    for shape in [
-        [2, 3, 5, 7],
-        [1, 4, 3, 3],
-        [3, 5, 11, 13],
-        [9, 7, 23, 19],
-        [1, 2, 64, 80],
-        [4, 16, 9, 9],
-        // 12-13 elements per thread: a group of eight loads, one of four, then single ones.
-        [2, 2, 160, 160],
-        [2, 300, 2, 3],
-    ] {
-        let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
-        let cpu_case = BnCase::random(&mut rng, &shape);
-        let case = cpu_case.on(g);
-        let want = cpu_case.outputs(cpu());
-        let [x, gamma, beta, rm, rv, ..] = &cpu_case.t;
-        let want_ys = [BnAct::None, BnAct::Relu]
-            .map(|act| bn_running(cpu(), x, gamma, beta, rm, rv, act).0.y);
-        // (kind, kernel, the switches, launches per output set: the forward with each of its
-        // three epilogues; the backward through the ReLU and the plain one)
-        for (kind, kernel, on, per_set, r) in [
-            (cu::Resident::Fwd, "bn_fwd_resident", (true, false), 3, 0),
-            (cu::Resident::Bwd, "bn_bwd_resident", (false, true), 2, 1),
-        ] {
-            let plan = be.bn_resident_split(kind, c, m);
-            let s = plan.unwrap_or(1);
-            let before = launches_of(kernel);
-            let (got, ys) = outputs(&case, on, s, None);
-            let launched = launches_of(kernel) - before;
-            match plan {
-                Some(_) => assert_eq!(launched, per_set, "{shape:?}: {kernel} launches"),
-                None => assert_eq!(launched, 0, "{shape:?}: {c} channels cannot be resident"),
-            }
-            ran[r] += usize::from(plan.is_some());
-            let tol = bn_tolerances(m as f32);
-            for ((gt, ct), (name, rel, abs)) in got.iter().zip(&want).zip(tol) {
-                let what = format!("{kernel} {shape:?} ({s} blocks per channel) {name}");
-                close(&what, gt, ct, rel, abs);
-            }
-            for (y, want) in ys.iter().zip(&want_ys) {
-                close(&format!("{kernel} {shape:?} y"), y, want, 1e-4, 1e-4);
-            }
-            // The two-launch kernels with as many blocks per channel give the same bits, and so
-            // does the resident one keeping none or an odd part of each chunk, or called again
-            // (its arrival counters are back to zero).
-            let got = bits((got, ys));
-            assert!(
-                got == bits(outputs(&case, (false, false), s, None)),
-                "{shape:?}: {kernel} and the two-launch kernels differ ({s} blocks per channel)"
-            );
-            for keep in [Some(0), Some(37), None] {
-                assert!(
-                    got == bits(outputs(&case, on, s, keep)),
-                    "{shape:?}: {kernel} keeping {keep:?} differs"
-                );
-            }
-            // The forward with 4, 8 (its own) and 16 loads in flight per thread
-            // (MEDSSL_CUDA_BN_INFLIGHT), each with and without L2 eviction priorities
-            // (MEDSSL_CUDA_BN_L2=hint), and the backward with and without them (its hinted
-            // kernel is bn_bwd_resident_l2): their other kernels, the same bits.
-            let variants: &[(usize, [&str; 2])] = match kind {
-                cu::Resident::Fwd => &[
-                    (4, ["bn_fwd_resident_g1"; 2]),
-                    (8, ["bn_fwd_resident"; 2]),
-                    (16, ["bn_fwd_resident_g4"; 2]),
-                ],
-                _ => &[(0, ["bn_bwd_resident", "bn_bwd_resident_l2"])],
-            };
-            for (&(inflight, names), hint) in
-                variants.iter().flat_map(|v| [false, true].map(|h| (v, h)))
-            {
-                let variant = names[usize::from(hint)];
-                let old = (
-                    cu::set_bn_inflight(Some(inflight)),
-                    cu::set_bn_l2_hint(Some(hint)),
-                );
-                let before = launches_of(variant);
-                let out = bits(outputs(&case, on, s, Some(37)));
-                let launched = launches_of(variant) - before;
-                cu::set_bn_inflight(old.0);
-                cu::set_bn_l2_hint(old.1);
-                if plan.is_some() {
-                    assert_eq!(launched, per_set, "{shape:?}: {variant} launches");
-                }
-                assert!(
-                    got == out,
-                    "{shape:?}: {variant} ({inflight} loads in flight, L2 hints {hint}) differs"
-                );
-            }
-        }
-    }
-    assert!(
-        ran.iter().all(|&n| n >= 7),
-        "the resident kernels ran on only {ran:?} shapes"
-    );
-}
-
 /// Every batch-norm output of a case ([`BnCase::all_outputs`]) on the host.
 type BnOut = ([Vec<f32>; 16], [Vec<f32>; 2]);
 
@@ -1364,6 +1232,115 @@ impl BnChecked {
             close(&format!("{what} {shape:?} y"), &y, want, 1e-4, 1e-4);
         }
     }
+}
+
+/// The one-launch resident batch-norm kernels (`MEDSSL_CUDA_BN_FWD=resident` /
+/// `MEDSSL_CUDA_BN_BWD=resident`, set per thread here; `bn_fwd_resident`, `bn_bwd_resident`:
+/// cooperative launches whose blocks wait for the other blocks of their channel): on odd shapes,
+/// batch 1 and a channel count above what the emulated device holds at once (which must fall back
+/// to two launches), with each block keeping all, part or none of its chunk in shared memory, and
+/// chunks long enough for their eight-load groups. Every output against the CPU reference at the
+/// batch-norm tolerances (forward with running statistics and each epilogue; backward plain and
+/// through the fused ReLU with the masked gradient kept), and bit for bit the two-launch kernels
+/// with as many blocks per channel; counted launches show which path ran.
+#[test]
+fn batch_norm_resident_kernels() {
+    let Some(g) = gpu() else { return };
+    let be = CudaBackend::get_concrete(0).unwrap();
+    let mut rng = Rng::new(41);
+    // Every output, with the forward (fwd) or backward (bwd) resident, `split` blocks per
+    // channel for the two-launch kernels.
+    let outputs = |case: &BnCase, resident: (bool, bool), split: usize, keep: Option<usize>| {
+        let set = BnSet {
+            resident,
+            split,
+            keep,
+            vec: None,
+            inflight: None,
+            pipe: false,
+        };
+        bn_host_outputs(g, case, set)
+    };
+    let mut ran = [0; 2];
+    for shape in [
+        [2, 3, 5, 7],
+        [1, 4, 3, 3],
+        [3, 5, 11, 13],
+        [9, 7, 23, 19],
+        [1, 2, 64, 80],
+        [4, 16, 9, 9],
+        // 12-13 elements per thread: a group of eight loads, one of four, then single ones.
+        [2, 2, 160, 160],
+        [2, 300, 2, 3],
+    ] {
+        let (c, m) = (shape[1], shape[0] * shape[2] * shape[3]);
+        let checked = BnChecked::new(&mut rng, g, shape);
+        let case = &checked.case;
+        // (kind, kernel, the switches, launches per output set: the forward with each of its
+        // three epilogues; the backward through the ReLU and the plain one)
+        for (kind, kernel, on, per_set, r) in [
+            (cu::Resident::Fwd, "bn_fwd_resident", (true, false), 3, 0),
+            (cu::Resident::Bwd, "bn_bwd_resident", (false, true), 2, 1),
+        ] {
+            let plan = be.bn_resident_split(kind, c, m);
+            let s = plan.unwrap_or(1);
+            let (got, n) = counted_launches(&[kernel], || outputs(case, on, s, None));
+            match plan {
+                Some(_) => assert_eq!(n, [per_set], "{shape:?}: {kernel} launches"),
+                None => assert_eq!(n, [0], "{shape:?}: {c} channels cannot be resident"),
+            }
+            ran[r] += usize::from(plan.is_some());
+            checked.check(g, &format!("{kernel} ({s} blocks per channel)"), &got);
+            // The two-launch kernels with as many blocks per channel give the same bits, and so
+            // does the resident one keeping none or an odd part of each chunk, or called again
+            // (its arrival counters are back to zero).
+            assert!(
+                got == outputs(case, (false, false), s, None),
+                "{shape:?}: {kernel} and the two-launch kernels differ ({s} blocks per channel)"
+            );
+            for keep in [Some(0), Some(37), None] {
+                assert!(
+                    got == outputs(case, on, s, keep),
+                    "{shape:?}: {kernel} keeping {keep:?} differs"
+                );
+            }
+            // The forward with 4, 8 (its own) and 16 loads in flight per thread
+            // (MEDSSL_CUDA_BN_INFLIGHT), each with and without L2 eviction priorities
+            // (MEDSSL_CUDA_BN_L2=hint), and the backward with and without them (its hinted
+            // kernel is bn_bwd_resident_l2): their other kernels, the same bits.
+            let variants: &[(usize, [&str; 2])] = match kind {
+                cu::Resident::Fwd => &[
+                    (4, ["bn_fwd_resident_g1"; 2]),
+                    (8, ["bn_fwd_resident"; 2]),
+                    (16, ["bn_fwd_resident_g4"; 2]),
+                ],
+                _ => &[(0, ["bn_bwd_resident", "bn_bwd_resident_l2"])],
+            };
+            for (&(inflight, names), hint) in
+                variants.iter().flat_map(|v| [false, true].map(|h| (v, h)))
+            {
+                let variant = names[usize::from(hint)];
+                let old = (
+                    cu::set_bn_inflight(Some(inflight)),
+                    cu::set_bn_l2_hint(Some(hint)),
+                );
+                let (out, n) = counted_launches(&[variant], || outputs(case, on, s, Some(37)));
+                cu::set_bn_inflight(old.0);
+                cu::set_bn_l2_hint(old.1);
+                if plan.is_some() {
+                    assert_eq!(n, [per_set], "{shape:?}: {variant} launches");
+                }
+                assert!(
+                    got == out,
+                    "{shape:?}: {variant} ({inflight} loads in flight, L2 hints {hint}) differs"
+                );
+            }
+        }
+    }
+    assert!(
+        ran.iter().all(|&n| n >= 7),
+        "the resident kernels ran on only {ran:?} shapes"
+    );
 }
 
 /// `MEDSSL_CUDA_BN_VEC=on` (set per thread here): the float4 batch-norm kernels (16-byte loads
@@ -1602,7 +1579,7 @@ fn batch_norm_pipelined_kernels() {
             ran += 1;
             let grid = f.cfg.grid_dim.0 as usize;
             assert!(
-                f.s <= grid && f.cap * f.s >= m4 && f.cap * (f.s - 1) < m4,
+                f.s <= grid && f.keep * f.s >= m4 && f.keep * (f.s - 1) < m4,
                 "{f:?}"
             );
             rounds += usize::from(c * f.s > grid);

@@ -33,7 +33,7 @@ pub use norm::{
     bn_apply_chunks, bn_fused_max_m, bn_inflight, bn_keep, bn_l2_hint, bn_pipe, bn_resident,
     bn_resident_bwd, bn_split, bn_vec, bn_welford, set_bn_apply_chunks, set_bn_fused_max_m,
     set_bn_inflight, set_bn_l2_hint, set_bn_pipe, set_bn_resident, set_bn_resident_bwd,
-    set_bn_resident_keep, set_bn_split, set_bn_vec, set_bn_welford, PipePlan, Resident,
+    set_bn_resident_keep, set_bn_split, set_bn_vec, set_bn_welford, OneLaunch, Resident,
     BN_SPLIT_WAVE,
 };
 mod optim;

@@ -342,13 +342,7 @@ impl CudaBackend {
     /// chunk's length and [`set_bn_resident_keep`]'s setting) and the grid, with the shared
     /// memory they take. For the float4 kinds `m` and the count returned are in float4 units
     /// (the device's limit and the setting, in elements, rounded down to whole units).
-    fn resident_launch(
-        &self,
-        kind: Resident,
-        c: usize,
-        m: usize,
-        s: usize,
-    ) -> (usize, LaunchConfig) {
+    fn resident_launch(&self, kind: Resident, c: usize, m: usize, s: usize) -> OneLaunch {
         let unit = kind.unit();
         let keep = (self.resident_limits(kind).map_or(0, |l| l.keep) / unit)
             .min(m.div_ceil(s))
@@ -358,7 +352,27 @@ impl CudaBackend {
             shared_mem_bytes: u32::try_from(bytes).unwrap_or(u32::MAX),
             ..cfg_split(s, c)
         };
-        (keep, cfg)
+        OneLaunch { s, keep, cfg }
+    }
+
+    /// The one launch of `kind` for `c` channels of `m` elements (float4 units for the float4
+    /// kinds): the pipelined kinds' [`CudaBackend::bn_pipe_plan`] with `arrays` tensors copied
+    /// per stage, the resident kinds' [`CudaBackend::bn_resident_split`] and launch (`arrays`
+    /// unused); `None` where it cannot run.
+    fn one_launch_plan(
+        &self,
+        kind: Resident,
+        c: usize,
+        m: usize,
+        arrays: usize,
+    ) -> Option<OneLaunch> {
+        match kind {
+            Resident::FwdPipe4 | Resident::BwdPipe4 => self.bn_pipe_plan(kind, c, m, arrays),
+            _ => {
+                let s = self.bn_resident_split(kind, c, m)?;
+                Some(self.resident_launch(kind, c, m, s))
+            }
+        }
     }
 
     /// The launch of the pipelined kernel `kind` ([`Resident::FwdPipe4`], [`Resident::BwdPipe4`])
@@ -379,7 +393,7 @@ impl CudaBackend {
         c: usize,
         m4: usize,
         arrays: usize,
-    ) -> Option<PipePlan> {
+    ) -> Option<OneLaunch> {
         let lim = self.resident_limits(kind)?;
         let allowed = lim.keep * 4 * kind.arrays();
         let cap = (allowed / (32 * arrays.max(1))).min(bn_keep() / 4);
@@ -392,7 +406,7 @@ impl CudaBackend {
             block_dim: (RED_THREADS, 1, 1),
             shared_mem_bytes: u32::try_from(bytes).ok()?,
         };
-        Some(PipePlan { s, cap, cfg })
+        Some(OneLaunch { s, keep: cap, cfg })
     }
 }
 
@@ -429,14 +443,16 @@ fn pipe_chunks(c: usize, m4: usize, cap: usize, blocks: usize) -> Option<usize> 
         })
 }
 
-/// A launch of a pipelined batch-norm kernel ([`CudaBackend::bn_pipe_plan`]).
+/// The launch of a resident or pipelined batch-norm kernel ([`CudaBackend::bn_pipe_plan`],
+/// `resident_launch`).
 #[derive(Clone, Copy, Debug)]
-pub struct PipePlan {
-    /// Chunks per channel.
+pub struct OneLaunch {
+    /// Blocks (resident) or chunks (pipelined) per channel.
     pub s: usize,
-    /// Float4 units per chunk at most, per tensor and stage.
-    pub cap: usize,
-    /// One wave of blocks with the shared memory of the two stages.
+    /// The kernel's `cap`: elements (float4 units for the float4 kinds) of each tensor a resident
+    /// block keeps; for the pipelined kinds the most units per chunk, per tensor and stage.
+    pub keep: usize,
+    /// One wave of blocks with their shared memory.
     pub cfg: LaunchConfig,
 }
 
@@ -902,18 +918,13 @@ fn train_fwd(
         false => Resident::fwd(groups(true)),
     };
     // One launch: pipelined (MEDSSL_CUDA_BN_PIPE=on, float4) or resident (MEDSSL_CUDA_BN_FWD).
-    // (s, kept or staged elements per block, launch).
     let resident = match welford != 0 && (pipe || bn_resident()) && !one_launch(split, m) {
-        true if pipe => be.bn_pipe_plan(kind, c, mu, 1).map(|p| (p.s, p.cap, p.cfg)),
-        true => be.bn_resident_split(kind, c, mu).map(|s| {
-            let (keep, cfg) = be.resident_launch(kind, c, mu, s);
-            (s, keep, cfg)
-        }),
+        true => be.one_launch_plan(kind, c, mu, 1),
         false => None,
     };
     if c == 0 {
         // Nothing to normalise.
-    } else if let Some((s, keep, cfg)) = resident {
+    } else if let Some(OneLaunch { s, keep, cfg }) = resident {
         let part = be.buffer(c * s * 2)?;
         let mut args = vec![
             A::I(ci(n)?),
@@ -1211,19 +1222,13 @@ pub(super) fn batch_norm_train_bwd(
         false => Resident::bwd(l2),
     };
     // One launch: pipelined (MEDSSL_CUDA_BN_PIPE=on, float4; copying gy, x and any ReLU output)
-    // or resident (MEDSSL_CUDA_BN_BWD). (s, kept or staged elements per block, launch).
+    // or resident (MEDSSL_CUDA_BN_BWD).
     let resident = match c > 0 && (pipe || bn_resident_bwd()) {
         true if one_launch(split_on(be, c, m), m) => None,
-        true if pipe => be
-            .bn_pipe_plan(kind, c, mu, if ry != 0 { 3 } else { 2 })
-            .map(|p| (p.s, p.cap, p.cfg)),
-        true => be.bn_resident_split(kind, c, mu).map(|s| {
-            let (keep, cfg) = be.resident_launch(kind, c, mu, s);
-            (s, keep, cfg)
-        }),
+        true => be.one_launch_plan(kind, c, mu, if ry != 0 { 3 } else { 2 }),
         false => None,
     };
-    if let Some((s, keep, cfg)) = resident {
+    if let Some(OneLaunch { s, keep, cfg }) = resident {
         if l2 {
             be.l2_set_aside();
         }
